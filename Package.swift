@@ -1,0 +1,65 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Pure cores (TandemRaft, TandemStore) import only TandemCore and swift-collections.
+// Shells (TandemStorage, TandemSimulation, the CLI) sit above them. See docs/ARCHITECTURE.md.
+let swiftSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "Tandem",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "tandem", targets: ["tandem"]),
+        .library(name: "TandemSimulation", targets: ["TandemSimulation"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
+    ],
+    targets: [
+        .target(name: "TandemCore", swiftSettings: swiftSettings),
+        .target(
+            name: "TandemRaft",
+            dependencies: ["TandemCore", .product(name: "DequeModule", package: "swift-collections")],
+            swiftSettings: swiftSettings),
+        .target(
+            name: "TandemStore",
+            dependencies: ["TandemCore", .product(name: "DequeModule", package: "swift-collections")],
+            swiftSettings: swiftSettings),
+        .target(name: "TandemStorage", dependencies: ["TandemCore", "TandemRaft"], swiftSettings: swiftSettings),
+        .target(
+            name: "TandemReplica", dependencies: ["TandemCore", "TandemRaft", "TandemStore", "TandemStorage"],
+            swiftSettings: swiftSettings),
+        .target(
+            name: "TandemSimulation",
+            dependencies: [
+                "TandemCore", "TandemRaft", "TandemStore", "TandemStorage", "TandemReplica",
+                .product(name: "HeapModule", package: "swift-collections"),
+            ],
+            swiftSettings: swiftSettings),
+        .systemLibrary(
+            name: "CLuaJIT", pkgConfig: "luajit", providers: [.apt(["libluajit-5.1-dev"])]),
+        .target(name: "TandemLua", dependencies: ["CLuaJIT"], swiftSettings: swiftSettings),
+        .executableTarget(
+            name: "tandem",
+            dependencies: [
+                "TandemCore", "TandemSimulation", "TandemLua",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings),
+        .executableTarget(
+            name: "TandemBench",
+            dependencies: ["TandemCore", "TandemRaft", "TandemStore", "TandemSimulation"],
+            swiftSettings: swiftSettings),
+        .testTarget(name: "TandemRaftTests", dependencies: ["TandemRaft"], swiftSettings: swiftSettings),
+        .testTarget(name: "TandemStoreTests", dependencies: ["TandemStore"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "TandemStorageTests", dependencies: ["TandemStorage", "TandemSimulation"],
+            swiftSettings: swiftSettings),
+        .testTarget(
+            name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: swiftSettings),
+        .testTarget(name: "TandemLuaTests", dependencies: ["TandemLua"], swiftSettings: swiftSettings),
+    ]
+)

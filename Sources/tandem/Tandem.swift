@@ -1,0 +1,19 @@
+import ArgumentParser
+import TandemLua
+
+@main
+struct Tandem: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "tandem",
+        abstract: "Tandem: a service mesh with a built-in Raft registry, Lua policies and a deterministic simulator.",
+        subcommands: [SimRegistry.self, Version.self])
+}
+
+struct Version: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print Tandem's version and the LuaJIT it is linked with.")
+
+    func run() throws {
+        print("tandem 0.1.0-dev")
+        print("lua: \(LuaRuntime.version() ?? "unavailable")")
+    }
+}
