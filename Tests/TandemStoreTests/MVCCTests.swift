@@ -1,0 +1,251 @@
+import TandemCore
+import Testing
+
+@testable import TandemStore
+
+func b(_ s: String) -> Bytes { Array(s.utf8) }
+
+extension MVCCStore {
+    @discardableResult
+    mutating func put(_ k: String, _ v: String, lease: Int64 = 0) -> StoreResult {
+        apply(.put(PutRequest(key: b(k), value: b(v), lease: lease))).result
+    }
+
+    func get(_ k: String, rev: Int64 = 0) throws -> KeyValue? {
+        var q = RangeRequest(key: b(k))
+        q.revision = rev
+        return try range(q).kvs.first
+    }
+}
+
+@Suite("MVCC key-value store (etcd v3 semantics)")
+struct MVCCTests {
+    @Test("revisions: one per write; create/mod revision and version per key; reads do not bump")
+    func revisions() throws {
+        var s = MVCCStore()
+        #expect(s.revision == 1)
+        s.put("a", "1")
+        s.put("a", "2")
+        s.put("b", "x")
+        let a = try #require(try s.get("a"))
+        #expect(a.createRevision == 2 && a.modRevision == 3 && a.version == 2 && a.value == b("2"))
+        #expect(s.revision == 4)
+        _ = try s.range(.prefix(b("")))
+        #expect(s.revision == 4)
+    }
+
+    @Test("delete ends a generation: the next put starts at version 1 with a new create revision")
+    func generations() throws {
+        var s = MVCCStore()
+        s.put("k", "1")
+        let (r, ev) = s.apply(.deleteRange(DeleteRangeRequest(key: b("k"))))
+        guard case .deleteRange(let d) = r else { Issue.record("expected delete"); return }
+        #expect(d.deleted == 1)
+        #expect(ev.first?.kind == .delete && ev.first?.kv.modRevision == 3)
+        #expect(try s.get("k") == nil)
+        s.put("k", "2")
+        let k = try #require(try s.get("k"))
+        #expect(k.version == 1 && k.createRevision == 4)
+        // Deleting nothing makes no revision.
+        let before = s.revision
+        s.apply(.deleteRange(DeleteRangeRequest(key: b("missing"))))
+        #expect(s.revision == before)
+    }
+
+    @Test("range: prefix, from-key (\\0), limit with more and count, revision, keys_only, count_only")
+    func ranges() throws {
+        var s = MVCCStore()
+        for k in ["a", "b1", "b2", "b3", "c"] { s.put(k, "v-" + k) }
+        var q = RangeRequest.prefix(b("b"))
+        #expect(try s.range(q).kvs.map(\.key) == [b("b1"), b("b2"), b("b3")])
+        q.limit = 2
+        let r = try s.range(q)
+        #expect(r.kvs.count == 2 && r.more && r.count == 3)
+        var from = RangeRequest(key: b("b2"), rangeEnd: [0])
+        #expect(try s.range(from).kvs.map(\.key) == [b("b2"), b("b3"), b("c")])
+        from.keysOnly = true
+        #expect(try s.range(from).kvs.allSatisfy { $0.value.isEmpty })
+        from.countOnly = true
+        let c = try s.range(from)
+        #expect(c.kvs.isEmpty && c.count == 3)
+        var all = RangeRequest(key: [0], rangeEnd: [0])
+        all.revision = 3
+        #expect(try s.range(all).kvs.map(\.key) == [b("a"), b("b1")])
+    }
+
+    @Test("range: sort by target and order, min/max mod and create revision filters")
+    func sortAndFilters() throws {
+        var s = MVCCStore()
+        s.put("x", "3")
+        s.put("y", "1")
+        s.put("z", "2")
+        s.put("x", "9")
+        var q = RangeRequest.prefix(b(""))
+        q.sortTarget = .value
+        q.sortOrder = .descend
+        #expect(try s.range(q).kvs.map(\.key) == [b("x"), b("z"), b("y")])
+        q.sortTarget = .mod
+        q.sortOrder = .ascend
+        #expect(try s.range(q).kvs.map(\.key) == [b("y"), b("z"), b("x")])
+        var f = RangeRequest.prefix(b(""))
+        f.minModRevision = 4
+        #expect(try s.range(f).kvs.map(\.key) == [b("x"), b("z")])
+        f = RangeRequest.prefix(b(""))
+        f.maxCreateRevision = 3
+        #expect(try s.range(f).kvs.map(\.key) == [b("x"), b("y")])
+    }
+
+    @Test("put: prev_kv, ignore_value and ignore_lease, and their errors")
+    func putOptions() throws {
+        var s = MVCCStore()
+        s.apply(.leaseGrant(id: 7, ttl: 10))
+        s.put("k", "v1", lease: 7)
+        var p = PutRequest(key: b("k"), value: b("v2"))
+        p.prevKV = true
+        p.ignoreLease = true
+        guard case .put(let r) = s.apply(.put(p)).result else { Issue.record("put failed"); return }
+        #expect(r.prevKV?.value == b("v1"))
+        #expect(try s.get("k")?.lease == 7)
+        var iv = PutRequest(key: b("k"), value: [])
+        iv.ignoreValue = true
+        s.apply(.put(iv))
+        #expect(try s.get("k")?.value == b("v2"))
+        var missing = PutRequest(key: b("nope"), value: [])
+        missing.ignoreValue = true
+        #expect(s.apply(.put(missing)).result == .failed(.keyNotFound))
+        #expect(s.put("q", "v", lease: 99) == .failed(.leaseNotFound))
+        #expect(StoreError.leaseNotFound.message == "etcdserver: requested lease not found")
+    }
+
+    @Test("txn: compare on value, version, create and mod revision, lease; success and failure branches")
+    func txn() throws {
+        var s = MVCCStore()
+        s.put("k", "v")
+        let t = TxnRequest(
+            compare: [
+                Compare(key: b("k"), .equal, .value(b("v"))), Compare(key: b("k"), .equal, .version(1)),
+                Compare(key: b("k"), .greater, .createRevision(1)), Compare(key: b("k"), .less, .modRevision(3)),
+                Compare(key: b("k"), .equal, .lease(0)),
+            ],
+            success: [.put(PutRequest(key: b("k"), value: b("w"))), .range(RangeRequest(key: b("k")))],
+            failure: [.range(RangeRequest(key: b("k")))])
+        guard case .txn(let r) = s.apply(.txn(t)).result else { Issue.record("txn failed"); return }
+        #expect(r.succeeded)
+        // Reads inside a txn see its own earlier writes, at the txn's revision.
+        guard case .range(let rr) = r.responses[1] else { Issue.record("range"); return }
+        #expect(rr.kvs.first?.value == b("w"))
+        #expect(r.revision == 3 && rr.revision == 3)
+        guard case .txn(let again) = s.apply(.txn(t)).result else { Issue.record("txn failed"); return }
+        #expect(!again.succeeded)
+        // A value comparison against a missing key is false (etcd).
+        let missing = TxnRequest(compare: [Compare(key: b("none"), .notEqual, .value(b("x")))])
+        guard case .txn(let m) = s.apply(.txn(missing)).result else { Issue.record("txn"); return }
+        #expect(!m.succeeded)
+    }
+
+    @Test("txn: one revision for the whole txn; events in op order")
+    func txnAtomicRevision() {
+        var s = MVCCStore()
+        let t = TxnRequest(success: [
+            .put(PutRequest(key: b("a"), value: b("1"))), .put(PutRequest(key: b("b"), value: b("2"))),
+        ])
+        let (_, events) = s.apply(.txn(t))
+        #expect(s.revision == 2)
+        #expect(events.map(\.kv.key) == [b("a"), b("b")])
+        #expect(events.allSatisfy { $0.kv.modRevision == 2 })
+    }
+
+    @Test("txn limits: more than 128 ops and a key written twice are refused with etcd's messages")
+    func txnLimits() {
+        var s = MVCCStore()
+        let many = TxnRequest(success: (0..<129).map { .put(PutRequest(key: b("k\($0)"), value: [])) })
+        #expect(s.apply(.txn(many)).result == .failed(.tooManyOps(limit: 128)))
+        #expect(StoreError.tooManyOps(limit: 128).message == "etcdserver: too many operations in txn request")
+        let dup = TxnRequest(success: [
+            .put(PutRequest(key: b("k"), value: [])), .deleteRange(DeleteRangeRequest(key: b("a"), rangeEnd: b("z"))),
+        ])
+        #expect(s.apply(.txn(dup)).result == .failed(.duplicateKey))
+        #expect(StoreError.duplicateKey.message == "etcdserver: duplicate key given in txn request")
+        #expect(s.revision == 1)
+    }
+
+    @Test("txn: a failing op rolls back the txn's earlier writes")
+    func txnRollback() throws {
+        var s = MVCCStore()
+        let t = TxnRequest(success: [
+            .put(PutRequest(key: b("a"), value: b("1"))), .put(PutRequest(key: b("b"), value: b("2"), lease: 42)),
+        ])
+        #expect(s.apply(.txn(t)).result == .failed(.leaseNotFound))
+        #expect(try s.get("a") == nil)
+        #expect(s.revision == 1)
+        #expect(s.keyCount == 0)
+    }
+
+    @Test("compaction: reads below it fail as compacted, above current as future; latest values survive")
+    func compaction() throws {
+        var s = MVCCStore()
+        s.put("a", "1")  // rev 2
+        s.put("a", "2")  // rev 3
+        s.put("b", "1")  // rev 4
+        s.apply(.deleteRange(DeleteRangeRequest(key: b("b"))))  // rev 5
+        #expect(s.apply(.compact(revision: 4)).result == .compact(revision: 5))
+        #expect(throws: StoreError.compacted) { try s.get("a", rev: 2) }
+        #expect(try s.get("a", rev: 4)?.value == b("2"))
+        #expect(try s.get("b", rev: 4)?.value == b("1"))
+        #expect(throws: StoreError.futureRevision) { try s.get("a", rev: 6) }
+        #expect(s.apply(.compact(revision: 3)).result == .failed(.compacted))
+        #expect(s.apply(.compact(revision: 9)).result == .failed(.futureRevision))
+        #expect(StoreError.compacted.message == "etcdserver: mvcc: required revision has been compacted")
+        // A tombstone exactly at the compacted revision stays, so reads at 5 are right.
+        s.apply(.compact(revision: 5))
+        #expect(try s.get("b", rev: 5) == nil)
+        #expect(s.keyCount == 2)
+        s.put("c", "1")
+        s.apply(.compact(revision: 6))
+        #expect(s.keyCount == 2)  // a, c: b's generation is gone for good
+    }
+
+    @Test("snapshot: restoring gives the same reads at every retained revision, and the same future")
+    func snapshotRoundTrip() throws {
+        var s = MVCCStore()
+        s.apply(.leaseGrant(id: 5, ttl: 30))
+        for i in 0..<20 { s.put("k\(i % 4)", "v\(i)", lease: i % 3 == 0 ? 5 : 0) }
+        s.apply(.deleteRange(DeleteRangeRequest(key: b("k1"))))
+        s.apply(.compact(revision: 8))
+        var r = try MVCCStore(snapshot: s.snapshot())
+        for rev in Int64(8)...s.revision {
+            var q = RangeRequest.prefix(b("k"))
+            q.revision = rev
+            #expect(try r.range(q) == s.range(q))
+        }
+        #expect(r.lease(5) == s.lease(5))
+        #expect(r.compactRevision == 8)
+        s.put("new", "x")
+        r.put("new", "x")
+        #expect(try r.range(.prefix(b(""))) == s.range(.prefix(b(""))))
+        #expect(r.snapshot() == s.snapshot())
+        #expect(throws: CodecError.self) { try MVCCStore(snapshot: [1, 2, 3]) }
+    }
+
+    @Test("commands: every store command round-trips through its Raft encoding")
+    func commandCodec() throws {
+        var rq = RangeRequest.prefix(b("p"))
+        rq.sortOrder = .descend
+        rq.limit = 3
+        let cmds: [StoreCommand] = [
+            .put(PutRequest(key: b("k"), value: b("v"), lease: 3)),
+            .deleteRange(DeleteRangeRequest(key: b("a"), rangeEnd: b("b"))),
+            .txn(TxnRequest(
+                compare: [Compare(key: b("k"), .less, .modRevision(9))],
+                success: [.range(rq), .txn(TxnRequest(success: [.put(PutRequest(key: b("x"), value: []))]))],
+                failure: [.deleteRange(DeleteRangeRequest(key: b("k")))])),
+            .compact(revision: 12), .leaseGrant(id: -4, ttl: 60), .leaseRevoke(id: 8),
+            .leaseCheckpoint([LeaseCheckpoint(id: 1, remainingTTL: 20)]),
+        ]
+        for c in cmds {
+            let p = StoreProposal(requestID: 77, command: c)
+            #expect(try StoreProposal(decoding: p.encoded()) == p)
+        }
+        #expect(throws: CodecError.self) { try StoreProposal(decoding: [1, 99]) }
+    }
+}
