@@ -37,6 +37,12 @@ public enum RegistrySimulation {
         public var crashPoint: (node: NodeID, operation: Int)?
 
         public init(seed: UInt64) { self.seed = seed }
+
+        /// The command that replays this run.
+        public var replayCommand: String {
+            "tandem sim-registry --seed \(seed) --nodes \(nodes) --duration-ms \(durationMs)"
+                + (timeline.isEmpty && randomFaults ? "" : " --leader-crash")
+        }
     }
 
     public enum ScriptedFault: Sendable {
@@ -69,6 +75,9 @@ public enum RegistrySimulation {
         /// For scripted leader crashes: virtual ms from the crash to the next leader.
         public var failoverMs: [UInt64] = []
         public var history: [RegisterOp] = []
+        /// Mutating disk operations per node (the crash points a run went through).
+        public var diskOperations: [NodeID: Int] = [:]
+        public var firstLeader: NodeID = 0
         public var passed: Bool { violations.isEmpty }
     }
 
@@ -229,6 +238,8 @@ private final class World {
             report.violations.append("linearizability: checker gave up on key \(key) (step bound)")
         }
         report.termsWithLeader = leadersByTerm.count
+        report.firstLeader = leadersByTerm.min { $0.key < $1.key }?.value ?? 0
+        for id in ids { report.diskOperations[id] = members[id]!.disk.operations }
     }
 
     /// The node an event is addressed to, if it is one a paused process would not handle.
@@ -533,7 +544,7 @@ private final class World {
         } else {
             report.opsFailed += 1
             clients[c].leaderHint = resp.leaderHint
-            if healed, case .read = cur.req.input {
+            if cur.req.isFinal {
                 // Retry the final read of this key.
                 clients[c].finalKeysLeft?.insert(cur.req.key, at: 0)
             }
@@ -545,7 +556,7 @@ private final class World {
         if out == .unknown {
             report.opsUnknown += 1
             if case .read = req.input {
-                if healed { clients[req.client].finalKeysLeft?.insert(req.key, at: 0) }
+                if req.isFinal { clients[req.client].finalKeysLeft?.insert(req.key, at: 0) }
                 return  // a read with no answer has no effect on the history
             }
         } else {

@@ -106,6 +106,9 @@ public final class SimDisk: FileSystem {
     /// Power loss: unsynced data and directory changes are lost, except a torn prefix.
     public func crash() {
         currentDir = durableDir
+        // Mix in where the crash happened, so crashes at different points tear differently
+        // even in runs that share a seed.
+        var rng = SeededRandom(seed: self.rng.next() ^ UInt64(operations) &* 0x9E37_79B9_7F4A_7C15)
         for (_, n) in inodes.sorted(by: { $0.key < $1.key }) {
             var kept = n.durable
             if n.current.count > n.durable.count && n.current.starts(with: n.durable)

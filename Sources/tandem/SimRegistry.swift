@@ -46,10 +46,6 @@ struct SimRegistry: ParsableCommand {
         return o
     }
 
-    func replay(_ seed: UInt64) -> String {
-        "tandem sim-registry --seed \(seed) --nodes \(nodes) --duration-ms \(durationMs)"
-            + (leaderCrash ? " --leader-crash" : "")
-    }
 
     func run() throws {
         let range = seeds.flatMap(parseRange) ?? (seed ?? 1)...(seed ?? 1)
@@ -71,7 +67,7 @@ struct SimRegistry: ParsableCommand {
             if !r.passed {
                 failed.append(s)
                 for v in r.violations { print("  violation: \(v)") }
-                print("  replay: \(replay(s))")
+                print("  replay: \(options(s).replayCommand)")
             }
         }
         if range.count > 1 {
