@@ -4,7 +4,7 @@ import PackageDescription
 // Pure cores (TandemRaft, TandemStore) import only TandemCore and swift-collections.
 // Shells (TandemStorage, TandemSimulation, the CLI) sit above them. See docs/ARCHITECTURE.md.
 let swiftSettings: [SwiftSetting] = [
-    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("ExistentialAny")
 ]
 
 let package = Package(
@@ -26,7 +26,10 @@ let package = Package(
             swiftSettings: swiftSettings),
         .target(
             name: "TandemStore",
-            dependencies: ["TandemCore", .product(name: "DequeModule", package: "swift-collections")],
+            dependencies: [
+                "TandemCore", .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "HeapModule", package: "swift-collections"),
+            ],
             swiftSettings: swiftSettings),
         .target(name: "TandemStorage", dependencies: ["TandemCore", "TandemRaft"], swiftSettings: swiftSettings),
         .target(

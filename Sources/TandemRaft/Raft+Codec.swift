@@ -118,7 +118,9 @@ extension Message {
     public init(decoding bytes: Bytes) throws(CodecError) {
         var r = ByteReader(bytes)
         let tag = try r.u8()
-        guard let k = MessageKind(rawValue: tag) else { throw .badTag(what: "message kind", tag: UInt64(tag), offset: 0) }
+        guard let k = MessageKind(rawValue: tag) else {
+            throw .badTag(what: "message kind", tag: UInt64(tag), offset: 0)
+        }
         self.init(kind: k)
         from = try r.varint()
         to = try r.varint()

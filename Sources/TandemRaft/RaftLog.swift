@@ -57,7 +57,9 @@ struct RaftLog {
     }
 
     /// §5.3 AppendEntries receiver rules 2–5. Returns the new last index on success.
-    mutating func maybeAppend(index: UInt64, logTerm: UInt64, commit: UInt64, entries ents: [Entry])
+    mutating func maybeAppend(
+        index: UInt64, logTerm: UInt64, commit: UInt64, entries ents: [Entry]
+    )
         -> UInt64?
     {
         guard matchTerm(index, logTerm) else { return nil }

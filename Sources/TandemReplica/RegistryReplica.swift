@@ -64,6 +64,8 @@ public final class RegistryReplica {
     private var lastSnapshotIndex: UInt64
     private var pendingReads: [(context: Bytes, index: UInt64?)] = []
     private var lastRole: RaftRole = .follower
+    /// Snapshots this member wrote (not counting ones received from the leader).
+    public private(set) var snapshotsTaken = 0
 
     /// Opens the member's storage (recovering what is there) and starts its Raft node.
     public init(options: Options, initialConf: ConfState, fs: any FileSystem, random: SeededRandom) throws {
@@ -127,6 +129,14 @@ public final class RegistryReplica {
 
     /// Abandons a pending read (its client went away).
     public func cancelRead(context: Bytes) { pendingReads.removeAll { $0.context == context } }
+
+    /// etcd's LeaseTimeToLive: granted TTL, remaining TTL (seconds, from the leader's lease
+    /// clock; -1 when this member does not track expiry) and the attached keys.
+    public func leaseTimeToLive(_ id: Int64, now: Int64) -> (granted: Int64, remaining: Int64, keys: [Bytes])? {
+        guard let l = store.lease(id) else { return nil }
+        let remaining = lessor.remainingMs(id: id, now: now).map { ($0 + 999) / 1000 } ?? -1
+        return (l.grantedTTL, remaining, l.keys)
+    }
 
     /// Lease keep-alive on the leader; nil if unknown or expired.
     public func renewLease(_ id: Int64, now: Int64) -> Int64? {
@@ -208,5 +218,6 @@ public final class RegistryReplica {
         try log.saveSnapshot(s)
         raft.compact(s, keepingEntries: options.catchUpEntries)
         lastSnapshotIndex = applied
+        snapshotsTaken += 1
     }
 }

@@ -101,7 +101,9 @@ public enum LinearizabilityChecker {
         var callPos = [Int](repeating: 0, count: ops.count)
         for (k, e) in evs.enumerated() {
             nodes.append(Node(op: e.op, isCall: e.isCall, match: -1, prev: k, next: k + 2))
-            if e.isCall { callPos[e.op] = k + 1 } else {
+            if e.isCall {
+                callPos[e.op] = k + 1
+            } else {
                 nodes[k + 1].match = callPos[e.op]
                 nodes[callPos[e.op]].match = k + 1
             }

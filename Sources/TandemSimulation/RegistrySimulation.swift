@@ -69,6 +69,7 @@ public enum RegistrySimulation {
         public var partitions = 0
         public var pauses = 0
         public var snapshotsInstalled = 0
+        public var snapshotsTaken = 0
         public var tornTailsTruncated = 0
         public var maxCommitIndex: UInt64 = 0
         public var finalReads = 0
@@ -239,7 +240,10 @@ private final class World {
         }
         report.termsWithLeader = leadersByTerm.count
         report.firstLeader = leadersByTerm.min { $0.key < $1.key }?.value ?? 0
-        for id in ids { report.diskOperations[id] = members[id]!.disk.operations }
+        for id in ids {
+            report.diskOperations[id] = members[id]!.disk.operations
+            report.snapshotsTaken += members[id]!.replica?.snapshotsTaken ?? 0
+        }
     }
 
     /// The node an event is addressed to, if it is one a paused process would not handle.
@@ -345,6 +349,7 @@ private final class World {
     }
 
     func crash(_ m: Member, restartAfter delay: UInt64) {
+        report.snapshotsTaken += m.replica?.snapshotsTaken ?? 0
         trace.add(4)
         trace.add(now)
         trace.add(m.id)
@@ -405,7 +410,8 @@ private final class World {
                 while i <= maxApplied {
                     if let t = r.raft.term(at: i), let a = appliedAt[i], a.term != t {
                         report.violations.append(
-                            "leader completeness: leader \(m.id) of term \(term) has term \(t) at \(i), applied was \(a.term)")
+                            "leader completeness: leader \(m.id) of term \(term) has term \(t) at \(i), applied was \(a.term)"
+                        )
                         break
                     }
                     i += 1

@@ -122,7 +122,9 @@ public final class DurableLog {
         return out
     }
 
-    private static func place(_ e: Entry, into ents: inout [Entry], after snap: UInt64, file: String, offset: Int)
+    private static func place(
+        _ e: Entry, into ents: inout [Entry], after snap: UInt64, file: String, offset: Int
+    )
         throws
     {
         if e.index <= snap { return }

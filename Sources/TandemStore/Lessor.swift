@@ -1,3 +1,4 @@
+import HeapModule
 import TandemCore
 
 /// The leader's lease clock: which leases expire when. Only the leader runs one; expiry is
@@ -27,11 +28,21 @@ public struct Lessor: Sendable {
         var lastCheckpoint: Int64
     }
 
+    /// A deadline in the expiry heap; stale when the lease's deadline has moved since.
+    struct Due: Comparable {
+        var deadline: Int64
+        var id: Int64
+        static func < (a: Due, b: Due) -> Bool { (a.deadline, a.id) < (b.deadline, b.id) }
+    }
+
     public let limits: Limits
     public private(set) var isPrimary = false
     private var entries: [Int64: Entry] = [:]
+    /// Deadlines, earliest first, with lazy deletion: renewals push, stale items are skipped.
+    private var due = Heap<Due>()
     private var tokens: Double = 0
     private var lastRefill: Int64 = 0
+    private var lastCheckpointScan: Int64?
 
     public init(limits: Limits = Limits()) { self.limits = limits }
 
@@ -43,22 +54,36 @@ public struct Lessor: Sendable {
         entries = [:]
         tokens = Double(limits.maxRevokesPerSecond)
         lastRefill = now
+        var items: [Due] = []
         for l in leases {
             let remaining = l.checkpointedTTL > 0 ? l.checkpointedTTL : l.grantedTTL
-            entries[l.id] = Entry(
-                ttl: l.grantedTTL, deadline: now + remaining * 1000 + extendMs, revokeProposedAt: nil, lastCheckpoint: now)
+            let d = now + remaining * 1000 + extendMs
+            entries[l.id] = Entry(ttl: l.grantedTTL, deadline: d, revokeProposedAt: nil, lastCheckpoint: now)
+            items.append(Due(deadline: d, id: l.id))
         }
+        due = Heap(items)
     }
 
     public mutating func demote() {
         isPrimary = false
         entries = [:]
+        due = Heap()
+    }
+
+    private mutating func schedule(_ id: Int64, at deadline: Int64) {
+        entries[id]?.deadline = deadline
+        due.insert(Due(deadline: deadline, id: id))
+        // Renewals leave stale items behind; rebuild before they dominate the heap.
+        if due.count > 4 * entries.count + 1024 {
+            due = Heap(entries.map { Due(deadline: $0.value.deadline, id: $0.key) })
+        }
     }
 
     /// A grant was applied.
     public mutating func granted(id: Int64, ttl: Int64, now: Int64) {
         guard isPrimary else { return }
         entries[id] = Entry(ttl: ttl, deadline: now + ttl * 1000, revokeProposedAt: nil, lastCheckpoint: now)
+        schedule(id, at: now + ttl * 1000)
     }
 
     /// A revoke was applied.
@@ -66,9 +91,8 @@ public struct Lessor: Sendable {
 
     /// Keep-alive. Returns the TTL, or nil if the lease is unknown or already expired.
     public mutating func renew(id: Int64, now: Int64) -> Int64? {
-        guard isPrimary, var e = entries[id], e.deadline > now, e.revokeProposedAt == nil else { return nil }
-        e.deadline = now + e.ttl * 1000
-        entries[id] = e
+        guard isPrimary, let e = entries[id], e.deadline > now, e.revokeProposedAt == nil else { return nil }
+        schedule(id, at: now + e.ttl * 1000)
         return e.ttl
     }
 
@@ -84,27 +108,31 @@ public struct Lessor: Sendable {
         let rate = Double(limits.maxRevokesPerSecond)
         tokens = min(rate, tokens + Double(now - lastRefill) * rate / 1000)
         lastRefill = now
-        let due = entries.filter { id, e in
-            e.deadline <= now && (e.revokeProposedAt.map { now - $0 >= limits.revokeRetryMs } ?? true)
-        }.sorted { ($0.value.deadline, $0.key) < ($1.value.deadline, $1.key) }
         var out: [Int64] = []
-        for (id, _) in due {
-            guard tokens >= 1 else { break }
+        while tokens >= 1, let next = due.min, next.deadline <= now {
+            due.removeMin()
+            // Skip items made stale by a renewal or a revocation.
+            guard let e = entries[next.id], e.deadline == next.deadline else { continue }
             tokens -= 1
-            entries[id]!.revokeProposedAt = now
-            out.append(id)
+            entries[next.id]!.revokeProposedAt = now
+            // If the revocation is lost (leader change, dropped proposal), propose it again.
+            schedule(next.id, at: now + limits.revokeRetryMs)
+            out.append(next.id)
         }
         return out
     }
 
     /// Remaining TTLs (seconds, rounded up) of leases due for a checkpoint.
     public mutating func checkpoints(now: Int64) -> [LeaseCheckpoint] {
-        guard isPrimary else { return [] }
+        // Scanning every lease is O(leases): do it a few times per interval, not every tick.
+        let scanEvery = max(1_000, limits.checkpointIntervalMs / 10)
+        guard isPrimary, lastCheckpointScan.map({ now - $0 >= scanEvery }) ?? true else { return [] }
+        lastCheckpointScan = now
         var out: [LeaseCheckpoint] = []
         for id in entries.keys.sorted() {
             let e = entries[id]!
             guard e.ttl * 1000 > limits.checkpointIntervalMs, now - e.lastCheckpoint >= limits.checkpointIntervalMs,
-                e.deadline > now
+                e.deadline > now, e.revokeProposedAt == nil
             else { continue }
             out.append(LeaseCheckpoint(id: id, remainingTTL: (e.deadline - now + 999) / 1000))
             entries[id]!.lastCheckpoint = now

@@ -12,8 +12,8 @@ extension MVCCStore {
         w.zigzag(revision)
         w.zigzag(compactRevision)
         var base: [(Bytes, Version)] = []
-        for k in sortedKeys {
-            if let v = history[k]!.last(where: { $0.modRevision < compactRevision }) { base.append((k, v)) }
+        for e in index {
+            if let v = e.versions.last(where: { $0.modRevision < compactRevision }) { base.append((e.key, v)) }
         }
         w.varint(UInt64(base.count))
         for (k, v) in base {
@@ -45,7 +45,9 @@ extension MVCCStore {
         self.init(limits: limits)
         var r = ByteReader(bytes)
         let fmt = try r.u8()
-        guard fmt == Self.snapshotFormat else { throw .badTag(what: "store snapshot format", tag: UInt64(fmt), offset: 0) }
+        guard fmt == Self.snapshotFormat else {
+            throw .badTag(what: "store snapshot format", tag: UInt64(fmt), offset: 0)
+        }
         let rev = try r.zigzag()
         let compactRev = try r.zigzag()
         var hist: [Bytes: [Version]] = [:]

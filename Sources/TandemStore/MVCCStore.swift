@@ -28,6 +28,12 @@ public struct MVCCStore: Sendable {
         var events: [Event]
     }
 
+    /// One key and every version of it since the last compaction, oldest first.
+    struct KeyEntry: Sendable {
+        var key: Bytes
+        var versions: [Version]
+    }
+
     struct LeaseEntry: Sendable {
         var grantedTTL: Int64
         var checkpointedTTL: Int64
@@ -38,9 +44,9 @@ public struct MVCCStore: Sendable {
     /// The store revision: 1 for an empty store, +1 for each write that changed something.
     public private(set) var revision: Int64 = 1
     public private(set) var compactRevision: Int64 = 0
-    /// Keys in byte order (including keys whose latest version is a tombstone).
-    private(set) var sortedKeys: [Bytes] = []
-    private(set) var history: [Bytes: [Version]] = [:]
+    /// Keys in byte order with their versions (including keys whose latest version is a
+    /// tombstone). A sorted array: scans walk contiguous memory and never hash.
+    private(set) var index: [KeyEntry] = []
     private(set) var leases: [Int64: LeaseEntry] = [:]
     /// Events of each revision from `compactRevision` on, for watch catch-up.
     private(set) var eventLog = Deque<RevisionEvents>()
@@ -53,18 +59,20 @@ public struct MVCCStore: Sendable {
     ) {
         self.revision = revision
         self.compactRevision = compactRevision
-        self.history = history
         self.leases = leases
         self.eventLog = eventLog
-        sortedKeys = history.keys.sorted(by: Bytes.lexicographicLess)
+        index = history.map { KeyEntry(key: $0.key, versions: $0.value) }.sorted {
+            Bytes.lexicographicLess($0.key, $1.key)
+        }
     }
 
-    public var keyCount: Int { sortedKeys.count }
+    public var keyCount: Int { index.count }
 
     // MARK: - Apply
 
     /// Applies one committed command. Deterministic: the same commands give the same state.
     /// Returns the result and the events of the new revision (empty when nothing changed).
+    @discardableResult
     public mutating func apply(_ command: StoreCommand) -> (result: StoreResult, events: [Event]) {
         var tx = WriteTxn(base: revision)
         let result: StoreResult
@@ -149,7 +157,8 @@ public struct MVCCStore: Sendable {
 
     private mutating func deleteRange(_ d: DeleteRangeRequest, _ tx: inout WriteTxn) -> DeleteRangeResponse {
         var deleted: [KeyValue] = []
-        for k in keys(in: d.key, d.rangeEnd) {
+        // Deleting appends versions but never inserts keys, so positions stay valid.
+        for k in keys(in: d.key, d.rangeEnd).map({ index[$0].key }) {
             if let prev = deleteKey(k, &tx) { deleted.append(prev) }
         }
         return DeleteRangeResponse(
@@ -171,12 +180,11 @@ public struct MVCCStore: Sendable {
     }
 
     private mutating func append(_ v: Version, to k: Bytes, _ tx: inout WriteTxn) {
-        if history[k] == nil {
-            let pos = insertionPoint(k)
-            sortedKeys.insert(k, at: pos)
-            history[k] = [v]
+        let pos = insertionPoint(k)
+        if pos < index.count && index[pos].key == k {
+            index[pos].versions.append(v)
         } else {
-            history[k]!.append(v)
+            index.insert(KeyEntry(key: k, versions: [v]), at: pos)
         }
         tx.changedKeys.append(k)
     }
@@ -186,11 +194,9 @@ public struct MVCCStore: Sendable {
         guard tx.changed else { return }
         let rev = tx.base + 1
         for k in Set(tx.changedKeys) {
-            history[k]!.removeAll { $0.modRevision == rev }
-            if history[k]!.isEmpty {
-                history[k] = nil
-                sortedKeys.remove(at: insertionPoint(k))
-            }
+            guard let i = position(of: k) else { continue }
+            index[i].versions.removeAll { $0.modRevision == rev }
+            if index[i].versions.isEmpty { index.remove(at: i) }
         }
         // Re-derive lease attachments from the surviving latest versions.
         for k in Set(tx.changedKeys) {
@@ -214,7 +220,9 @@ public struct MVCCStore: Sendable {
     }
 
     /// etcd's rule: a key is written at most once per txn branch (including nested txns).
-    private static func collectWrites(_ ops: [RequestOp], _ puts: inout Set<Bytes>, _ deletes: inout [(Bytes, Bytes)])
+    private static func collectWrites(
+        _ ops: [RequestOp], _ puts: inout Set<Bytes>, _ deletes: inout [(Bytes, Bytes)]
+    )
         throws(StoreError)
     {
         for op in ops {
@@ -280,7 +288,7 @@ public struct MVCCStore: Sendable {
     }
 
     private func evaluate(_ c: Compare, at rev: Int64) -> Bool {
-        let ks = c.rangeEnd.isEmpty ? [c.key] : keys(in: c.key, c.rangeEnd)
+        let ks = c.rangeEnd.isEmpty ? [c.key] : keys(in: c.key, c.rangeEnd).map { index[$0].key }
         if !c.rangeEnd.isEmpty && ks.isEmpty { return true }
         for k in ks {
             let v = latest(k, at: rev)
@@ -322,19 +330,22 @@ public struct MVCCStore: Sendable {
         if rev < compactRevision { throw .compacted }
         var kvs: [KeyValue] = []
         var count: Int64 = 0
-        for k in keys(in: q.key, q.rangeEnd) {
-            guard let v = latest(k, at: rev) else { continue }
+        var order = q.sortOrder
+        if order == .none && q.sortTarget != .key { order = .ascend }
+        // Without sorting, results past limit+1 are only counted, never built.
+        let build = order == .none && q.limit > 0 ? Int(q.limit) + 1 : Int.max
+        for i in keys(in: q.key, q.rangeEnd) {
+            guard let v = Self.latest(index[i].versions, at: rev) else { continue }
             count += 1
+            if kvs.count >= build || q.countOnly { continue }
             if q.minModRevision > 0 && v.modRevision < q.minModRevision { continue }
             if q.maxModRevision > 0 && v.modRevision > q.maxModRevision { continue }
             if q.minCreateRevision > 0 && v.createRevision < q.minCreateRevision { continue }
             if q.maxCreateRevision > 0 && v.createRevision > q.maxCreateRevision { continue }
-            var kv = keyValue(k, v)
+            var kv = keyValue(index[i].key, v)
             if q.keysOnly { kv.value = [] }
             kvs.append(kv)
         }
-        var order = q.sortOrder
-        if order == .none && q.sortTarget != .key { order = .ascend }
         if order != .none {
             let asc: (KeyValue, KeyValue) -> Bool
             switch q.sortTarget {
@@ -363,7 +374,11 @@ public struct MVCCStore: Sendable {
 
     /// The live version of `k` at `rev`, or nil if absent or deleted then.
     private func latest(_ k: Bytes, at rev: Int64) -> Version? {
-        guard let h = history[k] else { return nil }
+        guard let i = position(of: k) else { return nil }
+        return Self.latest(index[i].versions, at: rev)
+    }
+
+    private static func latest(_ h: [Version], at rev: Int64) -> Version? {
         var i = h.count - 1
         while i >= 0 {
             if h[i].modRevision <= rev { return h[i].tombstone ? nil : h[i] }
@@ -380,23 +395,28 @@ public struct MVCCStore: Sendable {
 
     private func insertionPoint(_ k: Bytes) -> Int {
         var lo = 0
-        var hi = sortedKeys.count
+        var hi = index.count
         while lo < hi {
             let mid = (lo + hi) / 2
-            if Bytes.lexicographicLess(sortedKeys[mid], k) { lo = mid + 1 } else { hi = mid }
+            if Bytes.lexicographicLess(index[mid].key, k) { lo = mid + 1 } else { hi = mid }
         }
         return lo
     }
 
-    /// Keys (live or not) in etcd's key/range_end encoding.
-    func keys(in key: Bytes, _ rangeEnd: Bytes) -> ArraySlice<Bytes> {
+    private func position(of k: Bytes) -> Int? {
+        let i = insertionPoint(k)
+        return i < index.count && index[i].key == k ? i : nil
+    }
+
+    /// Positions in `index` of the keys (live or not) in etcd's key/range_end encoding.
+    func keys(in key: Bytes, _ rangeEnd: Bytes) -> Range<Int> {
         if rangeEnd.isEmpty {
-            let i = insertionPoint(key)
-            return i < sortedKeys.count && sortedKeys[i] == key ? sortedKeys[i...i] : []
+            guard let i = position(of: key) else { return 0..<0 }
+            return i..<(i + 1)
         }
         let lo = insertionPoint(key)
-        let hi = rangeEnd == [0] ? sortedKeys.count : insertionPoint(rangeEnd)
-        return lo < hi ? sortedKeys[lo..<hi] : []
+        let hi = rangeEnd == [0] ? index.count : insertionPoint(rangeEnd)
+        return lo < hi ? lo..<hi : 0..<0
     }
 
     // MARK: - Compaction
@@ -404,19 +424,14 @@ public struct MVCCStore: Sendable {
     /// Drops versions superseded at or below `rev`, keeping each key's latest version as of
     /// `rev` (and a tombstone exactly at `rev`, so reads at `rev` stay correct).
     private mutating func compact(_ rev: Int64) {
-        var emptied: [Bytes] = []
-        for k in sortedKeys {
-            var h = history[k]!
+        for i in index.indices {
+            let h = index[i].versions
             guard let last = h.lastIndex(where: { $0.modRevision <= rev }) else { continue }
             var drop = last
             if h[last].tombstone && h[last].modRevision < rev { drop = last + 1 }
-            if drop > 0 {
-                h.removeFirst(drop)
-                if h.isEmpty { emptied.append(k) } else { history[k] = h }
-            }
+            if drop > 0 { index[i].versions.removeFirst(drop) }
         }
-        for k in emptied { history[k] = nil }
-        if !emptied.isEmpty { sortedKeys.removeAll { history[$0] == nil } }
+        index.removeAll { $0.versions.isEmpty }
         while let first = eventLog.first, first.revision < rev { eventLog.removeFirst() }
         compactRevision = rev
     }

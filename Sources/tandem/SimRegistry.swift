@@ -46,7 +46,6 @@ struct SimRegistry: ParsableCommand {
         return o
     }
 
-
     func run() throws {
         let range = seeds.flatMap(parseRange) ?? (seed ?? 1)...(seed ?? 1)
         var failed: [UInt64] = []
@@ -59,7 +58,9 @@ struct SimRegistry: ParsableCommand {
             totals.partitions += r.partitions
             totals.snaps += r.snapshotsInstalled
             totals.torn += r.tornTailsTruncated
-            if range.count == 1 { print(Self.describe(r)) } else if verbose || !r.passed {
+            if range.count == 1 {
+                print(Self.describe(r))
+            } else if verbose || !r.passed {
                 print(
                     "seed \(s): \(r.passed ? "ok" : "FAILED") trace=\(hex(r.traceHash)) ops=\(r.opsOK) "
                         + "unknown=\(r.opsUnknown) crashes=\(r.crashes) commit=\(r.maxCommitIndex)")
@@ -86,13 +87,15 @@ struct SimRegistry: ParsableCommand {
             "  trace hash        \(hex(r.traceHash))",
             "  client ops        \(r.opsOK) ok (\(r.writesAcked) writes, \(r.readsServed) linearizable reads), "
                 + "\(r.opsFailed) refused, \(r.opsUnknown) indeterminate",
-            "  faults            \(r.crashes) crashes, \(r.partitions) partitions, \(r.pauses) process pauses, "
-                + "\(r.tornTailsTruncated) torn WAL tails truncated on recovery",
+            "  faults            \(n(r.crashes, "crash", "crashes")), \(n(r.partitions, "partition")), "
+                + "\(n(r.pauses, "process pause")), \(n(r.tornTailsTruncated, "torn WAL tail")) truncated on recovery",
             "  raft              \(r.termsWithLeader) terms with a leader, commit index \(r.maxCommitIndex), "
                 + "\(r.snapshotsInstalled) snapshots installed",
         ]
         if !r.failoverMs.isEmpty {
-            lines.append("  failover          new leader \(r.failoverMs.map { "\($0) ms" }.joined(separator: ", ")) after the leader crashed")
+            lines.append(
+                "  failover          new leader \(r.failoverMs.map { "\($0) ms" }.joined(separator: ", ")) after the leader crashed"
+            )
         }
         lines.append("  final reads       \(r.finalReads) after healing (every acknowledged write still there)")
         lines.append(
@@ -100,6 +103,11 @@ struct SimRegistry: ParsableCommand {
                 + "linearizability: \(r.passed ? "all passed" : "\(r.violations.count) VIOLATIONS")")
         return lines.joined(separator: "\n")
     }
+}
+
+/// "1 crash", "2 crashes".
+func n(_ count: Int, _ one: String, _ many: String? = nil) -> String {
+    "\(count) " + (count == 1 ? one : (many ?? one + "s"))
 }
 
 func hex(_ v: UInt64) -> String {

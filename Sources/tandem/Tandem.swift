@@ -10,7 +10,8 @@ struct Tandem: ParsableCommand {
 }
 
 struct Version: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Print Tandem's version and the LuaJIT it is linked with.")
+    static let configuration = CommandConfiguration(
+        abstract: "Print Tandem's version and the LuaJIT it is linked with.")
 
     func run() throws {
         print("tandem 0.1.0-dev")

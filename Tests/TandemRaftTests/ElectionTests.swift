@@ -28,8 +28,9 @@ struct ElectionTests {
     func randomizedTimeouts() {
         var seen = Set<Int>()
         for seed in 1...40 {
-            var n = RaftNode(config: RaftConfig(id: 1), initialConf: ConfState(voters: [1, 2, 3]),
-                             random: SeededRandom(seed: UInt64(seed)))
+            var n = RaftNode(
+                config: RaftConfig(id: 1), initialConf: ConfState(voters: [1, 2, 3]),
+                random: SeededRandom(seed: UInt64(seed)))
             var ticks = 0
             while n.role == .follower && ticks < 100 {
                 n.tick()

@@ -169,9 +169,12 @@ struct ReplicationTests {
     @Test("codec: messages round-trip, and garbage is rejected with an error, not a trap")
     func codec() {
         let m = Message(
-            kind: .snapshot, from: 1, to: 2, term: 7, logTerm: 6, index: 5, entries: [Entry(term: 6, index: 5, data: [1, 2])],
+            kind: .snapshot, from: 1, to: 2, term: 7, logTerm: 6, index: 5,
+            entries: [Entry(term: 6, index: 5, data: [1, 2])],
             commit: 4, reject: true, rejectHint: 3,
-            snapshot: Snapshot(metadata: SnapshotMetadata(index: 9, term: 6, conf: ConfState(voters: [1, 2], learners: [3])), data: [9]),
+            snapshot: Snapshot(
+                metadata: SnapshotMetadata(index: 9, term: 6, conf: ConfState(voters: [1, 2], learners: [3])), data: [9]
+            ),
             context: [4])
         #expect((try? Message(decoding: m.encoded())) == m)
         #expect(throws: CodecError.self) { try Message(decoding: [200, 1, 2]) }

@@ -72,6 +72,7 @@ struct RegistrySimulationTests {
         let base = Self.crashPointOptions(nodes: 1, seed: 7)
         let clean = RegistrySimulation.run(base)
         #expect(clean.passed)
+        #expect(clean.snapshotsTaken >= 5)  // so crash points fall inside snapshot writes too
         let points = clean.diskOperations[1]!
         #expect(points > 100)
         var torn = 0

@@ -61,17 +61,20 @@ struct LeaseWatchTests {
         l.promote(now: 0, extendMs: 1_000, leases: [info])
         #expect(l.remainingMs(id: 1, now: 0) == 61_000)
         var full = Lessor()
-        full.promote(now: 0, extendMs: 1_000, leases: [LeaseInfo(id: 1, grantedTTL: 3_600, checkpointedTTL: 0, keys: [])])
+        full.promote(
+            now: 0, extendMs: 1_000, leases: [LeaseInfo(id: 1, grantedTTL: 3_600, checkpointedTTL: 0, keys: [])])
         #expect(full.remainingMs(id: 1, now: 0) == 3_601_000)
     }
 
     @Test("lessor: long leases are checkpointed every interval with their remaining TTL")
     func checkpoints() {
         var l = Lessor()
-        l.promote(now: 0, extendMs: 0, leases: [
-            LeaseInfo(id: 1, grantedTTL: 3_600, checkpointedTTL: 0, keys: []),
-            LeaseInfo(id: 2, grantedTTL: 10, checkpointedTTL: 0, keys: []),
-        ])
+        l.promote(
+            now: 0, extendMs: 0,
+            leases: [
+                LeaseInfo(id: 1, grantedTTL: 3_600, checkpointedTTL: 0, keys: []),
+                LeaseInfo(id: 2, grantedTTL: 10, checkpointedTTL: 0, keys: []),
+            ])
         #expect(l.checkpoints(now: 100_000).isEmpty)
         #expect(l.checkpoints(now: 300_000) == [LeaseCheckpoint(id: 1, remainingTTL: 3_300)])
         #expect(l.checkpoints(now: 300_001).isEmpty)
@@ -107,9 +110,11 @@ struct LeaseWatchTests {
         }
         apply(.put(PutRequest(key: b("svc/a"), value: b("1"))))
         apply(.put(PutRequest(key: b("other"), value: b("1"))))
-        apply(.txn(TxnRequest(success: [
-            .put(PutRequest(key: b("svc/b"), value: b("2"))), .deleteRange(DeleteRangeRequest(key: b("svc/a"))),
-        ])))
+        apply(
+            .txn(
+                TxnRequest(success: [
+                    .put(PutRequest(key: b("svc/b"), value: b("2"))), .deleteRange(DeleteRangeRequest(key: b("svc/a"))),
+                ])))
         let out = hub.take(store: s)
         #expect(out.first == WatchResponse(watchID: id, revision: 1, created: true))
         let events = out.dropFirst().flatMap(\.events)

@@ -68,6 +68,11 @@ struct MVCCTests {
         from.countOnly = true
         let c = try s.range(from)
         #expect(c.kvs.isEmpty && c.count == 3)
+        // count covers the whole range even where results stop being built (past limit+1).
+        var big = RangeRequest(key: b("a"), rangeEnd: [0])
+        big.limit = 1
+        let br = try s.range(big)
+        #expect(br.kvs.map(\.key) == [b("a")] && br.more && br.count == 5)
         var all = RangeRequest(key: [0], rangeEnd: [0])
         all.revision = 3
         #expect(try s.range(all).kvs.map(\.key) == [b("a"), b("b1")])
@@ -235,10 +240,11 @@ struct MVCCTests {
         let cmds: [StoreCommand] = [
             .put(PutRequest(key: b("k"), value: b("v"), lease: 3)),
             .deleteRange(DeleteRangeRequest(key: b("a"), rangeEnd: b("b"))),
-            .txn(TxnRequest(
-                compare: [Compare(key: b("k"), .less, .modRevision(9))],
-                success: [.range(rq), .txn(TxnRequest(success: [.put(PutRequest(key: b("x"), value: []))]))],
-                failure: [.deleteRange(DeleteRangeRequest(key: b("k")))])),
+            .txn(
+                TxnRequest(
+                    compare: [Compare(key: b("k"), .less, .modRevision(9))],
+                    success: [.range(rq), .txn(TxnRequest(success: [.put(PutRequest(key: b("x"), value: []))]))],
+                    failure: [.deleteRange(DeleteRangeRequest(key: b("k")))])),
             .compact(revision: 12), .leaseGrant(id: -4, ttl: 60), .leaseRevoke(id: 8),
             .leaseCheckpoint([LeaseCheckpoint(id: 1, remainingTTL: 20)]),
         ]

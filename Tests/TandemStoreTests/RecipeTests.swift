@@ -63,7 +63,8 @@ struct RecipeTests {
     func registration() throws {
         var s = MVCCStore()
         s.apply(.leaseGrant(id: 10, ttl: 5))
-        s.apply(.put(ServiceRegistry.register(service: "users", instance: "i-1", value: b("{\"port\":8080}"), lease: 10)))
+        s.apply(
+            .put(ServiceRegistry.register(service: "users", instance: "i-1", value: b("{\"port\":8080}"), lease: 10)))
         s.apply(.put(ServiceRegistry.register(service: "users", instance: "i-2", value: b("{}"), lease: 10)))
         s.apply(.put(ServiceRegistry.register(service: "usersx", instance: "i-9", value: b("{}"), lease: 0)))
         let found = try s.range(ServiceRegistry.instances(of: "users")).kvs.map { $0.key.utf8String }
@@ -92,7 +93,9 @@ struct RecipeTests {
                 return
             }
             tokens.append(t)
-            #expect(d.outcome.values.filter { if case .acquired = $0 { return true } else { return false } }.count == holder + 2)
+            #expect(
+                d.outcome.values.filter { if case .acquired = $0 { return true } else { return false } }.count == holder
+                    + 2)
         }
         // Fencing tokens increase with each holder.
         #expect(tokens == tokens.sorted() && Set(tokens).count == 4)
