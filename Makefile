@@ -1,5 +1,6 @@
 # Tandem — build, test, demo and bench. `make test` is what CI runs on a fresh clone.
 SWIFT ?= swift
+SHELL := /bin/bash
 APT_PACKAGES := libluajit-5.1-dev pkg-config etcd-client
 BUILD_LOG := .build/tandem-build.log
 
@@ -33,12 +34,14 @@ fmt:
 	$(SWIFT) format --in-place --recursive Sources Tests Package.swift
 
 test: build lint
-	$(SWIFT) test --skip-build
+	@set -o pipefail; $(SWIFT) test --skip-build 2>&1 | tee .build/tandem-test.log
 	@# The same seed must give the same trace in two separate processes (hash seeds differ).
 	@a=$$(.build/debug/tandem sim-registry --seed 77 | grep "trace hash"); \
 	 b=$$(.build/debug/tandem sim-registry --seed 77 | grep "trace hash"); \
 	 if [ "$$a" != "$$b" ]; then echo "determinism across processes failed: $$a vs $$b" >&2; exit 1; fi; \
 	 echo "determinism across processes: ok ($$a)"
+	@n=$$(grep -oE "Test run with [0-9]+ tests" .build/tandem-test.log | grep -oE "[0-9]+" | tail -1); \
+	 echo "tests: $$n passed, 0 failed"
 
 # A simulated 3-node registry survives a leader crash, then a short fault sweep.
 demo: build

@@ -34,6 +34,8 @@ public struct RaftNode: Sendable {
     private var pendingReads = Deque<PendingRead>()
     /// Reads that arrived before this leader committed an entry of its own term.
     private var readsBeforeCommit: [(from: NodeID, context: Bytes)] = []
+    /// A Ready was handed out and not yet acknowledged.
+    private var readyOutstanding = false
 
     private struct PendingRead {
         var from: NodeID
@@ -155,6 +157,8 @@ public struct RaftNode: Sendable {
     }
 
     public mutating func ready() -> Ready {
+        precondition(!readyOutstanding, "ready() called again before advance(): node \(id), term \(term), role \(role)")
+        readyOutstanding = true
         var rd = Ready(role: role, leader: leader)
         let hs = hardState
         if hs != persistedHardState { rd.hardState = hs }
@@ -173,6 +177,8 @@ public struct RaftNode: Sendable {
 
     /// Acknowledges that the shell persisted, sent and applied everything in `rd`.
     public mutating func advance(_ rd: Ready) {
+        precondition(readyOutstanding, "advance() without a ready(): node \(id), term \(term), role \(role)")
+        readyOutstanding = false
         if let hs = rd.hardState { persistedHardState = hs }
         if let s = rd.snapshot {
             if log.pendingSnapshot?.metadata.index == s.metadata.index { log.pendingSnapshot = nil }
@@ -194,7 +200,6 @@ public struct RaftNode: Sendable {
             }
             uncommittedBytes = log.bytes(from: log.committed + 1)
         }
-        persistedHardState.commit = max(persistedHardState.commit, rd.hardState?.commit ?? 0)
     }
 
     // MARK: - Step

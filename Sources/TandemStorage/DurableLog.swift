@@ -188,6 +188,7 @@ public final class DurableLog {
     /// Persists a Ready's hard state and entries with one fsync.
     public func save(hardState hs: HardState?, entries: [Entry]) throws {
         guard hs != nil || !entries.isEmpty else { return }
+        precondition(!segments.isEmpty, "DurableLog.save before recover()")
         var w = ByteWriter(capacity: 64 + entries.reduce(0) { $0 + $1.size })
         for e in entries {
             var p = ByteWriter(capacity: e.size)

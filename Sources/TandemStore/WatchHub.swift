@@ -96,13 +96,9 @@ public struct WatchHub: Sendable {
             nextID += 1
         }
         r.watchID = id
-        let state: SyncState =
-            (r.startRevision == 0 || r.startRevision > store.revision) ? .synced : .unsynced(next: r.startRevision)
-        var w = Watcher(request: r, state: state)
-        if case .synced = state, r.startRevision > store.revision {
-            // A future start: catch up once the store gets there.
-            w.state = .unsynced(next: r.startRevision)
-        }
+        // From "now" the watcher is live at once; any other start catches up from history
+        // (or waits for the store to reach a future start revision).
+        let w = Watcher(request: r, state: r.startRevision == 0 ? .synced : .unsynced(next: r.startRevision))
         watchers[id] = w
         outbox.append(WatchResponse(watchID: id, revision: store.revision, created: true))
         return id
@@ -159,8 +155,8 @@ public struct WatchHub: Sendable {
                     }
                     let reached = batch.last?.revision ?? store.revision
                     w.state = reached >= store.revision ? .synced : .unsynced(next: reached + 1)
-                } else if store.revision >= next - 1 {
-                    w.state = next == store.revision + 1 ? .synced : w.state
+                } else if next == store.revision + 1 {
+                    w.state = .synced
                 }
             }
             if !w.pending.isEmpty {

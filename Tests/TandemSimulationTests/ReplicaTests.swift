@@ -82,11 +82,14 @@ struct ReplicaTests {
     func restartRecovers() throws {
         var r = try SingleReplica()
         _ = try r.run(.leaseGrant(id: 7, ttl: 5), id: 1)
-        for i in 0..<30 { _ = try r.run(.put(PutRequest(key: Array("k\(i)".utf8), value: [UInt8(i)])), id: 10 + UInt64(i)) }
+        for i in 0..<30 {
+            _ = try r.run(.put(PutRequest(key: Array("k\(i)".utf8), value: [UInt8(i)])), id: 10 + UInt64(i))
+        }
         let revision = r.replica.store.revision
         #expect(r.replica.snapshotsTaken >= 2)
         let again = try RegistryReplica(
-            options: SingleReplica.options(), initialConf: ConfState(voters: [1]), fs: r.disk, random: SeededRandom(seed: 2))
+            options: SingleReplica.options(), initialConf: ConfState(voters: [1]), fs: r.disk,
+            random: SeededRandom(seed: 2))
         r.replica = again
         try r.advance(ms: 3_000)
         #expect(r.replica.store.revision == revision)
