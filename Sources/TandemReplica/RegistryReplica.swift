@@ -64,6 +64,8 @@ public final class RegistryReplica {
     private var lastSnapshotIndex: UInt64
     private var pendingReads: [(context: Bytes, index: UInt64?)] = []
     private var lastRole: RaftRole = .follower
+    /// Proposals applied a second time (same request id) and skipped.
+    public private(set) var duplicatesSkipped = 0
     /// Snapshots this member wrote (not counting ones received from the leader).
     public private(set) var snapshotsTaken = 0
 
@@ -113,6 +115,18 @@ public final class RegistryReplica {
             throw .proposal(error)
         }
     }
+
+    /// Proposes a membership change (one at a time; a learner is promoted once caught up).
+    public func proposeConfChange(_ cc: ConfChange) throws(ReplicaError) {
+        do {
+            try raft.proposeConfChange(cc)
+        } catch {
+            throw .proposal(error)
+        }
+    }
+
+    /// Hands leadership to `member` (for rolling restarts and membership changes).
+    public func transferLeadership(to member: NodeID) { raft.transferLeadership(to: member) }
 
     /// Starts a linearizable read; `context` must be unique among pending reads.
     public func read(context: Bytes) throws(ReplicaError) {
@@ -172,7 +186,10 @@ public final class RegistryReplica {
             for e in rd.committedEntries where e.kind == .normal && !e.data.isEmpty {
                 guard let p = try? StoreProposal(decoding: e.data) else { continue }
                 let before = store.revision
-                let (result, events) = store.apply(p.command)
+                guard let (result, events) = store.apply(p.command, requestID: p.requestID) else {
+                    duplicatesSkipped += 1
+                    continue
+                }
                 switch result {
                 case .leaseGrant(let id, let ttl, _): lessor.granted(id: id, ttl: ttl, now: now)
                 case .leaseRevoke: if case .leaseRevoke(let id) = p.command { lessor.revoked(id: id) }

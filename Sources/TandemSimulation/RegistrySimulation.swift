@@ -33,6 +33,11 @@ public enum RegistrySimulation {
         public var segmentBytes = 2_048
         /// Scripted faults, in addition to random ones.
         public var timeline: [ScriptedFault] = []
+        /// Membership churn (3+ nodes): replace a voter by a new member that joins as a
+        /// learner, catches up (usually by snapshot) and is promoted; and leadership transfers.
+        public var membershipChanges = true
+        /// Record a human-readable event log in the report (for explaining a failing seed).
+        public var recordTrace = false
         /// Make one node's disk fail at its Nth mutating operation (crash-point tests).
         public var crashPoint: (node: NodeID, operation: Int)?
 
@@ -70,6 +75,11 @@ public enum RegistrySimulation {
         public var pauses = 0
         public var snapshotsInstalled = 0
         public var snapshotsTaken = 0
+        /// Voters replaced (removed, then a new member added as learner and promoted).
+        public var membersReplaced = 0
+        /// Proposals skipped because their request id was already applied (all members).
+        public var duplicatesSkipped = 0
+        public var leadershipTransfers = 0
         public var tornTailsTruncated = 0
         public var maxCommitIndex: UInt64 = 0
         public var finalReads = 0
@@ -78,6 +88,8 @@ public enum RegistrySimulation {
         public var history: [RegisterOp] = []
         /// Mutating disk operations per node (the crash points a run went through).
         public var diskOperations: [NodeID: Int] = [:]
+        /// With `recordTrace`: one line per notable event, prefixed by virtual time.
+        public var traceLines: [String] = []
         public var firstLeader: NodeID = 0
         public var passed: Bool { violations.isEmpty }
     }
@@ -110,6 +122,7 @@ private enum SimEvent {
     case restart(NodeID)
     case healLinks
     case heal
+    case churnStep
 }
 
 private struct ClientRequest {
@@ -141,10 +154,14 @@ private final class Member {
     var incarnation = 0
     /// A paused process (GC pause, VM stall) handles nothing until then; its clock stops.
     var pausedUntil: UInt64 = 0
-    init(id: NodeID, disk: SimDisk, clockRate: Double) {
+    /// The membership this member was started with (the cluster it joins).
+    let initialConf: ConfState
+    var lastConf = ConfState()
+    init(id: NodeID, disk: SimDisk, clockRate: Double, initialConf: ConfState) {
         self.id = id
         self.disk = disk
         self.clockRate = clockRate
+        self.initialConf = initialConf
     }
 }
 
@@ -162,7 +179,13 @@ private final class World {
     var queue = Heap<Scheduled>()
     var seq: UInt64 = 0
     var members: [NodeID: Member] = [:]
+    /// Members currently running as part of the cluster (changes with membership churn).
     var ids: [NodeID]
+    /// Removed members: never restarted.
+    var decommissioned = Set<NodeID>()
+    /// A voter replacement in progress: `old` leaves, `new` joins as learner, then is promoted.
+    var churn: (old: NodeID, new: NodeID, added: Bool)?
+    var nextMemberID: NodeID = 100
     var clients: [Client]
     var blocked = Set<UInt64>()
     var clogged: [UInt64: UInt64] = [:]
@@ -182,11 +205,17 @@ private final class World {
         ids = (1...UInt64(o.nodes)).map { $0 }
         clients = Array(repeating: Client(), count: o.clients)
         report = RegistrySimulation.Report(seed: o.seed, nodes: o.nodes)
-        for id in ids {
-            let skew = 1.0 + (Double(rng.next() % 2001) / 1000.0 - 1.0) * o.maxClockSkew
-            members[id] = Member(id: id, disk: SimDisk(random: rng.fork()), clockRate: skew)
-        }
+        for id in ids { addMember(id, initialConf: ConfState(voters: Set(ids))) }
         if let cp = o.crashPoint { members[cp.node]?.disk.crashAtOperation = cp.operation }
+    }
+
+    func addMember(_ id: NodeID, initialConf: ConfState) {
+        let skew = 1.0 + (Double(rng.next() % 2001) / 1000.0 - 1.0) * o.maxClockSkew
+        members[id] = Member(id: id, disk: SimDisk(random: rng.fork()), clockRate: skew, initialConf: initialConf)
+    }
+
+    func note(_ line: @autoclosure () -> String) {
+        if o.recordTrace { report.traceLines.append("\(now) ms  \(line())") }
     }
 
     func schedule(_ delay: UInt64, _ e: SimEvent) {
@@ -243,6 +272,7 @@ private final class World {
         for id in ids {
             report.diskOperations[id] = members[id]!.disk.operations
             report.snapshotsTaken += members[id]!.replica?.snapshotsTaken ?? 0
+            report.duplicatesSkipped += members[id]!.replica?.duplicatesSkipped ?? 0
         }
     }
 
@@ -303,7 +333,9 @@ private final class World {
         case .scripted(let k):
             scripted(o.timeline[k])
         case .restart(let id):
-            if members[id]?.replica == nil { start(id) }
+            if members[id]?.replica == nil && !decommissioned.contains(id) { start(id) }
+        case .churnStep:
+            churnStep()
         case .healLinks:
             blocked = []
             clogged = [:]
@@ -334,7 +366,7 @@ private final class World {
         opts.tickMs = Int64(o.tickMs)
         do {
             let r = try RegistryReplica(
-                options: opts, initialConf: ConfState(voters: Set(ids)), fs: m.disk, random: rng.fork())
+                options: opts, initialConf: m.initialConf, fs: m.disk, random: rng.fork())
             m.replica = r
             m.incarnation += 1
             report.tornTailsTruncated += r.recoveryNotes.filter { $0.contains("torn tail") }.count
@@ -350,9 +382,11 @@ private final class World {
 
     func crash(_ m: Member, restartAfter delay: UInt64) {
         report.snapshotsTaken += m.replica?.snapshotsTaken ?? 0
+        report.duplicatesSkipped += m.replica?.duplicatesSkipped ?? 0
         trace.add(4)
         trace.add(now)
         trace.add(m.id)
+        note("crash node \(m.id)")
         report.crashes += 1
         m.replica = nil
         m.disk.crash()
@@ -372,6 +406,15 @@ private final class World {
             return
         }
         checkSafety(m, r, out)
+        if o.recordTrace {
+            if out.roleChanged { note("node \(m.id) is \(r.raft.role) in term \(r.raft.term)") }
+            if let s = out.installedSnapshot { note("node \(m.id) installed snapshot at \(s)") }
+            if r.raft.conf != m.lastConf {
+                note(
+                    "node \(m.id) conf voters \(r.raft.conf.voters.sorted()) learners \(r.raft.conf.learners.sorted())")
+                m.lastConf = r.raft.conf
+            }
+        }
         for msg in out.messages { send(msg) }
         for (reqID, result) in out.applied {
             guard let req = m.pendingWrites.removeValue(forKey: reqID) else { continue }
@@ -488,6 +531,7 @@ private final class World {
     }
 
     func serve(_ req: ClientRequest, at id: NodeID) {
+        note("client \(req.client) sends \(req.input) on \(req.key.utf8String) to node \(id)")
         guard let m = members[id], let r = m.replica else {
             return  // the client times out
         }
@@ -559,6 +603,7 @@ private final class World {
     }
 
     func record(_ req: ClientRequest, _ call: UInt64, _ out: RegisterOp.Output, ret: UInt64 = .max) {
+        note("client \(req.client) \(req.key.utf8String) \(req.input) -> \(out) (called at \(call))")
         if out == .unknown {
             report.opsUnknown += 1
             if case .read = req.input {
@@ -619,8 +664,74 @@ private final class World {
             clogged[link(a, b)] = 20 + rng.next() % 80
             schedule(100 + rng.next() % 600, .healLinks)
         default:
-            break
+            guard o.membershipChanges, ids.count >= 3,
+                let leader = ids.first(where: { members[$0]!.replica?.isLeader == true })
+            else { return }
+            let others = ids.filter { $0 != leader }
+            let other = others[Int(rng.next() % UInt64(others.count))]
+            if churn == nil && rng.chance(0.5) {
+                churn = (old: other, new: nextMemberID, added: false)
+                nextMemberID += 1
+                schedule(1, .churnStep)
+            } else {
+                members[leader]!.replica!.transferLeadership(to: other)
+                report.leadershipTransfers += 1
+                pump(members[leader]!)
+            }
         }
+    }
+
+    /// One step of replacing a voter, driven through the current leader, retried until done.
+    func churnStep() {
+        guard let c = churn else { return }
+        defer { if churn != nil { schedule(30, .churnStep) } }
+        guard let lid = ids.first(where: { members[$0]!.replica?.isLeader == true }),
+            let leader = members[lid]!.replica
+        else { return }
+        let conf = leader.raft.conf
+        if !c.added {
+            if conf.members.contains(c.old) {
+                if lid == c.old {
+                    // Step aside first: a leader removing itself works, but this keeps it simple.
+                    let others = ids.filter { $0 != lid && conf.voters.contains($0) }
+                    if let t = others.first { leader.transferLeadership(to: t) }
+                } else {
+                    try? leader.proposeConfChange(ConfChange(.remove, node: c.old))
+                }
+                pump(members[lid]!)
+                return
+            }
+            // Removed: retire the old member for good and start the new one, empty.
+            note("node \(c.old) retired; node \(c.new) starts empty")
+            decommissioned.insert(c.old)
+            if let m = members[c.old], let r = m.replica {
+                report.snapshotsTaken += r.snapshotsTaken
+                report.duplicatesSkipped += r.duplicatesSkipped
+                m.replica = nil
+                m.pendingReads = [:]
+                m.pendingWrites = [:]
+            }
+            ids.removeAll { $0 == c.old }
+            addMember(c.new, initialConf: ConfState(voters: conf.voters))
+            ids.append(c.new)
+            start(c.new)
+            churn = (c.old, c.new, true)
+            return
+        }
+        if conf.voters.contains(c.new) {
+            report.membersReplaced += 1
+            churn = nil
+            return
+        }
+        if conf.learners.contains(c.new) {
+            // Promote only a learner that holds the committed log (TandemRaft checks too).
+            if (leader.raft.matchIndex(of: c.new) ?? 0) >= leader.raft.commitIndex {
+                try? leader.proposeConfChange(ConfChange(.promote, node: c.new))
+            }
+        } else {
+            try? leader.proposeConfChange(ConfChange(.addLearner, node: c.new))
+        }
+        pump(members[lid]!)
     }
 
     func scripted(_ f: RegistrySimulation.ScriptedFault) {

@@ -2,7 +2,8 @@ import DequeModule
 import TandemCore
 
 /// Snapshot format: revisions, each key's last version below the compacted revision, the event
-/// log above it (from which the rest of each key's history is rebuilt), and the leases.
+/// log above it (from which the rest of each key's history is rebuilt), the leases, and the
+/// ids of recently applied requests.
 extension MVCCStore {
     static let snapshotFormat: UInt8 = 1
 
@@ -38,6 +39,8 @@ extension MVCCStore {
             w.zigzag(l.grantedTTL)
             w.zigzag(l.checkpointedTTL)
         }
+        w.varint(UInt64(recentRequests.count))
+        for id in recentRequests { w.varint(id) }
         return w.bytes
     }
 
@@ -83,7 +86,10 @@ extension MVCCStore {
         for (k, h) in hist {
             if let v = h.last, !v.tombstone, v.lease != 0 { ls[v.lease]?.keys.insert(k) }
         }
+        var requests: [UInt64] = []
+        for _ in 0..<(try r.count()) { requests.append(try r.varint()) }
         restore(revision: rev, compactRevision: compactRev, history: hist, leases: ls, eventLog: log)
+        restoreRequests(requests)
     }
 
     private static func encode(_ v: Version, _ w: inout ByteWriter) {

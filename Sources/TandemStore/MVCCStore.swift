@@ -11,6 +11,9 @@ public struct MVCCStore: Sendable {
         public var minLeaseTTL: Int64 = 2
         /// etcd's MaxLeaseTTL.
         public var maxLeaseTTL: Int64 = 9_000_000_000
+        /// Request ids remembered for exactly-once apply; a duplicate older than this many
+        /// requests would apply again.
+        public var maxRememberedRequests = 100_000
         public init() {}
     }
 
@@ -50,6 +53,10 @@ public struct MVCCStore: Sendable {
     private(set) var leases: [Int64: LeaseEntry] = [:]
     /// Events of each revision from `compactRevision` on, for watch catch-up.
     private(set) var eventLog = Deque<RevisionEvents>()
+    /// Ids of recently applied requests, oldest first (Raft thesis §6.3: the state machine
+    /// filters duplicates, e.g. a forwarded proposal the network delivered twice).
+    private(set) var recentRequests = Deque<UInt64>()
+    private var recentRequestSet = Set<UInt64>()
 
     public init(limits: Limits = Limits()) { self.limits = limits }
 
@@ -69,6 +76,25 @@ public struct MVCCStore: Sendable {
     public var keyCount: Int { index.count }
 
     // MARK: - Apply
+
+    /// Applies a client's command exactly once: returns nil, changing nothing, if a command
+    /// with the same non-zero `requestID` was applied recently. Id 0 is never deduplicated.
+    @discardableResult
+    public mutating func apply(_ command: StoreCommand, requestID: UInt64) -> (result: StoreResult, events: [Event])? {
+        if requestID != 0 {
+            guard recentRequestSet.insert(requestID).inserted else { return nil }
+            recentRequests.append(requestID)
+            if recentRequests.count > limits.maxRememberedRequests {
+                recentRequestSet.remove(recentRequests.removeFirst())
+            }
+        }
+        return apply(command)
+    }
+
+    mutating func restoreRequests(_ ids: [UInt64]) {
+        recentRequests = Deque(ids.suffix(limits.maxRememberedRequests))
+        recentRequestSet = Set(recentRequests)
+    }
 
     /// Applies one committed command. Deterministic: the same commands give the same state.
     /// Returns the result and the events of the new revision (empty when nothing changed).

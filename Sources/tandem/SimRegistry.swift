@@ -18,6 +18,8 @@ struct SimRegistry: ParsableCommand {
     @Option(help: "Milliseconds of faults and load (virtual time).") var durationMs: UInt64 = 3_000
     @Flag(help: "No random faults; crash the leader once (the demo scenario).") var leaderCrash = false
     @Flag(help: "Print one line per seed.") var verbose = false
+    @Flag(help: "No membership churn or leadership transfers.") var noMembershipChanges = false
+    @Flag(help: "Print the event log of the run (with --seed).") var trace = false
 
     func validate() throws {
         if seed != nil && seeds != nil { throw ValidationError("give --seed or --seeds, not both") }
@@ -37,6 +39,8 @@ struct SimRegistry: ParsableCommand {
         var o = RegistrySimulation.Options(seed: seed)
         o.nodes = nodes
         o.durationMs = durationMs
+        o.membershipChanges = !noMembershipChanges
+        o.recordTrace = trace
         if leaderCrash {
             o.randomFaults = false
             o.lossRate = 0
@@ -58,6 +62,7 @@ struct SimRegistry: ParsableCommand {
             totals.partitions += r.partitions
             totals.snaps += r.snapshotsInstalled
             totals.torn += r.tornTailsTruncated
+            if trace { for line in r.traceLines { print(line) } }
             if range.count == 1 {
                 print(Self.describe(r))
             } else if verbose || !r.passed {
@@ -90,14 +95,17 @@ struct SimRegistry: ParsableCommand {
             "  faults            \(n(r.crashes, "crash", "crashes")), \(n(r.partitions, "partition")), "
                 + "\(n(r.pauses, "process pause")), \(n(r.tornTailsTruncated, "torn WAL tail")) truncated on recovery",
             "  raft              \(r.termsWithLeader) terms with a leader, commit index \(r.maxCommitIndex), "
-                + "\(r.snapshotsInstalled) snapshots installed",
+                + "\(n(r.snapshotsInstalled, "snapshot")) installed",
+            "  membership        \(n(r.membersReplaced, "voter")) replaced, \(n(r.leadershipTransfers, "leadership transfer"))",
         ]
         if !r.failoverMs.isEmpty {
             lines.append(
                 "  failover          new leader \(r.failoverMs.map { "\($0) ms" }.joined(separator: ", ")) after the leader crashed"
             )
         }
-        lines.append("  final reads       \(r.finalReads) after healing (every acknowledged write still there)")
+        lines.append(
+            "  final reads       \(r.finalReads) of \(RegistrySimulation.Options(seed: r.seed).keys) keys after healing"
+                + (r.passed ? " (every acknowledged write still there)" : ""))
         lines.append(
             "  checkers          election safety, log matching, leader completeness, state machine safety, "
                 + "linearizability: \(r.passed ? "all passed" : "\(r.violations.count) VIOLATIONS")")

@@ -21,20 +21,36 @@ struct RegistrySimulationTests {
         (3, 1...100), (3, 101...200), (3, 201...300), (3, 301...400), (5, 1...80), (5, 81...160),
     ]
 
-    @Test("sweep: random seeds with loss, duplication, reordering, partitions, pauses and crashes", arguments: 0..<6)
+    @Test(
+        "sweep: random seeds with loss, duplication, reordering, partitions, pauses, crashes and membership churn",
+        arguments: 0..<6)
     func sweep(chunk: Int) {
         let (nodes, seeds) = Self.chunks[chunk]
         var checkedOps = 0
+        var replaced = 0
+        var transfers = 0
         for seed in seeds {
             var o = RegistrySimulation.Options(seed: seed)
             o.nodes = nodes
             let r = RegistrySimulation.run(o)
             checkedOps += r.history.count
+            replaced += r.membersReplaced
+            transfers += r.leadershipTransfers
             #expect(r.violations.isEmpty, "seed \(seed) failed: \(r.violations); replay: \(o.replayCommand)")
             #expect(r.finalReads >= o.keys, "seed \(seed): final reads incomplete; replay: \(o.replayCommand)")
         }
-        // The sweep must exercise something: ops were checked and faults happened.
+        // The sweep must exercise something: ops were checked, members replaced, leaders moved.
         #expect(checkedOps > seeds.count * 50)
+        #expect(replaced > 5 && transfers > 5)
+    }
+
+    @Test("regression: a forwarded proposal duplicated by the network is applied once (5 nodes, seed 40)")
+    func duplicatedForward() {
+        var o = RegistrySimulation.Options(seed: 40)
+        o.nodes = 5
+        let r = RegistrySimulation.run(o)
+        #expect(r.violations.isEmpty, "\(r.violations)")
+        #expect(r.duplicatesSkipped > 0)
     }
 
     @Test("sweep: single-node registry with crashes mid-write")

@@ -255,3 +255,32 @@ struct MVCCTests {
         #expect(throws: CodecError.self) { try StoreProposal(decoding: [1, 99]) }
     }
 }
+
+@Suite("Exactly-once apply (Raft thesis §6.3)")
+struct ExactlyOnceTests {
+    @Test("a proposal applied twice (a duplicated forward) takes effect once")
+    func duplicateRequest() throws {
+        var s = MVCCStore()
+        let write = StoreCommand.put(PutRequest(key: b("k"), value: b("v1")))
+        #expect(s.apply(write, requestID: 7) != nil)
+        s.put("k", "v2")
+        // The same request delivered again must not resurrect v1 over v2.
+        #expect(s.apply(write, requestID: 7) == nil)
+        #expect(try s.get("k")?.value == b("v2"))
+        // Internal proposals (id 0) are not deduplicated.
+        #expect(s.apply(.compact(revision: 2), requestID: 0) != nil)
+    }
+
+    @Test("the memory of applied requests is bounded and survives a snapshot")
+    func boundedAndSnapshotted() throws {
+        var limits = MVCCStore.Limits()
+        limits.maxRememberedRequests = 3
+        var s = MVCCStore(limits: limits)
+        for id in UInt64(1)...5 { s.apply(.put(PutRequest(key: b("k"), value: b("\(id)"))), requestID: id) }
+        // Ids 1 and 2 were forgotten (oldest first); 3...5 are remembered.
+        #expect(s.apply(.put(PutRequest(key: b("x"), value: [])), requestID: 5) == nil)
+        var r = try MVCCStore(snapshot: s.snapshot(), limits: limits)
+        #expect(r.apply(.put(PutRequest(key: b("x"), value: [])), requestID: 4) == nil)
+        #expect(r.apply(.put(PutRequest(key: b("x"), value: [])), requestID: 1) != nil)
+    }
+}
