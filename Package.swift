@@ -17,6 +17,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
     ],
     targets: [
         .target(name: "TandemCore", swiftSettings: swiftSettings),
@@ -42,6 +43,11 @@ let package = Package(
                 .product(name: "HeapModule", package: "swift-collections"),
             ],
             swiftSettings: swiftSettings),
+        .target(
+            name: "TandemEtcdAPI",
+            dependencies: ["TandemCore", "TandemStore", .product(name: "SwiftProtobuf", package: "swift-protobuf")],
+            exclude: ["Generated/README.md"],
+            swiftSettings: swiftSettings),
         .systemLibrary(
             name: "CLuaJIT", pkgConfig: "luajit", providers: [.apt(["libluajit-5.1-dev"])]),
         .target(name: "TandemLua", dependencies: ["CLuaJIT"], swiftSettings: swiftSettings),
@@ -63,6 +69,7 @@ let package = Package(
             swiftSettings: swiftSettings),
         .testTarget(
             name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: swiftSettings),
+        .testTarget(name: "TandemEtcdAPITests", dependencies: ["TandemEtcdAPI"], swiftSettings: swiftSettings),
         .testTarget(name: "TandemLuaTests", dependencies: ["TandemLua"], swiftSettings: swiftSettings),
     ]
 )

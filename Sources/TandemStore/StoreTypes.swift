@@ -36,6 +36,12 @@ public struct Event: Equatable, Sendable {
     /// For a delete: the key with `modRevision` = the revision of the delete.
     public var kv: KeyValue
     public var prevKV: KeyValue?
+
+    public init(kind: Kind, kv: KeyValue, prevKV: KeyValue? = nil) {
+        self.kind = kind
+        self.kv = kv
+        self.prevKV = prevKV
+    }
 }
 
 public enum SortOrder: Int, Sendable { case none = 0, ascend = 1, descend = 2 }

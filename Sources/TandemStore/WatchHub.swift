@@ -28,6 +28,19 @@ public struct WatchResponse: Equatable, Sendable {
     public var cancelReason = ""
     public var compactRevision: Int64 = 0
     public var events: [Event] = []
+
+    public init(
+        watchID: Int64, revision: Int64, created: Bool = false, canceled: Bool = false, cancelReason: String = "",
+        compactRevision: Int64 = 0, events: [Event] = []
+    ) {
+        self.watchID = watchID
+        self.revision = revision
+        self.created = created
+        self.canceled = canceled
+        self.cancelReason = cancelReason
+        self.compactRevision = compactRevision
+        self.events = events
+    }
 }
 
 public enum WatchError: Error, Equatable, CustomStringConvertible {

@@ -135,7 +135,7 @@ struct MembershipTests {
         #expect(c[1].snapshot?.metadata.index == a)
     }
 
-    @Test("thesis §6.4 ReadIndex: a read is answered after a heartbeat round confirms leadership")
+    @Test("§8, thesis §6.4 ReadIndex: a read is answered after a heartbeat round confirms leadership")
     func readIndex() throws {
         var c = TestCluster(voters: [1, 2, 3])
         c.elect(1)
@@ -148,7 +148,7 @@ struct MembershipTests {
         #expect(c.readStates[1] == [ReadState(index: c[1].commitIndex, context: [1])])
     }
 
-    @Test("thesis §6.4 ReadIndex: a leader cut off from the quorum never answers a read")
+    @Test("§8, thesis §6.4 ReadIndex: a leader cut off from the quorum never answers a read")
     func readIndexPartitioned() throws {
         var c = TestCluster(voters: [1, 2, 3])
         c.elect(1)
@@ -159,7 +159,7 @@ struct MembershipTests {
         #expect(c.readStates[1, default: []].isEmpty)
     }
 
-    @Test("thesis §6.4 ReadIndex: a new leader answers only after committing an entry of its term")
+    @Test("§8, thesis §6.4 ReadIndex: a new leader answers only after committing an entry of its term")
     func readIndexWaitsForTermCommit() throws {
         var c = TestCluster(voters: [1, 2, 3])
         c.filter = { !($0.kind == .appendResponse) }
@@ -173,7 +173,7 @@ struct MembershipTests {
         #expect(c.readStates[1]!.first!.index >= 1)
     }
 
-    @Test("thesis §6.4 ReadIndex: a follower's read is forwarded and answered through the leader")
+    @Test("§8, thesis §6.4 ReadIndex: a follower's read is forwarded and answered through the leader")
     func followerRead() throws {
         var c = TestCluster(voters: [1, 2, 3])
         c.elect(1)

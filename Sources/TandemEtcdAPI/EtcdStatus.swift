@@ -1,0 +1,68 @@
+/// TandemEtcdAPI — the etcd v3 wire API: its protobuf messages (generated from
+/// `Protos/etcd`, see `dev/gen-protos.sh`), their conversion to and from TandemStore's
+/// requests and responses, and etcd's error codes and texts. No transport lives here: the
+/// registry server carries these messages over HTTP/2.
+import SwiftProtobuf
+import TandemStore
+
+/// A gRPC status as etcd answers it. Clients (clientv3, etcdctl) match on `message`.
+public struct EtcdStatus: Error, Equatable, CustomStringConvertible {
+    /// gRPC status codes used by etcd.
+    public enum Code: Int, Sendable {
+        case invalidArgument = 3
+        case notFound = 5
+        case failedPrecondition = 9
+        case resourceExhausted = 8
+        case outOfRange = 11
+        case unavailable = 14
+    }
+
+    public var code: Code
+    public var message: String
+
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    public var description: String { "\(code) (\(code.rawValue)): \(message)" }
+
+    public static let requestTooLarge = EtcdStatus(.invalidArgument, "etcdserver: request is too large")
+    public static let noLeader = EtcdStatus(.unavailable, "etcdserver: no leader")
+    public static let leaderChanged = EtcdStatus(.unavailable, "etcdserver: leader changed")
+    public static let timedOut = EtcdStatus(.unavailable, "etcdserver: request timed out")
+    public static let emptyKey = EtcdStatus(.invalidArgument, "etcdserver: key is not provided")
+
+    /// etcd's status for a store error (`etcdserver/api/v3rpc/rpctypes/error.go`).
+    public init(_ e: StoreError) {
+        switch e {
+        case .compacted, .futureRevision, .leaseTTLTooLarge: self.init(.outOfRange, e.message)
+        case .leaseNotFound: self.init(.notFound, e.message)
+        case .leaseExists: self.init(.failedPrecondition, e.message)
+        case .keyNotFound, .tooManyOps, .duplicateKey, .emptyKey: self.init(.invalidArgument, e.message)
+        }
+    }
+}
+
+/// Limits of the wire layer, with etcd's defaults.
+public struct EtcdLimits: Sendable {
+    /// etcd's `--max-request-bytes` (1.5 MiB).
+    public var maxRequestBytes = 1_572_864
+    /// Nesting of txns inside txns.
+    public var maxTxnDepth = 8
+    public init() {}
+}
+
+/// Decodes a request message, refusing oversized or malformed input with etcd's answers.
+public func decodeRequest<M: SwiftProtobuf.Message>(
+    _ type: M.Type, _ bytes: [UInt8], limits: EtcdLimits = EtcdLimits()
+)
+    throws(EtcdStatus) -> M
+{
+    guard bytes.count <= limits.maxRequestBytes else { throw .requestTooLarge }
+    do {
+        return try M(serializedBytes: bytes)
+    } catch {
+        throw EtcdStatus(.invalidArgument, "etcdserver: malformed \(M.protoMessageName): \(error)")
+    }
+}
