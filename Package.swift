@@ -18,6 +18,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-http2", from: "1.46.0"),
     ],
     targets: [
         .target(name: "TandemCore", swiftSettings: swiftSettings),
@@ -48,13 +50,22 @@ let package = Package(
             dependencies: ["TandemCore", "TandemStore", .product(name: "SwiftProtobuf", package: "swift-protobuf")],
             exclude: ["Generated/README.md"],
             swiftSettings: swiftSettings),
+        .target(
+            name: "TandemRegistryServer",
+            dependencies: [
+                "TandemCore", "TandemRaft", "TandemStore", "TandemStorage", "TandemReplica", "TandemEtcdAPI",
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+            ],
+            swiftSettings: swiftSettings),
         .systemLibrary(
             name: "CLuaJIT", pkgConfig: "luajit", providers: [.apt(["libluajit-5.1-dev"])]),
         .target(name: "TandemLua", dependencies: ["CLuaJIT"], swiftSettings: swiftSettings),
         .executableTarget(
             name: "tandem",
             dependencies: [
-                "TandemCore", "TandemSimulation", "TandemLua",
+                "TandemCore", "TandemSimulation", "TandemLua", "TandemRegistryServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings),
@@ -70,6 +81,8 @@ let package = Package(
         .testTarget(
             name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: swiftSettings),
         .testTarget(name: "TandemEtcdAPITests", dependencies: ["TandemEtcdAPI"], swiftSettings: swiftSettings),
+        // Starts real `tandem` processes on ephemeral ports and drives them with Debian's etcdctl.
+        .testTarget(name: "IntegrationTests", swiftSettings: swiftSettings),
         .testTarget(name: "TandemLuaTests", dependencies: ["TandemLua"], swiftSettings: swiftSettings),
     ]
 )

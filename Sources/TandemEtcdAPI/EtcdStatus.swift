@@ -10,10 +10,13 @@ public struct EtcdStatus: Error, Equatable, CustomStringConvertible {
     /// gRPC status codes used by etcd.
     public enum Code: Int, Sendable {
         case invalidArgument = 3
+        case deadlineExceeded = 4
         case notFound = 5
         case failedPrecondition = 9
         case resourceExhausted = 8
         case outOfRange = 11
+        case unimplemented = 12
+        case internalError = 13
         case unavailable = 14
     }
 

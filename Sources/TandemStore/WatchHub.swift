@@ -117,6 +117,12 @@ public struct WatchHub: Sendable {
         return id
     }
 
+    /// Answers a create that could not be honoured the way etcd does: created, then canceled.
+    public mutating func refuse(watchID: Int64, reason: String, store: MVCCStore) {
+        outbox.append(WatchResponse(watchID: watchID, revision: store.revision, created: true))
+        outbox.append(WatchResponse(watchID: watchID, revision: store.revision, canceled: true, cancelReason: reason))
+    }
+
     public mutating func cancel(_ id: Int64, store: MVCCStore, reason: String = "") {
         guard watchers.removeValue(forKey: id) != nil else { return }
         outbox.append(WatchResponse(watchID: id, revision: store.revision, canceled: true, cancelReason: reason))

@@ -1,0 +1,268 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import SwiftProtobuf
+import TandemCore
+import TandemEtcdAPI
+import TandemRaft
+import TandemStore
+
+/// The etcd v3 methods, by gRPC path, implemented on a `RegistryNode`.
+enum EtcdServices {
+    static func methods(node: RegistryNode, limits: EtcdLimits) -> [String: GRPCMethod] {
+        var m: [String: GRPCMethod] = [:]
+
+        /// Decodes on the network loop, runs `body` on the raft loop, encodes the answer.
+        func unary<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(
+            _ path: String, _ type: Req.Type,
+            _ body: @escaping @Sendable (Req, RegistryNode, @escaping (Result<Resp, EtcdStatus>) -> Void) -> Void
+        ) {
+            m[path] = .unary { bytes, responder in
+                let req: Req
+                do throws(EtcdStatus) {
+                    req = try decodeRequest(Req.self, bytes, limits: limits)
+                } catch {
+                    responder.finish(error)
+                    return
+                }
+                node.loop.execute {
+                    body(req, node) { result in
+                        switch result {
+                        case .success(let resp):
+                            guard let out = try? resp.serializedBytes() as [UInt8] else {
+                                responder.finish(EtcdStatus(.internalError, "tandem: could not encode the response"))
+                                return
+                            }
+                            responder.send(out)
+                            responder.finish()
+                        case .failure(let e):
+                            responder.finish(e)
+                        }
+                    }
+                }
+            }
+        }
+
+        unary("/etcdserverpb.KV/Range", Etcdserverpb_RangeRequest.self) {
+            (pb, n, done: @escaping (Result<Etcdserverpb_RangeResponse, EtcdStatus>) -> Void) in
+            let q: RangeRequest
+            let serializable: Bool
+            do throws(EtcdStatus) {
+                (q, serializable) = try RangeRequest.from(pb)
+            } catch {
+                return done(.failure(error))
+            }
+            let serve = {
+                do throws(StoreError) {
+                    done(.success(Etcdserverpb_RangeResponse(try n.replica.store.range(q), header: n.header)))
+                } catch {
+                    done(.failure(EtcdStatus(error)))
+                }
+            }
+            if serializable {
+                serve()
+            } else {
+                n.linearizable { r in
+                    if case .failure(let e) = r { done(.failure(e)) } else { serve() }
+                }
+            }
+        }
+        unary("/etcdserverpb.KV/Put", Etcdserverpb_PutRequest.self) {
+            (pb, n, done: @escaping (Result<Etcdserverpb_PutResponse, EtcdStatus>) -> Void) in
+            write(n, .put(PutRequest(pb)), done) {
+                if case .put(let r) = $0 { return Etcdserverpb_PutResponse(r, header: n.header) } else { return nil }
+            }
+        }
+        unary("/etcdserverpb.KV/DeleteRange", Etcdserverpb_DeleteRangeRequest.self) {
+            (pb, n, done: @escaping (Result<Etcdserverpb_DeleteRangeResponse, EtcdStatus>) -> Void) in
+            write(n, .deleteRange(DeleteRangeRequest(pb)), done) {
+                if case .deleteRange(let r) = $0 { return Etcdserverpb_DeleteRangeResponse(r, header: n.header) }
+                return nil
+            }
+        }
+        unary("/etcdserverpb.KV/Txn", Etcdserverpb_TxnRequest.self) {
+            (pb, n, done: @escaping (Result<Etcdserverpb_TxnResponse, EtcdStatus>) -> Void) in
+            let t: TxnRequest
+            do throws(EtcdStatus) {
+                t = try TxnRequest.from(pb, limits: limits)
+            } catch {
+                return done(.failure(error))
+            }
+            write(n, .txn(t), done) {
+                if case .txn(let r) = $0 { return Etcdserverpb_TxnResponse(r, header: n.header) } else { return nil }
+            }
+        }
+        unary("/etcdserverpb.KV/Compact", Etcdserverpb_CompactionRequest.self) {
+            (pb, n, done: @escaping (Result<Etcdserverpb_CompactionResponse, EtcdStatus>) -> Void) in
+            write(n, .compact(revision: pb.revision), done) {
+                guard case .compact(let rev) = $0 else { return nil }
+                var r = Etcdserverpb_CompactionResponse()
+                r.header = n.header.with(revision: rev)
+                return r
+            }
+        }
+        unary("/etcdserverpb.Lease/LeaseGrant", Etcdserverpb_LeaseGrantRequest.self) {
+            (pb, n, done: @escaping (Result<Etcdserverpb_LeaseGrantResponse, EtcdStatus>) -> Void) in
+            let id = pb.id != 0 ? pb.id : n.newLeaseID()
+            write(n, .leaseGrant(id: id, ttl: pb.ttl), done) {
+                guard case .leaseGrant(let id, let ttl, let rev) = $0 else { return nil }
+                var r = Etcdserverpb_LeaseGrantResponse()
+                r.header = n.header.with(revision: rev)
+                r.id = id
+                r.ttl = ttl
+                return r
+            }
+        }
+        unary("/etcdserverpb.Lease/LeaseRevoke", Etcdserverpb_LeaseRevokeRequest.self) {
+            (pb, n, done: @escaping (Result<Etcdserverpb_LeaseRevokeResponse, EtcdStatus>) -> Void) in
+            write(n, .leaseRevoke(id: pb.id), done) {
+                guard case .leaseRevoke(let rev) = $0 else { return nil }
+                var r = Etcdserverpb_LeaseRevokeResponse()
+                r.header = n.header.with(revision: rev)
+                return r
+            }
+        }
+        unary("/etcdserverpb.Lease/LeaseTimeToLive", Etcdserverpb_LeaseTimeToLiveRequest.self) {
+            (pb, n, done: @escaping (Result<Etcdserverpb_LeaseTimeToLiveResponse, EtcdStatus>) -> Void) in
+            n.linearizable { r in
+                if case .failure(let e) = r { return done(.failure(e)) }
+                var resp = Etcdserverpb_LeaseTimeToLiveResponse()
+                resp.header = n.header
+                resp.id = pb.id
+                // etcd answers an unknown lease with TTL -1, not an error.
+                if let t = n.replica.leaseTimeToLive(pb.id, now: n.now) {
+                    resp.ttl = t.remaining
+                    resp.grantedTtl = t.granted
+                    if pb.keys { resp.keys = t.keys.map { Data($0) } }
+                } else {
+                    resp.ttl = -1
+                }
+                done(.success(resp))
+            }
+        }
+        unary("/etcdserverpb.Lease/LeaseLeases", Etcdserverpb_LeaseLeasesRequest.self) {
+            (_, n, done: @escaping (Result<Etcdserverpb_LeaseLeasesResponse, EtcdStatus>) -> Void) in
+            var resp = Etcdserverpb_LeaseLeasesResponse()
+            resp.header = n.header
+            resp.leases = n.replica.store.leaseIDs.map {
+                var s = Etcdserverpb_LeaseStatus()
+                s.id = $0
+                return s
+            }
+            done(.success(resp))
+        }
+        m["/etcdserverpb.Lease/LeaseKeepAlive"] = .bidi(open: { responder in
+            GRPCStreamSink(
+                message: { bytes in
+                    guard let req = try? decodeRequest(Etcdserverpb_LeaseKeepAliveRequest.self, bytes, limits: limits)
+                    else { return responder.finish(EtcdStatus(.invalidArgument, "etcdserver: malformed keep-alive")) }
+                    node.loop.execute {
+                        var resp = Etcdserverpb_LeaseKeepAliveResponse()
+                        resp.header = node.header
+                        resp.id = req.id
+                        // etcd answers TTL 0 for an unknown or expired lease.
+                        resp.ttl = node.replica.renewLease(req.id, now: node.now) ?? 0
+                        if let out = try? resp.serializedBytes() as [UInt8] { responder.send(out) }
+                    }
+                }, end: { responder.finish() })
+        })
+        m["/etcdserverpb.Watch/Watch"] = .bidi(open: { responder in
+            let stream = NIOLockedValueBox(0)
+            node.loop.execute {
+                let id = node.openWatchStream(responder)
+                stream.withLockedValue { $0 = id }
+            }
+            responder.onClose { node.loop.execute { node.closeWatchStream(stream.withLockedValue { $0 }) } }
+            return GRPCStreamSink(
+                message: { bytes in
+                    guard let req = try? decodeRequest(Etcdserverpb_WatchRequest.self, bytes, limits: limits) else {
+                        return responder.finish(EtcdStatus(.invalidArgument, "etcdserver: malformed watch request"))
+                    }
+                    node.loop.execute {
+                        node.withWatchStream(stream.withLockedValue { $0 }) { hub, store in
+                            switch req.requestUnion {
+                            case .createRequest(let c)?:
+                                do {
+                                    try hub.create(WatchRequest(c), store: store)
+                                } catch {
+                                    // etcd answers a refused create with created + canceled.
+                                    hub.refuse(watchID: c.watchID, reason: "\(error)", store: store)
+                                }
+                            case .cancelRequest(let c)?:
+                                hub.cancel(c.watchID, store: store)
+                            case .progressRequest?:
+                                hub.requestProgress()
+                            case nil:
+                                break
+                            }
+                        }
+                    }
+                }, end: { responder.finish() })
+        })
+        unary("/etcdserverpb.Maintenance/Status", Etcdserverpb_StatusRequest.self) {
+            (_, n, done: @escaping (Result<Etcdserverpb_StatusResponse, EtcdStatus>) -> Void) in
+            var r = Etcdserverpb_StatusResponse()
+            r.header = n.header
+            r.version = RegistryServer.etcdVersion
+            r.leader = n.replica.raft.leader
+            r.raftIndex = n.replica.raft.commitIndex
+            r.raftTerm = n.replica.raft.term
+            r.raftAppliedIndex = n.replica.raft.appliedIndex
+            r.isLearner = n.replica.raft.isLearner
+            r.dbSize = Int64(n.replica.log.bytesWritten)
+            r.dbSizeInUse = r.dbSize
+            done(.success(r))
+        }
+        unary("/etcdserverpb.Maintenance/Alarm", Etcdserverpb_AlarmRequest.self) {
+            (_, n, done: @escaping (Result<Etcdserverpb_AlarmResponse, EtcdStatus>) -> Void) in
+            var r = Etcdserverpb_AlarmResponse()
+            r.header = n.header
+            done(.success(r))
+        }
+        unary("/etcdserverpb.Cluster/MemberList", Etcdserverpb_MemberListRequest.self) {
+            (_, n, done: @escaping (Result<Etcdserverpb_MemberListResponse, EtcdStatus>) -> Void) in
+            var r = Etcdserverpb_MemberListResponse()
+            r.header = n.header
+            let conf = n.replica.raft.conf
+            r.members = conf.members.sorted().map { id in
+                var mem = Etcdserverpb_Member()
+                mem.id = id
+                mem.isLearner = conf.learners.contains(id)
+                if id == n.config.id {
+                    mem.name = n.config.name
+                    mem.clientUrls = n.config.clientURLs
+                    mem.peerUrls = n.config.peerURLs
+                } else if let url = n.config.peers[id] {
+                    mem.peerUrls = [url]
+                }
+                return mem
+            }
+            done(.success(r))
+        }
+        // grpc.health.v1.Health/Check → HealthCheckResponse{status: SERVING (1)}, hand-encoded.
+        m["/grpc.health.v1.Health/Check"] = .unary { _, responder in
+            responder.send([0x08, 0x01])
+            responder.finish()
+        }
+        return m
+    }
+
+    /// Proposes a write and maps the applied result (or a store error) to a response.
+    static func write<Resp>(
+        _ n: RegistryNode, _ cmd: StoreCommand, _ done: @escaping (Result<Resp, EtcdStatus>) -> Void,
+        _ convert: @escaping (StoreResult) -> Resp?
+    ) {
+        n.propose(cmd) { r in
+            switch r {
+            case .success(.failed(let e)): done(.failure(EtcdStatus(e)))
+            case .success(let res):
+                if let out = convert(res) {
+                    done(.success(out))
+                } else {
+                    done(.failure(EtcdStatus(.internalError, "tandem: unexpected result \(res)")))
+                }
+            case .failure(let e): done(.failure(e))
+            }
+        }
+    }
+}

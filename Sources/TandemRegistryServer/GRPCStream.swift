@@ -1,0 +1,207 @@
+/// TandemRegistryServer — the registry as a server: gRPC framing on NIOHTTP2, the etcd v3
+/// services, and the raft loop that owns a `RegistryReplica`.
+///
+/// Shell only: every decision is in TandemRaft/TandemStore/TandemReplica. Network I/O runs
+/// on NIO event loops; the replica (and its fsyncs) on a dedicated raft loop, so the disk
+/// never blocks a network loop.
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+import TandemCore
+import TandemEtcdAPI
+
+/// What a method handler uses to answer: send messages, then finish with a status. Safe to
+/// use from any thread; it hops to the stream's event loop.
+public struct GRPCResponder: Sendable {
+    let handler: NIOLoopBound<GRPCStreamHandler>
+
+    public func send(_ message: [UInt8]) {
+        handler.eventLoop.execute { handler.value.sendMessage(message) }
+    }
+
+    public func finish(_ status: EtcdStatus? = nil) {
+        handler.eventLoop.execute { handler.value.finish(status) }
+    }
+
+    /// Runs `body` when the stream is closed by the client or the connection (for cleanup).
+    public func onClose(_ body: @escaping @Sendable () -> Void) {
+        handler.eventLoop.execute { handler.value.closeCallbacks.append(body) }
+    }
+}
+
+/// A method of the router. Unary methods get one request and must finish; streaming
+/// methods get every message as it arrives and `end` when the client half-closes.
+public enum GRPCMethod: Sendable {
+    case unary(@Sendable ([UInt8], GRPCResponder) -> Void)
+    case bidi(open: @Sendable (GRPCResponder) -> GRPCStreamSink)
+}
+
+/// The receiving side of a streaming call.
+public struct GRPCStreamSink: Sendable {
+    public var message: @Sendable ([UInt8]) -> Void
+    public var end: @Sendable () -> Void
+    public init(message: @escaping @Sendable ([UInt8]) -> Void, end: @escaping @Sendable () -> Void) {
+        self.message = message
+        self.end = end
+    }
+}
+
+/// One HTTP/2 stream carrying one gRPC call (h2c, as etcdctl and clientv3 speak it).
+final class GRPCStreamHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+
+    private let methods: [String: GRPCMethod]
+    private let maxMessageBytes: Int
+    private var context: ChannelHandlerContext?
+    private var buffer: ByteBuffer?
+    private var method: GRPCMethod?
+    private var sink: GRPCStreamSink?
+    private var unaryRequest: [UInt8]?
+    private var headersSent = false
+    private var finished = false
+    var closeCallbacks: [@Sendable () -> Void] = []
+
+    init(methods: [String: GRPCMethod], maxMessageBytes: Int) {
+        self.methods = methods
+        self.maxMessageBytes = maxMessageBytes
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        finished = true
+        for c in closeCallbacks { c() }
+        closeCallbacks = []
+        sink?.end()
+        sink = nil
+        context.fireChannelInactive()
+    }
+
+    private var responder: GRPCResponder {
+        GRPCResponder(handler: NIOLoopBound(self, eventLoop: context!.eventLoop))
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .headers(let h):
+            if method == nil {
+                let path = h.headers.first(name: ":path") ?? ""
+                guard let m = methods[path] else {
+                    finish(EtcdStatus(.unimplemented, "unknown method \(path)"))
+                    return
+                }
+                method = m
+                if case .bidi(let open) = m { sink = open(responder) }
+            }
+            if h.endStream { endOfRequest() }
+        case .data(let d):
+            guard case .byteBuffer(var bytes) = d.data else { return }
+            if buffer == nil { buffer = bytes } else { buffer!.writeBuffer(&bytes) }
+            drainMessages()
+            if d.endStream { endOfRequest() }
+        default:
+            break
+        }
+    }
+
+    /// Splits the buffer into gRPC messages: [compressed flag][u32 length][message].
+    private func drainMessages() {
+        while var b = buffer, b.readableBytes >= 5 {
+            guard let flag: UInt8 = b.getInteger(at: b.readerIndex),
+                let len: UInt32 = b.getInteger(at: b.readerIndex + 1)
+            else { return }
+            if flag != 0 {
+                finish(EtcdStatus(.unimplemented, "compressed gRPC messages are not supported"))
+                return
+            }
+            if Int(len) > maxMessageBytes {
+                finish(.requestTooLarge)
+                return
+            }
+            guard b.readableBytes >= 5 + Int(len) else { return }
+            b.moveReaderIndex(forwardBy: 5)
+            let msg = b.readBytes(length: Int(len))!
+            buffer = b.readableBytes > 0 ? b : nil
+            deliver(msg)
+            if finished { return }
+        }
+    }
+
+    private func deliver(_ msg: [UInt8]) {
+        switch method {
+        case .unary?:
+            if unaryRequest != nil {
+                finish(EtcdStatus(.invalidArgument, "unary call carried more than one message"))
+            } else {
+                unaryRequest = msg
+            }
+        case .bidi?:
+            sink?.message(msg)
+        case nil:
+            break
+        }
+    }
+
+    private func endOfRequest() {
+        switch method {
+        case .unary(let call)?:
+            guard let req = unaryRequest else {
+                finish(EtcdStatus(.invalidArgument, "unary call without a request message"))
+                return
+            }
+            call(req, responder)
+        case .bidi?:
+            sink?.end()
+            sink = nil
+        case nil:
+            break
+        }
+    }
+
+    private func sendHeaders() {
+        guard !headersSent, let context else { return }
+        headersSent = true
+        let h: HPACKHeaders = [":status": "200", "content-type": "application/grpc"]
+        context.write(wrapOutboundOut(.headers(.init(headers: h))), promise: nil)
+    }
+
+    func sendMessage(_ message: [UInt8]) {
+        guard !finished, let context else { return }
+        sendHeaders()
+        var out = context.channel.allocator.buffer(capacity: message.count + 5)
+        out.writeInteger(UInt8(0))
+        out.writeInteger(UInt32(message.count))
+        out.writeBytes(message)
+        context.writeAndFlush(wrapOutboundOut(.data(.init(data: .byteBuffer(out)))), promise: nil)
+    }
+
+    func finish(_ status: EtcdStatus?) {
+        guard !finished, let context else { return }
+        finished = true
+        var trailers: HPACKHeaders = [:]
+        if !headersSent {
+            // Trailers-only response.
+            trailers.add(name: ":status", value: "200")
+            trailers.add(name: "content-type", value: "application/grpc")
+            headersSent = true
+        }
+        trailers.add(name: "grpc-status", value: String(status?.code.rawValue ?? 0))
+        if let s = status { trailers.add(name: "grpc-message", value: Self.percentEncode(s.message)) }
+        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: trailers, endStream: true))), promise: nil)
+    }
+
+    /// gRPC's grpc-message encoding: printable ASCII except '%' as is, the rest %XX.
+    static func percentEncode(_ s: String) -> String {
+        var out = ""
+        for b in s.utf8 {
+            if b >= 0x20 && b <= 0x7E && b != 0x25 {
+                out.unicodeScalars.append(Unicode.Scalar(b))
+            } else {
+                let hex = String(b, radix: 16, uppercase: true)
+                out += "%" + (hex.count == 1 ? "0" + hex : hex)
+            }
+        }
+        return out
+    }
+}

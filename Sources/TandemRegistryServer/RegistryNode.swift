@@ -1,0 +1,204 @@
+import NIOCore
+import NIOPosix
+import TandemCore
+import TandemEtcdAPI
+import TandemRaft
+import TandemReplica
+import TandemStorage
+import TandemStore
+
+/// One registry member's raft loop: a single-threaded event loop that owns the replica.
+/// Every method must run on `loop`; callers hop there with `loop.execute`.
+public final class RegistryNode: @unchecked Sendable {
+    public struct Config: Sendable {
+        public var id: NodeID = 1
+        public var name = "default"
+        public var dataDir = "tandem.registry"
+        public var peers: [NodeID: String] = [:]
+        public var clientURLs: [String] = []
+        public var peerURLs: [String] = []
+        public var heartbeatMs: Int64 = 100
+        public var electionMs: Int64 = 1_000
+        public var snapshotCount: UInt64 = 100_000
+        /// A proposal or linearizable read not answered within this time fails.
+        public var requestTimeoutMs: Int64 = 7_000
+        public init() {}
+    }
+
+    public private(set) var config: Config
+    public let loop: any EventLoop
+    let clusterID: UInt64
+    var replica: RegistryReplica
+    private var pendingWrites: [UInt64: (deadline: Int64, done: (Result<StoreResult, EtcdStatus>) -> Void)] = [:]
+    private var pendingReads: [Bytes: (deadline: Int64, done: (Result<Void, EtcdStatus>) -> Void)] = [:]
+    private var watchStreams: [Int: WatchStream] = [:]
+    private var nextStream = 1
+    private var nextRequest: UInt64
+    private var tickTask: RepeatedTask?
+
+    final class WatchStream {
+        var hub = WatchHub()
+        let responder: GRPCResponder
+        init(responder: GRPCResponder) { self.responder = responder }
+    }
+
+    /// Milliseconds on the monotonic clock (the shell reads clocks; the cores never do).
+    var now: Int64 { Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000) }
+
+    public init(config: Config, loop: any EventLoop, wallClockMs: UInt64) throws {
+        self.config = config
+        self.loop = loop
+        var h = FNV1a()
+        for (id, url) in config.peers.sorted(by: { $0.key < $1.key }) {
+            h.add(id)
+            h.add(url)
+        }
+        clusterID = h.value
+        // Request ids unique across members and restarts (etcd's idutil): member id in the top
+        // 16 bits, then the start time in ms, then a counter.
+        nextRequest = (config.id & 0xFFFF) << 48 | ((wallClockMs & 0xFF_FFFF_FFFF) << 8)
+        var o = RegistryReplica.Options(id: config.id)
+        o.raft.heartbeatTicks = 1
+        o.raft.electionTicks = max(2, Int(config.electionMs / max(1, config.heartbeatMs)))
+        o.tickMs = config.heartbeatMs
+        o.snapshotEvery = config.snapshotCount
+        let fs = try PosixFileSystem(directory: config.dataDir)
+        replica = try RegistryReplica(
+            options: o, initialConf: ConfState(voters: Set(config.peers.keys)), fs: fs,
+            random: SeededRandom(seed: wallClockMs ^ config.id))
+    }
+
+    public var recoveryNotes: [String] { replica.recoveryNotes }
+
+    public func setClientURLs(_ urls: [String]) { config.clientURLs = urls }
+
+    /// Starts ticking. With a single voter it campaigns at once instead of waiting out an
+    /// election timeout.
+    public func start() {
+        loop.preconditionInEventLoop()
+        if config.peers.count == 1 {
+            replica.step(Message(kind: .timeoutNow, to: config.id, term: replica.raft.term))
+        }
+        pump()
+        tickTask = loop.scheduleRepeatedTask(
+            initialDelay: .milliseconds(config.heartbeatMs), delay: .milliseconds(config.heartbeatMs)
+        ) { [self] _ in
+            replica.tick(now: now)
+            expireRequests()
+            pump()
+        }
+    }
+
+    public func stop() { tickTask?.cancel() }
+
+    var header: Etcdserverpb_ResponseHeader {
+        var h = Etcdserverpb_ResponseHeader()
+        h.clusterID = clusterID
+        h.memberID = config.id
+        h.raftTerm = replica.raft.term
+        h.revision = replica.store.revision
+        return h
+    }
+
+    // MARK: - Requests
+
+    func propose(_ command: StoreCommand, _ done: @escaping (Result<StoreResult, EtcdStatus>) -> Void) {
+        loop.preconditionInEventLoop()
+        guard replica.raft.leader != 0 else { return done(.failure(.noLeader)) }
+        nextRequest &+= 1
+        let id = nextRequest
+        do {
+            try replica.propose(command, requestID: id)
+        } catch {
+            return done(.failure(.noLeader))
+        }
+        pendingWrites[id] = (now + config.requestTimeoutMs, done)
+        pump()
+    }
+
+    /// Runs `body` once a ReadIndex round says the local store is up to date.
+    func linearizable(_ done: @escaping (Result<Void, EtcdStatus>) -> Void) {
+        loop.preconditionInEventLoop()
+        guard replica.raft.leader != 0 else { return done(.failure(.noLeader)) }
+        nextRequest &+= 1
+        let ctx = withUnsafeBytes(of: nextRequest.littleEndian) { Array($0) }
+        do {
+            try replica.read(context: ctx)
+        } catch {
+            return done(.failure(.noLeader))
+        }
+        pendingReads[ctx] = (now + config.requestTimeoutMs, done)
+        pump()
+    }
+
+    func newLeaseID() -> Int64 {
+        nextRequest &+= 1
+        return Int64(bitPattern: nextRequest & 0x7FFF_FFFF_FFFF_FFFF)
+    }
+
+    private func expireRequests() {
+        let t = now
+        for (id, w) in pendingWrites where w.deadline <= t {
+            pendingWrites[id] = nil
+            w.done(.failure(.timedOut))
+        }
+        for (ctx, r) in pendingReads where r.deadline <= t {
+            pendingReads[ctx] = nil
+            replica.cancelRead(context: ctx)
+            r.done(.failure(.timedOut))
+        }
+    }
+
+    // MARK: - Watches
+
+    func openWatchStream(_ responder: GRPCResponder) -> Int {
+        let id = nextStream
+        nextStream += 1
+        watchStreams[id] = WatchStream(responder: responder)
+        return id
+    }
+
+    func closeWatchStream(_ id: Int) { watchStreams[id] = nil }
+
+    func withWatchStream(_ id: Int, _ body: (inout WatchHub, MVCCStore) -> Void) {
+        guard let s = watchStreams[id] else { return }
+        body(&s.hub, replica.store)
+        flush(s)
+    }
+
+    private func flush(_ s: WatchStream) {
+        for r in s.hub.take(store: replica.store) {
+            if let bytes = try? Etcdserverpb_WatchResponse(r, header: header).serializedBytes() as [UInt8] {
+                s.responder.send(bytes)
+            }
+        }
+    }
+
+    // MARK: - The Ready loop
+
+    func pump() {
+        loop.preconditionInEventLoop()
+        let out: RegistryReplica.Output
+        do {
+            out = try replica.process(now: now)
+        } catch {
+            // Storage failed: a member that cannot persist must not go on (etcd panics too).
+            fatalError("registry: storage failure, stopping: \(error)")
+        }
+        // Single-node for now: messages to peers are carried by the peer transport (next step).
+        for (id, result) in out.applied {
+            guard let w = pendingWrites.removeValue(forKey: id) else { continue }
+            w.done(.success(result))
+        }
+        for ctx in out.readsReady {
+            guard let r = pendingReads.removeValue(forKey: ctx) else { continue }
+            r.done(.success(()))
+        }
+        if !out.events.isEmpty {
+            for s in watchStreams.values {
+                for (rev, evs) in out.events { s.hub.publish(revision: rev, events: evs, store: replica.store) }
+                flush(s)
+            }
+        }
+    }
+}

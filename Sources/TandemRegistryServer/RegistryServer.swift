@@ -1,0 +1,62 @@
+import NIOCore
+import NIOHTTP2
+import NIOPosix
+import TandemCore
+import TandemEtcdAPI
+
+/// A registry member serving the etcd v3 API over h2c gRPC.
+public final class RegistryServer {
+    /// The etcd API level reported by Maintenance/Status.
+    public static let etcdVersion = "3.4.0"
+
+    public let node: RegistryNode
+    private let networkGroup: MultiThreadedEventLoopGroup
+    private let raftGroup: MultiThreadedEventLoopGroup
+    private var channel: (any Channel)?
+    public let limits: EtcdLimits
+
+    public init(config: RegistryNode.Config, limits: EtcdLimits = EtcdLimits(), wallClockMs: UInt64) throws {
+        networkGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        raftGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        self.limits = limits
+        let loop = raftGroup.next()
+        node = try loop.submit { try RegistryNode(config: config, loop: loop, wallClockMs: wallClockMs) }.wait()
+    }
+
+    /// Binds the client listener (port 0 picks a free port) and starts the member.
+    /// Returns the bound port.
+    public func start(host: String, port: Int) throws -> Int {
+        let node = self.node
+        try node.loop.submit { node.start() }.wait()
+        let methods = EtcdServices.methods(node: node, limits: limits)
+        let maxBytes = limits.maxRequestBytes
+        let ch = try ServerBootstrap(group: networkGroup)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.configureHTTP2Pipeline(
+                    mode: .server,
+                    inboundStreamInitializer: { stream in
+                        stream.eventLoop.makeCompletedFuture {
+                            try stream.pipeline.syncOperations.addHandler(
+                                GRPCStreamHandler(methods: methods, maxMessageBytes: maxBytes))
+                        }
+                    }
+                ).map { _ in }
+            }
+            .bind(host: host, port: port).wait()
+        channel = ch
+        return ch.localAddress?.port ?? port
+    }
+
+    /// Blocks until the listener closes.
+    public func wait() throws { try channel?.closeFuture.wait() }
+
+    public func shutdown() throws {
+        try channel?.close().wait()
+        let node = self.node
+        try node.loop.submit { node.stop() }.wait()
+        try networkGroup.syncShutdownGracefully()
+        try raftGroup.syncShutdownGracefully()
+    }
+}

@@ -1,0 +1,94 @@
+import ArgumentParser
+import Glibc
+import TandemCore
+import TandemEtcdAPI
+import TandemRegistryServer
+
+struct Registry: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a registry member that speaks the etcd v3 API (etcd's flag names).",
+        discussion: """
+            With no flags: a single member on 127.0.0.1:2379 with its data in ./tandem.registry.
+            Use port 0 in --listen-client-urls to pick a free port; the chosen address is printed.
+            """)
+
+    @Option(help: "Human-readable name of this member.") var name = "default"
+    @Option(help: "Directory for the WAL and snapshots.") var dataDir = "tandem.registry"
+    @Option(help: "URL to serve clients on (one, http only).") var listenClientUrls = "http://127.0.0.1:2379"
+    @Option(help: "Client URL to advertise to the cluster.") var advertiseClientUrls: String?
+    @Option(help: "URL for peer traffic.") var listenPeerUrls = "http://127.0.0.1:2380"
+    @Option(help: "Peer URL to advertise.") var initialAdvertisePeerUrls: String?
+    @Option(help: "Initial cluster, name=peerURL,... (default: this member alone).") var initialCluster: String?
+    @Option(help: "new or existing.") var initialClusterState = "new"
+    @Option(help: "Heartbeat interval in ms.") var heartbeatInterval: Int64 = 100
+    @Option(help: "Election timeout in ms.") var electionTimeout: Int64 = 1_000
+    @Option(help: "Applied entries between snapshots.") var snapshotCount: UInt64 = 100_000
+    @Option(help: "Backend quota in bytes (accepted for compatibility; not enforced yet).")
+    var quotaBackendBytes: Int64 = 2 << 30
+    @Option(help: "Largest client request, in bytes.") var maxRequestBytes = 1_572_864
+
+    func validate() throws {
+        guard parseURL(listenClientUrls) != nil else {
+            throw ValidationError("--listen-client-urls: expected http://HOST:PORT, got '\(listenClientUrls)'")
+        }
+        guard ["new", "existing"].contains(initialClusterState) else {
+            throw ValidationError("--initial-cluster-state must be new or existing")
+        }
+        guard heartbeatInterval > 0, electionTimeout >= 5 * heartbeatInterval else {
+            throw ValidationError("--election-timeout must be at least 5 × --heartbeat-interval")
+        }
+        if let c = initialCluster, c.split(separator: ",").count > 1 {
+            throw ValidationError(
+                "--initial-cluster with several members needs the peer transport, which is not built yet; "
+                    + "run a single member for now")
+        }
+    }
+
+    func run() throws {
+        let (host, port) = parseURL(listenClientUrls)!
+        var cfg = RegistryNode.Config()
+        cfg.name = name
+        cfg.dataDir = dataDir
+        cfg.id = memberID(name)
+        cfg.peers = [cfg.id: initialAdvertisePeerUrls ?? listenPeerUrls]
+        cfg.peerURLs = [initialAdvertisePeerUrls ?? listenPeerUrls]
+        cfg.heartbeatMs = heartbeatInterval
+        cfg.electionMs = electionTimeout
+        cfg.snapshotCount = snapshotCount
+        var limits = EtcdLimits()
+        limits.maxRequestBytes = maxRequestBytes
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        let wallMs = UInt64(ts.tv_sec) * 1000 + UInt64(ts.tv_nsec / 1_000_000)
+        let server: RegistryServer
+        do {
+            server = try RegistryServer(config: cfg, limits: limits, wallClockMs: wallMs)
+        } catch {
+            throw ValidationError("cannot open the registry in \(dataDir): \(error)")
+        }
+        for note in server.node.recoveryNotes { print("tandem registry: \(note)") }
+        let bound = try server.start(host: host, port: port)
+        let advertised = advertiseClientUrls ?? "http://\(host):\(bound)"
+        let node = server.node
+        try node.loop.submit { node.setClientURLs([advertised]) }.wait()
+        print("tandem registry: member \(name) (\(String(cfg.id, radix: 16))) serving clients on \(host):\(bound)")
+        fflush(nil)  // the address line must reach a piped reader now
+        try server.wait()
+    }
+
+    func parseURL(_ s: String) -> (String, Int)? {
+        guard s.hasPrefix("http://") else { return nil }
+        let rest = s.dropFirst(7).split(separator: "/").first.map(String.init) ?? ""
+        guard let colon = rest.lastIndex(of: ":"), let port = Int(rest[rest.index(after: colon)...]),
+            (0...65535).contains(port)
+        else { return nil }
+        return (String(rest[..<colon]), port)
+    }
+
+    /// A stable, non-zero member id from the member's name (etcd derives one from its URLs).
+    func memberID(_ name: String) -> NodeID {
+        var h = FNV1a()
+        h.add(name)
+        return h.value == 0 ? 1 : h.value
+    }
+}

@@ -1,0 +1,123 @@
+import Foundation
+import Testing
+
+/// The `tandem` binary built next to this test bundle.
+func tandemBinary() -> String {
+    let bundle = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+    return bundle.appendingPathComponent("tandem").path
+}
+
+/// A fresh temporary directory, removed at deinit.
+final class TempDirectory {
+    let url: URL
+    init() throws {
+        url = FileManager.default.temporaryDirectory.appendingPathComponent("tandem-it-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+    }
+    deinit { try? FileManager.default.removeItem(at: url) }
+}
+
+/// A child process whose stdout is read line by line; killed by PID at deinit.
+final class Child {
+    let process = Process()
+    private let out = Pipe()
+    private let input = Pipe()
+    private var pending = Data()
+
+    init(_ executable: String, _ args: [String]) throws {
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = args
+        process.standardOutput = out
+        process.standardError = out
+        process.standardInput = input
+        try process.run()
+    }
+
+    /// Blocks until the next line (nil at end of output).
+    func readLine() -> String? {
+        while true {
+            if let nl = pending.firstIndex(of: 0x0A) {
+                let line = String(decoding: pending[pending.startIndex..<nl], as: UTF8.self)
+                pending = Data(pending[(nl + 1)...])
+                return line
+            }
+            let chunk = out.fileHandleForReading.availableData
+            if chunk.isEmpty {
+                if pending.isEmpty { return nil }
+                defer { pending = Data() }
+                return String(decoding: pending, as: UTF8.self)
+            }
+            pending.append(chunk)
+        }
+    }
+
+    /// Reads lines until one satisfies `match`; returns every line read.
+    func readUntil(_ match: (String) -> Bool) -> [String] {
+        var lines: [String] = []
+        while let l = readLine() {
+            lines.append(l)
+            if match(l) { break }
+        }
+        return lines
+    }
+
+    func closeStdin() { try? input.fileHandleForWriting.close() }
+
+    func stop() {
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+
+    deinit { stop() }
+}
+
+/// A single-member `tandem registry` on an ephemeral port with its own data directory.
+final class RegistryUnderTest {
+    let dir: TempDirectory
+    let child: Child
+    let endpoint: String
+
+    init() throws {
+        dir = try TempDirectory()
+        child = try Child(
+            tandemBinary(),
+            ["registry", "--data-dir", dir.url.path, "--listen-client-urls", "http://127.0.0.1:0"])
+        let lines = child.readUntil { $0.contains("serving clients on") }
+        guard let last = lines.last, let port = last.split(separator: ":").last, Int(port) != nil else {
+            throw TestFailure("registry did not start: \(lines)")
+        }
+        endpoint = "127.0.0.1:\(port)"
+    }
+}
+
+struct TestFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ d: String) { description = d }
+}
+
+/// Runs etcdctl (v3 API) against `endpoint`; returns exit status and combined output.
+@discardableResult
+func etcdctl(_ endpoint: String, _ args: [String], stdin: String? = nil) throws -> (status: Int32, output: String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/etcdctl")
+    p.arguments = ["--endpoints", endpoint] + args
+    p.environment = ["ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"]
+    let pipe = Pipe()
+    p.standardOutput = pipe
+    p.standardError = pipe
+    let inPipe = Pipe()
+    p.standardInput = inPipe
+    try p.run()
+    if let stdin { inPipe.fileHandleForWriting.write(Data(stdin.utf8)) }
+    try inPipe.fileHandleForWriting.close()
+    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+}
+
+/// An etcdctl that keeps running (watch, lock, elect, keep-alive).
+func etcdctlChild(_ endpoint: String, _ args: [String]) throws -> Child {
+    try Child("/usr/bin/etcdctl", ["--endpoints", endpoint] + args)
+}
