@@ -82,7 +82,7 @@ let package = Package(
             name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: swiftSettings),
         .testTarget(name: "TandemEtcdAPITests", dependencies: ["TandemEtcdAPI"], swiftSettings: swiftSettings),
         // Starts real `tandem` processes on ephemeral ports and drives them with Debian's etcdctl.
-        .testTarget(name: "IntegrationTests", swiftSettings: swiftSettings),
+        .testTarget(name: "IntegrationTests", exclude: ["Resources"], swiftSettings: swiftSettings),
         .testTarget(name: "TandemLuaTests", dependencies: ["TandemLua"], swiftSettings: swiftSettings),
     ]
 )

@@ -164,7 +164,9 @@ enum EtcdServices {
                         resp.ttl = node.replica.renewLease(req.id, now: node.now) ?? 0
                         if let out = try? resp.serializedBytes() as [UInt8] { responder.send(out) }
                     }
-                }, end: { responder.finish() })
+                },
+                // Through the raft loop, so the answers to earlier messages go out first.
+                end: { node.loop.execute { responder.finish() } })
         })
         m["/etcdserverpb.Watch/Watch"] = .bidi(open: { responder in
             let stream = NIOLockedValueBox(0)
@@ -197,7 +199,9 @@ enum EtcdServices {
                             }
                         }
                     }
-                }, end: { responder.finish() })
+                },
+                // Through the raft loop, so the answers to earlier messages go out first.
+                end: { node.loop.execute { responder.finish() } })
         })
         unary("/etcdserverpb.Maintenance/Status", Etcdserverpb_StatusRequest.self) {
             (_, n, done: @escaping (Result<Etcdserverpb_StatusResponse, EtcdStatus>) -> Void) in
