@@ -157,12 +157,14 @@ enum EtcdServices {
                     guard let req = try? decodeRequest(Etcdserverpb_LeaseKeepAliveRequest.self, bytes, limits: limits)
                     else { return responder.finish(EtcdStatus(.invalidArgument, "etcdserver: malformed keep-alive")) }
                     node.loop.execute {
-                        var resp = Etcdserverpb_LeaseKeepAliveResponse()
-                        resp.header = node.header
-                        resp.id = req.id
-                        // etcd answers TTL 0 for an unknown or expired lease.
-                        resp.ttl = node.replica.renewLease(req.id, now: node.now) ?? 0
-                        if let out = try? resp.serializedBytes() as [UInt8] { responder.send(out) }
+                        node.renewLease(req.id) { ttl in
+                            var resp = Etcdserverpb_LeaseKeepAliveResponse()
+                            resp.header = node.header
+                            resp.id = req.id
+                            // etcd answers TTL 0 for an unknown or expired lease.
+                            resp.ttl = ttl
+                            if let out = try? resp.serializedBytes() as [UInt8] { responder.send(out) }
+                        }
                     }
                 },
                 // Through the raft loop, so the answers to earlier messages go out first.
@@ -237,6 +239,8 @@ enum EtcdServices {
                     mem.clientUrls = n.config.clientURLs
                     mem.peerUrls = n.config.peerURLs
                 } else if let url = n.config.peers[id] {
+                    // Peers' client URLs are not replicated yet (etcd publishes them through Raft).
+                    mem.name = n.config.names[id] ?? ""
                     mem.peerUrls = [url]
                 }
                 return mem

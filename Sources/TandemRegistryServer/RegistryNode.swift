@@ -1,3 +1,4 @@
+import Glibc
 import NIOCore
 import NIOPosix
 import TandemCore
@@ -20,6 +21,11 @@ public final class RegistryNode: @unchecked Sendable {
         public var heartbeatMs: Int64 = 100
         public var electionMs: Int64 = 1_000
         public var snapshotCount: UInt64 = 100_000
+        /// Entries kept behind a snapshot for slow followers (etcd 3.5's
+        /// --experimental-snapshot-catchup-entries).
+        public var snapshotCatchUpEntries: UInt64 = 5_000
+        /// Member names by id (from --initial-cluster), for MemberList.
+        public var names: [NodeID: String] = [:]
         /// A proposal or linearizable read not answered within this time fails.
         public var requestTimeoutMs: Int64 = 7_000
         public init() {}
@@ -35,6 +41,10 @@ public final class RegistryNode: @unchecked Sendable {
     private var nextStream = 1
     private var nextRequest: UInt64
     private var tickTask: RepeatedTask?
+    /// Set by the server for multi-member clusters.
+    var transport: PeerTransport?
+    /// Keep-alives forwarded to the leader, by request id.
+    private var pendingRenews: [UInt64: (deadline: Int64, done: (Int64) -> Void)] = [:]
 
     final class WatchStream {
         var hub = WatchHub()
@@ -62,6 +72,7 @@ public final class RegistryNode: @unchecked Sendable {
         o.raft.electionTicks = max(2, Int(config.electionMs / max(1, config.heartbeatMs)))
         o.tickMs = config.heartbeatMs
         o.snapshotEvery = config.snapshotCount
+        o.catchUpEntries = config.snapshotCatchUpEntries
         let fs = try PosixFileSystem(directory: config.dataDir)
         replica = try RegistryReplica(
             options: o, initialConf: ConfState(voters: Set(config.peers.keys)), fs: fs,
@@ -142,11 +153,42 @@ public final class RegistryNode: @unchecked Sendable {
             pendingWrites[id] = nil
             w.done(.failure(.timedOut))
         }
+        for (id, r) in pendingRenews where r.deadline <= t {
+            pendingRenews[id] = nil
+            r.done(0)
+        }
         for (ctx, r) in pendingReads where r.deadline <= t {
             pendingReads[ctx] = nil
             replica.cancelRead(context: ctx)
             r.done(.failure(.timedOut))
         }
+    }
+
+    // MARK: - Peers
+
+    /// A frame from a peer, on the raft loop.
+    func receive(_ frame: PeerFrame) {
+        switch frame {
+        case .raft(let m):
+            replica.step(m)
+            pump()
+        case .leaseRenew(let id, let from, let lease):
+            let ttl = replica.renewLease(lease, now: now) ?? 0
+            transport?.send(.leaseRenewed(requestID: id, ttl: ttl), to: from)
+        case .leaseRenewed(let id, let ttl):
+            pendingRenews.removeValue(forKey: id)?.done(ttl)
+        }
+    }
+
+    /// Keep-alive: renewed by the leader's lease clock, forwarded there from a follower.
+    /// Answers the TTL, or 0 for an unknown or expired lease (as etcd does).
+    func renewLease(_ lease: Int64, _ done: @escaping (Int64) -> Void) {
+        if replica.isLeader { return done(replica.renewLease(lease, now: now) ?? 0) }
+        let leader = replica.raft.leader
+        guard leader != 0, let t = transport else { return done(0) }
+        nextRequest &+= 1
+        pendingRenews[nextRequest] = (now + config.requestTimeoutMs, done)
+        t.send(.leaseRenew(requestID: nextRequest, from: config.id, lease: lease), to: leader)
     }
 
     // MARK: - Watches
@@ -185,7 +227,17 @@ public final class RegistryNode: @unchecked Sendable {
             // Storage failed: a member that cannot persist must not go on (etcd panics too).
             fatalError("registry: storage failure, stopping: \(error)")
         }
-        // Single-node for now: messages to peers are carried by the peer transport (next step).
+        if let t = transport {
+            for m in out.messages { t.send(.raft(m), to: m.to) }
+        }
+        if let idx = out.installedSnapshot {
+            print("tandem registry: installed a snapshot from the leader at index \(idx)")
+            fflush(nil)
+        }
+        if out.roleChanged {
+            print("tandem registry: \(replica.raft.role) in term \(replica.raft.term)")
+            fflush(nil)
+        }
         for (id, result) in out.applied {
             guard let w = pendingWrites.removeValue(forKey: id) else { continue }
             w.done(.success(result))

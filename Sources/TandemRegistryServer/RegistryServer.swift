@@ -23,6 +23,18 @@ public final class RegistryServer {
         node = try loop.submit { try RegistryNode(config: config, loop: loop, wallClockMs: wallClockMs) }.wait()
     }
 
+    /// Starts the peer transport when the cluster has other members: listens on
+    /// `peerHost:peerPort` and connects out to `peers` (id → host, port).
+    public func startPeers(peerHost: String, peerPort: Int, peers: [NodeID: (host: String, port: Int)]) throws -> Int {
+        let node = self.node
+        let t = PeerTransport(loop: node.loop, group: networkGroup, peers: peers)
+        try node.loop.submit {
+            node.transport = t
+            t.onUnreachable = { id in node.replica.reportUnreachable(id) }
+        }.wait()
+        return try t.listen(host: peerHost, port: peerPort) { frame in node.receive(frame) }
+    }
+
     /// Binds the client listener (port 0 picks a free port) and starts the member.
     /// Returns the bound port.
     public func start(host: String, port: Int) throws -> Int {

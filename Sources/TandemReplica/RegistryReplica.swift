@@ -125,6 +125,9 @@ public final class RegistryReplica {
         }
     }
 
+    /// The transport could not reach `peer`: Raft stops pipelining to it and probes.
+    public func reportUnreachable(_ peer: NodeID) { raft.reportUnreachable(peer) }
+
     /// Hands leadership to `member` (for rolling restarts and membership changes).
     public func transferLeadership(to member: NodeID) { raft.transferLeadership(to: member) }
 

@@ -23,6 +23,7 @@ struct Registry: ParsableCommand {
     @Option(help: "Heartbeat interval in ms.") var heartbeatInterval: Int64 = 100
     @Option(help: "Election timeout in ms.") var electionTimeout: Int64 = 1_000
     @Option(help: "Applied entries between snapshots.") var snapshotCount: UInt64 = 100_000
+    @Option(help: "Entries kept behind a snapshot for slow followers.") var snapshotCatchupEntries: UInt64 = 5_000
     @Option(help: "Backend quota in bytes (accepted for compatibility; not enforced yet).")
     var quotaBackendBytes: Int64 = 2 << 30
     @Option(help: "Largest client request, in bytes.") var maxRequestBytes = 1_572_864
@@ -37,10 +38,12 @@ struct Registry: ParsableCommand {
         guard heartbeatInterval > 0, electionTimeout >= 5 * heartbeatInterval else {
             throw ValidationError("--election-timeout must be at least 5 × --heartbeat-interval")
         }
-        if let c = initialCluster, c.split(separator: ",").count > 1 {
-            throw ValidationError(
-                "--initial-cluster with several members needs the peer transport, which is not built yet; "
-                    + "run a single member for now")
+        guard parseURL(listenPeerUrls) != nil else {
+            throw ValidationError("--listen-peer-urls: expected http://HOST:PORT, got '\(listenPeerUrls)'")
+        }
+        let members = try cluster()
+        guard members[name] != nil else {
+            throw ValidationError("--initial-cluster does not name this member ('\(name)')")
         }
     }
 
@@ -50,11 +53,14 @@ struct Registry: ParsableCommand {
         cfg.name = name
         cfg.dataDir = dataDir
         cfg.id = memberID(name)
-        cfg.peers = [cfg.id: initialAdvertisePeerUrls ?? listenPeerUrls]
-        cfg.peerURLs = [initialAdvertisePeerUrls ?? listenPeerUrls]
+        let members = try cluster()
+        cfg.peers = Dictionary(uniqueKeysWithValues: members.map { (memberID($0.key), $0.value) })
+        cfg.peerURLs = [members[name]!]
         cfg.heartbeatMs = heartbeatInterval
         cfg.electionMs = electionTimeout
         cfg.snapshotCount = snapshotCount
+        cfg.snapshotCatchUpEntries = snapshotCatchupEntries
+        cfg.names = Dictionary(uniqueKeysWithValues: members.map { (memberID($0.key), $0.key) })
         var limits = EtcdLimits()
         limits.maxRequestBytes = maxRequestBytes
         var ts = timespec()
@@ -67,6 +73,16 @@ struct Registry: ParsableCommand {
             throw ValidationError("cannot open the registry in \(dataDir): \(error)")
         }
         for note in server.node.recoveryNotes { print("tandem registry: \(note)") }
+        if members.count > 1 {
+            let (peerHost, peerPort) = parseURL(listenPeerUrls)!
+            var others: [NodeID: (host: String, port: Int)] = [:]
+            for (n, url) in members where n != name {
+                guard let a = parseURL(url) else { throw ValidationError("--initial-cluster: bad URL '\(url)'") }
+                others[memberID(n)] = a
+            }
+            let p = try server.startPeers(peerHost: peerHost, peerPort: peerPort, peers: others)
+            print("tandem registry: member \(name) listening for peers on \(peerHost):\(p)")
+        }
         let bound = try server.start(host: host, port: port)
         let advertised = advertiseClientUrls ?? "http://\(host):\(bound)"
         let node = server.node
@@ -74,6 +90,21 @@ struct Registry: ParsableCommand {
         print("tandem registry: member \(name) (\(String(cfg.id, radix: 16))) serving clients on \(host):\(bound)")
         fflush(nil)  // the address line must reach a piped reader now
         try server.wait()
+    }
+
+    /// name → peer URL, from --initial-cluster (default: this member alone).
+    func cluster() throws -> [String: String] {
+        guard let spec = initialCluster else { return [name: initialAdvertisePeerUrls ?? listenPeerUrls] }
+        var out: [String: String] = [:]
+        for part in spec.split(separator: ",") {
+            let kv = part.split(separator: "=", maxSplits: 1).map(String.init)
+            guard kv.count == 2, !kv[0].isEmpty, parseURL(kv[1]) != nil else {
+                throw ValidationError("--initial-cluster: expected name=http://HOST:PORT, got '\(part)'")
+            }
+            guard out[kv[0]] == nil else { throw ValidationError("--initial-cluster names '\(kv[0])' twice") }
+            out[kv[0]] = kv[1]
+        }
+        return out
     }
 
     func parseURL(_ s: String) -> (String, Int)? {
