@@ -130,14 +130,17 @@ enum EtcdServices {
                 resp.header = n.header
                 resp.id = pb.id
                 // etcd answers an unknown lease with TTL -1, not an error.
-                if let t = n.replica.leaseTimeToLive(pb.id, now: n.now) {
-                    resp.ttl = t.remaining
-                    resp.grantedTtl = t.granted
-                    if pb.keys { resp.keys = t.keys.map { Data($0) } }
-                } else {
+                guard let t = n.replica.leaseTimeToLive(pb.id, now: n.now) else {
                     resp.ttl = -1
+                    return done(.success(resp))
                 }
-                done(.success(resp))
+                resp.grantedTtl = t.granted
+                if pb.keys { resp.keys = t.keys.map { Data($0) } }
+                // Only the leader's lease clock knows the remaining time.
+                n.leaseRemaining(pb.id) { secs in
+                    resp.ttl = secs
+                    done(.success(resp))
+                }
             }
         }
         unary("/etcdserverpb.Lease/LeaseLeases", Etcdserverpb_LeaseLeasesRequest.self) {

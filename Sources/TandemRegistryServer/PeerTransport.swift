@@ -9,6 +9,9 @@ enum PeerFrame: Sendable {
     case raft(Message)
     case leaseRenew(requestID: UInt64, from: NodeID, lease: Int64)
     case leaseRenewed(requestID: UInt64, ttl: Int64)
+    /// Remaining TTL (seconds) of a lease, asked of the leader; -1 when unknown there.
+    case leaseRemaining(requestID: UInt64, from: NodeID, lease: Int64)
+    case leaseRemainingIs(requestID: UInt64, seconds: Int64)
 
     func encoded() -> [UInt8] {
         var w = ByteWriter()
@@ -25,6 +28,15 @@ enum PeerFrame: Sendable {
             w.u8(2)
             w.varint(id)
             w.zigzag(ttl)
+        case .leaseRemaining(let id, let from, let lease):
+            w.u8(3)
+            w.varint(id)
+            w.varint(from)
+            w.zigzag(lease)
+        case .leaseRemainingIs(let id, let secs):
+            w.u8(4)
+            w.varint(id)
+            w.zigzag(secs)
         }
         return w.bytes
     }
@@ -35,6 +47,8 @@ enum PeerFrame: Sendable {
         case 0: self = .raft(try Message(decoding: Array(b[1...])))
         case 1: self = .leaseRenew(requestID: try r.varint(), from: try r.varint(), lease: try r.zigzag())
         case 2: self = .leaseRenewed(requestID: try r.varint(), ttl: try r.zigzag())
+        case 3: self = .leaseRemaining(requestID: try r.varint(), from: try r.varint(), lease: try r.zigzag())
+        case 4: self = .leaseRemainingIs(requestID: try r.varint(), seconds: try r.zigzag())
         case let t: throw .badTag(what: "peer frame", tag: UInt64(t), offset: 0)
         }
     }

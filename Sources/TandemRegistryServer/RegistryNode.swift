@@ -177,6 +177,11 @@ public final class RegistryNode: @unchecked Sendable {
             transport?.send(.leaseRenewed(requestID: id, ttl: ttl), to: from)
         case .leaseRenewed(let id, let ttl):
             pendingRenews.removeValue(forKey: id)?.done(ttl)
+        case .leaseRemaining(let id, let from, let lease):
+            let secs = replica.lessor.remainingMs(id: lease, now: now).map { ($0 + 999) / 1000 } ?? -1
+            transport?.send(.leaseRemainingIs(requestID: id, seconds: secs), to: from)
+        case .leaseRemainingIs(let id, let secs):
+            pendingRenews.removeValue(forKey: id)?.done(secs)
         }
     }
 
@@ -189,6 +194,19 @@ public final class RegistryNode: @unchecked Sendable {
         nextRequest &+= 1
         pendingRenews[nextRequest] = (now + config.requestTimeoutMs, done)
         t.send(.leaseRenew(requestID: nextRequest, from: config.id, lease: lease), to: leader)
+    }
+
+    /// Remaining TTL in seconds from the leader's lease clock (asked of the leader from a
+    /// follower); -1 when unknown.
+    func leaseRemaining(_ lease: Int64, _ done: @escaping (Int64) -> Void) {
+        if replica.isLeader {
+            return done(replica.lessor.remainingMs(id: lease, now: now).map { ($0 + 999) / 1000 } ?? -1)
+        }
+        let leader = replica.raft.leader
+        guard leader != 0, let t = transport else { return done(-1) }
+        nextRequest &+= 1
+        pendingRenews[nextRequest] = (now + config.requestTimeoutMs, done)
+        t.send(.leaseRemaining(requestID: nextRequest, from: config.id, lease: lease), to: leader)
     }
 
     // MARK: - Watches

@@ -4,9 +4,9 @@ import Testing
 /// A real `tandem registry` process driven by Debian's etcdctl 3.4, outputs checked.
 @Suite("etcdctl 3.4 against a tandem registry process", .serialized)
 struct EtcdctlTests {
-    @Test("put, get (--prefix, --rev, --keys-only, --consistency=s, -w json), del --prefix")
-    func keyValue() throws {
-        let r = try RegistryUnderTest()
+    @Test("put, get (--prefix, --rev, --keys-only, --consistency=s, -w json), del --prefix", arguments: [1, 3])
+    func keyValue(members: Int) throws {
+        let r = try RegistryUnderTest(members: members)
         let e = r.endpoint
         #expect(try etcdctl(e, ["put", "foo", "bar"]) == (0, "OK\n"))
         #expect(try etcdctl(e, ["get", "foo"]).output == "foo\nbar\n")
@@ -25,9 +25,9 @@ struct EtcdctlTests {
         #expect(try etcdctl(e, ["get", "--prefix", "/svc/"]).output == "")
     }
 
-    @Test("txn with compares, success and failure branches")
-    func txn() throws {
-        let r = try RegistryUnderTest()
+    @Test("txn with compares, success and failure branches", arguments: [1, 3])
+    func txn(members: Int) throws {
+        let r = try RegistryUnderTest(members: members)
         try etcdctl(r.endpoint, ["put", "k", "v1"])
         let ok = try etcdctl(r.endpoint, ["txn"], stdin: "value(\"k\") = \"v1\"\n\nput k v2\n\nput k nope\n\n")
         #expect(ok.output == "SUCCESS\n\nOK\n")
@@ -35,9 +35,9 @@ struct EtcdctlTests {
         #expect(fail.output == "FAILURE\n\nk\nv2\n")
     }
 
-    @Test("watch --rev replays history with --prev-kv, then follows live writes")
-    func watch() throws {
-        let r = try RegistryUnderTest()
+    @Test("watch --rev replays history with --prev-kv, then follows live writes", arguments: [1, 3])
+    func watch(members: Int) throws {
+        let r = try RegistryUnderTest(members: members)
         try etcdctl(r.endpoint, ["put", "w", "a"])  // rev 2
         try etcdctl(r.endpoint, ["put", "w", "b"])  // rev 3
         let w = try etcdctlChild(r.endpoint, ["watch", "w", "--rev=3", "--prev-kv"])
@@ -52,17 +52,21 @@ struct EtcdctlTests {
         #expect(w.readLine() == "")
     }
 
-    @Test("lease grant, keep-alive, timetolive --keys, list, revoke (keys go with it)")
-    func leases() throws {
-        let r = try RegistryUnderTest()
+    @Test("lease grant, keep-alive, timetolive --keys, list, revoke (keys go with it)", arguments: [1, 3])
+    func leases(members: Int) throws {
+        let r = try RegistryUnderTest(members: members)
         let e = r.endpoint
         let grant = try etcdctl(e, ["lease", "grant", "60"]).output
         let id = try #require(grant.split(separator: " ").dropFirst().first.map(String.init))
         #expect(grant == "lease \(id) granted with TTL(60s)\n")
         try etcdctl(e, ["put", "--lease=\(id)", "/tandem/services/users/i1", "{}"])
-        let ttl = try etcdctl(e, ["lease", "timetolive", id, "--keys"]).output
-        #expect(ttl.hasPrefix("lease \(id) granted with TTL(60s), remaining("))
-        #expect(ttl.hasSuffix("attached keys([/tandem/services/users/i1])\n"))
+        // Every member answers, followers included: the remaining time comes from the
+        // leader's lease clock (a follower's own would say -1).
+        for member in e.split(separator: ",").map(String.init) {
+            let ttl = try etcdctl(member, ["lease", "timetolive", id, "--keys"]).output
+            #expect(ttl.contains("granted with TTL(60s), remaining(60s)") || ttl.contains("remaining(59s)"), "\(ttl)")
+            #expect(ttl.hasSuffix("attached keys([/tandem/services/users/i1])\n"))
+        }
         #expect(try etcdctl(e, ["lease", "list"]).output == "found 1 leases\n\(id)\n")
         let ka = try etcdctlChild(e, ["lease", "keep-alive", id])
         #expect(ka.readLine() == "lease \(id) keepalived with TTL(60)")
@@ -72,9 +76,9 @@ struct EtcdctlTests {
         #expect(try etcdctl(e, ["lease", "timetolive", id]).output == "lease \(id) already expired\n")
     }
 
-    @Test("lock: a second holder waits until the first releases (mutual exclusion)")
-    func lock() throws {
-        let r = try RegistryUnderTest()
+    @Test("lock: a second holder waits until the first releases (mutual exclusion)", arguments: [1, 3])
+    func lock(members: Int) throws {
+        let r = try RegistryUnderTest(members: members)
         let e = r.endpoint
         // Holder 1 holds the lock while its command waits on a FIFO we control
         // (etcdctl runs the command with stdin closed).
@@ -99,9 +103,9 @@ struct EtcdctlTests {
         #expect(h2.readLine() == "h2 holds")
     }
 
-    @Test("elect: a campaigner becomes leader and an observer sees it")
-    func elect() throws {
-        let r = try RegistryUnderTest()
+    @Test("elect: a campaigner becomes leader and an observer sees it", arguments: [1, 3])
+    func elect(members: Int) throws {
+        let r = try RegistryUnderTest(members: members)
         let c = try etcdctlChild(r.endpoint, ["elect", "svc-leader", "alice"])
         let lines = c.readUntil { $0 == "alice" }
         #expect(lines.first?.hasPrefix("svc-leader/") == true && lines.last == "alice")

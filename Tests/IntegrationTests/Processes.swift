@@ -73,23 +73,39 @@ final class Child {
     deinit { stop() }
 }
 
-/// A single-member `tandem registry` on an ephemeral port with its own data directory.
+/// A registry under test: one member (`members: 1`) or a 3-member cluster, on ephemeral
+/// ports with its own data directories. `endpoint` lists every member (etcdctl balances).
 final class RegistryUnderTest {
     let dir: TempDirectory
-    let child: Child
+    let child: Child?
+    let cluster: ClusterUnderTest?
     let endpoint: String
 
-    init() throws {
-        dir = try TempDirectory()
-        child = try Child(
+    init(members: Int) throws {
+        if members > 1 {
+            let c = try ClusterUnderTest()
+            _ = try c.leader()
+            cluster = c
+            dir = c.dir
+            child = nil
+            endpoint = c.endpoints
+            return
+        }
+        cluster = nil
+        let dir = try TempDirectory()
+        self.dir = dir
+        let child = try Child(
             tandemBinary(),
             ["registry", "--data-dir", dir.url.path, "--listen-client-urls", "http://127.0.0.1:0"])
+        self.child = child
         let lines = child.readUntil { $0.contains("serving clients on") }
         guard let last = lines.last, let port = last.split(separator: ":").last, Int(port) != nil else {
             throw TestFailure("registry did not start: \(lines)")
         }
         endpoint = "127.0.0.1:\(port)"
     }
+
+    convenience init() throws { try self.init(members: 1) }
 }
 
 struct TestFailure: Error, CustomStringConvertible {
