@@ -91,6 +91,14 @@ measure("mvcc: put 100,000 new keys (64 B values)", ops: keys.count, unit: "puts
     let v = Bytes(repeating: 1, count: 64)
     for k in keys { _ = s.apply(.put(PutRequest(key: k, value: v))) }
 }
+// Keys in a shuffled order, like etcdctl check perf's random keys: inserts land anywhere.
+var shuffleRNG = SeededRandom(seed: 3)
+let shuffled = keys.shuffled(using: &shuffleRNG)
+measure("mvcc: put 100,000 new keys in random order", ops: shuffled.count, unit: "puts") {
+    var s = MVCCStore()
+    let v = Bytes(repeating: 1, count: 64)
+    for k in shuffled { s.apply(.put(PutRequest(key: k, value: v))) }
+}
 var loaded = MVCCStore()
 for k in keys { _ = loaded.apply(.put(PutRequest(key: k, value: Bytes(repeating: 1, count: 64)))) }
 measure("mvcc: update 1,000 hot keys, 100,000 puts", ops: 100_000, unit: "puts") {

@@ -124,7 +124,7 @@ public final class RegistryNode: @unchecked Sendable {
             return done(.failure(.noLeader))
         }
         pendingWrites[id] = (now + config.requestTimeoutMs, done)
-        pump()
+        schedulePump()
     }
 
     /// Runs `body` once a ReadIndex round says the local store is up to date.
@@ -139,7 +139,7 @@ public final class RegistryNode: @unchecked Sendable {
             return done(.failure(.noLeader))
         }
         pendingReads[ctx] = (now + config.requestTimeoutMs, done)
-        pump()
+        schedulePump()
     }
 
     func newLeaseID() -> Int64 {
@@ -171,7 +171,7 @@ public final class RegistryNode: @unchecked Sendable {
         switch frame {
         case .raft(let m):
             replica.step(m)
-            pump()
+            schedulePump()
         case .leaseRenew(let id, let from, let lease):
             let ttl = replica.renewLease(lease, now: now) ?? 0
             transport?.send(.leaseRenewed(requestID: id, ttl: ttl), to: from)
@@ -235,6 +235,20 @@ public final class RegistryNode: @unchecked Sendable {
     }
 
     // MARK: - The Ready loop
+
+    private var pumpScheduled = false
+
+    /// Group commit: instead of one Ready (and one fsync) per request, run the Ready loop
+    /// once after every task already queued on the raft loop — all the proposals, reads and
+    /// peer messages that arrived meanwhile (e.g. during the previous fsync) share a round.
+    func schedulePump() {
+        guard !pumpScheduled else { return }
+        pumpScheduled = true
+        loop.execute { [self] in
+            pumpScheduled = false
+            pump()
+        }
+    }
 
     func pump() {
         loop.preconditionInEventLoop()

@@ -7,9 +7,14 @@ public final class PosixFileSystem: FileSystem {
     public let directory: String
     private var appendFDs: [String: Int32] = [:]
 
+    /// Opens `directory`, creating it and any missing parents (like `mkdir -p`).
     public init(directory: String) throws {
         self.directory = directory
-        if mkdir(directory, 0o755) != 0 && errno != EEXIST { throw Self.error("mkdir", directory) }
+        var path = directory.hasPrefix("/") ? "" : "."
+        for part in directory.split(separator: "/") {
+            path += "/" + part
+            if mkdir(path, 0o755) != 0 && errno != EEXIST { throw Self.error("mkdir", path) }
+        }
     }
 
     deinit {

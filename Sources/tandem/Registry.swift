@@ -70,7 +70,8 @@ struct Registry: ParsableCommand {
         do {
             server = try RegistryServer(config: cfg, limits: limits, wallClockMs: wallMs)
         } catch {
-            throw ValidationError("cannot open the registry in \(dataDir): \(error)")
+            // A runtime failure, not a usage error: one clear line, no usage banner.
+            throw RuntimeError("cannot open the registry in \(dataDir): \(error)")
         }
         for note in server.node.recoveryNotes { print("tandem registry: \(note)") }
         if members.count > 1 {
@@ -122,4 +123,10 @@ struct Registry: ParsableCommand {
         h.add(name)
         return h.value == 0 ? 1 : h.value
     }
+}
+
+/// A failure at run time: ArgumentParser prints it as one line and exits non-zero.
+struct RuntimeError: Error, CustomStringConvertible {
+    var description: String
+    init(_ d: String) { description = d }
 }

@@ -43,6 +43,20 @@ struct DurableLogTests {
         #expect(rec.notes.isEmpty)
     }
 
+    @Test("real disk: a data directory whose parents do not exist yet is created (like etcd)")
+    func nestedDirectory() throws {
+        let dir = TempDir()
+        let nested = dir.path + "/a/b/registry"
+        let log = DurableLog(fs: try PosixFileSystem(directory: nested))
+        _ = try log.recover()
+        try log.save(hardState: HardState(term: 1, vote: 1, commit: 1), entries: entries(1...1))
+        #expect(try DurableLog(fs: try PosixFileSystem(directory: nested)).recover().entries == entries(1...1))
+        for d in [nested, dir.path + "/a/b", dir.path + "/a"] {
+            if let fs = try? PosixFileSystem(directory: d) { for n in try fs.list() { try? fs.remove(n) } }
+            rmdir(d)
+        }
+    }
+
     @Test("a later record overwrites a conflicting suffix on replay (§5.3)")
     func overwrite() throws {
         let disk = SimDisk(random: SeededRandom(seed: 1))
