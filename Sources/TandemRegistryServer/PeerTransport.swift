@@ -100,6 +100,9 @@ final class PeerTransport: @unchecked Sendable {
     /// Frames buffered per peer while it is unreachable; older ones are dropped (Raft resends).
     static let maxBacklogFrames = 1_024
     static let maxFrameBytes = 512 << 20
+    /// Bytes queued to one peer before frames are dropped (Raft resends what is lost).
+    static let writeBufferHighBytes = 16 << 20
+    static let writeBufferLowBytes = 8 << 20
 
     /// Touched only on the raft loop (NIO callbacks hop there first).
     final class Link: @unchecked Sendable {
@@ -179,6 +182,12 @@ final class PeerTransport: @unchecked Sendable {
         link.connecting = true
         ClientBootstrap(group: group)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            // NIO's default high watermark (64 KiB) is far below a loaded leader's appends:
+            // dropping past it lost heartbeats too and caused elections under load.
+            .channelOption(
+                .writeBufferWaterMark,
+                value: .init(low: Self.writeBufferLowBytes, high: Self.writeBufferHighBytes)
+            )
             .connectTimeout(.seconds(1))
             .connect(host: link.host, port: link.port)
             .hop(to: loop)

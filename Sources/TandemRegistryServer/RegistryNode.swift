@@ -79,6 +79,35 @@ public final class RegistryNode: @unchecked Sendable {
             random: SeededRandom(seed: wallClockMs ^ config.id))
     }
 
+    /// Encodes and writes snapshots, so the raft loop never stalls on them.
+    private let snapshotPool = NIOThreadPool(numberOfThreads: 1)
+
+    /// Snapshots are encoded and fsynced on `snapshotPool` from a copy-on-write copy of the
+    /// store; only the WAL release and Raft compaction come back to the raft loop.
+    private func installSnapshotter() {
+        snapshotPool.start()
+        let dir = config.dataDir
+        let loop = self.loop
+        replica.snapshotter = { [self] store, meta in
+            snapshotPool.submit { state in
+                guard state == .active else { return }
+                let s = Snapshot(metadata: meta, data: store.snapshot())
+                do {
+                    try DurableLog.writeSnapshotFile(s, to: try PosixFileSystem(directory: dir))
+                    loop.execute {
+                        do { try self.replica.snapshotPersisted(s) } catch {
+                            fatalError("registry: storage failure after a snapshot, stopping: \(error)")
+                        }
+                    }
+                } catch {
+                    print("tandem registry: snapshot at \(meta.index) failed, will retry: \(error)")
+                    fflush(nil)
+                    loop.execute { self.replica.snapshotFailed() }
+                }
+            }
+        }
+    }
+
     public var recoveryNotes: [String] { replica.recoveryNotes }
 
     public func setClientURLs(_ urls: [String]) { config.clientURLs = urls }
@@ -87,6 +116,7 @@ public final class RegistryNode: @unchecked Sendable {
     /// election timeout.
     public func start() {
         loop.preconditionInEventLoop()
+        installSnapshotter()
         if config.peers.count == 1 {
             replica.step(Message(kind: .timeoutNow, to: config.id, term: replica.raft.term))
         }
@@ -100,7 +130,10 @@ public final class RegistryNode: @unchecked Sendable {
         }
     }
 
-    public func stop() { tickTask?.cancel() }
+    public func stop() {
+        tickTask?.cancel()
+        try? snapshotPool.syncShutdownGracefully()
+    }
 
     var header: Etcdserverpb_ResponseHeader {
         var h = Etcdserverpb_ResponseHeader()

@@ -230,14 +230,40 @@ public final class RegistryReplica {
         return out
     }
 
+    /// When set, snapshots are taken off the caller's thread: the replica hands over a copy
+    /// of the store (copy-on-write, so O(1) here) with the metadata; the shell encodes and
+    /// writes it elsewhere and calls `snapshotPersisted` (or `snapshotFailed`) back on the
+    /// replica's thread. When nil (the simulator), snapshots are written inline.
+    public var snapshotter: ((MVCCStore, SnapshotMetadata) -> Void)?
+    private var snapshotInFlight = false
+
     private func maybeSnapshot() throws {
         let applied = raft.appliedIndex
-        guard applied >= lastSnapshotIndex + options.snapshotEvery, let term = raft.term(at: applied) else { return }
-        let s = Snapshot(
-            metadata: SnapshotMetadata(index: applied, term: term, conf: raft.conf), data: store.snapshot())
+        guard !snapshotInFlight, applied >= lastSnapshotIndex + options.snapshotEvery,
+            let term = raft.term(at: applied)
+        else { return }
+        let meta = SnapshotMetadata(index: applied, term: term, conf: raft.conf)
+        if let snapshotter {
+            snapshotInFlight = true
+            snapshotter(store, meta)
+            return
+        }
+        let s = Snapshot(metadata: meta, data: store.snapshot())
         try log.saveSnapshot(s)
+        try snapshotPersisted(s)
+    }
+
+    /// A snapshot (from `snapshotter`, or written inline) is durable: release the WAL it
+    /// covers and compact the Raft log, keeping `catchUpEntries` behind it.
+    public func snapshotPersisted(_ s: Snapshot) throws {
+        snapshotInFlight = false
+        try log.snapshotWritten(s.metadata)
+        guard s.metadata.index > raft.snapshot?.metadata.index ?? 0 else { return }
         raft.compact(s, keepingEntries: options.catchUpEntries)
-        lastSnapshotIndex = applied
+        lastSnapshotIndex = s.metadata.index
         snapshotsTaken += 1
     }
+
+    /// The background snapshot failed; the next Ready round tries again.
+    public func snapshotFailed() { snapshotInFlight = false }
 }

@@ -232,7 +232,15 @@ public final class DurableLog {
     /// Writes a snapshot atomically (temp file, fsync, rename, fsync directory), then drops
     /// WAL segments and older snapshots it makes unnecessary.
     public func saveSnapshot(_ s: Snapshot) throws {
-        let name = Self.snapshotName(s.metadata.index)
+        try Self.writeSnapshotFile(s, to: fs)
+        syncs += 2
+        try snapshotWritten(s.metadata)
+    }
+
+    /// The durable half of `saveSnapshot`, safe to run on another thread with *its own*
+    /// `FileSystem` for the same directory: it touches only the snapshot's own files.
+    public static func writeSnapshotFile(_ s: Snapshot, to fs: any FileSystem) throws {
+        let name = snapshotName(s.metadata.index)
         let tmp = name + ".tmp"
         var p = ByteWriter(capacity: s.data.count + 64)
         s.encode(into: &p)
@@ -243,10 +251,14 @@ public final class DurableLog {
         try fs.sync(tmp)
         try fs.rename(tmp, name)
         try fs.syncDirectory()
-        syncs += 2
-        snapshotIndex = s.metadata.index
-        snapshotTerm = s.metadata.term
-        try releaseBefore(snapshotIndex: s.metadata.index)
+    }
+
+    /// After `writeSnapshotFile` returned: record the snapshot and drop what it covers.
+    public func snapshotWritten(_ m: SnapshotMetadata) throws {
+        guard m.index > snapshotIndex else { return }
+        snapshotIndex = m.index
+        snapshotTerm = m.term
+        try releaseBefore(snapshotIndex: m.index)
     }
 
     static func decodeSnapshotFile(_ b: Bytes, name: String) throws -> Snapshot {

@@ -13,7 +13,7 @@ extension MVCCStore {
         w.zigzag(revision)
         w.zigzag(compactRevision)
         var base: [(Bytes, Version)] = []
-        for e in index {
+        for e in index.entries {
             if let v = e.versions.last(where: { $0.modRevision < compactRevision }) { base.append((e.key, v)) }
         }
         w.varint(UInt64(base.count))

@@ -49,7 +49,7 @@ public struct MVCCStore: Sendable {
     public private(set) var compactRevision: Int64 = 0
     /// Keys in byte order with their versions (including keys whose latest version is a
     /// tombstone). A sorted array: scans walk contiguous memory and never hash.
-    private(set) var index: [KeyEntry] = []
+    private(set) var index = KeyIndex()
     private(set) var leases: [Int64: LeaseEntry] = [:]
     /// Events of each revision from `compactRevision` on, for watch catch-up.
     private(set) var eventLog = Deque<RevisionEvents>()
@@ -68,9 +68,10 @@ public struct MVCCStore: Sendable {
         self.compactRevision = compactRevision
         self.leases = leases
         self.eventLog = eventLog
-        index = history.map { KeyEntry(key: $0.key, versions: $0.value) }.sorted {
-            Bytes.lexicographicLess($0.key, $1.key)
-        }
+        index = KeyIndex(
+            sorted: history.map { KeyEntry(key: $0.key, versions: $0.value) }.sorted {
+                Bytes.lexicographicLess($0.key, $1.key)
+            })
     }
 
     public var keyCount: Int { index.count }
@@ -184,7 +185,7 @@ public struct MVCCStore: Sendable {
     private mutating func deleteRange(_ d: DeleteRangeRequest, _ tx: inout WriteTxn) -> DeleteRangeResponse {
         var deleted: [KeyValue] = []
         // Deleting appends versions but never inserts keys, so positions stay valid.
-        for k in keys(in: d.key, d.rangeEnd).map({ index[$0].key }) {
+        for k in index.keys(key: d.key, rangeEnd: d.rangeEnd) {
             if let prev = deleteKey(k, &tx) { deleted.append(prev) }
         }
         return DeleteRangeResponse(
@@ -206,12 +207,7 @@ public struct MVCCStore: Sendable {
     }
 
     private mutating func append(_ v: Version, to k: Bytes, _ tx: inout WriteTxn) {
-        let pos = insertionPoint(k)
-        if pos < index.count && index[pos].key == k {
-            index[pos].versions.append(v)
-        } else {
-            index.insert(KeyEntry(key: k, versions: [v]), at: pos)
-        }
+        index.append(v, to: k)
         tx.changedKeys.append(k)
     }
 
@@ -220,9 +216,7 @@ public struct MVCCStore: Sendable {
         guard tx.changed else { return }
         let rev = tx.base + 1
         for k in Set(tx.changedKeys) {
-            guard let i = position(of: k) else { continue }
-            index[i].versions.removeAll { $0.modRevision == rev }
-            if index[i].versions.isEmpty { index.remove(at: i) }
+            index.mutate(k) { $0.removeAll { $0.modRevision == rev } }
         }
         // Re-derive lease attachments from the surviving latest versions.
         for k in Set(tx.changedKeys) {
@@ -314,7 +308,7 @@ public struct MVCCStore: Sendable {
     }
 
     private func evaluate(_ c: Compare, at rev: Int64) -> Bool {
-        let ks = c.rangeEnd.isEmpty ? [c.key] : keys(in: c.key, c.rangeEnd).map { index[$0].key }
+        let ks = c.rangeEnd.isEmpty ? [c.key] : index.keys(key: c.key, rangeEnd: c.rangeEnd)
         if !c.rangeEnd.isEmpty && ks.isEmpty { return true }
         for k in ks {
             let v = latest(k, at: rev)
@@ -360,17 +354,18 @@ public struct MVCCStore: Sendable {
         if order == .none && q.sortTarget != .key { order = .ascend }
         // Without sorting, results past limit+1 are only counted, never built.
         let build = order == .none && q.limit > 0 ? Int(q.limit) + 1 : Int.max
-        for i in keys(in: q.key, q.rangeEnd) {
-            guard let v = Self.latest(index[i].versions, at: rev) else { continue }
+        index.forEach(key: q.key, rangeEnd: q.rangeEnd) { e in
+            guard let v = Self.latest(e.versions, at: rev) else { return true }
             count += 1
-            if kvs.count >= build || q.countOnly { continue }
-            if q.minModRevision > 0 && v.modRevision < q.minModRevision { continue }
-            if q.maxModRevision > 0 && v.modRevision > q.maxModRevision { continue }
-            if q.minCreateRevision > 0 && v.createRevision < q.minCreateRevision { continue }
-            if q.maxCreateRevision > 0 && v.createRevision > q.maxCreateRevision { continue }
-            var kv = keyValue(index[i].key, v)
+            if kvs.count >= build || q.countOnly { return true }
+            if q.minModRevision > 0 && v.modRevision < q.minModRevision { return true }
+            if q.maxModRevision > 0 && v.modRevision > q.maxModRevision { return true }
+            if q.minCreateRevision > 0 && v.createRevision < q.minCreateRevision { return true }
+            if q.maxCreateRevision > 0 && v.createRevision > q.maxCreateRevision { return true }
+            var kv = keyValue(e.key, v)
             if q.keysOnly { kv.value = [] }
             kvs.append(kv)
+            return true
         }
         if order != .none {
             let asc: (KeyValue, KeyValue) -> Bool
@@ -400,8 +395,8 @@ public struct MVCCStore: Sendable {
 
     /// The live version of `k` at `rev`, or nil if absent or deleted then.
     private func latest(_ k: Bytes, at rev: Int64) -> Version? {
-        guard let i = position(of: k) else { return nil }
-        return Self.latest(index[i].versions, at: rev)
+        guard let e = index.find(k) else { return nil }
+        return Self.latest(e.versions, at: rev)
     }
 
     private static func latest(_ h: [Version], at rev: Int64) -> Version? {
@@ -419,45 +414,17 @@ public struct MVCCStore: Sendable {
             lease: v.lease)
     }
 
-    private func insertionPoint(_ k: Bytes) -> Int {
-        var lo = 0
-        var hi = index.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if Bytes.lexicographicLess(index[mid].key, k) { lo = mid + 1 } else { hi = mid }
-        }
-        return lo
-    }
-
-    private func position(of k: Bytes) -> Int? {
-        let i = insertionPoint(k)
-        return i < index.count && index[i].key == k ? i : nil
-    }
-
-    /// Positions in `index` of the keys (live or not) in etcd's key/range_end encoding.
-    func keys(in key: Bytes, _ rangeEnd: Bytes) -> Range<Int> {
-        if rangeEnd.isEmpty {
-            guard let i = position(of: key) else { return 0..<0 }
-            return i..<(i + 1)
-        }
-        let lo = insertionPoint(key)
-        let hi = rangeEnd == [0] ? index.count : insertionPoint(rangeEnd)
-        return lo < hi ? lo..<hi : 0..<0
-    }
-
     // MARK: - Compaction
 
     /// Drops versions superseded at or below `rev`, keeping each key's latest version as of
     /// `rev` (and a tombstone exactly at `rev`, so reads at `rev` stay correct).
     private mutating func compact(_ rev: Int64) {
-        for i in index.indices {
-            let h = index[i].versions
-            guard let last = h.lastIndex(where: { $0.modRevision <= rev }) else { continue }
+        index.compact { h in
+            guard let last = h.lastIndex(where: { $0.modRevision <= rev }) else { return }
             var drop = last
             if h[last].tombstone && h[last].modRevision < rev { drop = last + 1 }
-            if drop > 0 { index[i].versions.removeFirst(drop) }
+            if drop > 0 { h.removeFirst(drop) }
         }
-        index.removeAll { $0.versions.isEmpty }
         while let first = eventLog.first, first.revision < rev { eventLog.removeFirst() }
         compactRevision = rev
     }

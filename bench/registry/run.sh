@@ -42,7 +42,7 @@ start_tandem() {
   for i in 1 2 3; do
     .build/release/tandem registry --name t$i --data-dir "$root/tandem/t$i" \
       --listen-client-urls http://127.0.0.1:3247$i --listen-peer-urls http://127.0.0.1:3248$i \
-      --initial-cluster "$cluster" >"$root/tandem-t$i.log" 2>&1 &
+      --initial-cluster "$cluster" ${TANDEM_FLAGS:-} >"$root/tandem-t$i.log" 2>&1 &
     pids+=($!)
   done
   wait_healthy 127.0.0.1:32471,127.0.0.1:32472,127.0.0.1:32473
