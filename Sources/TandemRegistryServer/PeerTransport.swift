@@ -163,10 +163,7 @@ final class PeerTransport: @unchecked Sendable {
                 link.dropped += 1
                 return
             }
-            var buf = ch.allocator.buffer(capacity: bytes.count + 4)
-            buf.writeInteger(UInt32(bytes.count))
-            buf.writeBytes(bytes)
-            ch.writeAndFlush(buf, promise: nil)
+            ch.writeAndFlush(Self.frame(bytes, ch), promise: nil)
             return
         }
         link.backlog.append(bytes)
@@ -175,6 +172,14 @@ final class PeerTransport: @unchecked Sendable {
             link.dropped += 1
         }
         connect(link)
+    }
+
+    /// `[u32 length][frame]`.
+    private static func frame(_ bytes: [UInt8], _ ch: any Channel) -> ByteBuffer {
+        var buf = ch.allocator.buffer(capacity: bytes.count + 4)
+        buf.writeInteger(UInt32(bytes.count))
+        buf.writeBytes(bytes)
+        return buf
     }
 
     private func connect(_ link: Link) {
@@ -199,12 +204,7 @@ final class PeerTransport: @unchecked Sendable {
                     link.backoffMs = 50
                     let pending = link.backlog
                     link.backlog = []
-                    for bytes in pending {
-                        var buf = ch.allocator.buffer(capacity: bytes.count + 4)
-                        buf.writeInteger(UInt32(bytes.count))
-                        buf.writeBytes(bytes)
-                        ch.write(buf, promise: nil)
-                    }
+                    for bytes in pending { ch.write(Self.frame(bytes, ch), promise: nil) }
                     ch.flush()
                     ch.closeFuture.hop(to: loop).whenComplete { [self] _ in
                         link.channel = nil

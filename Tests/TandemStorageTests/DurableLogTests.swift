@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 import TandemCore
 import TandemRaft
@@ -10,7 +11,8 @@ import Testing
 final class TempDir {
     let path: String
     init() {
-        var template = Array("/tmp/tandem-storage-XXXXXX".utf8CString)
+        let base = FileManager.default.temporaryDirectory.appendingPathComponent("tandem-storage-XXXXXX").path
+        var template = Array(base.utf8CString)
         path = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)) }
     }
     deinit {
