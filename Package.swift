@@ -47,7 +47,9 @@ let package = Package(
             swiftSettings: swiftSettings),
         .target(
             name: "TandemEtcdAPI",
-            dependencies: ["TandemCore", "TandemStore", .product(name: "SwiftProtobuf", package: "swift-protobuf")],
+            dependencies: [
+                "TandemCore", "TandemRaft", "TandemStore", .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ],
             exclude: ["Generated/README.md"],
             swiftSettings: swiftSettings),
         .target(

@@ -3,6 +3,7 @@
 /// requests and responses, and etcd's error codes and texts. No transport lives here: the
 /// registry server carries these messages over HTTP/2.
 import SwiftProtobuf
+import TandemRaft
 import TandemStore
 
 /// A gRPC status as etcd answers it. Clients (clientv3, etcdctl) match on `message`.
@@ -35,6 +36,23 @@ public struct EtcdStatus: Error, Equatable, CustomStringConvertible {
     public static let leaderChanged = EtcdStatus(.unavailable, "etcdserver: leader changed")
     public static let timedOut = EtcdStatus(.unavailable, "etcdserver: request timed out")
     public static let emptyKey = EtcdStatus(.invalidArgument, "etcdserver: key is not provided")
+
+    public static let tooManyRequests = EtcdStatus(.resourceExhausted, "etcdserver: too many requests")
+
+    /// etcd's answer when Raft refuses a proposal or read. clientv3 retries "no leader" and
+    /// "leader changed" on another member but backs off on "too many requests", so the
+    /// distinction matters.
+    public init(_ e: ProposalError) {
+        switch e {
+        case .noLeader, .notLeader: self = .noLeader
+        case .leadershipTransferInProgress: self = .leaderChanged
+        case .uncommittedLogFull: self = .tooManyRequests
+        case .confChangeInProgress, .invalidConfChange: self.init(.failedPrecondition, "etcdserver: \(e)")
+        case .learnerNotReady:
+            self.init(.failedPrecondition, "etcdserver: can only promote a learner member which is in sync with leader")
+        case .notMember: self.init(.unavailable, "etcdserver: this member was removed from the cluster")
+        }
+    }
 
     /// etcd's status for a store error (`etcdserver/api/v3rpc/rpctypes/error.go`).
     public init(_ e: StoreError) {

@@ -154,7 +154,7 @@ public final class RegistryNode: @unchecked Sendable {
         do {
             try replica.propose(command, requestID: id)
         } catch {
-            return done(.failure(.noLeader))
+            return done(.failure(Self.status(error)))
         }
         pendingWrites[id] = (now + config.requestTimeoutMs, done)
         schedulePump()
@@ -169,10 +169,18 @@ public final class RegistryNode: @unchecked Sendable {
         do {
             try replica.read(context: ctx)
         } catch {
-            return done(.failure(.noLeader))
+            return done(.failure(Self.status(error)))
         }
         pendingReads[ctx] = (now + config.requestTimeoutMs, done)
         schedulePump()
+    }
+
+    /// What a client is told when the replica refuses a request.
+    static func status(_ e: RegistryReplica.ReplicaError) -> EtcdStatus {
+        switch e {
+        case .proposal(let p): return EtcdStatus(p)
+        case .tooManyPendingReads: return .tooManyRequests
+        }
     }
 
     func newLeaseID() -> Int64 {
@@ -211,7 +219,7 @@ public final class RegistryNode: @unchecked Sendable {
         case .leaseRenewed(let id, let ttl):
             pendingRenews.removeValue(forKey: id)?.done(ttl)
         case .leaseRemaining(let id, let from, let lease):
-            let secs = replica.lessor.remainingMs(id: lease, now: now).map { ($0 + 999) / 1000 } ?? -1
+            let secs = replica.lessor.remainingSeconds(id: lease, now: now)
             transport?.send(.leaseRemainingIs(requestID: id, seconds: secs), to: from)
         case .leaseRemainingIs(let id, let secs):
             pendingRenews.removeValue(forKey: id)?.done(secs)
@@ -233,7 +241,7 @@ public final class RegistryNode: @unchecked Sendable {
     /// follower); -1 when unknown.
     func leaseRemaining(_ lease: Int64, _ done: @escaping (Int64) -> Void) {
         if replica.isLeader {
-            return done(replica.lessor.remainingMs(id: lease, now: now).map { ($0 + 999) / 1000 } ?? -1)
+            return done(replica.lessor.remainingSeconds(id: lease, now: now))
         }
         let leader = replica.raft.leader
         guard leader != 0, let t = transport else { return done(-1) }
@@ -286,6 +294,7 @@ public final class RegistryNode: @unchecked Sendable {
     func pump() {
         loop.preconditionInEventLoop()
         let out: RegistryReplica.Output
+        let revisionBefore = replica.store.revision
         do {
             out = try replica.process(now: now)
         } catch {
@@ -310,6 +319,12 @@ public final class RegistryNode: @unchecked Sendable {
         for ctx in out.readsReady {
             guard let r = pendingReads.removeValue(forKey: ctx) else { continue }
             r.done(.success(()))
+        }
+        if out.installedSnapshot != nil {
+            for s in watchStreams.values {
+                s.hub.resync(deliveredThrough: revisionBefore)
+                flush(s)
+            }
         }
         if !out.events.isEmpty {
             for s in watchStreams.values {

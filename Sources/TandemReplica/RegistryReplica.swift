@@ -151,8 +151,7 @@ public final class RegistryReplica {
     /// clock; -1 when this member does not track expiry) and the attached keys.
     public func leaseTimeToLive(_ id: Int64, now: Int64) -> (granted: Int64, remaining: Int64, keys: [Bytes])? {
         guard let l = store.lease(id) else { return nil }
-        let remaining = lessor.remainingMs(id: id, now: now).map { ($0 + 999) / 1000 } ?? -1
-        return (l.grantedTTL, remaining, l.keys)
+        return (l.grantedTTL, lessor.remainingSeconds(id: id, now: now), l.keys)
     }
 
     /// Lease keep-alive on the leader; nil if unknown or expired.

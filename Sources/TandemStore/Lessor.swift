@@ -102,6 +102,12 @@ public struct Lessor: Sendable {
         return max(0, e.deadline - now)
     }
 
+    /// Remaining TTL in whole seconds, rounded up as etcd reports it; -1 when this lessor
+    /// does not track `id` (unknown lease, or not the leader).
+    public func remainingSeconds(id: Int64, now: Int64) -> Int64 {
+        remainingMs(id: id, now: now).map { ($0 + 999) / 1000 } ?? -1
+    }
+
     /// Leases to revoke now, oldest deadline first, limited by the revocation rate.
     public mutating func expired(now: Int64) -> [Int64] {
         guard isPrimary else { return [] }
@@ -134,7 +140,7 @@ public struct Lessor: Sendable {
             guard e.ttl * 1000 > limits.checkpointIntervalMs, now - e.lastCheckpoint >= limits.checkpointIntervalMs,
                 e.deadline > now, e.revokeProposedAt == nil
             else { continue }
-            out.append(LeaseCheckpoint(id: id, remainingTTL: (e.deadline - now + 999) / 1000))
+            out.append(LeaseCheckpoint(id: id, remainingTTL: remainingSeconds(id: id, now: now)))
             entries[id]!.lastCheckpoint = now
         }
         return out

@@ -231,12 +231,14 @@ public struct WatchHub: Sendable {
     /// etcd's WatchProgressRequest: one response (watch id -1) once every watcher is synced.
     public mutating func requestProgress() { progressRequested = true }
 
-    /// After the store was replaced by a snapshot, every watcher re-reads from history.
-    public mutating func resync(from revisionByWatcher: (Int64) -> Int64) {
-        for id in watchers.keys.sorted() {
-            let next = revisionByWatcher(id)
-            watchers[id]!.state = .unsynced(next: next)
-            watchers[id]!.pending = []
+    /// After the store was replaced by a snapshot (a follower catching up), revisions
+    /// between `deliveredThrough` (the old store's revision: live watchers have been
+    /// published everything up to it) and the snapshot were never applied here, so never
+    /// published. Live watchers go back to catching up from the new store's history; a
+    /// watcher whose next revision the snapshot compacted away is cancelled, never skipped.
+    public mutating func resync(deliveredThrough: Int64) {
+        for id in watchers.keys.sorted() where watchers[id]!.state == .synced {
+            watchers[id]!.state = .unsynced(next: deliveredThrough + 1)
         }
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import TandemCore
+import TandemRaft
 import TandemStore
 import Testing
 
@@ -108,6 +109,16 @@ struct EtcdAPITests {
                 == EtcdStatus(.invalidArgument, "etcdserver: too many operations in txn request"))
         #expect(EtcdStatus(.duplicateKey).code == .invalidArgument)
         #expect(EtcdStatus.noLeader == EtcdStatus(.unavailable, "etcdserver: no leader"))
+        // Raft refusals keep their meaning instead of all becoming "no leader".
+        #expect(EtcdStatus(ProposalError.noLeader) == .noLeader)
+        #expect(EtcdStatus(ProposalError.notLeader(leader: 2)) == .noLeader)
+        #expect(
+            EtcdStatus(ProposalError.uncommittedLogFull(limit: 1))
+                == EtcdStatus(.resourceExhausted, "etcdserver: too many requests"))
+        #expect(
+            EtcdStatus(ProposalError.leadershipTransferInProgress)
+                == EtcdStatus(.unavailable, "etcdserver: leader changed"))
+        #expect(EtcdStatus(ProposalError.learnerNotReady(4)).code == .failedPrecondition)
     }
 
     @Test("bad input: oversized, malformed, unknown enums and deep nesting get InvalidArgument")

@@ -44,6 +44,8 @@ struct LeaseWatchTests {
         l.promote(now: 0, extendMs: 0, leases: [LeaseInfo(id: 1, grantedTTL: 5, checkpointedTTL: 0, keys: [])])
         #expect(l.expired(now: 4_000).isEmpty)
         #expect(l.renew(id: 1, now: 4_000) == 5)
+        #expect(l.remainingSeconds(id: 1, now: 4_001) == 5)  // 4,999 ms rounds up, as etcd reports
+        #expect(l.remainingSeconds(id: 42, now: 4_001) == -1)
         #expect(l.expired(now: 8_999).isEmpty)
         #expect(l.expired(now: 9_000) == [1])
         // Proposed once; not again until the retry interval passes.
@@ -196,6 +198,30 @@ struct LeaseWatchTests {
             }
         }
         #expect(revs == Array(2...52))
+    }
+
+    @Test("watch: after a snapshot install skips revisions, live watchers catch up with no gap")
+    func resyncAfterSnapshot() throws {
+        // A follower's store at revision 3 with a live watcher that has seen everything.
+        var follower = MVCCStore()
+        follower.put("k", "1")
+        follower.put("k", "2")
+        var hub = WatchHub()
+        try hub.create(WatchRequest(key: b("k")), store: follower)
+        _ = hub.take(store: follower)
+        // The leader moved on to revision 6; the follower installs its snapshot.
+        var leader = follower
+        for v in ["3", "4", "5"] { leader.put("k", v) }
+        let restored = try MVCCStore(snapshot: leader.snapshot())
+        hub.resync(deliveredThrough: follower.revision)
+        let events = hub.take(store: restored).flatMap(\.events)
+        #expect(events.map(\.kv.modRevision) == [4, 5, 6])
+        #expect(events.map { $0.kv.value.utf8String } == ["3", "4", "5"])
+        // Without the resync the watcher would stay live and these three would be lost.
+        var stale = WatchHub()
+        try stale.create(WatchRequest(key: b("k")), store: follower)
+        _ = stale.take(store: follower)
+        #expect(stale.take(store: restored).flatMap(\.events).isEmpty)
     }
 
     @Test("watch: progress notifications and WatchProgressRequest")
