@@ -34,6 +34,7 @@ let package = Package(
                 .product(name: "HeapModule", package: "swift-collections"),
             ],
             swiftSettings: swiftSettings),
+        .target(name: "TandemTraffic", dependencies: ["TandemCore"], swiftSettings: swiftSettings),
         .target(name: "TandemStorage", dependencies: ["TandemCore", "TandemRaft"], swiftSettings: swiftSettings),
         .target(
             name: "TandemReplica", dependencies: ["TandemCore", "TandemRaft", "TandemStore", "TandemStorage"],
@@ -85,6 +86,7 @@ let package = Package(
         .testTarget(name: "TandemEtcdAPITests", dependencies: ["TandemEtcdAPI"], swiftSettings: swiftSettings),
         // Starts real `tandem` processes on ephemeral ports and drives them with Debian's etcdctl.
         .testTarget(name: "IntegrationTests", exclude: ["Resources"], swiftSettings: swiftSettings),
+        .testTarget(name: "TandemTrafficTests", dependencies: ["TandemTraffic"], swiftSettings: swiftSettings),
         .testTarget(name: "TandemLuaTests", dependencies: ["TandemLua"], swiftSettings: swiftSettings),
     ]
 )

@@ -1,0 +1,140 @@
+import TandemCore
+
+/// Active health checking settings (the seed's table: every 10 s, 1 s timeout, unhealthy after
+/// 3 failures, healthy again after 2 successes), jittered so checks do not align.
+public struct HealthCheckConfig: Equatable, Sendable {
+    public enum Kind: Equatable, Sendable {
+        /// GET this path; 200–399 passes.
+        case http(path: String)
+        /// A TCP connect that succeeds passes.
+        case tcp
+        /// grpc.health.v1.Health/Check returning SERVING passes.
+        case grpc(service: String)
+    }
+
+    public var kind: Kind = .http(path: "/health")
+    public var interval: Nanos = .seconds(10)
+    public var timeout: Nanos = .seconds(1)
+    public var unhealthyThreshold = 3
+    public var healthyThreshold = 2
+    /// Each interval is stretched by up to this percentage at random.
+    public var intervalJitterPercent = 10
+    public init(kind: Kind = .http(path: "/health")) { self.kind = kind }
+}
+
+/// One target's health as the checker sees it.
+public struct HealthState: Equatable, Sendable {
+    public enum Status: String, Sendable { case unknown, healthy, unhealthy }
+    public private(set) var status: Status = .unknown
+    private var successes = 0
+    private var failures = 0
+    public private(set) var lastError: String? = nil
+
+    public init() {}
+
+    /// Feeds one check result. The first success marks an unknown target healthy at once
+    /// (so a fresh instance takes traffic without waiting for `healthyThreshold` intervals).
+    /// Returns true when the status changed.
+    @discardableResult
+    public mutating func record(passed: Bool, error: String? = nil, config: HealthCheckConfig) -> Bool {
+        let before = status
+        if passed {
+            failures = 0
+            successes += 1
+            lastError = nil
+            if status == .unknown || (status == .unhealthy && successes >= config.healthyThreshold) {
+                status = .healthy
+            }
+        } else {
+            successes = 0
+            failures += 1
+            lastError = error
+            if status == .unknown || (status == .healthy && failures >= config.unhealthyThreshold) {
+                status = .unhealthy
+            }
+        }
+        return status != before
+    }
+
+    public var isRoutable: Bool { status != .unhealthy }
+}
+
+extension HealthCheckConfig {
+    /// The delay before the next check: the interval plus up to `intervalJitterPercent`.
+    public func nextDelay(rng: inout SeededRandom) -> Nanos {
+        let jitterMax = interval / 100 * Nanos(intervalJitterPercent)
+        guard jitterMax > 0 else { return interval }
+        return interval + Nanos(rng.next() % UInt64(jitterMax))
+    }
+}
+
+/// A token bucket: up to `maxTokens`, `tokensPerFill` added every `fillInterval` (Envoy's
+/// local rate limit shape). Requests that find it empty are answered 429.
+public struct TokenBucket: Sendable {
+    public struct Config: Equatable, Sendable {
+        public var maxTokens: Int
+        public var tokensPerFill: Int
+        public var fillInterval: Nanos
+        public init(maxTokens: Int, tokensPerFill: Int = 1, fillInterval: Nanos) {
+            self.maxTokens = max(1, maxTokens)
+            self.tokensPerFill = max(1, tokensPerFill)
+            self.fillInterval = max(1, fillInterval)
+        }
+        /// `rps` requests per second with a burst of `burst` (default: one second's worth).
+        public static func perSecond(_ rps: Int, burst: Int? = nil) -> Config {
+            let r = max(1, rps)
+            return Config(maxTokens: burst ?? r, tokensPerFill: 1, fillInterval: max(1, 1_000_000_000 / Nanos(r)))
+        }
+    }
+
+    public let config: Config
+    public private(set) var tokens: Int
+    private var lastFill: Nanos?
+
+    public init(_ config: Config) {
+        self.config = config
+        self.tokens = config.maxTokens
+    }
+
+    public mutating func tryTake(now: Nanos) -> Bool {
+        if let last = lastFill {
+            let fills = (now - last) / config.fillInterval
+            if fills > 0 {
+                let add = fills > Nanos(config.maxTokens) ? config.maxTokens : Int(fills) * config.tokensPerFill
+                tokens = min(config.maxTokens, tokens + add)
+                lastFill = last + fills * config.fillInterval
+            }
+        } else {
+            lastFill = now
+        }
+        guard tokens > 0 else { return false }
+        tokens -= 1
+        return true
+    }
+}
+
+/// Token buckets keyed by caller (per-caller fairness), bounded: the least recently used key
+/// is dropped beyond `maxKeys`.
+public struct KeyedRateLimiter: Sendable {
+    public let config: TokenBucket.Config
+    public let maxKeys: Int
+    private var buckets: [String: (bucket: TokenBucket, lastUse: Nanos)] = [:]
+
+    public init(_ config: TokenBucket.Config, maxKeys: Int = 10_000) {
+        self.config = config
+        self.maxKeys = max(1, maxKeys)
+    }
+
+    public mutating func tryTake(key: String, now: Nanos) -> Bool {
+        var entry = buckets[key] ?? (TokenBucket(config), now)
+        let ok = entry.bucket.tryTake(now: now)
+        entry.lastUse = now
+        buckets[key] = entry
+        if buckets.count > maxKeys, let oldest = buckets.min(by: { $0.value.lastUse < $1.value.lastUse })?.key {
+            buckets.removeValue(forKey: oldest)
+        }
+        return ok
+    }
+
+    public var keyCount: Int { buckets.count }
+}

@@ -1,0 +1,176 @@
+import TandemCore
+
+/// How a route matches the request path.
+public enum PathMatch: Equatable, Sendable {
+    /// The whole path, exactly.
+    case exact(String)
+    /// A path prefix on segment boundaries or not (Envoy `prefix` semantics: plain string prefix).
+    case prefix(String)
+    /// Segments with `:name` parameters and a trailing `*` (Gin-style), e.g. `/user/:id`.
+    case template(String)
+
+    /// Parses the config syntax: `"/a/b"` exact, `"/a/*"` or `"/a/"`+`prefix` handled by callers,
+    /// any `:` segment makes a template.
+    public static func parse(_ path: String) -> PathMatch {
+        if path.split(separator: "/").contains(where: { $0.hasPrefix(":") }) { return .template(path) }
+        if path.hasSuffix("/*") {
+            let base = String(path.dropLast())
+            return base.contains("*") ? .template(path) : .prefix(base)
+        }
+        if path == "*" || path == "/*" { return .prefix("/") }
+        return .exact(path)
+    }
+}
+
+/// What a route matches on. Empty fields match anything.
+public struct RouteMatch: Equatable, Sendable {
+    /// Host (authority without port), lowercased; nil matches any host.
+    public var host: String?
+    public var path: PathMatch
+    /// Upper-case methods; empty = any.
+    public var methods: [String]
+    /// Header name (lowercase) → required exact value; nil value = header must be present.
+    public var headers: [String: String?]
+
+    public init(
+        host: String? = nil, path: PathMatch = .prefix("/"), methods: [String] = [], headers: [String: String?] = [:]
+    ) {
+        self.host = host?.lowercased()
+        self.path = path
+        self.methods = methods.map { $0.uppercased() }
+        self.headers = Dictionary(uniqueKeysWithValues: headers.map { ($0.key.lowercased(), $0.value) })
+    }
+}
+
+/// A route: a match, the cluster it sends to, and the policies that apply on it.
+public struct Route: Equatable, Sendable {
+    public var name: String
+    public var match: RouteMatch
+    public var cluster: String
+    /// Overall deadline including every retry; nil = none.
+    public var timeout: Nanos?
+    public var retry: RetryPolicy
+    /// Requests per second allowed on this route (token bucket); nil = unlimited.
+    public var rateLimit: TokenBucket.Config?
+    /// Names of Lua policies attached to this route, in order.
+    public var policies: [String]
+
+    public init(
+        name: String, match: RouteMatch, cluster: String, timeout: Nanos? = .seconds(15), retry: RetryPolicy = .init(),
+        rateLimit: TokenBucket.Config? = nil, policies: [String] = []
+    ) {
+        self.name = name
+        self.match = match
+        self.cluster = cluster
+        self.timeout = timeout
+        self.retry = retry
+        self.rateLimit = rateLimit
+        self.policies = policies
+    }
+}
+
+/// The request facts a route decision needs.
+public struct RequestHead: Sendable {
+    public var method: String
+    public var host: String
+    public var path: String
+    public var headers: [(String, String)]
+
+    public init(method: String, host: String, path: String, headers: [(String, String)] = []) {
+        self.method = method.uppercased()
+        // Authority without port, lowercased.
+        var h = host.lowercased()
+        if let colon = h.lastIndex(of: ":"), !h.hasSuffix("]") { h = String(h[..<colon]) }
+        self.host = h
+        // Path without query.
+        if let q = path.firstIndex(of: "?") { self.path = String(path[..<q]) } else { self.path = path }
+        self.headers = headers
+    }
+
+    public func header(_ name: String) -> String? {
+        let lower = name.lowercased()
+        return headers.first(where: { $0.0.lowercased() == lower })?.1
+    }
+}
+
+/// The result of routing: the route and the template parameters it captured.
+public struct RouteDecision: Sendable {
+    public var route: Route
+    public var params: [String: String]
+}
+
+/// Routes sorted most specific first; the first that matches wins.
+///
+/// Specificity, highest first: a named host over any host; exact path over template over
+/// prefix (a longer template or prefix is more specific); more header matches; a method list.
+/// Ties keep configuration order.
+public struct RouteTable: Sendable {
+    public private(set) var routes: [Route]
+
+    public init(_ routes: [Route]) {
+        let indexed = routes.enumerated().map {
+            (idx: $0.offset, route: $0.element, score: Self.specificity($0.element.match))
+        }
+        self.routes = indexed.sorted { a, b in
+            a.score != b.score ? a.score.lexicographicallyPrecedes(b.score, by: >) : a.idx < b.idx
+        }.map(\.route)
+    }
+
+    static func specificity(_ m: RouteMatch) -> [Int] {
+        let hostScore = m.host == nil ? 0 : 1
+        let pathScore: [Int]
+        switch m.path {
+        case .exact(let p): pathScore = [3, p.count]
+        case .template(let p):
+            let segments = p.split(separator: "/")
+            let literal = segments.filter { !$0.hasPrefix(":") && $0 != "*" }.count
+            pathScore = [2, segments.count * 100 + literal]
+        case .prefix(let p): pathScore = [1, p.count]
+        }
+        return [hostScore] + pathScore + [m.headers.count, m.methods.isEmpty ? 0 : 1]
+    }
+
+    public func route(_ req: RequestHead) -> RouteDecision? {
+        for route in routes {
+            if let params = Self.matches(route.match, req) { return RouteDecision(route: route, params: params) }
+        }
+        return nil
+    }
+
+    static func matches(_ m: RouteMatch, _ req: RequestHead) -> [String: String]? {
+        if let host = m.host, host != req.host { return nil }
+        if !m.methods.isEmpty && !m.methods.contains(req.method) { return nil }
+        for (name, value) in m.headers {
+            guard let actual = req.header(name) else { return nil }
+            if let value, value != actual { return nil }
+        }
+        switch m.path {
+        case .exact(let p): return p == req.path ? [:] : nil
+        case .prefix(let p): return req.path.hasPrefix(p) ? [:] : nil
+        case .template(let t): return matchTemplate(t, req.path)
+        }
+    }
+
+    static func matchTemplate(_ template: String, _ path: String) -> [String: String]? {
+        let t = template.split(separator: "/", omittingEmptySubsequences: true)
+        let p = path.split(separator: "/", omittingEmptySubsequences: true)
+        var params: [String: String] = [:]
+        var i = 0
+        while i < t.count {
+            let seg = t[i]
+            if seg == "*" || seg.hasPrefix("*") {
+                let rest = p.count > i ? p[i...].joined(separator: "/") : ""
+                if seg.count > 1 { params[String(seg.dropFirst())] = rest }
+                return params
+            }
+            guard i < p.count else { return nil }
+            if seg.hasPrefix(":") {
+                params[String(seg.dropFirst())] = String(p[i])
+            } else if seg != p[i] {
+                return nil
+            }
+            i += 1
+        }
+        return i == p.count ? params : nil
+    }
+}

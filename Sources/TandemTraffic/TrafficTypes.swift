@@ -1,0 +1,184 @@
+/// TandemTraffic — the sidecar's decisions as pure values: routes, balancers, retries, budgets,
+/// breakers, outlier detection, health checks and rate limits.
+///
+/// Nothing here reads a clock, sleeps, draws unseeded randomness or does I/O. Time arrives as
+/// `now` (nanoseconds on the caller's monotonic clock), randomness as a `SeededRandom`, so
+/// the NIO sidecar and the simulator run the same code. See docs/SIDECAR.md.
+import TandemCore
+
+/// Nanoseconds on a monotonic clock owned by the caller (real or virtual).
+public typealias Nanos = Int64
+
+extension Nanos {
+    public static func milliseconds(_ ms: Int64) -> Nanos { ms * 1_000_000 }
+    public static func seconds(_ s: Int64) -> Nanos { s * 1_000_000_000 }
+}
+
+/// One upstream instance of a cluster: where to send, and what it says about itself.
+public struct Endpoint: Hashable, Sendable, CustomStringConvertible {
+    /// Unique within the cluster: the registry's instance id, or "host:port" for static ones.
+    public var id: String
+    public var host: String
+    public var port: Int
+    public var zone: String?
+    public var weight: Int
+    /// Whether the instance registered itself as passing its own health check.
+    public var passing: Bool
+    public var metadata: [String: String]
+
+    public init(
+        id: String, host: String, port: Int, zone: String? = nil, weight: Int = 1, passing: Bool = true,
+        metadata: [String: String] = [:]
+    ) {
+        self.id = id
+        self.host = host
+        self.port = port
+        self.zone = zone
+        self.weight = max(1, weight)
+        self.passing = passing
+        self.metadata = metadata
+    }
+
+    public var address: String { "\(host):\(port)" }
+    public var description: String { "\(id)@\(address)" }
+}
+
+/// How one attempt ended, as the proxy saw it.
+public enum AttemptOutcome: Equatable, Sendable {
+    /// An HTTP response arrived; `grpcStatus` from headers (trailers-only) when present.
+    case response(status: Int, grpcStatus: Int? = nil)
+    /// The connection could not be established (refused, unreachable, connect timeout).
+    case connectFailure
+    /// The connection or stream broke before a complete response header arrived.
+    case reset
+    /// HTTP/2 REFUSED_STREAM: the upstream did not process the request.
+    case refusedStream
+    /// The per-try timeout fired before the response header arrived.
+    case timeout
+
+    /// A failure for breakers and outlier detection: 5xx or any local-origin failure.
+    public var isFailure: Bool {
+        switch self {
+        case .response(let status, let grpc):
+            if status >= 500 { return true }
+            if let grpc { return [4, 8, 13, 14].contains(grpc) }  // deadline, exhausted, internal, unavailable
+            return false
+        default: return true
+        }
+    }
+
+    /// 502/503/504 or a local-origin failure (Envoy's "gateway failure").
+    public var isGatewayFailure: Bool {
+        switch self {
+        case .response(let status, _): return status == 502 || status == 503 || status == 504
+        default: return true
+        }
+    }
+
+    public var status: Int? {
+        if case .response(let status, _) = self { return status }
+        return nil
+    }
+}
+
+/// Why the sidecar answered a request itself. Each has a status, a `code` for the JSON body
+/// and the value of the `tandem-error` header.
+public enum LocalReason: String, Sendable, CaseIterable {
+    case noRoute = "no-route"
+    case noHealthyEndpoint = "no-healthy-endpoint"
+    case circuitOpen = "circuit-open"
+    case overflow = "overflow"
+    case timeout = "timeout"
+    case retryBudgetExhausted = "retry-budget-exhausted"
+    case upstreamConnectFailure = "upstream-connect-failure"
+    case upstreamReset = "upstream-reset"
+    case rateLimited = "rate-limited"
+    case headersTooLarge = "headers-too-large"
+    case bodyTooLarge = "body-too-large"
+    case badRequest = "bad-request"
+    case policyDenied = "policy-denied"
+    case policyError = "policy-error"
+    case draining = "draining"
+    case unauthenticated = "unauthenticated"
+    case forbidden = "forbidden"
+
+    public var status: Int {
+        switch self {
+        case .noRoute: return 404
+        case .noHealthyEndpoint, .circuitOpen, .overflow, .draining: return 503
+        case .timeout: return 504
+        case .retryBudgetExhausted, .upstreamConnectFailure, .upstreamReset: return 502
+        case .rateLimited: return 429
+        case .headersTooLarge: return 431
+        case .bodyTooLarge: return 413
+        case .badRequest: return 400
+        case .policyDenied, .forbidden: return 403
+        case .policyError: return 500
+        case .unauthenticated: return 401
+        }
+    }
+
+    public var defaultMessage: String {
+        switch self {
+        case .noRoute: return "no route matches this request"
+        case .noHealthyEndpoint: return "no healthy endpoint for the upstream cluster"
+        case .circuitOpen: return "circuit breaker is open for the upstream cluster"
+        case .overflow: return "upstream cluster concurrency limit reached"
+        case .timeout: return "upstream request timed out"
+        case .retryBudgetExhausted: return "upstream failed and the retry budget is exhausted"
+        case .upstreamConnectFailure: return "could not connect to the upstream"
+        case .upstreamReset: return "upstream connection reset before a response"
+        case .rateLimited: return "rate limit exceeded"
+        case .headersTooLarge: return "request header block too large"
+        case .bodyTooLarge: return "request body too large"
+        case .badRequest: return "malformed request"
+        case .policyDenied: return "denied by policy"
+        case .policyError: return "policy error"
+        case .draining: return "sidecar is draining"
+        case .unauthenticated: return "missing or invalid credentials"
+        case .forbidden: return "caller is not allowed"
+        }
+    }
+}
+
+/// A response the sidecar produces itself: status, `tandem-error` and a JSON body.
+public struct LocalAnswer: Equatable, Sendable {
+    public var reason: LocalReason
+    public var status: Int
+    public var message: String
+
+    public init(_ reason: LocalReason, message: String? = nil, status: Int? = nil) {
+        self.reason = reason
+        self.status = status ?? reason.status
+        self.message = message ?? reason.defaultMessage
+    }
+
+    /// `{"code":<status>,"message":"…","error":"<reason>"}`
+    public var jsonBody: String {
+        "{\"code\":\(status),\"message\":\(JSON.quote(message)),\"error\":\"\(reason.rawValue)\"}"
+    }
+}
+
+/// Minimal JSON string quoting (cores have no Foundation).
+public enum JSON {
+    public static func quote(_ s: String) -> String {
+        var out = "\""
+        for scalar in s.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            default:
+                if scalar.value < 0x20 {
+                    let hex = String(scalar.value, radix: 16)
+                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+                } else {
+                    out.unicodeScalars.append(scalar)
+                }
+            }
+        }
+        return out + "\""
+    }
+}

@@ -1,0 +1,395 @@
+import TandemCore
+import Testing
+
+@testable import TandemTraffic
+
+@Suite struct RetryTests {
+    @Test func conditionsFollowEnvoyNames() throws {
+        var p = RetryPolicy()
+        p.retryOn = try RetryOn.parse("5xx")
+        #expect(p.isRetriable(.response(status: 500)))
+        #expect(p.isRetriable(.reset))
+        #expect(p.isRetriable(.timeout))
+        #expect(!p.isRetriable(.response(status: 429)))
+        p.retryOn = try RetryOn.parse("gateway-error, unavailable")
+        #expect(!p.isRetriable(.response(status: 500)))
+        #expect(p.isRetriable(.response(status: 503)))
+        #expect(p.isRetriable(.response(status: 200, grpcStatus: 14)))
+        #expect(!p.isRetriable(.response(status: 200, grpcStatus: 13)))
+        #expect(throws: TrafficConfigError.self) { try RetryOn.parse("5xx,sometimes") }
+        let defaults = RetryPolicy()
+        #expect(defaults.isRetriable(.connectFailure))
+        #expect(defaults.isRetriable(.response(status: 503)))
+        #expect(!defaults.isRetriable(.response(status: 500)))
+    }
+
+    @Test func fullJitterBackoffStaysUnderTheCap() {
+        let p = RetryPolicy()
+        var rng = SeededRandom(seed: 9)
+        for retry in 1...10 {
+            let ceiling = min(p.backoffMax, p.backoffBase << Nanos(retry - 1))
+            for _ in 0..<100 {
+                let b = p.backoff(retry: retry, rng: &rng)
+                #expect(b >= 0 && b < ceiling)
+            }
+        }
+    }
+
+    @Test func nonIdempotentRequestsRetryOnlyWhenNeverProcessed() {
+        var budget = RetryBudget()
+        var rng = SeededRandom(seed: 1)
+        var post = RetryState(policy: RetryPolicy(), method: "POST", bodyBytes: 10, start: 0, timeout: nil)
+        post.attemptStarted(endpoint: "a")
+        #expect(post.after(.response(status: 503), now: 0, budget: &budget, rng: &rng) == .finish)
+        var post2 = RetryState(policy: RetryPolicy(), method: "POST", bodyBytes: 10, start: 0, timeout: nil)
+        post2.attemptStarted(endpoint: "a")
+        guard case .retry = post2.after(.connectFailure, now: 0, budget: &budget, rng: &rng) else {
+            Issue.record("connect failure of a POST should be retried")
+            return
+        }
+        var big = RetryState(policy: RetryPolicy(), method: "GET", bodyBytes: 1 << 20, start: 0, timeout: nil)
+        big.attemptStarted(endpoint: "a")
+        #expect(big.after(.connectFailure, now: 0, budget: &budget, rng: &rng) == .finish)
+    }
+
+    @Test func attemptsStopAtTheLimitAndTheDeadline() {
+        var budget = RetryBudget()
+        var rng = SeededRandom(seed: 1)
+        var policy = RetryPolicy()
+        policy.numRetries = 2
+        var s = RetryState(policy: policy, method: "GET", bodyBytes: 0, start: 0, timeout: .seconds(1))
+        for i in 0..<2 {
+            s.attemptStarted(endpoint: "e\(i)")
+            guard case .retry(let after) = s.after(.response(status: 503), now: 0, budget: &budget, rng: &rng) else {
+                Issue.record("retry \(i) expected")
+                return
+            }
+            #expect(after < .milliseconds(250))
+        }
+        s.attemptStarted(endpoint: "e2")
+        #expect(s.after(.response(status: 503), now: 0, budget: &budget, rng: &rng) == .finish)
+        var late = RetryState(policy: policy, method: "GET", bodyBytes: 0, start: 0, timeout: .seconds(1))
+        late.attemptStarted(endpoint: "a")
+        #expect(late.after(.response(status: 503), now: .seconds(1), budget: &budget, rng: &rng) == .finish)
+        #expect(late.attemptTimeout(now: .milliseconds(400)) == .milliseconds(600))
+    }
+
+    @Test func budgetCapsRetriesAtTwentyPercentPlusTheFloor() {
+        var budget = RetryBudget(.init(ratio: 0.2, minPerSecond: 10, ttl: .seconds(10)))
+        var granted = 0
+        // 1,000 requests per second for 10 s, every one wanting a retry.
+        for ms in 0..<10_000 {
+            let now = Nanos.milliseconds(Int64(ms))
+            budget.recordRequest(now: now)
+            if budget.tryRetry(now: now) { granted += 1 }
+        }
+        // Allowed ≈ 0.2 × 10,000 + 10/s × 10 s = 2,100 at most.
+        #expect(granted <= 2100)
+        #expect(granted >= 1900)
+        #expect(budget.exhaustedCount == 10_000 - granted)
+    }
+
+    @Test func anExhaustedBudgetKeepsTheUpstreamAnswerOrSaysWhy() {
+        var budget = RetryBudget(.init(ratio: 0, minPerSecond: 0, ttl: .seconds(10)))
+        var rng = SeededRandom(seed: 1)
+        var s = RetryState(policy: RetryPolicy(), method: "GET", bodyBytes: 0, start: 0, timeout: nil)
+        s.attemptStarted(endpoint: "a")
+        #expect(s.after(.response(status: 503), now: 0, budget: &budget, rng: &rng) == .finish)
+        var c = RetryState(policy: RetryPolicy(), method: "GET", bodyBytes: 0, start: 0, timeout: nil)
+        c.attemptStarted(endpoint: "a")
+        #expect(c.after(.connectFailure, now: 0, budget: &budget, rng: &rng) == .giveUp(.retryBudgetExhausted))
+    }
+}
+
+@Suite struct BreakerTests {
+    @Test func consecutiveFailuresTripThenHalfOpenProbesClose() {
+        var b = FailureBreaker()
+        for i in 0..<5 {
+            do {
+                let ok = b.allow(now: 0)
+                #expect(ok)
+            }
+            let changed = b.record(failed: true, latency: 1, now: 0)
+            #expect(changed == (i == 4))
+        }
+        #expect(b.stateName == "open")
+        do {
+            let ok = !b.allow(now: .seconds(4))
+            #expect(ok)
+        }
+        do {
+            let ok = b.allow(now: .seconds(5))  // half-open: one probe
+            #expect(ok)
+        }
+        do {
+            let ok = !b.allow(now: .seconds(5))
+            #expect(ok)
+        }
+        b.record(failed: false, latency: 1, now: .seconds(5))
+        #expect(b.state == .closed)
+    }
+
+    @Test func openTimeDoublesOnRepeatedTripsUpToTheCap() {
+        var b = FailureBreaker()
+        var now: Nanos = 0
+        var opens: [Nanos] = []
+        for _ in 0..<6 {
+            while case .closed = b.state { _ = b.allow(now: now); b.record(failed: true, latency: 1, now: now) }
+            guard case .open(let until) = b.state else { return }
+            opens.append(until - now)
+            now = until
+            do {
+                let ok = b.allow(now: now)
+                #expect(ok)
+            }
+            b.record(failed: true, latency: 1, now: now)  // the probe fails: reopen
+            guard case .open(let until2) = b.state else { return }
+            now = until2
+            do {
+                let ok = b.allow(now: now)
+                #expect(ok)
+            }
+            b.record(failed: false, latency: 1, now: now)  // recover
+            #expect(b.state == .closed)
+        }
+        #expect(opens[0] == .seconds(5))
+        #expect(b.trips == 12)
+    }
+
+    @Test func errorRatioAndSlowCallRatioTrip() {
+        var c = FailureBreaker.Config()
+        c.consecutiveFailures = nil
+        c.errorRatio = 0.5
+        c.minRequests = 10
+        var b = FailureBreaker(c)
+        for i in 0..<9 { b.record(failed: i % 2 == 0, latency: 1, now: Nanos(i)) }
+        #expect(b.state == .closed)  // below the minimum
+        b.record(failed: true, latency: 1, now: 10)
+        #expect(b.stateName == "open")
+
+        var s = FailureBreaker.Config()
+        s.consecutiveFailures = nil
+        s.slowCallRatio = 0.8
+        s.slowCall = .milliseconds(100)
+        s.minRequests = 5
+        var slow = FailureBreaker(s)
+        for i in 0..<5 { slow.record(failed: false, latency: .milliseconds(500), now: Nanos(i)) }
+        #expect(slow.stateName == "open")
+    }
+
+    @Test func oldSamplesLeaveTheWindow() {
+        var c = FailureBreaker.Config()
+        c.consecutiveFailures = nil
+        c.errorRatio = 0.5
+        c.minRequests = 10
+        c.window = .seconds(10)
+        var b = FailureBreaker(c)
+        for i in 0..<8 { b.record(failed: true, latency: 1, now: Nanos(i)) }
+        for i in 0..<20 { b.record(failed: false, latency: 1, now: .seconds(20) + Nanos(i)) }
+        #expect(b.state == .closed)
+    }
+
+    @Test func concurrencyGateOverflows() {
+        var limits = ConcurrencyLimits()
+        limits.maxRequests = 2
+        var g = ConcurrencyGate(limits)
+        do {
+            let ok = g.tryStartRequest() && g.tryStartRequest()
+            #expect(ok)
+        }
+        do {
+            let ok = !g.tryStartRequest()
+            #expect(ok)
+        }
+        g.finishRequest()
+        do {
+            let ok = g.tryStartRequest()
+            #expect(ok)
+        }
+        #expect(g.overflows == 1)
+    }
+}
+
+@Suite struct OutlierAndHealthTests {
+    @Test func consecutive5xxEjectsForGrowingTimes() {
+        var o = OutlierDetector()
+        for i in 0..<5 {
+            let ejected = o.record("a", .response(status: 500), hostCount: 10, now: 0)
+            #expect(ejected == (i == 4))
+        }
+        #expect(o.isEjected("a", now: .seconds(29)))
+        #expect(!o.isEjected("a", now: .seconds(30)))
+        for _ in 0..<5 { o.record("a", .response(status: 503), hostCount: 10, now: .seconds(31)) }
+        #expect(o.isEjected("a", now: .seconds(31) + .seconds(59)))  // 2nd ejection: 60 s
+        #expect(o.timesEjected("a") == 2)
+    }
+
+    @Test func maxEjectionPercentKeepsHostsInService() {
+        var o = OutlierDetector()  // 10 % of 3 hosts → still one allowed
+        for id in ["a", "b", "c"] { for _ in 0..<5 { o.record(id, .connectFailure, hostCount: 3, now: 0) } }
+        #expect(o.ejectedCount(now: 0) == 1)
+    }
+
+    @Test func successRateOutliersAreEjectedAtTheInterval() {
+        var o = OutlierDetector()
+        let hosts = (0..<6).map { "h\($0)" }
+        for h in hosts {
+            for i in 0..<200 {
+                // h5 fails 30 % of its calls, never 5 in a row
+                let fail = h == "h5" && i % 10 < 3
+                o.record(h, fail ? .response(status: 500) : .response(status: 200), hostCount: 6, now: 0)
+            }
+        }
+        #expect(o.evaluate(hosts: hosts, now: .seconds(5)).isEmpty)  // not yet due
+        #expect(o.evaluate(hosts: hosts, now: .seconds(10)) == ["h5"])
+    }
+
+    @Test func healthThresholdsFollowTheSeedTable() {
+        let cfg = HealthCheckConfig()
+        var h = HealthState()
+        do {
+            let ok = h.record(passed: true, config: cfg)  // first success: healthy at once
+            #expect(ok)
+        }
+        #expect(h.status == .healthy)
+        do {
+            let ok = !h.record(passed: false, config: cfg)
+            #expect(ok)
+        }
+        do {
+            let ok = !h.record(passed: false, config: cfg)
+            #expect(ok)
+        }
+        do {
+            let ok = h.record(passed: false, error: "connection refused", config: cfg)
+            #expect(ok)
+        }
+        #expect(h.status == .unhealthy && h.lastError == "connection refused")
+        do {
+            let ok = !h.record(passed: true, config: cfg)
+            #expect(ok)
+        }
+        do {
+            let ok = h.record(passed: true, config: cfg)
+            #expect(ok)
+        }
+        #expect(h.status == .healthy)
+        var rng = SeededRandom(seed: 5)
+        for _ in 0..<100 {
+            let d = cfg.nextDelay(rng: &rng)
+            #expect(d >= .seconds(10) && d < .seconds(11))
+        }
+    }
+
+    @Test func tokenBucketRefillsAndBounds() {
+        var b = TokenBucket(.perSecond(10))
+        var ok = 0
+        for _ in 0..<20 where b.tryTake(now: 0) { ok += 1 }
+        #expect(ok == 10)
+        do {
+            let ok = !b.tryTake(now: .milliseconds(50))
+            #expect(ok)
+        }
+        do {
+            let ok = b.tryTake(now: .milliseconds(100))
+            #expect(ok)
+        }
+        do {
+            let ok = !b.tryTake(now: .milliseconds(150))
+            #expect(ok)
+        }
+        var later = 0
+        for _ in 0..<20 where b.tryTake(now: .seconds(100)) { later += 1 }
+        #expect(later == 10)  // never more than the burst
+        var keyed = KeyedRateLimiter(.perSecond(1), maxKeys: 2)
+        do {
+            let ok = keyed.tryTake(key: "a", now: 0)
+            #expect(ok)
+        }
+        do {
+            let ok = !keyed.tryTake(key: "a", now: 0)
+            #expect(ok)
+        }
+        do {
+            let ok = keyed.tryTake(key: "b", now: 1)
+            #expect(ok)
+        }
+        do {
+            let ok = keyed.tryTake(key: "c", now: 2)
+            #expect(ok)
+        }
+        #expect(keyed.keyCount == 2)
+    }
+}
+
+@Suite struct ClusterTests {
+    func cluster(_ n: Int) -> ClusterState {
+        var c = ClusterState(ClusterConfig(name: "users"))
+        c.setEndpoints((0..<n).map { Endpoint(id: "u\($0)", host: "127.0.0.1", port: 8000 + $0) })
+        return c
+    }
+
+    @Test func avoidsTriedEndpointsAndEjectedOnes() {
+        var c = cluster(3)
+        var rng = SeededRandom(seed: 1)
+        for _ in 0..<50 {
+            let e = c.choose(now: 0, avoid: ["u0", "u1"], rng: &rng)!
+            #expect(e.id == "u2")
+        }
+        for _ in 0..<5 { c.attemptFinished(c.endpoints[0], .connectFailure, latency: 1, now: 0) }
+        for _ in 0..<50 { #expect(c.choose(now: 1, rng: &rng)!.id != "u0") }
+    }
+
+    @Test func panicSpreadsOverAllWhenMostAreDown() {
+        var c = cluster(3)
+        var rng = SeededRandom(seed: 1)
+        var cfg = HealthCheckConfig()
+        cfg.unhealthyThreshold = 1
+        c.config.healthCheck = cfg
+        _ = c.recordHealth("u0", passed: false)
+        _ = c.recordHealth("u1", passed: false)
+        var seen = Set<String>()
+        for _ in 0..<100 { seen.insert(c.choose(now: 0, rng: &rng)!.id) }
+        #expect(seen == ["u0", "u1", "u2"])
+    }
+
+    @Test func noEndpointsMeansNoChoice() {
+        var c = ClusterState(ClusterConfig(name: "empty"))
+        var rng = SeededRandom(seed: 1)
+        #expect(c.choose(now: 0, rng: &rng) == nil)
+    }
+
+    /// The issue's "20 % 503s" case on the pure cores: a client sees ≥ 99 % success while
+    /// the upstream sees ≤ 1.25× the offered load.
+    @Test func retriesWithABudgetMaskAFlakyInstanceWithoutAStorm() {
+        var c = cluster(3)
+        var rng = SeededRandom(seed: 42)
+        var policy = RetryPolicy()
+        policy.retryOn = [.gatewayError]
+        var upstreamCalls = 0
+        var ok = 0
+        let offered = 30_000
+        for i in 0..<offered {
+            let now = Nanos.milliseconds(Int64(i))  // 1,000 rps
+            #expect(c.admit(now: now) == nil)
+            var s = RetryState(policy: policy, method: "GET", bodyBytes: 0, start: now, timeout: .seconds(15))
+            var final: AttemptOutcome = .connectFailure
+            while true {
+                let ep = c.choose(now: now, avoid: s.tried, rng: &rng)!
+                s.attemptStarted(endpoint: ep.id)
+                upstreamCalls += 1
+                c.attemptStarted(ep)
+                let outcome: AttemptOutcome =
+                    ep.id == "u1" && rng.chance(0.2) ? .response(status: 503) : .response(status: 200)
+                c.attemptFinished(ep, outcome, latency: .milliseconds(5), now: now)
+                final = outcome
+                if case .retry = s.after(outcome, now: now, budget: &c.budget, rng: &rng) { continue }
+                break
+            }
+            c.requestFinished(failed: final.isFailure, latency: .milliseconds(5), now: now)
+            if final == .response(status: 200) { ok += 1 }
+        }
+        #expect(Double(ok) / Double(offered) >= 0.99)
+        #expect(Double(upstreamCalls) / Double(offered) <= 1.25)
+    }
+}
