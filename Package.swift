@@ -62,14 +62,33 @@ let package = Package(
                 .product(name: "NIOHTTP2", package: "swift-nio-http2"),
             ],
             swiftSettings: swiftSettings),
+        .target(
+            name: "TandemEtcdClient",
+            dependencies: [
+                "TandemEtcdAPI", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ],
+            swiftSettings: swiftSettings),
+        .target(
+            name: "TandemSidecar",
+            dependencies: [
+                "TandemCore", "TandemTraffic", "TandemEtcdClient", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings),
         .systemLibrary(
             name: "CLuaJIT", pkgConfig: "luajit", providers: [.apt(["libluajit-5.1-dev"])]),
         .target(name: "TandemLua", dependencies: ["CLuaJIT"], swiftSettings: swiftSettings),
         .executableTarget(
             name: "tandem",
             dependencies: [
-                "TandemCore", "TandemSimulation", "TandemLua", "TandemRegistryServer",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                "TandemCore", "TandemSimulation", "TandemLua", "TandemRegistryServer", "TandemSidecar",
+                "TandemEtcdClient",
+                "TandemTraffic", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings),
         .executableTarget(

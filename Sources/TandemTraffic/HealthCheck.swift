@@ -33,7 +33,8 @@ public struct HealthState: Equatable, Sendable {
     public init() {}
 
     /// Feeds one check result. The first success marks an unknown target healthy at once
-    /// (so a fresh instance takes traffic without waiting for `healthyThreshold` intervals).
+    /// (so a fresh instance takes traffic without waiting for `healthyThreshold` intervals);
+    /// an unknown or healthy target turns unhealthy after `unhealthyThreshold` failures in a row.
     /// Returns true when the status changed.
     @discardableResult
     public mutating func record(passed: Bool, error: String? = nil, config: HealthCheckConfig) -> Bool {
@@ -49,9 +50,7 @@ public struct HealthState: Equatable, Sendable {
             successes = 0
             failures += 1
             lastError = error
-            if status == .unknown || (status == .healthy && failures >= config.unhealthyThreshold) {
-                status = .unhealthy
-            }
+            if status != .unhealthy && failures >= config.unhealthyThreshold { status = .unhealthy }
         }
         return status != before
     }

@@ -105,9 +105,11 @@ public enum LocalReason: String, Sendable, CaseIterable {
     public var status: Int {
         switch self {
         case .noRoute: return 404
-        case .noHealthyEndpoint, .circuitOpen, .overflow, .draining: return 503
+        // Envoy answers 503 for connect failures and resets before headers.
+        case .noHealthyEndpoint, .circuitOpen, .overflow, .draining, .upstreamConnectFailure, .upstreamReset:
+            return 503
         case .timeout: return 504
-        case .retryBudgetExhausted, .upstreamConnectFailure, .upstreamReset: return 502
+        case .retryBudgetExhausted: return 503
         case .rateLimited: return 429
         case .headersTooLarge: return 431
         case .bodyTooLarge: return 413

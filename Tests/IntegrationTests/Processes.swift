@@ -24,9 +24,12 @@ final class Child {
     private let input = Pipe()
     private var pending = Data()
 
-    init(_ executable: String, _ args: [String]) throws {
+    init(_ executable: String, _ args: [String], environment: [String: String] = [:]) throws {
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = args
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         process.standardOutput = out
         process.standardError = out
         process.standardInput = input

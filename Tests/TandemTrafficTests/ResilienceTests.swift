@@ -246,6 +246,11 @@ import Testing
 
     @Test func healthThresholdsFollowTheSeedTable() {
         let cfg = HealthCheckConfig()
+        var starting = HealthState()
+        for _ in 0..<2 { starting.record(passed: false, config: cfg) }
+        #expect(starting.status == .unknown)  // a starting app is not declared dead at once
+        starting.record(passed: false, config: cfg)
+        #expect(starting.status == .unhealthy)
         var h = HealthState()
         do {
             let ok = h.record(passed: true, config: cfg)  // first success: healthy at once

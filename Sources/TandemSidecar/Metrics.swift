@@ -1,0 +1,84 @@
+import NIOConcurrencyHelpers
+import TandemTraffic
+
+/// Prometheus counters and histograms, rendered in the text exposition format.
+/// Names follow Linkerd/Envoy habits with a `tandem_` prefix.
+public final class SidecarMetrics: Sendable {
+    /// Latency buckets in milliseconds.
+    static let buckets: [Double] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000]
+
+    struct Histogram {
+        var counts = [UInt64](repeating: 0, count: SidecarMetrics.buckets.count)
+        var sum: Double = 0
+        var count: UInt64 = 0
+        mutating func observe(_ ms: Double) {
+            for (i, b) in SidecarMetrics.buckets.enumerated() where ms <= b { counts[i] += 1 }
+            sum += ms
+            count += 1
+        }
+    }
+
+    struct State {
+        var counters: [String: [String: UInt64]] = [:]  // name → labels → value
+        var histograms: [String: [String: Histogram]] = [:]
+    }
+
+    private let state = NIOLockedValueBox(State())
+
+    public init() {}
+
+    static func labels(_ pairs: [(String, String)]) -> String {
+        pairs.map { "\($0.0)=\(JSON.quote($0.1))" }.joined(separator: ",")
+    }
+
+    public func inc(_ name: String, _ labels: [(String, String)] = [], by n: UInt64 = 1) {
+        let l = Self.labels(labels)
+        state.withLockedValue { $0.counters[name, default: [:]][l, default: 0] += n }
+    }
+
+    public func observe(_ name: String, _ labels: [(String, String)], ms: Double) {
+        let l = Self.labels(labels)
+        state.withLockedValue { $0.histograms[name, default: [:]][l, default: Histogram()].observe(ms) }
+    }
+
+    public func counter(_ name: String, _ labels: [(String, String)] = []) -> UInt64 {
+        let l = Self.labels(labels)
+        return state.withLockedValue { $0.counters[name]?[l] ?? 0 }
+    }
+
+    /// Sum of a counter over all label sets.
+    public func total(_ name: String) -> UInt64 {
+        state.withLockedValue { $0.counters[name]?.values.reduce(0, +) ?? 0 }
+    }
+
+    /// The exposition text; `gauges` are appended as given (name, labels, value).
+    public func render(gauges: [(String, [(String, String)], Double)]) -> String {
+        let s = state.withLockedValue { $0 }
+        var out = ""
+        for name in s.counters.keys.sorted() {
+            out += "# TYPE \(name) counter\n"
+            for (l, v) in s.counters[name]!.sorted(by: { $0.key < $1.key }) {
+                out += l.isEmpty ? "\(name) \(v)\n" : "\(name){\(l)} \(v)\n"
+            }
+        }
+        for name in s.histograms.keys.sorted() {
+            out += "# TYPE \(name) histogram\n"
+            for (l, h) in s.histograms[name]!.sorted(by: { $0.key < $1.key }) {
+                let sep = l.isEmpty ? "" : ","
+                for (i, b) in Self.buckets.enumerated() {
+                    out += "\(name)_bucket{\(l)\(sep)le=\"\(Int(b))\"} \(h.counts[i])\n"
+                }
+                out += "\(name)_bucket{\(l)\(sep)le=\"+Inf\"} \(h.count)\n"
+                out += "\(name)_sum{\(l)} \(h.sum)\n"
+                out += "\(name)_count{\(l)} \(h.count)\n"
+            }
+        }
+        var seen = Set<String>()
+        for (name, labels, value) in gauges {
+            if seen.insert(name).inserted { out += "# TYPE \(name) gauge\n" }
+            let l = Self.labels(labels)
+            out += l.isEmpty ? "\(name) \(value)\n" : "\(name){\(l)} \(value)\n"
+        }
+        return out
+    }
+}

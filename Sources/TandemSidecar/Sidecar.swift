@@ -1,0 +1,357 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import TandemCore
+import TandemEtcdClient
+import TandemTraffic
+
+/// A running sidecar: inbound, outbound and admin listeners, discovery watches, the
+/// registration of its instance, and active health checks of the app.
+public final class Sidecar: @unchecked Sendable {
+    public private(set) var config: SidecarConfig
+    public let group: MultiThreadedEventLoopGroup
+    let ctx: ProxyContext
+    let brain: TrafficBrain
+    let metrics: SidecarMetrics
+    public let registry: EtcdClient?
+    private let lock = NIOLock()
+    private var watchers: [String: ServiceWatcher] = [:]
+    private var firstLoads: [String: EventLoopFuture<Void>] = [:]
+    private var loaded: Set<String> = []
+    private var healthRNG: SeededRandom
+    private var listeners: [String: any Channel] = [:]
+    private var registration: ServiceRegistration?
+    private var healthTask: RepeatedTask?
+    private var appHealth = HealthState()
+    private var ready = false
+    public let log: @Sendable (String) -> Void
+    /// Bound addresses, filled by `start()`.
+    public private(set) var inboundAddress = HostPort(host: "", port: 0)
+    public private(set) var outboundAddress = HostPort(host: "", port: 0)
+    public private(set) var adminAddress = HostPort(host: "", port: 0)
+
+    public init(
+        config: SidecarConfig, registry: [EtcdEndpoint]?, threads: Int = System.coreCount,
+        log: @escaping @Sendable (String) -> Void
+    ) {
+        self.config = config
+        self.log = log
+        group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
+        var seedGen = SystemRandomNumberGenerator()
+        brain = TrafficBrain(config: config, seed: config.seed ?? seedGen.next())
+        healthRNG = SeededRandom(seed: config.seed.map { $0 &+ 1 } ?? seedGen.next())
+        // The local app is a static cluster: no breaker, no ejection; health comes from checks.
+        var local = ClusterConfig(name: ProxyContext.localCluster)
+        local.breaker.consecutiveFailures = nil
+        local.outlier.consecutive5xx = nil
+        local.outlier.enforceSuccessRate = false
+        local.balancer = .roundRobin
+        local.connectTimeout = .seconds(1)
+        var cfg = config
+        cfg.clusters[ProxyContext.localCluster] = local
+        cfg.staticEndpoints[ProxyContext.localCluster] = [
+            Endpoint(id: "app", host: config.appHost, port: config.appPort)
+        ]
+        self.config = cfg
+        let loop = group.next()
+        self.registry = registry.map { EtcdClient(endpoints: $0, loop: loop) }
+        let sharedMetrics = SidecarMetrics()
+        self.metrics = sharedMetrics
+        // One write(2) per line: unbuffered, and whole lines stay whole on a pipe.
+        let printLine: @Sendable (String) -> Void = { line in FileHandle.standardOutput.write(Data((line + "\n").utf8))
+        }
+        let accessLog: (@Sendable (String) -> Void)? = config.accessLog ? printLine : nil
+        let back = WeakSidecar()
+        ctx = ProxyContext(
+            brain: brain, pools: UpstreamPools(maxIdlePerEndpoint: config.limits.maxIdlePerEndpoint),
+            metrics: sharedMetrics,
+            limits: config.limits, service: config.service, inboundTimeout: config.inboundTimeout, accessLog: accessLog,
+            ensureCluster: { name in back.value?.ensureCluster(name) })
+        back.value = self
+        brain.reconfigure(cfg)
+    }
+
+    /// Lets the proxy context call back into its sidecar without a retain cycle.
+    final class WeakSidecar: @unchecked Sendable {
+        weak var value: Sidecar?
+    }
+
+    // MARK: discovery
+
+    /// Starts watching `name` on first use; returns the first load (bounded wait), or nil when
+    /// there is nothing to wait for.
+    func ensureCluster(_ name: String) -> EventLoopFuture<Void>? {
+        guard name != ProxyContext.localCluster, let registry else { return nil }
+        return lock.withLock { () -> EventLoopFuture<Void>? in
+            if loaded.contains(name) { return nil }
+            if let f = firstLoads[name] { return f }
+            let brain = self.brain
+            let w = ServiceWatcher(client: registry, service: name) { instances in
+                let eps = instances.map { i in
+                    Endpoint(
+                        id: i.instance, host: i.address, port: i.port, zone: i.zone, passing: i.health == "passing",
+                        metadata: i.metadata)
+                }
+                brain.setDiscovered(name, eps)
+            }
+            w.log = log
+            watchers[name] = w
+            // Wait for the first answer at most 2 s; after that, serve with what we have.
+            let loop = registry.loop
+            let promise = loop.makePromise(of: Void.self)
+            w.start().whenComplete { _ in promise.succeed(()) }
+            loop.scheduleTask(in: .seconds(2)) { promise.succeed(()) }
+            firstLoads[name] = promise.futureResult
+            promise.futureResult.whenComplete { _ in self.lock.withLock { _ = self.loaded.insert(name) } }
+            return promise.futureResult
+        }
+    }
+
+    // MARK: lifecycle
+
+    /// Binds the listeners. Registration happens in `register()` once the app is healthy.
+    public func start() throws {
+        let inbound = try listen(config.inbound, side: .inbound)
+        let outbound = try listen(config.outbound, side: .outbound)
+        let admin = try listenAdmin(config.admin)
+        inboundAddress = HostPort(host: config.inbound.host, port: inbound.localAddress?.port ?? 0)
+        outboundAddress = HostPort(host: config.outbound.host, port: outbound.localAddress?.port ?? 0)
+        adminAddress = HostPort(host: config.admin.host, port: admin.localAddress?.port ?? 0)
+        lock.withLock {
+            listeners = ["inbound": inbound, "outbound": outbound, "admin": admin]
+            ready = true
+        }
+        log(
+            "sidecar \(config.service)/\(config.instance): inbound \(inboundAddress) → app \(config.appHost):\(config.appPort), outbound \(outboundAddress), admin http://\(adminAddress)"
+        )
+    }
+
+    private let connections = NIOLockedValueBox<[ObjectIdentifier: any Channel]>([:])
+
+    private func listen(_ addr: HostPort, side: ProxySide) throws -> any Channel {
+        let ctx = self.ctx
+        let limits = config.limits
+        let connections = self.connections
+        let decoderLimits = {
+            var d = NIOHTTPDecoderLimitConfiguration()
+            d.maxHeaderListSize = limits.maxHeaderBytes
+            d.maxHeaderFieldSize = limits.maxHeaderBytes
+            return d
+        }()
+        return try ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(.backlog, value: 1024)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 32 * 1024, high: 256 * 1024))
+            .childChannelInitializer { ch in
+                let id = ObjectIdentifier(ch)
+                let admitted = connections.withLockedValue { c -> Bool in
+                    guard c.count < limits.maxConnections else { return false }
+                    c[id] = ch
+                    return true
+                }
+                guard admitted else {
+                    ctx.metrics.inc("tandem_connections_rejected_total", [("side", side.rawValue)])
+                    return ch.close()
+                }
+                ch.closeFuture.whenComplete { _ in _ = connections.withLockedValue { $0.removeValue(forKey: id) } }
+                return ch.pipeline.configureHTTPServerPipeline(
+                    withErrorHandling: false, withDecoderLimitConfiguration: decoderLimits
+                ).flatMapThrowing {
+                    try ch.pipeline.syncOperations.addHandler(HTTPProxyHandler(ctx: ctx, side: side))
+                }
+            }
+            .bind(host: addr.host, port: addr.port).wait()
+    }
+
+    private func listenAdmin(_ addr: HostPort) throws -> any Channel {
+        try ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { ch in
+                ch.pipeline.configureHTTPServerPipeline().flatMapThrowing {
+                    try ch.pipeline.syncOperations.addHandler(AdminHandler(sidecar: self))
+                }
+            }
+            .bind(host: addr.host, port: addr.port).wait()
+    }
+
+    // MARK: app health and registration
+
+    /// Checks the app on its own schedule; the first pass registers the instance as passing
+    /// (or, without a registry, only flips readiness).
+    public func startHealthChecks() {
+        scheduleHealthCheck(.zero, loop: group.next())
+    }
+
+    private func scheduleHealthCheck(_ delay: TimeAmount, loop: any EventLoop) {
+        let hc = config.appHealth
+        loop.scheduleTask(in: delay) { [weak self] in
+            guard let self, !self.ctx.isDraining else { return }
+            self.checkApp(hc, loop: loop).whenComplete { _ in
+                // Until the app first passes, check quickly (start-up); then at the jittered interval.
+                let next: TimeAmount = self.lock.withLock {
+                    self.appHealth.status == .healthy
+                        ? .nanoseconds(hc.nextDelay(rng: &self.healthRNG)) : .milliseconds(200)
+                }
+                self.scheduleHealthCheck(next, loop: loop)
+            }
+        }
+    }
+
+    /// The app's health as last checked.
+    public var appStatus: HealthState.Status { lock.withLock { appHealth.status } }
+
+    private func checkApp(_ hc: HealthCheckConfig, loop: any EventLoop) -> EventLoopFuture<Void> {
+        let probe = HealthProbe.run(
+            hc.kind, host: config.appHost, port: config.appPort, timeout: .nanoseconds(hc.timeout), loop: loop)
+        return probe.map { result in
+            let changed = self.lock.withLock {
+                self.appHealth.record(passed: result.passed, error: result.error, config: hc)
+            }
+            self.metrics.inc("tandem_app_health_checks_total", [("result", result.passed ? "pass" : "fail")])
+            if changed {
+                let status = self.appStatus
+                self.log("app health: \(status.rawValue)\(result.error.map { " (\($0))" } ?? "")")
+                self.publishHealth(status == .healthy ? "passing" : "critical")
+            }
+        }
+    }
+
+    private func publishHealth(_ health: String) {
+        guard let registry else { return }
+        let existing = lock.withLock { registration }
+        if let existing {
+            existing.update { $0.health = health }.whenFailure { e in self.log("health update failed: \(e)") }
+            return
+        }
+        guard health == "passing" else { return }
+        let advertise = config.advertiseHost ?? (inboundAddress.host == "0.0.0.0" ? "127.0.0.1" : inboundAddress.host)
+        let inst = ServiceInstance(
+            service: config.service, instance: config.instance, address: advertise, port: inboundAddress.port,
+            protocol: "http", zone: config.zone, metadata: config.metadata, health: health)
+        let reg = ServiceRegistration(client: registry, instance: inst, ttl: config.leaseTTL)
+        reg.log = log
+        lock.withLock { registration = reg }
+        reg.start().whenFailure { e in self.log("registration failed: \(e); retrying on the next check") }
+    }
+
+    public var isRegistered: Bool { lock.withLock { registration?.leaseID ?? 0 } > 0 }
+
+    // MARK: drain
+
+    public var isReady: Bool { lock.withLock { ready } && !ctx.isDraining }
+
+    /// Clean shutdown of the inbound side: deregister, wait the grace period so peers see
+    /// it, stop accepting, and wait (bounded) for in-flight requests. The outbound listener
+    /// keeps serving the app until `shutdown()`.
+    public func drain() -> EventLoopFuture<Void> {
+        let loop = group.next()
+        let already = ctx.draining.withLockedValue { d -> Bool in
+            defer { d = true }
+            return d
+        }
+        if already { return loop.makeSucceededVoidFuture() }
+        log("draining: deregistering, then finishing in-flight requests (up to \(config.drainTimeout))")
+        let reg = lock.withLock { registration }
+        let deregistered =
+            reg?.stop().flatMapErrorThrowing { e in self.log("deregistration failed: \(e) (the lease will expire)") }
+            ?? loop.makeSucceededVoidFuture()
+        let grace = config.drainGrace
+        let timeout = config.drainTimeout
+        return deregistered.hop(to: loop).flatMap {
+            loop.scheduleTask(in: grace) {}.futureResult
+        }.flatMap {
+            let inbound = self.lock.withLock { self.listeners.removeValue(forKey: "inbound") }
+            return inbound?.close() ?? loop.makeSucceededVoidFuture()
+        }.flatMap {
+            self.waitForInFlight(loop: loop, deadline: .now() + timeout)
+        }
+    }
+
+    private func waitForInFlight(loop: any EventLoop, deadline: NIODeadline) -> EventLoopFuture<Void> {
+        let n = ctx.inFlight.withLockedValue { $0 }
+        if n == 0 { return loop.makeSucceededVoidFuture() }
+        if NIODeadline.now() >= deadline {
+            log("drain timeout with \(n) requests still in flight")
+            return loop.makeSucceededVoidFuture()
+        }
+        return loop.scheduleTask(in: .milliseconds(20)) {}.futureResult.flatMap {
+            self.waitForInFlight(loop: loop, deadline: deadline)
+        }
+    }
+
+    /// Closes everything. Call `drain()` first for a clean stop.
+    public func shutdown() {
+        let all = lock.withLock { () -> [any Channel] in
+            let l = Array(listeners.values)
+            listeners = [:]
+            return l
+        }
+        for ch in all { try? ch.close().wait() }
+        for ch in connections.withLockedValue({ Array($0.values) }) { try? ch.close().wait() }
+        let ws = lock.withLock { Array(watchers.values) }
+        for w in ws { w.stop() }
+        ctx.pools.closeAll()
+        registry?.close()
+        try? group.syncShutdownGracefully()
+    }
+
+    // MARK: admin views
+
+    func clustersJSON() -> String {
+        let now = nowNanos()
+        let clusters = brain.with { $0.clusters }
+        var parts: [String] = []
+        for (name, c) in clusters.sorted(by: { $0.key < $1.key }) {
+            let eps = c.endpoints.map { ep -> String in
+                let health = c.health[ep.id]?.status.rawValue ?? "unchecked"
+                return
+                    "{\"id\":\(JSON.quote(ep.id)),\"address\":\(JSON.quote(ep.address)),\"passing\":\(ep.passing),\"health\":\"\(health)\",\"ejected\":\(c.outlier.isEjected(ep.id, now: now)),\"times_ejected\":\(c.outlier.timesEjected(ep.id)),\"active\":\(c.balancer.load(of: ep.id).active)}"
+            }
+            parts.append(
+                "{\"name\":\(JSON.quote(name)),\"breaker\":\"\(c.breaker.stateName)\",\"breaker_trips\":\(c.breaker.trips),\"in_flight\":\(c.gate.requests),\"endpoints\":[\(eps.joined(separator: ","))]}"
+            )
+        }
+        return "{\"clusters\":[\(parts.joined(separator: ","))]}"
+    }
+
+    func routesJSON() -> String {
+        let routes = brain.with { $0.routes.routes }
+        let items = routes.map { r -> String in
+            let path: String
+            switch r.match.path {
+            case .exact(let p): path = "exact:\(p)"
+            case .prefix(let p): path = "prefix:\(p)"
+            case .template(let p): path = "template:\(p)"
+            }
+            return
+                "{\"name\":\(JSON.quote(r.name)),\"host\":\(r.match.host.map(JSON.quote) ?? "null"),\"path\":\(JSON.quote(path)),\"cluster\":\(JSON.quote(r.cluster)),\"retries\":\(r.retry.numRetries)}"
+        }
+        return "{\"routes\":[\(items.joined(separator: ","))]}"
+    }
+
+    func metricsText() -> String {
+        let now = nowNanos()
+        let clusters = brain.with { $0.clusters }
+        var gauges: [(String, [(String, String)], Double)] = []
+        gauges.append(("tandem_ready", [], isReady ? 1 : 0))
+        gauges.append(("tandem_in_flight_requests", [], Double(ctx.inFlight.withLockedValue { $0 })))
+        for (name, c) in clusters.sorted(by: { $0.key < $1.key }) {
+            let routable = c.endpoints.filter { c.isRoutable($0, now: now) }.count
+            gauges.append(("tandem_cluster_endpoints", [("cluster", name), ("state", "routable")], Double(routable)))
+            gauges.append(
+                ("tandem_cluster_endpoints", [("cluster", name), ("state", "total")], Double(c.endpoints.count)))
+            gauges.append(("tandem_cluster_breaker_open", [("cluster", name)], c.breaker.stateName == "closed" ? 0 : 1))
+            gauges.append(("tandem_cluster_breaker_trips", [("cluster", name)], Double(c.breaker.trips)))
+            gauges.append(("tandem_cluster_outlier_ejections", [("cluster", name)], Double(c.outlier.ejectionsTotal)))
+            gauges.append(
+                ("tandem_cluster_ejected_endpoints", [("cluster", name)], Double(c.outlier.ejectedCount(now: now))))
+            gauges.append(("tandem_cluster_overflows", [("cluster", name)], Double(c.gate.overflows)))
+        }
+        return metrics.render(gauges: gauges)
+    }
+
+    public var metricsSnapshot: SidecarMetrics { metrics }
+}

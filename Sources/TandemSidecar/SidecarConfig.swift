@@ -1,0 +1,96 @@
+/// TandemSidecar — the NIO data plane: inbound and outbound HTTP/1.1 proxies, upstream
+/// connection pools, discovery through the registry, active health checks, the admin
+/// listener, and the supervisor used by `tandem run`. Every decision (route, endpoint,
+/// retry, breaker, ejection, rate limit) is made by TandemTraffic; this module moves bytes.
+import NIOCore
+import TandemTraffic
+
+/// `host:port`; port 0 asks the OS for a free one.
+public struct HostPort: Sendable, Equatable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+    public init?(_ s: String) {
+        guard let colon = s.lastIndex(of: ":"), let p = Int(s[s.index(after: colon)...]), p >= 0, p < 65536 else {
+            return nil
+        }
+        host = colon == s.startIndex ? "127.0.0.1" : String(s[..<colon])
+        port = p
+    }
+    public var description: String { "\(host):\(port)" }
+}
+
+/// Bounds on what one sidecar accepts; each has a clear answer when hit.
+public struct SidecarLimits: Sendable, Equatable {
+    /// Request header block (431 beyond).
+    public var maxHeaderBytes = 64 * 1024
+    /// Buffered request body (413 beyond).
+    public var maxBodyBytes = 8 << 20
+    /// A client must finish sending request headers within this (slowloris).
+    public var headerReadTimeout: TimeAmount = .seconds(10)
+    /// Idle keep-alive connections are closed after this.
+    public var idleTimeout: TimeAmount = .seconds(60)
+    /// Downstream connections per listener; more are closed at accept.
+    public var maxConnections = 4096
+    /// Upstream clusters (services) one sidecar will discover and track; requests for more
+    /// are answered 503 `overflow`, so calls to random host names cannot grow memory.
+    public var maxClusters = 1024
+    /// Idle upstream connections kept per endpoint per event loop.
+    public var maxIdlePerEndpoint = 32
+    public init() {}
+}
+
+public struct SidecarConfig: Sendable {
+    public var service: String
+    public var instance: String
+    /// The app's port on `appHost`.
+    public var appHost = "127.0.0.1"
+    public var appPort: Int
+    public var inbound = HostPort(host: "127.0.0.1", port: 0)
+    public var outbound = HostPort(host: "127.0.0.1", port: 0)
+    public var admin = HostPort(host: "127.0.0.1", port: 0)
+    /// The address other sidecars reach the inbound listener at (default: its bound host).
+    public var advertiseHost: String? = nil
+    public var zone: String? = nil
+    public var metadata: [String: String] = [:]
+    /// Outbound routes; a request that matches none goes to the cluster named by its host.
+    public var routes: [Route] = []
+    /// Per-cluster settings; a cluster not listed gets `defaultCluster` with its name.
+    public var clusters: [String: ClusterConfig] = [:]
+    public var defaultCluster = ClusterConfig(name: "default")
+    /// Endpoints used when discovery has none (or no registry is configured).
+    public var staticEndpoints: [String: [Endpoint]] = [:]
+    /// Retry policy and timeout of the implicit per-service routes (requests matching no route).
+    public var defaultRetry = RetryPolicy()
+    public var defaultTimeout: Nanos? = .seconds(15)
+    /// Inbound requests are cut after this (or the caller's remaining deadline, if shorter).
+    public var inboundTimeout: Nanos? = .seconds(60)
+    /// How the sidecar checks its app; registration says "passing" only after it passes.
+    public var appHealth = HealthCheckConfig(kind: .tcp)
+    /// Registration lease TTL in seconds.
+    public var leaseTTL: Int64 = 10
+    public var limits = SidecarLimits()
+    /// After deregistering, keep serving this long so peers see the change before we stop.
+    public var drainGrace: TimeAmount = .seconds(1)
+    /// Bound on waiting for in-flight requests during a drain.
+    public var drainTimeout: TimeAmount = .seconds(10)
+    public var accessLog = false
+    /// Seed for the sidecar's random choices (balancer, jitter); nil = from the system.
+    public var seed: UInt64? = nil
+
+    public init(service: String, instance: String, appPort: Int) {
+        self.service = service
+        self.instance = instance
+        self.appPort = appPort
+    }
+
+    public func clusterConfig(_ name: String) -> ClusterConfig {
+        if let c = clusters[name] { return c }
+        var c = defaultCluster
+        c.name = name
+        return c
+    }
+}

@@ -1,0 +1,79 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import TandemCore
+import TandemTraffic
+
+/// The monotonic clock the shell feeds to the cores.
+@inline(__always) func nowNanos() -> Nanos { Nanos(NIODeadline.now().uptimeNanoseconds) }
+
+/// Shared traffic state of one sidecar: the route table and every cluster's TandemTraffic
+/// state, behind one lock (decisions are short; bytes never move under it).
+final class TrafficBrain: Sendable {
+    struct State {
+        var routes: RouteTable
+        var clusters: [String: ClusterState] = [:]
+        var rng: SeededRandom
+        var limiters: [String: TokenBucket] = [:]
+        var config: SidecarConfig
+    }
+
+    let state: NIOLockedValueBox<State>
+
+    init(config: SidecarConfig, seed: UInt64) {
+        state = NIOLockedValueBox(
+            State(routes: RouteTable(config.routes), rng: SeededRandom(seed: seed), config: config))
+    }
+
+    func with<T>(_ body: (inout State) -> T) -> T { state.withLockedValue(body) }
+
+    /// The cluster's state, created from config on first use.
+    static func cluster(_ s: inout State, _ name: String) -> ClusterState {
+        if let c = s.clusters[name] { return c }
+        var c = ClusterState(s.config.clusterConfig(name))
+        if let eps = s.config.staticEndpoints[name] { c.setEndpoints(eps) }
+        s.clusters[name] = c
+        return c
+    }
+
+    func withCluster<T>(_ name: String, _ body: (inout ClusterState, inout SeededRandom) -> T) -> T {
+        state.withLockedValue { s in
+            var c = Self.cluster(&s, name)
+            let r = body(&c, &s.rng)
+            s.clusters[name] = c
+            return r
+        }
+    }
+
+    /// Installs discovered endpoints; static ones stand in while discovery has none.
+    func setDiscovered(_ name: String, _ eps: [Endpoint]) {
+        state.withLockedValue { s in
+            var c = Self.cluster(&s, name)
+            c.setEndpoints(eps.isEmpty ? (s.config.staticEndpoints[name] ?? []) : eps)
+            s.clusters[name] = c
+        }
+    }
+
+    /// Swaps in a new route table and cluster settings atomically, keeping endpoint state.
+    func reconfigure(_ config: SidecarConfig) {
+        state.withLockedValue { s in
+            s.config = config
+            s.routes = RouteTable(config.routes)
+            s.limiters = [:]
+            for (name, old) in s.clusters {
+                var c = ClusterState(config.clusterConfig(name))
+                c.setEndpoints(old.endpoints)
+                s.clusters[name] = c
+            }
+        }
+    }
+
+    func takeToken(route: Route, now: Nanos) -> Bool {
+        guard let rl = route.rateLimit else { return true }
+        return state.withLockedValue { s in
+            var b = s.limiters[route.name] ?? TokenBucket(rl)
+            let ok = b.tryTake(now: now)
+            s.limiters[route.name] = b
+            return ok
+        }
+    }
+}

@@ -1,0 +1,417 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import NIOCore
+import NIOPosix
+import TandemCore
+import TandemEtcdAPI
+import TandemEtcdClient
+import TandemRegistryServer
+import TandemSidecar
+import TandemTraffic
+
+/// Flags shared by `tandem run` and `tandem sidecar`.
+struct SidecarOptions: ParsableArguments {
+    @Option(help: "Service name this instance registers as.") var service: String
+    @Option(help: "Port the app listens on (on --app-host).") var appPort: Int
+    @Option(help: "Host the app listens on.") var appHost = "127.0.0.1"
+    @Option(help: "Inbound listener HOST:PORT, the address registered for this instance (port 0: any free port).")
+    var inbound = "127.0.0.1:0"
+    @Option(help: "Outbound listener HOST:PORT the app calls other services through (HTTP_PROXY points here).")
+    var outbound = "127.0.0.1:0"
+    @Option(help: "Admin listener HOST:PORT (/ready /live /metrics /clusters /routes, POST /drain).")
+    var admin = "127.0.0.1:0"
+    @Option(
+        help: """
+            Registry endpoints (Tandem or etcd), comma-separated host:port. Default: 127.0.0.1:2379 if it answers, \
+            otherwise an embedded single-node registry there. 'none': static endpoints only.
+            """)
+    var registry: String?
+    @Option(help: "Data directory of the embedded registry (used only when this sidecar hosts it).")
+    var registryDataDir = "tandem.registry"
+    @Option(help: "Instance id (default: SERVICE-PID-RANDOM).") var instance: String?
+    @Option(help: "Address other sidecars use to reach the inbound listener (default: its host).")
+    var advertise: String?
+    @Option(help: "Zone, for zone-aware balancing.") var zone: String?
+    @Option(
+        name: .customLong("upstream"), help: "Static endpoints for a service: NAME=HOST:PORT[,HOST:PORT] (repeatable).")
+    var upstreams: [String] = []
+    @Option(help: "HTTP path of the app's health check; without it the check is a TCP connect.")
+    var healthPath: String?
+    @Option(help: "Seconds between health checks.") var healthInterval: Int64 = 10
+    @Option(help: "Health check timeout in milliseconds.") var healthTimeoutMs: Int64 = 1000
+    @Option(help: "Failures before the app is marked critical.") var unhealthyThreshold = 3
+    @Option(help: "Successes before a critical app is passing again.") var healthyThreshold = 2
+    @Option(help: "Registration lease TTL in seconds.") var leaseTtl: Int64 = 10
+    @Option(help: "Balancer: peak_ewma, least_request, round_robin, random, ring_hash:HEADER.") var balancer =
+        "peak_ewma"
+    @Option(help: "Retries per outbound request (default policy: connect-failure, refused-stream, reset, 503).")
+    var retries = 1
+    @Option(help: "Outbound route timeout in milliseconds, retries included.") var timeoutMs: Int64 = 15_000
+    @Option(help: "Seconds to wait for in-flight requests when draining.") var drainTimeout: Int64 = 10
+    @Option(help: "Milliseconds between deregistering and closing the inbound listener.") var drainGraceMs: Int64 = 1000
+    @Flag(help: "Print a JSON access log line per request on stdout.") var accessLog = false
+
+    func validate() throws {
+        for (flag, v) in [("--inbound", inbound), ("--outbound", outbound), ("--admin", admin)] where HostPort(v) == nil
+        {
+            throw ValidationError("\(flag): expected HOST:PORT, got '\(v)'")
+        }
+        guard (1...65535).contains(appPort) else { throw ValidationError("--app-port must be 1…65535") }
+        guard !service.isEmpty,
+            service.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." })
+        else { throw ValidationError("--service: letters, digits, '-', '_' and '.' only") }
+        guard BalancerKind.parse(balancer) != nil else { throw ValidationError("--balancer: unknown '\(balancer)'") }
+        _ = try staticEndpoints()
+    }
+
+    func staticEndpoints() throws -> [String: [Endpoint]] {
+        var out: [String: [Endpoint]] = [:]
+        for u in upstreams {
+            let kv = u.split(separator: "=", maxSplits: 1).map(String.init)
+            guard kv.count == 2, !kv[0].isEmpty else {
+                throw ValidationError("--upstream: expected NAME=HOST:PORT, got '\(u)'")
+            }
+            for a in kv[1].split(separator: ",") {
+                guard let hp = HostPort(String(a)), hp.port > 0 else {
+                    throw ValidationError("--upstream \(kv[0]): bad address '\(a)'")
+                }
+                out[kv[0], default: []].append(Endpoint(id: hp.description, host: hp.host, port: hp.port))
+            }
+        }
+        return out
+    }
+
+    func sidecarConfig() throws -> SidecarConfig {
+        var rnd = SystemRandomNumberGenerator()
+        let id = instance ?? "\(service)-\(getpid())-\(String(rnd.next() % 0xFFFF, radix: 16))"
+        var c = SidecarConfig(service: service, instance: id, appPort: appPort)
+        c.appHost = appHost
+        c.inbound = HostPort(inbound)!
+        c.outbound = HostPort(outbound)!
+        c.admin = HostPort(admin)!
+        c.advertiseHost = advertise
+        c.zone = zone
+        c.staticEndpoints = try staticEndpoints()
+        var hc = HealthCheckConfig(kind: healthPath.map { .http(path: $0) } ?? .tcp)
+        hc.interval = .seconds(healthInterval)
+        hc.timeout = .milliseconds(healthTimeoutMs)
+        hc.unhealthyThreshold = unhealthyThreshold
+        hc.healthyThreshold = healthyThreshold
+        c.appHealth = hc
+        c.leaseTTL = leaseTtl
+        c.defaultCluster.balancer = BalancerKind.parse(balancer)!
+        c.defaultCluster.localZone = zone
+        c.drainTimeout = .seconds(drainTimeout)
+        c.drainGrace = .milliseconds(drainGraceMs)
+        c.accessLog = accessLog
+        var retry = RetryPolicy()
+        retry.numRetries = retries
+        c.defaultRetry = retry
+        c.defaultTimeout = .milliseconds(timeoutMs)
+        return c
+    }
+}
+
+/// Connects to the registry given, or finds/hosts the default one.
+enum RegistryResolver {
+    static func resolve(
+        _ opt: SidecarOptions, log: @escaping @Sendable (String) -> Void
+    ) throws -> (
+        [EtcdEndpoint]?, RegistryServer?
+    ) {
+        if opt.registry == "none" { return (nil, nil) }
+        if let r = opt.registry { return (try EtcdEndpoint.parseList(r), nil) }
+        let def = EtcdEndpoint(host: "127.0.0.1", port: 2379)
+        if answers(def) {
+            log("using the registry at \(def)")
+            return ([def], nil)
+        }
+        do {
+            let server = try startEmbedded(dataDir: opt.registryDataDir, host: def.host, port: def.port)
+            log("no registry answered at \(def); hosting an embedded one there (data in \(opt.registryDataDir))")
+            return ([def], server)
+        } catch {
+            // Another sidecar may have won the race for the port.
+            if answers(def) { return ([def], nil) }
+            throw RuntimeError("no registry at \(def) and cannot host one: \(error)")
+        }
+    }
+
+    static func answers(_ ep: EtcdEndpoint) -> Bool {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let client = EtcdClient(endpoints: [ep], loop: group.next())
+        client.callTimeout = .seconds(1)
+        client.connectTimeout = .milliseconds(500)
+        defer { client.close() }
+        return (try? client.status().wait()) != nil
+    }
+
+    static func startEmbedded(dataDir: String, host: String, port: Int) throws -> RegistryServer {
+        var cfg = RegistryNode.Config()
+        cfg.name = "embedded"
+        cfg.dataDir = dataDir
+        cfg.id = 1
+        cfg.peers = [1: "http://127.0.0.1:2380"]
+        cfg.peerURLs = ["http://127.0.0.1:2380"]
+        cfg.names = [1: "embedded"]
+        let server = try RegistryServer(config: cfg, wallClockMs: UInt64(Date().timeIntervalSince1970 * 1000))
+        do {
+            _ = try server.start(host: host, port: port)
+        } catch {
+            try? server.shutdown()
+            throw error
+        }
+        let node = server.node
+        try node.loop.submit { node.setClientURLs(["http://\(host):\(port)"]) }.wait()
+        return server
+    }
+}
+
+func stderrLog(_ prefix: String) -> @Sendable (String) -> Void {
+    { line in
+        FileHandle.standardError.write(Data("tandem[\(prefix)]: \(line)\n".utf8))
+    }
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run an app next to a sidecar: start the sidecar, start the app, register it, drain on exit.",
+        discussion: """
+            Example: tandem run --service users --app-port 8080 -- ./users-server
+            The app gets TANDEM_SERVICE, TANDEM_INSTANCE, TANDEM_OUTBOUND, TANDEM_ADMIN and HTTP_PROXY
+            (so http://users/... reaches the users service through the sidecar). SIGTERM/SIGINT drain:
+            deregister, finish in-flight requests, stop the app, exit with its code.
+            """)
+
+    @OptionGroup var options: SidecarOptions
+    @Option(help: "Seconds the app gets to exit after SIGTERM before SIGKILL.") var appStopTimeout: Int64 = 10
+    @Argument(parsing: .captureForPassthrough, help: "The app's command line, after --.") var command: [String] = []
+
+    func validate() throws {
+        let cmd = command.first == "--" ? Array(command.dropFirst()) : command
+        guard !cmd.isEmpty else { throw ValidationError("give the app's command after --, e.g. -- ./server") }
+    }
+
+    func run() throws {
+        let cmd = command.first == "--" ? Array(command.dropFirst()) : command
+        let log = stderrLog(options.service)
+        let (endpoints, embedded) = try RegistryResolver.resolve(options, log: log)
+        let sidecar = Sidecar(config: try options.sidecarConfig(), registry: endpoints, log: log)
+        try sidecar.start()
+        let sup = try Supervisor(
+            sidecar: sidecar, embedded: embedded, command: cmd, stopTimeout: .seconds(appStopTimeout), log: log)
+        Foundation.exit(sup.run())
+    }
+}
+
+struct SidecarCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sidecar",
+        abstract: "Run only the sidecar, for an app started elsewhere (same flags as `tandem run`).")
+
+    @OptionGroup var options: SidecarOptions
+
+    func run() throws {
+        let log = stderrLog(options.service)
+        let (endpoints, embedded) = try RegistryResolver.resolve(options, log: log)
+        let sidecar = Sidecar(config: try options.sidecarConfig(), registry: endpoints, log: log)
+        try sidecar.start()
+        let sup = try Supervisor(sidecar: sidecar, embedded: embedded, command: nil, stopTimeout: .seconds(0), log: log)
+        Foundation.exit(sup.run())
+    }
+}
+
+/// Supervises the app: env, signals, health/registration, drain, exit code.
+final class Supervisor: @unchecked Sendable {
+    let sidecar: Sidecar
+    let embedded: RegistryServer?
+    let command: [String]?
+    let environment: [String: String]
+    private var app: AppProcess?
+    let stopTimeout: TimeAmount
+    let log: @Sendable (String) -> Void
+    private let done = DispatchSemaphore(value: 0)
+    private let lock = NSLock()
+    private var exitCode: Int32 = 0
+    private var stopping = false
+    private var signalSources: [any DispatchSourceSignal] = []
+
+    init(
+        sidecar: Sidecar, embedded: RegistryServer?, command: [String]?, stopTimeout: TimeAmount,
+        log: @escaping @Sendable (String) -> Void
+    ) throws {
+        self.sidecar = sidecar
+        self.embedded = embedded
+        self.stopTimeout = stopTimeout
+        self.log = log
+        if let command {
+            var env = ProcessInfo.processInfo.environment
+            let out = sidecar.outboundAddress
+            env["TANDEM_SERVICE"] = sidecar.config.service
+            env["TANDEM_INSTANCE"] = sidecar.config.instance
+            env["TANDEM_OUTBOUND"] = out.description
+            env["TANDEM_ADMIN"] = sidecar.adminAddress.description
+            env["TANDEM_INBOUND"] = sidecar.inboundAddress.description
+            env["TANDEM_APP_PORT"] = String(sidecar.config.appPort)
+            env["HTTP_PROXY"] = "http://\(out)"
+            env["http_proxy"] = "http://\(out)"
+            env["NO_PROXY"] = "localhost,127.0.0.1,::1"
+            env["no_proxy"] = "localhost,127.0.0.1,::1"
+            self.command = command
+            self.environment = env
+        } else {
+            self.command = nil
+            self.environment = [:]
+        }
+    }
+
+    func run() -> Int32 {
+        for sig in [SIGTERM, SIGINT] {
+            signal(sig, SIG_IGN)
+            let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            src.setEventHandler { [weak self] in self?.stop(reason: sig == SIGTERM ? "SIGTERM" : "SIGINT") }
+            src.resume()
+            signalSources.append(src)
+        }
+        if let command {
+            do {
+                let a = try AppProcess.spawn(command, environment: environment)
+                lock.lock()
+                app = a
+                lock.unlock()
+                log("started app (pid \(a.pid)): \(command.joined(separator: " "))")
+                Thread.detachNewThread { [weak self] in
+                    let code = a.waitForExit()
+                    self?.appExited(code)
+                }
+            } catch {
+                log("cannot start the app: \(error)")
+                finish(code: 127)
+                return exitCode
+            }
+        }
+        sidecar.startHealthChecks()
+        done.wait()
+        return exitCode
+    }
+
+    private func appExited(_ code: Int32) {
+        lock.lock()
+        let wasStopping = stopping
+        stopping = true
+        lock.unlock()
+        if wasStopping {
+            log("app exited with code \(code)")
+            finish(code: code)
+            return
+        }
+        log("app exited on its own with code \(code); draining")
+        _ = try? sidecar.drain().wait()
+        finish(code: code)
+    }
+
+    private func stop(reason: String) {
+        lock.lock()
+        if stopping {
+            lock.unlock()
+            return
+        }
+        stopping = true
+        lock.unlock()
+        log("\(reason): draining")
+        DispatchQueue.global().async {
+            _ = try? self.sidecar.drain().wait()
+            self.lock.lock()
+            let app = self.app
+            self.lock.unlock()
+            guard let app, app.isRunning else {
+                self.finish(code: 0)
+                return
+            }
+            app.signal(SIGTERM)
+            let deadline = DispatchTime.now() + .nanoseconds(Int(self.stopTimeout.nanoseconds))
+            DispatchQueue.global().asyncAfter(deadline: deadline) {
+                if app.isRunning {
+                    self.log("app did not exit within \(self.stopTimeout.nanoseconds / 1_000_000_000)s; SIGKILL")
+                    app.signal(SIGKILL)
+                }
+            }
+            // appExited() finishes.
+        }
+    }
+
+    private func finish(code: Int32) {
+        lock.lock()
+        exitCode = code
+        lock.unlock()
+        sidecar.shutdown()
+        if let embedded { try? embedded.shutdown() }
+        done.signal()
+    }
+}
+
+/// The supervised app, started with posix_spawn so it gets a clean signal mask and default
+/// signal dispositions whatever its parent had blocked or ignored (Foundation's Process passes
+/// the caller's mask on: an app started from a thread with SIGTERM blocked would never see it).
+final class AppProcess: @unchecked Sendable {
+    let pid: pid_t
+    private let lock = NSLock()
+    private var exited = false
+
+    private init(pid: pid_t) { self.pid = pid }
+
+    enum SpawnError: Error, CustomStringConvertible {
+        case failed(String, Int32)
+        var description: String {
+            switch self {
+            case .failed(let cmd, let err): return "cannot start \(cmd): \(String(cString: strerror(err)))"
+            }
+        }
+    }
+
+    static func spawn(_ argv: [String], environment: [String: String]) throws -> AppProcess {
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        var all = sigset_t()
+        sigfillset(&all)
+        posix_spawnattr_setsigmask(&attr, &empty)
+        posix_spawnattr_setsigdefault(&attr, &all)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        let cArgs = argv.map { strdup($0) } + [nil]
+        let cEnv = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer {
+            for p in cArgs { free(p) }
+            for p in cEnv { free(p) }
+        }
+        var pid: pid_t = 0
+        let rc = posix_spawnp(&pid, argv[0], nil, &attr, cArgs, cEnv)
+        guard rc == 0 else { throw SpawnError.failed(argv[0], rc) }
+        return AppProcess(pid: pid)
+    }
+
+    var isRunning: Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return !exited
+    }
+
+    func signal(_ sig: Int32) {
+        if isRunning { kill(pid, sig) }
+    }
+
+    /// Blocks until the app exits; its exit code, or 128 + the signal that killed it.
+    func waitForExit() -> Int32 {
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) == -1 && errno == EINTR {}
+        lock.lock()
+        exited = true
+        lock.unlock()
+        let sig = status & 0x7F
+        return sig == 0 ? (status >> 8) & 0xFF : 128 + sig
+    }
+}

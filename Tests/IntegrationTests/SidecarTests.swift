@@ -1,0 +1,311 @@
+import Foundation
+import Testing
+
+/// The example apps (examples/users-orders) and the load client.
+let repoRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent()
+let usersApp = repoRoot.appendingPathComponent("examples/users-orders/users.py").path
+let ordersApp = repoRoot.appendingPathComponent("examples/users-orders/orders.py").path
+let loadScript = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+    .appendingPathComponent("Resources/load.py").path
+
+/// One `tandem run` (or `tandem sidecar`) process with its ports, read from its start line.
+final class SidecarUnderTest {
+    let child: Child
+    let service: String
+    var inbound = ""
+    var outbound = ""
+    var admin = ""
+    var startLines: [String] = []
+
+    /// Starts and waits until the instance is registered (app healthy), or only until the
+    /// listeners are up when `waitForRegistration` is false.
+    init(
+        service: String, registry: String, appPort: Int, app: [String]?, extra: [String] = [],
+        env: [String: String] = [:], waitForRegistration: Bool = true
+    ) throws {
+        self.service = service
+        var args = [
+            app == nil ? "sidecar" : "run", "--service", service, "--app-port", String(appPort), "--registry", registry,
+        ]
+        args += ["--health-interval", "1", "--drain-grace-ms", "300"] + extra
+        if let app { args += ["--"] + app }
+        child = try Child(tandemBinary(), args, environment: env)
+        startLines = child.readUntil { $0.contains("inbound ") && $0.contains("outbound ") }
+        guard let line = startLines.last, line.contains("outbound ") else {
+            FileHandle.standardError.write(Data("sidecar \(service) did not start: \(startLines)\n".utf8))
+            throw TestFailure("sidecar \(service) did not start: \(startLines)")
+        }
+        inbound = Self.field(line, after: "inbound ")
+        outbound = Self.field(line, after: "outbound ")
+        admin = Self.field(line, after: "admin http://")
+        if waitForRegistration {
+            let more = child.readUntil { $0.contains("registered /tandem/services/") }
+            startLines += more
+            guard more.last?.contains("registered") == true else {
+                FileHandle.standardError.write(Data("\(service) never registered: \(more)\n".utf8))
+                throw TestFailure("\(service) never registered: \(more)")
+            }
+        }
+    }
+
+    static func field(_ line: String, after marker: String) -> String {
+        guard let r = line.range(of: marker) else { return "" }
+        return String(line[r.upperBound...].prefix { $0 != " " && $0 != "," })
+    }
+
+    var pid: Int32 { child.process.processIdentifier }
+
+    /// Kills the app too: a SIGKILLed `tandem run` cannot stop it.
+    deinit {
+        for a in childPids(of: pid) { kill(a, SIGKILL) }
+        child.stop()
+    }
+}
+
+/// Direct children of `pid`, from /proc/<pid>/stat (field 4 is the parent).
+func childPids(of pid: Int32) -> [Int32] {
+    let procs = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return procs.compactMap { p -> Int32? in
+        guard let n = Int32(p), let stat = try? String(contentsOfFile: "/proc/\(p)/stat", encoding: .utf8),
+            let close = stat.lastIndex(of: ")")
+        else { return nil }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        return fields.count > 1 && Int32(fields[1]) == pid ? n : nil
+    }
+}
+
+/// Blocking HTTP GET/POST through curl: status, headers, body.
+@discardableResult
+func http(
+    _ url: String, host: String? = nil, method: String = "GET", body: String? = nil, proxy: String? = nil
+) throws -> (status: Int, headers: [String: String], body: String) {
+    var args = ["-s", "-i", "--max-time", "20", "-X", method]
+    if let host { args += ["-H", "Host: \(host)"] }
+    if let body { args += ["-H", "content-type: application/json", "--data-binary", body] }
+    if let proxy { args += ["-x", "http://\(proxy)"] }
+    args.append(url)
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+    p.arguments = args
+    let pipe = Pipe()
+    p.standardOutput = pipe
+    try p.run()
+    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    let text = String(decoding: data, as: UTF8.self)
+    var blocks = text.components(separatedBy: "\r\n\r\n")
+    // Skip interim 100-continue blocks.
+    while blocks.count > 1, blocks[0].hasPrefix("HTTP/1.1 100") { blocks.removeFirst() }
+    let headLines = blocks.first?.components(separatedBy: "\r\n") ?? []
+    let status = headLines.first.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
+    var headers: [String: String] = [:]
+    for l in headLines.dropFirst() {
+        if let c = l.firstIndex(of: ":") {
+            headers[l[..<c].lowercased()] = l[l.index(after: c)...].trimmingCharacters(in: .whitespaces)
+        }
+    }
+    return (status, headers, blocks.dropFirst().joined(separator: "\r\n\r\n"))
+}
+
+/// Runs load.py to completion (or reads progress lines through `onProgress`).
+func runLoad(
+    target: String, host: String, path: String = "/user/1", count: Int, concurrency: Int = 4,
+    onProgress: ((Int) -> Void)? = nil
+) throws -> [String: Any] {
+    let c = try Child(
+        "/usr/bin/python3",
+        [
+            loadScript, "--target", target, "--host", host, "--path", path, "--count", String(count), "--concurrency",
+            String(concurrency),
+        ])
+    while let line = c.readLine() {
+        if line.hasPrefix("progress "), let n = Int(line.dropFirst(9)) { onProgress?(n) }
+        if line.hasPrefix("result ") {
+            let obj = try JSONSerialization.jsonObject(with: Data(line.dropFirst(7).utf8))
+            return obj as? [String: Any] ?? [:]
+        }
+    }
+    throw TestFailure("load client ended without a result")
+}
+
+/// Sum of `tandem_requests_total` samples matching every given label, from /metrics.
+func inboundRequests(admin: String) throws -> Int {
+    let m = try http("http://\(admin)/metrics").body
+    var total = 0
+    for line in m.split(separator: "\n") where line.hasPrefix("tandem_requests_total{side=\"inbound\"") {
+        total += Int(line.split(separator: " ").last ?? "0") ?? 0
+    }
+    return total
+}
+
+@Suite(.serialized) struct SidecarTests {
+    @Test func twoServicesCallEachOtherThroughTheirSidecars() throws {
+        let reg = try RegistryUnderTest()
+        let usersPort = try freePort()
+        let ordersPort = try freePort()
+        let users = try SidecarUnderTest(
+            service: "users", registry: reg.endpoint, appPort: usersPort,
+            app: ["/usr/bin/python3", usersApp, String(usersPort)], extra: ["--health-path", "/health"])
+        let orders = try SidecarUnderTest(
+            service: "orders", registry: reg.endpoint, appPort: ordersPort,
+            app: ["/usr/bin/python3", ordersApp, String(ordersPort)])
+
+        // orders' app calls http://users/user/1 through HTTP_PROXY → orders' outbound → users' inbound.
+        let r = try http("http://\(orders.inbound)/order/1")
+        #expect(r.status == 200)
+        #expect(r.body.contains(#""user": {"id": 1, "name": "Alice"}"#))
+        #expect(r.headers["x-users-instance"]?.hasPrefix("users-") == true)
+
+        // Calling users by name on the outbound listener, origin-form with Host and absolute-form.
+        #expect(try http("http://\(orders.outbound)/user/2", host: "users").body.contains("Bob"))
+        #expect(try http("http://users/user", proxy: orders.outbound).body.contains("Alice"))
+        let created = try http(
+            "http://\(orders.outbound)/user", host: "users", method: "POST", body: #"{"name":"Carol"}"#)
+        #expect(created.status == 200 && created.body.contains(#""name": "Carol""#))
+        let invalid = try http("http://\(orders.outbound)/user", host: "users", method: "POST", body: #"{"name":""}"#)
+        #expect(invalid.status == 400)  // the app's own answer passes through untouched
+
+        // A trace context is generated and reaches the app.
+        let echoed = try http("http://\(orders.outbound)/echo-headers", host: "users").body
+        #expect(echoed.contains("\"traceparent\": \"00-"))
+
+        // Local answers: JSON body and tandem-error naming the reason.
+        let missing = try http("http://\(orders.outbound)/x", host: "payments")
+        #expect(missing.status == 503)
+        #expect(missing.headers["tandem-error"] == "no-healthy-endpoint")
+        #expect(missing.body.contains(#""message":"no instance of \"payments\" is registered""#))
+        let noRoute = try http("http://\(orders.outbound)/x", host: "127.0.0.1")
+        #expect(noRoute.status == 404 && noRoute.headers["tandem-error"] == "no-route")
+
+        // Both instances are registered as passing under their leases.
+        let listed = try etcdctl(reg.endpoint, ["get", "--prefix", "/tandem/services/"]).output
+        #expect(listed.contains(#""service":"users""#) && listed.contains(#""service":"orders""#))
+        #expect(listed.components(separatedBy: #""health":"passing""#).count == 3)
+
+        // Admin endpoints.
+        #expect(try http("http://\(users.admin)/ready").status == 200)
+        let clusters = try http("http://\(orders.admin)/clusters").body
+        #expect(clusters.contains(#""name":"users""#))
+        #expect(try inboundRequests(admin: users.admin) >= 5)
+        withExtendedLifetime((reg, users, orders)) {}
+    }
+
+    @Test func cleanSigtermDrainsWithoutAFailedRequestAndDeregisters() throws {
+        let reg = try RegistryUnderTest()
+        let ports = [try freePort(), try freePort()]
+        let instances = try ports.map { p in
+            try SidecarUnderTest(
+                service: "users", registry: reg.endpoint, appPort: p, app: ["/usr/bin/python3", usersApp, String(p)],
+                extra: ["--health-path", "/health"])
+        }
+        let clientPort = try freePort()
+        let client = try SidecarUnderTest(
+            service: "client", registry: reg.endpoint, appPort: clientPort, app: nil, waitForRegistration: false)
+        _ = try http("http://\(client.outbound)/user", host: "users")  // discovery warmed up
+
+        let victim = instances[0]
+        var signalled = false
+        let result = try runLoad(target: client.outbound, host: "users", count: 1500, concurrency: 4) { n in
+            if n >= 300 && !signalled {
+                signalled = true
+                kill(victim.pid, SIGTERM)
+            }
+        }
+        let victimLog = victim.child.readUntil { _ in false }  // to EOF: the process has exited
+        victim.child.process.waitUntilExit()
+        #expect(signalled)
+        #expect(victim.child.process.terminationStatus == 0, "victim log: \(victimLog)")  // the app's own exit code
+        #expect(result["ok"] as? Int == 1500, "load result: \(result)")
+        #expect((result["errors"] as? [String: Int])?.isEmpty == true)
+        let keys = try etcdctl(reg.endpoint, ["get", "--prefix", "/tandem/services/users/", "--keys-only"]).output
+        #expect(keys.split(separator: "\n").filter { !$0.isEmpty }.count == 1)
+        withExtendedLifetime((reg, instances, client)) {}
+    }
+
+    @Test func retriesWithABudgetHideAFlakyInstanceWithoutAStorm() throws {
+        let reg = try RegistryUnderTest()
+        var instances: [SidecarUnderTest] = []
+        for i in 0..<3 {
+            let p = try freePort()
+            instances.append(
+                try SidecarUnderTest(
+                    service: "users", registry: reg.endpoint, appPort: p,
+                    app: ["/usr/bin/python3", usersApp, String(p)],
+                    extra: ["--health-path", "/health"], env: i == 0 ? ["FAIL_RATE": "0.2"] : [:]))
+        }
+        let client = try SidecarUnderTest(
+            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil, waitForRegistration: false)
+        _ = try http("http://\(client.outbound)/health", host: "users")
+        let before = try instances.map { try inboundRequests(admin: $0.admin) }.reduce(0, +)
+        let offered = 2000
+        let result = try runLoad(target: client.outbound, host: "users", count: offered, concurrency: 4)
+        let after = try instances.map { try inboundRequests(admin: $0.admin) }.reduce(0, +)
+        let ok = result["ok"] as? Int ?? 0
+        let upstream = after - before
+        #expect(Double(ok) / Double(offered) >= 0.99, "load result: \(result)")
+        #expect(Double(upstream) <= 1.25 * Double(offered), "upstream saw \(upstream) requests for \(offered) offered")
+        #expect(upstream > offered)  // some retries did happen
+        let metrics = try http("http://\(client.admin)/metrics").body
+        #expect(metrics.contains("tandem_retries_total{side=\"outbound\",cluster=\"users\"}"))
+        withExtendedLifetime((reg, instances, client)) {}
+    }
+
+    @Test func aKilledInstanceCostsNoRequests() throws {
+        let reg = try RegistryUnderTest()
+        var instances: [SidecarUnderTest] = []
+        var appPorts: [Int] = []
+        for _ in 0..<3 {
+            let p = try freePort()
+            appPorts.append(p)
+            instances.append(
+                try SidecarUnderTest(
+                    service: "users", registry: reg.endpoint, appPort: p,
+                    app: ["/usr/bin/python3", usersApp, String(p)],
+                    extra: ["--health-path", "/health", "--lease-ttl", "3"]))
+        }
+        let client = try SidecarUnderTest(
+            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil, waitForRegistration: false)
+        _ = try http("http://\(client.outbound)/user", host: "users")
+        var killed = false
+        let result = try runLoad(target: client.outbound, host: "users", count: 3000, concurrency: 4) { n in
+            if n >= 500 && !killed {
+                killed = true
+                // kill -9 both the sidecar and its app: no drain, no deregistration.
+                let appPid = pidListening(on: appPorts[0])
+                kill(instances[0].pid, SIGKILL)
+                if let appPid { kill(appPid, SIGKILL) }
+            }
+        }
+        #expect(killed)
+        let ok = result["ok"] as? Int ?? 0
+        #expect(Double(ok) / 3000 >= 0.999, "load result: \(result)")
+        let clusters = try http("http://\(client.admin)/clusters").body
+        #expect(clusters.contains(#""name":"users""#))
+        withExtendedLifetime((reg, instances, client)) {}
+    }
+}
+
+/// The PID of the process listening on 127.0.0.1:port, from /proc (Linux).
+func pidListening(on port: Int) -> Int32? {
+    guard let tcp = try? String(contentsOfFile: "/proc/net/tcp", encoding: .utf8) else { return nil }
+    let hexPort = String(format: ":%04X", port)
+    var inode: String?
+    for line in tcp.split(separator: "\n").dropFirst() {
+        let f = line.split(separator: " ")
+        if f.count > 9, f[1].hasSuffix(hexPort), f[3] == "0A" { inode = String(f[9]) }
+    }
+    guard let inode else { return nil }
+    let procs = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    for p in procs where Int32(p) != nil {
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(p)/fd")) ?? []
+        for fd in fds {
+            if let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(p)/fd/\(fd)"),
+                target == "socket:[\(inode)]"
+            {
+                return Int32(p)
+            }
+        }
+    }
+    return nil
+}
