@@ -106,6 +106,10 @@ let package = Package(
         // Starts real `tandem` processes on ephemeral ports and drives them with Debian's etcdctl.
         .testTarget(name: "IntegrationTests", exclude: ["Resources"], swiftSettings: swiftSettings),
         .testTarget(name: "TandemTrafficTests", dependencies: ["TandemTraffic"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "TandemSidecarTests",
+            dependencies: ["TandemSidecar", "TandemTraffic", .product(name: "NIOEmbedded", package: "swift-nio")],
+            swiftSettings: swiftSettings),
         .testTarget(name: "TandemLuaTests", dependencies: ["TandemLua"], swiftSettings: swiftSettings),
     ]
 )

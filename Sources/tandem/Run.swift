@@ -48,6 +48,13 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "Retries per outbound request (default policy: connect-failure, refused-stream, reset, 503).")
     var retries = 1
     @Option(help: "Outbound route timeout in milliseconds, retries included.") var timeoutMs: Int64 = 15_000
+    @Option(help: "Consecutive failed requests to a service that open its circuit breaker (0: off).")
+    var breakerFailures = 5
+    @Option(help: "First open period of a tripped breaker in ms (doubles per repeated trip, up to 60 s).")
+    var breakerOpenMs: Int64 = 5000
+    @Option(name: .customLong("consecutive-5xx"), help: "Consecutive 5xx from one instance that eject it (outlier detection; 0: off).")
+    var consecutive5xx = 5
+    @Option(help: "Base ejection time in ms (× times ejected, capped at 300 s).") var ejectionTimeMs: Int64 = 30_000
     @Option(help: "Seconds to wait for in-flight requests when draining.") var drainTimeout: Int64 = 10
     @Option(help: "Milliseconds between deregistering and closing the inbound listener.") var drainGraceMs: Int64 = 1000
     @Flag(help: "Print a JSON access log line per request on stdout.") var accessLog = false
@@ -62,6 +69,9 @@ struct SidecarOptions: ParsableArguments {
             service.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." })
         else { throw ValidationError("--service: letters, digits, '-', '_' and '.' only") }
         guard BalancerKind.parse(balancer) != nil else { throw ValidationError("--balancer: unknown '\(balancer)'") }
+        guard breakerOpenMs > 0, ejectionTimeMs > 0, retries >= 0, timeoutMs > 0 else {
+            throw ValidationError("--breaker-open-ms, --ejection-time-ms and --timeout-ms must be > 0; --retries ≥ 0")
+        }
         _ = try staticEndpoints()
     }
 
@@ -102,6 +112,10 @@ struct SidecarOptions: ParsableArguments {
         c.leaseTTL = leaseTtl
         c.defaultCluster.balancer = BalancerKind.parse(balancer)!
         c.defaultCluster.localZone = zone
+        c.defaultCluster.breaker.consecutiveFailures = breakerFailures > 0 ? breakerFailures : nil
+        c.defaultCluster.breaker.baseOpen = .milliseconds(breakerOpenMs)
+        c.defaultCluster.outlier.consecutive5xx = consecutive5xx > 0 ? consecutive5xx : nil
+        c.defaultCluster.outlier.baseEjectionTime = .milliseconds(ejectionTimeMs)
         c.drainTimeout = .seconds(drainTimeout)
         c.drainGrace = .milliseconds(drainGraceMs)
         c.accessLog = accessLog

@@ -309,3 +309,84 @@ func pidListening(on port: Int) -> Int32? {
     }
     return nil
 }
+
+/// Polls `condition` until it holds or `attempts` run out (each a real request, 50 ms apart).
+func eventually(_ attempts: Int = 200, _ condition: () throws -> Bool) rethrows -> Bool {
+    for _ in 0..<attempts {
+        if try condition() { return true }
+        usleep(50_000)
+    }
+    return false
+}
+
+@Suite(.serialized) struct ResilienceIntegrationTests {
+    @Test func theBreakerOpensOnFailuresAndClosesAfterRecovery() throws {
+        let reg = try RegistryUnderTest()
+        let port = try freePort()
+        let users = try SidecarUnderTest(
+            service: "users", registry: reg.endpoint, appPort: port, app: ["/usr/bin/python3", usersApp, String(port)],
+            extra: ["--health-path", "/health"])
+        let client = try SidecarUnderTest(
+            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil,
+            extra: ["--breaker-failures", "3", "--breaker-open-ms", "300", "--retries", "0"], waitForRegistration: false)
+        #expect(try http("http://\(client.outbound)/user", host: "users").status == 200)
+        try http("http://127.0.0.1:\(port)/admin/fail-rate", method: "POST", body: "1")
+        var statuses: [String] = []
+        for _ in 0..<6 {
+            let r = try http("http://\(client.outbound)/user", host: "users")
+            statuses.append("\(r.status):\(r.headers["tandem-error"] ?? "app")")
+        }
+        #expect(statuses.prefix(3).allSatisfy { $0 == "503:app" }, "\(statuses)")
+        #expect(statuses.dropFirst(3).allSatisfy { $0 == "503:circuit-open" }, "\(statuses)")
+        #expect(try http("http://\(client.admin)/clusters").body.contains(#""name":"users","breaker":"open""#))
+
+        try http("http://127.0.0.1:\(port)/admin/fail-rate", method: "POST", body: "0")
+        // After the open period a probe goes through, succeeds, and the breaker closes.
+        #expect(try eventually { try http("http://\(client.outbound)/user", host: "users").status == 200 })
+        let clusters = try http("http://\(client.admin)/clusters").body
+        #expect(clusters.contains(#""name":"users","breaker":"closed""#))
+        #expect(clusters.contains(#""breaker_trips":1"#))
+        withExtendedLifetime((reg, users, client)) {}
+    }
+
+    @Test func aFailingInstanceIsEjectedAndComesBackAfterItRecovers() throws {
+        let reg = try RegistryUnderTest()
+        var instances: [SidecarUnderTest] = []
+        var ports: [Int] = []
+        for _ in 0..<3 {
+            let p = try freePort()
+            ports.append(p)
+            instances.append(
+                try SidecarUnderTest(
+                    service: "users", registry: reg.endpoint, appPort: p, app: ["/usr/bin/python3", usersApp, String(p)],
+                    extra: ["--health-path", "/health"]))
+        }
+        let client = try SidecarUnderTest(
+            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil,
+            // Round robin keeps sending it its share; peak-EWMA would steer away after one failure
+            // (its failure penalty) before outlier detection ever sees three in a row.
+            extra: [
+                "--consecutive-5xx", "3", "--ejection-time-ms", "5000", "--retries", "0", "--breaker-failures", "0",
+                "--balancer", "round_robin",
+            ],
+            waitForRegistration: false)
+        _ = try http("http://\(client.outbound)/user", host: "users")
+        try http("http://127.0.0.1:\(ports[0])/admin/fail-rate", method: "POST", body: "1")
+        let bad = try http("http://127.0.0.1:\(ports[0])/user").headers["x-instance"] ?? "?"
+        var failures = 0
+        for _ in 0..<30 where try http("http://\(client.outbound)/user", host: "users").status != 200 { failures += 1 }
+        // Three 5xx in a row eject it; after that nothing reaches it while it is out.
+        #expect(failures >= 3 && failures <= 6, "failures: \(failures)")  // 3 per ejection cycle
+        let ejected = try http("http://\(client.admin)/clusters").body
+        #expect(ejected.contains(#""id":"\#(bad)","address""#))
+        #expect(ejected.contains(#""ejected":true"#))
+
+        try http("http://127.0.0.1:\(ports[0])/admin/fail-rate", method: "POST", body: "0")
+        #expect(
+            try eventually {
+                try http("http://\(client.outbound)/user", host: "users").headers["x-instance"] == bad
+            })
+        #expect(!(try http("http://\(client.admin)/clusters").body.contains(#""ejected":true"#)))
+        withExtendedLifetime((reg, instances, client)) {}
+    }
+}

@@ -3,7 +3,8 @@
 
 GET /user -> {"id":1,"name":"Alice"}; GET /user/<id>; POST /user with validation, answered
 in the {code, message, data} envelope; GET /health. Test knobs (environment):
-FAIL_RATE=0.2 answers that share of /user requests with 503; INSTANCE names the instance.
+FAIL_RATE=0.2 answers that share of /user requests with 503 (POST /admin/fail-rate with a
+number changes it while running); INSTANCE names the instance (default: TANDEM_INSTANCE).
 """
 import json
 import os
@@ -13,7 +14,7 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 USERS = {1: {"id": 1, "name": "Alice"}, 2: {"id": 2, "name": "Bob"}}
-FAIL_RATE = float(os.environ.get("FAIL_RATE", "0"))
+FAIL_RATE = float(os.environ.get("FAIL_RATE", "0"))  # changed at run time by POST /admin/fail-rate
 INSTANCE = os.environ.get("INSTANCE", os.environ.get("TANDEM_INSTANCE", "users"))
 
 
@@ -58,8 +59,12 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self):
+        global FAIL_RATE
         length = int(self.headers.get("content-length", "0"))
         raw = self.rfile.read(length) if length else b""
+        if self.path == "/admin/fail-rate":
+            FAIL_RATE = float(raw or b"0")
+            return self.send_json(200, {"fail_rate": FAIL_RATE})
         if self.path.split("?")[0] != "/user":
             return self.send_json(404, {"code": 404, "message": "not found", "data": None})
         try:

@@ -1,0 +1,132 @@
+import NIOCore
+import NIOEmbedded
+import NIOHTTP1
+import TandemCore
+import TandemTraffic
+import Testing
+
+@testable import TandemSidecar
+
+/// The proxy's downstream handler on an EmbeddedChannel: every answer it gives without an
+/// upstream (limits, bad input, routing, rate limits) is checked byte for byte.
+struct ProxyHarness {
+    let channel = EmbeddedChannel()
+    let ctx: ProxyContext
+
+    init(side: ProxySide = .outbound, routes: [Route] = [], limits: SidecarLimits = SidecarLimits()) throws {
+        var config = SidecarConfig(service: "orders", instance: "orders-1", appPort: 1)
+        config.routes = routes
+        config.limits = limits
+        let brain = TrafficBrain(config: config, seed: 1)
+        ctx = ProxyContext(
+            brain: brain, pools: UpstreamPools(maxIdlePerEndpoint: 1), metrics: SidecarMetrics(), limits: limits,
+            service: "orders", inboundTimeout: .seconds(1), accessLog: nil, ensureCluster: { _ in nil })
+        var decoder = NIOHTTPDecoderLimitConfiguration()
+        decoder.maxHeaderListSize = limits.maxHeaderBytes
+        decoder.maxHeaderFieldSize = limits.maxHeaderBytes
+        try channel.pipeline.configureHTTPServerPipeline(withErrorHandling: false, withDecoderLimitConfiguration: decoder)
+            .wait()
+        try channel.pipeline.syncOperations.addHandler(HTTPProxyHandler(ctx: ctx, side: side))
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 40000)).wait()
+    }
+
+    /// Sends raw request bytes; returns everything the proxy wrote back.
+    func send(_ raw: String) throws -> String {
+        try channel.writeInbound(ByteBuffer(string: raw))
+        var out = ""
+        while let b = try channel.readOutbound(as: ByteBuffer.self) { out += String(buffer: b) }
+        return out
+    }
+}
+
+@Suite struct ProxyHandlerTests {
+    @Test func aHostThatIsNoServiceGetsAJSONNoRoute() throws {
+        let h = try ProxyHarness()
+        let out = try h.send("GET /x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n")
+        #expect(out.hasPrefix("HTTP/1.1 404 Not Found\r\n"))
+        #expect(out.contains("tandem-error: no-route\r\n"))
+        #expect(out.contains("content-type: application/json\r\n"))
+        #expect(out.hasSuffix(#"{"code":404,"message":"no route for host \"127.0.0.1\"; call a service by name, e.g. http://users/","error":"no-route"}"#))
+        #expect(h.channel.isActive)  // keep-alive: the connection stays open
+    }
+
+    @Test func aServiceWithoutInstancesIsA503NamingIt() throws {
+        let h = try ProxyHarness()
+        let out = try h.send("GET http://payments/charge HTTP/1.1\r\nHost: payments\r\n\r\n")
+        #expect(out.hasPrefix("HTTP/1.1 503 Service Unavailable\r\n"))
+        #expect(out.contains("tandem-error: no-healthy-endpoint"))
+        #expect(out.contains(#"no instance of \"payments\" is registered"#))
+    }
+
+    @Test func oversizedBodiesAre413AndCloseTheConnection() throws {
+        var limits = SidecarLimits()
+        limits.maxBodyBytes = 16
+        let h = try ProxyHarness(limits: limits)
+        let out = try h.send("POST /user HTTP/1.1\r\nHost: users\r\nContent-Length: 40\r\n\r\n" + String(repeating: "x", count: 40))
+        #expect(out.hasPrefix("HTTP/1.1 413 Payload Too Large\r\n"))
+        #expect(out.contains("tandem-error: body-too-large"))
+        #expect(out.contains("connection: close"))
+        #expect(out.contains("request body exceeds 16 bytes"))
+        #expect(!h.channel.isActive)
+        // Chunked bodies are counted as they arrive.
+        let h2 = try ProxyHarness(limits: limits)
+        let chunked = try h2.send(
+            "POST /user HTTP/1.1\r\nHost: users\r\nTransfer-Encoding: chunked\r\n\r\n14\r\n" + String(repeating: "y", count: 20)
+                + "\r\n0\r\n\r\n")
+        #expect(chunked.hasPrefix("HTTP/1.1 413"))
+    }
+
+    @Test func oversizedHeaderBlocksAre431() throws {
+        var limits = SidecarLimits()
+        limits.maxHeaderBytes = 1024
+        let h = try ProxyHarness(limits: limits)
+        let out = try h.send("GET / HTTP/1.1\r\nHost: users\r\nX-Big: \(String(repeating: "a", count: 4096))\r\n\r\n")
+        #expect(out.hasPrefix("HTTP/1.1 431 Request Header Fields Too Large\r\n"))
+        #expect(out.contains("tandem-error: headers-too-large"))
+    }
+
+    @Test func garbageIsA400() throws {
+        let h = try ProxyHarness()
+        let out = try h.send("THIS IS NOT HTTP\r\n\r\n")
+        #expect(out.hasPrefix("HTTP/1.1 400 Bad Request\r\n"))
+        #expect(out.contains("tandem-error: bad-request"))
+    }
+
+    @Test func routeRateLimitsAnswer429() throws {
+        var route = Route(name: "limited", match: RouteMatch(host: "127.0.0.9"), cluster: "nowhere")
+        route.rateLimit = TokenBucket.Config(maxTokens: 1, tokensPerFill: 1, fillInterval: .seconds(3600))
+        let h = try ProxyHarness(routes: [route])
+        let first = try h.send("GET / HTTP/1.1\r\nHost: 127.0.0.9\r\n\r\n")
+        #expect(first.hasPrefix("HTTP/1.1 503"))  // admitted, but the cluster has no endpoint
+        let second = try h.send("GET / HTTP/1.1\r\nHost: 127.0.0.9\r\n\r\n")
+        #expect(second.hasPrefix("HTTP/1.1 429 Too Many Requests\r\n"))
+        #expect(second.contains("tandem-error: rate-limited"))
+        #expect(h.ctx.metrics.counter("tandem_local_answers_total", [("side", "outbound"), ("reason", "rate-limited")]) == 1)
+    }
+
+    @Test func expectContinueIsAnsweredByTheProxy() throws {
+        let h = try ProxyHarness()
+        let head = try h.send("POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        #expect(head == "HTTP/1.1 100 Continue\r\n\r\n")
+        let rest = try h.send("hi")
+        #expect(rest.hasPrefix("HTTP/1.1 404"))
+    }
+
+    @Test func httpsTargetsAreRefusedClearly() throws {
+        let h = try ProxyHarness()
+        let out = try h.send("GET https://users/x HTTP/1.1\r\nHost: users\r\n\r\n")
+        #expect(out.hasPrefix("HTTP/1.1 400"))
+        #expect(out.contains("https:// targets cannot be proxied"))
+    }
+
+    @Test func metricsRenderAsPrometheusText() {
+        let m = SidecarMetrics()
+        m.inc("tandem_requests_total", [("route", "a\"b")])
+        m.observe("tandem_request_duration_ms", [("route", "a")], ms: 3)
+        let text = m.render(gauges: [("tandem_ready", [], 1)])
+        #expect(text.contains(#"tandem_requests_total{route="a\"b"} 1"#))
+        #expect(text.contains(#"tandem_request_duration_ms_bucket{route="a",le="5"} 1"#))
+        #expect(text.contains(#"tandem_request_duration_ms_bucket{route="a",le="2"} 0"#))
+        #expect(text.contains("tandem_ready 1"))
+    }
+}
