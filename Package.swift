@@ -75,7 +75,8 @@ let package = Package(
         .target(
             name: "TandemSidecar",
             dependencies: [
-                "TandemCore", "TandemTraffic", "TandemEtcdClient", .product(name: "NIOCore", package: "swift-nio"),
+                "TandemCore", "TandemTraffic", "TandemEtcdClient", "TandemLua",
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],

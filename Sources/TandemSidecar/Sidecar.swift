@@ -42,18 +42,7 @@ public final class Sidecar: @unchecked Sendable {
         var seedGen = SystemRandomNumberGenerator()
         brain = TrafficBrain(config: config, seed: config.seed ?? seedGen.next())
         healthRNG = SeededRandom(seed: config.seed.map { $0 &+ 1 } ?? seedGen.next())
-        // The local app is a static cluster: no breaker, no ejection; health comes from checks.
-        var local = ClusterConfig(name: ProxyContext.localCluster)
-        local.breaker.consecutiveFailures = nil
-        local.outlier.consecutive5xx = nil
-        local.outlier.enforceSuccessRate = false
-        local.balancer = .roundRobin
-        local.connectTimeout = .seconds(1)
-        var cfg = config
-        cfg.clusters[ProxyContext.localCluster] = local
-        cfg.staticEndpoints[ProxyContext.localCluster] = [
-            Endpoint(id: "app", host: config.appHost, port: config.appPort)
-        ]
+        let cfg = Self.effective(config)
         self.config = cfg
         let loop = group.next()
         self.registry = registry.map { EtcdClient(endpoints: $0, loop: loop) }
@@ -71,6 +60,67 @@ public final class Sidecar: @unchecked Sendable {
             ensureCluster: { name in back.value?.ensureCluster(name) })
         back.value = self
         brain.reconfigure(cfg)
+    }
+
+    /// The config as the brain uses it: the local app added as the static cluster "local"
+    /// (no breaker, no ejection; its health comes from the active checks).
+    static func effective(_ config: SidecarConfig) -> SidecarConfig {
+        var local = ClusterConfig(name: ProxyContext.localCluster)
+        local.breaker.consecutiveFailures = nil
+        local.outlier.consecutive5xx = nil
+        local.outlier.enforceSuccessRate = false
+        local.balancer = .roundRobin
+        local.connectTimeout = .seconds(1)
+        var cfg = config
+        cfg.clusters[ProxyContext.localCluster] = local
+        cfg.staticEndpoints[ProxyContext.localCluster] = [
+            Endpoint(id: "app", host: config.appHost, port: config.appPort)
+        ]
+        return cfg
+    }
+
+    // MARK: config reload
+
+    private var configSource: String?
+    private var configTask: RepeatedTask?
+    public private(set) var configVersion = 0
+
+    /// Applies a new config atomically: routes and changed clusters are swapped under the
+    /// brain's lock; connections and in-flight requests are untouched.
+    public func reconfigure(_ new: SidecarConfig) {
+        let cfg = Self.effective(new)
+        lock.withLock {
+            config = cfg
+            configVersion += 1
+        }
+        brain.reconfigure(cfg)
+    }
+
+    /// Re-reads `path` every `interval`; a changed file is evaluated and applied, or rejected
+    /// with its precise error while the running config stays.
+    public func watchConfigFile(
+        path: String, base: SidecarConfig, environment: [String: String], interval: TimeAmount = .seconds(1)
+    ) {
+        configSource = try? String(contentsOfFile: path, encoding: .utf8)
+        configTask = group.next().scheduleRepeatedTask(initialDelay: interval, delay: interval) { [weak self] _ in
+            guard let self else { return }
+            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return }
+            let changed = self.lock.withLock { () -> Bool in
+                if text == self.configSource { return false }
+                self.configSource = text
+                return true
+            }
+            guard changed else { return }
+            do {
+                let cfg = try ConfigFile.load(source: text, name: path, base: base, environment: environment)
+                self.reconfigure(cfg)
+                self.metrics.inc("tandem_config_reloads_total", [("result", "applied")])
+                self.log("config reloaded from \(path): \(cfg.routes.count) routes, \(cfg.clusters.count) clusters")
+            } catch {
+                self.metrics.inc("tandem_config_reloads_total", [("result", "rejected")])
+                self.log("config change rejected, keeping the running config: \(error)")
+            }
+        }
     }
 
     /// Lets the proxy context call back into its sidecar without a retain cycle.
@@ -291,6 +341,7 @@ public final class Sidecar: @unchecked Sendable {
         }
         for ch in all { try? ch.close().wait() }
         for ch in connections.withLockedValue({ Array($0.values) }) { try? ch.close().wait() }
+        configTask?.cancel()
         let ws = lock.withLock { Array(watchers.values) }
         for w in ws { w.stop() }
         ctx.pools.closeAll()

@@ -60,7 +60,9 @@ final class TrafficBrain: Sendable {
             s.routes = RouteTable(config.routes)
             s.limiters = [:]
             for (name, old) in s.clusters {
-                var c = ClusterState(config.clusterConfig(name))
+                let cfg = config.clusterConfig(name)
+                if cfg == old.config { continue }  // unchanged: keep breaker, ejections, load
+                var c = ClusterState(cfg)
                 c.setEndpoints(old.endpoints)
                 s.clusters[name] = c
             }

@@ -52,12 +52,15 @@ struct SidecarOptions: ParsableArguments {
     var breakerFailures = 5
     @Option(help: "First open period of a tripped breaker in ms (doubles per repeated trip, up to 60 s).")
     var breakerOpenMs: Int64 = 5000
-    @Option(name: .customLong("consecutive-5xx"), help: "Consecutive 5xx from one instance that eject it (outlier detection; 0: off).")
+    @Option(
+        name: .customLong("consecutive-5xx"),
+        help: "Consecutive 5xx from one instance that eject it (outlier detection; 0: off).")
     var consecutive5xx = 5
     @Option(help: "Base ejection time in ms (× times ejected, capped at 300 s).") var ejectionTimeMs: Int64 = 30_000
     @Option(help: "Seconds to wait for in-flight requests when draining.") var drainTimeout: Int64 = 10
     @Option(help: "Milliseconds between deregistering and closing the inbound listener.") var drainGraceMs: Int64 = 1000
     @Flag(help: "Print a JSON access log line per request on stdout.") var accessLog = false
+    @Option(help: "Lua config file (routes, clusters, upstreams); re-read when it changes.") var config: String?
 
     func validate() throws {
         for (flag, v) in [("--inbound", inbound), ("--outbound", outbound), ("--admin", admin)] where HostPort(v) == nil
@@ -124,6 +127,36 @@ struct SidecarOptions: ParsableArguments {
         c.defaultRetry = retry
         c.defaultTimeout = .milliseconds(timeoutMs)
         return c
+    }
+
+    /// The flags' config with the --config file applied (fails with the file's precise error).
+    func loadConfig() throws -> (base: SidecarConfig, effective: SidecarConfig) {
+        let base = try sidecarConfig()
+        guard let path = config else { return (base, base) }
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+            throw RuntimeError("--config: cannot read \(path)")
+        }
+        do {
+            return (
+                base,
+                try ConfigFile.load(
+                    source: text, name: path, base: base, environment: ProcessInfo.processInfo.environment)
+            )
+        } catch {
+            throw RuntimeError("--config: \(error)")
+        }
+    }
+
+    /// Builds and starts the sidecar, watching the config file when one is given.
+    func startSidecar(log: @escaping @Sendable (String) -> Void) throws -> (Sidecar, RegistryServer?) {
+        let (base, effective) = try loadConfig()
+        let (endpoints, embedded) = try RegistryResolver.resolve(self, log: log)
+        let sidecar = Sidecar(config: effective, registry: endpoints, log: log)
+        try sidecar.start()
+        if let path = config {
+            sidecar.watchConfigFile(path: path, base: base, environment: ProcessInfo.processInfo.environment)
+        }
+        return (sidecar, embedded)
     }
 }
 
@@ -211,9 +244,7 @@ struct Run: ParsableCommand {
     func run() throws {
         let cmd = command.first == "--" ? Array(command.dropFirst()) : command
         let log = stderrLog(options.service)
-        let (endpoints, embedded) = try RegistryResolver.resolve(options, log: log)
-        let sidecar = Sidecar(config: try options.sidecarConfig(), registry: endpoints, log: log)
-        try sidecar.start()
+        let (sidecar, embedded) = try options.startSidecar(log: log)
         let sup = try Supervisor(
             sidecar: sidecar, embedded: embedded, command: cmd, stopTimeout: .seconds(appStopTimeout), log: log)
         Foundation.exit(sup.run())
@@ -229,9 +260,7 @@ struct SidecarCommand: ParsableCommand {
 
     func run() throws {
         let log = stderrLog(options.service)
-        let (endpoints, embedded) = try RegistryResolver.resolve(options, log: log)
-        let sidecar = Sidecar(config: try options.sidecarConfig(), registry: endpoints, log: log)
-        try sidecar.start()
+        let (sidecar, embedded) = try options.startSidecar(log: log)
         let sup = try Supervisor(sidecar: sidecar, embedded: embedded, command: nil, stopTimeout: .seconds(0), log: log)
         Foundation.exit(sup.run())
     }

@@ -328,7 +328,8 @@ func eventually(_ attempts: Int = 200, _ condition: () throws -> Bool) rethrows 
             extra: ["--health-path", "/health"])
         let client = try SidecarUnderTest(
             service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil,
-            extra: ["--breaker-failures", "3", "--breaker-open-ms", "300", "--retries", "0"], waitForRegistration: false)
+            extra: ["--breaker-failures", "3", "--breaker-open-ms", "300", "--retries", "0"], waitForRegistration: false
+        )
         #expect(try http("http://\(client.outbound)/user", host: "users").status == 200)
         try http("http://127.0.0.1:\(port)/admin/fail-rate", method: "POST", body: "1")
         var statuses: [String] = []
@@ -358,7 +359,8 @@ func eventually(_ attempts: Int = 200, _ condition: () throws -> Bool) rethrows 
             ports.append(p)
             instances.append(
                 try SidecarUnderTest(
-                    service: "users", registry: reg.endpoint, appPort: p, app: ["/usr/bin/python3", usersApp, String(p)],
+                    service: "users", registry: reg.endpoint, appPort: p,
+                    app: ["/usr/bin/python3", usersApp, String(p)],
                     extra: ["--health-path", "/health"]))
         }
         let client = try SidecarUnderTest(
@@ -388,5 +390,58 @@ func eventually(_ attempts: Int = 200, _ condition: () throws -> Bool) rethrows 
             })
         #expect(!(try http("http://\(client.admin)/clusters").body.contains(#""ejected":true"#)))
         withExtendedLifetime((reg, instances, client)) {}
+    }
+}
+
+@Suite struct ConfigReloadTests {
+    @Test func aBadConfigChangeIsRejectedAndTrafficContinues() throws {
+        let reg = try RegistryUnderTest()
+        let port = try freePort()
+        let users = try SidecarUnderTest(
+            service: "users", registry: reg.endpoint, appPort: port, app: ["/usr/bin/python3", usersApp, String(port)],
+            extra: ["--health-path", "/health"])
+        let dir = try TempDirectory()
+        let file = dir.url.appendingPathComponent("client.lua")
+        try #"return { routes = { { name = "shop", host = "shop", cluster = "users" } } }"#.write(
+            to: file, atomically: true, encoding: .utf8)
+        let client = try SidecarUnderTest(
+            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil,
+            extra: ["--config", file.path], waitForRegistration: false)
+        #expect(try http("http://\(client.outbound)/user/1", host: "shop").body.contains("Alice"))
+
+        // A change with a mistake: rejected with its reason, the running config stays.
+        try #"return { routes = { { name = "shop", host = "shop", clster = "users" } } }"#.write(
+            to: file, atomically: true, encoding: .utf8)
+        #expect(
+            try eventually {
+                try http("http://\(client.admin)/metrics").body.contains(
+                    #"tandem_config_reloads_total{result="rejected"} 1"#)
+            })
+        for _ in 0..<20 { #expect(try http("http://\(client.outbound)/user/1", host: "shop").status == 200) }
+
+        // A valid change is applied: "shop" now goes to a service with no instances.
+        try #"return { routes = { { name = "shop", host = "shop", cluster = "inventory" } } }"#.write(
+            to: file, atomically: true, encoding: .utf8)
+        #expect(
+            try eventually {
+                try http("http://\(client.outbound)/user/1", host: "shop").headers["tandem-error"]
+                    == "no-healthy-endpoint"
+            })
+        let log = client.child.readUntil { $0.contains("config change rejected") }
+        #expect(log.last?.contains("routes[1].clster: unknown setting") == true, "\(log)")
+        withExtendedLifetime((reg, users, client)) {}
+    }
+
+    @Test func aBadConfigFileStopsStartupWithItsReason() throws {
+        let dir = try TempDirectory()
+        let file = dir.url.appendingPathComponent("bad.lua")
+        try "return { routes = { { host = 'x' } } }".write(to: file, atomically: true, encoding: .utf8)
+        let c = try Child(
+            tandemBinary(),
+            ["sidecar", "--service", "x", "--app-port", "1", "--registry", "none", "--config", file.path])
+        let out = c.readUntil { _ in false }.joined(separator: "\n")
+        c.process.waitUntilExit()
+        #expect(c.process.terminationStatus != 0)
+        #expect(out.contains("--config: \(file.path): routes[1]: cluster is required"), "\(out)")
     }
 }

@@ -24,8 +24,10 @@ struct ProxyHarness {
         var decoder = NIOHTTPDecoderLimitConfiguration()
         decoder.maxHeaderListSize = limits.maxHeaderBytes
         decoder.maxHeaderFieldSize = limits.maxHeaderBytes
-        try channel.pipeline.configureHTTPServerPipeline(withErrorHandling: false, withDecoderLimitConfiguration: decoder)
-            .wait()
+        try channel.pipeline.configureHTTPServerPipeline(
+            withErrorHandling: false, withDecoderLimitConfiguration: decoder
+        )
+        .wait()
         try channel.pipeline.syncOperations.addHandler(HTTPProxyHandler(ctx: ctx, side: side))
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 40000)).wait()
     }
@@ -46,7 +48,10 @@ struct ProxyHarness {
         #expect(out.hasPrefix("HTTP/1.1 404 Not Found\r\n"))
         #expect(out.contains("tandem-error: no-route\r\n"))
         #expect(out.contains("content-type: application/json\r\n"))
-        #expect(out.hasSuffix(#"{"code":404,"message":"no route for host \"127.0.0.1\"; call a service by name, e.g. http://users/","error":"no-route"}"#))
+        #expect(
+            out.hasSuffix(
+                #"{"code":404,"message":"no route for host \"127.0.0.1\"; call a service by name, e.g. http://users/","error":"no-route"}"#
+            ))
         #expect(h.channel.isActive)  // keep-alive: the connection stays open
     }
 
@@ -62,7 +67,8 @@ struct ProxyHarness {
         var limits = SidecarLimits()
         limits.maxBodyBytes = 16
         let h = try ProxyHarness(limits: limits)
-        let out = try h.send("POST /user HTTP/1.1\r\nHost: users\r\nContent-Length: 40\r\n\r\n" + String(repeating: "x", count: 40))
+        let out = try h.send(
+            "POST /user HTTP/1.1\r\nHost: users\r\nContent-Length: 40\r\n\r\n" + String(repeating: "x", count: 40))
         #expect(out.hasPrefix("HTTP/1.1 413 Payload Too Large\r\n"))
         #expect(out.contains("tandem-error: body-too-large"))
         #expect(out.contains("connection: close"))
@@ -71,7 +77,8 @@ struct ProxyHarness {
         // Chunked bodies are counted as they arrive.
         let h2 = try ProxyHarness(limits: limits)
         let chunked = try h2.send(
-            "POST /user HTTP/1.1\r\nHost: users\r\nTransfer-Encoding: chunked\r\n\r\n14\r\n" + String(repeating: "y", count: 20)
+            "POST /user HTTP/1.1\r\nHost: users\r\nTransfer-Encoding: chunked\r\n\r\n14\r\n"
+                + String(repeating: "y", count: 20)
                 + "\r\n0\r\n\r\n")
         #expect(chunked.hasPrefix("HTTP/1.1 413"))
     }
@@ -101,12 +108,15 @@ struct ProxyHarness {
         let second = try h.send("GET / HTTP/1.1\r\nHost: 127.0.0.9\r\n\r\n")
         #expect(second.hasPrefix("HTTP/1.1 429 Too Many Requests\r\n"))
         #expect(second.contains("tandem-error: rate-limited"))
-        #expect(h.ctx.metrics.counter("tandem_local_answers_total", [("side", "outbound"), ("reason", "rate-limited")]) == 1)
+        #expect(
+            h.ctx.metrics.counter("tandem_local_answers_total", [("side", "outbound"), ("reason", "rate-limited")]) == 1
+        )
     }
 
     @Test func expectContinueIsAnsweredByTheProxy() throws {
         let h = try ProxyHarness()
-        let head = try h.send("POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        let head = try h.send(
+            "POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
         #expect(head == "HTTP/1.1 100 Continue\r\n\r\n")
         let rest = try h.send("hi")
         #expect(rest.hasPrefix("HTTP/1.1 404"))

@@ -1,0 +1,361 @@
+import TandemLua
+import TandemTraffic
+
+/// The sidecar's Lua config file: it returns a table of routes, clusters and static upstreams.
+///
+/// ```lua
+/// return {
+///   routes = {
+///     { name = "user", host = "users", path = "/user/:id", methods = { "GET" }, cluster = "users",
+///       timeout_ms = 2000, rate_limit = { rps = 100, burst = 200 },
+///       retry = { attempts = 2, retry_on = "5xx,reset", per_try_timeout_ms = 500 } },
+///   },
+///   clusters = {
+///     users = { balancer = "round_robin", connect_timeout_ms = 1000,
+///               breaker = { consecutive_failures = 5, error_ratio = 0.5, open_ms = 5000 },
+///               outlier = { consecutive_5xx = 5, ejection_ms = 30000, max_ejection_percent = 10 },
+///               retry_budget = { ratio = 0.2, min_per_second = 10 } },
+///   },
+///   upstreams = { users = { "127.0.0.1:8080" } },
+/// }
+/// ```
+/// Unknown keys are errors (a typo must not silently disable a setting); every error names
+/// the path of the offending value.
+public enum ConfigFile {
+    public struct Error: Swift.Error, Equatable, CustomStringConvertible {
+        public var message: String
+        public init(_ m: String) { message = m }
+        public var description: String { message }
+    }
+
+    /// Evaluates `source` and applies it over `base` (the flags).
+    public static func load(
+        source: String, name: String, base: SidecarConfig, environment: [String: String] = [:]
+    )
+        throws(Error) -> SidecarConfig
+    {
+        let value: LuaValue
+        do {
+            value = try LuaConfig.evaluate(source: source, chunkName: name, environment: environment)
+        } catch {
+            throw Error(error.message)
+        }
+        return try apply(value, to: base, file: name)
+    }
+
+    public static func apply(_ v: LuaValue, to base: SidecarConfig, file: String) throws(Error) -> SidecarConfig {
+        guard case .table = v else { throw Error("\(file): must return a table, got \(v.typeName)") }
+        var c = base
+        let r = Reader(file: file)
+        try r.keys(v, "", allowed: ["routes", "clusters", "upstreams", "defaults"])
+        if let routes = v["routes"] {
+            guard let list = routes.array else { throw Error("\(file): routes: expected a list of route tables") }
+            c.routes = []
+            for (i, item) in list.enumerated() { c.routes.append(try r.route(item, "routes[\(i + 1)]", base: base)) }
+            var seen = Set<String>()
+            for route in c.routes where !seen.insert(route.name).inserted {
+                throw Error("\(file): routes: two routes are named \"\(route.name)\"")
+            }
+        }
+        if let clusters = v["clusters"] {
+            guard case .table(let t) = clusters else { throw Error("\(file): clusters: expected a table by name") }
+            for (key, value) in t {
+                guard case .string(let name) = key else { throw Error("\(file): clusters: keys must be names") }
+                c.clusters[name] = try r.cluster(value, "clusters.\(name)", name: name, base: base.defaultCluster)
+            }
+        }
+        if let ups = v["upstreams"] {
+            guard case .table(let t) = ups else { throw Error("\(file): upstreams: expected a table by name") }
+            for (key, value) in t {
+                guard case .string(let name) = key, let list = value.array else {
+                    throw Error("\(file): upstreams.\(key): expected a list of \"host:port\" strings")
+                }
+                var eps: [Endpoint] = []
+                for (i, a) in list.enumerated() {
+                    guard case .string(let s) = a, let hp = HostPort(s), hp.port > 0 else {
+                        throw Error("\(file): upstreams.\(name)[\(i + 1)]: expected \"host:port\"")
+                    }
+                    eps.append(Endpoint(id: hp.description, host: hp.host, port: hp.port))
+                }
+                c.staticEndpoints[name] = eps
+            }
+        }
+        if let d = v["defaults"] {
+            try r.keys(d, "defaults", allowed: ["retry", "timeout_ms", "cluster"])
+            if let retry = d["retry"] { c.defaultRetry = try r.retry(retry, "defaults.retry", base: base.defaultRetry) }
+            if let t = d["timeout_ms"] {
+                c.defaultTimeout = .milliseconds(Int64(try r.int(t, "defaults.timeout_ms", min: 1)))
+            }
+            if let cl = d["cluster"] {
+                c.defaultCluster = try r.cluster(cl, "defaults.cluster", name: "default", base: base.defaultCluster)
+            }
+        }
+        for route in c.routes where route.cluster.isEmpty {
+            throw Error("\(file): route \"\(route.name)\" names no cluster")
+        }
+        return c
+    }
+
+    struct Reader {
+        let file: String
+
+        func fail(_ path: String, _ m: String) -> Error { Error("\(file): \(path): \(m)") }
+
+        func keys(_ v: LuaValue, _ path: String, allowed: Set<String>) throws(Error) {
+            guard case .table(let t) = v else {
+                throw fail(path.isEmpty ? "config" : path, "expected a table, got \(v.typeName)")
+            }
+            for k in t.keys {
+                guard case .string(let s) = k, allowed.contains(s) else {
+                    throw fail(
+                        path.isEmpty ? "\(k)" : "\(path).\(k)",
+                        "unknown setting; expected one of \(allowed.sorted().joined(separator: ", "))")
+                }
+            }
+        }
+
+        func string(_ v: LuaValue, _ path: String) throws(Error) -> String {
+            guard case .string(let s) = v else { throw fail(path, "expected a string, got \(v.typeName)") }
+            return s
+        }
+
+        func int(_ v: LuaValue, _ path: String, min: Int = 0, max: Int = Int(Int32.max)) throws(Error) -> Int {
+            guard case .number(let d) = v, d == d.rounded(), d >= Double(min), d <= Double(max) else {
+                throw fail(path, "expected an integer in \(min)…\(max), got \(v)")
+            }
+            return Int(d)
+        }
+
+        func ratio(_ v: LuaValue, _ path: String) throws(Error) -> Double {
+            guard case .number(let d) = v, d >= 0, d <= 1 else {
+                throw fail(path, "expected a number in 0…1, got \(v)")
+            }
+            return d
+        }
+
+        func route(_ v: LuaValue, _ path: String, base: SidecarConfig) throws(Error) -> Route {
+            try keys(
+                v, path,
+                allowed: [
+                    "name", "host", "path", "prefix", "methods", "headers", "cluster", "timeout_ms", "retry",
+                    "rate_limit",
+                ])
+            let name = try v["name"].map { (x) throws(Error) in try string(x, "\(path).name") } ?? path
+            let cluster = try v["cluster"].map { (x) throws(Error) in try string(x, "\(path).cluster") } ?? ""
+            guard !cluster.isEmpty else { throw fail(path, "cluster is required") }
+            var match = RouteMatch()
+            if let h = v["host"] { match.host = try string(h, "\(path).host").lowercased() }
+            if let p = v["path"] {
+                let s = try string(p, "\(path).path")
+                guard s.hasPrefix("/") || s == "*" else { throw fail("\(path).path", "must start with /") }
+                match.path = PathMatch.parse(s)
+            }
+            if let p = v["prefix"] {
+                let s = try string(p, "\(path).prefix")
+                guard s.hasPrefix("/") else { throw fail("\(path).prefix", "must start with /") }
+                match.path = .prefix(s)
+            }
+            if let m = v["methods"] {
+                guard let list = m.array else { throw fail("\(path).methods", "expected a list of strings") }
+                var methods: [String] = []
+                for (i, x) in list.enumerated() {
+                    methods.append(try string(x, "\(path).methods[\(i + 1)]").uppercased())
+                }
+                match.methods = methods
+            }
+            if let hs = v["headers"] {
+                guard case .table(let t) = hs else { throw fail("\(path).headers", "expected a table name → value") }
+                for (k, x) in t {
+                    guard case .string(let hname) = k else {
+                        throw fail("\(path).headers", "keys must be header names")
+                    }
+                    switch x {
+                    case .bool(true): match.headers[hname.lowercased()] = .some(nil)
+                    case .string(let s): match.headers[hname.lowercased()] = .some(s)
+                    default: throw fail("\(path).headers.\(hname)", "expected a string (exact value) or true (present)")
+                    }
+                }
+            }
+            var route = Route(
+                name: name, match: match, cluster: cluster, timeout: base.defaultTimeout, retry: base.defaultRetry)
+            if let t = v["timeout_ms"] {
+                route.timeout = .milliseconds(Int64(try int(t, "\(path).timeout_ms", min: 1)))
+            }
+            if let rt = v["retry"] { route.retry = try retry(rt, "\(path).retry", base: base.defaultRetry) }
+            if let rl = v["rate_limit"] {
+                try keys(rl, "\(path).rate_limit", allowed: ["rps", "burst"])
+                let rps = try int(rl["rps"] ?? .nil, "\(path).rate_limit.rps", min: 1)
+                let burst = try rl["burst"].map { (x) throws(Error) in try int(x, "\(path).rate_limit.burst", min: 1) }
+                route.rateLimit = .perSecond(rps, burst: burst)
+            }
+            return route
+        }
+
+        func retry(_ v: LuaValue, _ path: String, base: RetryPolicy) throws(Error) -> RetryPolicy {
+            try keys(
+                v, path,
+                allowed: [
+                    "attempts", "retry_on", "retriable_status_codes", "per_try_timeout_ms", "backoff_base_ms",
+                    "backoff_max_ms", "non_idempotent", "max_replay_bytes",
+                ])
+            var p = base
+            if let a = v["attempts"] { p.numRetries = try int(a, "\(path).attempts", min: 0, max: 10) }
+            if let on = v["retry_on"] {
+                do {
+                    p.retryOn = try RetryOn.parse(try string(on, "\(path).retry_on"))
+                } catch let e as TrafficConfigError {
+                    throw fail("\(path).retry_on", e.message)
+                } catch let e as Error {
+                    throw e
+                } catch {
+                    throw fail("\(path).retry_on", "\(error)")
+                }
+            }
+            if let codes = v["retriable_status_codes"] {
+                guard let list = codes.array else { throw fail("\(path).retriable_status_codes", "expected a list") }
+                var set = Set<Int>()
+                for (i, x) in list.enumerated() {
+                    set.insert(try int(x, "\(path).retriable_status_codes[\(i + 1)]", min: 100, max: 599))
+                }
+                p.retriableStatusCodes = set
+                p.retryOn.insert(.retriableStatusCodes)
+            }
+            if let t = v["per_try_timeout_ms"] {
+                p.perTryTimeout = .milliseconds(Int64(try int(t, "\(path).per_try_timeout_ms", min: 1)))
+            }
+            if let t = v["backoff_base_ms"] {
+                p.backoffBase = .milliseconds(Int64(try int(t, "\(path).backoff_base_ms", min: 1)))
+            }
+            if let t = v["backoff_max_ms"] {
+                p.backoffMax = .milliseconds(Int64(try int(t, "\(path).backoff_max_ms", min: 1)))
+            }
+            if let b = v["non_idempotent"] {
+                guard case .bool(let x) = b else { throw fail("\(path).non_idempotent", "expected true or false") }
+                p.retryNonIdempotent = x
+            }
+            if let m = v["max_replay_bytes"] { p.maxReplayBytes = try int(m, "\(path).max_replay_bytes", min: 0) }
+            guard p.backoffMax >= p.backoffBase else { throw fail(path, "backoff_max_ms must be ≥ backoff_base_ms") }
+            return p
+        }
+
+        func cluster(_ v: LuaValue, _ path: String, name: String, base: ClusterConfig) throws(Error) -> ClusterConfig {
+            try keys(
+                v, path,
+                allowed: ["balancer", "connect_timeout_ms", "breaker", "outlier", "retry_budget", "limits", "zone"])
+            var c = base
+            c.name = name
+            if let b = v["balancer"] {
+                let s = try string(b, "\(path).balancer")
+                guard let k = BalancerKind.parse(s) else {
+                    throw fail(
+                        "\(path).balancer",
+                        "unknown \"\(s)\"; expected peak_ewma, least_request, round_robin, random or ring_hash:HEADER")
+                }
+                c.balancer = k
+            }
+            if let t = v["connect_timeout_ms"] {
+                c.connectTimeout = .milliseconds(Int64(try int(t, "\(path).connect_timeout_ms", min: 1)))
+            }
+            if let z = v["zone"] { c.localZone = try string(z, "\(path).zone") }
+            if let b = v["breaker"] {
+                try keys(
+                    b, "\(path).breaker",
+                    allowed: [
+                        "consecutive_failures", "error_ratio", "slow_call_ratio", "slow_call_ms", "min_requests",
+                        "window_ms", "open_ms", "max_open_ms", "half_open_probes",
+                    ])
+                if let x = b["consecutive_failures"] {
+                    let n = try int(x, "\(path).breaker.consecutive_failures")
+                    c.breaker.consecutiveFailures = n > 0 ? n : nil
+                }
+                if let x = b["error_ratio"] { c.breaker.errorRatio = try ratio(x, "\(path).breaker.error_ratio") }
+                if let x = b["slow_call_ratio"] {
+                    c.breaker.slowCallRatio = try ratio(x, "\(path).breaker.slow_call_ratio")
+                }
+                if let x = b["slow_call_ms"] {
+                    c.breaker.slowCall = .milliseconds(Int64(try int(x, "\(path).breaker.slow_call_ms", min: 1)))
+                }
+                if let x = b["min_requests"] {
+                    c.breaker.minRequests = try int(x, "\(path).breaker.min_requests", min: 1)
+                }
+                if let x = b["window_ms"] {
+                    c.breaker.window = .milliseconds(Int64(try int(x, "\(path).breaker.window_ms", min: 1)))
+                }
+                if let x = b["open_ms"] {
+                    c.breaker.baseOpen = .milliseconds(Int64(try int(x, "\(path).breaker.open_ms", min: 1)))
+                }
+                if let x = b["max_open_ms"] {
+                    c.breaker.maxOpen = .milliseconds(Int64(try int(x, "\(path).breaker.max_open_ms", min: 1)))
+                }
+                if let x = b["half_open_probes"] {
+                    c.breaker.halfOpenProbes = try int(x, "\(path).breaker.half_open_probes", min: 1)
+                }
+            }
+            if let o = v["outlier"] {
+                try keys(
+                    o, "\(path).outlier",
+                    allowed: [
+                        "consecutive_5xx", "consecutive_gateway_failure", "ejection_ms", "max_ejection_ms",
+                        "max_ejection_percent", "interval_ms", "success_rate", "failure_percentage_threshold",
+                    ])
+                if let x = o["consecutive_5xx"] {
+                    let n = try int(x, "\(path).outlier.consecutive_5xx")
+                    c.outlier.consecutive5xx = n > 0 ? n : nil
+                }
+                if let x = o["consecutive_gateway_failure"] {
+                    let n = try int(x, "\(path).outlier.consecutive_gateway_failure")
+                    c.outlier.consecutiveGatewayFailure = n > 0 ? n : nil
+                }
+                if let x = o["ejection_ms"] {
+                    c.outlier.baseEjectionTime = .milliseconds(Int64(try int(x, "\(path).outlier.ejection_ms", min: 1)))
+                }
+                if let x = o["max_ejection_ms"] {
+                    c.outlier.maxEjectionTime = .milliseconds(
+                        Int64(try int(x, "\(path).outlier.max_ejection_ms", min: 1)))
+                }
+                if let x = o["max_ejection_percent"] {
+                    c.outlier.maxEjectionPercent = try int(x, "\(path).outlier.max_ejection_percent", max: 100)
+                }
+                if let x = o["interval_ms"] {
+                    c.outlier.interval = .milliseconds(Int64(try int(x, "\(path).outlier.interval_ms", min: 1)))
+                }
+                if let x = o["success_rate"] {
+                    guard case .bool(let on) = x else {
+                        throw fail("\(path).outlier.success_rate", "expected true or false")
+                    }
+                    c.outlier.enforceSuccessRate = on
+                }
+                if let x = o["failure_percentage_threshold"] {
+                    c.outlier.failurePercentageThreshold = try int(
+                        x, "\(path).outlier.failure_percentage_threshold", max: 100)
+                }
+            }
+            if let b = v["retry_budget"] {
+                try keys(b, "\(path).retry_budget", allowed: ["ratio", "min_per_second", "ttl_ms"])
+                var cfg = c.retryBudget
+                if let x = b["ratio"] { cfg.ratio = try ratio(x, "\(path).retry_budget.ratio") }
+                if let x = b["min_per_second"] { cfg.minPerSecond = try int(x, "\(path).retry_budget.min_per_second") }
+                if let x = b["ttl_ms"] {
+                    cfg.ttl = .milliseconds(Int64(try int(x, "\(path).retry_budget.ttl_ms", min: 100)))
+                }
+                c.retryBudget = cfg
+            }
+            if let l = v["limits"] {
+                try keys(
+                    l, "\(path).limits",
+                    allowed: ["max_requests", "max_retries", "max_connections", "max_pending_requests"])
+                if let x = l["max_requests"] {
+                    c.limits.maxRequests = try int(x, "\(path).limits.max_requests", min: 1)
+                }
+                if let x = l["max_retries"] { c.limits.maxRetries = try int(x, "\(path).limits.max_retries") }
+                if let x = l["max_connections"] {
+                    c.limits.maxConnections = try int(x, "\(path).limits.max_connections", min: 1)
+                }
+                if let x = l["max_pending_requests"] {
+                    c.limits.maxPendingRequests = try int(x, "\(path).limits.max_pending_requests", min: 1)
+                }
+            }
+            return c
+        }
+    }
+}

@@ -1,0 +1,72 @@
+import TandemTraffic
+import Testing
+
+@testable import TandemSidecar
+
+@Suite struct ConfigFileTests {
+    let base = SidecarConfig(service: "orders", instance: "o-1", appPort: 8081)
+
+    @Test func theDocumentedExampleLoads() throws {
+        let c = try ConfigFile.load(
+            source: """
+                return {
+                  routes = {
+                    { name = "user", host = "users", path = "/user/:id", methods = { "GET" }, cluster = "users",
+                      timeout_ms = 2000, rate_limit = { rps = 100, burst = 200 },
+                      retry = { attempts = 2, retry_on = "5xx,reset", per_try_timeout_ms = 500 } },
+                    { name = "canary", host = "users", prefix = "/user", headers = { ["x-canary"] = "1" },
+                      cluster = "users-canary" },
+                  },
+                  clusters = {
+                    users = { balancer = "round_robin", connect_timeout_ms = 1000,
+                              breaker = { consecutive_failures = 5, error_ratio = 0.5, open_ms = 5000 },
+                              outlier = { consecutive_5xx = 5, ejection_ms = 30000, max_ejection_percent = 10 },
+                              retry_budget = { ratio = 0.2, min_per_second = 10 } },
+                  },
+                  upstreams = { users = { "127.0.0.1:8080", "127.0.0.1:8082" } },
+                }
+                """, name: "orders.lua", base: base)
+        #expect(c.routes.count == 2)
+        let r = c.routes[0]
+        #expect(r.match == RouteMatch(host: "users", path: .template("/user/:id"), methods: ["GET"]))
+        #expect(r.timeout == .milliseconds(2000))
+        #expect(r.retry.numRetries == 2 && r.retry.retryOn == [.fiveXX, .reset])
+        #expect(r.retry.perTryTimeout == .milliseconds(500))
+        #expect(r.rateLimit == .perSecond(100, burst: 200))
+        #expect(c.routes[1].match.headers == ["x-canary": "1"])
+        let users = c.clusters["users"]!
+        #expect(users.balancer == .roundRobin)
+        #expect(users.breaker.errorRatio == 0.5 && users.breaker.baseOpen == .seconds(5))
+        #expect(users.outlier.baseEjectionTime == .seconds(30))
+        #expect(c.staticEndpoints["users"]?.map(\.address) == ["127.0.0.1:8080", "127.0.0.1:8082"])
+    }
+
+    @Test(arguments: [
+        (
+            "return { routs = {} }",
+            "c.lua: routs: unknown setting; expected one of clusters, defaults, routes, upstreams"
+        ),
+        ("return { routes = { { host = 'users' } } }", "c.lua: routes[1]: cluster is required"),
+        (
+            "return { routes = { { cluster = 'u', retry = { retry_on = '5xx,often' } } } }",
+            "c.lua: routes[1].retry.retry_on: unknown retry_on condition \"often\"; expected one of 5xx, gateway-error, reset, connect-failure, refused-stream, retriable-status-codes, cancelled, deadline-exceeded, resource-exhausted, unavailable, internal, per-try-timeout"
+        ),
+        (
+            "return { clusters = { users = { balancer = 'fastest' } } }",
+            "c.lua: clusters.users.balancer: unknown \"fastest\"; expected peak_ewma, least_request, round_robin, random or ring_hash:HEADER"
+        ),
+        (
+            "return { routes = { { cluster = 'u', timeout_ms = -1 } } }",
+            "c.lua: routes[1].timeout_ms: expected an integer in 1…2147483647, got number(-1.0)"
+        ),
+        ("return { upstreams = { users = { 'nowhere' } } }", "c.lua: upstreams.users[1]: expected \"host:port\""),
+        ("return 42", "c.lua: must return a table, got number"),
+        (
+            "return { routes = { { name = 'a', cluster = 'x' }, { name = 'a', cluster = 'y' } } }",
+            "c.lua: routes: two routes are named \"a\""
+        ),
+    ])
+    func mistakesAreNamedPrecisely(source: String, message: String) {
+        #expect(throws: ConfigFile.Error(message)) { try ConfigFile.load(source: source, name: "c.lua", base: base) }
+    }
+}
