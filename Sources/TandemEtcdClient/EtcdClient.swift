@@ -8,6 +8,7 @@ import NIOHPACK
 import NIOHTTP2
 import NIOPosix
 import SwiftProtobuf
+import TandemCore
 import TandemEtcdAPI
 
 /// A failed call: the gRPC status code and message (etcd's text, e.g. "etcdserver: requested
@@ -250,22 +251,8 @@ struct GRPCFramer {
     static func status(_ headers: HPACKHeaders) -> EtcdClientError?? {
         guard let s = headers.first(name: "grpc-status"), let code = Int(s) else { return nil }
         if code == 0 { return .some(nil) }
-        let msg = headers.first(name: "grpc-message").map(percentDecode) ?? ""
+        let msg = headers.first(name: "grpc-message").map(GRPCText.percentDecode) ?? ""
         return .some(EtcdClientError(code: code, message: msg))
-    }
-
-    static func percentDecode(_ s: String) -> String {
-        var bytes: [UInt8] = []
-        var it = Array(s.utf8)[...]
-        while let c = it.popFirst() {
-            if c == 0x25, it.count >= 2, let v = UInt8(String(decoding: it.prefix(2), as: UTF8.self), radix: 16) {
-                bytes.append(v)
-                it = it.dropFirst(2)
-            } else {
-                bytes.append(c)
-            }
-        }
-        return String(decoding: bytes, as: UTF8.self)
     }
 }
 

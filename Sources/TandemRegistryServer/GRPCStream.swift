@@ -187,21 +187,7 @@ final class GRPCStreamHandler: ChannelInboundHandler {
             headersSent = true
         }
         trailers.add(name: "grpc-status", value: String(status?.code.rawValue ?? 0))
-        if let s = status { trailers.add(name: "grpc-message", value: Self.percentEncode(s.message)) }
+        if let s = status { trailers.add(name: "grpc-message", value: GRPCText.percentEncode(s.message)) }
         context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: trailers, endStream: true))), promise: nil)
-    }
-
-    /// gRPC's grpc-message encoding: printable ASCII except '%' as is, the rest %XX.
-    static func percentEncode(_ s: String) -> String {
-        var out = ""
-        for b in s.utf8 {
-            if b >= 0x20 && b <= 0x7E && b != 0x25 {
-                out.unicodeScalars.append(Unicode.Scalar(b))
-            } else {
-                let hex = String(b, radix: 16, uppercase: true)
-                out += "%" + (hex.count == 1 ? "0" + hex : hex)
-            }
-        }
-        return out
     }
 }

@@ -52,76 +52,21 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     func start() {
         ctx.inFlight.withLockedValue { $0 += 1 }
-        // Absolute-form (HTTP_PROXY) or origin-form with Host.
-        if head.uri.hasPrefix("http://") {
-            let rest = head.uri.dropFirst(7)
-            let slash = rest.firstIndex(of: "/") ?? rest.endIndex
-            host = String(rest[..<slash])
-            path = slash == rest.endIndex ? "/" : String(rest[slash...])
-            head.headers.replaceOrAdd(name: "host", value: host)
-        } else if head.uri.hasPrefix("https://") {
-            answer(LocalAnswer(.badRequest, message: "https:// targets cannot be proxied in plain HTTP; call http://"))
+        switch ProxyRouting.resolve(ctx: ctx, side: side, head: &head, now: startedAt) {
+        case .failure(let a):
+            answer(a)
             return
-        } else {
-            host = head.headers.first(name: "host") ?? ""
-            path = head.uri
-        }
-        let req = RequestHead(
-            method: head.method.rawValue, host: host, path: path,
-            headers: Array(head.headers.map { ($0.name, $0.value) }))
-        switch side {
-        case .inbound:
-            var r = Route(
-                name: "inbound", match: RouteMatch(), cluster: ProxyContext.localCluster, timeout: ctx.inboundTimeout)
-            r.retry.retryOn = [.connectFailure]
-            if let hint = head.headers.first(name: "tandem-timeout-ms").flatMap(Int64.init), hint > 0 {
-                r.timeout = min(r.timeout ?? .milliseconds(hint), .milliseconds(hint))
-            }
-            route = r
-        case .outbound:
-            guard !req.host.isEmpty else {
-                answer(LocalAnswer(.badRequest, message: "request has no Host header and no absolute URI"))
-                return
-            }
-            if let d = ctx.brain.with({ $0.routes.route(req) }) {
-                route = d.route
-            } else if Self.isServiceName(req.host) {
-                let (retry, timeout) = ctx.brain.with { ($0.config.defaultRetry, $0.config.defaultTimeout) }
-                route = Route(
-                    name: "service:\(req.host)", match: RouteMatch(host: req.host), cluster: req.host, timeout: timeout,
-                    retry: retry)
-            } else {
-                answer(
-                    LocalAnswer(
-                        .noRoute,
-                        message: "no route for host \"\(req.host)\"; call a service by name, e.g. http://users/"))
-                return
-            }
-        }
-        let route = self.route!
-        cluster = route.cluster
-        let maxClusters = ctx.limits.maxClusters
-        let known = ctx.brain.with { $0.clusters[route.cluster] != nil || $0.clusters.count < maxClusters }
-        guard known else {
-            answer(LocalAnswer(.overflow, message: "this sidecar already tracks \(maxClusters) upstream services"))
-            return
-        }
-        guard ctx.brain.takeToken(route: route, now: startedAt) else {
-            answer(LocalAnswer(.rateLimited, message: "rate limit of route \"\(route.name)\" exceeded"))
-            return
+        case .success(let r):
+            route = r.route
+            host = r.host
+            path = r.path
+            cluster = r.route.cluster
         }
         if let wait = ctx.ensureCluster(cluster) {
             wait.hop(to: loop).whenComplete { _ in self.admit() }
         } else {
             admit()
         }
-    }
-
-    static func isServiceName(_ host: String) -> Bool {
-        if host.isEmpty || host == "localhost" { return false }
-        if host.allSatisfy({ $0.isNumber || $0 == "." }) { return false }  // IPv4 literal
-        if host.hasPrefix("[") { return false }
-        return true
     }
 
     private func admit() {

@@ -19,10 +19,12 @@ final class ProxyContext: Sendable {
     let ensureCluster: @Sendable (String) -> EventLoopFuture<Void>?
     let accessLog: (@Sendable (String) -> Void)?
     let inboundTimeout: Nanos?
+    /// The app speaks HTTP/2 (h2c/gRPC): inbound HTTP/2 streams go to it as HTTP/2.
+    let appSpeaksH2: Bool
 
     init(
         brain: TrafficBrain, pools: UpstreamPools, metrics: SidecarMetrics, limits: SidecarLimits, service: String,
-        inboundTimeout: Nanos?, accessLog: (@Sendable (String) -> Void)?,
+        inboundTimeout: Nanos?, appSpeaksH2: Bool = false, accessLog: (@Sendable (String) -> Void)?,
         ensureCluster: @escaping @Sendable (String) -> EventLoopFuture<Void>?
     ) {
         self.brain = brain
@@ -31,6 +33,7 @@ final class ProxyContext: Sendable {
         self.limits = limits
         self.service = service
         self.inboundTimeout = inboundTimeout
+        self.appSpeaksH2 = appSpeaksH2
         self.accessLog = accessLog
         self.ensureCluster = ensureCluster
     }

@@ -2,6 +2,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import NIOHTTP2
 import NIOPosix
 import TandemCore
 import TandemEtcdClient
@@ -56,7 +57,8 @@ public final class Sidecar: @unchecked Sendable {
         ctx = ProxyContext(
             brain: brain, pools: UpstreamPools(maxIdlePerEndpoint: config.limits.maxIdlePerEndpoint),
             metrics: sharedMetrics,
-            limits: config.limits, service: config.service, inboundTimeout: config.inboundTimeout, accessLog: accessLog,
+            limits: config.limits, service: config.service, inboundTimeout: config.inboundTimeout,
+            appSpeaksH2: config.appProtocol != .http, accessLog: accessLog,
             ensureCluster: { name in back.value?.ensureCluster(name) })
         back.value = self
         brain.reconfigure(cfg)
@@ -179,11 +181,13 @@ public final class Sidecar: @unchecked Sendable {
     }
 
     private let connections = NIOLockedValueBox<[ObjectIdentifier: any Channel]>([:])
+    private let h2Pools = H2Pools()
 
     private func listen(_ addr: HostPort, side: ProxySide) throws -> any Channel {
         let ctx = self.ctx
         let limits = config.limits
         let connections = self.connections
+        let h2 = self.h2Pools
         let decoderLimits = {
             var d = NIOHTTPDecoderLimitConfiguration()
             d.maxHeaderListSize = limits.maxHeaderBytes
@@ -207,11 +211,24 @@ public final class Sidecar: @unchecked Sendable {
                     return ch.close()
                 }
                 ch.closeFuture.whenComplete { _ in _ = connections.withLockedValue { $0.removeValue(forKey: id) } }
-                return ch.pipeline.configureHTTPServerPipeline(
-                    withErrorHandling: false, withDecoderLimitConfiguration: decoderLimits
-                ).flatMapThrowing {
-                    try ch.pipeline.syncOperations.addHandler(HTTPProxyHandler(ctx: ctx, side: side))
-                }
+                let sniffer = ProtocolSniffer(
+                    http1: { ch in
+                        ch.pipeline.configureHTTPServerPipeline(
+                            withErrorHandling: false, withDecoderLimitConfiguration: decoderLimits
+                        ).flatMapThrowing {
+                            try ch.pipeline.syncOperations.addHandler(HTTPProxyHandler(ctx: ctx, side: side))
+                        }
+                    },
+                    http2: { ch in
+                        ch.configureHTTP2Pipeline(mode: .server) { stream in
+                            stream.eventLoop.makeCompletedFuture {
+                                try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
+                                try stream.pipeline.syncOperations.addHandler(
+                                    H2ProxyHandler(ctx: ctx, side: side, pools: h2))
+                            }
+                        }.map { _ in }
+                    })
+                return ch.pipeline.addHandler(sniffer)
             }
             .bind(host: addr.host, port: addr.port).wait()
     }
@@ -280,7 +297,7 @@ public final class Sidecar: @unchecked Sendable {
         let advertise = config.advertiseHost ?? (inboundAddress.host == "0.0.0.0" ? "127.0.0.1" : inboundAddress.host)
         let inst = ServiceInstance(
             service: config.service, instance: config.instance, address: advertise, port: inboundAddress.port,
-            protocol: "http", zone: config.zone, metadata: config.metadata, health: health)
+            protocol: config.appProtocol.rawValue, zone: config.zone, metadata: config.metadata, health: health)
         let reg = ServiceRegistration(client: registry, instance: inst, ttl: config.leaseTTL)
         reg.log = log
         lock.withLock { registration = reg }

@@ -52,6 +52,11 @@ public struct SidecarConfig: Sendable {
     public var inbound = HostPort(host: "127.0.0.1", port: 0)
     public var outbound = HostPort(host: "127.0.0.1", port: 0)
     public var admin = HostPort(host: "127.0.0.1", port: 0)
+    /// What the app speaks on its port: HTTP/1.1, or HTTP/2 without TLS (h2c: gRPC servers).
+    /// HTTP/2 requests for an HTTP/1.1 app are translated; outbound, the protocol of each
+    /// request is kept on the next hop.
+    public enum AppProtocol: String, Sendable { case http, h2c, grpc }
+    public var appProtocol: AppProtocol = .http
     /// The address other sidecars reach the inbound listener at (default: its bound host).
     public var advertiseHost: String? = nil
     public var zone: String? = nil

@@ -144,7 +144,7 @@ public enum LocalReason: String, Sendable, CaseIterable {
 }
 
 /// A response the sidecar produces itself: status, `tandem-error` and a JSON body.
-public struct LocalAnswer: Equatable, Sendable {
+public struct LocalAnswer: Error, Equatable, Sendable {
     public var reason: LocalReason
     public var status: Int
     public var message: String

@@ -15,6 +15,7 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "Service name this instance registers as.") var service: String
     @Option(help: "Port the app listens on (on --app-host).") var appPort: Int
     @Option(help: "Host the app listens on.") var appHost = "127.0.0.1"
+    @Option(help: "What the app speaks: http (HTTP/1.1), h2c or grpc (HTTP/2 without TLS).") var appProtocol = "http"
     @Option(help: "Inbound listener HOST:PORT, the address registered for this instance (port 0: any free port).")
     var inbound = "127.0.0.1:0"
     @Option(help: "Outbound listener HOST:PORT the app calls other services through (HTTP_PROXY points here).")
@@ -68,6 +69,9 @@ struct SidecarOptions: ParsableArguments {
             throw ValidationError("\(flag): expected HOST:PORT, got '\(v)'")
         }
         guard (1...65535).contains(appPort) else { throw ValidationError("--app-port must be 1…65535") }
+        guard SidecarConfig.AppProtocol(rawValue: appProtocol) != nil else {
+            throw ValidationError("--app-protocol must be http, h2c or grpc")
+        }
         guard !service.isEmpty,
             service.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." })
         else { throw ValidationError("--service: letters, digits, '-', '_' and '.' only") }
@@ -100,6 +104,7 @@ struct SidecarOptions: ParsableArguments {
         let id = instance ?? "\(service)-\(getpid())-\(String(rnd.next() % 0xFFFF, radix: 16))"
         var c = SidecarConfig(service: service, instance: id, appPort: appPort)
         c.appHost = appHost
+        c.appProtocol = SidecarConfig.AppProtocol(rawValue: appProtocol)!
         c.inbound = HostPort(inbound)!
         c.outbound = HostPort(outbound)!
         c.admin = HostPort(admin)!

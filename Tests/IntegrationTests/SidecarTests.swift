@@ -445,3 +445,71 @@ func eventually(_ attempts: Int = 200, _ condition: () throws -> Bool) rethrows 
         #expect(out.contains("--config: \(file.path): routes[1]: cluster is required"), "\(out)")
     }
 }
+
+let grpcService = repoRoot.appendingPathComponent("examples/grpc/user_service.py").path
+
+@Suite struct HTTP2AndGRPCTests {
+    /// A real gRPC client (Debian's python3-grpcio) calls a real gRPC server through two sidecars.
+    @Test func allFourGRPCModesKeepTheirTrailersThroughTwoSidecars() throws {
+        let reg = try RegistryUnderTest()
+        let port = try freePort()
+        let users = try SidecarUnderTest(
+            service: "users", registry: reg.endpoint, appPort: port,
+            app: ["/usr/bin/python3", grpcService, "server", String(port)], extra: ["--app-protocol", "grpc"])
+        let client = try SidecarUnderTest(
+            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil, waitForRegistration: false)
+        let c = try Child("/usr/bin/python3", [grpcService, "client", client.outbound, "users"])
+        let lines = c.readUntil { $0.hasPrefix("{") }
+        let obj = try JSONSerialization.jsonObject(with: Data((lines.last ?? "").utf8)) as? [String: Any] ?? [:]
+        #expect((obj["unary"] as? [String: Any])?["name"] as? String == "Alice", "\(lines)")
+        let trailers = obj["unary_trailers"] as? [String: String] ?? [:]
+        #expect(trailers["x-served-by"] == "user-service")
+        #expect(trailers["x-time-remaining"] != nil)  // grpc-timeout crossed both sidecars
+        #expect(
+            (obj["server_stream"] as? [[String: Any]])?.compactMap { $0["name"] as? String } == [
+                "Alice", "Bob", "Carol",
+            ])
+        #expect((obj["client_stream"] as? [String: Any])?["received"] as? Int == 5)
+        #expect(obj["bidi"] as? [String] == ["hi", "there", "!"])
+        let err = obj["error"] as? [String: Any] ?? [:]
+        #expect(err["code"] as? String == "NOT_FOUND")
+        #expect(err["details"] as? String == "no such user")
+        #expect((err["trailers"] as? [String: String])?["x-served-by"] == "user-service")
+
+        // The client sidecar counted the calls by gRPC status.
+        let metrics = try http("http://\(client.admin)/metrics").body
+        #expect(metrics.contains(#"cluster="users",status="200",grpc_status="5"} 1"#))
+        withExtendedLifetime((reg, users, client)) {}
+    }
+
+    /// An HTTP/2 client reaches an HTTP/1.1 app: h2 on both sidecar hops, HTTP/1.1 to the app.
+    @Test func h2cRequestsReachAnHTTP1App() throws {
+        let reg = try RegistryUnderTest()
+        let port = try freePort()
+        let users = try SidecarUnderTest(
+            service: "users", registry: reg.endpoint, appPort: port, app: ["/usr/bin/python3", usersApp, String(port)],
+            extra: ["--health-path", "/health"])
+        let client = try SidecarUnderTest(
+            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil, waitForRegistration: false)
+        for (method, body, expect) in [("GET", nil, "Alice"), ("POST", #"{"name":"Eve"}"#, "Eve")]
+            as [(String, String?, String)]
+        {
+            var args = [
+                "-s", "--http2-prior-knowledge", "-w", "\nversion=%{http_version}", "-H", "Host: users", "-X", method,
+            ]
+            if let body { args += ["-H", "content-type: application/json", "--data-binary", body] }
+            args.append("http://\(client.outbound)/user\(method == "GET" ? "/1" : "")")
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+            p.arguments = args
+            let pipe = Pipe()
+            p.standardOutput = pipe
+            try p.run()
+            let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            p.waitUntilExit()
+            #expect(out.contains(expect), "\(out)")
+            #expect(out.hasSuffix("version=2"), "\(out)")
+        }
+        withExtendedLifetime((reg, users, client)) {}
+    }
+}

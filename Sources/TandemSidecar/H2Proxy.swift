@@ -1,0 +1,575 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOHTTP2
+import NIOPosix
+import TandemCore
+import TandemTraffic
+
+/// Looks at a connection's first bytes: the HTTP/2 prior-knowledge preface selects h2c (gRPC),
+/// anything else HTTP/1.1. Then it configures the pipeline and removes itself.
+final class ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+
+    private var buffered: ByteBuffer?
+    private let http1: @Sendable (any Channel) -> EventLoopFuture<Void>
+    private let http2: @Sendable (any Channel) -> EventLoopFuture<Void>
+
+    init(
+        http1: @escaping @Sendable (any Channel) -> EventLoopFuture<Void>,
+        http2: @escaping @Sendable (any Channel) -> EventLoopFuture<Void>
+    ) {
+        self.http1 = http1
+        self.http2 = http2
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var b = unwrapInboundIn(data)
+        if buffered == nil { buffered = b } else { buffered!.writeBuffer(&b) }
+        let bytes = buffered!.readableBytesView
+        let n = min(bytes.count, Self.preface.count)
+        let isH2Prefix = bytes.prefix(n).elementsEqual(Self.preface.prefix(n))
+        if isH2Prefix && n < Self.preface.count { return }  // need more bytes to decide
+        let configure = isH2Prefix ? http2 : http1
+        let data = buffered!
+        buffered = nil
+        let channel = context.channel
+        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        configure(channel).whenComplete { result in
+            switch result {
+            case .success:
+                bound.value.fireChannelRead(NIOAny(data))
+                bound.value.pipeline.syncOperations.removeHandler(context: bound.value, promise: nil)
+            case .failure:
+                channel.close(promise: nil)
+            }
+        }
+    }
+}
+
+/// One downstream HTTP/2 stream (through NIO's HTTP/2 → HTTP/1 codec, so trailers arrive as
+/// `.end(trailers)`). Bodies stream in both directions; nothing is buffered beyond a bound.
+final class H2ProxyHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    let ctx: ProxyContext
+    let side: ProxySide
+    let pools: H2Pools
+    private var exchange: StreamExchange?
+
+    init(ctx: ProxyContext, side: ProxySide, pools: H2Pools) {
+        self.ctx = ctx
+        self.side = side
+        self.pools = pools
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h):
+            let ex = StreamExchange(handler: self, context: context, head: h)
+            exchange = ex
+            ex.start()
+        case .body(let b):
+            exchange?.downstreamBody(b)
+        case .end(let t):
+            exchange?.downstreamEnd(t)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        exchange?.downstreamClosed()
+        exchange = nil
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        exchange?.downstreamClosed()
+        context.close(promise: nil)
+    }
+}
+
+/// A streaming request/response through the proxy over HTTP/2 (gRPC's four modes): the
+/// request head goes upstream as soon as an endpoint is chosen, body frames and trailers
+/// follow as they arrive, and the response streams back with its trailers. Only failures
+/// before the upstream stream exists (connect failures) are retried: a streamed body
+/// cannot be replayed.
+final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
+    unowned let handler: H2ProxyHandler
+    let context: ChannelHandlerContext
+    let ctx: ProxyContext
+    var head: HTTPRequestHead
+    let startedAt: Nanos
+    private var route: Route?
+    private var cluster = ""
+    private var endpoint: Endpoint?
+    private var tried: [String] = []
+    private var admitted = false
+    private var upstream: (any Channel)?
+    /// Set when the upstream hop is HTTP/1.1 (an HTTP/1.1 app behind the inbound side).
+    private var http1: UpstreamConnection?
+    /// Request parts received before the upstream stream is open (bounded).
+    private var pending: [HTTPClientRequestPart] = []
+    private var pendingBytes = 0
+    private var requestEnded = false
+    private var responded = false
+    private var finished = false
+    private var status = 0
+    private var grpcStatus: Int?
+    private var tandemError: String?
+    private var timer: Scheduled<Void>?
+    private var attemptStart: Nanos = 0
+
+    init(handler: H2ProxyHandler, context: ChannelHandlerContext, head: HTTPRequestHead) {
+        self.handler = handler
+        self.context = context
+        self.ctx = handler.ctx
+        self.head = head
+        self.startedAt = nowNanos()
+    }
+
+    private var loop: any EventLoop { context.eventLoop }
+    private var isGRPC: Bool { head.headers.first(name: "content-type")?.hasPrefix("application/grpc") == true }
+
+    func start() {
+        ctx.inFlight.withLockedValue { $0 += 1 }
+        switch ProxyRouting.resolve(ctx: ctx, side: handler.side, head: &head, now: startedAt) {
+        case .failure(let a):
+            answer(a)
+            return
+        case .success(let r):
+            route = r.route
+            cluster = r.route.cluster
+            head.uri = r.path
+        }
+        if let wait = ctx.ensureCluster(cluster) {
+            wait.hop(to: loop).whenComplete { _ in self.admit() }
+        } else {
+            admit()
+        }
+    }
+
+    private func admit() {
+        guard !finished, let route else { return }
+        let now = nowNanos()
+        if let reason = ctx.brain.withCluster(cluster, { c, _ in c.admit(now: now) }) {
+            answer(
+                LocalAnswer(
+                    reason, message: reason == .circuitOpen ? "circuit breaker for \"\(cluster)\" is open" : nil))
+            return
+        }
+        admitted = true
+        // gRPC carries its own deadline (grpc-timeout, passed through); a long-lived stream
+        // must not be cut by the default route timeout, so only an explicit one applies.
+        let timeout: Nanos? = isGRPC ? nil : route.timeout
+        if let timeout {
+            timer = loop.scheduleTask(in: .nanoseconds(timeout)) { [weak self] in self?.timedOut() }
+        }
+        attempt()
+    }
+
+    private func attempt() {
+        guard !finished else { return }
+        let now = nowNanos()
+        let avoid = tried
+        guard let ep = ctx.brain.withCluster(cluster, { c, rng in c.choose(now: now, avoid: avoid, rng: &rng) }) else {
+            answer(LocalAnswer(.noHealthyEndpoint, message: "no healthy endpoint for \"\(cluster)\""))
+            return
+        }
+        endpoint = ep
+        tried.append(ep.id)
+        attemptStart = now
+        ctx.brain.withCluster(cluster) { c, _ in c.attemptStarted(ep) }
+        ctx.metrics.inc("tandem_upstream_attempts_total", [("side", handler.side.rawValue), ("cluster", cluster)])
+        let connectTimeout = ctx.brain.withCluster(cluster) { c, _ in c.config.connectTimeout }
+        if handler.side == .inbound && !ctx.appSpeaksH2 {
+            // An HTTP/1.1 app: the stream continues over a pooled HTTP/1.1 connection.
+            let pool = ctx.pools.pool(for: loop)
+            pool.acquire(host: ep.host, port: ep.port, connectTimeout: .nanoseconds(connectTimeout)).whenComplete { r in
+                switch r {
+                case .success(let c):
+                    guard !self.finished else {
+                        pool.release(c)
+                        return
+                    }
+                    self.http1 = c
+                    c.handler.delegate = self
+                    self.upstreamOpened(c.channel)
+                case .failure: self.connectFailed(ep)
+                }
+            }
+            return
+        }
+        handler.pools.pool(for: loop).openStream(
+            host: ep.host, port: ep.port, connectTimeout: .nanoseconds(connectTimeout), exchange: self
+        )
+        .whenComplete { r in
+            switch r {
+            case .success(let stream): self.upstreamOpened(stream)
+            case .failure: self.connectFailed(ep)
+            }
+        }
+    }
+
+    private func connectFailed(_ ep: Endpoint) {
+        guard !finished else { return }
+        let now = nowNanos()
+        ctx.brain.withCluster(cluster) { c, _ in
+            c.attemptFinished(ep, .connectFailure, latency: now - attemptStart, now: now)
+        }
+        let attempts = tried.count
+        let maxAttempts = 1 + (route?.retry.numRetries ?? 0)
+        let allowed = attempts < maxAttempts && ctx.brain.withCluster(cluster) { c, _ in c.budget.tryRetry(now: now) }
+        if allowed {
+            ctx.metrics.inc("tandem_retries_total", [("side", handler.side.rawValue), ("cluster", cluster)])
+            attempt()
+        } else {
+            answer(
+                LocalAnswer(.upstreamConnectFailure, message: "could not connect to \"\(cluster)\" at \(ep.address)"))
+        }
+    }
+
+    private func upstreamOpened(_ stream: any Channel) {
+        guard !finished else {
+            stream.close(promise: nil)
+            return
+        }
+        upstream = stream
+        var h = HTTPRequestHead(version: .http1_1, method: head.method, uri: head.uri)
+        for (name, value) in head.headers {
+            let lower = name.lowercased()
+            if lower == "te" && value.lowercased() == "trailers" {
+                h.headers.add(name: name, value: value)  // gRPC needs it end to end
+            } else if !hopByHop.contains(lower) {
+                h.headers.add(name: name, value: value)
+            }
+        }
+        if h.headers["traceparent"].isEmpty { h.headers.add(name: "traceparent", value: Trace.newTraceparent()) }
+        if http1 != nil {
+            h.headers.remove(name: "te")
+            if h.headers["content-length"].isEmpty { h.headers.add(name: "transfer-encoding", value: "chunked") }
+        }
+        stream.write(HTTPClientRequestPart.head(h), promise: nil)
+        for part in pending { stream.write(part, promise: nil) }
+        pending = []
+        pendingBytes = 0
+        stream.flush()
+    }
+
+    // MARK: downstream → upstream
+
+    func downstreamBody(_ b: ByteBuffer) {
+        guard !finished else { return }
+        if let up = upstream {
+            up.writeAndFlush(HTTPClientRequestPart.body(.byteBuffer(b)), promise: nil)
+        } else {
+            pendingBytes += b.readableBytes
+            if pendingBytes > ctx.limits.maxBodyBytes {
+                answer(
+                    LocalAnswer(
+                        .bodyTooLarge,
+                        message: "request body exceeds \(ctx.limits.maxBodyBytes) bytes before the upstream answered"))
+                return
+            }
+            pending.append(.body(.byteBuffer(b)))
+        }
+    }
+
+    func downstreamEnd(_ trailers: HTTPHeaders?) {
+        guard !finished else { return }
+        requestEnded = true
+        if let up = upstream {
+            up.writeAndFlush(HTTPClientRequestPart.end(trailers), promise: nil)
+        } else {
+            pending.append(.end(trailers))
+        }
+    }
+
+    // MARK: upstream → downstream
+
+    /// A gRPC trailers-only response's metadata, re-sent downstream as trailers.
+    private var trailersOnly: HTTPHeaders?
+
+    func upstreamHead(_ h: HTTPResponseHead) {
+        guard !finished else { return }
+        responded = true
+        status = Int(h.status.code)
+        var out = HTTPResponseHead(version: head.version, status: h.status)
+        if let g = h.headers.first(name: "grpc-status").flatMap(Int.init) {
+            // Trailers-only (an error with no messages): NIO's HTTP/1-style codec would send it
+            // as HEADERS + an empty DATA frame, which gRPC clients reject; send headers, then
+            // the status and metadata as trailers.
+            grpcStatus = g
+            var t = HTTPHeaders()
+            for (name, value) in h.headers where !hopByHop.contains(name.lowercased()) {
+                switch name.lowercased() {
+                case "content-type": out.headers.add(name: name, value: value)
+                case "content-length": break
+                default: t.add(name: name, value: value)
+                }
+            }
+            trailersOnly = t
+        } else {
+            for (name, value) in h.headers where !hopByHop.contains(name.lowercased()) {
+                out.headers.add(name: name, value: value)
+            }
+        }
+        context.writeAndFlush(handler.wrapOutboundOut(.head(out)), promise: nil)
+    }
+
+    func upstreamBody(_ b: ByteBuffer) {
+        guard !finished, responded else { return }
+        context.writeAndFlush(handler.wrapOutboundOut(.body(.byteBuffer(b))), promise: nil)
+    }
+
+    func upstreamEnd(_ upstreamTrailers: HTTPHeaders?) {
+        guard !finished else { return }
+        let trailers = upstreamTrailers ?? trailersOnly
+        if let g = trailers?.first(name: "grpc-status").flatMap(Int.init) { grpcStatus = g }
+        upstream = nil
+        if let c = http1 {
+            http1 = nil
+            ctx.pools.pool(for: loop).release(c)
+        }
+        defer {
+            // Written after the bookkeeping: ending the stream closes it, and its close must
+            // not be mistaken for the client going away.
+            context.writeAndFlush(handler.wrapOutboundOut(.end(trailers)), promise: nil)
+        }
+        let failed: Bool
+        if let g = grpcStatus { failed = [4, 8, 13, 14].contains(g) } else { failed = status >= 500 }
+        if let ep = endpoint {
+            let now = nowNanos()
+            let outcome = AttemptOutcome.response(status: failed && status < 500 ? 503 : status, grpcStatus: grpcStatus)
+            ctx.brain.withCluster(cluster) { c, _ in
+                c.attemptFinished(ep, outcome, latency: now - attemptStart, now: now)
+            }
+        }
+        complete(failed: failed)
+    }
+
+    func upstreamFailed(_ error: any Error) { upstreamFailed() }
+
+    func upstreamFailed() {
+        guard !finished else { return }
+        upstream = nil
+        http1 = nil
+        if let ep = endpoint {
+            let now = nowNanos()
+            ctx.brain.withCluster(cluster) { c, _ in
+                c.attemptFinished(ep, .reset, latency: now - attemptStart, now: now)
+            }
+        }
+        if responded {
+            tandemError = "upstream-reset"
+            complete(failed: true)
+            context.close(promise: nil)  // resets the downstream stream
+        } else {
+            answer(LocalAnswer(.upstreamReset, message: "upstream \"\(cluster)\" reset the stream before answering"))
+        }
+    }
+
+    // MARK: endings
+
+    private func timedOut() {
+        guard !finished else { return }
+        upstream?.close(promise: nil)
+        upstream = nil
+        if responded {
+            tandemError = "timeout"
+            complete(failed: true)
+            context.close(promise: nil)
+        } else {
+            answer(LocalAnswer(.timeout, message: "upstream \"\(cluster)\" did not answer within the route timeout"))
+        }
+    }
+
+    func downstreamClosed() {
+        guard !finished else { return }
+        upstream?.close(promise: nil)
+        upstream = nil
+        status = 499
+        tandemError = "client-closed"
+        complete(failed: false)
+    }
+
+    /// A local answer; for gRPC requests also as gRPC status in trailers-only form, so gRPC
+    /// clients see UNAVAILABLE/DEADLINE_EXCEEDED/… with the message.
+    private func answer(_ a: LocalAnswer) {
+        guard !finished else { return }
+        upstream?.close(promise: nil)
+        upstream = nil
+        status = a.status
+        tandemError = a.reason.rawValue
+        ctx.metrics.inc("tandem_local_answers_total", [("side", handler.side.rawValue), ("reason", a.reason.rawValue)])
+        var headers = HTTPHeaders()
+        headers.add(name: "tandem-error", value: a.reason.rawValue)
+        if isGRPC {
+            var h = HTTPHeaders()
+            h.add(name: "content-type", value: "application/grpc")
+            headers.add(name: "grpc-status", value: String(Self.grpcCode(a)))
+            headers.add(name: "grpc-message", value: GRPCText.percentEncode(a.message))
+            complete(failed: a.status >= 500)
+            context.write(
+                handler.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: h))),
+                promise: nil)
+            context.writeAndFlush(handler.wrapOutboundOut(.end(headers)), promise: nil)
+            return
+        } else {
+            let body = a.jsonBody
+            headers.add(name: "content-type", value: "application/json")
+            headers.add(name: "content-length", value: String(body.utf8.count))
+            context.write(
+                handler.wrapOutboundOut(
+                    .head(
+                        HTTPResponseHead(version: head.version, status: .init(statusCode: a.status), headers: headers))),
+                promise: nil)
+            complete(failed: a.status >= 500)
+            context.write(handler.wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
+            context.writeAndFlush(handler.wrapOutboundOut(.end(nil)), promise: nil)
+        }
+    }
+
+    /// gRPC status codes for local answers (grpc/doc/statuscodes.md; HTTP→gRPC mapping).
+    static func grpcCode(_ a: LocalAnswer) -> Int {
+        switch a.reason {
+        case .timeout: return 4  // DEADLINE_EXCEEDED
+        case .rateLimited, .overflow: return 8  // RESOURCE_EXHAUSTED
+        case .unauthenticated: return 16
+        case .forbidden, .policyDenied: return 7
+        case .noRoute: return 12  // UNIMPLEMENTED
+        case .badRequest, .headersTooLarge, .bodyTooLarge: return 3  // INVALID_ARGUMENT... body too large: 8 in gRPC
+        case .policyError: return 13
+        default: return 14  // UNAVAILABLE
+        }
+    }
+
+    private func complete(failed: Bool) {
+        guard !finished else { return }
+        finished = true
+        timer?.cancel()
+        let now = nowNanos()
+        let latency = now - startedAt
+        if admitted {
+            ctx.brain.withCluster(cluster) { c, _ in c.requestFinished(failed: failed, latency: latency, now: now) }
+        }
+        ctx.inFlight.withLockedValue { $0 -= 1 }
+        let routeName = route?.name ?? "none"
+        var labels = [
+            ("side", handler.side.rawValue), ("route", routeName), ("cluster", cluster), ("status", String(status)),
+        ]
+        if let g = grpcStatus { labels.append(("grpc_status", String(g))) }
+        ctx.metrics.inc("tandem_requests_total", labels)
+        ctx.metrics.observe(
+            "tandem_request_duration_ms", [("side", handler.side.rawValue), ("route", routeName)],
+            ms: Double(latency) / 1e6)
+        if let log = ctx.accessLog {
+            var line =
+                "{\"side\":\"\(handler.side.rawValue)\",\"protocol\":\"h2\",\"method\":\(JSON.quote(head.method.rawValue))"
+            line +=
+                ",\"path\":\(JSON.quote(head.uri)),\"route\":\(JSON.quote(routeName)),\"cluster\":\(JSON.quote(cluster))"
+            line += ",\"endpoint\":\(JSON.quote(endpoint?.address ?? "")),\"status\":\(status)"
+            line += ",\"grpc_status\":\(grpcStatus.map(String.init) ?? "null"),\"attempts\":\(tried.count)"
+            line +=
+                ",\"duration_ms\":\(Double(latency / 1000) / 1000),\"tandem_error\":\(tandemError.map(JSON.quote) ?? "null")}"
+            log(line)
+        }
+    }
+}
+
+/// Receives one upstream stream's response parts (after NIO's HTTP/2 → HTTP/1 client codec).
+final class H2UpstreamStreamHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = HTTPClientResponsePart
+    weak var exchange: StreamExchange?
+    private var ended = false
+
+    init(exchange: StreamExchange) { self.exchange = exchange }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h):
+            if h.status.code < 200 { return }
+            exchange?.upstreamHead(h)
+        case .body(let b): exchange?.upstreamBody(b)
+        case .end(let t):
+            ended = true
+            exchange?.upstreamEnd(t)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if !ended { exchange?.upstreamFailed() }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if !ended { exchange?.upstreamFailed() }
+        ended = true
+        context.close(promise: nil)
+    }
+}
+
+/// HTTP/2 upstream connections of one event loop: one multiplexed connection per endpoint.
+final class H2Pool: @unchecked Sendable {
+    let loop: any EventLoop
+    private var connections: [String: EventLoopFuture<NIOLoopBound<HTTP2StreamMultiplexer>>] = [:]
+
+    init(loop: any EventLoop) { self.loop = loop }
+
+    func openStream(
+        host: String, port: Int, connectTimeout: TimeAmount, exchange: StreamExchange
+    ) -> EventLoopFuture<any Channel> {
+        loop.preconditionInEventLoop()
+        let key = "\(host):\(port)"
+        let conn: EventLoopFuture<NIOLoopBound<HTTP2StreamMultiplexer>>
+        if let c = connections[key] {
+            conn = c
+        } else {
+            let loop = self.loop
+            conn = ClientBootstrap(group: loop)
+                .connectTimeout(connectTimeout)
+                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .connect(host: host, port: port)
+                .flatMap { ch in
+                    ch.closeFuture.whenComplete { _ in self.connections.removeValue(forKey: key) }
+                    return ch.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil).map {
+                        NIOLoopBound($0, eventLoop: loop)
+                    }
+                }
+            connections[key] = conn
+            conn.whenFailure { _ in self.connections.removeValue(forKey: key) }
+        }
+        return conn.flatMap { mux in
+            let promise = self.loop.makePromise(of: (any Channel).self)
+            mux.value.createStreamChannel(promise: nil) { stream in
+                stream.eventLoop.makeCompletedFuture {
+                    try stream.pipeline.syncOperations.addHandler(
+                        HTTP2FramePayloadToHTTP1ClientCodec(httpProtocol: .http))
+                    try stream.pipeline.syncOperations.addHandler(H2UpstreamStreamHandler(exchange: exchange))
+                    promise.succeed(stream)
+                }
+            }
+            return promise.futureResult
+        }
+    }
+
+    func closeAll() {
+        for c in connections.values { c.whenSuccess { _ in } }
+        connections = [:]
+    }
+}
+
+final class H2Pools: Sendable {
+    private let pools = NIOLockedValueBox<[ObjectIdentifier: NIOLoopBound<H2Pool>]>([:])
+
+    func pool(for loop: any EventLoop) -> H2Pool {
+        let id = ObjectIdentifier(loop)
+        return pools.withLockedValue { p -> NIOLoopBound<H2Pool> in
+            if let b = p[id] { return b }
+            let b = NIOLoopBound(H2Pool(loop: loop), eventLoop: loop)
+            p[id] = b
+            return b
+        }.value
+    }
+}
