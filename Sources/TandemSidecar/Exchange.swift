@@ -150,7 +150,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         for (name, value) in head.headers where !hopByHop.contains(name.lowercased()) {
             h.headers.add(name: name, value: value)
         }
-        if h.headers["traceparent"].isEmpty { h.headers.add(name: "traceparent", value: Trace.newTraceparent()) }
+        if h.headers["traceparent"].isEmpty { h.headers.add(name: "traceparent", value: handler.newTraceparent()) }
         h.headers.remove(name: "content-length")
         let len = body?.readableBytes ?? 0
         if len > 0 || [.POST, .PUT, .PATCH].contains(head.method) {
@@ -299,9 +299,13 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         context.write(handler.wrapOutboundOut(.head(out)), promise: nil)
     }
 
+    func upstreamReadComplete() {
+        if responded && !finished { context.flush() }
+    }
+
     func upstreamBody(_ b: ByteBuffer) {
         guard !finished, responded else { return }
-        context.writeAndFlush(handler.wrapOutboundOut(.body(.byteBuffer(b))), promise: nil)
+        context.write(handler.wrapOutboundOut(.body(.byteBuffer(b))), promise: nil)
         if !context.channel.isWritable, let c = conn, !upstreamPaused {
             upstreamPaused = true
             c.channel.setOption(.autoRead, value: false).whenFailure { _ in }
@@ -408,14 +412,19 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     }
 }
 
-/// W3C trace context ids (random, from the system generator: the shell may).
+/// W3C trace context ids. Random, from a generator seeded once from the system per
+/// connection (a getrandom call per id would cost three syscalls per request).
 enum Trace {
-    static func newTraceparent() -> String {
-        var g = SystemRandomNumberGenerator()
+    static func newTraceparent(_ g: inout SeededRandom) -> String {
         func hex(_ v: UInt64) -> String {
             let s = String(v, radix: 16)
             return String(repeating: "0", count: 16 - s.count) + s
         }
         return "00-\(hex(g.next() | 1))\(hex(g.next()))-\(hex(g.next() | 1))-01"
+    }
+
+    static func seeded() -> SeededRandom {
+        var sys = SystemRandomNumberGenerator()
+        return SeededRandom(seed: sys.next())
     }
 }

@@ -58,6 +58,9 @@ final class H2ProxyHandler: ChannelInboundHandler, @unchecked Sendable {
     let side: ProxySide
     let pools: H2Pools
     private var exchange: StreamExchange?
+    private var traceRNG = Trace.seeded()
+
+    func newTraceparent() -> String { Trace.newTraceparent(&traceRNG) }
 
     init(ctx: ProxyContext, side: ProxySide, pools: H2Pools) {
         self.ctx = ctx
@@ -245,7 +248,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
                 h.headers.add(name: name, value: value)
             }
         }
-        if h.headers["traceparent"].isEmpty { h.headers.add(name: "traceparent", value: Trace.newTraceparent()) }
+        if h.headers["traceparent"].isEmpty { h.headers.add(name: "traceparent", value: handler.newTraceparent()) }
         if http1 != nil {
             h.headers.remove(name: "te")
             if h.headers["content-length"].isEmpty { h.headers.add(name: "transfer-encoding", value: "chunked") }

@@ -64,6 +64,9 @@ final class HTTPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
     private var timer: Scheduled<Void>?
     private(set) var context: ChannelHandlerContext?
     private var served = 0
+    private var traceRNG = Trace.seeded()
+
+    func newTraceparent() -> String { Trace.newTraceparent(&traceRNG) }
 
     init(ctx: ProxyContext, side: ProxySide) {
         self.ctx = ctx

@@ -27,8 +27,30 @@ public final class SidecarMetrics: Sendable {
 
     public init() {}
 
+    /// The storage key of a label set: names and raw values joined by NUL bytes (quoting is
+    /// done once at render time, not on every request).
     static func labels(_ pairs: [(String, String)]) -> String {
-        pairs.map { "\($0.0)=\(JSON.quote($0.1))" }.joined(separator: ",")
+        var key = ""
+        for (i, (name, value)) in pairs.enumerated() {
+            if i > 0 { key += "\u{0}" }
+            key += name
+            key += "\u{0}"
+            key += value
+        }
+        return key
+    }
+
+    /// `name="value",…` from a storage key.
+    static func render(labels key: String) -> String {
+        guard !key.isEmpty else { return "" }
+        let parts = key.split(separator: "\u{0}", omittingEmptySubsequences: false)
+        var out: [String] = []
+        var i = 0
+        while i + 1 < parts.count {
+            out.append("\(parts[i])=\(JSON.quote(String(parts[i + 1])))")
+            i += 2
+        }
+        return out.joined(separator: ",")
     }
 
     public func inc(_ name: String, _ labels: [(String, String)] = [], by n: UInt64 = 1) {
@@ -57,13 +79,15 @@ public final class SidecarMetrics: Sendable {
         var out = ""
         for name in s.counters.keys.sorted() {
             out += "# TYPE \(name) counter\n"
-            for (l, v) in s.counters[name]!.sorted(by: { $0.key < $1.key }) {
+            for (key, v) in s.counters[name]!.sorted(by: { $0.key < $1.key }) {
+                let l = Self.render(labels: key)
                 out += l.isEmpty ? "\(name) \(v)\n" : "\(name){\(l)} \(v)\n"
             }
         }
         for name in s.histograms.keys.sorted() {
             out += "# TYPE \(name) histogram\n"
-            for (l, h) in s.histograms[name]!.sorted(by: { $0.key < $1.key }) {
+            for (key, h) in s.histograms[name]!.sorted(by: { $0.key < $1.key }) {
+                let l = Self.render(labels: key)
                 let sep = l.isEmpty ? "" : ","
                 for (i, b) in Self.buckets.enumerated() {
                     out += "\(name)_bucket{\(l)\(sep)le=\"\(Int(b))\"} \(h.counts[i])\n"
@@ -76,7 +100,7 @@ public final class SidecarMetrics: Sendable {
         var seen = Set<String>()
         for (name, labels, value) in gauges {
             if seen.insert(name).inserted { out += "# TYPE \(name) gauge\n" }
-            let l = Self.labels(labels)
+            let l = Self.render(labels: Self.labels(labels))
             out += l.isEmpty ? "\(name) \(value)\n" : "\(name){\(l)} \(value)\n"
         }
         return out

@@ -26,30 +26,29 @@ final class TrafficBrain: Sendable {
 
     func with<T>(_ body: (inout State) -> T) -> T { state.withLockedValue(body) }
 
-    /// The cluster's state, created from config on first use.
-    static func cluster(_ s: inout State, _ name: String) -> ClusterState {
-        if let c = s.clusters[name] { return c }
+    /// Creates the cluster's state from config on first use.
+    static func ensureCluster(_ s: inout State, _ name: String) {
+        guard s.clusters[name] == nil else { return }
         var c = ClusterState(s.config.clusterConfig(name))
         if let eps = s.config.staticEndpoints[name] { c.setEndpoints(eps) }
         s.clusters[name] = c
-        return c
     }
 
+    /// Runs `body` on the cluster's state in place. (Copying the state out and back would
+    /// copy its arrays and dictionaries on every call: the dictionary still holds them.)
     func withCluster<T>(_ name: String, _ body: (inout ClusterState, inout SeededRandom) -> T) -> T {
         state.withLockedValue { s in
-            var c = Self.cluster(&s, name)
-            let r = body(&c, &s.rng)
-            s.clusters[name] = c
-            return r
+            Self.ensureCluster(&s, name)
+            return body(&s.clusters[name]!, &s.rng)
         }
     }
 
     /// Installs discovered endpoints; static ones stand in while discovery has none.
     func setDiscovered(_ name: String, _ eps: [Endpoint]) {
         state.withLockedValue { s in
-            var c = Self.cluster(&s, name)
-            c.setEndpoints(eps.isEmpty ? (s.config.staticEndpoints[name] ?? []) : eps)
-            s.clusters[name] = c
+            Self.ensureCluster(&s, name)
+            let fallback = s.config.staticEndpoints[name] ?? []
+            s.clusters[name]!.setEndpoints(eps.isEmpty ? fallback : eps)
         }
     }
 

@@ -10,6 +10,12 @@ protocol UpstreamDelegate: AnyObject {
     func upstreamEnd(_ trailers: HTTPHeaders?)
     /// The connection failed or closed before the response ended.
     func upstreamFailed(_ error: any Error)
+    /// The end of one read burst: flush what was forwarded (one write syscall per burst).
+    func upstreamReadComplete()
+}
+
+extension UpstreamDelegate {
+    func upstreamReadComplete() {}
 }
 
 /// An HTTP/1.1 connection to one endpoint, reused for sequential requests.
@@ -48,6 +54,10 @@ final class UpstreamHandler: ChannelInboundHandler, @unchecked Sendable {
             delegate = nil
             d?.upstreamEnd(t)
         }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        delegate?.upstreamReadComplete()
     }
 
     func channelInactive(context: ChannelHandlerContext) {

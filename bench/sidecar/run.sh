@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# One HTTP/1.1 hop, measured in one run on this machine:
+#   direct (wrk → backend), one Tandem sidecar, HAProxy, nginx, and two Tandem sidecars
+#   (the mesh path: client sidecar outbound → server sidecar inbound → backend).
+# The backend is an nginx instance answering 1 KiB. For each target: saturation (wrk -t2 -c64)
+# requests/s with p50/p99, latency at ~1,000 requests/s (wrk -c10 with a 10 ms pause per
+# connection), CPU of the proxy processes per 1,000 requests, and RSS idle and peak.
+#
+# Needs: wrk haproxy nginx (apt-get install -y wrk haproxy nginx). Never install
+# libnginx-mod-http-lua: it removes libluajit-5.1-dev (docs/ARCHITECTURE.md).
+# Usage: bench/sidecar/run.sh        (env DURATION=10 seconds per run)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DURATION=${DURATION:-10}
+TANDEM=.build/release/tandem
+[ -x "$TANDEM" ] || swift build -c release --product tandem
+for t in wrk haproxy nginx; do command -v $t >/dev/null || { echo "missing $t: apt-get install -y wrk haproxy nginx" >&2; exit 1; }; done
+
+W=$(mktemp -d /tmp/tandem-bench.XXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
+trap cleanup EXIT
+
+BACKEND=19100 NGINX=19101 HAPROXY=19102 ONE=19103 TWO_OUT=19104 TWO_IN=19105
+BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
+
+mkdir -p "$W/nginx-backend" "$W/nginx-proxy"
+cat > "$W/nginx-backend/nginx.conf" <<CONF
+worker_processes 1; pid $W/nginx-backend/pid; error_log $W/nginx-backend/error.log; daemon off;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$BACKEND; location / { default_type text/plain; return 200 "$BODY"; } } }
+CONF
+cat > "$W/nginx-proxy/nginx.conf" <<CONF
+worker_processes 2; pid $W/nginx-proxy/pid; error_log $W/nginx-proxy/error.log; daemon off;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; }
+  server { listen 127.0.0.1:$NGINX;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+cat > "$W/haproxy.cfg" <<CONF
+global
+  nbthread 2
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$HAPROXY
+  default_backend be
+backend be
+  server s1 127.0.0.1:$BACKEND
+CONF
+
+nginx -c "$W/nginx-backend/nginx.conf" & PIDS+=($!); BACKEND_PID=$!
+nginx -c "$W/nginx-proxy/nginx.conf" & PIDS+=($!); NGINX_PID=$!
+haproxy -f "$W/haproxy.cfg" -db > "$W/haproxy.log" 2>&1 & PIDS+=($!); HAPROXY_PID=$!
+$TANDEM sidecar --service bench --app-port 1 --registry none --health-interval 3600 \
+  --upstream backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$ONE > "$W/one.log" 2>&1 & PIDS+=($!); ONE_PID=$!
+$TANDEM sidecar --service backend --app-port $BACKEND --registry none --health-interval 3600 \
+  --inbound 127.0.0.1:$TWO_IN > "$W/two-server.log" 2>&1 & PIDS+=($!); TWO_SERVER_PID=$!
+$TANDEM sidecar --service client --app-port 1 --registry none --health-interval 3600 \
+  --upstream backend=127.0.0.1:$TWO_IN --outbound 127.0.0.1:$TWO_OUT > "$W/two-client.log" 2>&1 & PIDS+=($!); TWO_CLIENT_PID=$!
+
+# Wait until every target answers (bounded).
+for port in $BACKEND $NGINX $HAPROXY $ONE $TWO_OUT; do
+  for _ in $(seq 100); do curl -fs -o /dev/null -H "Host: backend" "http://127.0.0.1:$port/" && break; sleep 0.1; done
+done
+# nginx's master forks workers: measure the whole process group.
+pids_of() { case $1 in
+  nginx) m=$(pgrep -f "nginx-proxy/nginx.conf" | head -1); echo "$m $(pgrep -P "$m" | tr '\n' ' ')";;
+  haproxy) echo $HAPROXY_PID;;
+  one) echo $ONE_PID;;
+  two) echo "$TWO_CLIENT_PID $TWO_SERVER_PID";;
+  direct) echo "";; esac; }
+cpu_ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
+rss_kb() { local t=0; for p in $1; do t=$((t + $(awk '/VmRSS/{print $2}' /proc/$p/status))); done; echo $t; }
+hwm_kb() { local t=0; for p in $1; do t=$((t + $(awk '/VmHWM/{print $2}' /proc/$p/status))); done; echo $t; }
+HZ=$(getconf CLK_TCK)
+
+printf "| target | sat. req/s | sat. p50 | sat. p99 | ~1k rps: req/s | p50 | p99 | CPU s per 1k req | RSS idle | RSS peak |\n"
+printf "|---|---|---|---|---|---|---|---|---|---|\n"
+for target in direct one haproxy nginx two; do
+  case $target in
+    direct) port=$BACKEND;; one) port=$ONE;; haproxy) port=$HAPROXY;; nginx) port=$NGINX;; two) port=$TWO_OUT;;
+  esac
+  pids=$(pids_of $target)
+  idle=$( [ -n "$pids" ] && echo "$(( $(rss_kb "$pids") / 1024 )) MB" || echo "-")
+  sat=$(wrk -t2 -c64 -d${DURATION}s --latency -H "Host: backend" "http://127.0.0.1:$port/")
+  c0=$( [ -n "$pids" ] && cpu_ticks "$pids" || echo 0)
+  fixed=$(wrk -t2 -c10 -d${DURATION}s --latency -s bench/sidecar/pace.lua -H "Host: backend" "http://127.0.0.1:$port/")
+  c1=$( [ -n "$pids" ] && cpu_ticks "$pids" || echo 0)
+  peak=$( [ -n "$pids" ] && echo "$(( $(hwm_kb "$pids") / 1024 )) MB" || echo "-")
+  rps() { echo "$1" | awk '/Requests\/sec/{printf "%d", $2}'; }
+  pct() { echo "$1" | awk -v p="$2" '$1==p{print $2}'; }
+  fixed_total=$(echo "$fixed" | awk '/requests in/{print $1}')
+  cpu=$( [ -n "$pids" ] && awk -v d=$((c1 - c0)) -v hz=$HZ -v n=$fixed_total 'BEGIN{printf "%.3f", d/hz/(n/1000)}' || echo "-")
+  errs=$(echo "$sat$fixed" | grep -E "Non-2xx|Socket errors" | tr '\n' ' ' || true)
+  printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |%s\n" "$target" "$(rps "$sat")" "$(pct "$sat" 50%)" "$(pct "$sat" 99%)" \
+    "$(rps "$fixed")" "$(pct "$fixed" 50%)" "$(pct "$fixed" 99%)" "$cpu" "$idle" "$peak" "${errs:+ $errs}"
+done
