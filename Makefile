@@ -43,16 +43,15 @@ test: build lint
 	@n=$$(grep -oE "Test run with [0-9]+ tests" .build/tandem-test.log | grep -oE "[0-9]+" | tail -1); \
 	 echo "tests: $$n passed, 0 failed"
 
-# A simulated 3-node registry survives a leader crash, then a short fault sweep.
+# A small mesh on this machine (embedded registry, users ×2 and orders behind `tandem run`),
+# then the same registry code on virtual time surviving a leader crash.
 demo: build
-	@echo "== Tandem demo: a 3-node registry (real Raft, MVCC store and WAL) on virtual time =="
-	@echo "== 1. the leader crashes a third of the way in; clients keep going =="
+	@echo "== Tandem demo: a mesh of three services with sidecars and the embedded registry =="
+	examples/users-orders/demo.sh
+	@echo
+	@echo "== The registry's real Raft, MVCC store and WAL on virtual time: the leader crashes =="
 	.build/debug/tandem sim-registry --seed 7 --leader-crash
-	@echo
-	@echo "== 2. 50 random seeds with loss, duplication, partitions, pauses and crashes =="
-	.build/debug/tandem sim-registry --seeds 1..50
-	@echo
-	@echo "Replay any seed with: .build/debug/tandem sim-registry --seed N"
+	@echo "Replay any seed with: .build/debug/tandem sim-registry --seed N   (make sim SEEDS=1..1000 for a sweep)"
 
 sim: build
 	.build/debug/tandem sim-registry --seeds $${SEEDS:-1..1000}

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# make demo: a small mesh on this machine, doing real work.
+#   users ×2 (Python, one of them flaky) and orders (Python) each run next to a Tandem sidecar
+#   (`tandem run`); the first sidecar hosts the embedded registry on 127.0.0.1:2379. orders
+#   calls http://users/... through its sidecar: discovery, balancing, retries, ejection and
+#   the circuit breaker all show up below, then everything drains and deregisters.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+T=${TANDEM:-.build/debug/tandem}
+W=$(mktemp -d /tmp/tandem-demo.XXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$W"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { for _ in $(seq 200); do if eval "$1" >/dev/null 2>&1; then return 0; fi; sleep 0.1; done; echo "timed out: $1" >&2; exit 1; }
+admin_of() { grep -o "admin http://[0-9.:]*" "$W/$1.log" | head -1 | cut -d' ' -f2; }
+metric() { curl -s "$(admin_of "$1")/metrics" | awk -v m="$2" 'index($0, m)==1 {s+=$NF} END {print s+0}'; }
+
+if curl -s -o /dev/null --max-time 1 http://127.0.0.1:2379/ 2>/dev/null; then
+  echo "note: something already listens on 127.0.0.1:2379; the sidecars will use it as their registry"
+fi
+U1=$(free_port); U2=$(free_port); O=$(free_port); OIN=$(free_port)
+echo "== 1. start: users ×2 and orders, each next to a sidecar (the first hosts the registry) =="
+$T run --service users --app-port $U1 --health-path /health --health-interval 1 --registry-data-dir "$W/registry" \
+  -- python3 examples/users-orders/users.py $U1 > "$W/users-1.log" 2>&1 & PIDS+=($!)
+wait_for "grep -q registered $W/users-1.log"
+FAIL_RATE=0.3 $T run --service users --app-port $U2 --health-path /health --health-interval 1 \
+  -- python3 examples/users-orders/users.py $U2 > "$W/users-2.log" 2>&1 & PIDS+=($!)
+$T run --service orders --app-port $O --inbound 127.0.0.1:$OIN --config examples/users-orders/orders.lua \
+  -- python3 examples/users-orders/orders.py $O > "$W/orders.log" 2>&1 & PIDS+=($!)
+wait_for "grep -q registered $W/users-2.log && grep -q registered $W/orders.log"
+head -2 "$W/users-1.log" | sed 's/^/   /'
+echo "   registry (etcd v3 API on 127.0.0.1:2379):"
+if command -v etcdctl >/dev/null; then
+  ETCDCTL_API=3 etcdctl --endpoints 127.0.0.1:2379 get --prefix /tandem/services/ --keys-only | grep . | sed 's/^/     /'
+fi
+
+echo
+echo "== 2. 300 calls to orders, which calls users by name (users-2 answers 30% of calls with 503) =="
+ok=0; declare -A by
+for i in $(seq 300); do
+  out=$(curl -s -D - -o /dev/null "http://127.0.0.1:$OIN/order/1")
+  code=$(echo "$out" | head -1 | awk '{print $2}')
+  inst=$(echo "$out" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-users-instance"{print $2}')
+  [ "$code" = "200" ] && ok=$((ok+1))
+  by[${inst:-none}]=$(( ${by[${inst:-none}]:-0} + 1 ))
+done
+echo "   succeeded: $ok/300"
+for k in "${!by[@]}"; do echo "   served by $k: ${by[$k]}"; done
+echo "   retries by the orders sidecar: $(metric orders 'tandem_retries_total')   (budget: ≤ 20% + 10/s)"
+echo "   ejections of flaky instances:   $(metric orders 'tandem_cluster_outlier_ejections')"
+
+echo
+echo "== 3. users-1 fails every call too: ejection, then the circuit breaker opens =="
+curl -s -X POST --data 1 "http://127.0.0.1:$U1/admin/fail-rate" > /dev/null
+curl -s -X POST --data 1 "http://127.0.0.1:$U2/admin/fail-rate" > /dev/null
+for i in $(seq 12); do
+  out=$(curl -s -w "\n%{http_code}" "http://127.0.0.1:$OIN/order/1")
+  r=$(echo "$out" | tail -1)
+  e=$(echo "$out" | head -1 | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("tandem-error") or d.get("message"))')
+  printf "   call %2d: orders answered %s (%s)\n" "$i" "$r" "$e"
+done
+echo "   breaker state: $(curl -s "$(admin_of orders)/clusters" | python3 -c 'import json,sys; print([c["breaker"] for c in json.load(sys.stdin)["clusters"] if c["name"]=="users"][0])')"
+curl -s -X POST --data 0 "http://127.0.0.1:$U1/admin/fail-rate" > /dev/null
+curl -s -X POST --data 0 "http://127.0.0.1:$U2/admin/fail-rate" > /dev/null
+wait_for "[ \$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$OIN/order/1) = 200 ]"
+echo "   users recovered: the breaker let a probe through and closed; calls succeed again"
+
+echo
+echo "== 4. clean shutdown: SIGTERM drains each sidecar, deregisters it, stops its app =="
+kill -TERM "${PIDS[1]}"; wait "${PIDS[1]}" && echo "   users-2 exited 0 after draining"
+if command -v etcdctl >/dev/null; then
+  echo "   still registered: $(ETCDCTL_API=3 etcdctl --endpoints 127.0.0.1:2379 get --prefix /tandem/services/ --keys-only | grep -c .)"
+fi
+echo
+echo "Admin endpoints while it runs: /ready /live /metrics /clusters /routes on each sidecar's admin port."
+echo "Logs of this run were in $W (removed on exit)."

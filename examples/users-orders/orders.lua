@@ -1,0 +1,16 @@
+-- Config of the orders sidecar in the demo (tandem run --config orders.lua).
+-- Calls to the users service retry once on gateway errors, within the retry budget; the
+-- breaker opens after 5 failures in a row; an instance with 3 5xx in a row is ejected.
+return {
+  routes = {
+    { name = "users", host = "users", cluster = "users", timeout_ms = 3000,
+      retry = { attempts = 1, retry_on = "gateway-error,connect-failure,reset" } },
+  },
+  clusters = {
+    users = {
+      balancer = "round_robin",
+      breaker = { consecutive_failures = 5, open_ms = 1000 },
+      outlier = { consecutive_5xx = 3, ejection_ms = 5000, max_ejection_percent = 50 },
+    },
+  },
+}
