@@ -1,7 +1,8 @@
 import TandemLua
 import TandemTraffic
 
-/// The sidecar's Lua config file: it returns a table of routes, clusters and static upstreams.
+/// The sidecar's Lua config file: it returns a table of routes, clusters, static endpoints
+/// and local upstream ports.
 ///
 /// ```lua
 /// return {
@@ -16,7 +17,8 @@ import TandemTraffic
 ///               outlier = { consecutive_5xx = 5, ejection_ms = 30000, max_ejection_percent = 10 },
 ///               retry_budget = { ratio = 0.2, min_per_second = 10 } },
 ///   },
-///   upstreams = { users = { "127.0.0.1:8080" } },
+///   endpoints = { users = { "127.0.0.1:8080" } },        -- static, used when discovery has none
+///   upstreams = { users = 9001, db = { port = 9002, protocol = "tcp" } },  -- local listeners
 /// }
 /// ```
 /// Unknown keys are errors (a typo must not silently disable a setting); every error names
@@ -47,7 +49,7 @@ public enum ConfigFile {
         guard case .table = v else { throw Error("\(file): must return a table, got \(v.typeName)") }
         var c = base
         let r = Reader(file: file)
-        try r.keys(v, "", allowed: ["routes", "clusters", "upstreams", "defaults"])
+        try r.keys(v, "", allowed: ["routes", "clusters", "endpoints", "upstreams", "defaults"])
         if let routes = v["routes"] {
             guard let list = routes.array else { throw Error("\(file): routes: expected a list of route tables") }
             c.routes = []
@@ -66,14 +68,46 @@ public enum ConfigFile {
         }
         if let ups = v["upstreams"] {
             guard case .table(let t) = ups else { throw Error("\(file): upstreams: expected a table by name") }
+            c.localUpstreams = [:]
+            for (key, value) in t {
+                guard case .string(let name) = key else {
+                    throw Error("\(file): upstreams: keys must be service names")
+                }
+                let path = "upstreams.\(name)"
+                switch value {
+                case .number:
+                    c.localUpstreams[name] = LocalUpstream(port: try r.int(value, path, min: 1, max: 65535))
+                case .table:
+                    try r.keys(value, path, allowed: ["port", "protocol", "host"])
+                    var u = LocalUpstream(port: try r.int(value["port"] ?? .nil, "\(path).port", min: 1, max: 65535))
+                    if let p = value["protocol"] {
+                        let s = try r.string(p, "\(path).protocol")
+                        guard let proto = LocalUpstream.Kind(rawValue: s) else {
+                            throw Error("\(file): \(path).protocol: expected \"http\" or \"tcp\", got \"\(s)\"")
+                        }
+                        u.proto = proto
+                    }
+                    if let h = value["host"] { u.host = try r.string(h, "\(path).host") }
+                    c.localUpstreams[name] = u
+                default:
+                    throw Error("\(file): \(path): expected a port number or { port = N, protocol = \"tcp\" }")
+                }
+            }
+            var ports = Set<Int>()
+            for (name, u) in c.localUpstreams where !ports.insert(u.port).inserted {
+                throw Error("\(file): upstreams.\(name): port \(u.port) is used twice")
+            }
+        }
+        if let eps = v["endpoints"] {
+            guard case .table(let t) = eps else { throw Error("\(file): endpoints: expected a table by name") }
             for (key, value) in t {
                 guard case .string(let name) = key, let list = value.array else {
-                    throw Error("\(file): upstreams.\(key): expected a list of \"host:port\" strings")
+                    throw Error("\(file): endpoints.\(key): expected a list of \"host:port\" strings")
                 }
                 var eps: [Endpoint] = []
                 for (i, a) in list.enumerated() {
                     guard case .string(let s) = a, let hp = HostPort(s), hp.port > 0 else {
-                        throw Error("\(file): upstreams.\(name)[\(i + 1)]: expected \"host:port\"")
+                        throw Error("\(file): endpoints.\(name)[\(i + 1)]: expected \"host:port\"")
                     }
                     eps.append(Endpoint(id: hp.description, host: hp.host, port: hp.port))
                 }

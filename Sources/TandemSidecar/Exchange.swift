@@ -52,7 +52,9 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     func start() {
         ctx.inFlight.withLockedValue { $0 += 1 }
-        switch ProxyRouting.resolve(ctx: ctx, side: side, head: &head, now: startedAt) {
+        switch ProxyRouting.resolve(
+            ctx: ctx, side: side, head: &head, now: startedAt, fixedCluster: handler.fixedCluster)
+        {
         case .failure(let a):
             answer(a)
             return

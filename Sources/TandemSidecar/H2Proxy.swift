@@ -62,10 +62,13 @@ final class H2ProxyHandler: ChannelInboundHandler, @unchecked Sendable {
 
     func newTraceparent() -> String { Trace.newTraceparent(&traceRNG) }
 
-    init(ctx: ProxyContext, side: ProxySide, pools: H2Pools) {
+    let fixedCluster: String?
+
+    init(ctx: ProxyContext, side: ProxySide, pools: H2Pools, fixedCluster: String? = nil) {
         self.ctx = ctx
         self.side = side
         self.pools = pools
+        self.fixedCluster = fixedCluster
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -137,7 +140,9 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
 
     func start() {
         ctx.inFlight.withLockedValue { $0 += 1 }
-        switch ProxyRouting.resolve(ctx: ctx, side: handler.side, head: &head, now: startedAt) {
+        switch ProxyRouting.resolve(
+            ctx: ctx, side: handler.side, head: &head, now: startedAt, fixedCluster: handler.fixedCluster)
+        {
         case .failure(let a):
             answer(a)
             return

@@ -68,9 +68,13 @@ final class HTTPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
 
     func newTraceparent() -> String { Trace.newTraceparent(&traceRNG) }
 
-    init(ctx: ProxyContext, side: ProxySide) {
+    /// Set on a local upstream port: every request goes to this cluster.
+    let fixedCluster: String?
+
+    init(ctx: ProxyContext, side: ProxySide, fixedCluster: String? = nil) {
         self.ctx = ctx
         self.side = side
+        self.fixedCluster = fixedCluster
     }
 
     func handlerAdded(context: ChannelHandlerContext) {

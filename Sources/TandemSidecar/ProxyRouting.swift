@@ -11,11 +11,10 @@ enum ProxyRouting {
         var path: String
     }
 
+    /// `fixedCluster`: the request came in on a local upstream port dedicated to one service.
     static func resolve(
-        ctx: ProxyContext, side: ProxySide, head: inout HTTPRequestHead, now: Nanos
-    )
-        -> Result<Resolved, LocalAnswer>
-    {
+        ctx: ProxyContext, side: ProxySide, head: inout HTTPRequestHead, now: Nanos, fixedCluster: String? = nil
+    ) -> Result<Resolved, LocalAnswer> {
         var host: String
         var path: String
         if head.uri.hasPrefix("http://") {
@@ -44,6 +43,14 @@ enum ProxyRouting {
                 r.timeout = min(r.timeout ?? .milliseconds(hint), .milliseconds(hint))
             }
             route = r
+        case .outbound where fixedCluster != nil:
+            let name = fixedCluster!
+            let (retry, timeout) = ctx.brain.with { ($0.config.defaultRetry, $0.config.defaultTimeout) }
+            route = Route(name: "upstream:\(name)", match: RouteMatch(), cluster: name, timeout: timeout, retry: retry)
+            if host.isEmpty || !isServiceName(RequestHead(method: "GET", host: host, path: "/").host) {
+                host = name
+                head.headers.replaceOrAdd(name: "host", value: name)
+            }
         case .outbound:
             guard !req.host.isEmpty else {
                 return .failure(LocalAnswer(.badRequest, message: "request has no Host header and no absolute URI"))

@@ -171,8 +171,15 @@ public final class Sidecar: @unchecked Sendable {
         inboundAddress = HostPort(host: config.inbound.host, port: inbound.localAddress?.port ?? 0)
         outboundAddress = HostPort(host: config.outbound.host, port: outbound.localAddress?.port ?? 0)
         adminAddress = HostPort(host: config.admin.host, port: admin.localAddress?.port ?? 0)
+        var local: [String: any Channel] = [:]
+        for (name, u) in config.localUpstreams.sorted(by: { $0.key < $1.key }) {
+            let ch = try listen(
+                HostPort(host: u.host, port: u.port), side: .outbound, fixedCluster: name, tcp: u.proto == .tcp)
+            local["upstream:\(name)"] = ch
+            log("upstream \(name): \(u.proto.rawValue) on \(u.host):\(ch.localAddress?.port ?? u.port)")
+        }
         lock.withLock {
-            listeners = ["inbound": inbound, "outbound": outbound, "admin": admin]
+            listeners = ["inbound": inbound, "outbound": outbound, "admin": admin].merging(local) { a, _ in a }
             ready = true
         }
         log(
@@ -183,7 +190,11 @@ public final class Sidecar: @unchecked Sendable {
     private let connections = NIOLockedValueBox<[ObjectIdentifier: any Channel]>([:])
     private let h2Pools = H2Pools()
 
-    private func listen(_ addr: HostPort, side: ProxySide) throws -> any Channel {
+    private func listen(
+        _ addr: HostPort, side: ProxySide, fixedCluster: String? = nil, tcp: Bool = false
+    ) throws
+        -> any Channel
+    {
         let ctx = self.ctx
         let limits = config.limits
         let connections = self.connections
@@ -211,12 +222,18 @@ public final class Sidecar: @unchecked Sendable {
                     return ch.close()
                 }
                 ch.closeFuture.whenComplete { _ in _ = connections.withLockedValue { $0.removeValue(forKey: id) } }
+                if tcp, let cluster = fixedCluster {
+                    return ch.setOption(.allowRemoteHalfClosure, value: true).flatMapThrowing {
+                        try ch.pipeline.syncOperations.addHandler(TCPProxyHandler(ctx: ctx, cluster: cluster))
+                    }
+                }
                 let sniffer = ProtocolSniffer(
                     http1: { ch in
                         ch.pipeline.configureHTTPServerPipeline(
                             withErrorHandling: false, withDecoderLimitConfiguration: decoderLimits
                         ).flatMapThrowing {
-                            try ch.pipeline.syncOperations.addHandler(HTTPProxyHandler(ctx: ctx, side: side))
+                            try ch.pipeline.syncOperations.addHandler(
+                                HTTPProxyHandler(ctx: ctx, side: side, fixedCluster: fixedCluster))
                         }
                     },
                     http2: { ch in
@@ -224,7 +241,7 @@ public final class Sidecar: @unchecked Sendable {
                             stream.eventLoop.makeCompletedFuture {
                                 try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                                 try stream.pipeline.syncOperations.addHandler(
-                                    H2ProxyHandler(ctx: ctx, side: side, pools: h2))
+                                    H2ProxyHandler(ctx: ctx, side: side, pools: h2, fixedCluster: fixedCluster))
                             }
                         }.map { _ in }
                     })

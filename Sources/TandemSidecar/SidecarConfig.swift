@@ -43,6 +43,19 @@ public struct SidecarLimits: Sendable, Equatable {
     public init() {}
 }
 
+/// A local listener dedicated to one upstream service.
+public struct LocalUpstream: Sendable, Equatable {
+    public enum Kind: String, Sendable { case http, tcp }
+    public var host = "127.0.0.1"
+    public var port: Int
+    public var proto: Kind = .http
+    public init(port: Int, proto: Kind = .http, host: String = "127.0.0.1") {
+        self.port = port
+        self.proto = proto
+        self.host = host
+    }
+}
+
 public struct SidecarConfig: Sendable {
     public var service: String
     public var instance: String
@@ -68,6 +81,9 @@ public struct SidecarConfig: Sendable {
     public var defaultCluster = ClusterConfig(name: "default")
     /// Endpoints used when discovery has none (or no registry is configured).
     public var staticEndpoints: [String: [Endpoint]] = [:]
+    /// Per-upstream local listeners: the app reaches `users` on 127.0.0.1:9001 without naming
+    /// it, in any protocol. `http` sniffs HTTP/1.1 or h2c (gRPC); `tcp` proxies bytes.
+    public var localUpstreams: [String: LocalUpstream] = [:]
     /// Retry policy and timeout of the implicit per-service routes (requests matching no route).
     public var defaultRetry = RetryPolicy()
     public var defaultTimeout: Nanos? = .seconds(15)

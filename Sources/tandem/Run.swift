@@ -35,7 +35,12 @@ struct SidecarOptions: ParsableArguments {
     var advertise: String?
     @Option(help: "Zone, for zone-aware balancing.") var zone: String?
     @Option(
-        name: .customLong("upstream"), help: "Static endpoints for a service: NAME=HOST:PORT[,HOST:PORT] (repeatable).")
+        name: .customLong("endpoints"), help: "Static endpoints for a service: NAME=HOST:PORT[,HOST:PORT] (repeatable)."
+    )
+    var endpoints: [String] = []
+    @Option(
+        name: .customLong("upstream"),
+        help: "A local port for one service, any protocol: NAME=PORT (HTTP/1.1 or gRPC) or NAME=PORT/tcp (repeatable).")
     var upstreams: [String] = []
     @Option(help: "HTTP path of the app's health check; without it the check is a TCP connect.")
     var healthPath: String?
@@ -80,21 +85,35 @@ struct SidecarOptions: ParsableArguments {
             throw ValidationError("--breaker-open-ms, --ejection-time-ms and --timeout-ms must be > 0; --retries ≥ 0")
         }
         _ = try staticEndpoints()
+        _ = try localUpstreams()
     }
 
     func staticEndpoints() throws -> [String: [Endpoint]] {
         var out: [String: [Endpoint]] = [:]
-        for u in upstreams {
+        for u in endpoints {
             let kv = u.split(separator: "=", maxSplits: 1).map(String.init)
             guard kv.count == 2, !kv[0].isEmpty else {
-                throw ValidationError("--upstream: expected NAME=HOST:PORT, got '\(u)'")
+                throw ValidationError("--endpoints: expected NAME=HOST:PORT, got '\(u)'")
             }
             for a in kv[1].split(separator: ",") {
                 guard let hp = HostPort(String(a)), hp.port > 0 else {
-                    throw ValidationError("--upstream \(kv[0]): bad address '\(a)'")
+                    throw ValidationError("--endpoints \(kv[0]): bad address '\(a)'")
                 }
                 out[kv[0], default: []].append(Endpoint(id: hp.description, host: hp.host, port: hp.port))
             }
+        }
+        return out
+    }
+
+    func localUpstreams() throws -> [String: LocalUpstream] {
+        var out: [String: LocalUpstream] = [:]
+        for u in upstreams {
+            let kv = u.split(separator: "=", maxSplits: 1).map(String.init)
+            let spec = kv.count == 2 ? kv[1].split(separator: "/").map(String.init) : []
+            guard kv.count == 2, !kv[0].isEmpty, let port = spec.first.flatMap({ Int($0) }), (1...65535).contains(port),
+                spec.count == 1 || (spec.count == 2 && (spec[1] == "tcp" || spec[1] == "http"))
+            else { throw ValidationError("--upstream: expected NAME=PORT or NAME=PORT/tcp, got '\(u)'") }
+            out[kv[0]] = LocalUpstream(port: port, proto: spec.count == 2 && spec[1] == "tcp" ? .tcp : .http)
         }
         return out
     }
@@ -111,6 +130,7 @@ struct SidecarOptions: ParsableArguments {
         c.advertiseHost = advertise
         c.zone = zone
         c.staticEndpoints = try staticEndpoints()
+        c.localUpstreams = try localUpstreams()
         var hc = HealthCheckConfig(kind: healthPath.map { .http(path: $0) } ?? .tcp)
         hc.interval = .seconds(healthInterval)
         hc.timeout = .milliseconds(healthTimeoutMs)

@@ -513,3 +513,39 @@ let grpcService = repoRoot.appendingPathComponent("examples/grpc/user_service.py
         withExtendedLifetime((reg, users, client)) {}
     }
 }
+
+@Suite struct LocalUpstreamPortTests {
+    /// `--upstream users=PORT`: a gRPC client that knows nothing about service names, and
+    /// `--upstream web=PORT/tcp`: raw bytes through a TCP proxy.
+    @Test func localPortsCarryGRPCAndPlainTCP() throws {
+        let reg = try RegistryUnderTest()
+        let grpcPort = try freePort()
+        let grpcApp = try SidecarUnderTest(
+            service: "users", registry: reg.endpoint, appPort: grpcPort,
+            app: ["/usr/bin/python3", grpcService, "server", String(grpcPort)], extra: ["--app-protocol", "grpc"])
+        let webPort = try freePort()
+        let web = try SidecarUnderTest(
+            service: "web", registry: reg.endpoint, appPort: webPort,
+            app: ["/usr/bin/python3", usersApp, String(webPort)],
+            extra: ["--health-path", "/health"])
+        let usersLocal = try freePort()
+        let webLocal = try freePort()
+        let client = try SidecarUnderTest(
+            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil,
+            extra: ["--upstream", "users=\(usersLocal)", "--upstream", "web=\(webLocal)/tcp"],
+            waitForRegistration: false)
+
+        let c = try Child(
+            "/usr/bin/python3", [grpcService, "client", "127.0.0.1:\(usersLocal)", "127.0.0.1:\(usersLocal)"])
+        let line = c.readUntil { $0.hasPrefix("{") }.last ?? ""
+        #expect(line.contains(#""bidi": ["hi", "there", "!"]"#), "\(line)")
+        #expect(line.contains(#""client_stream": {"received": 5}"#))
+
+        let r = try http("http://127.0.0.1:\(webLocal)/user/2")
+        #expect(r.status == 200 && r.body.contains("Bob"), "\(r)")
+        #expect(r.headers["tandem-error"] == nil)
+        let metrics = try http("http://\(client.admin)/metrics").body
+        #expect(metrics.contains(#"tandem_tcp_connections_total{cluster="web"} 1"#))
+        withExtendedLifetime((reg, grpcApp, web, client)) {}
+    }
+}

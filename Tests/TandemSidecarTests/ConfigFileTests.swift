@@ -23,7 +23,8 @@ import Testing
                               outlier = { consecutive_5xx = 5, ejection_ms = 30000, max_ejection_percent = 10 },
                               retry_budget = { ratio = 0.2, min_per_second = 10 } },
                   },
-                  upstreams = { users = { "127.0.0.1:8080", "127.0.0.1:8082" } },
+                  endpoints = { users = { "127.0.0.1:8080", "127.0.0.1:8082" } },
+                  upstreams = { users = 9001, db = { port = 9002, protocol = "tcp" } },
                 }
                 """, name: "orders.lua", base: base)
         #expect(c.routes.count == 2)
@@ -39,12 +40,14 @@ import Testing
         #expect(users.breaker.errorRatio == 0.5 && users.breaker.baseOpen == .seconds(5))
         #expect(users.outlier.baseEjectionTime == .seconds(30))
         #expect(c.staticEndpoints["users"]?.map(\.address) == ["127.0.0.1:8080", "127.0.0.1:8082"])
+        #expect(c.localUpstreams["users"] == LocalUpstream(port: 9001))
+        #expect(c.localUpstreams["db"] == LocalUpstream(port: 9002, proto: .tcp))
     }
 
     @Test(arguments: [
         (
             "return { routs = {} }",
-            "c.lua: routs: unknown setting; expected one of clusters, defaults, routes, upstreams"
+            "c.lua: routs: unknown setting; expected one of clusters, defaults, endpoints, routes, upstreams"
         ),
         ("return { routes = { { host = 'users' } } }", "c.lua: routes[1]: cluster is required"),
         (
@@ -59,7 +62,11 @@ import Testing
             "return { routes = { { cluster = 'u', timeout_ms = -1 } } }",
             "c.lua: routes[1].timeout_ms: expected an integer in 1…2147483647, got number(-1.0)"
         ),
-        ("return { upstreams = { users = { 'nowhere' } } }", "c.lua: upstreams.users[1]: expected \"host:port\""),
+        ("return { endpoints = { users = { 'nowhere' } } }", "c.lua: endpoints.users[1]: expected \"host:port\""),
+        (
+            "return { upstreams = { db = { port = 1, protocol = 'udp' } } }",
+            "c.lua: upstreams.db.protocol: expected \"http\" or \"tcp\", got \"udp\""
+        ),
         ("return 42", "c.lua: must return a table, got number"),
         (
             "return { routes = { { name = 'a', cluster = 'x' }, { name = 'a', cluster = 'y' } } }",

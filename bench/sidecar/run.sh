@@ -60,11 +60,11 @@ nginx -c "$W/nginx-backend/nginx.conf" & PIDS+=($!); BACKEND_PID=$!
 nginx -c "$W/nginx-proxy/nginx.conf" & PIDS+=($!); NGINX_PID=$!
 haproxy -f "$W/haproxy.cfg" -db > "$W/haproxy.log" 2>&1 & PIDS+=($!); HAPROXY_PID=$!
 $TANDEM sidecar --service bench --app-port 1 --registry none --health-interval 3600 \
-  --upstream backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$ONE > "$W/one.log" 2>&1 & PIDS+=($!); ONE_PID=$!
+  --endpoints backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$ONE > "$W/one.log" 2>&1 & PIDS+=($!); ONE_PID=$!
 $TANDEM sidecar --service backend --app-port $BACKEND --registry none --health-interval 3600 \
   --inbound 127.0.0.1:$TWO_IN > "$W/two-server.log" 2>&1 & PIDS+=($!); TWO_SERVER_PID=$!
 $TANDEM sidecar --service client --app-port 1 --registry none --health-interval 3600 \
-  --upstream backend=127.0.0.1:$TWO_IN --outbound 127.0.0.1:$TWO_OUT > "$W/two-client.log" 2>&1 & PIDS+=($!); TWO_CLIENT_PID=$!
+  --endpoints backend=127.0.0.1:$TWO_IN --outbound 127.0.0.1:$TWO_OUT > "$W/two-client.log" 2>&1 & PIDS+=($!); TWO_CLIENT_PID=$!
 
 # Wait until every target answers (bounded).
 for port in $BACKEND $NGINX $HAPROXY $ONE $TWO_OUT; do

@@ -1,0 +1,193 @@
+import NIOCore
+import NIOPosix
+import TandemTraffic
+
+/// Plain TCP on a local upstream port (`NAME=PORT/tcp`): each accepted connection gets an
+/// endpoint from the cluster's balancer (connect failures retried on another endpoint within
+/// the budget), then bytes flow both ways with backpressure and half-close.
+final class TCPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    let ctx: ProxyContext
+    let cluster: String
+    private var context: ChannelHandlerContext?
+    private var peer: (any Channel)?
+    private var pending: [ByteBuffer] = []
+    private var pendingBytes = 0
+    private var tried: [String] = []
+    private var admitted = false
+    private var closed = false
+    private var startedAt: Nanos = 0
+
+    init(ctx: ProxyContext, cluster: String) {
+        self.ctx = ctx
+        self.cluster = cluster
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        self.context = context
+        startedAt = nowNanos()
+        ctx.metrics.inc("tandem_tcp_connections_total", [("cluster", cluster)])
+        let go = { [self] in
+            let now = nowNanos()
+            if let reason = ctx.brain.withCluster(cluster, { c, _ in c.admit(now: now) }) {
+                ctx.metrics.inc("tandem_local_answers_total", [("side", "tcp"), ("reason", reason.rawValue)])
+                context.close(promise: nil)
+                return
+            }
+            admitted = true
+            connect()
+        }
+        if let wait = ctx.ensureCluster(cluster) {
+            let bound = NIOLoopBound(go, eventLoop: context.eventLoop)
+            wait.hop(to: context.eventLoop).whenComplete { _ in bound.value() }
+        } else {
+            go()
+        }
+        context.fireChannelActive()
+    }
+
+    private func connect() {
+        guard let context, !closed else { return }
+        let now = nowNanos()
+        let avoid = tried
+        guard let ep = ctx.brain.withCluster(cluster, { c, rng in c.choose(now: now, avoid: avoid, rng: &rng) }) else {
+            ctx.metrics.inc("tandem_local_answers_total", [("side", "tcp"), ("reason", "no-healthy-endpoint")])
+            context.close(promise: nil)
+            return
+        }
+        tried.append(ep.id)
+        ctx.brain.withCluster(cluster) { c, _ in c.attemptStarted(ep) }
+        let timeout = ctx.brain.withCluster(cluster) { c, _ in c.config.connectTimeout }
+        let glue = TCPGlue(partner: context.channel)
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        ClientBootstrap(group: context.eventLoop)
+            .connectTimeout(.nanoseconds(timeout))
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(glue) }
+            }
+            .connect(host: ep.host, port: ep.port)
+            .whenComplete { r in
+                let me = bound.value
+                let t = nowNanos()
+                switch r {
+                case .success(let ch):
+                    me.ctx.brain.withCluster(me.cluster) { c, _ in
+                        c.attemptFinished(ep, .response(status: 200), latency: t - now, now: t)
+                    }
+                    me.connected(ch)
+                case .failure:
+                    let retry = me.ctx.brain.withCluster(me.cluster) { c, _ -> Bool in
+                        c.attemptFinished(ep, .connectFailure, latency: t - now, now: t)
+                        return me.tried.count <= c.config.limits.maxRetries && c.budget.tryRetry(now: t)
+                    }
+                    if retry && me.tried.count < 3 {
+                        me.connect()
+                    } else {
+                        me.ctx.metrics.inc(
+                            "tandem_local_answers_total", [("side", "tcp"), ("reason", "upstream-connect-failure")])
+                        me.context?.close(promise: nil)
+                    }
+                }
+            }
+    }
+
+    private func connected(_ ch: any Channel) {
+        guard !closed else {
+            ch.close(promise: nil)
+            return
+        }
+        peer = ch
+        for b in pending { ch.write(b, promise: nil) }
+        pending = []
+        pendingBytes = 0
+        ch.flush()
+        ch.closeFuture.whenComplete { [weak self] _ in
+            guard let self else { return }
+            self.context?.eventLoop.execute { self.context?.close(promise: nil) }
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let b = unwrapInboundIn(data)
+        if let peer {
+            peer.write(b, promise: nil)
+        } else {
+            pendingBytes += b.readableBytes
+            guard pendingBytes <= 1 << 20 else {  // bound what a client may send before the upstream connects
+                context.close(promise: nil)
+                return
+            }
+            pending.append(b)
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        peer?.flush()
+        if let peer, !peer.isWritable { context.channel.setOption(.autoRead, value: false).whenFailure { _ in } }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { peer?.setOption(.autoRead, value: true).whenFailure { _ in } }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event {
+            peer?.close(mode: .output, promise: nil)  // half-close: the client finished sending
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        closed = true
+        peer?.close(promise: nil)
+        if admitted {
+            let now = nowNanos()
+            let latency = now - startedAt
+            ctx.brain.withCluster(cluster) { c, _ in c.requestFinished(failed: false, latency: latency, now: now) }
+        }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+}
+
+/// The upstream side of a TCP proxy connection: writes what it reads to the client, with
+/// backpressure both ways and half-close.
+final class TCPGlue: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    let partner: any Channel
+
+    init(partner: any Channel) { self.partner = partner }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        partner.write(unwrapInboundIn(data), promise: nil)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        partner.flush()
+        // The client side resumes us when it becomes writable (TCPProxyHandler).
+        if !partner.isWritable { context.channel.setOption(.autoRead, value: false).whenFailure { _ in } }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { partner.setOption(.autoRead, value: true).whenFailure { _ in } }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event { partner.close(mode: .output, promise: nil) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        partner.close(promise: nil)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+}
