@@ -6,7 +6,11 @@ struct Tandem: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tandem",
         abstract: "Tandem: a service mesh with a built-in Raft registry, Lua policies and a deterministic simulator.",
-        subcommands: [Run.self, SidecarCommand.self, Registry.self, SimRegistry.self, Version.self])
+        subcommands: [
+            Run.self, SidecarCommand.self, Registry.self, KV.self, Lease.self, Services.self, Status.self,
+            SimRegistry.self,
+            Version.self,
+        ])
 }
 
 struct Version: ParsableCommand {

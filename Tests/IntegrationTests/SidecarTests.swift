@@ -549,3 +549,53 @@ let grpcService = repoRoot.appendingPathComponent("examples/grpc/user_service.py
         withExtendedLifetime((reg, grpcApp, web, client)) {}
     }
 }
+
+/// Runs `tandem ARGS…` to completion: exit status and combined output.
+func tandem(_ args: [String]) throws -> (status: Int32, output: String) {
+    let c = try Child(tandemBinary(), args)
+    let out = c.readUntil { _ in false }.joined(separator: "\n")
+    c.process.waitUntilExit()
+    return (c.process.terminationStatus, out)
+}
+
+@Suite struct TandemClientCLITests {
+    @Test func kvLeaseServicesAndStatusAgainstTheRegistry() throws {
+        let reg = try RegistryUnderTest()
+        let e = ["--endpoints", reg.endpoint]
+        #expect(
+            try tandem(["kv", "put"] + e + ["/tandem/config/users/limit", "10"]).output.hasPrefix("OK (revision "))
+        #expect(
+            try tandem(["kv", "get"] + e + ["/tandem/config/users/limit"]).output == "/tandem/config/users/limit\n10")
+        // etcdctl sees what the tandem CLI wrote, and the other way round.
+        try etcdctl(reg.endpoint, ["put", "/tandem/config/users/mode", "canary"])
+        let json = try tandem(["kv", "get"] + e + ["--prefix", "/tandem/config/users/", "--json"]).output
+        #expect(json.contains(#""value":"canary""#) && json.contains(#""value":"10""#))
+        let missing = try tandem(["kv", "get"] + e + ["/nope"])
+        #expect(missing.status == 1 && missing.output.isEmpty)
+        #expect(try tandem(["kv", "del"] + e + ["--prefix", "/tandem/config/"]).output == "2")
+
+        let grant = try tandem(["lease", "grant"] + e + ["30"]).output
+        let id = String(grant.split(separator: " ")[1])
+        #expect(grant == "lease \(id) granted with TTL(30s)")
+        #expect(
+            try tandem(
+                ["kv", "put"] + e + [
+                    "--lease", id, "/tandem/services/x/1",
+                    #"{"service":"x","instance":"1","address":"127.0.0.1","port":1,"protocol":"http","metadata":{},"health":"passing"}"#,
+                ]
+            ).status == 0)
+        #expect(
+            try tandem(["services"] + e).output.contains(
+                "x             1                         127.0.0.1:1           http      passing"))
+        #expect(try tandem(["lease", "revoke"] + e + [id]).output == "lease \(id) revoked")
+        #expect(try tandem(["services"] + e + ["x"]).output == "no instance of x is registered")
+
+        let status = try tandem(["status"] + e).output
+        #expect(status.hasPrefix("version 3.4.0, raft term "))
+        #expect(status.contains("(leader)"))
+
+        let down = try tandem(["kv", "get", "--endpoints", "127.0.0.1:1", "/x"])
+        #expect(down.status != 0)
+        #expect(down.output.contains("cannot reach the registry at 127.0.0.1:1"))
+    }
+}
