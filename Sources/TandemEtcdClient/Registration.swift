@@ -170,27 +170,27 @@ public final class ServiceRegistration: @unchecked Sendable {
     }
 }
 
-/// Watches one service's instances: an initial range, then a watch from the next revision;
-/// on a broken or cancelled watch, ranges again. The latest set goes to `onChange`; a
-/// registry outage keeps the last known set (nothing is reported until it is back).
-public final class ServiceWatcher: @unchecked Sendable {
+/// Keeps a live copy of every key under a prefix: an initial range, then a watch from the
+/// next revision; on a broken, cancelled or compacted watch it ranges again. Each change
+/// delivers the whole current map (key → value). A registry outage keeps the last known
+/// copy (nothing is delivered until it is back). Loop-confined.
+public final class PrefixWatcher: @unchecked Sendable {
     public let client: EtcdClient
-    public let service: String
-    private let onChange: @Sendable ([ServiceInstance]) -> Void
-    private var instances: [String: ServiceInstance] = [:]
+    public let prefix: String
+    private let onChange: @Sendable ([String: [UInt8]]) -> Void
+    private var values: [String: [UInt8]] = [:]
     private var stream: EtcdStream?
     private var stopped = false
     private var retryDelay: TimeAmount = .milliseconds(200)
     public var log: @Sendable (String) -> Void = { _ in }
 
-    public init(client: EtcdClient, service: String, onChange: @escaping @Sendable ([ServiceInstance]) -> Void) {
+    public init(client: EtcdClient, prefix: String, onChange: @escaping @Sendable ([String: [UInt8]]) -> Void) {
         self.client = client
-        self.service = service
+        self.prefix = prefix
         self.onChange = onChange
     }
 
     private var loop: any EventLoop { client.loop }
-    private var prefix: String { ServiceInstance.prefix(service: service) }
 
     /// Starts; the future completes after the first successful range (or fails with it).
     @discardableResult
@@ -202,14 +202,12 @@ public final class ServiceWatcher: @unchecked Sendable {
         guard !stopped else { return loop.makeSucceededVoidFuture() }
         let f = client.get(prefix, prefix: true).map { (kvs, revision) in
             self.retryDelay = .milliseconds(200)
-            var next: [String: ServiceInstance] = [:]
-            for kv in kvs { if let i = ServiceInstance.decode(kv.value) { next[kv.key] = i } }
-            self.instances = next
-            self.publish()
+            self.values = Dictionary(kvs.map { ($0.key, $0.value) }, uniquingKeysWith: { $1 })
+            self.onChange(self.values)
             self.openWatch(from: revision + 1)
         }
         f.whenFailure { e in
-            self.log("discovery of \(self.service) failed (\(e)); keeping \(self.instances.count) known instances")
+            self.log("watching \(self.prefix) failed (\(e)); keeping the \(self.values.count) known keys")
             self.scheduleResync()
         }
         return f
@@ -220,8 +218,6 @@ public final class ServiceWatcher: @unchecked Sendable {
         retryDelay = min(retryDelay * 2, .seconds(5))
         loop.scheduleTask(in: d) { _ = self.resync() }
     }
-
-    private func publish() { onChange(instances.values.sorted { $0.instance < $1.instance }) }
 
     private func openWatch(from revision: Int64) {
         guard !stopped else { return }
@@ -268,15 +264,12 @@ public final class ServiceWatcher: @unchecked Sendable {
         for e in r.events {
             let key = String(decoding: e.kv.key, as: UTF8.self)
             switch e.type {
-            case .put:
-                if let i = ServiceInstance.decode(Array(e.kv.value)) { instances[key] = i }
-            case .delete:
-                instances.removeValue(forKey: key)
-            default:
-                break
+            case .put: values[key] = Array(e.kv.value)
+            case .delete: values.removeValue(forKey: key)
+            default: break
             }
         }
-        publish()
+        onChange(values)
     }
 
     public func stop() {
@@ -286,4 +279,28 @@ public final class ServiceWatcher: @unchecked Sendable {
             self.stream = nil
         }
     }
+}
+
+/// Watches one service's instances under `/tandem/services/<service>/` (a PrefixWatcher
+/// that decodes each value as a ServiceInstance; undecodable values are skipped).
+public final class ServiceWatcher: Sendable {
+    public let service: String
+    private let watcher: PrefixWatcher
+
+    public init(client: EtcdClient, service: String, onChange: @escaping @Sendable ([ServiceInstance]) -> Void) {
+        self.service = service
+        watcher = PrefixWatcher(client: client, prefix: ServiceInstance.prefix(service: service)) { values in
+            onChange(values.values.compactMap(ServiceInstance.decode).sorted { $0.instance < $1.instance })
+        }
+    }
+
+    public var log: @Sendable (String) -> Void {
+        get { watcher.log }
+        set { watcher.log = newValue }
+    }
+
+    @discardableResult
+    public func start() -> EventLoopFuture<Void> { watcher.start() }
+
+    public func stop() { watcher.stop() }
 }

@@ -98,30 +98,77 @@ public final class Sidecar: @unchecked Sendable {
         brain.reconfigure(cfg)
     }
 
-    /// Re-reads `path` every `interval`; a changed file is evaluated and applied, or rejected
-    /// with its precise error while the running config stays.
-    public func watchConfigFile(
-        path: String, base: SidecarConfig, environment: [String: String], interval: TimeAmount = .seconds(1)
+    /// Where registry-stored config lives: `/tandem/config/<service>/sidecar.lua`.
+    public var registryConfigKey: String { "/tandem/config/\(config.service)/sidecar.lua" }
+
+    private var configBase: SidecarConfig?
+    private var configPath: String?
+    private var registryConfig: String?
+    private var configEnvironment: [String: String] = [:]
+    private var configWatcher: PrefixWatcher?
+
+    /// Keeps the config live from two sources, layered over `base` (the flags): the file at
+    /// `path` (re-read every `interval`), then the registry key `registryConfigKey` (watched).
+    /// A change is evaluated and applied atomically, or rejected with its precise error while
+    /// the running config stays.
+    public func watchConfig(
+        path: String?, base: SidecarConfig, environment: [String: String], interval: TimeAmount = .seconds(1)
     ) {
-        configSource = try? String(contentsOfFile: path, encoding: .utf8)
-        configTask = group.next().scheduleRepeatedTask(initialDelay: interval, delay: interval) { [weak self] _ in
-            guard let self else { return }
-            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return }
-            let changed = self.lock.withLock { () -> Bool in
-                if text == self.configSource { return false }
-                self.configSource = text
-                return true
+        lock.withLock {
+            configBase = base
+            configPath = path
+            configEnvironment = environment
+            configSource = path.flatMap { try? String(contentsOfFile: $0, encoding: .utf8) }
+        }
+        if let path {
+            configTask = group.next().scheduleRepeatedTask(initialDelay: interval, delay: interval) { [weak self] _ in
+                guard let self, let text = try? String(contentsOfFile: path, encoding: .utf8) else { return }
+                let changed = self.lock.withLock { () -> Bool in
+                    if text == self.configSource { return false }
+                    self.configSource = text
+                    return true
+                }
+                if changed { self.applyConfigSources(changed: path) }
             }
-            guard changed else { return }
-            do {
-                let cfg = try ConfigFile.load(source: text, name: path, base: base, environment: environment)
-                self.reconfigure(cfg)
-                self.metrics.inc("tandem_config_reloads_total", [("result", "applied")])
-                self.log("config reloaded from \(path): \(cfg.routes.count) routes, \(cfg.clusters.count) clusters")
-            } catch {
-                self.metrics.inc("tandem_config_reloads_total", [("result", "rejected")])
-                self.log("config change rejected, keeping the running config: \(error)")
+        }
+        if let registry {
+            let key = registryConfigKey
+            let w = PrefixWatcher(client: registry, prefix: key) { [weak self] values in
+                guard let self else { return }
+                let text = values[key].map { String(decoding: $0, as: UTF8.self) }
+                let changed = self.lock.withLock { () -> Bool in
+                    if text == self.registryConfig { return false }
+                    self.registryConfig = text
+                    return true
+                }
+                if changed { self.applyConfigSources(changed: key) }
             }
+            w.log = log
+            configWatcher = w
+            w.start()
+        }
+    }
+
+    private func applyConfigSources(changed source: String) {
+        let (base, path, fileText, regText, env) = lock.withLock {
+            (configBase, configPath, configSource, registryConfig, configEnvironment)
+        }
+        guard var cfg = base else { return }
+        do {
+            if let path, let fileText {
+                cfg = try ConfigFile.load(source: fileText, name: path, base: cfg, environment: env)
+            }
+            if let regText {
+                cfg = try ConfigFile.load(source: regText, name: registryConfigKey, base: cfg, environment: env)
+            }
+            reconfigure(cfg)
+            metrics.inc("tandem_config_reloads_total", [("result", "applied")])
+            log(
+                "config applied after a change in \(source): \(cfg.routes.count) routes, \(cfg.clusters.count) clusters"
+            )
+        } catch {
+            metrics.inc("tandem_config_reloads_total", [("result", "rejected")])
+            log("config change rejected, keeping the running config: \(error)")
         }
     }
 
@@ -376,6 +423,7 @@ public final class Sidecar: @unchecked Sendable {
         for ch in all { try? ch.close().wait() }
         for ch in connections.withLockedValue({ Array($0.values) }) { try? ch.close().wait() }
         configTask?.cancel()
+        configWatcher?.stop()
         let ws = lock.withLock { Array(watchers.values) }
         for w in ws { w.stop() }
         ctx.pools.closeAll()

@@ -178,9 +178,7 @@ struct SidecarOptions: ParsableArguments {
         let (endpoints, embedded) = try RegistryResolver.resolve(self, log: log)
         let sidecar = Sidecar(config: effective, registry: endpoints, log: log)
         try sidecar.start()
-        if let path = config {
-            sidecar.watchConfigFile(path: path, base: base, environment: ProcessInfo.processInfo.environment)
-        }
+        sidecar.watchConfig(path: config, base: base, environment: ProcessInfo.processInfo.environment)
         return (sidecar, embedded)
     }
 }

@@ -432,6 +432,36 @@ func eventually(_ attempts: Int = 200, _ condition: () throws -> Bool) rethrows 
         withExtendedLifetime((reg, users, client)) {}
     }
 
+    @Test func configStoredInTheRegistryIsAppliedLiveAndBadChangesAreRejected() throws {
+        let reg = try RegistryUnderTest()
+        let port = try freePort()
+        let users = try SidecarUnderTest(
+            service: "users", registry: reg.endpoint, appPort: port, app: ["/usr/bin/python3", usersApp, String(port)],
+            extra: ["--health-path", "/health"])
+        let client = try SidecarUnderTest(
+            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil, waitForRegistration: false)
+        let key = "/tandem/config/client/sidecar.lua"
+        #expect(
+            try http("http://\(client.outbound)/user/1", host: "shop").headers["tandem-error"] == "no-healthy-endpoint")
+
+        try etcdctl(
+            reg.endpoint, ["put", key, #"return { routes = { { name = "shop", host = "shop", cluster = "users" } } }"#])
+        #expect(try eventually { try http("http://\(client.outbound)/user/1", host: "shop").status == 200 })
+
+        try etcdctl(reg.endpoint, ["put", key, "return { routes = "])
+        let log = client.child.readUntil { $0.contains("config change rejected") }
+        #expect(log.last?.contains("\(key):1: unexpected symbol near '<eof>'") == true, "\(log)")
+        for _ in 0..<10 { #expect(try http("http://\(client.outbound)/user/1", host: "shop").status == 200) }
+
+        try etcdctl(reg.endpoint, ["del", key])  // back to the flags alone
+        #expect(
+            try eventually {
+                try http("http://\(client.outbound)/user/1", host: "shop").headers["tandem-error"]
+                    == "no-healthy-endpoint"
+            })
+        withExtendedLifetime((reg, users, client)) {}
+    }
+
     @Test func aBadConfigFileStopsStartupWithItsReason() throws {
         let dir = try TempDirectory()
         let file = dir.url.appendingPathComponent("bad.lua")
