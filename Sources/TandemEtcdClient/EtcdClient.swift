@@ -25,30 +25,16 @@ public struct EtcdClientError: Error, CustomStringConvertible, Sendable {
     public var isLeaseNotFound: Bool { message.contains("requested lease not found") }
 }
 
-/// One endpoint, `host:port` (an `http://` prefix is accepted and dropped).
-public struct EtcdEndpoint: Sendable, Equatable, CustomStringConvertible {
-    public var host: String
-    public var port: Int
-    public init(host: String, port: Int) {
-        self.host = host
-        self.port = port
-    }
-    /// Parses `host:port` or `http://host:port`; comma-separated lists via `parseList`.
-    public init?(_ s: String) {
-        var t = s.trimmingCharacters(in: .whitespaces)
-        if t.hasPrefix("http://") { t.removeFirst(7) }
-        if t.hasPrefix("https://") { return nil }
-        while t.hasSuffix("/") { t.removeLast() }
-        guard let colon = t.lastIndex(of: ":"), let port = Int(t[t.index(after: colon)...]), port > 0, port < 65536
-        else { return nil }
-        host = String(t[..<colon])
-        self.port = port
-    }
+/// A registry member's client address (`host:port` or `http://host:port`).
+public typealias EtcdEndpoint = HostPort
+
+extension HostPort {
+    /// Comma-separated endpoints; each needs a real port.
     public static func parseList(_ s: String) throws -> [EtcdEndpoint] {
         let parts = s.split(separator: ",").map(String.init).filter { !$0.isEmpty }
         var out: [EtcdEndpoint] = []
         for p in parts {
-            guard let e = EtcdEndpoint(p) else {
+            guard let e = EtcdEndpoint(p), e.port > 0 else {
                 throw EtcdClientError(
                     code: 3, message: "bad registry endpoint \"\(p)\": expected host:port or http://host:port")
             }
@@ -57,7 +43,6 @@ public struct EtcdEndpoint: Sendable, Equatable, CustomStringConvertible {
         guard !out.isEmpty else { throw EtcdClientError(code: 3, message: "no registry endpoints given") }
         return out
     }
-    public var description: String { "\(host):\(port)" }
 }
 
 /// A connection to an etcd-compatible cluster. Calls go to the current endpoint; on a

@@ -1,3 +1,4 @@
+import TandemCore
 import TandemLua
 import TandemTraffic
 

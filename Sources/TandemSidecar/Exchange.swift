@@ -64,19 +64,14 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             path = r.path
             cluster = r.route.cluster
         }
-        if let wait = ctx.ensureCluster(cluster) {
-            wait.hop(to: loop).whenComplete { _ in self.admit() }
-        } else {
-            admit()
-        }
+        ProxyRouting.whenClusterKnown(ctx: ctx, cluster: cluster, loop: loop) { self.admit() }
     }
 
     private func admit() {
         guard !finished, let route else { return }
         let now = nowNanos()
-        if let reason = ctx.brain.withCluster(cluster, { c, _ in c.admit(now: now) }) {
-            let msg = reason == .circuitOpen ? "circuit breaker for \"\(cluster)\" is open" : nil
-            answer(LocalAnswer(reason, message: msg))
+        if let refused = ProxyRouting.admit(ctx: ctx, cluster: cluster, now: now) {
+            answer(refused)
             return
         }
         admitted = true

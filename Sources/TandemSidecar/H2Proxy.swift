@@ -151,20 +151,14 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             cluster = r.route.cluster
             head.uri = r.path
         }
-        if let wait = ctx.ensureCluster(cluster) {
-            wait.hop(to: loop).whenComplete { _ in self.admit() }
-        } else {
-            admit()
-        }
+        ProxyRouting.whenClusterKnown(ctx: ctx, cluster: cluster, loop: loop) { self.admit() }
     }
 
     private func admit() {
         guard !finished, let route else { return }
         let now = nowNanos()
-        if let reason = ctx.brain.withCluster(cluster, { c, _ in c.admit(now: now) }) {
-            answer(
-                LocalAnswer(
-                    reason, message: reason == .circuitOpen ? "circuit breaker for \"\(cluster)\" is open" : nil))
+        if let refused = ProxyRouting.admit(ctx: ctx, cluster: cluster, now: now) {
+            answer(refused)
             return
         }
         admitted = true

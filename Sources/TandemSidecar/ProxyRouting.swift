@@ -1,3 +1,4 @@
+import NIOCore
 import NIOHTTP1
 import TandemTraffic
 
@@ -79,6 +80,24 @@ enum ProxyRouting {
             return .failure(LocalAnswer(.rateLimited, message: "rate limit of route \"\(route.name)\" exceeded"))
         }
         return .success(Resolved(route: route, host: host, path: path))
+    }
+
+    /// Runs `then` on `loop` once the cluster's endpoints are known (its first discovery
+    /// answer, bounded), or at once when there is nothing to wait for.
+    static func whenClusterKnown(
+        ctx: ProxyContext, cluster: String, loop: any EventLoop, _ then: @escaping @Sendable () -> Void
+    ) {
+        if let wait = ctx.ensureCluster(cluster) {
+            wait.hop(to: loop).whenComplete { _ in then() }
+        } else {
+            then()
+        }
+    }
+
+    /// Admission of a new request by the cluster's breaker and concurrency gate.
+    static func admit(ctx: ProxyContext, cluster: String, now: Nanos) -> LocalAnswer? {
+        guard let reason = ctx.brain.withCluster(cluster, { c, _ in c.admit(now: now) }) else { return nil }
+        return LocalAnswer(reason, message: reason == .circuitOpen ? "circuit breaker for \"\(cluster)\" is open" : nil)
     }
 
     static func isServiceName(_ host: String) -> Bool {

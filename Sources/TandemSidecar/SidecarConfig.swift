@@ -3,25 +3,8 @@
 /// listener, and the supervisor used by `tandem run`. Every decision (route, endpoint,
 /// retry, breaker, ejection, rate limit) is made by TandemTraffic; this module moves bytes.
 import NIOCore
+import TandemCore
 import TandemTraffic
-
-/// `host:port`; port 0 asks the OS for a free one.
-public struct HostPort: Sendable, Equatable, CustomStringConvertible {
-    public var host: String
-    public var port: Int
-    public init(host: String, port: Int) {
-        self.host = host
-        self.port = port
-    }
-    public init?(_ s: String) {
-        guard let colon = s.lastIndex(of: ":"), let p = Int(s[s.index(after: colon)...]), p >= 0, p < 65536 else {
-            return nil
-        }
-        host = colon == s.startIndex ? "127.0.0.1" : String(s[..<colon])
-        port = p
-    }
-    public var description: String { "\(host):\(port)" }
-}
 
 /// Bounds on what one sidecar accepts; each has a clear answer when hit.
 public struct SidecarLimits: Sendable, Equatable {

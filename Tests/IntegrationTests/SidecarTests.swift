@@ -75,6 +75,31 @@ func childPids(of pid: Int32) -> [Int32] {
     }
 }
 
+/// `count` instances of the users example, each behind `tandem run`, registered and healthy.
+/// `env(i)` gives instance i extra environment (e.g. FAIL_RATE).
+func startUsers(
+    _ count: Int, registry: String, extra: [String] = [], env: (Int) -> [String: String] = { _ in [:] }
+) throws -> (instances: [SidecarUnderTest], appPorts: [Int]) {
+    var instances: [SidecarUnderTest] = []
+    var ports: [Int] = []
+    for i in 0..<count {
+        let p = try freePort()
+        ports.append(p)
+        instances.append(
+            try SidecarUnderTest(
+                service: "users", registry: registry, appPort: p, app: ["/usr/bin/python3", usersApp, String(p)],
+                extra: ["--health-path", "/health"] + extra, env: env(i)))
+    }
+    return (instances, ports)
+}
+
+/// A `tandem sidecar` with no app of its own: a client's way into the mesh.
+func startClient(registry: String, extra: [String] = []) throws -> SidecarUnderTest {
+    try SidecarUnderTest(
+        service: "client", registry: registry, appPort: try freePort(), app: nil, extra: extra,
+        waitForRegistration: false)
+}
+
 /// Blocking HTTP GET/POST through curl: status, headers, body.
 @discardableResult
 func http(
@@ -225,17 +250,8 @@ func inboundRequests(admin: String) throws -> Int {
 
     @Test func retriesWithABudgetHideAFlakyInstanceWithoutAStorm() throws {
         let reg = try RegistryUnderTest()
-        var instances: [SidecarUnderTest] = []
-        for i in 0..<3 {
-            let p = try freePort()
-            instances.append(
-                try SidecarUnderTest(
-                    service: "users", registry: reg.endpoint, appPort: p,
-                    app: ["/usr/bin/python3", usersApp, String(p)],
-                    extra: ["--health-path", "/health"], env: i == 0 ? ["FAIL_RATE": "0.2"] : [:]))
-        }
-        let client = try SidecarUnderTest(
-            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil, waitForRegistration: false)
+        let (instances, _) = try startUsers(3, registry: reg.endpoint) { i in i == 0 ? ["FAIL_RATE": "0.2"] : [:] }
+        let client = try startClient(registry: reg.endpoint)
         _ = try http("http://\(client.outbound)/health", host: "users")
         let before = try instances.map { try inboundRequests(admin: $0.admin) }.reduce(0, +)
         let offered = 2000
@@ -253,19 +269,8 @@ func inboundRequests(admin: String) throws -> Int {
 
     @Test func aKilledInstanceCostsNoRequests() throws {
         let reg = try RegistryUnderTest()
-        var instances: [SidecarUnderTest] = []
-        var appPorts: [Int] = []
-        for _ in 0..<3 {
-            let p = try freePort()
-            appPorts.append(p)
-            instances.append(
-                try SidecarUnderTest(
-                    service: "users", registry: reg.endpoint, appPort: p,
-                    app: ["/usr/bin/python3", usersApp, String(p)],
-                    extra: ["--health-path", "/health", "--lease-ttl", "3"]))
-        }
-        let client = try SidecarUnderTest(
-            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil, waitForRegistration: false)
+        let (instances, appPorts) = try startUsers(3, registry: reg.endpoint, extra: ["--lease-ttl", "3"])
+        let client = try startClient(registry: reg.endpoint)
         _ = try http("http://\(client.outbound)/user", host: "users")
         var killed = false
         let result = try runLoad(target: client.outbound, host: "users", count: 3000, concurrency: 4) { n in
@@ -322,10 +327,8 @@ func eventually(_ attempts: Int = 200, _ condition: () throws -> Bool) rethrows 
 @Suite(.serialized) struct ResilienceIntegrationTests {
     @Test func theBreakerOpensOnFailuresAndClosesAfterRecovery() throws {
         let reg = try RegistryUnderTest()
-        let port = try freePort()
-        let users = try SidecarUnderTest(
-            service: "users", registry: reg.endpoint, appPort: port, app: ["/usr/bin/python3", usersApp, String(port)],
-            extra: ["--health-path", "/health"])
+        let (started, ports) = try startUsers(1, registry: reg.endpoint)
+        let (users, port) = (started[0], ports[0])
         let client = try SidecarUnderTest(
             service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil,
             extra: ["--breaker-failures", "3", "--breaker-open-ms", "300", "--retries", "0"], waitForRegistration: false
@@ -352,17 +355,7 @@ func eventually(_ attempts: Int = 200, _ condition: () throws -> Bool) rethrows 
 
     @Test func aFailingInstanceIsEjectedAndComesBackAfterItRecovers() throws {
         let reg = try RegistryUnderTest()
-        var instances: [SidecarUnderTest] = []
-        var ports: [Int] = []
-        for _ in 0..<3 {
-            let p = try freePort()
-            ports.append(p)
-            instances.append(
-                try SidecarUnderTest(
-                    service: "users", registry: reg.endpoint, appPort: p,
-                    app: ["/usr/bin/python3", usersApp, String(p)],
-                    extra: ["--health-path", "/health"]))
-        }
+        let (instances, ports) = try startUsers(3, registry: reg.endpoint)
         let client = try SidecarUnderTest(
             service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil,
             // Round robin keeps sending it its share; peak-EWMA would steer away after one failure
@@ -396,10 +389,7 @@ func eventually(_ attempts: Int = 200, _ condition: () throws -> Bool) rethrows 
 @Suite struct ConfigReloadTests {
     @Test func aBadConfigChangeIsRejectedAndTrafficContinues() throws {
         let reg = try RegistryUnderTest()
-        let port = try freePort()
-        let users = try SidecarUnderTest(
-            service: "users", registry: reg.endpoint, appPort: port, app: ["/usr/bin/python3", usersApp, String(port)],
-            extra: ["--health-path", "/health"])
+        let users = try startUsers(1, registry: reg.endpoint).instances[0]
         let dir = try TempDirectory()
         let file = dir.url.appendingPathComponent("client.lua")
         try #"return { routes = { { name = "shop", host = "shop", cluster = "users" } } }"#.write(
@@ -434,12 +424,8 @@ func eventually(_ attempts: Int = 200, _ condition: () throws -> Bool) rethrows 
 
     @Test func configStoredInTheRegistryIsAppliedLiveAndBadChangesAreRejected() throws {
         let reg = try RegistryUnderTest()
-        let port = try freePort()
-        let users = try SidecarUnderTest(
-            service: "users", registry: reg.endpoint, appPort: port, app: ["/usr/bin/python3", usersApp, String(port)],
-            extra: ["--health-path", "/health"])
-        let client = try SidecarUnderTest(
-            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil, waitForRegistration: false)
+        let users = try startUsers(1, registry: reg.endpoint).instances[0]
+        let client = try startClient(registry: reg.endpoint)
         let key = "/tandem/config/client/sidecar.lua"
         #expect(
             try http("http://\(client.outbound)/user/1", host: "shop").headers["tandem-error"] == "no-healthy-endpoint")
@@ -486,8 +472,7 @@ let grpcService = repoRoot.appendingPathComponent("examples/grpc/user_service.py
         let users = try SidecarUnderTest(
             service: "users", registry: reg.endpoint, appPort: port,
             app: ["/usr/bin/python3", grpcService, "server", String(port)], extra: ["--app-protocol", "grpc"])
-        let client = try SidecarUnderTest(
-            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil, waitForRegistration: false)
+        let client = try startClient(registry: reg.endpoint)
         let c = try Child("/usr/bin/python3", [grpcService, "client", client.outbound, "users"])
         let lines = c.readUntil { $0.hasPrefix("{") }
         let obj = try JSONSerialization.jsonObject(with: Data((lines.last ?? "").utf8)) as? [String: Any] ?? [:]
@@ -515,12 +500,8 @@ let grpcService = repoRoot.appendingPathComponent("examples/grpc/user_service.py
     /// An HTTP/2 client reaches an HTTP/1.1 app: h2 on both sidecar hops, HTTP/1.1 to the app.
     @Test func h2cRequestsReachAnHTTP1App() throws {
         let reg = try RegistryUnderTest()
-        let port = try freePort()
-        let users = try SidecarUnderTest(
-            service: "users", registry: reg.endpoint, appPort: port, app: ["/usr/bin/python3", usersApp, String(port)],
-            extra: ["--health-path", "/health"])
-        let client = try SidecarUnderTest(
-            service: "client", registry: reg.endpoint, appPort: try freePort(), app: nil, waitForRegistration: false)
+        let users = try startUsers(1, registry: reg.endpoint).instances[0]
+        let client = try startClient(registry: reg.endpoint)
         for (method, body, expect) in [("GET", nil, "Alice"), ("POST", #"{"name":"Eve"}"#, "Eve")]
             as [(String, String?, String)]
         {
