@@ -68,20 +68,26 @@ public final class ServiceRegistration: @unchecked Sendable {
     private var loop: any EventLoop { client.loop }
 
     /// Grants the lease and writes the key; completes when the registry has it.
+    /// The ticking starts whatever the first attempt gives: if the registry is unreachable
+    /// now, the instance registers once it answers (every second until then).
     public func start() -> EventLoopFuture<Void> {
-        loop.flatSubmit { self.register() }.map {
+        loop.flatSubmit {
             self.timer = self.loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
                 self.tick()
             }
+            self.reregistering = true
+            return self.register().always { _ in self.reregistering = false }
         }
     }
 
+    /// Grants a lease and writes the key under it; only then is the lease ours to keep alive
+    /// (a grant whose put failed is left to expire, and the next tick starts over).
     private func register() -> EventLoopFuture<Void> {
         client.grantLease(ttl: ttl).flatMap { lease in
-            self.leaseID = lease.id
-            self.lastAck = .now()
-            self.openKeepAlive()
-            return self.client.put(self.instance.key, self.instance.encoded(), lease: lease.id).map { _ in
+            self.client.put(self.instance.key, self.instance.encoded(), lease: lease.id).map { _ in
+                self.leaseID = lease.id
+                self.lastAck = .now()
+                self.openKeepAlive()
                 self.log("registered \(self.instance.key) (lease \(String(lease.id, radix: 16)), ttl \(lease.ttl)s)")
             }
         }
@@ -115,7 +121,16 @@ public final class ServiceRegistration: @unchecked Sendable {
     /// Every second: send a keep-alive when a third of the TTL has passed, reopen the stream
     /// if it broke, and re-register when the lease is gone.
     private func tick() {
-        guard !stopped, leaseID != 0 else { return }
+        guard !stopped, !reregistering else { return }
+        guard leaseID > 0 else {
+            // Not registered (the registry was unreachable): try again now.
+            reregistering = true
+            register().whenComplete { r in
+                self.reregistering = false
+                if case .failure(let e) = r { self.log("registration failed: \(e); retrying") }
+            }
+            return
+        }
         let since = NIODeadline.now() - lastAck
         if since >= .seconds(ttl) {
             leaseLost()
@@ -138,11 +153,7 @@ public final class ServiceRegistration: @unchecked Sendable {
         leaseID = 0
         register().whenComplete { r in
             self.reregistering = false
-            if case .failure(let e) = r {
-                self.log("re-registration failed: \(e); retrying")
-                self.leaseID = -1  // keep ticking; tick() will call leaseLost again after the TTL
-                self.lastAck = .now() - .seconds(self.ttl)
-            }
+            if case .failure(let e) = r { self.log("re-registration failed: \(e); retrying") }
         }
     }
 

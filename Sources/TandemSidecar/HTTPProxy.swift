@@ -163,6 +163,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
 
     /// Writes a local answer (JSON body, `tandem-error`) and counts it.
     func localAnswer(_ context: ChannelHandlerContext, _ a: LocalAnswer, keepAlive: Bool, request: HTTPRequestHead) {
+        exchange = nil  // the request is over: the idle timer must see the connection as idle
         ctx.metrics.inc("tandem_local_answers_total", [("side", side.rawValue), ("reason", a.reason.rawValue)])
         writeLocal(context, a, version: request.version, keepAlive: keepAlive)
         if keepAlive { armTimer(context.eventLoop, ctx.limits.idleTimeout) }

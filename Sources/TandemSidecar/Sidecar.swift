@@ -365,7 +365,7 @@ public final class Sidecar: @unchecked Sendable {
         let reg = ServiceRegistration(client: registry, instance: inst, ttl: config.leaseTTL)
         reg.log = log
         lock.withLock { registration = reg }
-        reg.start().whenFailure { e in self.log("registration failed: \(e); retrying on the next check") }
+        reg.start().whenFailure { e in self.log("registration failed: \(e); retrying every second") }
     }
 
     public var isRegistered: Bool { lock.withLock { registration?.leaseID ?? 0 } > 0 }

@@ -78,7 +78,8 @@ func childPids(of pid: Int32) -> [Int32] {
 /// `count` instances of the users example, each behind `tandem run`, registered and healthy.
 /// `env(i)` gives instance i extra environment (e.g. FAIL_RATE).
 func startUsers(
-    _ count: Int, registry: String, extra: [String] = [], env: (Int) -> [String: String] = { _ in [:] }
+    _ count: Int, registry: String, extra: [String] = [], waitForRegistration: Bool = true,
+    env: (Int) -> [String: String] = { _ in [:] }
 ) throws -> (instances: [SidecarUnderTest], appPorts: [Int]) {
     var instances: [SidecarUnderTest] = []
     var ports: [Int] = []
@@ -88,7 +89,7 @@ func startUsers(
         instances.append(
             try SidecarUnderTest(
                 service: "users", registry: registry, appPort: p, app: ["/usr/bin/python3", usersApp, String(p)],
-                extra: ["--health-path", "/health"] + extra, env: env(i)))
+                extra: ["--health-path", "/health"] + extra, env: env(i), waitForRegistration: waitForRegistration))
     }
     return (instances, ports)
 }
@@ -608,5 +609,28 @@ func tandem(_ args: [String]) throws -> (status: Int32, output: String) {
         let down = try tandem(["kv", "get", "--endpoints", "127.0.0.1:1", "/x"])
         #expect(down.status != 0)
         #expect(down.output.contains("cannot reach the registry at 127.0.0.1:1"))
+    }
+}
+
+@Suite struct RegistrationRecoveryTests {
+    /// Regression: an app that passed its first health check while the registry was down was
+    /// never registered (registration was only tried again on a health change).
+    @Test func anInstanceRegistersOnceTheRegistryComesUp() throws {
+        let regPort = try freePort()
+        let users = try startUsers(1, registry: "127.0.0.1:\(regPort)", waitForRegistration: false).instances[0]
+        let failed = users.child.readUntil { $0.contains("registration failed") }
+        #expect(failed.last?.contains("registration failed") == true, "\(failed)")
+
+        let dir = try TempDirectory()
+        let reg = try Child(
+            tandemBinary(),
+            ["registry", "--data-dir", dir.url.path, "--listen-client-urls", "http://127.0.0.1:\(regPort)"])
+        _ = reg.readUntil { $0.contains("serving clients on") }
+        let later = users.child.readUntil { $0.contains("registered /tandem/services/users/") }
+        #expect(later.last?.contains("registered /tandem/services/users/") == true, "\(later)")
+        let keys = try etcdctl("127.0.0.1:\(regPort)", ["get", "--prefix", "/tandem/services/users/", "--keys-only"])
+            .output
+        #expect(keys.contains("/tandem/services/users/"))
+        withExtendedLifetime((users, reg, dir)) {}
     }
 }

@@ -55,6 +55,23 @@ struct ProxyHarness {
         #expect(h.channel.isActive)  // keep-alive: the connection stays open
     }
 
+    /// Regression: after a local answer the connection still counted as busy, so the idle
+    /// timeout never closed it (one leaked connection per client that got a 404 or 503).
+    @Test func idleConnectionsCloseAfterALocalAnswer() throws {
+        let h = try ProxyHarness()
+        _ = try h.send("GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        #expect(h.channel.isActive)
+        h.channel.embeddedEventLoop.advanceTime(by: h.ctx.limits.idleTimeout + .seconds(1))
+        #expect(!h.channel.isActive)
+    }
+
+    @Test func slowHeadersAreCutAfterTheHeaderReadTimeout() throws {
+        let h = try ProxyHarness()
+        try h.channel.writeInbound(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: us"))
+        h.channel.embeddedEventLoop.advanceTime(by: h.ctx.limits.headerReadTimeout + .seconds(1))
+        #expect(!h.channel.isActive)
+    }
+
     @Test func aServiceWithoutInstancesIsA503NamingIt() throws {
         let h = try ProxyHarness()
         let out = try h.send("GET http://payments/charge HTTP/1.1\r\nHost: payments\r\n\r\n")
