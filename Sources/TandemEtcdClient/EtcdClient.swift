@@ -130,7 +130,13 @@ public final class EtcdClient: @unchecked Sendable {
     ) -> EventLoopFuture<Resp> {
         let payload: [UInt8]
         do { payload = try request.serializedBytes() } catch { return loop.makeFailedFuture(error) }
-        return loop.flatSubmit {
+        return unaryBytes(path, payload).flatMapThrowing { bytes in try Resp(serializedBytes: bytes) }
+    }
+
+    /// One unary call with an already encoded request; the response message's bytes.
+    /// (Also how the sidecar speaks grpc.health.v1 to apps, with hand-encoded messages.)
+    public func unaryBytes(_ path: String, _ payload: [UInt8]) -> EventLoopFuture<[UInt8]> {
+        loop.flatSubmit {
             self.connect().flatMap { conn -> EventLoopFuture<[UInt8]> in
                 let promise = self.loop.makePromise(of: [UInt8].self)
                 let authority = self.currentEndpoint.description
@@ -147,7 +153,7 @@ public final class EtcdClient: @unchecked Sendable {
             }.flatMapErrorThrowing { error in
                 if let e = error as? EtcdClientError { throw e }
                 throw EtcdClientError.unavailable("\(self.currentEndpoint): \(error)")
-            }.flatMapThrowing { bytes in try Resp(serializedBytes: bytes) }
+            }
         }.flatMapError { error in
             // Transport failure: next call goes to another member.
             if let e = error as? EtcdClientError, e.code == 14 { self.failover() }

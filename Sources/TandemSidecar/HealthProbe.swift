@@ -1,6 +1,8 @@
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import TandemCore
+import TandemEtcdClient
 import TandemTraffic
 
 /// One active health check: TCP connect, or HTTP GET with a 2xx/3xx answer.
@@ -21,7 +23,25 @@ enum HealthProbe {
         }
         promise.futureResult.whenComplete { _ in timer.cancel() }
         switch kind {
-        case .tcp, .grpc:
+        case .grpc(let service):
+            // grpc.health.v1.Health/Check over h2c: HealthCheckRequest{service} (field 1,
+            // string) → HealthCheckResponse{status} (field 1, enum; SERVING = 1).
+            let client = EtcdClient(endpoints: [HostPort(host: host, port: port)], loop: loop)
+            client.connectTimeout = timeout
+            client.callTimeout = timeout
+            let name = Array(service.utf8)
+            let request: [UInt8] = name.isEmpty ? [] : [0x0A] + varint(UInt64(name.count)) + name
+            client.unaryBytes("/grpc.health.v1.Health/Check", request).whenComplete { r in
+                client.close()
+                switch r {
+                case .success(let bytes):
+                    let serving = bytes == [0x08, 0x01]
+                    promise.succeed(Result(passed: serving, error: serving ? nil : "not SERVING (response \(bytes))"))
+                case .failure(let e):
+                    promise.succeed(Result(passed: false, error: "\(e)"))
+                }
+            }
+        case .tcp:
             ClientBootstrap(group: loop).connectTimeout(timeout).connect(host: host, port: port).whenComplete { r in
                 switch r {
                 case .success(let ch):
@@ -56,6 +76,18 @@ enum HealthProbe {
                 }
         }
         return promise.futureResult
+    }
+
+    static func varint(_ v: UInt64) -> [UInt8] {
+        var out: [UInt8] = []
+        var x = v
+        repeat {
+            var b = UInt8(x & 0x7F)
+            x >>= 7
+            if x != 0 { b |= 0x80 }
+            out.append(b)
+        } while x != 0
+        return out
     }
 
     final class ProbeHandler: ChannelInboundHandler, @unchecked Sendable {

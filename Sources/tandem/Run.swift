@@ -44,6 +44,8 @@ struct SidecarOptions: ParsableArguments {
     var upstreams: [String] = []
     @Option(help: "HTTP path of the app's health check; without it the check is a TCP connect.")
     var healthPath: String?
+    @Option(help: "Check the app with grpc.health.v1.Health/Check for this service name ('' = the whole server).")
+    var healthGrpc: String?
     @Option(help: "Seconds between health checks.") var healthInterval: Int64 = 10
     @Option(help: "Health check timeout in milliseconds.") var healthTimeoutMs: Int64 = 1000
     @Option(help: "Failures before the app is marked critical.") var unhealthyThreshold = 3
@@ -81,6 +83,9 @@ struct SidecarOptions: ParsableArguments {
             service.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." })
         else { throw ValidationError("--service: letters, digits, '-', '_' and '.' only") }
         guard BalancerKind.parse(balancer) != nil else { throw ValidationError("--balancer: unknown '\(balancer)'") }
+        guard healthGrpc == nil || healthPath == nil else {
+            throw ValidationError("give --health-path or --health-grpc, not both")
+        }
         guard breakerOpenMs > 0, ejectionTimeMs > 0, retries >= 0, timeoutMs > 0 else {
             throw ValidationError("--breaker-open-ms, --ejection-time-ms and --timeout-ms must be > 0; --retries ≥ 0")
         }
@@ -131,7 +136,8 @@ struct SidecarOptions: ParsableArguments {
         c.zone = zone
         c.staticEndpoints = try staticEndpoints()
         c.localUpstreams = try localUpstreams()
-        var hc = HealthCheckConfig(kind: healthPath.map { .http(path: $0) } ?? .tcp)
+        var hc = HealthCheckConfig(
+            kind: healthGrpc.map { .grpc(service: $0) } ?? healthPath.map { .http(path: $0) } ?? .tcp)
         hc.interval = .seconds(healthInterval)
         hc.timeout = .milliseconds(healthTimeoutMs)
         hc.unhealthyThreshold = unhealthyThreshold

@@ -662,3 +662,30 @@ func tandem(_ args: [String]) throws -> (status: Int32, output: String) {
         withExtendedLifetime((etcd, users, client, dir)) {}
     }
 }
+
+@Suite struct GRPCHealthTests {
+    /// `--health-grpc ''` checks the app with grpc.health.v1.Health/Check: SERVING registers it
+    /// as passing; NOT_SERVING three times in a row publishes it as critical; back after two.
+    @Test func grpcHealthProtocolDrivesTheRegisteredHealth() throws {
+        let reg = try RegistryUnderTest()
+        let port = try freePort()
+        let users = try SidecarUnderTest(
+            service: "users", registry: reg.endpoint, appPort: port,
+            app: ["/usr/bin/python3", grpcService, "server", String(port)],
+            extra: ["--app-protocol", "grpc", "--health-grpc", ""])
+        func health() throws -> String {
+            try etcdctl(reg.endpoint, ["get", "--prefix", "/tandem/services/users/", "--print-value-only"]).output
+        }
+        #expect(try health().contains(#""health":"passing""#))
+        let set = try Child("/usr/bin/python3", [grpcService, "set-health", "127.0.0.1:\(port)", "false"])
+        _ = set.readUntil { $0.contains("status") }
+        let down = users.child.readUntil { $0.contains("app health: unhealthy") }
+        #expect(down.last?.contains("not SERVING") == true, "\(down)")
+        #expect(try eventually { try health().contains(#""health":"critical""#) })
+        let back = try Child("/usr/bin/python3", [grpcService, "set-health", "127.0.0.1:\(port)", "true"])
+        _ = back.readUntil { $0.contains("status") }
+        _ = users.child.readUntil { $0.contains("app health: healthy") }
+        #expect(try eventually { try health().contains(#""health":"passing""#) })
+        withExtendedLifetime((reg, users)) {}
+    }
+}

@@ -10,8 +10,11 @@ Messages are UTF-8 JSON bytes (no protobuf code generation needed for the demo):
 Every call returns trailing metadata x-served-by and, when the client sent a deadline,
 x-time-remaining (proves grpc-timeout crossed the sidecars).
 
+It also serves grpc.health.v1.Health/Check (SERVING until SetHealth {"serving": false}).
+
 usage: user_service.py server PORT
        user_service.py client HOST:PORT AUTHORITY   (prints one JSON line with every result)
+       user_service.py set-health HOST:PORT true|false
 """
 import json
 import sys
@@ -68,6 +71,19 @@ def fail(req, context):
     context.abort(grpc.StatusCode.NOT_FOUND, "no such user")
 
 
+HEALTH = {"status": 1}  # grpc.health.v1 SERVING; NOT_SERVING is 2
+
+
+def health_check(req, context):
+    # HealthCheckResponse{status} hand-encoded: field 1, varint.
+    return bytes([0x08, HEALTH["status"]])
+
+
+def set_health(req, context):
+    HEALTH["status"] = 1 if dec(req).get("serving") else 2
+    return enc({"status": HEALTH["status"]})
+
+
 def serve(port):
     handlers = {
         "GetUser": grpc.unary_unary_rpc_method_handler(get_user),
@@ -75,9 +91,14 @@ def serve(port):
         "UploadUsers": grpc.stream_unary_rpc_method_handler(upload_users),
         "ChatStream": grpc.stream_stream_rpc_method_handler(chat),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "SetHealth": grpc.unary_unary_rpc_method_handler(set_health),
     }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_generic_rpc_handlers((
+        grpc.method_handlers_generic_handler(SERVICE, handlers),
+        grpc.method_handlers_generic_handler(
+            "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(health_check)}),
+    ))
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     import signal
@@ -106,5 +127,8 @@ def client(target, authority):
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(int(sys.argv[2]))
+    elif sys.argv[1] == "set-health":
+        ch = grpc.insecure_channel(sys.argv[2])
+        print(dec(ch.unary_unary(f"/{SERVICE}/SetHealth")(enc({"serving": sys.argv[3] == "true"}), timeout=5)))
     else:
         client(sys.argv[2], sys.argv[3])
