@@ -513,6 +513,7 @@ final class H2UpstreamStreamHandler: ChannelInboundHandler, @unchecked Sendable 
 }
 
 /// HTTP/2 upstream connections of one event loop: one multiplexed connection per endpoint.
+/// They close with their event loop group (Sidecar.shutdown).
 final class H2Pool: @unchecked Sendable {
     let loop: any EventLoop
     private var connections: [String: EventLoopFuture<NIOLoopBound<HTTP2StreamMultiplexer>>] = [:]
@@ -554,11 +555,6 @@ final class H2Pool: @unchecked Sendable {
             }
             return promise.futureResult
         }
-    }
-
-    func closeAll() {
-        for c in connections.values { c.whenSuccess { _ in } }
-        connections = [:]
     }
 }
 
