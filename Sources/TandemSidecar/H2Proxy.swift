@@ -110,7 +110,10 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     private var route: Route?
     private var cluster = ""
     private var endpoint: Endpoint?
-    private var tried: [String] = []
+    /// Attempts and their retry decisions (TandemTraffic). Created with an empty body: before
+    /// the upstream stream opens nothing has been sent, and what waits in `pending` is bounded.
+    private var retry: RetryState?
+    private var tried: [String] { retry?.tried ?? [] }
     private var admitted = false
     private var upstream: (any Channel)?
     /// Set when the upstream hop is HTTP/1.1 (an HTTP/1.1 app behind the inbound side).
@@ -162,6 +165,8 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             return
         }
         admitted = true
+        retry = RetryState(
+            policy: route.retry, method: head.method.rawValue, bodyBytes: 0, start: startedAt, timeout: nil)
         // gRPC carries its own deadline (grpc-timeout, passed through); a long-lived stream
         // must not be cut by the default route timeout, so only an explicit one applies.
         let timeout: Nanos? = isGRPC ? nil : route.timeout
@@ -180,7 +185,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             return
         }
         endpoint = ep
-        tried.append(ep.id)
+        retry?.attemptStarted(endpoint: ep.id)
         attemptStart = now
         ctx.brain.withCluster(cluster) { c, _ in c.attemptStarted(ep) }
         ctx.metrics.inc("tandem_upstream_attempts_total", [("side", handler.side.rawValue), ("cluster", cluster)])
@@ -215,18 +220,24 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     }
 
     private func connectFailed(_ ep: Endpoint) {
-        guard !finished else { return }
+        guard !finished, var retry else { return }
         let now = nowNanos()
-        ctx.brain.withCluster(cluster) { c, _ in
-            c.attemptFinished(ep, .connectFailure, latency: now - attemptStart, now: now)
+        let latency = now - attemptStart
+        let next = ctx.brain.withCluster(cluster) { c, rng -> RetryState.Next in
+            c.attemptFinished(ep, .connectFailure, latency: latency, now: now)
+            return retry.after(.connectFailure, now: now, budget: &c.budget, rng: &rng)
         }
-        let attempts = tried.count
-        let maxAttempts = 1 + (route?.retry.numRetries ?? 0)
-        let allowed = attempts < maxAttempts && ctx.brain.withCluster(cluster) { c, _ in c.budget.tryRetry(now: now) }
-        if allowed {
+        self.retry = retry
+        switch next {
+        case .retry(let after):
             ctx.metrics.inc("tandem_retries_total", [("side", handler.side.rawValue), ("cluster", cluster)])
-            attempt()
-        } else {
+            loop.scheduleTask(in: .nanoseconds(after)) { [weak self] in self?.attempt() }
+        case .giveUp(let reason):
+            if reason == .retryBudgetExhausted {
+                ctx.metrics.inc("tandem_retry_budget_exhausted_total", [("cluster", cluster)])
+            }
+            answer(LocalAnswer(reason, message: "\(reason.defaultMessage) (\"\(cluster)\": connect failure)"))
+        case .finish:
             answer(
                 LocalAnswer(.upstreamConnectFailure, message: "could not connect to \"\(cluster)\" at \(ep.address)"))
         }

@@ -15,7 +15,9 @@ final class TCPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
     private var peer: (any Channel)?
     private var pending: [ByteBuffer] = []
     private var pendingBytes = 0
-    private var tried: [String] = []
+    /// Connect attempts and their retry decisions (TandemTraffic): only connect failures are
+    /// retried, within the cluster's budget and the default policy's attempts.
+    private var retry: RetryState?
     private var admitted = false
     private var closed = false
     private var startedAt: Nanos = 0
@@ -37,6 +39,8 @@ final class TCPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
                 return
             }
             admitted = true
+            let policy = ctx.brain.with { $0.config.defaultRetry }
+            retry = RetryState(policy: policy, method: "CONNECT", bodyBytes: 0, start: now, timeout: nil)
             connect()
         }
         if let wait = ctx.ensureCluster(cluster) {
@@ -51,13 +55,13 @@ final class TCPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
     private func connect() {
         guard let context, !closed else { return }
         let now = nowNanos()
-        let avoid = tried
+        let avoid = retry?.tried ?? []
         guard let ep = ctx.brain.withCluster(cluster, { c, rng in c.choose(now: now, avoid: avoid, rng: &rng) }) else {
             ctx.metrics.inc("tandem_local_answers_total", [("side", "tcp"), ("reason", "no-healthy-endpoint")])
             context.close(promise: nil)
             return
         }
-        tried.append(ep.id)
+        retry?.attemptStarted(endpoint: ep.id)
         ctx.brain.withCluster(cluster) { c, _ in c.attemptStarted(ep) }
         let timeout = ctx.brain.withCluster(cluster) { c, _ in c.config.connectTimeout }
         let glue = TCPGlue(partner: context.channel)
@@ -80,12 +84,15 @@ final class TCPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
                     }
                     me.connected(ch)
                 case .failure:
-                    let retry = me.ctx.brain.withCluster(me.cluster) { c, _ -> Bool in
+                    guard var state = me.retry else { return }
+                    let next = me.ctx.brain.withCluster(me.cluster) { c, rng -> RetryState.Next in
                         c.attemptFinished(ep, .connectFailure, latency: t - now, now: t)
-                        return me.tried.count <= c.config.limits.maxRetries && c.budget.tryRetry(now: t)
+                        return state.after(.connectFailure, now: t, budget: &c.budget, rng: &rng)
                     }
-                    if retry && me.tried.count < 3 {
-                        me.connect()
+                    me.retry = state
+                    if case .retry(let after) = next {
+                        me.ctx.metrics.inc("tandem_retries_total", [("side", "tcp"), ("cluster", me.cluster)])
+                        me.context?.eventLoop.scheduleTask(in: .nanoseconds(after)) { bound.value.connect() }
                     } else {
                         me.ctx.metrics.inc(
                             "tandem_local_answers_total", [("side", "tcp"), ("reason", "upstream-connect-failure")])
