@@ -1,5 +1,6 @@
 /// Envoy's concurrency thresholds per cluster. Exceeding one answers 503 `overflow` at once
-/// instead of queueing without bound.
+/// instead of queueing without bound. The sidecar enforces `maxRequests` today; the other
+/// three are carried for the shell to enforce (see docs/SIDECAR.md).
 public struct ConcurrencyLimits: Equatable, Sendable {
     public var maxConnections = 1024
     public var maxPendingRequests = 1024
