@@ -1,7 +1,8 @@
 import NIOCore
 import NIOHTTP1
 
-/// The admin listener: `/ready`, `/live`, `/metrics`, `/clusters`, `/routes`, `POST /drain`.
+/// The admin listener: `/ready`, `/live`, `/metrics`, `/clusters`, `/routes`, `/config`,
+/// `POST /drain`.
 /// Bind it to loopback (the default).
 final class AdminHandler: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = HTTPServerRequestPart
@@ -28,8 +29,10 @@ final class AdminHandler: ChannelInboundHandler, @unchecked Sendable {
                     : respond(context, h, 503, "text/plain", "not ready\n")
             case (.GET, "/metrics"): respond(context, h, 200, "text/plain; version=0.0.4", sidecar.metricsText())
             case (.GET, "/clusters"): respond(context, h, 200, "application/json", sidecar.clustersJSON() + "\n")
-            case (.GET, "/routes"), (.GET, "/config"):
+            case (.GET, "/routes"):
                 respond(context, h, 200, "application/json", sidecar.routesJSON() + "\n")
+            case (.GET, "/config"):
+                respond(context, h, 200, "application/json", sidecar.configJSON() + "\n")
             case (.POST, "/drain"):
                 _ = sidecar.drain()
                 respond(context, h, 202, "text/plain", "draining\n")

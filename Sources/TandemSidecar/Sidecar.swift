@@ -450,7 +450,9 @@ public final class Sidecar: @unchecked Sendable {
         return "{\"clusters\":[\(parts.joined(separator: ","))]}"
     }
 
-    func routesJSON() -> String {
+    func routesJSON() -> String { "{\"routes\":\(routesArrayJSON())}" }
+
+    func routesArrayJSON() -> String {
         let routes = brain.with { $0.routes.routes }
         let items = routes.map { r -> String in
             let path: String
@@ -462,7 +464,35 @@ public final class Sidecar: @unchecked Sendable {
             return
                 "{\"name\":\(JSON.quote(r.name)),\"host\":\(r.match.host.map(JSON.quote) ?? "null"),\"path\":\(JSON.quote(path)),\"cluster\":\(JSON.quote(r.cluster)),\"retries\":\(r.retry.numRetries)}"
         }
-        return "{\"routes\":[\(items.joined(separator: ","))]}"
+        return "[\(items.joined(separator: ","))]"
+    }
+
+    /// The effective config (flags, file and registry layers applied): what `/config` shows.
+    func configJSON() -> String {
+        let (cfg, version) = lock.withLock { (config, configVersion) }
+        func ms(_ n: Nanos?) -> String { n.map { String($0 / 1_000_000) } ?? "null" }
+        let clusters = cfg.clusters.sorted(by: { $0.key < $1.key }).map { (name, c) -> String in
+            let balancer: String
+            switch c.balancer {
+            case .roundRobin: balancer = "round_robin"
+            case .leastRequest: balancer = "least_request"
+            case .peakEWMA: balancer = "peak_ewma"
+            case .random: balancer = "random"
+            case .ringHash(let h): balancer = "ring_hash:\(h)"
+            }
+            return "\(JSON.quote(name)):{\"balancer\":\"\(balancer)\",\"connect_timeout_ms\":\(ms(c.connectTimeout))"
+                + ",\"max_requests\":\(c.limits.maxRequests)"
+                + ",\"breaker\":{\"consecutive_failures\":\(c.breaker.consecutiveFailures.map(String.init) ?? "null"),\"open_ms\":\(ms(c.breaker.baseOpen))}"
+                + ",\"outlier\":{\"consecutive_5xx\":\(c.outlier.consecutive5xx.map(String.init) ?? "null"),\"ejection_ms\":\(ms(c.outlier.baseEjectionTime)),\"max_ejection_percent\":\(c.outlier.maxEjectionPercent)}"
+                + ",\"retry_budget\":{\"ratio\":\(c.retryBudget.ratio),\"min_per_second\":\(c.retryBudget.minPerSecond)}}"
+        }
+        let upstreams = cfg.localUpstreams.sorted(by: { $0.key < $1.key }).map {
+            "\(JSON.quote($0.key)):{\"port\":\($0.value.port),\"protocol\":\"\($0.value.proto.rawValue)\"}"
+        }
+        return "{\"service\":\(JSON.quote(cfg.service)),\"instance\":\(JSON.quote(cfg.instance)),\"version\":\(version)"
+            + ",\"default_retry\":{\"attempts\":\(cfg.defaultRetry.numRetries)},\"default_timeout_ms\":\(ms(cfg.defaultTimeout))"
+            + ",\"routes\":\(routesArrayJSON())"
+            + ",\"clusters\":{\(clusters.joined(separator: ","))},\"upstreams\":{\(upstreams.joined(separator: ","))}}"
     }
 
     func metricsText() -> String {
