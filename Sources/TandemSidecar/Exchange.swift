@@ -1,3 +1,4 @@
+import Atomics
 import NIOCore
 import NIOHTTP1
 import TandemCore
@@ -25,8 +26,11 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private var endpoint: Endpoint?
     private var attemptStart: Nanos = 0
     private var conn: UpstreamConnection?
-    private var attemptTimer: Scheduled<Void>?
-    private var overallTimer: Scheduled<Void>?
+    /// When the current attempt times out (before its response head). The connection's one
+    /// timer wakes the exchange (`checkDeadlines`); no timer is scheduled per request.
+    private var attemptDeadline: Nanos?
+    /// Counts sends, so a connect finishing late for an abandoned send is recognised.
+    private var sendSeq = 0
     private var staleRetried = false
     /// The response head went downstream; from here on, failures can only abort.
     private var responded = false
@@ -41,17 +45,30 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         self.ctx = handler.ctx
         self.side = handler.side
         self.head = head
+        self.clientKeepAlive = head.isKeepAlive
+        let wantsUpgrade = head.headers["connection"].contains { v in
+            v.split(separator: ",").contains { $0.trimmingCharacters(in: .whitespaces).lowercased() == "upgrade" }
+        }
+        self.upgrade = wantsUpgrade ? head.headers.first(name: "upgrade") : nil
         self.body = body
-        self.startedAt = nowNanos()
+        self.startedAt = Nanos(context.eventLoop.now.uptimeNanoseconds)
     }
 
     private var loop: any EventLoop { context.eventLoop }
-    private var keepAlive: Bool { head.isKeepAlive && !ctx.isDraining }
+    /// The loop's clock (virtual on an EmbeddedEventLoop, so handler tests control time).
+    private func clock() -> Nanos { Nanos(context.eventLoop.now.uptimeNanoseconds) }
+    /// Whether the client wants the connection kept (read before hop-by-hop fields go).
+    private let clientKeepAlive: Bool
+    /// The protocol the client asks to switch to (`Upgrade`, with `Connection: upgrade`).
+    /// After such a request NIO's decoder stops parsing the connection, so unless the upstream
+    /// answers 101 (and the connection becomes a tunnel) it closes after the response.
+    private let upgrade: String?
+    private var keepAlive: Bool { clientKeepAlive && upgrade == nil && !ctx.isDraining }
 
     // MARK: start
 
     func start() {
-        ctx.inFlight.withLockedValue { $0 += 1 }
+        ctx.inFlight.wrappingIncrement(ordering: .relaxed)
         switch ProxyRouting.resolve(
             ctx: ctx, side: side, head: &head, now: startedAt, fixedCluster: handler.fixedCluster)
         {
@@ -64,12 +81,43 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             path = r.path
             cluster = r.route.cluster
         }
-        ProxyRouting.whenClusterKnown(ctx: ctx, cluster: cluster, loop: loop) { self.admit() }
+        if handler.knownCluster == cluster {
+            admit()
+        } else {
+            let cluster = cluster
+            ProxyRouting.whenClusterKnown(ctx: ctx, cluster: cluster, loop: loop) {
+                self.handler.knownCluster = cluster
+                self.admit()
+            }
+        }
+    }
+
+    // MARK: deadlines
+
+    /// The earliest moment this exchange must be looked at again.
+    var nextDeadline: Nanos? {
+        guard !finished else { return nil }
+        switch (responded ? nil : attemptDeadline, retry?.deadline) {
+        case (let a?, let o?): return min(a, o)
+        case (let a?, nil): return a
+        case (nil, let o?): return o
+        case (nil, nil): return nil
+        }
+    }
+
+    /// Called by the connection's timer: fires whichever timeout is due.
+    func checkDeadlines(now: Nanos) {
+        guard !finished else { return }
+        if let o = retry?.deadline, now >= o {
+            overallTimeout()
+        } else if !responded, let a = attemptDeadline, now >= a {
+            attemptTimedOut()
+        }
     }
 
     private func admit() {
         guard !finished, let route else { return }
-        let now = nowNanos()
+        let now = clock()
         if let refused = ProxyRouting.admit(ctx: ctx, cluster: cluster, now: now) {
             answer(refused)
             return
@@ -78,11 +126,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         retry = RetryState(
             policy: route.retry, method: head.method.rawValue, bodyBytes: body?.readableBytes ?? 0, start: startedAt,
             timeout: route.timeout)
-        if let deadline = retry?.deadline {
-            overallTimer = loop.scheduleTask(in: .nanoseconds(max(0, deadline - now))) { [weak self] in
-                self?.overallTimeout()
-            }
-        }
+        if let deadline = retry?.deadline { handler.wake(at: deadline) }
         attempt()
     }
 
@@ -90,19 +134,21 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     private func attempt() {
         guard !finished, var retry else { return }
-        let now = nowNanos()
-        let hashKey: String?
-        if case .ringHash(let header) = ctx.brain.withCluster(cluster, { c, _ in c.config.balancer }) {
-            hashKey = head.headers.first(name: header)
-        } else {
-            hashKey = nil
-        }
+        let now = clock()
         let tried = retry.tried
-        guard
-            let ep = ctx.brain.withCluster(
-                cluster, { c, rng in c.choose(now: now, avoid: tried, hashKey: hashKey, rng: &rng) })
-        else {
-            let registered = ctx.brain.withCluster(cluster) { c, _ in c.endpoints.count }
+        let headers = head.headers
+        // One lock: the balancer's choice, its bookkeeping and the connect timeout.
+        let (picked, registered, connectTimeout) = ctx.brain.withCluster(cluster) {
+            c, rng -> (Endpoint?, Int, Nanos) in
+            var hashKey: String?
+            if case .ringHash(let header) = c.config.balancer { hashKey = headers.first(name: header) }
+            guard let ep = c.choose(now: now, avoid: tried, hashKey: hashKey, rng: &rng) else {
+                return (nil, c.endpoints.count, 0)
+            }
+            c.attemptStarted(ep)
+            return (ep, c.endpoints.count, c.config.connectTimeout)
+        }
+        guard let ep = picked else {
             let why =
                 registered == 0
                 ? "no instance of \"\(cluster)\" is registered"
@@ -115,50 +161,82 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         endpoint = ep
         attemptStart = now
         staleRetried = false
-        ctx.brain.withCluster(cluster) { c, _ in c.attemptStarted(ep) }
-        ctx.metrics.inc("tandem_upstream_attempts_total", [("side", side.rawValue), ("cluster", cluster)])
         if let t = retry.attemptTimeout(now: now) {
-            attemptTimer = loop.scheduleTask(in: .nanoseconds(t)) { [weak self] in self?.attemptTimedOut() }
+            attemptDeadline = now + t
+            handler.wake(at: now + t)
+        } else {
+            attemptDeadline = nil
         }
+        self.connectTimeout = connectTimeout
         connectAndSend(ep)
     }
 
+    private var connectTimeout: Nanos = 0
+
     private func connectAndSend(_ ep: Endpoint) {
-        let connectTimeout = ctx.brain.withCluster(cluster) { c, _ in c.config.connectTimeout }
-        let pool = ctx.pools.pool(for: loop)
-        pool.acquire(host: ep.host, port: ep.port, connectTimeout: .nanoseconds(connectTimeout)).whenComplete { r in
+        let pool = handler.pool
+        sendSeq += 1
+        if let c = pool.takeIdle(host: ep.host, port: ep.port) {
+            use(c)
+            return
+        }
+        let seq = sendSeq
+        pool.connect(host: ep.host, port: ep.port, connectTimeout: .nanoseconds(connectTimeout)).whenComplete { r in
+            guard !self.finished, self.sendSeq == seq else {
+                if case .success(let c) = r { pool.release(c) }
+                return
+            }
             switch r {
-            case .failure:
-                self.attemptFailed(.connectFailure)
-            case .success(let c):
-                guard !self.finished, self.endpoint == ep else {
-                    pool.release(c)
-                    return
-                }
-                self.conn = c
-                c.handler.delegate = self
-                self.send(on: c)
+            case .failure: self.attemptFailed(.connectFailure)
+            case .success(let c): self.use(c)
+            }
+        }
+    }
+
+    private func use(_ c: UpstreamConnection) {
+        conn = c
+        c.handler.delegate = self
+        send(on: c)
+    }
+
+    /// The request as it goes upstream, prepared once in place (no header copy per attempt):
+    /// hop-by-hop fields removed, origin-form target, content-length set, traceparent added.
+    private var prepared = false
+
+    private func prepareHead() {
+        prepared = true
+        head.uri = path
+        stripHopByHop(&head.headers)
+        if let upgrade {
+            head.headers.add(name: "connection", value: "upgrade")
+            head.headers.add(name: "upgrade", value: upgrade)
+        }
+        if !head.headers.contains(name: "traceparent") {
+            head.headers.add(name: "traceparent", value: handler.newTraceparent())
+        }
+        let len = body?.readableBytes ?? 0
+        switch head.method {
+        case .POST, .PUT, .PATCH: head.headers.replaceOrAdd(name: "content-length", value: String(len))
+        default:
+            if len > 0 {
+                head.headers.replaceOrAdd(name: "content-length", value: String(len))
+            } else {
+                head.headers.remove(name: "content-length")
             }
         }
     }
 
     private func send(on c: UpstreamConnection) {
-        var h = HTTPRequestHead(version: .http1_1, method: head.method, uri: path)
-        for (name, value) in head.headers where !hopByHop.contains(name.lowercased()) {
-            h.headers.add(name: name, value: value)
-        }
-        if h.headers["traceparent"].isEmpty { h.headers.add(name: "traceparent", value: handler.newTraceparent()) }
-        h.headers.remove(name: "content-length")
-        let len = body?.readableBytes ?? 0
-        if len > 0 || [.POST, .PUT, .PATCH].contains(head.method) {
-            h.headers.add(name: "content-length", value: String(len))
-        }
+        if !prepared { prepareHead() }
         if side == .outbound, let deadline = retry?.deadline {
-            h.headers.replaceOrAdd(
-                name: "tandem-timeout-ms", value: String(max(1, (deadline - nowNanos()) / 1_000_000)))
+            head.headers.replaceOrAdd(
+                name: "tandem-timeout-ms", value: String(max(1, (deadline - clock()) / 1_000_000)))
         }
-        if let n = retry?.attempts, n > 1 { h.headers.replaceOrAdd(name: "tandem-attempt", value: String(n)) }
-        c.channel.write(HTTPClientRequestPart.head(h), promise: nil)
+        if let n = retry?.attempts, n > 1 { head.headers.replaceOrAdd(name: "tandem-attempt", value: String(n)) }
+        let version = head.version
+        head.version = .http1_1
+        c.channel.write(HTTPClientRequestPart.head(head), promise: nil)
+        head.version = version
         if let body, body.readableBytes > 0 {
             c.channel.write(HTTPClientRequestPart.body(.byteBuffer(body)), promise: nil)
         }
@@ -187,9 +265,9 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             c.channel.close(promise: nil)
             conn = nil
         }
-        attemptTimer?.cancel()
+        attemptDeadline = nil
         if let ep = endpoint {
-            let now = nowNanos()
+            let now = clock()
             let latency = now - attemptStart
             ctx.brain.withCluster(cluster) { c, _ in c.attemptFinished(ep, .timeout, latency: latency, now: now) }
         }
@@ -199,7 +277,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     /// A failure before any response header: retry, or answer locally.
     private func attemptFailed(_ outcome: AttemptOutcome) {
         guard !finished else { return }
-        attemptTimer?.cancel()
+        attemptDeadline = nil
         let stale = conn.map { $0.uses > 0 } ?? false
         conn = nil
         guard let ep = endpoint else { return }
@@ -215,7 +293,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     private func decide(_ outcome: AttemptOutcome, endpoint ep: Endpoint) {
         guard var retry else { return }
-        let now = nowNanos()
+        let now = clock()
         let latency = now - attemptStart
         let next = ctx.brain.withCluster(cluster) { c, rng -> RetryState.Next in
             c.attemptFinished(ep, outcome, latency: latency, now: now)
@@ -277,7 +355,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     func upstreamHead(_ h: HTTPResponseHead) {
         guard !finished, let ep = endpoint else { return }
-        attemptTimer?.cancel()
+        attemptDeadline = nil
         let grpc = h.headers.first(name: "grpc-status").flatMap(Int.init)
         pendingHead = h
         decide(.response(status: Int(h.status.code), grpcStatus: grpc), endpoint: ep)
@@ -288,11 +366,16 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         pendingHead = nil
         responded = true
         status = Int(h.status.code)
-        var out = HTTPResponseHead(version: head.version, status: h.status)
-        for (name, value) in h.headers where !hopByHop.contains(name.lowercased()) {
-            out.headers.add(name: name, value: value)
+        var out = h
+        out.version = head.version
+        let switchingTo = status == 101 && upgrade != nil ? h.headers.first(name: "upgrade") : nil
+        stripHopByHop(&out.headers)
+        if let switchingTo {
+            out.headers.add(name: "connection", value: "upgrade")
+            out.headers.add(name: "upgrade", value: switchingTo)
+        } else if !keepAlive {
+            out.headers.add(name: "connection", value: "close")
         }
-        if !keepAlive { out.headers.add(name: "connection", value: "close") }
         context.write(handler.wrapOutboundOut(.head(out)), promise: nil)
     }
 
@@ -322,10 +405,14 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             // A retried attempt's response finishing: nothing to forward.
             return
         }
+        if status == 101, upgrade != nil, let c = conn {
+            tunnel(c)
+            return
+        }
         if let c = conn {
             conn = nil
             if upstreamPaused { c.channel.setOption(.autoRead, value: true).whenFailure { _ in } }
-            ctx.pools.pool(for: loop).release(c)
+            handler.pool.release(c)
         }
         let done = context.writeAndFlush(handler.wrapOutboundOut(.end(trailers)))
         _ = done
@@ -339,6 +426,23 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             return
         }
         attemptFailed(.reset)
+    }
+
+    /// The upstream switched protocols: the 101 has gone out; both connections become one
+    /// byte tunnel (WebSocket and other upgrades), outside the request's accounting from here.
+    private func tunnel(_ c: UpstreamConnection) {
+        conn = nil
+        context.writeAndFlush(handler.wrapOutboundOut(.end(nil)), promise: nil)
+        complete(failed: false, notifyHandler: false)
+        if upstreamPaused { c.channel.setOption(.autoRead, value: true).whenFailure { _ in } }
+        ctx.metrics.inc("tandem_upgrades_total", [("side", side.rawValue), ("protocol", upgrade ?? "")])
+        do {
+            try UpstreamPool.tunnel(c, to: context.channel)
+            try handler.tunnel(to: c.channel)
+        } catch {
+            c.channel.close(promise: nil)
+            context.close(promise: nil)
+        }
     }
 
     // MARK: endings
@@ -381,20 +485,17 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private func complete(failed: Bool, local: Bool = false, notifyHandler: Bool = true) {
         guard !finished else { return }
         finished = true
-        attemptTimer?.cancel()
-        overallTimer?.cancel()
-        let now = nowNanos()
+        attemptDeadline = nil
+        let now = clock()
         let latency = now - startedAt
         if admitted {
             ctx.brain.withCluster(cluster) { c, _ in c.requestFinished(failed: failed, latency: latency, now: now) }
         }
-        ctx.inFlight.withLockedValue { $0 -= 1 }
+        ctx.inFlight.wrappingDecrement(ordering: .relaxed)
         let routeName = route?.name ?? "none"
-        ctx.metrics.inc(
-            "tandem_requests_total",
-            [("side", side.rawValue), ("route", routeName), ("cluster", cluster), ("status", String(status))])
-        ctx.metrics.observe(
-            "tandem_request_duration_ms", [("side", side.rawValue), ("route", routeName)], ms: Double(latency) / 1e6)
+        ctx.metrics.request(
+            side: side.rawValue, route: routeName, cluster: cluster, status: status, ms: Double(latency) / 1e6,
+            attempts: retry?.attempts ?? 0)
         if let log = ctx.accessLog {
             var line = "{\"side\":\"\(side.rawValue)\",\"method\":\(JSON.quote(head.method.rawValue))"
             line += ",\"host\":\(JSON.quote(host)),\"path\":\(JSON.quote(path)),\"route\":\(JSON.quote(routeName))"
@@ -412,12 +513,36 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 /// W3C trace context ids. Random, from a generator seeded once from the system per
 /// connection (a getrandom call per id would cost three syscalls per request).
 enum Trace {
+    /// `00-<32 hex trace id>-<16 hex parent id>-01`, written in place (55 bytes).
     static func newTraceparent(_ g: inout SeededRandom) -> String {
-        func hex(_ v: UInt64) -> String {
-            let s = String(v, radix: 16)
-            return String(repeating: "0", count: 16 - s.count) + s
+        let words = (g.next() | 1, g.next(), g.next() | 1)
+        return String(unsafeUninitializedCapacity: 55) { buf in
+            let digits: StaticString = "0123456789abcdef"
+            var i = 0
+            func put(_ b: UInt8) {
+                buf[i] = b
+                i += 1
+            }
+            func hex(_ v: UInt64) {
+                var shift: UInt64 = 60
+                while true {
+                    put(digits.utf8Start[Int((v >> shift) & 0xF)])
+                    if shift == 0 { break }
+                    shift -= 4
+                }
+            }
+            put(UInt8(ascii: "0"))
+            put(UInt8(ascii: "0"))
+            put(UInt8(ascii: "-"))
+            hex(words.0)
+            hex(words.1)
+            put(UInt8(ascii: "-"))
+            hex(words.2)
+            put(UInt8(ascii: "-"))
+            put(UInt8(ascii: "0"))
+            put(UInt8(ascii: "1"))
+            return i
         }
-        return "00-\(hex(g.next() | 1))\(hex(g.next()))-\(hex(g.next() | 1))-01"
     }
 
     static func seeded() -> SeededRandom {

@@ -1,3 +1,4 @@
+import Atomics
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
@@ -142,7 +143,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     private var isGRPC: Bool { head.headers.first(name: "content-type")?.hasPrefix("application/grpc") == true }
 
     func start() {
-        ctx.inFlight.withLockedValue { $0 += 1 }
+        ctx.inFlight.wrappingIncrement(ordering: .relaxed)
         switch ProxyRouting.resolve(
             ctx: ctx, side: handler.side, head: &head, now: startedAt, fixedCluster: handler.fixedCluster)
         {
@@ -315,7 +316,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             // the status and metadata as trailers.
             grpcStatus = g
             var t = HTTPHeaders()
-            for (name, value) in h.headers where !hopByHop.contains(name.lowercased()) {
+            for (name, value) in h.headers where !isHopByHop(name) {
                 switch name.lowercased() {
                 case "content-type": out.headers.add(name: name, value: value)
                 case "content-length": break
@@ -324,7 +325,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             }
             trailersOnly = t
         } else {
-            for (name, value) in h.headers where !hopByHop.contains(name.lowercased()) {
+            for (name, value) in h.headers where !isHopByHop(name) {
                 out.headers.add(name: name, value: value)
             }
         }
@@ -467,7 +468,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         if admitted {
             ctx.brain.withCluster(cluster) { c, _ in c.requestFinished(failed: failed, latency: latency, now: now) }
         }
-        ctx.inFlight.withLockedValue { $0 -= 1 }
+        ctx.inFlight.wrappingDecrement(ordering: .relaxed)
         let routeName = route?.name ?? "none"
         var labels = [
             ("side", handler.side.rawValue), ("route", routeName), ("cluster", cluster), ("status", String(status)),

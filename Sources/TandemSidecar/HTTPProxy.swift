@@ -1,3 +1,4 @@
+import Atomics
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
@@ -13,8 +14,9 @@ final class ProxyContext: Sendable {
     let metrics: SidecarMetrics
     let limits: SidecarLimits
     let service: String
-    let draining = NIOLockedValueBox(false)
-    let inFlight = NIOLockedValueBox(0)
+    /// Read on every request: atomics, not locks.
+    let draining = ManagedAtomic(false)
+    let inFlight = ManagedAtomic(0)
     /// Resolves when the cluster's endpoints are known (first discovery load, or at once).
     let ensureCluster: @Sendable (String) -> EventLoopFuture<Void>?
     let accessLog: (@Sendable (String) -> Void)?
@@ -38,7 +40,7 @@ final class ProxyContext: Sendable {
         self.ensureCluster = ensureCluster
     }
 
-    var isDraining: Bool { draining.withLockedValue { $0 } }
+    var isDraining: Bool { draining.load(ordering: .relaxed) }
 
     /// The name of the cluster the inbound side forwards to (the local app).
     static let localCluster = "local"
@@ -48,10 +50,42 @@ final class ProxyContext: Sendable {
 let hopByHop: Set<String> = [
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "expect",
 ]
+private let hopByHopNames = Array(hopByHop)
+private let hopByHopUTF8: [[UInt8]] = hopByHopNames.map { Array($0.utf8) }
+
+/// The index in `hopByHopNames` of a hop-by-hop field name, compared ASCII
+/// case-insensitively without allocating (this runs for every header of every message).
+private func hopByHopIndex(_ name: String) -> Int? {
+    let r = name.utf8.withContiguousStorageIfAvailable { b -> Int? in
+        for (k, cand) in hopByHopUTF8.enumerated() where cand.count == b.count {
+            var i = 0
+            while i < b.count {
+                var c = b[i]
+                if c >= 65 && c <= 90 { c += 32 }
+                if c != cand[i] { break }
+                i += 1
+            }
+            if i == b.count { return k }
+        }
+        return nil
+    }
+    if let r { return r }
+    return hopByHopNames.firstIndex(of: name.lowercased())
+}
+
+func isHopByHop(_ name: String) -> Bool { hopByHopIndex(name) != nil }
+
+/// Removes hop-by-hop fields in place; leaves the headers untouched (no copy) when there are none.
+func stripHopByHop(_ headers: inout HTTPHeaders) {
+    var present: UInt32 = 0
+    for (name, _) in headers { if let k = hopByHopIndex(name) { present |= 1 << k } }
+    guard present != 0 else { return }
+    for (k, name) in hopByHopNames.enumerated() where present & (1 << k) != 0 { headers.remove(name: name) }
+}
 
 /// One downstream HTTP/1.1 connection. Requests are handled one at a time (NIO's pipelining
 /// assistance holds later ones back until the current response ends).
-final class HTTPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
+final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
@@ -61,8 +95,16 @@ final class HTTPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
     private var body: ByteBuffer?
     private var bodyTooLarge = false
     private var exchange: Exchange?
-    private var timer: Scheduled<Void>?
     private(set) var context: ChannelHandlerContext?
+    /// Before a request: the header-read deadline; between requests: the idle deadline.
+    private var idleDeadline: Nanos = 0
+    /// The connection's one timer: when it is armed for, and the task.
+    private var wakeAt: Nanos?
+    private var wakeTask: Scheduled<Void>?
+    /// This loop's upstream pool (looked up once per connection).
+    private(set) lazy var pool: UpstreamPool = ctx.pools.pool(for: context!.eventLoop)
+    /// The cluster whose endpoints were last seen known (skips the discovery check).
+    var knownCluster: String?
     private var served = 0
     private var traceRNG = Trace.seeded()
 
@@ -79,21 +121,52 @@ final class HTTPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        armTimer(context.eventLoop, ctx.limits.headerReadTimeout)
+        idle(for: ctx.limits.headerReadTimeout)
     }
 
-    private func armTimer(_ loop: any EventLoop, _ t: TimeAmount) {
-        timer?.cancel()
-        timer = loop.scheduleTask(in: t) { [weak self] in
-            guard let self, self.exchange == nil, self.head == nil else { return }
-            self.context?.close(promise: nil)
+    /// The connection is idle (or awaits its first request head) for at most `t`.
+    private func idle(for t: TimeAmount) {
+        guard let loop = context?.eventLoop else { return }
+        idleDeadline = Nanos(loop.now.uptimeNanoseconds) + t.nanoseconds
+        wake(at: idleDeadline)
+    }
+
+    /// Asks for a wake-up at `deadline`. One NIO timer per connection, only ever moved earlier;
+    /// a wake-up finding nothing due re-arms for the next deadline. So a busy keep-alive
+    /// connection schedules about one timer per timeout period, not two or three per request.
+    func wake(at deadline: Nanos) {
+        if let w = wakeAt, w <= deadline { return }
+        guard let loop = context?.eventLoop else { return }
+        wakeTask?.cancel()
+        wakeAt = deadline
+        wakeTask = loop.scheduleTask(deadline: .uptimeNanoseconds(UInt64(max(0, deadline)))) { [weak self] in
+            self?.wokeUp()
+        }
+    }
+
+    private func wokeUp() {
+        wakeAt = nil
+        wakeTask = nil
+        guard let loop = context?.eventLoop else { return }
+        let now = Nanos(loop.now.uptimeNanoseconds)
+        if let ex = exchange {
+            ex.checkDeadlines(now: now)
+            if let ex = exchange {
+                if let d = ex.nextDeadline { wake(at: d) }
+                return
+            }
+        }
+        guard head == nil else { return }  // reading a request body: no idle timeout
+        if now >= idleDeadline {
+            context?.close(promise: nil)
+        } else {
+            wake(at: idleDeadline)
         }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(var h):
-            timer?.cancel()
             if h.headers["expect"].contains(where: { $0.lowercased() == "100-continue" }) {
                 // We buffer the body, so we ask for it ourselves.
                 h.headers.remove(name: "expect")
@@ -137,7 +210,8 @@ final class HTTPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        timer?.cancel()
+        wakeTask?.cancel()
+        wakeTask = nil
         exchange?.downstreamClosed()
         exchange = nil
         context.fireChannelInactive()
@@ -166,7 +240,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
         exchange = nil  // the request is over: the idle timer must see the connection as idle
         ctx.metrics.inc("tandem_local_answers_total", [("side", side.rawValue), ("reason", a.reason.rawValue)])
         writeLocal(context, a, version: request.version, keepAlive: keepAlive)
-        if keepAlive { armTimer(context.eventLoop, ctx.limits.idleTimeout) }
+        if keepAlive { idle(for: ctx.limits.idleTimeout) }
     }
 
     private func writeLocal(_ context: ChannelHandlerContext, _ a: LocalAnswer, version: HTTPVersion, keepAlive: Bool) {
@@ -189,6 +263,40 @@ final class HTTPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
+    /// After a 101: the HTTP handlers leave this connection and bytes flow to and from `peer`
+    /// (the upstream connection, already a tunnel). Bytes the decoder read past the request
+    /// are forwarded, not lost.
+    func tunnel(to peer: any Channel) throws {
+        exchange = nil
+        wakeTask?.cancel()
+        wakeTask = nil
+        guard let context else { return }
+        let sync = context.pipeline.syncOperations
+        // Inbound handlers after the decoder go first, so its leftover bytes reach the glue.
+        for type in [HTTPServerPipelineHandler.self, HTTPServerUpgradeHandler.self] as [any ChannelHandler.Type] {
+            if let c = try? Self.context(sync, type) { sync.removeHandler(context: c, promise: nil) }
+        }
+        sync.removeHandler(context: context, promise: nil)
+        try sync.addHandler(TCPGlue(partner: peer))
+        // The decoder leaves on a later loop tick, handing its leftover bytes to the glue
+        // outside a read burst: flush them when it is gone.
+        let removed = context.eventLoop.makePromise(of: Void.self)
+        removed.futureResult.whenComplete { _ in peer.flush() }
+        sync.removeHandler(
+            context: try sync.context(handlerType: ByteToMessageHandler<HTTPRequestDecoder>.self), promise: removed)
+        if let c = try? sync.context(handlerType: NIOHTTPResponseHeadersValidator.self) {
+            sync.removeHandler(context: c, promise: nil)
+        }
+        sync.removeHandler(context: try sync.context(handlerType: HTTPResponseEncoder.self), promise: nil)
+    }
+
+    private static func context(
+        _ sync: ChannelPipeline.SynchronousOperations, _ type: any ChannelHandler.Type
+    ) throws -> ChannelHandlerContext {
+        func open<H: ChannelHandler>(_ t: H.Type) throws -> ChannelHandlerContext { try sync.context(handlerType: t) }
+        return try open(type)
+    }
+
     /// Called by the exchange when the response has been written completely.
     func exchangeDone(keepAlive: Bool) {
         exchange = nil
@@ -197,7 +305,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
         if !keepAlive {
             context.close(promise: nil)
         } else {
-            armTimer(context.eventLoop, ctx.limits.idleTimeout)
+            idle(for: ctx.limits.idleTimeout)
         }
     }
 }

@@ -12,15 +12,62 @@ public final class SidecarMetrics: Sendable {
         var sum: Double = 0
         var count: UInt64 = 0
         mutating func observe(_ ms: Double) {
-            for (i, b) in SidecarMetrics.buckets.enumerated() where ms <= b { counts[i] += 1 }
+            // Cumulative buckets: every bound at or above the value counts it.
+            var i = SidecarMetrics.buckets.count - 1
+            while i >= 0, ms <= SidecarMetrics.buckets[i] {
+                counts[i] += 1
+                i -= 1
+            }
             sum += ms
             count += 1
         }
     }
 
+    /// The per-request series, keyed by value (no label string is built per request).
+    struct RequestKey: Hashable {
+        var side: String
+        var route: String
+        var cluster: String
+        var status: Int
+    }
+    struct RouteKey: Hashable {
+        var side: String
+        var route: String
+    }
+    struct ClusterKey: Hashable {
+        var side: String
+        var cluster: String
+    }
+
     struct State {
         var counters: [String: [String: UInt64]] = [:]  // name → labels → value
         var histograms: [String: [String: Histogram]] = [:]
+        var requests: [RequestKey: UInt64] = [:]
+        var durations: [RouteKey: Histogram] = [:]
+        var attempts: [ClusterKey: UInt64] = [:]
+
+        /// The per-request series folded into the generic ones (for rendering and queries).
+        func merged() -> State {
+            var s = self
+            for (k, v) in requests {
+                let l = SidecarMetrics.labels([
+                    ("side", k.side), ("route", k.route), ("cluster", k.cluster), ("status", String(k.status)),
+                ])
+                s.counters["tandem_requests_total", default: [:]][l, default: 0] += v
+            }
+            for (k, v) in attempts {
+                let l = SidecarMetrics.labels([("side", k.side), ("cluster", k.cluster)])
+                s.counters["tandem_upstream_attempts_total", default: [:]][l, default: 0] += v
+            }
+            for (k, h) in durations {
+                s.histograms["tandem_request_duration_ms", default: [:]][
+                    SidecarMetrics.labels([("side", k.side), ("route", k.route)])] = h
+            }
+            s.requests = [:]
+            s.attempts = [:]
+            s.durations = [:]
+            return s
+        }
     }
 
     private let state = NIOLockedValueBox(State())
@@ -63,19 +110,29 @@ public final class SidecarMetrics: Sendable {
         state.withLockedValue { $0.histograms[name, default: [:]][l, default: Histogram()].observe(ms) }
     }
 
+    /// One finished request: its count by status, its duration and its upstream attempts,
+    /// under one lock.
+    func request(side: String, route: String, cluster: String, status: Int, ms: Double, attempts: Int) {
+        state.withLockedValue { s in
+            s.requests[RequestKey(side: side, route: route, cluster: cluster, status: status), default: 0] += 1
+            s.durations[RouteKey(side: side, route: route), default: Histogram()].observe(ms)
+            if attempts > 0 { s.attempts[ClusterKey(side: side, cluster: cluster), default: 0] += UInt64(attempts) }
+        }
+    }
+
     public func counter(_ name: String, _ labels: [(String, String)] = []) -> UInt64 {
         let l = Self.labels(labels)
-        return state.withLockedValue { $0.counters[name]?[l] ?? 0 }
+        return state.withLockedValue { $0.merged() }.counters[name]?[l] ?? 0
     }
 
     /// Sum of a counter over all label sets.
     public func total(_ name: String) -> UInt64 {
-        state.withLockedValue { $0.counters[name]?.values.reduce(0, +) ?? 0 }
+        state.withLockedValue { $0.merged() }.counters[name]?.values.reduce(0, +) ?? 0
     }
 
     /// The exposition text; `gauges` are appended as given (name, labels, value).
     public func render(gauges: [(String, [(String, String)], Double)]) -> String {
-        let s = state.withLockedValue { $0 }
+        let s = state.withLockedValue { $0 }.merged()
         var out = ""
         for name in s.counters.keys.sorted() {
             out += "# TYPE \(name) counter\n"

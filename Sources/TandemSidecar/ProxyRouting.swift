@@ -31,9 +31,6 @@ enum ProxyRouting {
             host = head.headers.first(name: "host") ?? ""
             path = head.uri
         }
-        let req = RequestHead(
-            method: head.method.rawValue, host: host, path: path,
-            headers: Array(head.headers.map { ($0.name, $0.value) }))
         let route: Route
         switch side {
         case .inbound:
@@ -44,37 +41,50 @@ enum ProxyRouting {
                 r.timeout = min(r.timeout ?? .milliseconds(hint), .milliseconds(hint))
             }
             route = r
-        case .outbound where fixedCluster != nil:
-            let name = fixedCluster!
-            let (retry, timeout) = ctx.brain.with { ($0.config.defaultRetry, $0.config.defaultTimeout) }
-            route = Route(name: "upstream:\(name)", match: RouteMatch(), cluster: name, timeout: timeout, retry: retry)
-            if host.isEmpty || !isServiceName(RequestHead(method: "GET", host: host, path: "/").host) {
-                host = name
-                head.headers.replaceOrAdd(name: "host", value: name)
-            }
         case .outbound:
-            guard !req.host.isEmpty else {
+            var req = RequestHead(method: head.method.rawValue, host: host, path: path)
+            if fixedCluster != nil, host.isEmpty || !isServiceName(req.host) {
+                host = fixedCluster!
+                head.headers.replaceOrAdd(name: "host", value: host)
+            }
+            guard fixedCluster != nil || !req.host.isEmpty else {
                 return .failure(LocalAnswer(.badRequest, message: "request has no Host header and no absolute URI"))
             }
-            if let d = ctx.brain.with({ $0.routes.route(req) }) {
-                route = d.route
-            } else if isServiceName(req.host) {
-                let (retry, timeout) = ctx.brain.with { ($0.config.defaultRetry, $0.config.defaultTimeout) }
-                route = Route(
-                    name: "service:\(req.host)", match: RouteMatch(host: req.host), cluster: req.host, timeout: timeout,
-                    retry: retry)
-            } else {
-                return .failure(
-                    LocalAnswer(
-                        .noRoute,
-                        message: "no route for host \"\(req.host)\"; call a service by name, e.g. http://users/"))
+            let maxClusters = ctx.limits.maxClusters
+            let headers = head.headers
+            // One lock for the route table, the defaults and the cluster bound.
+            let found = ctx.brain.with { s -> Result<Route, LocalAnswer> in
+                let r: Route
+                if let name = fixedCluster {
+                    r = Route(
+                        name: "upstream:\(name)", match: RouteMatch(), cluster: name,
+                        timeout: s.config.defaultTimeout, retry: s.config.defaultRetry)
+                } else {
+                    if s.routes.matchesHeaders { req.headers = headers.map { ($0.name, $0.value) } }
+                    if let d = s.routes.route(req) {
+                        r = d.route
+                    } else if isServiceName(req.host) {
+                        r = Route(
+                            name: "service:\(req.host)", match: RouteMatch(host: req.host), cluster: req.host,
+                            timeout: s.config.defaultTimeout, retry: s.config.defaultRetry)
+                    } else {
+                        return .failure(
+                            LocalAnswer(
+                                .noRoute,
+                                message: "no route for host \"\(req.host)\"; call a service by name, e.g. http://users/"
+                            ))
+                    }
+                }
+                guard s.clusters.index(forKey: r.cluster) != nil || s.clusters.count < maxClusters else {
+                    return .failure(
+                        LocalAnswer(.overflow, message: "this sidecar already tracks \(maxClusters) upstream services"))
+                }
+                return .success(r)
             }
-        }
-        let maxClusters = ctx.limits.maxClusters
-        let known = ctx.brain.with { $0.clusters[route.cluster] != nil || $0.clusters.count < maxClusters }
-        guard known else {
-            return .failure(
-                LocalAnswer(.overflow, message: "this sidecar already tracks \(maxClusters) upstream services"))
+            switch found {
+            case .success(let r): route = r
+            case .failure(let a): return .failure(a)
+            }
         }
         guard ctx.brain.takeToken(route: route, now: now) else {
             return .failure(LocalAnswer(.rateLimited, message: "rate limit of route \"\(route.name)\" exceeded"))

@@ -1,3 +1,4 @@
+import Atomics
 import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
@@ -276,9 +277,14 @@ public final class Sidecar: @unchecked Sendable {
                 }
                 let sniffer = ProtocolSniffer(
                     http1: { ch in
-                        ch.pipeline.configureHTTPServerPipeline(
-                            withErrorHandling: false, withDecoderLimitConfiguration: decoderLimits
-                        ).flatMapThrowing {
+                        ch.eventLoop.makeCompletedFuture {
+                            // An upgrade configuration with no upgraders: NIO then keeps the bytes
+                            // a client sends after an Upgrade request (the proxy passes upgrades
+                            // through, HTTPProxyHandler.tunnel) instead of dropping them.
+                            try ch.pipeline.syncOperations.configureHTTPServerPipeline(
+                                withServerUpgrade: (upgraders: [], completionHandler: { _ in }),
+                                withErrorHandling: false, withEncoderConfiguration: .init(),
+                                withDecoderLimitConfiguration: decoderLimits)
                             try ch.pipeline.syncOperations.addHandler(
                                 HTTPProxyHandler(ctx: ctx, side: side, fixedCluster: fixedCluster))
                         }
@@ -379,10 +385,7 @@ public final class Sidecar: @unchecked Sendable {
     /// keeps serving the app until `shutdown()`.
     public func drain() -> EventLoopFuture<Void> {
         let loop = group.next()
-        let already = ctx.draining.withLockedValue { d -> Bool in
-            defer { d = true }
-            return d
-        }
+        let already = ctx.draining.exchange(true, ordering: .relaxed)
         if already { return loop.makeSucceededVoidFuture() }
         log("draining: deregistering, then finishing in-flight requests (up to \(config.drainTimeout))")
         let reg = lock.withLock { registration }
@@ -402,7 +405,7 @@ public final class Sidecar: @unchecked Sendable {
     }
 
     private func waitForInFlight(loop: any EventLoop, deadline: NIODeadline) -> EventLoopFuture<Void> {
-        let n = ctx.inFlight.withLockedValue { $0 }
+        let n = ctx.inFlight.load(ordering: .relaxed)
         if n == 0 { return loop.makeSucceededVoidFuture() }
         if NIODeadline.now() >= deadline {
             log("drain timeout with \(n) requests still in flight")
@@ -500,7 +503,7 @@ public final class Sidecar: @unchecked Sendable {
         let clusters = brain.with { $0.clusters }
         var gauges: [(String, [(String, String)], Double)] = []
         gauges.append(("tandem_ready", [], isReady ? 1 : 0))
-        gauges.append(("tandem_in_flight_requests", [], Double(ctx.inFlight.withLockedValue { $0 })))
+        gauges.append(("tandem_in_flight_requests", [], Double(ctx.inFlight.load(ordering: .relaxed))))
         for (name, c) in clusters.sorted(by: { $0.key < $1.key }) {
             let routable = c.endpoints.filter { c.isRoutable($0, now: now) }.count
             gauges.append(("tandem_cluster_endpoints", [("cluster", name), ("state", "routable")], Double(routable)))

@@ -28,7 +28,8 @@ final class TrafficBrain: Sendable {
 
     /// Creates the cluster's state from config on first use.
     static func ensureCluster(_ s: inout State, _ name: String) {
-        guard s.clusters[name] == nil else { return }
+        // `s.clusters[name] == nil` would copy the whole ClusterState out of the dictionary.
+        guard s.clusters.index(forKey: name) == nil else { return }
         var c = ClusterState(s.config.clusterConfig(name))
         if let eps = s.config.staticEndpoints[name] { c.setEndpoints(eps) }
         s.clusters[name] = c
@@ -38,6 +39,8 @@ final class TrafficBrain: Sendable {
     /// copy its arrays and dictionaries on every call: the dictionary still holds them.)
     func withCluster<T>(_ name: String, _ body: (inout ClusterState, inout SeededRandom) -> T) -> T {
         state.withLockedValue { s in
+            // One hash of the name on the common path; Values' index subscript modifies in place.
+            if let i = s.clusters.index(forKey: name) { return body(&s.clusters.values[i], &s.rng) }
             Self.ensureCluster(&s, name)
             return body(&s.clusters[name]!, &s.rng)
         }

@@ -22,19 +22,19 @@ extension UpstreamDelegate {
 /// Loop-confined (its channel's event loop).
 final class UpstreamConnection: @unchecked Sendable {
     let channel: any Channel
-    let key: String
+    let key: UpstreamPool.Key
     let handler: UpstreamHandler
     /// Requests already completed on this connection (0 = fresh).
     var uses = 0
 
-    init(channel: any Channel, key: String, handler: UpstreamHandler) {
+    init(channel: any Channel, key: UpstreamPool.Key, handler: UpstreamHandler) {
         self.channel = channel
         self.key = key
         self.handler = handler
     }
 }
 
-final class UpstreamHandler: ChannelInboundHandler, @unchecked Sendable {
+final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
     typealias InboundIn = HTTPClientResponsePart
 
     weak var delegate: (any UpstreamDelegate)?
@@ -80,34 +80,69 @@ final class UpstreamHandler: ChannelInboundHandler, @unchecked Sendable {
 final class UpstreamPool: @unchecked Sendable {
     let loop: any EventLoop
     let maxIdlePerEndpoint: Int
-    private var idle: [String: [UpstreamConnection]] = [:]
+    struct Key: Hashable {
+        var host: String
+        var port: Int
+    }
+    private var idle: [Key: [UpstreamConnection]] = [:]
 
     init(loop: any EventLoop, maxIdlePerEndpoint: Int) {
         self.loop = loop
         self.maxIdlePerEndpoint = maxIdlePerEndpoint
     }
 
+    /// A live idle connection to `host:port`, if there is one (no future on this hot path).
+    func takeIdle(host: String, port: Int) -> UpstreamConnection? {
+        let key = Key(host: host, port: port)
+        guard idle.index(forKey: key) != nil else { return nil }
+        while let conn = idle[key]?.popLast() {
+            if conn.channel.isActive && conn.handler.reusable { return conn }
+            conn.channel.close(promise: nil)
+        }
+        return nil
+    }
+
     /// A live idle connection to `host:port`, or a new one.
     func acquire(host: String, port: Int, connectTimeout: TimeAmount) -> EventLoopFuture<UpstreamConnection> {
         loop.preconditionInEventLoop()
-        let key = "\(host):\(port)"
-        while var list = idle[key], let conn = list.popLast() {
-            idle[key] = list
-            if conn.channel.isActive && conn.handler.reusable { return loop.makeSucceededFuture(conn) }
-            conn.channel.close(promise: nil)
-        }
+        if let c = takeIdle(host: host, port: port) { return loop.makeSucceededFuture(c) }
+        return connect(host: host, port: port, connectTimeout: connectTimeout)
+    }
+
+    /// A new connection to `host:port`.
+    func connect(host: String, port: Int, connectTimeout: TimeAmount) -> EventLoopFuture<UpstreamConnection> {
+        let key = Key(host: host, port: port)
         let handler = UpstreamHandler()
         return ClientBootstrap(group: loop)
             .connectTimeout(connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
-                    try ch.pipeline.syncOperations.addHTTPClientHandlers()
+                    // Bytes after a 101 response belong to the upgraded protocol: forwarded, not dropped.
+                    try ch.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)
                     try ch.pipeline.syncOperations.addHandler(handler)
                 }
             }
             .connect(host: host, port: port)
             .map { UpstreamConnection(channel: $0, key: key, handler: handler) }
+    }
+
+    /// Turns an HTTP/1.1 connection that answered 101 into a byte tunnel to `partner`: the HTTP
+    /// handlers leave, bytes the decoder had read past the 101 go to the tunnel.
+    static func tunnel(_ conn: UpstreamConnection, to partner: any Channel) throws {
+        let sync = conn.channel.pipeline.syncOperations
+        sync.removeHandler(conn.handler, promise: nil)
+        try sync.addHandler(TCPGlue(partner: partner))
+        // The decoder leaves on a later loop tick, handing its leftover bytes to the glue
+        // outside a read burst: flush them when it is gone.
+        let removed = conn.channel.eventLoop.makePromise(of: Void.self)
+        removed.futureResult.whenComplete { _ in partner.flush() }
+        sync.removeHandler(
+            context: try sync.context(handlerType: ByteToMessageHandler<HTTPResponseDecoder>.self), promise: removed)
+        sync.removeHandler(context: try sync.context(handlerType: HTTPRequestEncoder.self), promise: nil)
+        if let c = try? sync.context(handlerType: NIOHTTPRequestHeadersValidator.self) {
+            sync.removeHandler(context: c, promise: nil)
+        }
     }
 
     /// Returns a connection after a complete response; closes it if it cannot be reused.
@@ -119,13 +154,11 @@ final class UpstreamPool: @unchecked Sendable {
             conn.channel.close(promise: nil)
             return
         }
-        var list = idle[conn.key] ?? []
-        if list.count >= maxIdlePerEndpoint {
+        if idle[conn.key, default: []].count >= maxIdlePerEndpoint {
             conn.channel.close(promise: nil)
             return
         }
-        list.append(conn)
-        idle[conn.key] = list
+        idle[conn.key, default: []].append(conn)
     }
 
     func closeAll() {

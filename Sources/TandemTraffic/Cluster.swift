@@ -66,8 +66,13 @@ public struct ClusterState: Sendable {
     )
         -> Endpoint?
     {
-        _ = outlier.evaluate(hosts: endpoints.map(\.id), now: now)
+        if outlier.isDue(now: now) { _ = outlier.evaluate(hosts: endpoints.map(\.id), now: now) }
         guard !endpoints.isEmpty else { return nil }
+        // The common case, without building candidate lists: all routable, no zone
+        // preference, nothing to avoid.
+        if avoid.isEmpty, config.localZone == nil, endpoints.allSatisfy({ isRoutable($0, now: now) }) {
+            return balancer.pick(endpoints, hashKey: hashKey, now: now, rng: &rng)
+        }
         var routable = endpoints.filter { isRoutable($0, now: now) }
         if routable.count * 100 < endpoints.count * config.panicThresholdPercent {
             // Panic: too few look healthy; spread over those registered as passing (or all).

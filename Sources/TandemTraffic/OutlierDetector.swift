@@ -91,6 +91,12 @@ public struct OutlierDetector: Sendable {
     /// Runs the interval sweep when due: success-rate and failure-percentage ejection over the
     /// counts since the last sweep; hosts that stay healthy for an interval after an ejection
     /// slowly earn back (times ejected decreases). Returns the ids ejected by this sweep.
+    /// Whether `evaluate` would do anything now (lets callers skip building its host list).
+    public func isDue(now: Nanos) -> Bool {
+        guard let due = nextEvaluation else { return false }
+        return now >= due
+    }
+
     public mutating func evaluate(hosts ids: [String], now: Nanos) -> [String] {
         guard let due = nextEvaluation, now >= due else { return [] }
         nextEvaluation = now + config.interval

@@ -106,8 +106,11 @@ public struct RouteDecision: Sendable {
 /// Ties keep configuration order.
 public struct RouteTable: Sendable {
     public private(set) var routes: [Route]
+    /// Whether any route looks at request headers (if none does, callers need not pass them).
+    public let matchesHeaders: Bool
 
     public init(_ routes: [Route]) {
+        matchesHeaders = routes.contains { !$0.match.headers.isEmpty }
         let indexed = routes.enumerated().map {
             (idx: $0.offset, route: $0.element, score: Self.specificity($0.element.match))
         }

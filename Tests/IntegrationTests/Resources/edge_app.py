@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""A test app for the proxy's edge cases (standard library only).
+
+GET /slow?ms=N   answers after N ms (SLOW_MS in the environment delays every request)
+GET /big?bytes=N a body of N bytes ("x" repeated), with content-length
+POST /upload     reads the body (content-length or chunked) and answers its size and sha256
+Upgrade: tandem-echo (with Connection: upgrade) switches protocols with 101, then echoes
+                 every byte it receives upper-cased, until the client closes.
+Usage: edge_app.py PORT
+"""
+import hashlib
+import os
+import signal
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+SLOW_MS = int(os.environ.get("SLOW_MS", "0"))
+NAME = os.environ.get("INSTANCE", "edge")
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def answer(self, status, body, ctype="text/plain"):
+        self.send_response(status)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        self.send_header("x-instance", NAME)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if SLOW_MS:
+            time.sleep(SLOW_MS / 1000)
+        url = urlparse(self.path)
+        args = parse_qs(url.query)
+        connection = [t.strip().lower() for t in self.headers.get("connection", "").split(",")]
+        if "upgrade" in connection and self.headers.get("upgrade", "").lower() == "tandem-echo":
+            return self.echo()
+        if url.path == "/slow":
+            time.sleep(int(args.get("ms", ["1000"])[0]) / 1000)
+            return self.answer(200, b"slow done\n")
+        if url.path == "/big":
+            return self.answer(200, b"x" * int(args.get("bytes", ["0"])[0]))
+        self.answer(200, b"edge " + NAME.encode() + b"\n")
+
+    def do_POST(self):
+        h = hashlib.sha256()
+        n = 0
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                left = size
+                while left:
+                    chunk = self.rfile.read(min(left, 1 << 16))
+                    h.update(chunk)
+                    n += len(chunk)
+                    left -= len(chunk)
+                self.rfile.readline()
+        else:
+            left = int(self.headers.get("content-length", "0"))
+            while left:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                h.update(chunk)
+                n += len(chunk)
+                left -= len(chunk)
+        self.answer(200, f"{n} {h.hexdigest()}\n".encode())
+
+    def echo(self):
+        self.send_response(101)
+        self.send_header("connection", "Upgrade")
+        self.send_header("upgrade", "tandem-echo")
+        self.end_headers()
+        self.wfile.flush()
+        while True:
+            data = self.rfile.read1(65536)  # bytes already buffered after the request come first
+            if not data:
+                break
+            self.wfile.write(data.upper())
+            self.wfile.flush()
+        self.close_connection = True
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    ThreadingHTTPServer.daemon_threads = True
+    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
