@@ -50,11 +50,27 @@ public enum ConfigFile {
         guard case .table = v else { throw Error("\(file): must return a table, got \(v.typeName)") }
         var c = base
         let r = Reader(file: file)
-        try r.keys(v, "", allowed: ["routes", "clusters", "endpoints", "upstreams", "defaults"])
+        try r.keys(v, "", allowed: ["routes", "clusters", "endpoints", "upstreams", "defaults", "inbound"])
+        // Defaults first: the file's routes and clusters inherit them.
+        if let d = v["defaults"] {
+            try r.keys(d, "defaults", allowed: ["retry", "timeout_ms", "cluster", "compression"])
+            if let z = d["compression"] { c.defaultCompression = try r.compression(z, "defaults.compression") }
+            if let retry = d["retry"] { c.defaultRetry = try r.retry(retry, "defaults.retry", base: base.defaultRetry) }
+            if let t = d["timeout_ms"] {
+                c.defaultTimeout = .milliseconds(Int64(try r.int(t, "defaults.timeout_ms", min: 1)))
+            }
+            if let cl = d["cluster"] {
+                c.defaultCluster = try r.cluster(cl, "defaults.cluster", name: "default", base: base.defaultCluster)
+            }
+        }
+        if let inb = v["inbound"] {
+            try r.keys(inb, "inbound", allowed: ["compression"])
+            if let z = inb["compression"] { c.inboundCompression = try r.compression(z, "inbound.compression") }
+        }
         if let routes = v["routes"] {
             guard let list = routes.array else { throw Error("\(file): routes: expected a list of route tables") }
             c.routes = []
-            for (i, item) in list.enumerated() { c.routes.append(try r.route(item, "routes[\(i + 1)]", base: base)) }
+            for (i, item) in list.enumerated() { c.routes.append(try r.route(item, "routes[\(i + 1)]", base: c)) }
             var seen = Set<String>()
             for route in c.routes where !seen.insert(route.name).inserted {
                 throw Error("\(file): routes: two routes are named \"\(route.name)\"")
@@ -64,7 +80,7 @@ public enum ConfigFile {
             guard case .table(let t) = clusters else { throw Error("\(file): clusters: expected a table by name") }
             for (key, value) in t {
                 guard case .string(let name) = key else { throw Error("\(file): clusters: keys must be names") }
-                c.clusters[name] = try r.cluster(value, "clusters.\(name)", name: name, base: base.defaultCluster)
+                c.clusters[name] = try r.cluster(value, "clusters.\(name)", name: name, base: c.defaultCluster)
             }
         }
         if let ups = v["upstreams"] {
@@ -115,16 +131,6 @@ public enum ConfigFile {
                 c.staticEndpoints[name] = eps
             }
         }
-        if let d = v["defaults"] {
-            try r.keys(d, "defaults", allowed: ["retry", "timeout_ms", "cluster"])
-            if let retry = d["retry"] { c.defaultRetry = try r.retry(retry, "defaults.retry", base: base.defaultRetry) }
-            if let t = d["timeout_ms"] {
-                c.defaultTimeout = .milliseconds(Int64(try r.int(t, "defaults.timeout_ms", min: 1)))
-            }
-            if let cl = d["cluster"] {
-                c.defaultCluster = try r.cluster(cl, "defaults.cluster", name: "default", base: base.defaultCluster)
-            }
-        }
         for route in c.routes where route.cluster.isEmpty {
             throw Error("\(file): route \"\(route.name)\" names no cluster")
         }
@@ -173,7 +179,7 @@ public enum ConfigFile {
                 v, path,
                 allowed: [
                     "name", "host", "path", "prefix", "methods", "headers", "cluster", "timeout_ms", "retry",
-                    "rate_limit",
+                    "rate_limit", "compression",
                 ])
             let name = try v["name"].map { (x) throws(Error) in try string(x, "\(path).name") } ?? path
             let cluster = try v["cluster"].map { (x) throws(Error) in try string(x, "\(path).cluster") } ?? ""
@@ -223,7 +229,71 @@ public enum ConfigFile {
                 let burst = try rl["burst"].map { (x) throws(Error) in try int(x, "\(path).rate_limit.burst", min: 1) }
                 route.rateLimit = .perSecond(rps, burst: burst)
             }
+            route.compression = base.defaultCompression
+            if let z = v["compression"] { route.compression = try compression(z, "\(path).compression") }
             return route
+        }
+
+        /// Active checks of a cluster's endpoints: `{ path = "/health" }` (HTTP), `{ tcp = true }`,
+        /// or `{ grpc = "service" }`, with the seed's defaults (10 s, 1 s, 3 failures, 2 passes).
+        func healthCheck(_ v: LuaValue, _ path: String) throws(Error) -> HealthCheckConfig {
+            try keys(
+                v, path,
+                allowed: [
+                    "path", "tcp", "grpc", "interval_ms", "timeout_ms", "unhealthy_threshold", "healthy_threshold",
+                    "jitter_percent",
+                ])
+            var hc = HealthCheckConfig()
+            let kinds = ["path", "tcp", "grpc"].filter { v[$0] != nil }
+            guard kinds.count <= 1 else {
+                throw fail(path, "give one of path, tcp or grpc, not \(kinds.joined(separator: " and "))")
+            }
+            if let p = v["path"] {
+                let s = try string(p, "\(path).path")
+                guard s.hasPrefix("/") else { throw fail("\(path).path", "must start with /") }
+                hc.kind = .http(path: s)
+            }
+            if let t = v["tcp"] {
+                guard case .bool(true) = t else { throw fail("\(path).tcp", "expected true") }
+                hc.kind = .tcp
+            }
+            if let g = v["grpc"] { hc.kind = .grpc(service: try string(g, "\(path).grpc")) }
+            if let x = v["interval_ms"] {
+                hc.interval = .milliseconds(Int64(try int(x, "\(path).interval_ms", min: 10)))
+            }
+            if let x = v["timeout_ms"] { hc.timeout = .milliseconds(Int64(try int(x, "\(path).timeout_ms", min: 1))) }
+            if let x = v["unhealthy_threshold"] {
+                hc.unhealthyThreshold = try int(x, "\(path).unhealthy_threshold", min: 1, max: 100)
+            }
+            if let x = v["healthy_threshold"] {
+                hc.healthyThreshold = try int(x, "\(path).healthy_threshold", min: 1, max: 100)
+            }
+            if let x = v["jitter_percent"] { hc.intervalJitterPercent = try int(x, "\(path).jitter_percent", max: 100) }
+            return hc
+        }
+
+        /// `compression = true | false | { min_bytes = N, content_types = { "text/", … } }`.
+        func compression(_ v: LuaValue, _ path: String) throws(Error) -> CompressionPolicy? {
+            switch v {
+            case .bool(let on): return on ? CompressionPolicy() : nil
+            case .table:
+                try keys(v, path, allowed: ["min_bytes", "content_types"])
+                var p = CompressionPolicy()
+                if let m = v["min_bytes"] { p.minBytes = try int(m, "\(path).min_bytes", min: 0) }
+                if let t = v["content_types"] {
+                    guard let list = t.array, !list.isEmpty else {
+                        throw fail("\(path).content_types", "expected a non-empty list of media types")
+                    }
+                    var types: [String] = []
+                    for (i, x) in list.enumerated() {
+                        types.append(try string(x, "\(path).content_types[\(i + 1)]").lowercased())
+                    }
+                    p.contentTypes = types
+                }
+                return p
+            default:
+                throw fail(path, "expected true, false or a table { min_bytes, content_types }")
+            }
         }
 
         func retry(_ v: LuaValue, _ path: String, base: RetryPolicy) throws(Error) -> RetryPolicy {
@@ -276,7 +346,10 @@ public enum ConfigFile {
         func cluster(_ v: LuaValue, _ path: String, name: String, base: ClusterConfig) throws(Error) -> ClusterConfig {
             try keys(
                 v, path,
-                allowed: ["balancer", "connect_timeout_ms", "breaker", "outlier", "retry_budget", "limits", "zone"])
+                allowed: [
+                    "balancer", "connect_timeout_ms", "breaker", "outlier", "retry_budget", "limits", "zone",
+                    "health_check",
+                ])
             var c = base
             c.name = name
             if let b = v["balancer"] {
@@ -292,6 +365,7 @@ public enum ConfigFile {
                 c.connectTimeout = .milliseconds(Int64(try int(t, "\(path).connect_timeout_ms", min: 1)))
             }
             if let z = v["zone"] { c.localZone = try string(z, "\(path).zone") }
+            if let h = v["health_check"] { c.healthCheck = try healthCheck(h, "\(path).health_check") }
             if let b = v["breaker"] {
                 try keys(
                     b, "\(path).breaker",

@@ -370,6 +370,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         out.version = head.version
         let switchingTo = status == 101 && upgrade != nil ? h.headers.first(name: "upgrade") : nil
         stripHopByHop(&out.headers)
+        if handler.compresses { markForCompression(&out) }
         if let switchingTo {
             out.headers.add(name: "connection", value: "upgrade")
             out.headers.add(name: "upgrade", value: switchingTo)
@@ -377,6 +378,24 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             out.headers.add(name: "connection", value: "close")
         }
         context.write(handler.wrapOutboundOut(.head(out)), promise: nil)
+    }
+
+    /// Asks the connection's compressor to gzip this response when the route's policy says
+    /// it is worth it (the client's Accept-Encoding is the compressor's call).
+    private func markForCompression(_ out: inout HTTPResponseHead) {
+        out.headers.remove(name: HTTPProxyHandler.compressMarker)  // never the upstream's say
+        guard let policy = route?.compression else { return }
+        let h = out.headers
+        guard
+            policy.shouldCompress(
+                status: Int(out.status.code), method: head.method.rawValue, contentType: h.first(name: "content-type"),
+                contentLength: h.first(name: "content-length").flatMap(Int.init),
+                contentEncoding: h.first(name: "content-encoding"), cacheControl: h.first(name: "cache-control"))
+        else { return }
+        out.headers.add(name: HTTPProxyHandler.compressMarker, value: "1")
+        if !h["vary"].contains(where: { $0.lowercased().contains("accept-encoding") }) {
+            out.headers.add(name: "vary", value: "accept-encoding")
+        }
     }
 
     func upstreamReadComplete() {

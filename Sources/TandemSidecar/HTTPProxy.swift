@@ -2,6 +2,7 @@ import Atomics
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import NIOHTTPCompression
 import TandemCore
 import TandemTraffic
 
@@ -105,6 +106,22 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
     private(set) lazy var pool: UpstreamPool = ctx.pools.pool(for: context!.eventLoop)
     /// The cluster whose endpoints were last seen known (skips the discovery check).
     var knownCluster: String?
+    /// The pipeline has a gzip compressor in front of this handler (see `compressor()`).
+    var compresses = false
+
+    /// The header by which an exchange asks the compressor to gzip one response; the
+    /// compressor removes it, so it never leaves the sidecar.
+    static let compressMarker = "tandem-compress"
+
+    /// NIO's response compressor (gzip/deflate by the request's Accept-Encoding), told per
+    /// response by the marker header whether the route wants that response compressed.
+    static func compressor() -> HTTPResponseCompressor {
+        HTTPResponseCompressor(responseCompressionPredicate: { head, _ in
+            guard head.headers.contains(name: compressMarker) else { return .doNotCompress }
+            head.headers.remove(name: compressMarker)
+            return .compressIfPossible
+        })
+    }
     private var served = 0
     private var traceRNG = Trace.seeded()
 
@@ -273,7 +290,9 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
         guard let context else { return }
         let sync = context.pipeline.syncOperations
         // Inbound handlers after the decoder go first, so its leftover bytes reach the glue.
-        for type in [HTTPServerPipelineHandler.self, HTTPServerUpgradeHandler.self] as [any ChannelHandler.Type] {
+        for type in [HTTPServerPipelineHandler.self, HTTPServerUpgradeHandler.self, HTTPResponseCompressor.self]
+            as [any ChannelHandler.Type]
+        {
             if let c = try? Self.context(sync, type) { sync.removeHandler(context: c, promise: nil) }
         }
         sync.removeHandler(context: context, promise: nil)

@@ -37,6 +37,7 @@ enum ProxyRouting {
             var r = Route(
                 name: "inbound", match: RouteMatch(), cluster: ProxyContext.localCluster, timeout: ctx.inboundTimeout)
             r.retry.retryOn = [.connectFailure]
+            r.compression = ctx.brain.with { $0.config.inboundCompression }
             if let hint = head.headers.first(name: "tandem-timeout-ms").flatMap(Int64.init), hint > 0 {
                 r.timeout = min(r.timeout ?? .milliseconds(hint), .milliseconds(hint))
             }
@@ -54,11 +55,12 @@ enum ProxyRouting {
             let headers = head.headers
             // One lock for the route table, the defaults and the cluster bound.
             let found = ctx.brain.with { s -> Result<Route, LocalAnswer> in
-                let r: Route
+                var r: Route
                 if let name = fixedCluster {
                     r = Route(
                         name: "upstream:\(name)", match: RouteMatch(), cluster: name,
                         timeout: s.config.defaultTimeout, retry: s.config.defaultRetry)
+                    r.compression = s.config.defaultCompression
                 } else {
                     if s.routes.matchesHeaders { req.headers = headers.map { ($0.name, $0.value) } }
                     if let d = s.routes.route(req) {
@@ -67,6 +69,7 @@ enum ProxyRouting {
                         r = Route(
                             name: "service:\(req.host)", match: RouteMatch(host: req.host), cluster: req.host,
                             timeout: s.config.defaultTimeout, retry: s.config.defaultRetry)
+                        r.compression = s.config.defaultCompression
                     } else {
                         return .failure(
                             LocalAnswer(

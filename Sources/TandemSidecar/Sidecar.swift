@@ -61,8 +61,20 @@ public final class Sidecar: @unchecked Sendable {
             limits: config.limits, service: config.service, inboundTimeout: config.inboundTimeout,
             appSpeaksH2: config.appProtocol != .http, accessLog: accessLog,
             ensureCluster: { name in back.value?.ensureCluster(name) })
+        upstreamHealth = UpstreamHealthChecker(
+            brain: brain, metrics: sharedMetrics, loop: group.next(),
+            seed: config.seed.map { $0 &+ 2 } ?? seedGen.next(), log: log)
         back.value = self
         brain.reconfigure(cfg)
+    }
+
+    /// Active checks of upstream endpoints (clusters with a `health_check`).
+    let upstreamHealth: UpstreamHealthChecker
+
+    /// Starts discovery and active checks for every cluster that configures checks.
+    private func startUpstreamChecks() {
+        for name in upstreamHealth.wanted() { _ = ensureCluster(name) }
+        upstreamHealth.sync()
     }
 
     /// The config as the brain uses it: the local app added as the static cluster "local"
@@ -97,6 +109,7 @@ public final class Sidecar: @unchecked Sendable {
             configVersion += 1
         }
         brain.reconfigure(cfg)
+        if lock.withLock({ ready }) { startUpstreamChecks() }
     }
 
     /// Where registry-stored config lives: `/tandem/config/<service>/sidecar.lua`.
@@ -204,7 +217,10 @@ public final class Sidecar: @unchecked Sendable {
             w.start().whenComplete { _ in promise.succeed(()) }
             loop.scheduleTask(in: .seconds(2)) { promise.succeed(()) }
             firstLoads[name] = promise.futureResult
-            promise.futureResult.whenComplete { _ in self.lock.withLock { _ = self.loaded.insert(name) } }
+            promise.futureResult.whenComplete { _ in
+                self.lock.withLock { _ = self.loaded.insert(name) }
+                self.upstreamHealth.sync()  // a newly discovered cluster may want active checks
+            }
             return promise.futureResult
         }
     }
@@ -230,6 +246,7 @@ public final class Sidecar: @unchecked Sendable {
             listeners = ["inbound": inbound, "outbound": outbound, "admin": admin].merging(local) { a, _ in a }
             ready = true
         }
+        startUpstreamChecks()
         log(
             "sidecar \(config.service)/\(config.instance): inbound \(inboundAddress) → app \(config.appHost):\(config.appPort), outbound \(outboundAddress), admin http://\(adminAddress)"
         )
@@ -285,8 +302,12 @@ public final class Sidecar: @unchecked Sendable {
                                 withServerUpgrade: (upgraders: [], completionHandler: { _ in }),
                                 withErrorHandling: false, withEncoderConfiguration: .init(),
                                 withDecoderLimitConfiguration: decoderLimits)
-                            try ch.pipeline.syncOperations.addHandler(
-                                HTTPProxyHandler(ctx: ctx, side: side, fixedCluster: fixedCluster))
+                            let proxy = HTTPProxyHandler(ctx: ctx, side: side, fixedCluster: fixedCluster)
+                            if ctx.brain.with({ $0.config.usesCompression }) {
+                                try ch.pipeline.syncOperations.addHandler(HTTPProxyHandler.compressor())
+                                proxy.compresses = true
+                            }
+                            try ch.pipeline.syncOperations.addHandler(proxy)
                         }
                     },
                     http2: { ch in
@@ -427,6 +448,7 @@ public final class Sidecar: @unchecked Sendable {
         for ch in connections.withLockedValue({ Array($0.values) }) { try? ch.close().wait() }
         configTask?.cancel()
         configWatcher?.stop()
+        upstreamHealth.stop()
         let ws = lock.withLock { Array(watchers.values) }
         for w in ws { w.stop() }
         ctx.pools.closeAll()

@@ -70,6 +70,14 @@ public struct SidecarConfig: Sendable {
     /// Retry policy and timeout of the implicit per-service routes (requests matching no route).
     public var defaultRetry = RetryPolicy()
     public var defaultTimeout: Nanos? = .seconds(15)
+    /// Response compression of the implicit routes and the default of configured ones.
+    public var defaultCompression: CompressionPolicy? = nil
+    /// Compression of the app's responses on the inbound side.
+    public var inboundCompression: CompressionPolicy? = nil
+    /// Whether any response may be compressed (new connections then get a compressor).
+    public var usesCompression: Bool {
+        defaultCompression != nil || inboundCompression != nil || routes.contains { $0.compression != nil }
+    }
     /// Inbound requests are cut after this (or the caller's remaining deadline, if shorter).
     public var inboundTimeout: Nanos? = .seconds(60)
     /// How the sidecar checks its app; registration says "passing" only after it passes.

@@ -54,6 +54,8 @@ public struct Route: Equatable, Sendable {
     public var rateLimit: TokenBucket.Config?
     /// Names of Lua policies attached to this route, in order.
     public var policies: [String]
+    /// Responses compressed with gzip when the client accepts it; nil = never.
+    public var compression: CompressionPolicy?
 
     public init(
         name: String, match: RouteMatch, cluster: String, timeout: Nanos? = .seconds(15), retry: RetryPolicy = .init(),
@@ -175,5 +177,35 @@ public struct RouteTable: Sendable {
             i += 1
         }
         return i == p.count ? params : nil
+    }
+}
+
+/// Response compression for a route (Envoy's compressor filter knobs and defaults): which
+/// responses are worth compressing. Whether the client accepts gzip is the shell's business.
+public struct CompressionPolicy: Equatable, Sendable {
+    /// Bodies shorter than this (when the length is known) are sent as they are.
+    public var minBytes = 30
+    /// Content types compressed, by prefix of the media type (Envoy's default list).
+    public var contentTypes = [
+        "application/javascript", "application/json", "application/xhtml+xml", "image/svg+xml", "text/css",
+        "text/html", "text/plain", "text/xml",
+    ]
+
+    public init() {}
+
+    /// Whether a response with these facts should be compressed: a status that carries a body,
+    /// a listed content type, no encoding already, no `Cache-Control: no-transform`, and a body
+    /// of at least `minBytes` (or of unknown length, streamed).
+    public func shouldCompress(
+        status: Int, method: String, contentType: String?, contentLength: Int?, contentEncoding: String?,
+        cacheControl: String?
+    ) -> Bool {
+        guard status >= 200, status != 204, status != 304, method != "HEAD" else { return false }
+        if let e = contentEncoding, !e.isEmpty, e.lowercased() != "identity" { return false }
+        if let cc = cacheControl?.lowercased(), cc.contains("no-transform") { return false }
+        if let n = contentLength, n < minBytes { return false }
+        guard let type = contentType?.lowercased() else { return false }
+        let media = String(type.prefix { $0 != ";" }.filter { $0 != " " && $0 != "\t" })
+        return contentTypes.contains { media.hasPrefix($0.lowercased()) }
     }
 }

@@ -25,6 +25,30 @@ func upgradeThrough(_ proxy: String, service: String, _ messages: [String]) thro
     return lines
 }
 
+/// curl with extra arguments; returns status line + headers (lowercased names) and the body.
+func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body: Data) {
+    let dir = try TempDirectory()
+    let headFile = dir.url.appendingPathComponent("head").path
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+    p.arguments = ["-s", "--max-time", "20", "-D", headFile] + args
+    let pipe = Pipe()
+    p.standardOutput = pipe
+    try p.run()
+    let body = pipe.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    let text = (try? String(contentsOfFile: headFile, encoding: .utf8)) ?? ""
+    let lines = text.components(separatedBy: "\r\n")
+    var head: [String: String] = [:]
+    for l in lines.dropFirst() {
+        if let c = l.firstIndex(of: ":") {
+            head[l[..<c].lowercased()] = l[l.index(after: c)...].trimmingCharacters(in: .whitespaces)
+        }
+    }
+    let status = lines.first.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
+    return (head, status, body)
+}
+
 /// Proxying beyond plain request/response: protocol upgrades become tunnels, and route and
 /// per-try timeouts answer or retry on time. Two real sidecars (client outbound → server
 /// inbound) in front of a real app; no registry (static endpoints).
@@ -110,5 +134,101 @@ func upgradeThrough(_ proxy: String, service: String, _ messages: [String]) thro
         let metrics = try http("http://\(client.admin)/metrics").body
         #expect(metrics.contains(#"tandem_retries_total{side="outbound",cluster="edge"}"#), "\(metrics)")
         withExtendedLifetime((slow, fast, client, dir)) {}
+    }
+
+    @Test func responsesAreGzippedPerRouteWhenWorthItAndAccepted() throws {
+        let (app, port) = try startEdgeApp()
+        let dir = try TempDirectory()
+        let serverConfig = dir.url.appendingPathComponent("server.lua")
+        try "return { inbound = { compression = { min_bytes = 100 } } }".write(
+            to: serverConfig, atomically: true, encoding: .utf8)
+        let clientConfig = dir.url.appendingPathComponent("client.lua")
+        try """
+        return { routes = { { name = "zipped", host = "edge", cluster = "edge", compression = true } } }
+        """.write(to: clientConfig, atomically: true, encoding: .utf8)
+        let server = try SidecarUnderTest(
+            service: "edge", registry: "none", appPort: port, app: nil, extra: ["--config", serverConfig.path],
+            waitForRegistration: false)
+        let client = try SidecarUnderTest(
+            service: "client", registry: "none", appPort: try freePort(), app: nil,
+            extra: ["--config", clientConfig.path, "--endpoints", "edge=127.0.0.1:\(port)"],
+            waitForRegistration: false)
+        let big = String(repeating: "x", count: 5000)
+
+        // Accepted and worth it: gzip on the wire, the same bytes after decoding.
+        let raw = try curl([
+            "-H", "Host: edge", "-H", "Accept-Encoding: gzip", "http://\(client.outbound)/big?bytes=5000",
+        ])
+        #expect(raw.head["content-encoding"] == "gzip", "\(raw.head)")
+        #expect(raw.head["vary"] == "accept-encoding")
+        #expect(raw.head["tandem-compress"] == nil)  // the marker never leaves the sidecar
+        #expect(raw.body.count < 500, "\(raw.body.count) bytes on the wire")
+        let decoded = try curl(["--compressed", "-H", "Host: edge", "http://\(client.outbound)/big?bytes=5000"])
+        #expect(String(decoding: decoded.body, as: UTF8.self) == big)
+        // Not accepted: sent as it is.
+        let plain = try curl(["-H", "Host: edge", "http://\(client.outbound)/big?bytes=5000"])
+        #expect(plain.head["content-encoding"] == nil && plain.body.count == 5000, "\(plain.head)")
+        // Below the route's threshold (Envoy's default, 30 bytes): sent as it is.
+        let small = try curl([
+            "-H", "Host: edge", "-H", "Accept-Encoding: gzip", "http://\(client.outbound)/big?bytes=20",
+        ])
+        #expect(small.head["content-encoding"] == nil && small.body.count == 20, "\(small.head)")
+
+        // The inbound side compresses the app's answers by its own policy (min_bytes 100).
+        let inbound = try curl(["--compressed", "http://\(server.inbound)/big?bytes=5000"])
+        // (curl offers deflate and gzip at equal weight; NIO's compressor then picks deflate.)
+        #expect(["gzip", "deflate"].contains(inbound.head["content-encoding"] ?? ""), "\(inbound.head)")
+        #expect(String(decoding: inbound.body, as: UTF8.self) == big)
+        let under = try curl(["-H", "Accept-Encoding: gzip", "http://\(server.inbound)/big?bytes=99"])
+        #expect(under.head["content-encoding"] == nil && under.body.count == 99)
+        withExtendedLifetime((app, server, client, dir)) {}
+    }
+
+    @Test func activeHealthChecksTakeASickEndpointOutAndBringItBack() throws {
+        let (a, aPort) = try startEdgeApp(env: ["INSTANCE": "a"])
+        let (b, bPort) = try startEdgeApp(env: ["INSTANCE": "b"])
+        let dir = try TempDirectory()
+        let file = dir.url.appendingPathComponent("client.lua")
+        try """
+        return {
+          clusters = { edge = { balancer = "round_robin", outlier = { consecutive_5xx = 1000 },
+            health_check = { path = "/health", interval_ms = 100, timeout_ms = 500,
+                             unhealthy_threshold = 2, healthy_threshold = 2 } } },
+          endpoints = { edge = { "127.0.0.1:\(aPort)", "127.0.0.1:\(bPort)" } },
+        }
+        """.write(to: file, atomically: true, encoding: .utf8)
+        let client = try SidecarUnderTest(
+            service: "client", registry: "none", appPort: try freePort(), app: nil, extra: ["--config", file.path],
+            waitForRegistration: false)
+        func instances(_ n: Int) throws -> Set<String> {
+            var seen = Set<String>()
+            for _ in 0..<n { seen.insert(try http("http://\(client.outbound)/", host: "edge").body) }
+            return seen
+        }
+        func health(_ port: Int) throws -> String? {
+            let body = try http("http://\(client.admin)/clusters").body
+            let json = try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any]
+            let clusters = json?["clusters"] as? [[String: Any]] ?? []
+            let eps = clusters.first { ($0["name"] as? String) == "edge" }?["endpoints"] as? [[String: Any]] ?? []
+            return eps.first { ($0["address"] as? String) == "127.0.0.1:\(port)" }?["health"] as? String
+        }
+        #expect(try eventually { try health(aPort) == "healthy" && health(bPort) == "healthy" })
+        #expect(try instances(4) == ["edge a\n", "edge b\n"])
+
+        // a turns sick (its /health answers 503; its other answers stay 200, so only the
+        // active check can notice): after two failed checks it gets no more traffic.
+        #expect(try http("http://127.0.0.1:\(aPort)/admin/health", method: "POST", body: "0").status == 200)
+        #expect(try eventually { try health(aPort) == "unhealthy" })
+        #expect(try instances(6) == ["edge b\n"])
+        let log = client.child.readUntil { $0.contains("upstream edge 127.0.0.1:\(aPort): unhealthy") }
+        #expect(log.last?.contains("HTTP 503") == true || log.last?.contains("503") == true, "\(log)")
+
+        // Healed: two passing checks bring it back.
+        #expect(try http("http://127.0.0.1:\(aPort)/admin/health", method: "POST", body: "1").status == 200)
+        #expect(try eventually { try health(aPort) == "healthy" })
+        #expect(try instances(4) == ["edge a\n", "edge b\n"])
+        let metrics = try http("http://\(client.admin)/metrics").body
+        #expect(metrics.contains(#"tandem_upstream_health_checks_total{cluster="edge",result="fail"}"#))
+        withExtendedLifetime((a, b, client, dir)) {}
     }
 }

@@ -47,7 +47,7 @@ import Testing
     @Test(arguments: [
         (
             "return { routs = {} }",
-            "c.lua: routs: unknown setting; expected one of clusters, defaults, endpoints, routes, upstreams"
+            "c.lua: routs: unknown setting; expected one of clusters, defaults, endpoints, inbound, routes, upstreams"
         ),
         ("return { routes = { { host = 'users' } } }", "c.lua: routes[1]: cluster is required"),
         (
@@ -72,8 +72,63 @@ import Testing
             "return { routes = { { name = 'a', cluster = 'x' }, { name = 'a', cluster = 'y' } } }",
             "c.lua: routes: two routes are named \"a\""
         ),
+        (
+            "return { routes = { { cluster = 'u', compression = 'yes' } } }",
+            "c.lua: routes[1].compression: expected true, false or a table { min_bytes, content_types }"
+        ),
+        (
+            "return { inbound = { compression = { content_types = {} } } }",
+            "c.lua: inbound.compression.content_types: expected a non-empty list of media types"
+        ),
+        (
+            "return { clusters = { u = { health_check = { path = '/h', tcp = true } } } }",
+            "c.lua: clusters.u.health_check: give one of path, tcp or grpc, not path and tcp"
+        ),
+        (
+            "return { clusters = { u = { health_check = { path = 'health' } } } }",
+            "c.lua: clusters.u.health_check.path: must start with /"
+        ),
     ])
     func mistakesAreNamedPrecisely(source: String, message: String) {
         #expect(throws: ConfigFile.Error(message)) { try ConfigFile.load(source: source, name: "c.lua", base: base) }
+    }
+
+    @Test func theFilesDefaultsApplyToItsOwnRoutesAndCompressionIsPerRoute() throws {
+        let c = try ConfigFile.load(
+            source: """
+                return {
+                  defaults = { timeout_ms = 700, compression = { min_bytes = 512 } },
+                  inbound = { compression = true },
+                  routes = {
+                    { name = "a", host = "a", cluster = "a" },
+                    { name = "b", host = "b", cluster = "b", compression = false, timeout_ms = 50 },
+                    { name = "c", host = "c", cluster = "c", compression = { content_types = { "text/" } } },
+                  },
+                }
+                """, name: "c.lua", base: base)
+        #expect(c.routes[0].timeout == .milliseconds(700))  // defaults come before routes, whatever the order
+        #expect(c.routes[0].compression?.minBytes == 512)
+        #expect(c.routes[1].compression == nil && c.routes[1].timeout == .milliseconds(50))
+        #expect(c.routes[2].compression?.contentTypes == ["text/"] && c.routes[2].compression?.minBytes == 30)
+        #expect(c.inboundCompression == CompressionPolicy())
+        #expect(c.usesCompression)
+        #expect(!base.usesCompression)
+    }
+
+    @Test func clustersCanCheckTheirEndpointsActively() throws {
+        let c = try ConfigFile.load(
+            source: """
+                return { clusters = {
+                  a = { health_check = { path = "/healthz", interval_ms = 2000, unhealthy_threshold = 5 } },
+                  b = { health_check = { tcp = true } },
+                  c = { health_check = { grpc = "users.UserService" } },
+                } }
+                """, name: "c.lua", base: base)
+        var a = HealthCheckConfig(kind: .http(path: "/healthz"))
+        a.interval = .milliseconds(2000)
+        a.unhealthyThreshold = 5
+        #expect(c.clusters["a"]?.healthCheck == a)
+        #expect(c.clusters["b"]?.healthCheck == HealthCheckConfig(kind: .tcp))  // the seed's 10 s / 1 s / 3 / 2
+        #expect(c.clusters["c"]?.healthCheck?.kind == .grpc(service: "users.UserService"))
     }
 }

@@ -398,3 +398,50 @@ import Testing
         #expect(Double(upstreamCalls) / Double(offered) <= 1.25)
     }
 }
+
+@Suite struct CompressionPolicyTests {
+    let p = CompressionPolicy()
+
+    func check(
+        _ status: Int = 200, method: String = "GET", type: String? = "application/json; charset=utf-8",
+        length: Int? = 1000, encoding: String? = nil, cacheControl: String? = nil
+    ) -> Bool {
+        p.shouldCompress(
+            status: status, method: method, contentType: type, contentLength: length, contentEncoding: encoding,
+            cacheControl: cacheControl)
+    }
+
+    @Test func compressibleBodiesOverTheThresholdAreCompressed() {
+        #expect(check())
+        #expect(check(type: "text/html"))
+        #expect(check(length: nil))  // streamed, length unknown
+        #expect(check(404))  // an error page is a body like any other
+    }
+
+    @Test func everythingElseIsSentAsItIs() {
+        #expect(!check(length: 29))  // Envoy's min_content_length default: 30
+        #expect(check(length: 30))
+        #expect(!check(type: "image/png"))
+        #expect(!check(type: nil))
+        #expect(!check(encoding: "br"))
+        #expect(check(encoding: "identity"))
+        #expect(!check(cacheControl: "public, no-transform"))
+        #expect(!check(204))
+        #expect(!check(304))
+        #expect(!check(101))
+        #expect(!check(method: "HEAD"))
+    }
+
+    @Test func contentTypesMatchByMediaTypePrefix() {
+        var q = CompressionPolicy()
+        q.contentTypes = ["text/"]
+        #expect(
+            q.shouldCompress(
+                status: 200, method: "GET", contentType: "Text/CSV", contentLength: 100, contentEncoding: nil,
+                cacheControl: nil))
+        #expect(
+            !q.shouldCompress(
+                status: 200, method: "GET", contentType: "application/json", contentLength: 100, contentEncoding: nil,
+                cacheControl: nil))
+    }
+}

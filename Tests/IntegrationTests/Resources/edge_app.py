@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A test app for the proxy's edge cases (standard library only).
 
+GET /health      200, or 503 after POST /admin/health with body 0 (1 heals it)
 GET /slow?ms=N   answers after N ms (SLOW_MS in the environment delays every request)
 GET /big?bytes=N a body of N bytes ("x" repeated), with content-length
 POST /upload     reads the body (content-length or chunked) and answers its size and sha256
@@ -17,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 SLOW_MS = int(os.environ.get("SLOW_MS", "0"))
+HEALTHY = True  # GET /health answers 200 or 503; POST /admin/health with 1 or 0 changes it
 NAME = os.environ.get("INSTANCE", "edge")
 
 
@@ -43,6 +45,8 @@ class Handler(BaseHTTPRequestHandler):
         connection = [t.strip().lower() for t in self.headers.get("connection", "").split(",")]
         if "upgrade" in connection and self.headers.get("upgrade", "").lower() == "tandem-echo":
             return self.echo()
+        if url.path == "/health":
+            return self.answer(200 if HEALTHY else 503, b"ok\n" if HEALTHY else b"sick\n")
         if url.path == "/slow":
             time.sleep(int(args.get("ms", ["1000"])[0]) / 1000)
             return self.answer(200, b"slow done\n")
@@ -51,6 +55,10 @@ class Handler(BaseHTTPRequestHandler):
         self.answer(200, b"edge " + NAME.encode() + b"\n")
 
     def do_POST(self):
+        global HEALTHY
+        if self.path == "/admin/health":
+            HEALTHY = self.rfile.read(int(self.headers.get("content-length", "0"))).strip() == b"1"
+            return self.answer(200, b"healthy\n" if HEALTHY else b"sick\n")
         h = hashlib.sha256()
         n = 0
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
