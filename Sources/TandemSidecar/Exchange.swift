@@ -39,7 +39,22 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private var tandemError: String?
     private var upstreamPaused = false
 
-    init(handler: HTTPProxyHandler, context: ChannelHandlerContext, head: HTTPRequestHead, body: ByteBuffer?) {
+    /// The request body streams: `body` is nil, parts arrive through `downstreamBody` and
+    /// wait in `queued` until the head is on an upstream connection.
+    let streaming: Bool
+    private var queued: [ByteBuffer] = []
+    private var queuedBytes = 0
+    /// The whole request body has arrived (always, when buffered).
+    private var bodyEnded: Bool
+    /// The request head went out on the current upstream connection.
+    private var headSent = false
+    /// Downstream reading is paused until the upstream can take more.
+    private var downstreamPaused = false
+
+    init(
+        handler: HTTPProxyHandler, context: ChannelHandlerContext, head: HTTPRequestHead, body: ByteBuffer?,
+        streaming: Bool
+    ) {
         self.handler = handler
         self.context = context
         self.ctx = handler.ctx
@@ -50,7 +65,17 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             v.split(separator: ",").contains { $0.trimmingCharacters(in: .whitespaces).lowercased() == "upgrade" }
         }
         self.upgrade = wantsUpgrade ? head.headers.first(name: "upgrade") : nil
-        self.body = body
+        self.streaming = streaming
+        self.bodyEnded = !streaming
+        if streaming {
+            self.body = nil
+            if let body {
+                queued = [body]
+                queuedBytes = body.readableBytes
+            }
+        } else {
+            self.body = body
+        }
         self.startedAt = Nanos(context.eventLoop.now.uptimeNanoseconds)
     }
 
@@ -63,7 +88,9 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     /// After such a request NIO's decoder stops parsing the connection, so unless the upstream
     /// answers 101 (and the connection becomes a tunnel) it closes after the response.
     private let upgrade: String?
-    private var keepAlive: Bool { clientKeepAlive && upgrade == nil && !ctx.isDraining }
+    /// (A request whose body is still arriving when its answer ends leaves the connection
+    /// unusable: the rest of the body would be read as the next request.)
+    private var keepAlive: Bool { clientKeepAlive && upgrade == nil && bodyEnded && !ctx.isDraining }
 
     // MARK: start
 
@@ -124,7 +151,8 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         }
         admitted = true
         retry = RetryState(
-            policy: route.retry, method: head.method.rawValue, bodyBytes: body?.readableBytes ?? 0, start: startedAt,
+            policy: route.retry, method: head.method.rawValue, bodyBytes: streaming ? nil : body?.readableBytes ?? 0,
+            start: startedAt,
             timeout: route.timeout)
         if let deadline = retry?.deadline { handler.wake(at: deadline) }
         attempt()
@@ -214,6 +242,13 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         if !head.headers.contains(name: "traceparent") {
             head.headers.add(name: "traceparent", value: handler.newTraceparent())
         }
+        if streaming {
+            // The client's content-length stands; without one the body goes chunked.
+            if !head.headers.contains(name: "content-length") {
+                head.headers.add(name: "transfer-encoding", value: "chunked")
+            }
+            return
+        }
         let len = body?.readableBytes ?? 0
         switch head.method {
         case .POST, .PUT, .PATCH: head.headers.replaceOrAdd(name: "content-length", value: String(len))
@@ -240,7 +275,73 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         if let body, body.readableBytes > 0 {
             c.channel.write(HTTPClientRequestPart.body(.byteBuffer(body)), promise: nil)
         }
+        if streaming {
+            headSent = true
+            for part in queued { c.channel.write(HTTPClientRequestPart.body(.byteBuffer(part)), promise: nil) }
+            queued = []
+            queuedBytes = 0
+            if bodyEnded {
+                c.channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+            } else {
+                c.channel.flush()
+                c.channel.isWritable ? resumeDownstream() : pauseDownstream()
+            }
+            return
+        }
         c.channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+    }
+
+    // MARK: streamed request body
+
+    /// A part of a streamed request body from the client.
+    func downstreamBody(_ b: ByteBuffer) {
+        guard !finished else { return }
+        if let c = conn, headSent {
+            c.channel.writeAndFlush(HTTPClientRequestPart.body(.byteBuffer(b)), promise: nil)
+            if !c.channel.isWritable { pauseDownstream() }
+        } else {
+            queued.append(b)
+            queuedBytes += b.readableBytes
+            if queuedBytes > ctx.limits.streamBodyAfterBytes { pauseDownstream() }
+        }
+    }
+
+    /// The streamed request body is complete.
+    func downstreamEnd() {
+        bodyEnded = true
+        guard !finished, let c = conn, headSent else { return }
+        c.channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+    }
+
+    /// The streamed body passed `maxBodyBytes`: 413 if nothing was answered yet, else cut.
+    func downstreamBodyTooLarge(_ max: Int) {
+        guard !finished else { return }
+        if let c = conn {
+            c.handler.delegate = nil
+            c.channel.close(promise: nil)
+            conn = nil
+        }
+        if responded {
+            abort()
+        } else {
+            answer(LocalAnswer(.bodyTooLarge, message: "request body exceeds \(max) bytes"))
+        }
+    }
+
+    func upstreamWritabilityChanged(_ writable: Bool) {
+        if writable { resumeDownstream() }
+    }
+
+    private func pauseDownstream() {
+        guard !downstreamPaused else { return }
+        downstreamPaused = true
+        context.channel.setOption(.autoRead, value: false).whenFailure { _ in }
+    }
+
+    private func resumeDownstream() {
+        guard downstreamPaused else { return }
+        downstreamPaused = false
+        context.channel.setOption(.autoRead, value: true).whenFailure { _ in }
     }
 
     private func attemptTimedOut() {
@@ -431,8 +532,15 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         if let c = conn {
             conn = nil
             if upstreamPaused { c.channel.setOption(.autoRead, value: true).whenFailure { _ in } }
-            handler.pool.release(c)
+            if bodyEnded {
+                handler.pool.release(c)
+            } else {
+                // Answered before the request body ended: this connection is mid-request.
+                c.handler.reusable = false
+                c.channel.close(promise: nil)
+            }
         }
+        resumeDownstream()
         let done = context.writeAndFlush(handler.wrapOutboundOut(.end(trailers)))
         _ = done
         complete(failed: status >= 500)

@@ -279,11 +279,13 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             up.writeAndFlush(HTTPClientRequestPart.body(.byteBuffer(b)), promise: nil)
         } else {
             pendingBytes += b.readableBytes
-            if pendingBytes > ctx.limits.maxBodyBytes {
+            if pendingBytes > ctx.limits.maxBufferedBodyBytes {
                 answer(
                     LocalAnswer(
                         .bodyTooLarge,
-                        message: "request body exceeds \(ctx.limits.maxBodyBytes) bytes before the upstream answered"))
+                        message:
+                            "request body exceeds \(ctx.limits.maxBufferedBodyBytes) bytes before the upstream answered"
+                    ))
                 return
             }
             pending.append(.body(.byteBuffer(b)))

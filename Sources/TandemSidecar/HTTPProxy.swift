@@ -95,6 +95,9 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
     private var head: HTTPRequestHead?
     private var body: ByteBuffer?
     private var bodyTooLarge = false
+    private var bodyBytes = 0
+    /// The exchange whose request body is still arriving (streamed upstream part by part).
+    private var streaming: Exchange?
     private var exchange: Exchange?
     private(set) var context: ChannelHandlerContext?
     /// Before a request: the header-read deadline; between requests: the idle deadline.
@@ -184,41 +187,80 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(var h):
+            let length = h.headers.first(name: "content-length").flatMap(Int.init)
+            let tooLarge = ctx.limits.maxBodyBytes.map { max in length.map { $0 > max } ?? false } ?? false
             if h.headers["expect"].contains(where: { $0.lowercased() == "100-continue" }) {
-                // We buffer the body, so we ask for it ourselves.
                 h.headers.remove(name: "expect")
+                if tooLarge {
+                    // The client waits before sending the body: refuse it now (RFC 9110 §10.1.1).
+                    localAnswer(
+                        context,
+                        LocalAnswer(
+                            .bodyTooLarge, message: "request body exceeds \(ctx.limits.maxBodyBytes ?? 0) bytes"),
+                        keepAlive: false, request: h)
+                    return
+                }
+                // We read the body ourselves (buffered or streamed), so we ask for it at once.
                 context.writeAndFlush(
                     wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: .continue))), promise: nil)
             }
             head = h
             body = nil
-            bodyTooLarge = false
-            if let len = h.headers.first(name: "content-length").flatMap(Int.init), len > ctx.limits.maxBodyBytes {
-                bodyTooLarge = true
+            bodyBytes = 0
+            bodyTooLarge = tooLarge  // without Expect, the body is read and dropped, then 413
+            if !tooLarge, let length, length > ctx.limits.streamBodyAfterBytes {
+                startStreaming(context)
             }
         case .body(var b):
-            guard !bodyTooLarge else { return }
-            if (body?.readableBytes ?? 0) + b.readableBytes > ctx.limits.maxBodyBytes {
+            bodyBytes += b.readableBytes
+            if let ex = streaming {
+                if let max = ctx.limits.maxBodyBytes, bodyBytes > max {
+                    ex.downstreamBodyTooLarge(max)
+                } else {
+                    ex.downstreamBody(b)
+                }
+                return
+            }
+            guard head != nil, !bodyTooLarge else { return }  // no request (an early answer) or over the cap
+            if let max = ctx.limits.maxBodyBytes, bodyBytes > max {
                 bodyTooLarge = true
                 body = nil
                 return
             }
             if body == nil { body = b } else { body!.writeBuffer(&b) }
+            if bodyBytes > ctx.limits.streamBodyAfterBytes { startStreaming(context) }
         case .end:
+            if let ex = streaming {
+                streaming = nil
+                ex.downstreamEnd()
+                return
+            }
             guard let h = head else { return }
             head = nil
             if bodyTooLarge {
                 localAnswer(
                     context,
-                    LocalAnswer(.bodyTooLarge, message: "request body exceeds \(ctx.limits.maxBodyBytes) bytes"),
+                    LocalAnswer(.bodyTooLarge, message: "request body exceeds \(ctx.limits.maxBodyBytes ?? 0) bytes"),
                     keepAlive: false, request: h)
                 return
             }
-            let ex = Exchange(handler: self, context: context, head: h, body: body)
+            let ex = Exchange(handler: self, context: context, head: h, body: body, streaming: false)
             body = nil
             exchange = ex
             ex.start()
         }
+    }
+
+    /// The body is too large to hold: the exchange starts now with what arrived, and the rest
+    /// streams upstream as it comes.
+    private func startStreaming(_ context: ChannelHandlerContext) {
+        guard let h = head else { return }
+        head = nil
+        let ex = Exchange(handler: self, context: context, head: h, body: body, streaming: true)
+        body = nil
+        exchange = ex
+        streaming = ex
+        ex.start()
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -231,6 +273,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
         wakeTask = nil
         exchange?.downstreamClosed()
         exchange = nil
+        streaming = nil
         context.fireChannelInactive()
     }
 
@@ -255,6 +298,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
     /// Writes a local answer (JSON body, `tandem-error`) and counts it.
     func localAnswer(_ context: ChannelHandlerContext, _ a: LocalAnswer, keepAlive: Bool, request: HTTPRequestHead) {
         exchange = nil  // the request is over: the idle timer must see the connection as idle
+        streaming = nil
         ctx.metrics.inc("tandem_local_answers_total", [("side", side.rawValue), ("reason", a.reason.rawValue)])
         writeLocal(context, a, version: request.version, keepAlive: keepAlive)
         if keepAlive { idle(for: ctx.limits.idleTimeout) }
@@ -319,6 +363,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
     /// Called by the exchange when the response has been written completely.
     func exchangeDone(keepAlive: Bool) {
         exchange = nil
+        streaming = nil
         served += 1
         guard let context else { return }
         if !keepAlive {

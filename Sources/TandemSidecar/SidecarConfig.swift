@@ -10,8 +10,16 @@ import TandemTraffic
 public struct SidecarLimits: Sendable, Equatable {
     /// Request header block (431 beyond).
     public var maxHeaderBytes = 64 * 1024
-    /// Buffered request body (413 beyond).
-    public var maxBodyBytes = 8 << 20
+    /// Request body size, however it is sent (413 beyond); nil = no limit (Envoy's default:
+    /// bodies stream through).
+    public var maxBodyBytes: Int? = nil
+    /// HTTP/1.1 request bodies up to this are buffered whole (so they can be retried, the
+    /// replay bound of Linkerd and Envoy); larger ones stream upstream as they arrive, with
+    /// backpressure, and are not retried. Also how much is queued before the upstream is
+    /// connected before reading pauses.
+    public var streamBodyAfterBytes = 64 * 1024
+    /// HTTP/2: request body held before the upstream stream opens (413 beyond).
+    public var maxBufferedBodyBytes = 8 << 20
     /// A client must finish sending request headers within this (slowloris).
     public var headerReadTimeout: TimeAmount = .seconds(10)
     /// Idle keep-alive connections are closed after this.

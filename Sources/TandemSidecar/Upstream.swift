@@ -12,10 +12,13 @@ protocol UpstreamDelegate: AnyObject {
     func upstreamFailed(_ error: any Error)
     /// The end of one read burst: flush what was forwarded (one write syscall per burst).
     func upstreamReadComplete()
+    /// The connection can take more writes again (or cannot): streamed request bodies.
+    func upstreamWritabilityChanged(_ writable: Bool)
 }
 
 extension UpstreamDelegate {
     func upstreamReadComplete() {}
+    func upstreamWritabilityChanged(_ writable: Bool) {}
 }
 
 /// An HTTP/1.1 connection to one endpoint, reused for sequential requests.
@@ -58,6 +61,11 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler, @un
 
     func channelReadComplete(context: ChannelHandlerContext) {
         delegate?.upstreamReadComplete()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        delegate?.upstreamWritabilityChanged(context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {

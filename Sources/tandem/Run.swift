@@ -68,6 +68,8 @@ struct SidecarOptions: ParsableArguments {
     @Option(help: "Seconds to wait for in-flight requests when draining.") var drainTimeout: Int64 = 10
     @Option(help: "Milliseconds between deregistering and closing the inbound listener.") var drainGraceMs: Int64 = 1000
     @Flag(help: "Print a JSON access log line per request on stdout.") var accessLog = false
+    @Option(help: "Largest request body accepted, in bytes (413 beyond). Default: no limit; bodies stream.")
+    var maxBodyBytes: Int?
     @Option(help: "Lua config file (routes, clusters, upstreams); re-read when it changes.") var config: String?
 
     func validate() throws {
@@ -83,6 +85,7 @@ struct SidecarOptions: ParsableArguments {
             service.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." })
         else { throw ValidationError("--service: letters, digits, '-', '_' and '.' only") }
         guard BalancerKind.parse(balancer) != nil else { throw ValidationError("--balancer: unknown '\(balancer)'") }
+        if let m = maxBodyBytes, m < 0 { throw ValidationError("--max-body-bytes: must be ≥ 0, got \(m)") }
         guard healthGrpc == nil || healthPath == nil else {
             throw ValidationError("give --health-path or --health-grpc, not both")
         }
@@ -153,6 +156,7 @@ struct SidecarOptions: ParsableArguments {
         c.drainTimeout = .seconds(drainTimeout)
         c.drainGrace = .milliseconds(drainGraceMs)
         c.accessLog = accessLog
+        c.limits.maxBodyBytes = maxBodyBytes
         var retry = RetryPolicy()
         retry.numRetries = retries
         c.defaultRetry = retry

@@ -100,6 +100,18 @@ struct ProxyHarness {
         #expect(chunked.hasPrefix("HTTP/1.1 413"))
     }
 
+    /// Regression: a client that waits for 100 Continue was told to go on, then refused after
+    /// sending the whole body.
+    @Test func anOversizedBodyAnnouncedWithExpectIsRefusedBeforeItIsSent() throws {
+        var limits = SidecarLimits()
+        limits.maxBodyBytes = 16
+        let h = try ProxyHarness(limits: limits)
+        let out = try h.send("PUT /user HTTP/1.1\r\nHost: users\r\nContent-Length: 40\r\nExpect: 100-continue\r\n\r\n")
+        #expect(out.hasPrefix("HTTP/1.1 413 Payload Too Large\r\n"), "\(out)")
+        #expect(!out.contains("100 Continue"))
+        #expect(!h.channel.isActive)
+    }
+
     @Test func oversizedHeaderBlocksAre431() throws {
         var limits = SidecarLimits()
         limits.maxHeaderBytes = 1024
