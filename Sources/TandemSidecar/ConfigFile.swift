@@ -450,12 +450,19 @@ public enum ConfigFile {
                 c.retryBudget = cfg
             }
             if let l = v["limits"] {
-                // Only max_requests is enforced by the proxy today; Envoy's max_connections,
-                // max_pending_requests and max_retries are not accepted until they are.
-                try keys(l, "\(path).limits", allowed: ["max_requests"])
+                try keys(
+                    l, "\(path).limits",
+                    allowed: ["max_requests", "max_connections", "max_pending_requests", "max_retries"])
                 if let x = l["max_requests"] {
                     c.limits.maxRequests = try int(x, "\(path).limits.max_requests", min: 1)
                 }
+                if let x = l["max_connections"] {
+                    c.limits.maxConnections = try int(x, "\(path).limits.max_connections", min: 1)
+                }
+                if let x = l["max_pending_requests"] {
+                    c.limits.maxPendingRequests = try int(x, "\(path).limits.max_pending_requests")
+                }
+                if let x = l["max_retries"] { c.limits.maxRetries = try int(x, "\(path).limits.max_retries") }
             }
             return c
         }

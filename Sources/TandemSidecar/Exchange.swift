@@ -200,6 +200,8 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     }
 
     private var connectTimeout: Nanos = 0
+    /// A retry of this request holds one of the cluster's max_retries slots.
+    private var retrying = false
 
     private func connectAndSend(_ ep: Endpoint) {
         let pool = handler.pool
@@ -208,8 +210,29 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             use(c)
             return
         }
+        // A new connection needs one of the cluster's max_connections slots; without one the
+        // request waits as pending (max_pending_requests), or overflows.
+        let (opened, queued) = ctx.brain.withCluster(cluster) { c, _ -> (Bool, Bool) in
+            c.gate.tryOpenConnection() ? (true, false) : (false, c.gate.tryStartPending())
+        }
+        guard opened else {
+            guard queued else {
+                answer(
+                    LocalAnswer(
+                        .overflow,
+                        message: "\"\(cluster)\" has max_connections open and max_pending_requests waiting"))
+                return
+            }
+            let slots = pool.slots
+            pendingID = slots.wait(cluster, loop: loop) { [weak self] in self?.slotFreed() }
+            ctx.pools.closeOneIdle(cluster: cluster)
+            return
+        }
         let seq = sendSeq
-        pool.connect(host: ep.host, port: ep.port, connectTimeout: .nanoseconds(connectTimeout)).whenComplete { r in
+        pool.connect(
+            host: ep.host, port: ep.port, cluster: cluster, connectTimeout: .nanoseconds(connectTimeout),
+            slots: pool.slots
+        ).whenComplete { r in
             guard !self.finished, self.sendSeq == seq else {
                 if case .success(let c) = r { pool.release(c) }
                 return
@@ -218,6 +241,27 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             case .failure: self.attemptFailed(.connectFailure)
             case .success(let c): self.use(c)
             }
+        }
+    }
+
+    /// Waiting for a connection slot (max_connections): the waiter's id.
+    private var pendingID: UInt64?
+
+    /// A connection of the cluster closed: try again (the slot may be taken by then: wait again).
+    private func slotFreed() {
+        guard pendingID != nil else { return }
+        pendingID = nil
+        ctx.brain.withCluster(cluster) { c, _ in c.gate.finishPending() }
+        guard !finished, let ep = endpoint else { return }
+        connectAndSend(ep)
+    }
+
+    /// Leaves the queue of requests waiting for a slot (timeout, client gone, answered).
+    private func cancelPending() {
+        guard let id = pendingID else { return }
+        pendingID = nil
+        if handler.pool.slots.cancel(cluster, id: id) {
+            ctx.brain.withCluster(cluster) { c, _ in c.gate.finishPending() }
         }
     }
 
@@ -346,6 +390,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     private func attemptTimedOut() {
         guard !finished, !responded else { return }
+        cancelPending()
         if let c = conn {
             c.handler.delegate = nil
             c.handler.reusable = false
@@ -396,10 +441,18 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         guard var retry else { return }
         let now = clock()
         let latency = now - attemptStart
+        let wasRetrying = retrying
         let next = ctx.brain.withCluster(cluster) { c, rng -> RetryState.Next in
             c.attemptFinished(ep, outcome, latency: latency, now: now)
-            return retry.after(outcome, now: now, budget: &c.budget, rng: &rng)
+            if wasRetrying { c.gate.finishRetry() }
+            let next = retry.after(outcome, now: now, budget: &c.budget, rng: &rng)
+            // Envoy's max_retries: retries outstanding to the cluster (when configured).
+            if case .retry = next, !c.gate.tryStartRetry() {
+                return outcome.status == nil ? .giveUp(.overflow) : .finish
+            }
+            return next
         }
+        if case .retry = next { retrying = true } else { retrying = false }
         self.retry = retry
         switch next {
         case .retry(let after):
@@ -613,10 +666,16 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         guard !finished else { return }
         finished = true
         attemptDeadline = nil
+        cancelPending()
         let now = clock()
         let latency = now - startedAt
         if admitted {
-            ctx.brain.withCluster(cluster) { c, _ in c.requestFinished(failed: failed, latency: latency, now: now) }
+            let retrying = self.retrying
+            ctx.brain.withCluster(cluster) { c, _ in
+                c.requestFinished(failed: failed, latency: latency, now: now)
+                if retrying { c.gate.finishRetry() }
+            }
+            self.retrying = false
         }
         ctx.inFlight.wrappingDecrement(ordering: .relaxed)
         let routeName = route?.name ?? "none"

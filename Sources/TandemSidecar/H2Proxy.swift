@@ -194,7 +194,10 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         if handler.side == .inbound && !ctx.appSpeaksH2 {
             // An HTTP/1.1 app: the stream continues over a pooled HTTP/1.1 connection.
             let pool = ctx.pools.pool(for: loop)
-            pool.acquire(host: ep.host, port: ep.port, connectTimeout: .nanoseconds(connectTimeout)).whenComplete { r in
+            pool.acquire(
+                host: ep.host, port: ep.port, cluster: cluster, connectTimeout: .nanoseconds(connectTimeout),
+                brain: ctx.brain
+            ).whenComplete { r in
                 switch r {
                 case .success(let c):
                     guard !self.finished else {

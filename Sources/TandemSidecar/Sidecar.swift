@@ -56,7 +56,9 @@ public final class Sidecar: @unchecked Sendable {
         let accessLog: (@Sendable (String) -> Void)? = config.accessLog ? printLine : nil
         let back = WeakSidecar()
         ctx = ProxyContext(
-            brain: brain, pools: UpstreamPools(maxIdlePerEndpoint: config.limits.maxIdlePerEndpoint),
+            brain: brain,
+            pools: UpstreamPools(
+                maxIdlePerEndpoint: config.limits.maxIdlePerEndpoint, slots: ConnectionSlots(brain: brain)),
             metrics: sharedMetrics,
             limits: config.limits, service: config.service, inboundTimeout: config.inboundTimeout,
             appSpeaksH2: config.appProtocol != .http, accessLog: accessLog,
@@ -537,6 +539,8 @@ public final class Sidecar: @unchecked Sendable {
             gauges.append(
                 ("tandem_cluster_ejected_endpoints", [("cluster", name)], Double(c.outlier.ejectedCount(now: now))))
             gauges.append(("tandem_cluster_overflows", [("cluster", name)], Double(c.gate.overflows)))
+            gauges.append(("tandem_cluster_upstream_connections", [("cluster", name)], Double(c.gate.connections)))
+            gauges.append(("tandem_cluster_pending_requests", [("cluster", name)], Double(c.gate.pending)))
         }
         return metrics.render(gauges: gauges)
     }

@@ -26,13 +26,15 @@ extension UpstreamDelegate {
 final class UpstreamConnection: @unchecked Sendable {
     let channel: any Channel
     let key: UpstreamPool.Key
+    let cluster: String
     let handler: UpstreamHandler
     /// Requests already completed on this connection (0 = fresh).
     var uses = 0
 
-    init(channel: any Channel, key: UpstreamPool.Key, handler: UpstreamHandler) {
+    init(channel: any Channel, key: UpstreamPool.Key, cluster: String, handler: UpstreamHandler) {
         self.channel = channel
         self.key = key
+        self.cluster = cluster
         self.handler = handler
     }
 }
@@ -94,9 +96,12 @@ final class UpstreamPool: @unchecked Sendable {
     }
     private var idle: [Key: [UpstreamConnection]] = [:]
 
-    init(loop: any EventLoop, maxIdlePerEndpoint: Int) {
+    let slots: ConnectionSlots
+
+    init(loop: any EventLoop, maxIdlePerEndpoint: Int, slots: ConnectionSlots) {
         self.loop = loop
         self.maxIdlePerEndpoint = maxIdlePerEndpoint
+        self.slots = slots
     }
 
     /// A live idle connection to `host:port`, if there is one (no future on this hot path).
@@ -110,15 +115,12 @@ final class UpstreamPool: @unchecked Sendable {
         return nil
     }
 
-    /// A live idle connection to `host:port`, or a new one.
-    func acquire(host: String, port: Int, connectTimeout: TimeAmount) -> EventLoopFuture<UpstreamConnection> {
-        loop.preconditionInEventLoop()
-        if let c = takeIdle(host: host, port: port) { return loop.makeSucceededFuture(c) }
-        return connect(host: host, port: port, connectTimeout: connectTimeout)
-    }
-
-    /// A new connection to `host:port`.
-    func connect(host: String, port: Int, connectTimeout: TimeAmount) -> EventLoopFuture<UpstreamConnection> {
+    /// A new connection to `host:port` for `cluster`. The caller holds a connection slot of
+    /// the cluster (`ConcurrencyGate.tryOpenConnection`); `slots` gets it back when the
+    /// connection closes or fails to open.
+    func connect(
+        host: String, port: Int, cluster: String, connectTimeout: TimeAmount, slots: ConnectionSlots
+    ) -> EventLoopFuture<UpstreamConnection> {
         let key = Key(host: host, port: port)
         let handler = UpstreamHandler()
         return ClientBootstrap(group: loop)
@@ -132,7 +134,36 @@ final class UpstreamPool: @unchecked Sendable {
                 }
             }
             .connect(host: host, port: port)
-            .map { UpstreamConnection(channel: $0, key: key, handler: handler) }
+            .map { ch in
+                ch.closeFuture.whenComplete { _ in slots.closed(cluster) }
+                return UpstreamConnection(channel: ch, key: key, cluster: cluster, handler: handler)
+            }
+            .always { r in if case .failure = r { slots.closed(cluster) } }
+    }
+
+    struct NoConnectionSlot: Error {}
+
+    /// An idle connection, or a new one if the cluster has a free slot (no waiting: the
+    /// HTTP/2 → HTTP/1.1 path fails at once, as a connect failure).
+    func acquire(
+        host: String, port: Int, cluster: String, connectTimeout: TimeAmount, brain: TrafficBrain
+    )
+        -> EventLoopFuture<UpstreamConnection>
+    {
+        if let c = takeIdle(host: host, port: port) { return loop.makeSucceededFuture(c) }
+        guard brain.withCluster(cluster, { c, _ in c.gate.tryOpenConnection() }) else {
+            return loop.makeFailedFuture(NoConnectionSlot())
+        }
+        return connect(host: host, port: port, cluster: cluster, connectTimeout: connectTimeout, slots: slots)
+    }
+
+    /// Closes one idle connection of `cluster` (its slot goes to a request waiting for one).
+    func closeOneIdle(cluster: String) {
+        for (key, list) in idle {
+            guard let i = list.firstIndex(where: { $0.cluster == cluster }) else { continue }
+            idle[key]!.remove(at: i).channel.close(promise: nil)
+            return
+        }
     }
 
     /// Turns an HTTP/1.1 connection that answered 101 into a byte tunnel to `partner`: the HTTP
@@ -158,7 +189,8 @@ final class UpstreamPool: @unchecked Sendable {
         loop.preconditionInEventLoop()
         conn.uses += 1
         conn.handler.delegate = nil
-        guard conn.channel.isActive, conn.handler.reusable else {
+        // A request waits for a slot of this cluster: free this one rather than keep it idle.
+        guard conn.channel.isActive, conn.handler.reusable, !slots.hasWaiters(conn.cluster) else {
             conn.channel.close(promise: nil)
             return
         }
@@ -179,14 +211,19 @@ final class UpstreamPool: @unchecked Sendable {
 final class UpstreamPools: Sendable {
     private let pools = NIOLockedValueBox<[ObjectIdentifier: NIOLoopBound<UpstreamPool>]>([:])
     let maxIdlePerEndpoint: Int
+    let slots: ConnectionSlots
 
-    init(maxIdlePerEndpoint: Int) { self.maxIdlePerEndpoint = maxIdlePerEndpoint }
+    init(maxIdlePerEndpoint: Int, slots: ConnectionSlots) {
+        self.maxIdlePerEndpoint = maxIdlePerEndpoint
+        self.slots = slots
+    }
 
     func pool(for loop: any EventLoop) -> UpstreamPool {
         let id = ObjectIdentifier(loop)
         let bound = pools.withLockedValue { p -> NIOLoopBound<UpstreamPool> in
             if let b = p[id] { return b }
-            let b = NIOLoopBound(UpstreamPool(loop: loop, maxIdlePerEndpoint: maxIdlePerEndpoint), eventLoop: loop)
+            let b = NIOLoopBound(
+                UpstreamPool(loop: loop, maxIdlePerEndpoint: maxIdlePerEndpoint, slots: slots), eventLoop: loop)
             p[id] = b
             return b
         }
@@ -196,5 +233,63 @@ final class UpstreamPools: Sendable {
     func closeAll() {
         let all = pools.withLockedValue { Array($0.values) }
         for b in all { b.eventLoop.execute { b.value.closeAll() } }
+    }
+
+    /// Each loop closes one idle connection of `cluster`: idle connections hold slots a
+    /// waiting request needs.
+    func closeOneIdle(cluster: String) {
+        let all = pools.withLockedValue { Array($0.values) }
+        for b in all { b.eventLoop.execute { b.value.closeOneIdle(cluster: cluster) } }
+    }
+}
+
+/// Upstream HTTP/1.1 connection slots per cluster (Envoy's max_connections, counted in the
+/// cluster's `ConcurrencyGate`), and the requests waiting for one (max_pending_requests),
+/// woken first come, first served on their own event loop when a connection closes.
+final class ConnectionSlots: Sendable {
+    struct Waiter: Sendable {
+        let id: UInt64
+        let loop: any EventLoop
+        let wake: @Sendable () -> Void
+    }
+
+    private let brain: TrafficBrain
+    private let waiters = NIOLockedValueBox<(next: UInt64, byCluster: [String: [Waiter]])>((0, [:]))
+
+    init(brain: TrafficBrain) { self.brain = brain }
+
+    /// Queues a request (its pending slot already taken); returns its id for `cancel`.
+    func wait(_ cluster: String, loop: any EventLoop, wake: @escaping @Sendable () -> Void) -> UInt64 {
+        waiters.withLockedValue { w in
+            w.next += 1
+            w.byCluster[cluster, default: []].append(Waiter(id: w.next, loop: loop, wake: wake))
+            return w.next
+        }
+    }
+
+    /// Removes a waiter; true if it was still waiting (its pending slot must be given back).
+    func cancel(_ cluster: String, id: UInt64) -> Bool {
+        waiters.withLockedValue { w in
+            guard let i = w.byCluster[cluster]?.firstIndex(where: { $0.id == id }) else { return false }
+            w.byCluster[cluster]!.remove(at: i)
+            return true
+        }
+    }
+
+    func hasWaiters(_ cluster: String) -> Bool {
+        waiters.withLockedValue { !($0.byCluster[cluster]?.isEmpty ?? true) }
+    }
+
+    /// A connection of `cluster` closed (or failed to open): its slot is free; the first
+    /// waiter, if any, is woken to try again.
+    func closed(_ cluster: String) {
+        brain.withCluster(cluster) { c, _ in c.gate.connectionClosed() }
+        let next = waiters.withLockedValue { w -> Waiter? in
+            guard var list = w.byCluster[cluster], !list.isEmpty else { return nil }
+            let first = list.removeFirst()
+            w.byCluster[cluster] = list
+            return first
+        }
+        if let next { next.loop.execute { next.wake() } }
     }
 }

@@ -1,11 +1,14 @@
-/// Envoy's concurrency thresholds per cluster. Exceeding one answers 503 `overflow` at once
-/// instead of queueing without bound. The sidecar enforces `maxRequests` today; the other
-/// three are carried for the shell to enforce (see docs/SIDECAR.md).
+/// Envoy's concurrency thresholds per cluster, with Envoy's defaults. A request over
+/// `maxRequests` is answered 503 `overflow` at once; one that needs a new upstream connection
+/// while `maxConnections` are open waits as pending (at most `maxPendingRequests`, 503
+/// `overflow` beyond) until one closes; a retry over `maxRetries` outstanding is not made.
+/// `maxRetries` nil: the retry budget governs alone (Envoy: a retry budget overrides
+/// max_retries).
 public struct ConcurrencyLimits: Equatable, Sendable {
     public var maxConnections = 1024
     public var maxPendingRequests = 1024
     public var maxRequests = 1024
-    public var maxRetries = 3
+    public var maxRetries: Int? = nil
     public init() {}
 }
 
@@ -14,6 +17,8 @@ public struct ConcurrencyGate: Sendable {
     public var limits: ConcurrencyLimits
     public private(set) var requests = 0
     public private(set) var retries = 0
+    public private(set) var connections = 0
+    public private(set) var pending = 0
     public private(set) var overflows = 0
 
     public init(_ limits: ConcurrencyLimits = .init()) { self.limits = limits }
@@ -30,7 +35,7 @@ public struct ConcurrencyGate: Sendable {
     public mutating func finishRequest() { requests = max(0, requests - 1) }
 
     public mutating func tryStartRetry() -> Bool {
-        guard retries < limits.maxRetries else {
+        if let max = limits.maxRetries, retries >= max {
             overflows += 1
             return false
         }
@@ -39,6 +44,27 @@ public struct ConcurrencyGate: Sendable {
     }
 
     public mutating func finishRetry() { retries = max(0, retries - 1) }
+
+    /// A new upstream connection may be opened (it is counted until `connectionClosed`).
+    public mutating func tryOpenConnection() -> Bool {
+        guard connections < limits.maxConnections else { return false }
+        connections += 1
+        return true
+    }
+
+    public mutating func connectionClosed() { connections = max(0, connections - 1) }
+
+    /// A request may wait for a connection slot.
+    public mutating func tryStartPending() -> Bool {
+        guard pending < limits.maxPendingRequests else {
+            overflows += 1
+            return false
+        }
+        pending += 1
+        return true
+    }
+
+    public mutating func finishPending() { pending = max(0, pending - 1) }
 }
 
 /// A failure breaker: closed → open → half-open probes → closed; the open time grows with

@@ -291,6 +291,81 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
                 == "2 \(sha256Hex("{}"))\n")
         withExtendedLifetime((app, client, dir)) {}
     }
+
+    @Test func maxConnectionsQueuesPendingRequestsAndOverflowsBeyondThem() throws {
+        let (app, port) = try startEdgeApp()
+        let dir = try TempDirectory()
+        let file = dir.url.appendingPathComponent("client.lua")
+        try """
+        return {
+          clusters = { edge = { limits = { max_connections = 1, max_pending_requests = 1 } } },
+          endpoints = { edge = { "127.0.0.1:\(port)" } },
+        }
+        """.write(to: file, atomically: true, encoding: .utf8)
+        let client = try SidecarUnderTest(
+            service: "client", registry: "none", appPort: try freePort(), app: nil, extra: ["--config", file.path],
+            waitForRegistration: false)
+        func background(_ path: String) throws -> (Process, Pipe) {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+            p.arguments = ["-s", "--max-time", "20", "-H", "Host: edge", "http://\(client.outbound)\(path)"]
+            let out = Pipe()
+            p.standardOutput = out
+            try p.run()
+            return (p, out)
+        }
+        func gauge(_ name: String) throws -> Double? {
+            try http("http://\(client.admin)/metrics").body.split(separator: "\n")
+                .first { $0.hasPrefix("\(name){cluster=\"edge\"}") }.flatMap { Double($0.split(separator: " ").last!) }
+        }
+        // The one connection is busy with a held request…
+        let first = try background("/hold")
+        #expect(try eventually { try http("http://127.0.0.1:\(port)/held").body == "1" })
+        // …so the next waits as pending…
+        let second = try background("/hold")
+        #expect(try eventually { try gauge("tandem_cluster_pending_requests") == 1 })
+        // …and one more overflows at once.
+        let third = try http("http://\(client.outbound)/", host: "edge")
+        #expect(third.status == 503 && third.headers["tandem-error"] == "overflow", "\(third)")
+        #expect(third.body.contains("max_connections"))
+        // Released: the first answers, its connection serves the pending one, both succeed.
+        #expect(try http("http://127.0.0.1:\(port)/release", method: "POST", body: "").status == 200)
+        for (p, out) in [first, second] {
+            let body = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            p.waitUntilExit()
+            #expect(body == "released\n")
+        }
+        #expect(try gauge("tandem_cluster_upstream_connections") == 1)  // the one, now idle in the pool
+        #expect(try gauge("tandem_cluster_pending_requests") == 0)
+        withExtendedLifetime((app, client, dir)) {}
+    }
+
+    @Test func maxRetriesCapsRetriesWhenConfigured() throws {
+        let (slow, slowPort) = try startEdgeApp(env: ["SLOW_MS": "1500", "INSTANCE": "slow"])
+        let (fast, fastPort) = try startEdgeApp(env: ["INSTANCE": "fast"])
+        let dir = try TempDirectory()
+        let file = dir.url.appendingPathComponent("client.lua")
+        try """
+        return {
+          routes = { { name = "r", host = "edge", cluster = "edge",
+                       retry = { attempts = 2, per_try_timeout_ms = 250, retry_on = "per-try-timeout" } } },
+          clusters = { edge = { balancer = "round_robin", limits = { max_retries = 0 } } },
+          endpoints = { edge = { "127.0.0.1:\(slowPort)", "127.0.0.1:\(fastPort)" } },
+        }
+        """.write(to: file, atomically: true, encoding: .utf8)
+        let client = try SidecarUnderTest(
+            service: "client", registry: "none", appPort: try freePort(), app: nil, extra: ["--config", file.path],
+            waitForRegistration: false)
+        // Round robin alternates; every try on the slow instance times out, and with no retry
+        // allowed it is answered 503 overflow instead of being retried on the fast one.
+        var answers: [String] = []
+        for _ in 0..<4 {
+            let r = try http("http://\(client.outbound)/", host: "edge")
+            answers.append(r.status == 200 ? r.body : "\(r.status) \(r.headers["tandem-error"] ?? "")")
+        }
+        #expect(answers.sorted() == ["503 overflow", "503 overflow", "edge fast\n", "edge fast\n"], "\(answers)")
+        withExtendedLifetime((slow, fast, client, dir)) {}
+    }
 }
 
 /// sha256 of a string, by the system's sha256sum (the tests have no crypto library).

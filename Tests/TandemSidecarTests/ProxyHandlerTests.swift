@@ -19,7 +19,8 @@ struct ProxyHarness {
         config.limits = limits
         let brain = TrafficBrain(config: config, seed: 1)
         ctx = ProxyContext(
-            brain: brain, pools: UpstreamPools(maxIdlePerEndpoint: 1), metrics: SidecarMetrics(), limits: limits,
+            brain: brain, pools: UpstreamPools(maxIdlePerEndpoint: 1, slots: ConnectionSlots(brain: brain)),
+            metrics: SidecarMetrics(), limits: limits,
             service: "orders", inboundTimeout: .seconds(1), accessLog: nil, ensureCluster: { _ in nil })
         var decoder = NIOHTTPDecoderLimitConfiguration()
         decoder.maxHeaderListSize = limits.maxHeaderBytes

@@ -208,6 +208,35 @@ import Testing
         }
         #expect(g.overflows == 1)
     }
+
+    @Test func connectionsPendingAndRetriesHaveTheirOwnBounds() {
+        var limits = ConcurrencyLimits()
+        limits.maxConnections = 1
+        limits.maxPendingRequests = 1
+        var g = ConcurrencyGate(limits)
+        let first = g.tryOpenConnection()
+        let second = g.tryOpenConnection()  // at the cap: the request waits as pending…
+        let queued = g.tryStartPending()
+        let queueFull = g.tryStartPending()  // …unless the queue is full: overflow
+        #expect(first && !second && queued && !queueFull)
+        #expect(g.overflows == 1)
+        g.connectionClosed()
+        g.finishPending()
+        let afterClose = g.tryOpenConnection()
+        #expect(afterClose)
+        // Retries: unbounded by count unless configured (the budget governs), then a cap.
+        var uncapped = 0
+        for _ in 0..<50 where g.tryStartRetry() { uncapped += 1 }
+        #expect(uncapped == 50)
+        var l = ConcurrencyLimits()
+        l.maxRetries = 1
+        var capped = ConcurrencyGate(l)
+        let r1 = capped.tryStartRetry()
+        let r2 = capped.tryStartRetry()
+        capped.finishRetry()
+        let r3 = capped.tryStartRetry()
+        #expect(r1 && !r2 && r3)
+    }
 }
 
 @Suite struct OutlierAndHealthTests {

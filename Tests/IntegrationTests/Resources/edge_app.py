@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A test app for the proxy's edge cases (standard library only).
 
+GET /hold        waits until POST /release (GET /held: how many wait)
 GET /health      200, or 503 after POST /admin/health with body 0 (1 heals it)
 GET /slow?ms=N   answers after N ms (SLOW_MS in the environment delays every request)
 GET /big?bytes=N a body of N bytes ("x" repeated), with content-length
@@ -13,12 +14,16 @@ import hashlib
 import os
 import signal
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 SLOW_MS = int(os.environ.get("SLOW_MS", "0"))
 HEALTHY = True  # GET /health answers 200 or 503; POST /admin/health with 1 or 0 changes it
+RELEASE = threading.Event()  # GET /hold waits for POST /release
+HELD = [0]
+HELD_LOCK = threading.Lock()
 NAME = os.environ.get("INSTANCE", "edge")
 
 
@@ -45,6 +50,15 @@ class Handler(BaseHTTPRequestHandler):
         connection = [t.strip().lower() for t in self.headers.get("connection", "").split(",")]
         if "upgrade" in connection and self.headers.get("upgrade", "").lower() == "tandem-echo":
             return self.echo()
+        if url.path == "/hold":
+            with HELD_LOCK:
+                HELD[0] += 1
+            RELEASE.wait(30)
+            with HELD_LOCK:
+                HELD[0] -= 1
+            return self.answer(200, b"released\n")
+        if url.path == "/held":
+            return self.answer(200, str(HELD[0]).encode())
         if url.path == "/health":
             return self.answer(200 if HEALTHY else 503, b"ok\n" if HEALTHY else b"sick\n")
         if url.path == "/slow":
@@ -56,6 +70,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         global HEALTHY
+        if self.path == "/release":
+            RELEASE.set()
+            return self.answer(200, b"released\n")
         if self.path == "/admin/health":
             HEALTHY = self.rfile.read(int(self.headers.get("content-length", "0"))).strip() == b"1"
             return self.answer(200, b"healthy\n" if HEALTHY else b"sick\n")
