@@ -64,8 +64,13 @@ public enum ConfigFile {
             }
         }
         if let inb = v["inbound"] {
-            try r.keys(inb, "inbound", allowed: ["compression"])
+            try r.keys(inb, "inbound", allowed: ["compression", "rate_limit"])
             if let z = inb["compression"] { c.inboundCompression = try r.compression(z, "inbound.compression") }
+            if let rl = inb["rate_limit"] {
+                let (limit, key) = try r.rateLimit(rl, "inbound.rate_limit")
+                c.inboundRateLimit = limit
+                c.inboundRateLimitKey = key
+            }
         }
         if let routes = v["routes"] {
             guard let list = routes.array else { throw Error("\(file): routes: expected a list of route tables") }
@@ -224,10 +229,7 @@ public enum ConfigFile {
             }
             if let rt = v["retry"] { route.retry = try retry(rt, "\(path).retry", base: base.defaultRetry) }
             if let rl = v["rate_limit"] {
-                try keys(rl, "\(path).rate_limit", allowed: ["rps", "burst"])
-                let rps = try int(rl["rps"] ?? .nil, "\(path).rate_limit.rps", min: 1)
-                let burst = try rl["burst"].map { (x) throws(Error) in try int(x, "\(path).rate_limit.burst", min: 1) }
-                route.rateLimit = .perSecond(rps, burst: burst)
+                (route.rateLimit, route.rateLimitKey) = try rateLimit(rl, "\(path).rate_limit")
             }
             route.compression = base.defaultCompression
             if let z = v["compression"] { route.compression = try compression(z, "\(path).compression") }
@@ -270,6 +272,22 @@ public enum ConfigFile {
             }
             if let x = v["jitter_percent"] { hc.intervalJitterPercent = try int(x, "\(path).jitter_percent", max: 100) }
             return hc
+        }
+
+        /// `rate_limit = { rps = N, burst = M, per = "remote_address" | "header:NAME" }`.
+        func rateLimit(_ rl: LuaValue, _ path: String) throws(Error) -> (TokenBucket.Config, RateLimitKey?) {
+            try keys(rl, path, allowed: ["rps", "burst", "per"])
+            let rps = try int(rl["rps"] ?? .nil, "\(path).rps", min: 1)
+            let burst = try rl["burst"].map { (x) throws(Error) in try int(x, "\(path).burst", min: 1) }
+            var key: RateLimitKey?
+            if let p = rl["per"] {
+                let s = try string(p, "\(path).per")
+                guard let k = RateLimitKey.parse(s) else {
+                    throw fail("\(path).per", "expected \"remote_address\" or \"header:NAME\", got \"\(s)\"")
+                }
+                key = k
+            }
+            return (.perSecond(rps, burst: burst), key)
         }
 
         /// `compression = true | false | { min_bytes = N, content_types = { "text/", … } }`.

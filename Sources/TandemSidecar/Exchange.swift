@@ -97,7 +97,8 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     func start() {
         ctx.inFlight.wrappingIncrement(ordering: .relaxed)
         switch ProxyRouting.resolve(
-            ctx: ctx, side: side, head: &head, now: startedAt, fixedCluster: handler.fixedCluster)
+            ctx: ctx, side: side, head: &head, now: startedAt, fixedCluster: handler.fixedCluster,
+            remote: { self.context.channel.remoteAddress?.ipAddress })
         {
         case .failure(let a):
             answer(a)

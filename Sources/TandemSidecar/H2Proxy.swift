@@ -145,7 +145,8 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     func start() {
         ctx.inFlight.wrappingIncrement(ordering: .relaxed)
         switch ProxyRouting.resolve(
-            ctx: ctx, side: handler.side, head: &head, now: startedAt, fixedCluster: handler.fixedCluster)
+            ctx: ctx, side: handler.side, head: &head, now: startedAt, fixedCluster: handler.fixedCluster,
+            remote: { self.context.channel.parent?.remoteAddress?.ipAddress })
         {
         case .failure(let a):
             answer(a)

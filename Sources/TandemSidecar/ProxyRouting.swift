@@ -14,7 +14,8 @@ enum ProxyRouting {
 
     /// `fixedCluster`: the request came in on a local upstream port dedicated to one service.
     static func resolve(
-        ctx: ProxyContext, side: ProxySide, head: inout HTTPRequestHead, now: Nanos, fixedCluster: String? = nil
+        ctx: ProxyContext, side: ProxySide, head: inout HTTPRequestHead, now: Nanos, fixedCluster: String? = nil,
+        remote: () -> String? = { nil }
     ) -> Result<Resolved, LocalAnswer> {
         var host: String
         var path: String
@@ -37,7 +38,9 @@ enum ProxyRouting {
             var r = Route(
                 name: "inbound", match: RouteMatch(), cluster: ProxyContext.localCluster, timeout: ctx.inboundTimeout)
             r.retry.retryOn = [.connectFailure]
-            r.compression = ctx.brain.with { $0.config.inboundCompression }
+            (r.compression, r.rateLimit, r.rateLimitKey) = ctx.brain.with {
+                ($0.config.inboundCompression, $0.config.inboundRateLimit, $0.config.inboundRateLimitKey)
+            }
             if let hint = head.headers.first(name: "tandem-timeout-ms").flatMap(Int64.init), hint > 0 {
                 r.timeout = min(r.timeout ?? .milliseconds(hint), .milliseconds(hint))
             }
@@ -89,8 +92,15 @@ enum ProxyRouting {
             case .failure(let a): return .failure(a)
             }
         }
-        guard ctx.brain.takeToken(route: route, now: now) else {
-            return .failure(LocalAnswer(.rateLimited, message: "rate limit of route \"\(route.name)\" exceeded"))
+        var key: String?
+        switch route.rateLimitKey {
+        case nil: key = nil
+        case .remoteAddress?: key = remote()
+        case .header(let name)?: key = head.headers.first(name: name)
+        }
+        guard ctx.brain.takeToken(route: route, key: key, now: now) else {
+            let who = route.rateLimitKey == nil ? "" : " for this caller"
+            return .failure(LocalAnswer(.rateLimited, message: "rate limit of route \"\(route.name)\" exceeded\(who)"))
         }
         return .success(Resolved(route: route, host: host, path: path))
     }

@@ -82,6 +82,9 @@ public struct SidecarConfig: Sendable {
     public var defaultCompression: CompressionPolicy? = nil
     /// Compression of the app's responses on the inbound side.
     public var inboundCompression: CompressionPolicy? = nil
+    /// Rate limit of requests to the app (per caller with a key); 429 beyond.
+    public var inboundRateLimit: TokenBucket.Config? = nil
+    public var inboundRateLimitKey: RateLimitKey? = nil
     /// Whether any response may be compressed (new connections then get a compressor).
     public var usesCompression: Bool {
         defaultCompression != nil || inboundCompression != nil || routes.contains { $0.compression != nil }

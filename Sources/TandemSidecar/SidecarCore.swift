@@ -14,6 +14,7 @@ final class TrafficBrain: Sendable {
         var clusters: [String: ClusterState] = [:]
         var rng: SeededRandom
         var limiters: [String: TokenBucket] = [:]
+        var keyedLimiters: [String: KeyedRateLimiter] = [:]
         var config: SidecarConfig
     }
 
@@ -61,6 +62,7 @@ final class TrafficBrain: Sendable {
             s.config = config
             s.routes = RouteTable(config.routes)
             s.limiters = [:]
+            s.keyedLimiters = [:]
             for (name, old) in s.clusters {
                 let cfg = config.clusterConfig(name)
                 if cfg == old.config { continue }  // unchanged: keep breaker, ejections, load
@@ -71,8 +73,23 @@ final class TrafficBrain: Sendable {
         }
     }
 
-    func takeToken(route: Route, now: Nanos) -> Bool {
+    /// Buckets per key and route: at most this many callers are tracked (LRU-ish, see
+    /// `KeyedRateLimiter`).
+    static let maxRateLimitKeys = 10_000
+
+    /// A token from the route's bucket, or from the bucket of `key` when the route limits
+    /// per caller.
+    func takeToken(route: Route, key: String?, now: Nanos) -> Bool {
         guard let rl = route.rateLimit else { return true }
+        if route.rateLimitKey != nil {
+            return state.withLockedValue { s in
+                var k = s.keyedLimiters[route.name] ?? KeyedRateLimiter(rl, maxKeys: Self.maxRateLimitKeys)
+                s.keyedLimiters[route.name] = nil  // modify in place (no copy of its dictionary)
+                let ok = k.tryTake(key: key ?? "", now: now)
+                s.keyedLimiters[route.name] = k
+                return ok
+            }
+        }
         return state.withLockedValue { s in
             var b = s.limiters[route.name] ?? TokenBucket(rl)
             let ok = b.tryTake(now: now)

@@ -124,15 +124,35 @@ public struct KeyedRateLimiter: Sendable {
         self.maxKeys = max(1, maxKeys)
     }
 
+    private var nextSweep: Nanos = 0
+
+    /// A bucket unused this long has refilled completely: forgetting it changes nothing.
+    var refillTime: Nanos {
+        config.fillInterval * Nanos((config.maxTokens + config.tokensPerFill - 1) / max(1, config.tokensPerFill))
+    }
+
     public mutating func tryTake(key: String, now: Nanos) -> Bool {
         var entry = buckets[key] ?? (TokenBucket(config), now)
         let ok = entry.bucket.tryTake(now: now)
         entry.lastUse = now
         buckets[key] = entry
-        if buckets.count > maxKeys, let oldest = buckets.min(by: { $0.value.lastUse < $1.value.lastUse })?.key {
-            buckets.removeValue(forKey: oldest)
-        }
+        if buckets.count > maxKeys { evict(now: now, keep: key) }
         return ok
+    }
+
+    /// At most `maxKeys` buckets. Full buckets (idle for a refill time) go first, in one
+    /// sweep at most every half refill time (so a flood of new keys costs O(1) per key, not a
+    /// scan each); when every bucket is busy, an arbitrary other one goes (its key may burst
+    /// once more — the bound on memory wins).
+    private mutating func evict(now: Nanos, keep: String) {
+        if now >= nextSweep {
+            nextSweep = now + max(1, refillTime / 2)
+            let refill = refillTime
+            buckets = buckets.filter { $0.key == keep || now - $0.value.lastUse < refill }
+        }
+        while buckets.count > maxKeys, let victim = buckets.keys.first(where: { $0 != keep }) {
+            buckets.removeValue(forKey: victim)
+        }
     }
 
     public var keyCount: Int { buckets.count }

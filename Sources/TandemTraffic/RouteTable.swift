@@ -56,6 +56,8 @@ public struct Route: Equatable, Sendable {
     public var policies: [String]
     /// Responses compressed with gzip when the client accepts it; nil = never.
     public var compression: CompressionPolicy?
+    /// Whose requests share a `rateLimit` bucket; nil = one bucket for the route.
+    public var rateLimitKey: RateLimitKey?
 
     public init(
         name: String, match: RouteMatch, cluster: String, timeout: Nanos? = .seconds(15), retry: RetryPolicy = .init(),
@@ -207,5 +209,20 @@ public struct CompressionPolicy: Equatable, Sendable {
         guard let type = contentType?.lowercased() else { return false }
         let media = String(type.prefix { $0 != ";" }.filter { $0 != " " && $0 != "\t" })
         return contentTypes.contains { media.hasPrefix($0.lowercased()) }
+    }
+}
+
+/// Whose requests share a rate-limit bucket (Envoy's local rate limit descriptors, Kong's
+/// `limit_by`): the client's address, or the value of a request header (requests without it
+/// share one bucket). Buckets per key are bounded (`KeyedRateLimiter`).
+public enum RateLimitKey: Equatable, Sendable {
+    case remoteAddress
+    case header(String)
+
+    /// `remote_address` or `header:NAME`.
+    public static func parse(_ s: String) -> RateLimitKey? {
+        if s == "remote_address" { return .remoteAddress }
+        if s.hasPrefix("header:"), s.count > 7 { return .header(String(s.dropFirst(7)).lowercased()) }
+        return nil
     }
 }

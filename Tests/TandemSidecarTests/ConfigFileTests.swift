@@ -81,6 +81,10 @@ import Testing
             "c.lua: inbound.compression.content_types: expected a non-empty list of media types"
         ),
         (
+            "return { routes = { { cluster = 'u', rate_limit = { rps = 5, per = 'user' } } } }",
+            "c.lua: routes[1].rate_limit.per: expected \"remote_address\" or \"header:NAME\", got \"user\""
+        ),
+        (
             "return { clusters = { u = { health_check = { path = '/h', tcp = true } } } }",
             "c.lua: clusters.u.health_check: give one of path, tcp or grpc, not path and tcp"
         ),

@@ -143,6 +143,30 @@ struct ProxyHarness {
         )
     }
 
+    @Test func perCallerRateLimitsKeepABucketPerHeaderValueOrAddress() throws {
+        var route = Route(name: "limited", match: RouteMatch(host: "127.0.0.9"), cluster: "nowhere")
+        route.rateLimit = TokenBucket.Config(maxTokens: 1, tokensPerFill: 1, fillInterval: .seconds(3600))
+        route.rateLimitKey = .header("x-user")
+        let h = try ProxyHarness(routes: [route])
+        func status(_ user: String?) throws -> String {
+            let extra = user.map { "x-user: \($0)\r\n" } ?? ""
+            let out = try h.send("GET / HTTP/1.1\r\nHost: 127.0.0.9\r\n\(extra)\r\n")
+            return String(out.prefix(12).suffix(3))
+        }
+        #expect(try status("alice") == "503")  // admitted (no endpoint behind the route)
+        #expect(try status("bob") == "503")  // another caller, another bucket
+        #expect(try status("alice") == "429")
+        #expect(try status(nil) == "503")  // requests without the header share one bucket
+        #expect(try status(nil) == "429")
+        var byAddress = route
+        byAddress.rateLimitKey = .remoteAddress
+        let h2 = try ProxyHarness(routes: [byAddress])
+        let first = try h2.send("GET / HTTP/1.1\r\nHost: 127.0.0.9\r\n\r\n")
+        let second = try h2.send("GET / HTTP/1.1\r\nHost: 127.0.0.9\r\nx-user: carol\r\n\r\n")
+        #expect(first.hasPrefix("HTTP/1.1 503") && second.hasPrefix("HTTP/1.1 429"))
+        #expect(second.contains("exceeded for this caller"))
+    }
+
     @Test func expectContinueIsAnsweredByTheProxy() throws {
         let h = try ProxyHarness()
         let head = try h.send(

@@ -354,6 +354,25 @@ import Testing
         }
         #expect(keyed.keyCount == 2)
     }
+
+    /// Regression: at capacity every new key scanned all buckets for the oldest (O(n) per
+    /// request under a flood of keys). Now full buckets are swept at most every half refill
+    /// time, and a busy table drops an arbitrary other bucket.
+    @Test func keyedLimiterStaysBoundedAndForgetsOnlyWhatDoesNotMatter() {
+        var keyed = KeyedRateLimiter(.perSecond(10, burst: 10), maxKeys: 100)  // refills in 1 s
+        for i in 0..<10_000 { _ = keyed.tryTake(key: "flood-\(i)", now: Nanos(i)) }
+        #expect(keyed.keyCount == 100)
+        // A caller that spent its burst is remembered while its bucket refills…
+        var k2 = KeyedRateLimiter(.perSecond(10, burst: 10), maxKeys: 3)
+        for _ in 0..<10 { _ = k2.tryTake(key: "heavy", now: 0) }
+        let limited = !k2.tryTake(key: "heavy", now: 1)
+        _ = k2.tryTake(key: "a", now: 2)
+        _ = k2.tryTake(key: "b", now: 3)
+        #expect(limited && k2.keyCount == 3)
+        // …and idle buckets (full again) are what a later sweep forgets.
+        _ = k2.tryTake(key: "c", now: .seconds(5))
+        #expect(k2.keyCount == 1)
+    }
 }
 
 @Suite struct ClusterTests {
