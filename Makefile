@@ -4,7 +4,7 @@ SHELL := /bin/bash
 APT_PACKAGES := libluajit-5.1-dev pkg-config zlib1g-dev etcd-client etcd-server python3-etcd3 python3-grpcio curl
 BUILD_LOG := .build/tandem-build.log
 
-.PHONY: all deps build test demo bench fmt lint sim clean
+.PHONY: all deps build test demo bench release fmt lint sim clean
 
 all: build
 
@@ -59,6 +59,11 @@ sim: build
 bench: deps
 	$(SWIFT) build -c release --product TandemBench
 	.build/release/TandemBench
+
+# The deployable binary: release, Swift runtime and Foundation linked statically.
+release: deps
+	$(SWIFT) build -c release --static-swift-stdlib --product tandem
+	@echo "built .build/release/tandem"
 
 clean:
 	rm -rf .build

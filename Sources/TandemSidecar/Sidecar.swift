@@ -300,10 +300,12 @@ public final class Sidecar: @unchecked Sendable {
                             // An upgrade configuration with no upgraders: NIO then keeps the bytes
                             // a client sends after an Upgrade request (the proxy passes upgrades
                             // through, HTTPProxyHandler.tunnel) instead of dropping them.
+                            // No outbound header validation: every header written was parsed
+                            // by NIO (llhttp / HPACK validate) or is one of ours.
                             try ch.pipeline.syncOperations.configureHTTPServerPipeline(
                                 withServerUpgrade: (upgraders: [], completionHandler: { _ in }),
-                                withErrorHandling: false, withEncoderConfiguration: .init(),
-                                withDecoderLimitConfiguration: decoderLimits)
+                                withErrorHandling: false, withOutboundHeaderValidation: false,
+                                withEncoderConfiguration: .init(), withDecoderLimitConfiguration: decoderLimits)
                             let proxy = HTTPProxyHandler(ctx: ctx, side: side, fixedCluster: fixedCluster)
                             if ctx.brain.with({ $0.config.usesCompression }) {
                                 try ch.pipeline.syncOperations.addHandler(HTTPProxyHandler.compressor())

@@ -128,8 +128,10 @@ final class UpstreamPool: @unchecked Sendable {
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
-                    // Bytes after a 101 response belong to the upgraded protocol: forwarded, not dropped.
-                    try ch.pipeline.syncOperations.addHTTPClientHandlers(leftOverBytesStrategy: .forwardBytes)
+                    // Bytes after a 101 response belong to the upgraded protocol: forwarded, not
+                    // dropped. No header validation: the headers were parsed by NIO or are ours.
+                    try ch.pipeline.syncOperations.addHTTPClientHandlers(
+                        leftOverBytesStrategy: .forwardBytes, enableOutboundHeaderValidation: false)
                     try ch.pipeline.syncOperations.addHandler(handler)
                 }
             }

@@ -366,6 +366,31 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
         #expect(answers.sorted() == ["503 overflow", "503 overflow", "edge fast\n", "edge fast\n"], "\(answers)")
         withExtendedLifetime((slow, fast, client, dir)) {}
     }
+
+    @Test func zoneAwareBalancingPrefersTheLocalZoneAndFallsBack() throws {
+        let reg = try RegistryUnderTest()
+        let (local, _) = try startUsers(1, registry: reg.endpoint, extra: ["--zone", "zone-a"])
+        let (remote, _) = try startUsers(2, registry: reg.endpoint, extra: ["--zone", "zone-b"])
+        let client = try startClient(registry: reg.endpoint, extra: ["--zone", "zone-a"])
+        func instances(_ n: Int) throws -> Set<String> {
+            var seen = Set<String>()
+            for _ in 0..<n {
+                seen.insert(try http("http://\(client.outbound)/user", host: "users").headers["x-instance"] ?? "?")
+            }
+            return seen
+        }
+        // The zone comes from each instance's registration; the client's own --zone decides.
+        #expect(try eventually { try instances(1).count == 1 })
+        let zoneA = try instances(12)
+        #expect(zoneA.count == 1, "\(zoneA)")
+        // The local zone's only instance leaves (clean stop, deregistered): the other zone serves.
+        kill(local[0].pid, SIGTERM)
+        local[0].child.process.waitUntilExit()
+        #expect(try eventually { try instances(4).isDisjoint(with: zoneA) })
+        let after = try instances(12)
+        #expect(after.isDisjoint(with: zoneA) && !after.contains("?") && !after.isEmpty, "\(after)")
+        withExtendedLifetime((reg, local, remote, client)) {}
+    }
 }
 
 /// sha256 of a string, by the system's sha256sum (the tests have no crypto library).
