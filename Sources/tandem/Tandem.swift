@@ -7,7 +7,8 @@ struct Tandem: ParsableCommand {
         commandName: "tandem",
         abstract: "Tandem: a service mesh with a built-in Raft registry, Lua policies and a deterministic simulator.",
         subcommands: [
-            Run.self, SidecarCommand.self, Registry.self, KV.self, Lease.self, Services.self, Status.self,
+            Run.self, SidecarCommand.self, Registry.self, KV.self, Lease.self, LockCommand.self, ElectCommand.self,
+            Services.self, Status.self,
             SimRegistry.self,
             Version.self,
         ])

@@ -1,0 +1,81 @@
+import Foundation
+import Testing
+
+/// `tandem lock` and `tandem elect` use etcd's clientv3 recipes, so they contend with
+/// `etcdctl lock` / `etcdctl elect` for the same locks and elections (the seed's chapter 4.4).
+@Suite(.serialized) struct LockElectTests {
+    @Test func locksAreMutuallyExclusiveAcrossTandemAndEtcdctl() throws {
+        let reg = try RegistryUnderTest(members: 1)
+        let dir = try TempDirectory()
+        let log = dir.url.appendingPathComponent("critical.log").path
+        // Each holder writes start/end around a short critical section; any overlap between
+        // holders (of either implementation) would interleave the lines.
+        func section(_ who: String) -> [String] {
+            ["sh", "-c", "echo start \(who) >> \(log); sleep 0.2; echo end \(who) >> \(log)"]
+        }
+        var children: [Child] = []
+        for i in 0..<3 {
+            children.append(
+                try Child(
+                    tandemBinary(), ["lock", "--endpoints", reg.endpoint, "shared", "--"] + section("tandem\(i)")))
+            children.append(try etcdctlChild(reg.endpoint, ["lock", "shared", "--"] + section("etcdctl\(i)")))
+        }
+        for c in children { c.process.waitUntilExit() }
+        for c in children { #expect(c.process.terminationStatus == 0) }
+        let lines = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").map(String.init)
+        #expect(lines.count == 12, "\(lines)")
+        for pair in stride(from: 0, to: lines.count - 1, by: 2) {
+            let who = lines[pair].dropFirst("start ".count)
+            #expect(lines[pair].hasPrefix("start ") && lines[pair + 1] == "end \(who)", "\(lines)")
+        }
+        // Every holder released: no key is left under the lock.
+        #expect(try etcdctl(reg.endpoint, ["get", "--prefix", "shared/"]).output.isEmpty)
+        withExtendedLifetime((reg, dir)) {}
+    }
+
+    @Test func aHeldLockPrintsItsKeyAndIsReleasedOnSigint() throws {
+        let reg = try RegistryUnderTest(members: 1)
+        let holder = try Child(tandemBinary(), ["lock", "--endpoints", reg.endpoint, "mylock"])
+        let key = holder.readLine() ?? ""
+        #expect(key.hasPrefix("mylock/"), "\(key)")
+        // etcdctl queues behind it (its key appears under the prefix), then gets it on release.
+        let waiter = try etcdctlChild(reg.endpoint, ["lock", "mylock"])
+        #expect(
+            try eventually {
+                try etcdctl(reg.endpoint, ["get", "--prefix", "mylock/", "--keys-only"]).output
+                    .split(separator: "\n").filter { !$0.isEmpty }.count == 2
+            })
+        kill(holder.process.processIdentifier, SIGINT)
+        holder.process.waitUntilExit()
+        #expect(holder.process.terminationStatus == 0)
+        let next = waiter.readLine() ?? ""
+        #expect(next.hasPrefix("mylock/") && next != key, "\(next)")
+        withExtendedLifetime((reg, waiter)) {}
+    }
+
+    @Test func electionsFailOverBetweenEtcdctlAndTandemAndCanBeObserved() throws {
+        let reg = try RegistryUnderTest(members: 1)
+        let first = try etcdctlChild(reg.endpoint, ["elect", "leader", "p1"])
+        let firstKey = first.readLine() ?? ""
+        #expect(first.readLine() == "p1")
+        let observer = try Child(tandemBinary(), ["elect", "--endpoints", reg.endpoint, "--listen", "leader"])
+        #expect(observer.readLine() == firstKey)
+        #expect(observer.readLine() == "p1")
+        let second = try Child(tandemBinary(), ["elect", "--endpoints", reg.endpoint, "leader", "p2"])
+        #expect(
+            try eventually {
+                try etcdctl(reg.endpoint, ["get", "--prefix", "leader/", "--keys-only"]).output
+                    .split(separator: "\n").filter { !$0.isEmpty }.count == 2
+            })
+        kill(first.process.processIdentifier, SIGINT)  // resigns: its key goes
+        let secondKey = second.readLine() ?? ""
+        #expect(secondKey.hasPrefix("leader/") && secondKey != firstKey)
+        #expect(second.readLine() == "p2")
+        #expect(observer.readLine() == secondKey)
+        #expect(observer.readLine() == "p2")
+        // etcdctl agrees on who leads (the oldest key under the election).
+        let keys = try etcdctl(reg.endpoint, ["get", "--prefix", "leader/", "--keys-only", "--sort-by=CREATE"]).output
+        #expect(keys.split(separator: "\n").first.map(String.init) == secondKey, "\(keys)")
+        withExtendedLifetime((reg, first, second, observer)) {}
+    }
+}
