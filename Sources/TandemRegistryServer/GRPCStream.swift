@@ -14,6 +14,9 @@ import TandemEtcdAPI
 /// use from any thread; it hops to the stream's event loop.
 public struct GRPCResponder: Sendable {
     let handler: NIOLoopBound<GRPCStreamHandler>
+    /// The client sent `hasleader: true` metadata (clientv3's `WithRequireLeader`): the
+    /// stream must fail with "etcdserver: no leader" while this member has no leader.
+    public let requireLeader: Bool
 
     public func send(_ message: [UInt8]) {
         handler.eventLoop.execute { handler.value.sendMessage(message) }
@@ -60,6 +63,7 @@ final class GRPCStreamHandler: ChannelInboundHandler {
     private var unaryRequest: [UInt8]?
     private var headersSent = false
     private var finished = false
+    private var requireLeader = false
     var closeCallbacks: [@Sendable () -> Void] = []
 
     init(methods: [String: GRPCMethod], maxMessageBytes: Int) {
@@ -79,7 +83,7 @@ final class GRPCStreamHandler: ChannelInboundHandler {
     }
 
     private var responder: GRPCResponder {
-        GRPCResponder(handler: NIOLoopBound(self, eventLoop: context!.eventLoop))
+        GRPCResponder(handler: NIOLoopBound(self, eventLoop: context!.eventLoop), requireLeader: requireLeader)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -92,6 +96,7 @@ final class GRPCStreamHandler: ChannelInboundHandler {
                     return
                 }
                 method = m
+                requireLeader = h.headers.first(name: "hasleader") == "true"
                 if case .bidi(let open) = m { sink = open(responder) }
             }
             if h.endStream { endOfRequest() }

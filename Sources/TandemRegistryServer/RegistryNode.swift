@@ -52,6 +52,26 @@ public final class RegistryNode: @unchecked Sendable {
         init(responder: GRPCResponder) { self.responder = responder }
     }
 
+    /// Since when (ms) this member has seen no leader; nil while it has one.
+    private var leaderlessSince: Int64?
+
+    /// etcd's `monitorLeader`: streams opened with `hasleader` are ended with "etcdserver: no
+    /// leader" once the member has had no leader for three election timeouts (a watcher then
+    /// reconnects to a member that has one instead of waiting on a partitioned one).
+    private func monitorLeader() {
+        guard replica.raft.leader == 0 else {
+            leaderlessSince = nil
+            return
+        }
+        let since = leaderlessSince ?? now
+        leaderlessSince = since
+        guard now - since >= 3 * config.electionMs else { return }
+        for (id, s) in watchStreams where s.responder.requireLeader {
+            s.responder.finish(.noLeader)
+            watchStreams[id] = nil
+        }
+    }
+
     /// Milliseconds on the monotonic clock (the shell reads clocks; the cores never do).
     var now: Int64 { Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000) }
 
@@ -127,6 +147,7 @@ public final class RegistryNode: @unchecked Sendable {
             replica.tick(now: now)
             expireRequests()
             pump()
+            monitorLeader()
         }
     }
 
@@ -252,7 +273,13 @@ public final class RegistryNode: @unchecked Sendable {
 
     // MARK: - Watches
 
+    /// A new Watch stream; -1 (and the stream ended with "etcdserver: no leader") when it
+    /// requires a leader and this member has none.
     func openWatchStream(_ responder: GRPCResponder) -> Int {
+        if responder.requireLeader && replica.raft.leader == 0 {
+            responder.finish(.noLeader)
+            return -1
+        }
         let id = nextStream
         nextStream += 1
         watchStreams[id] = WatchStream(responder: responder)

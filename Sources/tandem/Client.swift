@@ -174,7 +174,39 @@ final class NIOLockedValueBoxCompat<T>: @unchecked Sendable {
 
 struct Lease: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Grant, revoke and keep alive leases.", subcommands: [Grant.self, Revoke.self, KeepAlive.self])
+        abstract: "Grant, revoke, keep alive and inspect leases.",
+        subcommands: [Grant.self, Revoke.self, KeepAlive.self, TTL.self])
+
+    struct TTL: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "ttl", abstract: "Show a lease's granted and remaining TTL (and its keys with --keys).")
+        @OptionGroup var client: ClientOptions
+        @Flag(help: "List the keys attached to the lease.") var keys = false
+        @Argument var id: String
+
+        func run() throws {
+            guard let lease = Int64(id, radix: 16) else { throw ValidationError("expected a hex lease id") }
+            var req = Etcdserverpb_LeaseTimeToLiveRequest()
+            req.id = lease
+            req.keys = keys
+            let r = try client.withClient {
+                try $0.unary(
+                    "/etcdserverpb.Lease/LeaseTimeToLive", req, as: Etcdserverpb_LeaseTimeToLiveResponse.self
+                ).wait()
+            }
+            let names = r.keys.map { String(decoding: $0, as: UTF8.self) }
+            if client.json {
+                var obj: [String: Any] = ["id": id, "ttl": r.ttl, "granted_ttl": r.grantedTtl]
+                if keys { obj["keys"] = names }
+                print(jsonString(obj))
+            } else if r.ttl == -1 {
+                print("lease \(id) already expired")
+            } else {
+                let attached = keys ? ", attached keys(\(names))" : ""
+                print("lease \(id) granted with TTL(\(r.grantedTtl)s), remaining(\(r.ttl)s)\(attached)")
+            }
+        }
+    }
 
     struct Grant: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -276,6 +308,43 @@ struct Services: ParsableCommand {
                     + i.instance.padding(toLength: 26, withPad: " ", startingAt: 0)
                     + "\(i.address):\(i.port)".padding(toLength: 22, withPad: " ", startingAt: 0)
                     + i.protocol.padding(toLength: 10, withPad: " ", startingAt: 0) + i.health)
+        }
+    }
+}
+
+struct Members: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List the registry cluster's members (id, name, peer and client URLs, learner).")
+    @OptionGroup var client: ClientOptions
+
+    func run() throws {
+        let m = try client.withClient {
+            try $0.unary(
+                "/etcdserverpb.Cluster/MemberList", Etcdserverpb_MemberListRequest(),
+                as: Etcdserverpb_MemberListResponse.self
+            ).wait()
+        }
+        if client.json {
+            print(
+                jsonString(
+                    m.members.map {
+                        [
+                            "id": String($0.id, radix: 16), "name": $0.name, "peer_urls": $0.peerUrls,
+                            "client_urls": $0.clientUrls, "is_learner": $0.isLearner,
+                        ] as [String: Any]
+                    }))
+            return
+        }
+        print(
+            "ID".padding(toLength: 18, withPad: " ", startingAt: 0)
+                + "NAME".padding(toLength: 14, withPad: " ", startingAt: 0)
+                + "PEER URLS".padding(toLength: 28, withPad: " ", startingAt: 0) + "CLIENT URLS")
+        for x in m.members {
+            print(
+                String(x.id, radix: 16).padding(toLength: 18, withPad: " ", startingAt: 0)
+                    + x.name.padding(toLength: 14, withPad: " ", startingAt: 0)
+                    + x.peerUrls.joined(separator: ",").padding(toLength: 28, withPad: " ", startingAt: 0)
+                    + x.clientUrls.joined(separator: ",") + (x.isLearner ? "  (learner)" : ""))
         }
     }
 }

@@ -148,4 +148,31 @@ struct ClusterTests {
         let members = try etcdctl(follower, ["member", "list"]).output
         for n in c.names { #expect(members.contains(", started, \(n), ")) }
     }
+
+    @Test("a watch that requires a leader (etcdctl's) ends with 'no leader' on a member cut off from the rest")
+    func hasLeaderWatches() throws {
+        let c = try ClusterUnderTest(extra: ["--election-timeout", "300", "--heartbeat-interval", "50"])
+        _ = try c.leader()
+        let member = "r1"
+        // Bounded by `timeout`: if the server never ended the watch, the test fails instead of hanging.
+        func boundedWatch() throws -> Child {
+            try Child("/usr/bin/timeout", ["30", "/usr/bin/etcdctl", "--endpoints", c.endpoint(member), "watch", "k"])
+        }
+        let watch = try boundedWatch()
+        #expect(try eventually { try etcdctl(c.endpoint(member), ["put", "k", "v"]).output == "OK\n" })
+        #expect(watch.readLine() == "PUT")
+        #expect(watch.readLine() == "k")
+        #expect(watch.readLine() == "v")
+        // The other two die: r1 has no leader; after three election timeouts (etcd's
+        // monitorLeader) the watch ends with etcd's error, so the client can go elsewhere.
+        c.kill9("r2")
+        c.kill9("r3")
+        let rest = watch.readUntil { $0.contains("canceled") }
+        #expect(rest.last == "watch was canceled (etcdserver: no leader)", "\(rest)")
+        watch.process.waitUntilExit()
+        #expect(watch.process.terminationStatus != 0)
+        // A new watch that requires a leader is refused at once while there is none.
+        let again = try boundedWatch()
+        #expect(again.readUntil { $0.contains("canceled") }.last == "watch was canceled (etcdserver: no leader)")
+    }
 }

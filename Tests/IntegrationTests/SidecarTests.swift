@@ -604,12 +604,20 @@ func tandem(_ args: [String]) throws -> (status: Int32, output: String) {
         #expect(
             try tandem(["services"] + e).output.contains(
                 "x             1                         127.0.0.1:1           http      passing"))
+        let ttl = try tandem(["lease", "ttl"] + e + ["--keys", id]).output
+        #expect(ttl.hasPrefix("lease \(id) granted with TTL(30s), remaining("), "\(ttl)")
+        #expect(ttl.hasSuffix(#"attached keys(["/tandem/services/x/1"])"#), "\(ttl)")
         #expect(try tandem(["lease", "revoke"] + e + [id]).output == "lease \(id) revoked")
+        #expect(try tandem(["lease", "ttl"] + e + [id]).output == "lease \(id) already expired")
         #expect(try tandem(["services"] + e + ["x"]).output == "no instance of x is registered")
 
         let status = try tandem(["status"] + e).output
         #expect(status.hasPrefix("version 3.4.0, raft term "))
         #expect(status.contains("(leader)"))
+        let members = try tandem(["members"] + e).output.split(separator: "\n")
+        #expect(members.count == 2 && members[0].hasPrefix("ID") && members[1].contains(reg.endpoint), "\(members)")
+        let membersJSON = try tandem(["members", "--json"] + e).output
+        #expect(membersJSON.contains(#""client_urls":["http:\/\/\#(reg.endpoint)"]"#), "\(membersJSON)")
 
         let down = try tandem(["kv", "get", "--endpoints", "127.0.0.1:1", "/x"])
         #expect(down.status != 0)
