@@ -33,6 +33,7 @@ public struct EtcdStatus: Error, Equatable, CustomStringConvertible {
 
     public static let requestTooLarge = EtcdStatus(.invalidArgument, "etcdserver: request is too large")
     public static let noLeader = EtcdStatus(.unavailable, "etcdserver: no leader")
+    public static let noSpace = EtcdStatus(.resourceExhausted, "etcdserver: mvcc: database space exceeded")
     public static let leaderChanged = EtcdStatus(.unavailable, "etcdserver: leader changed")
     public static let timedOut = EtcdStatus(.unavailable, "etcdserver: request timed out")
     public static let emptyKey = EtcdStatus(.invalidArgument, "etcdserver: key is not provided")
@@ -71,6 +72,9 @@ public struct EtcdLimits: Sendable {
     public var maxRequestBytes = 1_572_864
     /// Nesting of txns inside txns.
     public var maxTxnDepth = 8
+    /// etcd's `--quota-backend-bytes` (2 GiB): writes that would take the store past it are
+    /// refused with "database space exceeded" and the NOSPACE alarm is raised.
+    public var quotaBackendBytes: Int64 = 2 << 30
     public init() {}
 }
 

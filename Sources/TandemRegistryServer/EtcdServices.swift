@@ -69,6 +69,9 @@ enum EtcdServices {
         }
         unary("/etcdserverpb.KV/Put", Etcdserverpb_PutRequest.self) {
             (pb, n, done: @escaping (Result<Etcdserverpb_PutResponse, EtcdStatus>) -> Void) in
+            if n.refuseOverQuota(cost: pb.key.count + pb.value.count, quota: limits.quotaBackendBytes) {
+                return done(.failure(.noSpace))
+            }
             write(n, .put(PutRequest(pb)), done) {
                 if case .put(let r) = $0 { return Etcdserverpb_PutResponse(r, header: n.header) } else { return nil }
             }
@@ -88,6 +91,10 @@ enum EtcdServices {
             } catch {
                 return done(.failure(error))
             }
+            let cost = putBytes(t)
+            if cost > 0, n.refuseOverQuota(cost: cost, quota: limits.quotaBackendBytes) {
+                return done(.failure(.noSpace))
+            }
             write(n, .txn(t), done) {
                 if case .txn(let r) = $0 { return Etcdserverpb_TxnResponse(r, header: n.header) } else { return nil }
             }
@@ -103,6 +110,7 @@ enum EtcdServices {
         }
         unary("/etcdserverpb.Lease/LeaseGrant", Etcdserverpb_LeaseGrantRequest.self) {
             (pb, n, done: @escaping (Result<Etcdserverpb_LeaseGrantResponse, EtcdStatus>) -> Void) in
+            if n.refuseOverQuota(cost: 0, quota: limits.quotaBackendBytes) { return done(.failure(.noSpace)) }
             let id = pb.id != 0 ? pb.id : n.newLeaseID()
             write(n, .leaseGrant(id: id, ttl: pb.ttl), done) {
                 guard case .leaseGrant(let id, let ttl, let rev) = $0 else { return nil }
@@ -219,13 +227,29 @@ enum EtcdServices {
             r.raftAppliedIndex = n.replica.raft.appliedIndex
             r.isLearner = n.replica.raft.isLearner
             r.dbSize = Int64(n.replica.log.bytesWritten)
-            r.dbSizeInUse = r.dbSize
+            r.dbSizeInUse = Int64(n.replica.store.approximateBytes)
             done(.success(r))
         }
         unary("/etcdserverpb.Maintenance/Alarm", Etcdserverpb_AlarmRequest.self) {
-            (_, n, done: @escaping (Result<Etcdserverpb_AlarmResponse, EtcdStatus>) -> Void) in
+            (pb, n, done: @escaping (Result<Etcdserverpb_AlarmResponse, EtcdStatus>) -> Void) in
             var r = Etcdserverpb_AlarmResponse()
             r.header = n.header
+            let raised = n.noSpaceAlarm
+            switch pb.action {
+            case .deactivate where pb.alarm == .nospace || pb.alarm == .none:
+                // `etcdctl alarm disarm`: lifted; the next write refused raises it again.
+                n.noSpaceAlarm = false
+            case .activate where pb.alarm == .nospace:
+                n.noSpaceAlarm = true
+            default:
+                break
+            }
+            if raised || n.noSpaceAlarm {
+                var a = Etcdserverpb_AlarmMember()
+                a.memberID = n.config.id
+                a.alarm = .nospace
+                r.alarms = [a]
+            }
             done(.success(r))
         }
         unary("/etcdserverpb.Cluster/MemberList", Etcdserverpb_MemberListRequest.self) {
@@ -256,6 +280,20 @@ enum EtcdServices {
             responder.finish()
         }
         return m
+    }
+
+    /// Bytes a txn would write (keys and values of its puts, nested txns included).
+    static func putBytes(_ t: TxnRequest) -> Int {
+        func ops(_ list: [RequestOp]) -> Int {
+            list.reduce(0) { sum, op in
+                switch op {
+                case .put(let p): return sum + p.key.count + p.value.count
+                case .txn(let inner): return sum + putBytes(inner)
+                default: return sum
+                }
+            }
+        }
+        return max(ops(t.success), ops(t.failure))
     }
 
     /// Proposes a write and maps the applied result (or a store error) to a response.

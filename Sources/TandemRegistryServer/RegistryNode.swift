@@ -52,6 +52,21 @@ public final class RegistryNode: @unchecked Sendable {
         init(responder: GRPCResponder) { self.responder = responder }
     }
 
+    /// The NOSPACE alarm as `alarm list` reports it: raised when this member refuses a write
+    /// over the backend quota, lifted by the next write it accepts or by `alarm disarm`.
+    /// Unlike etcd's, it is not replicated and does not outlive the condition: every member
+    /// judges by its own copy of the same store, so all refuse alike while it is too big and
+    /// all accept again once compaction brings it under the quota.
+    var noSpaceAlarm = false
+
+    /// Whether a write of `cost` bytes would take the store past `quota`: it is then refused
+    /// with etcd's "database space exceeded".
+    func refuseOverQuota(cost: Int, quota: Int64) -> Bool {
+        let over = Int64(replica.store.approximateBytes + cost + MVCCStore.versionOverhead) > quota
+        noSpaceAlarm = over
+        return over
+    }
+
     /// Since when (ms) this member has seen no leader; nil while it has one.
     private var leaderlessSince: Int64?
 

@@ -120,9 +120,9 @@ extension MVCCStore {
         }
 
         /// Applies `body` to every key's versions, dropping keys and chunks left empty.
-        mutating func compact(_ body: (inout [Version]) -> Void) {
+        mutating func compact(_ body: (Bytes, inout [Version]) -> Void) {
             for c in chunks.indices {
-                for p in chunks[c].indices { body(&chunks[c][p].versions) }
+                for p in chunks[c].indices { body(chunks[c][p].key, &chunks[c][p].versions) }
                 chunks[c].removeAll { $0.versions.isEmpty }
             }
             chunks.removeAll { $0.isEmpty }

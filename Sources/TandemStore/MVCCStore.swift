@@ -72,9 +72,18 @@ public struct MVCCStore: Sendable {
             sorted: history.map { KeyEntry(key: $0.key, versions: $0.value) }.sorted {
                 Bytes.lexicographicLess($0.key, $1.key)
             })
+        approximateBytes = history.reduce(0) { sum, h in sum + h.value.reduce(0) { $0 + Self.cost(h.key, $1) } }
     }
 
     public var keyCount: Int { index.count }
+
+    /// Bytes the store holds: key, value and a fixed overhead for every version kept since
+    /// the last compaction. The backend quota compares this (etcd compares its database
+    /// file; this one shrinks when old versions are compacted away). Kept up to date on
+    /// every change, recomputed on restore.
+    public private(set) var approximateBytes = 0
+    public static let versionOverhead = 64
+    static func cost(_ k: Bytes, _ v: Version) -> Int { k.count + v.value.count + versionOverhead }
 
     // MARK: - Apply
 
@@ -208,6 +217,7 @@ public struct MVCCStore: Sendable {
 
     private mutating func append(_ v: Version, to k: Bytes, _ tx: inout WriteTxn) {
         index.append(v, to: k)
+        approximateBytes += Self.cost(k, v)
         tx.changedKeys.append(k)
     }
 
@@ -215,9 +225,14 @@ public struct MVCCStore: Sendable {
     private mutating func rollback(_ tx: WriteTxn) {
         guard tx.changed else { return }
         let rev = tx.base + 1
+        var removed = 0
         for k in Set(tx.changedKeys) {
-            index.mutate(k) { $0.removeAll { $0.modRevision == rev } }
+            index.mutate(k) { vs in
+                for v in vs where v.modRevision == rev { removed += Self.cost(k, v) }
+                vs.removeAll { $0.modRevision == rev }
+            }
         }
+        approximateBytes -= removed
         // Re-derive lease attachments from the surviving latest versions.
         for k in Set(tx.changedKeys) {
             for l in leases.keys { leases[l]!.keys.remove(k) }
@@ -419,12 +434,15 @@ public struct MVCCStore: Sendable {
     /// Drops versions superseded at or below `rev`, keeping each key's latest version as of
     /// `rev` (and a tombstone exactly at `rev`, so reads at `rev` stay correct).
     private mutating func compact(_ rev: Int64) {
-        index.compact { h in
+        var dropped = 0
+        index.compact { k, h in
             guard let last = h.lastIndex(where: { $0.modRevision <= rev }) else { return }
             var drop = last
             if h[last].tombstone && h[last].modRevision < rev { drop = last + 1 }
+            for v in h.prefix(drop) { dropped += Self.cost(k, v) }
             if drop > 0 { h.removeFirst(drop) }
         }
+        approximateBytes -= dropped
         while let first = eventLog.first, first.revision < rev { eventLog.removeFirst() }
         compactRevision = rev
     }

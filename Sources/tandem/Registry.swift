@@ -24,7 +24,7 @@ struct Registry: ParsableCommand {
     @Option(help: "Election timeout in ms.") var electionTimeout: Int64 = 1_000
     @Option(help: "Applied entries between snapshots.") var snapshotCount: UInt64 = 100_000
     @Option(help: "Entries kept behind a snapshot for slow followers.") var snapshotCatchupEntries: UInt64 = 5_000
-    @Option(help: "Backend quota in bytes (accepted for compatibility; not enforced yet).")
+    @Option(help: "Backend quota in bytes: writes past it are refused (database space exceeded, NOSPACE alarm).")
     var quotaBackendBytes: Int64 = 2 << 30
     @Option(help: "Largest client request, in bytes.") var maxRequestBytes = 1_572_864
 
@@ -63,6 +63,7 @@ struct Registry: ParsableCommand {
         cfg.names = Dictionary(uniqueKeysWithValues: members.map { (memberID($0.key), $0.key) })
         var limits = EtcdLimits()
         limits.maxRequestBytes = maxRequestBytes
+        limits.quotaBackendBytes = quotaBackendBytes
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
         let wallMs = UInt64(ts.tv_sec) * 1000 + UInt64(ts.tv_nsec / 1_000_000)

@@ -151,12 +151,17 @@ struct ClusterTests {
 
     @Test("a watch that requires a leader (etcdctl's) ends with 'no leader' on a member cut off from the rest")
     func hasLeaderWatches() throws {
-        let c = try ClusterUnderTest(extra: ["--election-timeout", "300", "--heartbeat-interval", "50"])
+        // Default timings (100 ms heartbeat, 1 s election timeout): shorter ones churn
+        // leaders when the machine is busy running every other test at once.
+        let c = try ClusterUnderTest()
         _ = try c.leader()
         let member = "r1"
         // Bounded by `timeout`: if the server never ended the watch, the test fails instead of hanging.
         func boundedWatch() throws -> Child {
-            try Child("/usr/bin/timeout", ["30", "/usr/bin/etcdctl", "--endpoints", c.endpoint(member), "watch", "k"])
+            // From revision 1: the put is seen whether the watch is set up before it or after.
+            try Child(
+                "/usr/bin/timeout",
+                ["30", "/usr/bin/etcdctl", "--endpoints", c.endpoint(member), "watch", "--rev", "1", "k"])
         }
         let watch = try boundedWatch()
         #expect(try eventually { try etcdctl(c.endpoint(member), ["put", "k", "v"]).output == "OK\n" })

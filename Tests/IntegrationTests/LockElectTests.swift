@@ -79,3 +79,36 @@ import Testing
         withExtendedLifetime((reg, first, second, observer)) {}
     }
 }
+
+/// etcd's backend quota: writes past `--quota-backend-bytes` are refused with etcd's exact
+/// error (clientv3 maps it to ErrNoSpace), the NOSPACE alarm shows, and deleting, compacting
+/// and disarming — etcd's runbook — brings writes back.
+@Suite struct BackendQuotaTests {
+    @Test func writesPastTheQuotaAreRefusedUntilSpaceIsReclaimed() throws {
+        let reg = try RegistryUnderTest(members: 1, extra: ["--quota-backend-bytes", "20000"])
+        let value = String(repeating: "v", count: 1000)
+        var refused: (Int, String)?
+        for i in 1...40 {
+            let r = try etcdctl(reg.endpoint, ["put", "k\(i)", value])
+            if r.status != 0 {
+                refused = (i, r.output)
+                break
+            }
+        }
+        let (at, error) = try #require(refused)
+        #expect(at > 10, "refused at put \(at)")  // ~19 KB of 1 KB values fit under 20,000 bytes
+        #expect(error.contains("Error: etcdserver: mvcc: database space exceeded"), "\(error)")
+        #expect(try etcdctl(reg.endpoint, ["alarm", "list"]).output.contains("alarm:NOSPACE"))
+        // Reads still work.
+        #expect(try etcdctl(reg.endpoint, ["get", "k1", "--print-value-only"]).output == value + "\n")
+        // Delete and compact: the space comes back; disarm; writes go through again.
+        #expect(try etcdctl(reg.endpoint, ["del", "--prefix", "k"]).status == 0)
+        let status = try etcdctl(reg.endpoint, ["endpoint", "status", "-w", "json"]).output
+        let rev = try #require(
+            status.range(of: #""revision":"#).map { r in Int(status[r.upperBound...].prefix { $0.isNumber }) ?? 0 })
+        #expect(try etcdctl(reg.endpoint, ["compaction", String(rev)]).status == 0)
+        #expect(try etcdctl(reg.endpoint, ["alarm", "disarm"]).status == 0)
+        #expect(try etcdctl(reg.endpoint, ["put", "k1", "small"]).output == "OK\n")
+        #expect(try etcdctl(reg.endpoint, ["alarm", "list"]).output.isEmpty)
+    }
+}

@@ -84,7 +84,7 @@ final class RegistryUnderTest {
     let cluster: ClusterUnderTest?
     let endpoint: String
 
-    init(members: Int) throws {
+    init(members: Int, extra: [String] = []) throws {
         if members > 1 {
             let c = try ClusterUnderTest()
             _ = try c.leader()
@@ -99,7 +99,7 @@ final class RegistryUnderTest {
         self.dir = dir
         let child = try Child(
             tandemBinary(),
-            ["registry", "--data-dir", dir.url.path, "--listen-client-urls", "http://127.0.0.1:0"])
+            ["registry", "--data-dir", dir.url.path, "--listen-client-urls", "http://127.0.0.1:0"] + extra)
         self.child = child
         let lines = child.readUntil { $0.contains("serving clients on") }
         guard let last = lines.last, let port = last.split(separator: ":").last, Int(port) != nil else {
