@@ -92,7 +92,7 @@ let package = Package(
         .executableTarget(
             name: "tandem",
             dependencies: [
-                "TandemCore", "TandemSimulation", "TandemLua", "TandemRegistryServer", "TandemSidecar",
+                "TandemCore", "TandemSimulation", "TandemLua", "TandemRegistryServer", "TandemSidecar", "TandemStore",
                 "TandemEtcdClient",
                 "TandemTraffic", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],

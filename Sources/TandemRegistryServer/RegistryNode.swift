@@ -28,6 +28,12 @@ public final class RegistryNode: @unchecked Sendable {
         public var names: [NodeID: String] = [:]
         /// A proposal or linearizable read not answered within this time fails.
         public var requestTimeoutMs: Int64 = 7_000
+        /// etcd's auto-compaction (run by the leader); nil = off.
+        public var autoCompaction: AutoCompactor.Mode? = nil
+        /// How often the compactor looks (default: etcd's — a tenth of the retention, or 5 min).
+        public var autoCompactionCheckMs: Int64? = nil
+        /// Where the member reports what it does on its own (auto-compaction).
+        public var log: @Sendable (String) -> Void = { _ in }
         public init() {}
     }
 
@@ -65,6 +71,30 @@ public final class RegistryNode: @unchecked Sendable {
         let over = Int64(replica.store.approximateBytes + cost + MVCCStore.versionOverhead) > quota
         noSpaceAlarm = over
         return over
+    }
+
+    private lazy var compactor: AutoCompactor? = config.autoCompaction.map {
+        AutoCompactor($0, checkEveryMs: config.autoCompactionCheckMs)
+    }
+
+    /// The leader compacts history on etcd's auto-compaction schedule.
+    private func autoCompact() {
+        guard compactor != nil else { return }
+        guard replica.isLeader else {
+            compactor!.reset()
+            return
+        }
+        let store = replica.store
+        guard let target = compactor!.tick(now: now, revision: store.revision, compacted: store.compactRevision)
+        else { return }
+        let log = config.log
+        propose(.compact(revision: target)) { r in
+            switch r {
+            case .success(.failed(let e)): log("auto-compaction to revision \(target) failed: \(e)")
+            case .success: log("auto-compacted to revision \(target)")
+            case .failure(let e): log("auto-compaction to revision \(target) failed: \(e)")
+            }
+        }
     }
 
     /// Since when (ms) this member has seen no leader; nil while it has one.
@@ -163,6 +193,7 @@ public final class RegistryNode: @unchecked Sendable {
             expireRequests()
             pump()
             monitorLeader()
+            autoCompact()
         }
     }
 

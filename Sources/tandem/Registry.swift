@@ -1,8 +1,10 @@
 import ArgumentParser
+import Foundation
 import Glibc
 import TandemCore
 import TandemEtcdAPI
 import TandemRegistryServer
+import TandemStore
 
 struct Registry: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -27,6 +29,44 @@ struct Registry: ParsableCommand {
     @Option(help: "Backend quota in bytes: writes past it are refused (database space exceeded, NOSPACE alarm).")
     var quotaBackendBytes: Int64 = 2 << 30
     @Option(help: "Largest client request, in bytes.") var maxRequestBytes = 1_572_864
+    @Option(help: "Auto-compaction mode: periodic (keep a time window) or revision (keep N revisions).")
+    var autoCompactionMode = "periodic"
+    @Option(
+        help: """
+            Auto-compaction retention: periodic — a duration (30m, 1h, 10s; a bare number is hours);             revision — a number of revisions; 0 turns it off. Default 1h (etcd's default is off,             but then history grows without bound).
+            """)
+    var autoCompactionRetention = "1h"
+    @Option(help: "How often auto-compaction looks, in ms (default: a tenth of the retention, or 5 min for revision).")
+    var autoCompactionCheckMs: Int64?
+
+    /// The auto-compaction mode from the flags; nil = off.
+    func autoCompaction() throws -> AutoCompactor.Mode? {
+        let r = autoCompactionRetention.trimmingCharacters(in: .whitespaces)
+        switch autoCompactionMode {
+        case "revision":
+            guard let n = Int64(r), n >= 0 else {
+                throw ValidationError(
+                    "--auto-compaction-retention: revision mode needs a number of revisions, got '\(r)'")
+            }
+            return n == 0 ? nil : .revision(keep: n)
+        case "periodic":
+            let units: [(String, Int64)] = [("ms", 1), ("s", 1_000), ("m", 60_000), ("h", 3_600_000)]
+            var ms: Int64?
+            if let hours = Double(r) {
+                ms = Int64(hours * 3_600_000)
+            } else if let (suffix, scale) = units.first(where: {
+                r.hasSuffix($0.0) && Double(r.dropLast($0.0.count)) != nil
+            }) {
+                ms = Int64(Double(r.dropLast(suffix.count))! * Double(scale))
+            }
+            guard let ms, ms >= 0 else {
+                throw ValidationError("--auto-compaction-retention: expected a duration like 30m or 1h, got '\(r)'")
+            }
+            return ms == 0 ? nil : .periodic(retentionMs: ms)
+        default:
+            throw ValidationError("--auto-compaction-mode must be periodic or revision, got '\(autoCompactionMode)'")
+        }
+    }
 
     func validate() throws {
         guard parseURL(listenClientUrls) != nil else {
@@ -41,6 +81,7 @@ struct Registry: ParsableCommand {
         guard parseURL(listenPeerUrls) != nil else {
             throw ValidationError("--listen-peer-urls: expected http://HOST:PORT, got '\(listenPeerUrls)'")
         }
+        _ = try autoCompaction()
         let members = try cluster()
         guard members[name] != nil else {
             throw ValidationError("--initial-cluster does not name this member ('\(name)')")
@@ -61,6 +102,12 @@ struct Registry: ParsableCommand {
         cfg.snapshotCount = snapshotCount
         cfg.snapshotCatchUpEntries = snapshotCatchupEntries
         cfg.names = Dictionary(uniqueKeysWithValues: members.map { (memberID($0.key), $0.key) })
+        cfg.autoCompaction = try autoCompaction()
+        cfg.autoCompactionCheckMs = autoCompactionCheckMs
+        cfg.log = { line in
+            print("tandem registry: \(line)")
+            fflush(nil)
+        }
         var limits = EtcdLimits()
         limits.maxRequestBytes = maxRequestBytes
         limits.quotaBackendBytes = quotaBackendBytes

@@ -111,4 +111,24 @@ import Testing
         #expect(try etcdctl(reg.endpoint, ["put", "k1", "small"]).output == "OK\n")
         #expect(try etcdctl(reg.endpoint, ["alarm", "list"]).output.isEmpty)
     }
+
+    @Test func autoCompactionKeepsTheConfiguredHistory() throws {
+        let reg = try RegistryUnderTest(
+            members: 1,
+            extra: [
+                "--auto-compaction-mode", "revision", "--auto-compaction-retention", "5",
+                "--auto-compaction-check-ms", "100",
+            ])
+        for i in 1...20 { #expect(try etcdctl(reg.endpoint, ["put", "k", "v\(i)"]).status == 0) }
+        // Old revisions go (only the last 5 are kept); the latest value stays readable.
+        #expect(
+            try eventually {
+                try etcdctl(reg.endpoint, ["get", "k", "--rev", "2"]).output.contains(
+                    "required revision has been compacted")
+            })
+        #expect(try etcdctl(reg.endpoint, ["get", "k", "--print-value-only"]).output == "v20\n")
+        let rev = 21  // 20 puts on a fresh store
+        #expect(
+            try etcdctl(reg.endpoint, ["get", "k", "--rev", String(rev - 4), "--print-value-only"]).output == "v16\n")
+    }
 }

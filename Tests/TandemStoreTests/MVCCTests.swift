@@ -332,3 +332,35 @@ struct StoreSizeTests {
         #expect(s.approximateBytes == "k99".utf8.count + MVCCStore.versionOverhead)
     }
 }
+
+@Suite("Auto-compaction decisions (etcd's periodic and revision modes)")
+struct AutoCompactorTests {
+    @Test("revision mode keeps the last N revisions, checked on its interval")
+    func revisionMode() {
+        var c = AutoCompactor(.revision(keep: 100), checkEveryMs: 1_000)
+        #expect(c.tick(now: 0, revision: 50, compacted: 0) == nil)  // nothing old enough
+        #expect(c.tick(now: 500, revision: 500, compacted: 0) == nil)  // not time to check yet
+        #expect(c.tick(now: 1_000, revision: 500, compacted: 0) == 400)
+        #expect(c.tick(now: 2_000, revision: 450, compacted: 400) == nil)  // nothing new to drop
+        #expect(c.tick(now: 3_000, revision: 1_000, compacted: 400) == 900)
+    }
+
+    @Test("periodic mode compacts to the revision it sampled one retention ago")
+    func periodicMode() {
+        var c = AutoCompactor(.periodic(retentionMs: 60_000))  // samples every 6 s
+        var compactedTo: [Int64] = []
+        var compacted: Int64 = 0
+        for t in stride(from: Int64(0), through: 180_000, by: 1_000) {
+            let revision = 1 + t / 100  // 10 writes a second
+            if let r = c.tick(now: t, revision: revision, compacted: compacted) {
+                compactedTo.append(r)
+                compacted = r
+                #expect(revision - r >= 600 && revision - r <= 660, "kept \(revision - r) revisions at \(t) ms")
+            }
+        }
+        #expect(compactedTo.first == 1)  // at 60 s: the revision sampled at 0 s
+        #expect(compactedTo.count == 21)  // one per sample from 60 s to 180 s
+        c.reset()
+        #expect(c.tick(now: 181_000, revision: 2_000, compacted: compacted) == nil)  // a fresh window
+    }
+}
