@@ -116,16 +116,24 @@ extension EtcdClient {
         return done.futureResult
     }
 
-    /// clientv3's `waitDeletes`: until no key under `prefix` has a create revision ≤ `maxCreate`
-    /// (each time, wait for the newest such key to go).
-    func waitDeletes(_ prefix: String, maxCreate: Int64) -> EventLoopFuture<Void> {
+    /// The oldest (or, with `newest`, the newest) key under `prefix` by create revision —
+    /// clientv3's WithFirstCreate / WithLastCreate — optionally among those created at or
+    /// before `maxCreate`.
+    static func byCreate(_ prefix: String, newest: Bool = false, maxCreate: Int64 = 0) -> Etcdserverpb_RangeRequest {
         var r = Etcdserverpb_RangeRequest()
         r.key = Data(prefix.utf8)
         r.rangeEnd = Data(prefixRangeEnd(Array(prefix.utf8)))
         r.sortTarget = .create
-        r.sortOrder = .descend
+        r.sortOrder = newest ? .descend : .ascend
         r.limit = 1
         r.maxCreateRevision = maxCreate
+        return r
+    }
+
+    /// clientv3's `waitDeletes`: until no key under `prefix` has a create revision ≤ `maxCreate`
+    /// (each time, wait for the newest such key to go).
+    func waitDeletes(_ prefix: String, maxCreate: Int64) -> EventLoopFuture<Void> {
+        let r = Self.byCreate(prefix, newest: true, maxCreate: maxCreate)
         return unary("/etcdserverpb.KV/Range", r, as: Etcdserverpb_RangeResponse.self).flatMap { resp in
             guard let last = resp.kvs.first else { return self.loop.makeSucceededVoidFuture() }
             let key = String(decoding: last.key, as: UTF8.self)
@@ -154,12 +162,7 @@ extension EtcdClient {
         put.lease = session.lease
         var get = Etcdserverpb_RangeRequest()
         get.key = Data(key.utf8)
-        var owner = Etcdserverpb_RangeRequest()
-        owner.key = Data(prefix.utf8)
-        owner.rangeEnd = Data(prefixRangeEnd(Array(prefix.utf8)))
-        owner.sortTarget = .create
-        owner.sortOrder = .ascend
-        owner.limit = 1
+        let owner = Self.byCreate(prefix)
         func op(_ build: (inout Etcdserverpb_RequestOp) -> Void) -> Etcdserverpb_RequestOp {
             var o = Etcdserverpb_RequestOp()
             build(&o)
@@ -201,13 +204,7 @@ extension EtcdClient {
     /// The current leader of `name` (the oldest key under it), if any.
     public func leader(_ name: String) -> EventLoopFuture<EtcdKV?> {
         let prefix = name.hasSuffix("/") ? name : name + "/"
-        var r = Etcdserverpb_RangeRequest()
-        r.key = Data(prefix.utf8)
-        r.rangeEnd = Data(prefixRangeEnd(Array(prefix.utf8)))
-        r.sortTarget = .create
-        r.sortOrder = .ascend
-        r.limit = 1
-        return unary("/etcdserverpb.KV/Range", r, as: Etcdserverpb_RangeResponse.self).map {
+        return unary("/etcdserverpb.KV/Range", Self.byCreate(prefix), as: Etcdserverpb_RangeResponse.self).map {
             $0.kvs.first.map(EtcdKV.init)
         }
     }

@@ -16,6 +16,17 @@ func startEdgeApp(env: [String: String] = [:]) throws -> (Child, Int) {
     return (app, port)
 }
 
+/// The mesh path without a registry: a server sidecar in front of the app on `appPort`, and a
+/// client sidecar whose static endpoints for "edge" are the server's inbound listener.
+func twoSidecars(appPort: Int) throws -> (server: SidecarUnderTest, client: SidecarUnderTest) {
+    let server = try SidecarUnderTest(
+        service: "edge", registry: "none", appPort: appPort, app: nil, waitForRegistration: false)
+    let client = try SidecarUnderTest(
+        service: "client", registry: "none", appPort: try freePort(), app: nil,
+        extra: ["--endpoints", "edge=\(server.inbound)"], waitForRegistration: false)
+    return (server, client)
+}
+
 /// Runs Resources/upgrade_client.py; returns its output lines.
 func upgradeThrough(_ proxy: String, service: String, _ messages: [String]) throws -> [String] {
     let c = try Child("/usr/bin/python3", [upgradeClient, proxy, service] + messages)
@@ -57,11 +68,7 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
 @Suite(.serialized) struct ProxyEdgeTests {
     @Test func anUpgradeBecomesATunnelThroughTwoSidecarsWithoutLosingEarlyBytes() throws {
         let (app, port) = try startEdgeApp()
-        let server = try SidecarUnderTest(
-            service: "edge", registry: "none", appPort: port, app: nil, waitForRegistration: false)
-        let client = try SidecarUnderTest(
-            service: "client", registry: "none", appPort: try freePort(), app: nil,
-            extra: ["--endpoints", "edge=\(server.inbound)"], waitForRegistration: false)
+        let (server, client) = try twoSidecars(appPort: port)
 
         let out = try upgradeThrough(client.outbound, service: "edge", ["hello", "over the tunnel", "bye"])
         #expect(
@@ -236,11 +243,7 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
 
     @Test func largeRequestBodiesStreamThroughTwoSidecarsIntact() throws {
         let (app, port) = try startEdgeApp()
-        let server = try SidecarUnderTest(
-            service: "edge", registry: "none", appPort: port, app: nil, waitForRegistration: false)
-        let client = try SidecarUnderTest(
-            service: "client", registry: "none", appPort: try freePort(), app: nil,
-            extra: ["--endpoints", "edge=\(server.inbound)"], waitForRegistration: false)
+        let (server, client) = try twoSidecars(appPort: port)
         // 20 MiB of varied bytes: far past any buffer (64 KiB are held; the rest streams).
         let dir = try TempDirectory()
         let file = dir.url.appendingPathComponent("upload.bin")
