@@ -61,9 +61,21 @@ final class TCPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
             context.close(promise: nil)
             return
         }
+        // One of the cluster's max_connections slots per upstream connection; none free: the
+        // client's connection is closed at once (a TCP proxy has no request to queue).
+        let (opened, timeout) = ctx.brain.withCluster(cluster) { c, _ -> (Bool, Nanos) in
+            guard c.gate.tryOpenConnection() else { return (false, 0) }
+            c.attemptStarted(ep)
+            return (true, c.config.connectTimeout)
+        }
+        guard opened else {
+            ctx.metrics.inc("tandem_local_answers_total", [("side", "tcp"), ("reason", "overflow")])
+            context.close(promise: nil)
+            return
+        }
         retry?.attemptStarted(endpoint: ep.id)
-        ctx.brain.withCluster(cluster) { c, _ in c.attemptStarted(ep) }
-        let timeout = ctx.brain.withCluster(cluster) { c, _ in c.config.connectTimeout }
+        let slots = ctx.pools.slots
+        let cluster = self.cluster
         let glue = TCPGlue(partner: context.channel)
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         ClientBootstrap(group: context.eventLoop)
@@ -79,11 +91,13 @@ final class TCPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
                 let t = nowNanos()
                 switch r {
                 case .success(let ch):
+                    ch.closeFuture.whenComplete { _ in slots.closed(cluster) }
                     me.ctx.brain.withCluster(me.cluster) { c, _ in
                         c.attemptFinished(ep, .response(status: 200), latency: t - now, now: t)
                     }
                     me.connected(ch)
                 case .failure:
+                    slots.closed(cluster)
                     guard var state = me.retry else { return }
                     let next = me.ctx.brain.withCluster(me.cluster) { c, rng -> RetryState.Next in
                         c.attemptFinished(ep, .connectFailure, latency: t - now, now: t)

@@ -394,6 +394,32 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
         #expect(after.isDisjoint(with: zoneA) && !after.contains("?") && !after.isEmpty, "\(after)")
         withExtendedLifetime((reg, local, remote, client)) {}
     }
+
+    @Test func tcpProxyConnectionsCountAgainstMaxConnections() throws {
+        let (app, port) = try startEdgeApp()
+        let local = try freePort()
+        let dir = try TempDirectory()
+        let file = dir.url.appendingPathComponent("client.lua")
+        try """
+        return {
+          upstreams = { edge = { port = \(local), protocol = "tcp" } },
+          clusters = { edge = { limits = { max_connections = 1 } } },
+          endpoints = { edge = { "127.0.0.1:\(port)" } },
+        }
+        """.write(to: file, atomically: true, encoding: .utf8)
+        let client = try SidecarUnderTest(
+            service: "client", registry: "none", appPort: try freePort(), app: nil, extra: ["--config", file.path],
+            waitForRegistration: false)
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+            .appendingPathComponent("Resources/tcp_slots_client.py").path
+        let c = try Child("/usr/bin/python3", [script, String(local)])
+        var lines: [String] = []
+        while let l = c.readLine() { lines.append(l) }
+        #expect(lines == ["first HTTP/1.1 200 OK", "second closed", "third HTTP/1.1 200 OK"], "\(lines)")
+        let metrics = try http("http://\(client.admin)/metrics").body
+        #expect(metrics.contains(#"tandem_local_answers_total{side="tcp",reason="overflow"}"#), "\(metrics)")
+        withExtendedLifetime((app, client, dir)) {}
+    }
 }
 
 /// sha256 of a string, by the system's sha256sum (the tests have no crypto library).
