@@ -201,8 +201,6 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     }
 
     private var connectTimeout: Nanos = 0
-    /// A retry of this request holds one of the cluster's max_retries slots.
-    private var retrying = false
 
     private func connectAndSend(_ ep: Endpoint) {
         let pool = handler.pool
@@ -442,18 +440,9 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         guard var retry else { return }
         let now = clock()
         let latency = now - attemptStart
-        let wasRetrying = retrying
-        let next = ctx.brain.withCluster(cluster) { c, rng -> RetryState.Next in
-            c.attemptFinished(ep, outcome, latency: latency, now: now)
-            if wasRetrying { c.gate.finishRetry() }
-            let next = retry.after(outcome, now: now, budget: &c.budget, rng: &rng)
-            // Envoy's max_retries: retries outstanding to the cluster (when configured).
-            if case .retry = next, !c.gate.tryStartRetry() {
-                return outcome.status == nil ? .giveUp(.overflow) : .finish
-            }
-            return next
+        let next = ctx.brain.withCluster(cluster) { c, rng in
+            c.afterAttempt(ep, outcome, latency: latency, now: now, retry: &retry, rng: &rng)
         }
-        if case .retry = next { retrying = true } else { retrying = false }
         self.retry = retry
         switch next {
         case .retry(let after):
@@ -671,12 +660,10 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         let now = clock()
         let latency = now - startedAt
         if admitted {
-            let retrying = self.retrying
+            let retry = self.retry
             ctx.brain.withCluster(cluster) { c, _ in
-                c.requestFinished(failed: failed, latency: latency, now: now)
-                if retrying { c.gate.finishRetry() }
+                c.requestFinished(failed: failed, latency: latency, now: now, retry: retry)
             }
-            self.retrying = false
         }
         ctx.inFlight.wrappingDecrement(ordering: .relaxed)
         let routeName = route?.name ?? "none"

@@ -228,9 +228,8 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         guard !finished, var retry else { return }
         let now = nowNanos()
         let latency = now - attemptStart
-        let next = ctx.brain.withCluster(cluster) { c, rng -> RetryState.Next in
-            c.attemptFinished(ep, .connectFailure, latency: latency, now: now)
-            return retry.after(.connectFailure, now: now, budget: &c.budget, rng: &rng)
+        let next = ctx.brain.withCluster(cluster) { c, rng in
+            c.afterAttempt(ep, .connectFailure, latency: latency, now: now, retry: &retry, rng: &rng)
         }
         self.retry = retry
         switch next {
@@ -472,7 +471,10 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         let now = nowNanos()
         let latency = now - startedAt
         if admitted {
-            ctx.brain.withCluster(cluster) { c, _ in c.requestFinished(failed: failed, latency: latency, now: now) }
+            let retry = self.retry
+            ctx.brain.withCluster(cluster) { c, _ in
+                c.requestFinished(failed: failed, latency: latency, now: now, retry: retry)
+            }
         }
         ctx.inFlight.wrappingDecrement(ordering: .relaxed)
         let routeName = route?.name ?? "none"

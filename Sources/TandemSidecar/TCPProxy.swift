@@ -92,22 +92,31 @@ final class TCPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
                 switch r {
                 case .success(let ch):
                     ch.closeFuture.whenComplete { _ in slots.closed(cluster) }
-                    me.ctx.brain.withCluster(me.cluster) { c, _ in
-                        c.attemptFinished(ep, .response(status: 200), latency: t - now, now: t)
+                    if var state = me.retry {
+                        // A connected attempt ends the retrying (and frees a max_retries slot).
+                        _ = me.ctx.brain.withCluster(me.cluster) { c, rng in
+                            c.afterAttempt(
+                                ep, .response(status: 200), latency: t - now, now: t, retry: &state, rng: &rng)
+                        }
+                        me.retry = state
                     }
                     me.connected(ch)
                 case .failure:
                     slots.closed(cluster)
                     guard var state = me.retry else { return }
-                    let next = me.ctx.brain.withCluster(me.cluster) { c, rng -> RetryState.Next in
-                        c.attemptFinished(ep, .connectFailure, latency: t - now, now: t)
-                        return state.after(.connectFailure, now: t, budget: &c.budget, rng: &rng)
+                    let next = me.ctx.brain.withCluster(me.cluster) { c, rng in
+                        c.afterAttempt(ep, .connectFailure, latency: t - now, now: t, retry: &state, rng: &rng)
                     }
                     me.retry = state
-                    if case .retry(let after) = next {
+                    switch next {
+                    case .retry(let after):
                         me.ctx.metrics.inc("tandem_retries_total", [("side", "tcp"), ("cluster", me.cluster)])
                         me.context?.eventLoop.scheduleTask(in: .nanoseconds(after)) { bound.value.connect() }
-                    } else {
+                    case .giveUp(let reason):
+                        me.ctx.metrics.inc(
+                            "tandem_local_answers_total", [("side", "tcp"), ("reason", reason.rawValue)])
+                        me.context?.close(promise: nil)
+                    case .finish:
                         me.ctx.metrics.inc(
                             "tandem_local_answers_total", [("side", "tcp"), ("reason", "upstream-connect-failure")])
                         me.context?.close(promise: nil)
@@ -169,7 +178,10 @@ final class TCPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
         if admitted {
             let now = nowNanos()
             let latency = now - startedAt
-            ctx.brain.withCluster(cluster) { c, _ in c.requestFinished(failed: false, latency: latency, now: now) }
+            let retry = self.retry
+            ctx.brain.withCluster(cluster) { c, _ in
+                c.requestFinished(failed: false, latency: latency, now: now, retry: retry)
+            }
         }
         context.fireChannelInactive()
     }

@@ -106,9 +106,31 @@ public struct ClusterState: Sendable {
         outlier.record(endpoint.id, outcome, hostCount: endpoints.count, now: now)
     }
 
-    /// Feeds the final outcome of an admitted request to the breaker and releases its slot.
-    public mutating func requestFinished(failed: Bool, latency: Nanos, now: Nanos) {
+    /// Decides after an attempt, for every proxy (HTTP/1.1, HTTP/2, TCP): the outcome goes to
+    /// the balancer and outlier detection, the max_retries slot the request's previous retry
+    /// held is released, then the retry policy and budget decide. A retry over max_retries
+    /// outstanding is not made: the upstream's answer stands, or 503 `overflow` without one.
+    public mutating func afterAttempt(
+        _ ep: Endpoint, _ outcome: AttemptOutcome, latency: Nanos, now: Nanos, retry: inout RetryState,
+        rng: inout SeededRandom
+    ) -> RetryState.Next {
+        attemptFinished(ep, outcome, latency: latency, now: now)
+        if retry.holdsRetrySlot {
+            gate.finishRetry()
+            retry.holdsRetrySlot = false
+        }
+        let next = retry.after(outcome, now: now, budget: &budget, rng: &rng)
+        guard case .retry = next else { return next }
+        guard gate.tryStartRetry() else { return outcome.status == nil ? .giveUp(.overflow) : .finish }
+        retry.holdsRetrySlot = true
+        return next
+    }
+
+    /// Feeds the final outcome of an admitted request to the breaker and releases its slots
+    /// (its request slot, and the retry slot its last retry still holds).
+    public mutating func requestFinished(failed: Bool, latency: Nanos, now: Nanos, retry: RetryState? = nil) {
         gate.finishRequest()
+        if retry?.holdsRetrySlot == true { gate.finishRetry() }
         breaker.record(failed: failed, latency: latency, now: now)
     }
 }

@@ -214,6 +214,9 @@ public struct RetryState: Sendable {
     public let bodyFits: Bool
     public private(set) var attempts = 0
     public private(set) var tried: [String] = []
+    /// This request's retry holds one of the cluster's max_retries slots (see
+    /// `ClusterState.afterAttempt`).
+    public internal(set) var holdsRetrySlot = false
 
     /// `bodyBytes`: the buffered request body's size, or nil when it is streamed (never replayed).
     public init(policy: RetryPolicy, method: String, bodyBytes: Int?, start: Nanos, timeout: Nanos?) {

@@ -382,6 +382,48 @@ import Testing
         return c
     }
 
+    /// Regression: max_retries was checked by the HTTP/1.1 proxy alone (the HTTP/2 and TCP
+    /// proxies retried without a slot). The decision now lives here, for every proxy.
+    @Test func maxRetriesSlotsAreTakenByRetriesAndGivenBackWhenTheyEnd() {
+        var config = ClusterConfig(name: "users")
+        config.limits.maxRetries = 1
+        var c = ClusterState(config)
+        c.setEndpoints([Endpoint(id: "u0", host: "127.0.0.1", port: 8000)])
+        let ep = c.endpoints[0]
+        var rng = SeededRandom(seed: 1)
+        func request() -> RetryState {
+            RetryState(policy: RetryPolicy(), method: "GET", bodyBytes: 0, start: 0, timeout: nil)
+        }
+        var a = request()
+        var b = request()
+        a.attemptStarted(endpoint: "u0")
+        b.attemptStarted(endpoint: "u0")
+        let first = c.afterAttempt(ep, .connectFailure, latency: 1, now: 1, retry: &a, rng: &rng)
+        // The only slot is taken: no upstream answer to keep, so 503 overflow…
+        let second = c.afterAttempt(ep, .connectFailure, latency: 1, now: 1, retry: &b, rng: &rng)
+        // …and with an answer (a retriable 503), that answer stands.
+        var d = request()
+        d.attemptStarted(endpoint: "u0")
+        let third = c.afterAttempt(ep, .response(status: 503), latency: 1, now: 1, retry: &d, rng: &rng)
+        guard case .retry = first else {
+            Issue.record("expected a retry, got \(first)")
+            return
+        }
+        #expect(second == .giveUp(.overflow) && third == .finish)
+        #expect(a.holdsRetrySlot && c.gate.retries == 1)
+        // The retry's attempt ends (answered): its slot goes back.
+        a.attemptStarted(endpoint: "u0")
+        let done = c.afterAttempt(ep, .response(status: 200), latency: 1, now: 2, retry: &a, rng: &rng)
+        #expect(done == .finish && !a.holdsRetrySlot && c.gate.retries == 0)
+        // A request that ends while its retry still holds the slot gives it back too.
+        var e = request()
+        e.attemptStarted(endpoint: "u0")
+        _ = c.afterAttempt(ep, .connectFailure, latency: 1, now: 3, retry: &e, rng: &rng)
+        #expect(c.gate.retries == 1)
+        c.requestFinished(failed: true, latency: 1, now: 4, retry: e)
+        #expect(c.gate.retries == 0)
+    }
+
     @Test func avoidsTriedEndpointsAndEjectedOnes() {
         var c = cluster(3)
         var rng = SeededRandom(seed: 1)
