@@ -69,10 +69,9 @@ enum EtcdServices {
         }
         unary("/etcdserverpb.KV/Put", Etcdserverpb_PutRequest.self) {
             (pb, n, done: @escaping (Result<Etcdserverpb_PutResponse, EtcdStatus>) -> Void) in
-            if n.refuseOverQuota(cost: pb.key.count + pb.value.count, quota: limits.quotaBackendBytes) {
-                return done(.failure(.noSpace))
-            }
-            write(n, .put(PutRequest(pb)), done) {
+            let cmd = StoreCommand.put(PutRequest(pb))
+            if n.refuseOverQuota(cmd, quota: limits.quotaBackendBytes) { return done(.failure(.noSpace)) }
+            write(n, cmd, done) {
                 if case .put(let r) = $0 { return Etcdserverpb_PutResponse(r, header: n.header) } else { return nil }
             }
         }
@@ -91,8 +90,7 @@ enum EtcdServices {
             } catch {
                 return done(.failure(error))
             }
-            let cost = putBytes(t)
-            if cost > 0, n.refuseOverQuota(cost: cost, quota: limits.quotaBackendBytes) {
+            if MVCCStore.bytesWritten(.txn(t)) > 0, n.refuseOverQuota(.txn(t), quota: limits.quotaBackendBytes) {
                 return done(.failure(.noSpace))
             }
             write(n, .txn(t), done) {
@@ -110,9 +108,10 @@ enum EtcdServices {
         }
         unary("/etcdserverpb.Lease/LeaseGrant", Etcdserverpb_LeaseGrantRequest.self) {
             (pb, n, done: @escaping (Result<Etcdserverpb_LeaseGrantResponse, EtcdStatus>) -> Void) in
-            if n.refuseOverQuota(cost: 0, quota: limits.quotaBackendBytes) { return done(.failure(.noSpace)) }
             let id = pb.id != 0 ? pb.id : n.newLeaseID()
-            write(n, .leaseGrant(id: id, ttl: pb.ttl), done) {
+            let cmd = StoreCommand.leaseGrant(id: id, ttl: pb.ttl)
+            if n.refuseOverQuota(cmd, quota: limits.quotaBackendBytes) { return done(.failure(.noSpace)) }
+            write(n, cmd, done) {
                 guard case .leaseGrant(let id, let ttl, let rev) = $0 else { return nil }
                 var r = Etcdserverpb_LeaseGrantResponse()
                 r.header = n.header.with(revision: rev)
@@ -280,20 +279,6 @@ enum EtcdServices {
             responder.finish()
         }
         return m
-    }
-
-    /// Bytes a txn would write (keys and values of its puts, nested txns included).
-    static func putBytes(_ t: TxnRequest) -> Int {
-        func ops(_ list: [RequestOp]) -> Int {
-            list.reduce(0) { sum, op in
-                switch op {
-                case .put(let p): return sum + p.key.count + p.value.count
-                case .txn(let inner): return sum + putBytes(inner)
-                default: return sum
-                }
-            }
-        }
-        return max(ops(t.success), ops(t.failure))
     }
 
     /// Proposes a write and maps the applied result (or a store error) to a response.

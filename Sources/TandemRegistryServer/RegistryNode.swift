@@ -65,10 +65,10 @@ public final class RegistryNode: @unchecked Sendable {
     /// all accept again once compaction brings it under the quota.
     var noSpaceAlarm = false
 
-    /// Whether a write of `cost` bytes would take the store past `quota`: it is then refused
-    /// with etcd's "database space exceeded".
-    func refuseOverQuota(cost: Int, quota: Int64) -> Bool {
-        let over = Int64(replica.store.approximateBytes + cost + MVCCStore.versionOverhead) > quota
+    /// Whether `command` is refused by the backend quota (the store's decision); raises or
+    /// lifts the alarm accordingly.
+    func refuseOverQuota(_ command: StoreCommand, quota: Int64) -> Bool {
+        let over = replica.store.wouldExceed(quota: quota, with: command)
         noSpaceAlarm = over
         return over
     }

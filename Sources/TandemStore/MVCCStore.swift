@@ -85,6 +85,31 @@ public struct MVCCStore: Sendable {
     public static let versionOverhead = 64
     static func cost(_ k: Bytes, _ v: Version) -> Int { k.count + v.value.count + versionOverhead }
 
+    /// etcd's backend quota check, made before proposing: whether `command` could take the
+    /// store past `quota` bytes (every put it may make counted as a new version).
+    public func wouldExceed(quota: Int64, with command: StoreCommand) -> Bool {
+        Int64(approximateBytes + Self.bytesWritten(command) + Self.versionOverhead) > quota
+    }
+
+    /// The most a command can add: its puts' keys and values plus one version each (a txn
+    /// counts the larger of its branches, nested txns included).
+    public static func bytesWritten(_ command: StoreCommand) -> Int {
+        func ops(_ list: [RequestOp]) -> Int {
+            list.reduce(0) { sum, op in
+                switch op {
+                case .put(let p): return sum + p.key.count + p.value.count + versionOverhead
+                case .txn(let t): return sum + max(ops(t.success), ops(t.failure))
+                default: return sum
+                }
+            }
+        }
+        switch command {
+        case .put(let p): return p.key.count + p.value.count + versionOverhead
+        case .txn(let t): return max(ops(t.success), ops(t.failure))
+        default: return 0
+        }
+    }
+
     // MARK: - Apply
 
     /// Applies a client's command exactly once: returns nil, changing nothing, if a command

@@ -319,6 +319,26 @@ struct StoreSizeTests {
         #expect(restored.approximateBytes == s.approximateBytes)
     }
 
+    @Test("the quota check counts what a command could add: puts, the larger txn branch, nothing for deletes")
+    func quotaCheck() {
+        var s = MVCCStore()
+        s.put("a", String(repeating: "x", count: 900))  // 1 + 900 + 64 = 965 bytes held
+        let quota: Int64 = 2_000
+        let small = StoreCommand.put(PutRequest(key: b("b"), value: Array(repeating: 1, count: 800)))
+        let big = StoreCommand.put(PutRequest(key: b("b"), value: Array(repeating: 1, count: 1_000)))
+        #expect(!s.wouldExceed(quota: quota, with: small))
+        #expect(s.wouldExceed(quota: quota, with: big))
+        let txn = StoreCommand.txn(
+            TxnRequest(
+                success: [.put(PutRequest(key: b("c"), value: [1]))],
+                failure: [
+                    .txn(TxnRequest(success: [.put(PutRequest(key: b("d"), value: Array(repeating: 1, count: 1_000)))]))
+                ]))
+        #expect(MVCCStore.bytesWritten(txn) == 1 + 1_000 + MVCCStore.versionOverhead)
+        #expect(s.wouldExceed(quota: quota, with: txn))
+        #expect(MVCCStore.bytesWritten(.deleteRange(DeleteRangeRequest(key: b("a")))) == 0)
+    }
+
     @Test("deleting and compacting gives the space back")
     func compactionShrinks() {
         var s = MVCCStore()
