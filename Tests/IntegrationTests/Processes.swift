@@ -55,7 +55,13 @@ final class Child {
     }
 
     /// Reads lines until one satisfies `match`; returns every line read.
-    func readUntil(_ match: (String) -> Bool) -> [String] {
+    /// A hang guard, not a timing assertion: if no line matches within `giveUpAfter` seconds the
+    /// child is killed, its output ends and the caller's check fails instead of blocking the run.
+    func readUntil(giveUpAfter seconds: Double = 120, _ match: (String) -> Bool) -> [String] {
+        let pid = process.processIdentifier
+        let guardKill = DispatchWorkItem { kill(pid, SIGKILL) }
+        DispatchQueue.global().asyncAfter(deadline: .now() + seconds, execute: guardKill)
+        defer { guardKill.cancel() }
         var lines: [String] = []
         while let l = readLine() {
             lines.append(l)

@@ -27,6 +27,18 @@ func twoSidecars(appPort: Int) throws -> (server: SidecarUnderTest, client: Side
     return (server, client)
 }
 
+/// A client sidecar without a registry, configured by the Lua config `lua` (written to a file in
+/// the returned directory, which must outlive the sidecar).
+func configuredClient(_ lua: String, extra: [String] = []) throws -> (SidecarUnderTest, TempDirectory) {
+    let dir = try TempDirectory()
+    let file = dir.url.appendingPathComponent("client.lua")
+    try lua.write(to: file, atomically: true, encoding: .utf8)
+    let client = try SidecarUnderTest(
+        service: "client", registry: "none", appPort: try freePort(), app: nil, extra: ["--config", file.path] + extra,
+        waitForRegistration: false)
+    return (client, dir)
+}
+
 /// Runs Resources/upgrade_client.py; returns its output lines.
 func upgradeThrough(_ proxy: String, service: String, _ messages: [String]) throws -> [String] {
     let c = try Child("/usr/bin/python3", [upgradeClient, proxy, service] + messages)
@@ -112,23 +124,17 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
     @Test func routeTimeoutsAnswer504AndPerTryTimeoutsRetryElsewhere() throws {
         let (slow, slowPort) = try startEdgeApp(env: ["SLOW_MS": "1500", "INSTANCE": "slow"])
         let (fast, fastPort) = try startEdgeApp(env: ["INSTANCE": "fast"])
-        let dir = try TempDirectory()
-        let file = dir.url.appendingPathComponent("client.lua")
-        try """
-        return {
-          routes = {
-            { name = "hurry", host = "edge", path = "/slow", cluster = "edge", timeout_ms = 300 },
-            { name = "patient", host = "edge", cluster = "edge", timeout_ms = 5000,
-              retry = { attempts = 2, per_try_timeout_ms = 250, retry_on = "per-try-timeout" } },
-          },
-        }
-        """.write(to: file, atomically: true, encoding: .utf8)
-        let client = try SidecarUnderTest(
-            service: "client", registry: "none", appPort: try freePort(), app: nil,
-            extra: [
-                "--config", file.path, "--endpoints", "edge=127.0.0.1:\(slowPort),127.0.0.1:\(fastPort)",
-                "--balancer", "round_robin",
-            ], waitForRegistration: false)
+        let (client, dir) = try configuredClient(
+            """
+            return {
+              routes = {
+                { name = "hurry", host = "edge", path = "/slow", cluster = "edge", timeout_ms = 300 },
+                { name = "patient", host = "edge", cluster = "edge", timeout_ms = 5000,
+                  retry = { attempts = 2, per_try_timeout_ms = 250, retry_on = "per-try-timeout" } },
+              },
+            }
+            """,
+            extra: ["--endpoints", "edge=127.0.0.1:\(slowPort),127.0.0.1:\(fastPort)", "--balancer", "round_robin"])
 
         // The route's timeout covers the whole request: 504 with the reason, not a hang.
         let timedOut = try http("http://\(client.outbound)/slow?ms=3000", host: "edge")
@@ -196,19 +202,15 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
     @Test func activeHealthChecksTakeASickEndpointOutAndBringItBack() throws {
         let (a, aPort) = try startEdgeApp(env: ["INSTANCE": "a"])
         let (b, bPort) = try startEdgeApp(env: ["INSTANCE": "b"])
-        let dir = try TempDirectory()
-        let file = dir.url.appendingPathComponent("client.lua")
-        try """
-        return {
-          clusters = { edge = { balancer = "round_robin", outlier = { consecutive_5xx = 1000 },
-            health_check = { path = "/health", interval_ms = 100, timeout_ms = 500,
-                             unhealthy_threshold = 2, healthy_threshold = 2 } } },
-          endpoints = { edge = { "127.0.0.1:\(aPort)", "127.0.0.1:\(bPort)" } },
-        }
-        """.write(to: file, atomically: true, encoding: .utf8)
-        let client = try SidecarUnderTest(
-            service: "client", registry: "none", appPort: try freePort(), app: nil, extra: ["--config", file.path],
-            waitForRegistration: false)
+        let (client, dir) = try configuredClient(
+            """
+            return {
+              clusters = { edge = { balancer = "round_robin", outlier = { consecutive_5xx = 1000 },
+                health_check = { path = "/health", interval_ms = 100, timeout_ms = 500,
+                                 unhealthy_threshold = 2, healthy_threshold = 2 } } },
+              endpoints = { edge = { "127.0.0.1:\(aPort)", "127.0.0.1:\(bPort)" } },
+            }
+            """)
         func instances(_ n: Int) throws -> Set<String> {
             var seen = Set<String>()
             for _ in 0..<n { seen.insert(try http("http://\(client.outbound)/", host: "edge").body) }
@@ -297,17 +299,13 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
 
     @Test func maxConnectionsQueuesPendingRequestsAndOverflowsBeyondThem() throws {
         let (app, port) = try startEdgeApp()
-        let dir = try TempDirectory()
-        let file = dir.url.appendingPathComponent("client.lua")
-        try """
-        return {
-          clusters = { edge = { limits = { max_connections = 1, max_pending_requests = 1 } } },
-          endpoints = { edge = { "127.0.0.1:\(port)" } },
-        }
-        """.write(to: file, atomically: true, encoding: .utf8)
-        let client = try SidecarUnderTest(
-            service: "client", registry: "none", appPort: try freePort(), app: nil, extra: ["--config", file.path],
-            waitForRegistration: false)
+        let (client, dir) = try configuredClient(
+            """
+            return {
+              clusters = { edge = { limits = { max_connections = 1, max_pending_requests = 1 } } },
+              endpoints = { edge = { "127.0.0.1:\(port)" } },
+            }
+            """)
         func background(_ path: String) throws -> (Process, Pipe) {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
@@ -346,19 +344,15 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
     @Test func maxRetriesCapsRetriesWhenConfigured() throws {
         let (slow, slowPort) = try startEdgeApp(env: ["SLOW_MS": "1500", "INSTANCE": "slow"])
         let (fast, fastPort) = try startEdgeApp(env: ["INSTANCE": "fast"])
-        let dir = try TempDirectory()
-        let file = dir.url.appendingPathComponent("client.lua")
-        try """
-        return {
-          routes = { { name = "r", host = "edge", cluster = "edge",
-                       retry = { attempts = 2, per_try_timeout_ms = 250, retry_on = "per-try-timeout" } } },
-          clusters = { edge = { balancer = "round_robin", limits = { max_retries = 0 } } },
-          endpoints = { edge = { "127.0.0.1:\(slowPort)", "127.0.0.1:\(fastPort)" } },
-        }
-        """.write(to: file, atomically: true, encoding: .utf8)
-        let client = try SidecarUnderTest(
-            service: "client", registry: "none", appPort: try freePort(), app: nil, extra: ["--config", file.path],
-            waitForRegistration: false)
+        let (client, dir) = try configuredClient(
+            """
+            return {
+              routes = { { name = "r", host = "edge", cluster = "edge",
+                           retry = { attempts = 2, per_try_timeout_ms = 250, retry_on = "per-try-timeout" } } },
+              clusters = { edge = { balancer = "round_robin", limits = { max_retries = 0 } } },
+              endpoints = { edge = { "127.0.0.1:\(slowPort)", "127.0.0.1:\(fastPort)" } },
+            }
+            """)
         // Round robin alternates; every try on the slow instance times out, and with no retry
         // allowed it is answered 503 overflow instead of being retried on the fast one.
         var answers: [String] = []
@@ -398,18 +392,14 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
     @Test func tcpProxyConnectionsCountAgainstMaxConnections() throws {
         let (app, port) = try startEdgeApp()
         let local = try freePort()
-        let dir = try TempDirectory()
-        let file = dir.url.appendingPathComponent("client.lua")
-        try """
-        return {
-          upstreams = { edge = { port = \(local), protocol = "tcp" } },
-          clusters = { edge = { limits = { max_connections = 1 } } },
-          endpoints = { edge = { "127.0.0.1:\(port)" } },
-        }
-        """.write(to: file, atomically: true, encoding: .utf8)
-        let client = try SidecarUnderTest(
-            service: "client", registry: "none", appPort: try freePort(), app: nil, extra: ["--config", file.path],
-            waitForRegistration: false)
+        let (client, dir) = try configuredClient(
+            """
+            return {
+              upstreams = { edge = { port = \(local), protocol = "tcp" } },
+              clusters = { edge = { limits = { max_connections = 1 } } },
+              endpoints = { edge = { "127.0.0.1:\(port)" } },
+            }
+            """)
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
             .appendingPathComponent("Resources/tcp_slots_client.py").path
         let c = try Child("/usr/bin/python3", [script, String(local)])
