@@ -88,7 +88,8 @@ let package = Package(
             swiftSettings: swiftSettings),
         .systemLibrary(
             name: "CLuaJIT", pkgConfig: "luajit", providers: [.apt(["libluajit-5.1-dev"])]),
-        .target(name: "TandemLua", dependencies: ["CLuaJIT"], swiftSettings: swiftSettings),
+        .target(
+            name: "TandemLua", dependencies: ["CLuaJIT", "TandemCore"], exclude: ["lua"], swiftSettings: swiftSettings),
         .executableTarget(
             name: "tandem",
             dependencies: [

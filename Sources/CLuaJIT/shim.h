@@ -4,6 +4,7 @@
 #include <lualib.h>
 #include <lauxlib.h>
 #include <luajit.h>
+#include "policy_vm.h"
 
 static inline void clj_pop(lua_State *L, int n) { lua_settop(L, -(n)-1); }
 static inline const char *clj_tostring(lua_State *L, int i) { return lua_tolstring(L, i, NULL); }

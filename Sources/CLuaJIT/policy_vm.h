@@ -1,0 +1,357 @@
+/* The C half of Tandem's policy VM (docs/LUA.md). Everything that can raise a Lua error or
+   allocate inside a VM lives here, never in a Swift frame:
+   - a capped allocator (the VM's memory limit; refusing yields LUA_ERRMEM),
+   - a count hook armed once for the VM's lifetime that enforces an instruction budget and a
+     wall-clock deadline per call, escalating to every instruction once tripped so that a
+     `pcall` loop cannot swallow the limit,
+   - `pcall`/`xpcall` replacements that re-raise limit and out-of-memory errors,
+   - pattern functions (`string.find/match/gmatch/gsub`) that refuse a subject/pattern pair whose
+     worst-case backtracking exceeds a step budget (the matcher is C: hooks cannot stop it),
+   - the host bridge: one C closure per host operation that copies its arguments out, calls the
+     Swift dispatcher, and pushes the results Swift left in the VM's result buffer. */
+#ifndef TANDEM_POLICY_VM_H
+#define TANDEM_POLICY_VM_H
+#include <lua.h>
+#include <lualib.h>
+#include <lauxlib.h>
+#include <luajit.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+enum { CLJ_NIL = 0, CLJ_BOOL = 1, CLJ_NUMBER = 2, CLJ_STRING = 3, CLJ_OTHER = 4 };
+enum { CLJ_MAX_ARGS = 8, CLJ_MAX_RESULTS = 8, CLJ_HOOK_PERIOD = 1000 };
+enum { CLJ_LIMIT_NONE = 0, CLJ_LIMIT_INSTRUCTIONS = 1, CLJ_LIMIT_TIME = 2 };
+
+typedef struct { int type; double number; const char *string; size_t length; } clj_arg;
+typedef struct { int type; double number; size_t offset, length; } clj_result;
+
+struct clj_vm;
+/* Returns 0 with results set, or 1 with results[0] the error message (a string). */
+typedef int (*clj_dispatch_fn)(void *host, int op, const clj_arg *args, int nargs, struct clj_vm *vm);
+
+typedef struct clj_vm {
+    /* memory */
+    size_t used, limit, peak;
+    int refused;
+    /* per call budgets (written by the host before each call) */
+    long long periods_left;   /* instruction budget in units of CLJ_HOOK_PERIOD */
+    long long deadline_ns;    /* CLOCK_MONOTONIC; 0 = no wall-clock limit (simulation) */
+    int tripped;              /* which limit stopped the current call (CLJ_LIMIT_*) */
+    /* patterns */
+    double pattern_steps;     /* worst-case backtracking steps allowed per pattern call */
+    size_t pattern_subject;   /* hard cap on a pattern subject, bytes */
+    size_t pattern_length;    /* cap on a pattern's own length, bytes */
+    /* host bridge */
+    void *host;
+    clj_dispatch_fn dispatch;
+    clj_result results[CLJ_MAX_RESULTS];
+    int nresults;
+    char *buffer;
+    size_t buffer_used, buffer_capacity;
+    int entry_ref;
+} clj_vm;
+
+static inline long long clj_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void *clj_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+    clj_vm *vm = (clj_vm *)ud;
+    size_t old = ptr ? osize : 0;
+    if (nsize == 0) {
+        if (ptr) { vm->used -= osize; free(ptr); }
+        return NULL;
+    }
+    if (nsize > old && vm->used - old + nsize > vm->limit) { vm->refused = 1; return NULL; }
+    void *p = realloc(ptr, nsize);
+    if (p) {
+        vm->used = vm->used - old + nsize;
+        if (vm->used > vm->peak) vm->peak = vm->used;
+    }
+    return p;
+}
+
+static inline clj_vm *clj_vm_of(lua_State *L) {
+    void *ud = NULL;
+    lua_getallocf(L, &ud);
+    return (clj_vm *)ud;
+}
+
+static void clj_limit_hook(lua_State *L, lua_Debug *ar) {
+    (void)ar;
+    clj_vm *vm = clj_vm_of(L);
+    if (!vm->tripped) {
+        vm->periods_left -= 1;
+        if (vm->periods_left < 0) vm->tripped = CLJ_LIMIT_INSTRUCTIONS;
+        else if (vm->deadline_ns != 0 && clj_now_ns() > vm->deadline_ns) vm->tripped = CLJ_LIMIT_TIME;
+        else return;
+        /* From now on every instruction raises, so no handler can keep running. */
+        lua_sethook(L, clj_limit_hook, LUA_MASKCOUNT, 1);
+    }
+    if (vm->tripped == CLJ_LIMIT_TIME) luaL_error(L, "policy-limit: time budget exhausted");
+    luaL_error(L, "policy-limit: instruction budget exhausted");
+}
+
+/* Before each call into the VM. */
+static inline void clj_arm(clj_vm *vm, long long instructions, long long time_ns) {
+    vm->periods_left = instructions / CLJ_HOOK_PERIOD;
+    vm->deadline_ns = time_ns > 0 ? clj_now_ns() + time_ns : 0;
+    vm->tripped = CLJ_LIMIT_NONE;
+    vm->refused = 0;
+}
+/* After a call that tripped: back to one hook per period. */
+static inline void clj_rearm(lua_State *L) { lua_sethook(L, clj_limit_hook, LUA_MASKCOUNT, CLJ_HOOK_PERIOD); }
+
+static int clj_safe_pcall(lua_State *L) {
+    clj_vm *vm = clj_vm_of(L);
+    luaL_checkany(L, 1);
+    int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+    if (status != 0 && (vm->tripped || status == LUA_ERRMEM || vm->refused)) return lua_error(L);
+    lua_pushboolean(L, status == 0);
+    lua_insert(L, 1);
+    return lua_gettop(L);
+}
+
+static int clj_safe_xpcall(lua_State *L) {
+    clj_vm *vm = clj_vm_of(L);
+    luaL_checkany(L, 1);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_settop(L, 2);
+    lua_insert(L, 1); /* handler, f */
+    int status = lua_pcall(L, 0, LUA_MULTRET, 1);
+    if (status != 0 && (vm->tripped || status == LUA_ERRMEM || vm->refused)) return lua_error(L);
+    lua_pushboolean(L, status == 0);
+    lua_replace(L, 1);
+    return lua_gettop(L);
+}
+
+/* Worst-case backtracking of Lua's matcher: each `*`, `+` or `-` quantifier can try every
+   length, nested, so the steps grow as subject^(quantifiers), times every start position when
+   the pattern is not anchored (gmatch and gsub always scan). */
+static double clj_pattern_cost(const char *p, size_t plen, size_t n, int scans) {
+    int quantifiers = 0;
+    size_t i = 0;
+    int anchored = plen > 0 && p[0] == '^' && !scans;
+    if (anchored) i = 1;
+    while (i < plen) {
+        char c = p[i];
+        size_t end = i + 1;
+        if (c == '%') {
+            if (i + 1 < plen && (p[i + 1] == 'b')) { i += 4; continue; }
+            if (i + 1 < plen && (p[i + 1] == 'f')) {
+                i += 2;
+                if (i < plen && p[i] == '[') { /* skip the set below */ c = '['; } else continue;
+            } else end = i + 2;
+        }
+        if (c == '[') {
+            size_t j = i + 1;
+            if (j < plen && p[j] == '^') j++;
+            if (j < plen && p[j] == ']') j++;
+            while (j < plen && p[j] != ']') { if (p[j] == '%') j++; j++; }
+            end = j + 1;
+        }
+        if (end < plen && (p[end] == '*' || p[end] == '+' || p[end] == '-')) { quantifiers++; end++; }
+        else if (end < plen && p[end] == '?') end++;
+        i = end;
+    }
+    double cost = 1.0, base = (double)(n + 1);
+    for (int q = 0; q < quantifiers + (anchored ? 0 : 1); q++) cost *= base;
+    return cost;
+}
+
+/* Upvalue 1: the original string function; upvalue 2: its name; upvalue 3: 1 for gmatch/gsub. */
+static int clj_bounded_pattern(lua_State *L) {
+    clj_vm *vm = clj_vm_of(L);
+    size_t n = 0, plen = 0;
+    const char *name = lua_tostring(L, lua_upvalueindex(2));
+    int scans = (int)lua_tointeger(L, lua_upvalueindex(3));
+    if (lua_type(L, 1) == LUA_TSTRING && lua_type(L, 2) == LUA_TSTRING) {
+        lua_tolstring(L, 1, &n);
+        const char *p = lua_tolstring(L, 2, &plen);
+        int plain = !scans && lua_gettop(L) >= 4 && lua_toboolean(L, 4) && name[0] == 'f';
+        if (n > vm->pattern_subject)
+            return luaL_error(L, "string.%s: a %d-byte subject is over the %d-byte pattern limit", name, (int)n,
+                              (int)vm->pattern_subject);
+        if (plen > vm->pattern_length)
+            return luaL_error(L, "string.%s: a %d-byte pattern is over the %d-byte limit", name, (int)plen,
+                              (int)vm->pattern_length);
+        if (!plain) {
+            double cost = clj_pattern_cost(p, plen, n, scans);
+            if (cost > vm->pattern_steps)
+                return luaL_error(L,
+                                  "string.%s: pattern \"%s\" could backtrack ~%.0e steps over a %d-byte subject "
+                                  "(limit %.0e); anchor it, use fewer quantifiers, or a shorter subject",
+                                  name, p, cost, (int)n, vm->pattern_steps);
+        }
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* ---- host bridge ---- */
+
+static inline int clj_buffer_reserve(clj_vm *vm, size_t more) {
+    if (vm->buffer_used + more <= vm->buffer_capacity) return 0;
+    size_t cap = vm->buffer_capacity ? vm->buffer_capacity : 4096;
+    while (cap < vm->buffer_used + more) cap *= 2;
+    char *b = (char *)realloc(vm->buffer, cap);
+    if (!b) return -1;
+    vm->buffer = b;
+    vm->buffer_capacity = cap;
+    return 0;
+}
+static inline void clj_result_nil(clj_vm *vm) {
+    if (vm->nresults < CLJ_MAX_RESULTS) vm->results[vm->nresults++] = (clj_result){CLJ_NIL, 0, 0, 0};
+}
+static inline void clj_result_bool(clj_vm *vm, int b) {
+    if (vm->nresults < CLJ_MAX_RESULTS) vm->results[vm->nresults++] = (clj_result){CLJ_BOOL, b ? 1 : 0, 0, 0};
+}
+static inline void clj_result_number(clj_vm *vm, double d) {
+    if (vm->nresults < CLJ_MAX_RESULTS) vm->results[vm->nresults++] = (clj_result){CLJ_NUMBER, d, 0, 0};
+}
+static inline int clj_result_string(clj_vm *vm, const char *s, size_t len) {
+    if (vm->nresults >= CLJ_MAX_RESULTS || clj_buffer_reserve(vm, len) != 0) return -1;
+    if (len) memcpy(vm->buffer + vm->buffer_used, s, len);
+    vm->results[vm->nresults++] = (clj_result){CLJ_STRING, 0, vm->buffer_used, len};
+    vm->buffer_used += len;
+    return 0;
+}
+
+/* Upvalue 1: the operation number. */
+static int clj_host_call(lua_State *L) {
+    clj_vm *vm = clj_vm_of(L);
+    int op = (int)lua_tointeger(L, lua_upvalueindex(1));
+    int n = lua_gettop(L);
+    if (n > CLJ_MAX_ARGS) return luaL_error(L, "too many arguments (at most %d)", CLJ_MAX_ARGS);
+    clj_arg args[CLJ_MAX_ARGS];
+    for (int i = 0; i < n; i++) {
+        int t = lua_type(L, i + 1);
+        args[i].string = NULL;
+        args[i].length = 0;
+        args[i].number = 0;
+        switch (t) {
+        case LUA_TNIL: case LUA_TNONE: args[i].type = CLJ_NIL; break;
+        case LUA_TBOOLEAN: args[i].type = CLJ_BOOL; args[i].number = lua_toboolean(L, i + 1); break;
+        case LUA_TNUMBER: args[i].type = CLJ_NUMBER; args[i].number = lua_tonumber(L, i + 1); break;
+        case LUA_TSTRING: args[i].type = CLJ_STRING; args[i].string = lua_tolstring(L, i + 1, &args[i].length); break;
+        default: args[i].type = CLJ_OTHER; break;
+        }
+    }
+    vm->nresults = 0;
+    vm->buffer_used = 0;
+    int status = vm->dispatch(vm->host, op, args, n, vm);
+    if (status != 0) {
+        luaL_where(L, 1);
+        if (vm->nresults > 0 && vm->results[0].type == CLJ_STRING)
+            lua_pushlstring(L, vm->buffer + vm->results[0].offset, vm->results[0].length);
+        else
+            lua_pushliteral(L, "host call failed");
+        lua_concat(L, 2);
+        return lua_error(L);
+    }
+    int count = vm->nresults;
+    for (int i = 0; i < count; i++) {
+        clj_result r = vm->results[i];
+        switch (r.type) {
+        case CLJ_BOOL: lua_pushboolean(L, (int)r.number); break;
+        case CLJ_NUMBER: lua_pushnumber(L, r.number); break;
+        case CLJ_STRING: lua_pushlstring(L, vm->buffer + r.offset, r.length); break;
+        default: lua_pushnil(L); break;
+        }
+    }
+    return count;
+}
+
+/* Lua: host_function(op) -> a C closure for host operation `op` (used by the trusted prelude). */
+static int clj_make_host_function(lua_State *L) {
+    lua_Integer op = luaL_checkinteger(L, 1);
+    lua_pushinteger(L, op);
+    lua_pushcclosure(L, clj_host_call, 1);
+    return 1;
+}
+
+static void clj_wrap_pattern(lua_State *L, const char *name, int scans) {
+    lua_getfield(L, -1, name);
+    lua_pushstring(L, name);
+    lua_pushinteger(L, scans);
+    lua_pushcclosure(L, clj_bounded_pattern, 3);
+    lua_setfield(L, -2, name);
+}
+
+/* Boot (run with lua_cpcall, so allocation failures are caught): opens the libraries policies
+   may use, bounds the pattern functions, seals the string metatable, and runs the prelude
+   (light userdata: a NUL-terminated chunk), whose returned entry function is kept by ref. */
+static int clj_boot(lua_State *L) {
+    const char *prelude = (const char *)lua_touserdata(L, 1);
+    clj_vm *vm = clj_vm_of(L);
+    lua_pushcfunction(L, luaopen_base); lua_pushstring(L, ""); lua_call(L, 1, 0);
+    lua_pushcfunction(L, luaopen_table); lua_pushstring(L, LUA_TABLIBNAME); lua_call(L, 1, 0);
+    lua_pushcfunction(L, luaopen_string); lua_pushstring(L, LUA_STRLIBNAME); lua_call(L, 1, 0);
+    lua_pushcfunction(L, luaopen_math); lua_pushstring(L, LUA_MATHLIBNAME); lua_call(L, 1, 0);
+    lua_pushcfunction(L, luaopen_bit); lua_pushstring(L, LUA_BITLIBNAME); lua_call(L, 1, 0);
+    lua_getglobal(L, "string");
+    clj_wrap_pattern(L, "find", 0);
+    clj_wrap_pattern(L, "match", 0);
+    clj_wrap_pattern(L, "gmatch", 1);
+    clj_wrap_pattern(L, "gsub", 1);
+    lua_pushnil(L);
+    lua_setfield(L, -2, "dump");
+    lua_pop(L, 1);
+    /* getmetatable("") answers false: the string metatable (whose __index is the real string
+       library) is out of reach. */
+    lua_pushliteral(L, "");
+    if (lua_getmetatable(L, -1)) {
+        lua_pushboolean(L, 0);
+        lua_setfield(L, -2, "__metatable");
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    lua_pushcfunction(L, clj_safe_pcall); lua_setglobal(L, "pcall");
+    lua_pushcfunction(L, clj_safe_xpcall); lua_setglobal(L, "xpcall");
+    lua_pushcfunction(L, clj_make_host_function); lua_setglobal(L, "__host_function");
+    if (luaL_loadbuffer(L, prelude, strlen(prelude), "=tandem-prelude") != 0) return lua_error(L);
+    lua_call(L, 0, 1);
+    if (lua_type(L, -1) != LUA_TFUNCTION) return luaL_error(L, "the prelude must return its entry function");
+    vm->entry_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return 0;
+}
+
+/* Creates a VM with a memory limit; JIT off (hooks only fire in the interpreter) and the count
+   hook armed for its whole life. Returns NULL if the state cannot be created. */
+static inline lua_State *clj_vm_open(clj_vm *vm) {
+    lua_State *L = lua_newstate(clj_alloc, vm);
+    if (!L) return NULL;
+    luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+    lua_sethook(L, clj_limit_hook, LUA_MASKCOUNT, CLJ_HOOK_PERIOD);
+    return L;
+}
+/* Runs clj_boot protected; on failure the message is at the top of the stack. */
+static inline int clj_vm_boot(lua_State *L, const char *prelude) {
+    return lua_cpcall(L, clj_boot, (void *)prelude);
+}
+/* entry(op, a, b) protected; results (up to 2) are left on the stack for the host to read. */
+static inline int clj_vm_enter(lua_State *L, clj_vm *vm, int op, double a, double b) {
+    lua_settop(L, 0);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, vm->entry_ref);
+    lua_pushinteger(L, op);
+    lua_pushnumber(L, a);
+    lua_pushnumber(L, b);
+    int status = lua_pcall(L, 3, 2, 0);
+    if (vm->tripped) clj_rearm(L);
+    return status;
+}
+static inline void clj_vm_collect(lua_State *L) { lua_gc(L, LUA_GCCOLLECT, 0); }
+static inline const char *clj_vm_string(lua_State *L, int idx, size_t *len) {
+    if (lua_type(L, idx) != LUA_TSTRING) { *len = 0; return NULL; }
+    return lua_tolstring(L, idx, len);
+}
+static inline double clj_vm_number(lua_State *L, int idx) {
+    return lua_type(L, idx) == LUA_TNUMBER ? lua_tonumber(L, idx) : -1;
+}
+
+#endif

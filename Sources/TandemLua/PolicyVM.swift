@@ -1,0 +1,811 @@
+import CLuaJIT
+import Foundation
+import TandemCore
+
+/// Bounds of one policy VM. Every call into policy code runs under `instructions` and
+/// `timeMs`; the VM as a whole under `memoryBytes`; the C pattern matcher under the pattern
+/// bounds (hooks cannot interrupt it).
+public struct PolicyLimits: Sendable, Equatable {
+    public var memoryBytes = 32 << 20
+    public var instructions = 10_000_000
+    /// 0 = no wall-clock limit (the simulator, where only the deterministic budget applies).
+    public var timeMs = 50
+    public var patternSteps: Double = 5e7
+    public var patternSubjectBytes = 1 << 20
+    public var patternBytes = 256
+    /// Request bodies a policy can read (`req:body()`) when its route buffers them.
+    public var bodyBytes = 1 << 20
+    public init() {}
+}
+
+/// One request as policies see it: read and changed by `on_request`, its answer by
+/// `on_response`, and summarised for `on_log`. The sidecar fills it and applies the changes.
+public final class PolicyExchange {
+    public var method: String
+    public var path: String
+    public var query: String
+    public var authority: String
+    public var remoteAddress: String
+    public var route: String
+    public var side: String
+    public var caller: String?
+    public var requestID: String
+    public var headers: [(name: String, value: String)]
+    public var params: [String: String] = [:]
+    /// Verified end-user claims, as JSON values (issue: identity).
+    public var claims: [String: LuaValue] = [:]
+    public var body: [UInt8]?
+    /// Routing overrides a policy set.
+    public var upstream: String?
+    public var timeoutMs: Int?
+    public var retries: Int?
+    public var requestChanged = false
+
+    public var status = 0
+    /// The sidecar's reason for a local answer (circuit-open, timeout, …), nil for the upstream's.
+    public var reason: String?
+    public var responseHeaders: [(name: String, value: String)] = []
+    public var responseBody: [UInt8]?
+    public var upstreamEndpoint: String?
+    public var attempts = 0
+    public var durationMs: Double = 0
+    public var responseChanged = false
+
+    var generation: Double = 0
+
+    public init(
+        method: String, path: String, query: String = "", authority: String = "", remoteAddress: String = "",
+        route: String = "", side: String = "outbound", headers: [(name: String, value: String)] = [],
+        requestID: String = ""
+    ) {
+        self.method = method
+        self.path = path
+        self.query = query
+        self.authority = authority
+        self.remoteAddress = remoteAddress
+        self.route = route
+        self.side = side
+        self.headers = headers
+        self.requestID = requestID
+    }
+}
+
+/// What a policy decided to answer instead of (or in place of) the upstream.
+public struct PolicyDecision: Equatable, Sendable {
+    public var kind: String  // respond | deny | redirect
+    public var status: Int
+    public var body: [UInt8]
+    public var headers: [(name: String, value: String)]
+    public static func == (a: Self, b: Self) -> Bool {
+        a.kind == b.kind && a.status == b.status && a.body == b.body
+            && a.headers.elementsEqual(b.headers, by: { $0.name == $1.name && $0.value == $1.value })
+    }
+}
+
+public struct PolicyFailure: Error, Equatable, Sendable, CustomStringConvertible {
+    public var policy: String
+    public var reason: PolicyFailureReason
+    public var message: String
+    public var description: String { "policy \(policy): \(reason.rawValue): \(message)" }
+}
+
+public enum PolicyOutcome: Equatable, Sendable {
+    case proceed
+    case decision(PolicyDecision)
+    case failed(PolicyFailure)
+}
+
+/// Host operations callable from the prelude. Their Lua names (raw values) are what the
+/// prelude's `H.<name>` calls and what the LuaLS definitions describe; their numbers are their
+/// positions here.
+enum HostOp: String, CaseIterable {
+    case loadSource = "load_source", policyName = "policy_name", phase
+    case reqField = "req_field", reqHeader = "req_header", reqHeaderAt = "req_header_at"
+    case reqSetHeader = "req_set_header", reqAddHeader = "req_add_header", reqQueryArg = "req_query_arg"
+    case reqQueryArgsJSON = "req_query_args_json", reqParam = "req_param", reqBody = "req_body", reqSet = "req_set"
+    case reqRoute = "req_route", reqClaim = "req_claim"
+    case resField = "res_field", resHeader = "res_header", resHeaderAt = "res_header_at"
+    case resSetHeader = "res_set_header", resAddHeader = "res_add_header", resBody = "res_body"
+    case decide, decideHeader = "decide_header", now, random, randomInt = "random_int", log, base64, url
+    case tokenBucket = "token_bucket", window, shared, metricDeclare = "metric_declare", metric
+
+    static let table: [HostOp] = allCases
+    var number: Int32 { Int32(Self.table.firstIndex(of: self)! + 1) }
+    /// `local OPS = { name = n, … }` for the prelude.
+    static var luaTable: String {
+        "local OPS = {" + table.map { "\($0.rawValue)=\($0.number)" }.joined(separator: ",") + "}\n"
+    }
+}
+
+/// A sandboxed LuaJIT VM holding every loaded policy, each in its own environment. Not
+/// thread-safe: one per event loop, used only from it (the sidecar), or from one thread.
+public final class PolicyVM: @unchecked Sendable {
+    public let limits: PolicyLimits
+    public let services: PolicyServices
+    private let vm: UnsafeMutablePointer<clj_vm>
+    private let L: OpaquePointer
+    private var rng: SeededRandom
+    private var names: [Int: String] = [:]
+    private var loaded: Set<Int> = []
+
+    private enum Phase { case idle, load, initialize, request, response, log }
+    private var phase = Phase.idle
+    private var current: PolicyExchange?
+    private var currentPolicy = 0
+    private var decision: PolicyDecision?
+    private var pending: (file: String, source: String, config: String, path: String)?
+    private var loadingName: String?
+    private var frozenNow: Int64 = 0
+    private var nextGeneration: Double = 1
+
+    public static let maxPolicies = 10_000
+
+    public init(limits: PolicyLimits = PolicyLimits(), services: PolicyServices, seed: UInt64 = 1) throws(PolicyFailure)
+    {
+        self.limits = limits
+        self.services = services
+        self.rng = SeededRandom(seed: seed)
+        vm = UnsafeMutablePointer<clj_vm>.allocate(capacity: 1)
+        vm.initialize(to: clj_vm())
+        vm.pointee.limit = limits.memoryBytes
+        vm.pointee.pattern_steps = limits.patternSteps
+        vm.pointee.pattern_subject = limits.patternSubjectBytes
+        vm.pointee.pattern_length = limits.patternBytes
+        vm.pointee.dispatch = Bridge.dispatch
+        guard let state = clj_vm_open(vm) else {
+            vm.deallocate()
+            throw PolicyFailure(policy: "-", reason: .memory, message: "cannot create a Lua state")
+        }
+        L = state
+        vm.pointee.host = Unmanaged.passUnretained(self).toOpaque()
+        clj_arm(vm, Int64(max(limits.instructions, 5_000_000)), 0)
+        let status = (HostOp.luaTable + preludeSource).withCString { clj_vm_boot(L, $0) }
+        if status != 0 {
+            let m = message()
+            lua_close(L)
+            free(vm.pointee.buffer)
+            vm.deallocate()
+            throw PolicyFailure(policy: "-", reason: .error, message: "policy prelude failed: \(m)")
+        }
+    }
+
+    deinit {
+        lua_close(L)
+        free(vm.pointee.buffer)
+        vm.deallocate()
+    }
+
+    /// Bytes the VM's Lua heap holds now, and at most so far.
+    public var memoryBytes: Int { vm.pointee.used }
+    public var peakMemoryBytes: Int { vm.pointee.peak }
+
+    /// The name of a loaded policy.
+    public func name(of id: Int) -> String? { names[id] }
+
+    /// Compiles `source` (text only) in a fresh environment, validates `config` against the
+    /// policy's schema (errors name `path`), declares its shared dicts and runs its `init`.
+    /// Replaces a policy already loaded under `id` only if all of that succeeds.
+    @discardableResult
+    public func load(
+        id: Int, file: String, source: String, config: LuaValue? = nil, path: String = "config"
+    )
+        throws(PolicyFailure) -> String
+    {
+        guard id > 0, loaded.count < Self.maxPolicies || loaded.contains(id) else {
+            throw PolicyFailure(policy: file, reason: .error, message: "more than \(Self.maxPolicies) policies")
+        }
+        pending = (file, source, config.map { $0.json } ?? "", path)
+        loadingName = nil
+        phase = .load
+        currentPolicy = id
+        frozenNow = services.clock()
+        defer {
+            pending = nil
+            phase = .idle
+        }
+        // A staging id keeps the old version serving until the new one has loaded.
+        let staging = -id
+        let r = enter(op: 1, Double(staging), 0)
+        if case .failed(var f) = r {
+            f.policy = loadingName ?? file
+            throw f
+        }
+        // Swap in: the prelude stored it under `staging`; move it.
+        names[id] = loadingName ?? file
+        loaded.insert(id)
+        _ = enter(op: 7, Double(staging), Double(id))
+        return names[id]!
+    }
+
+    public func unload(id: Int) {
+        _ = enter(op: 2, Double(id), 0)
+        loaded.remove(id)
+        names[id] = nil
+    }
+
+    /// Runs `on_request` of policy `id` for `ex`.
+    public func onRequest(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome { call(3, id, ex, .request) }
+    /// Runs `on_response`: `ex.status` and `ex.responseHeaders` hold the answer (upstream or local).
+    public func onResponse(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome { call(4, id, ex, .response) }
+    /// Runs `on_log` after the exchange completed (read-only).
+    public func onLog(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome { call(5, id, ex, .log) }
+    /// Forgets the exchange's `ctx`; call once after its last hook.
+    public func end(_ ex: PolicyExchange) {
+        guard ex.generation != 0 else { return }
+        _ = enter(op: 6, ex.generation, 0)
+        ex.generation = 0
+    }
+
+    private func call(_ op: Int32, _ id: Int, _ ex: PolicyExchange, _ p: Phase) -> PolicyOutcome {
+        guard let name = names[id] else {
+            return .failed(PolicyFailure(policy: "#\(id)", reason: .error, message: "no such policy"))
+        }
+        if ex.generation == 0 {
+            ex.generation = nextGeneration
+            nextGeneration += 1
+        }
+        current = ex
+        phase = p
+        currentPolicy = id
+        decision = nil
+        frozenNow = services.clock()
+        defer {
+            current = nil
+            phase = .idle
+        }
+        var outcome = enter(op: op, Double(id), ex.generation)
+        if case .decision = outcome, let d = decision {
+            if p == .log { outcome = .proceed } else { outcome = .decision(d) }
+        }
+        if case .failed(var f) = outcome {
+            f.policy = name
+            outcome = .failed(f)
+        }
+        switch outcome {
+        case .proceed: services.count(policy: name, decision: nil, failure: nil)
+        case .decision(let d): services.count(policy: name, decision: d.kind, failure: nil)
+        case .failed(let f): services.count(policy: name, decision: nil, failure: f.reason)
+        }
+        return outcome
+    }
+
+    /// entry(op, a, b) under the per-call limits; classifies a failure.
+    private func enter(op: Int32, _ a: Double, _ b: Double) -> PolicyOutcome {
+        clj_arm(vm, Int64(limits.instructions), Int64(limits.timeMs) * 1_000_000)
+        let status = clj_vm_enter(L, vm, op, a, b)
+        if status == 0 {
+            return clj_vm_number(L, 1) == 1 ? .decision(decision ?? emptyDecision) : .proceed
+        }
+        let text = message()
+        let reason: PolicyFailureReason
+        switch Int32(vm.pointee.tripped) {
+        case Int32(CLJ_LIMIT_INSTRUCTIONS): reason = .instructions
+        case Int32(CLJ_LIMIT_TIME): reason = .timeout
+        default: reason = (status == LUA_ERRMEM || vm.pointee.refused != 0) ? .memory : .error
+        }
+        if reason == .memory {
+            clj_vm_collect(L)
+        }
+        let m = reason == .memory ? "memory limit of \(limits.memoryBytes) bytes reached (\(text))" : text
+        return .failed(PolicyFailure(policy: "", reason: reason, message: m))
+    }
+
+    private var emptyDecision: PolicyDecision { PolicyDecision(kind: "respond", status: 500, body: [], headers: []) }
+
+    private func message() -> String {
+        var len = 0
+        guard let p = clj_vm_string(L, -1, &len) else {
+            return "error object is a \(String(cString: lua_typename(L, lua_type(L, -1))))"
+        }
+        return String(decoding: UnsafeRawBufferPointer(start: p, count: len), as: UTF8.self)
+    }
+
+    // MARK: host calls
+
+    fileprivate func dispatch(_ opNumber: Int32, _ args: UnsafePointer<clj_arg>?, _ n: Int) -> Int32 {
+        let i = Int(opNumber) - 1
+        guard i >= 0, i < HostOp.table.count else { return fail("unknown host operation") }
+        let a = Args(base: args, count: n)
+        do {
+            try run(HostOp.table[i], a)
+            return 0
+        } catch let e as HostError {
+            return fail(e.message)
+        } catch {
+            return fail("\(error)")
+        }
+    }
+
+    private struct HostError: Error {
+        var message: String
+        init(_ m: String) { message = m }
+    }
+
+    private struct Args {
+        let base: UnsafePointer<clj_arg>?
+        let count: Int
+        func type(_ i: Int) -> Int32 { i < count ? base![i].type : Int32(CLJ_NIL) }
+        func isNil(_ i: Int) -> Bool { type(i) == Int32(CLJ_NIL) }
+        func string(_ i: Int) -> String? {
+            guard i < count, base![i].type == Int32(CLJ_STRING), let p = base![i].string else { return nil }
+            return String(decoding: UnsafeRawBufferPointer(start: p, count: base![i].length), as: UTF8.self)
+        }
+        func bytes(_ i: Int) -> [UInt8]? {
+            guard i < count, base![i].type == Int32(CLJ_STRING), let p = base![i].string else { return nil }
+            return Array(UnsafeRawBufferPointer(start: p, count: base![i].length))
+        }
+        func number(_ i: Int) -> Double? {
+            i < count && base![i].type == Int32(CLJ_NUMBER) ? base![i].number : nil
+        }
+        func bool(_ i: Int) -> Bool { i < count && base![i].type == Int32(CLJ_BOOL) && base![i].number != 0 }
+        func need(_ i: Int, _ what: String) throws -> String {
+            guard let s = string(i) else { throw HostError("\(what): expected a string") }
+            return s
+        }
+        func needNumber(_ i: Int, _ what: String) throws -> Double {
+            guard let d = number(i) else { throw HostError("\(what): expected a number") }
+            return d
+        }
+    }
+
+    private func fail(_ m: String) -> Int32 {
+        vm.pointee.nresults = 0
+        vm.pointee.buffer_used = 0
+        put(m)
+        return 1
+    }
+
+    private func put(_ s: String) {
+        var s = s
+        s.withUTF8 { b in
+            b.withMemoryRebound(to: CChar.self) { _ = clj_result_string(vm, $0.baseAddress, $0.count) }
+        }
+    }
+    private func put(_ b: [UInt8]) {
+        b.withUnsafeBufferPointer { p in
+            p.withMemoryRebound(to: CChar.self) { _ = clj_result_string(vm, $0.baseAddress, $0.count) }
+        }
+    }
+    private func put(_ d: Double) { clj_result_number(vm, d) }
+    private func put(_ b: Bool) { clj_result_bool(vm, b ? 1 : 0) }
+    private func putNil() { clj_result_nil(vm) }
+    private func put(_ v: LuaValue?) {
+        switch v {
+        case .string(let s): put(s)
+        case .number(let d): put(d)
+        case .bool(let b): put(b)
+        case .table(let t): put(LuaValue.table(t).json); put(true)
+        case .nil, .none: putNil()
+        }
+    }
+
+    /// The exchange a request/response handle refers to; a handle kept past its request fails.
+    private func exchange(_ a: Args) throws -> PolicyExchange {
+        guard let ex = current, let g = a.number(0), g == ex.generation else {
+            throw HostError("a request object was used outside the hook that received it")
+        }
+        return ex
+    }
+
+    private func requirePhase(_ p: Phase, _ what: String) throws {
+        guard phase == p else {
+            let name: String
+            switch p {
+            case .request: name = "on_request"
+            case .response: name = "on_response"
+            case .initialize: name = "init"
+            default: name = "\(p)"
+            }
+            throw HostError("\(what) is only allowed in \(name)")
+        }
+    }
+
+    private func run(_ op: HostOp, _ a: Args) throws {
+        switch op {
+        case .loadSource:
+            guard phase == .load, let p = pending else { throw HostError("load_source outside a load") }
+            put(p.file)
+            put(p.source)
+            put(p.config)
+            put(p.path)
+        case .policyName:
+            loadingName = a.string(0)
+        case .phase:
+            if phase == .load || phase == .initialize { phase = a.string(0) == "init" ? .initialize : .load }
+        case .reqField:
+            let ex = try exchange(a)
+            switch a.string(1) ?? "" {
+            case "method": put(ex.method)
+            case "path": put(ex.path)
+            case "query": put(ex.query)
+            case "authority": put(ex.authority)
+            case "remote_addr": put(ex.remoteAddress)
+            case "route": put(ex.route)
+            case "side": put(ex.side)
+            case "id": put(ex.requestID)
+            case "caller": if let c = ex.caller { put(c) } else { putNil() }
+            default: putNil()
+            }
+        case .reqHeader, .resHeader:
+            let ex = try exchange(a)
+            let name = try a.need(1, "header name").lowercased()
+            var nth = Int(a.number(2) ?? 1)
+            for h in (op == .reqHeader ? ex.headers : ex.responseHeaders) where h.name.lowercased() == name {
+                nth -= 1
+                if nth == 0 {
+                    put(h.value)
+                    return
+                }
+            }
+            putNil()
+        case .reqHeaderAt, .resHeaderAt:
+            let ex = try exchange(a)
+            let list = op == .reqHeaderAt ? ex.headers : ex.responseHeaders
+            let i = Int(a.number(1) ?? 0) - 1
+            if list.indices.contains(i) {
+                put(list[i].name.lowercased())
+                put(list[i].value)
+            } else {
+                putNil()
+            }
+        case .reqSetHeader, .reqAddHeader, .resSetHeader, .resAddHeader:
+            let ex = try exchange(a)
+            let onRequest = op == .reqSetHeader || op == .reqAddHeader
+            try requirePhase(
+                onRequest ? .request : .response, onRequest ? "changing request headers" : "changing response headers")
+            let name = try a.need(1, "header name")
+            let value = a.string(2)
+            try Self.checkHeader(name, value)
+            var list = onRequest ? ex.headers : ex.responseHeaders
+            if op == .reqSetHeader || op == .resSetHeader {
+                let lower = name.lowercased()
+                list.removeAll { $0.name.lowercased() == lower }
+            } else if value == nil {
+                throw HostError("add_header: expected a value")
+            }
+            if let value { list.append((name, value)) }
+            if onRequest {
+                ex.headers = list
+                ex.requestChanged = true
+            } else {
+                ex.responseHeaders = list
+                ex.responseChanged = true
+            }
+        case .reqQueryArg:
+            let ex = try exchange(a)
+            let name = try a.need(1, "query argument name")
+            if let v = Self.queryArgs(ex.query).first(where: { $0.0 == name }) { put(v.1) } else { putNil() }
+        case .reqQueryArgsJSON:
+            let ex = try exchange(a)
+            var t: [LuaKey: LuaValue] = [:]
+            for (k, v) in Self.queryArgs(ex.query) where t[.string(k)] == nil { t[.string(k)] = .string(v) }
+            put(LuaValue.table(t).json)
+        case .reqParam:
+            let ex = try exchange(a)
+            if let v = ex.params[try a.need(1, "param name")] { put(v) } else { putNil() }
+        case .reqBody:
+            let ex = try exchange(a)
+            if let b = ex.body { put(b) } else { putNil() }
+        case .resBody:
+            let ex = try exchange(a)
+            if let b = ex.responseBody { put(b) } else { putNil() }
+        case .reqSet:
+            let ex = try exchange(a)
+            try requirePhase(.request, "changing the request")
+            let field = try a.need(1, "field")
+            let value = try a.need(2, field)
+            switch field {
+            case "path":
+                guard value.hasPrefix("/"), !value.contains(where: { $0 == " " || $0 == "?" || $0.isNewline }) else {
+                    throw HostError("set_path: a path starts with / and has no spaces, '?' or line breaks")
+                }
+                ex.path = value
+            case "query":
+                guard !value.contains(where: { $0 == " " || $0.isNewline || $0 == "#" }) else {
+                    throw HostError("set_query: no spaces, '#' or line breaks")
+                }
+                ex.query = value.hasPrefix("?") ? String(value.dropFirst()) : value
+            case "method":
+                guard !value.isEmpty, value.utf8.allSatisfy({ (65...90).contains($0) }) else {
+                    throw HostError("set_method: expected an upper-case method like GET")
+                }
+                ex.method = value
+            default: throw HostError("cannot set \(field)")
+            }
+            ex.requestChanged = true
+        case .reqRoute:
+            let ex = try exchange(a)
+            try requirePhase(.request, "routing")
+            switch a.string(1) ?? "" {
+            case "upstream": ex.upstream = try a.need(2, "set_upstream")
+            case "timeout_ms":
+                let ms = try a.needNumber(2, "set_timeout")
+                guard ms >= 1, ms <= 3_600_000 else { throw HostError("set_timeout: 1…3600000 ms") }
+                ex.timeoutMs = Int(ms)
+            case "retries":
+                let n = try a.needNumber(2, "set_retries")
+                guard n >= 0, n <= 10 else { throw HostError("set_retries: 0…10") }
+                ex.retries = Int(n)
+            default: throw HostError("unknown routing field")
+            }
+        case .reqClaim:
+            let ex = try exchange(a)
+            put(ex.claims[try a.need(1, "claim name")])
+        case .resField:
+            let ex = try exchange(a)
+            guard phase == .response || phase == .log else { throw HostError("the response is not known yet") }
+            switch a.string(1) ?? "" {
+            case "status": put(Double(ex.status))
+            case "reason": if let r = ex.reason { put(r) } else { putNil() }
+            case "upstream": if let u = ex.upstreamEndpoint { put(u) } else { putNil() }
+            case "attempts": put(Double(ex.attempts))
+            case "duration_ms": put(ex.durationMs)
+            default: putNil()
+            }
+        case .decide:
+            guard phase == .request || phase == .response else {
+                throw HostError("decisions are for on_request and on_response")
+            }
+            decision = PolicyDecision(
+                kind: a.string(0) ?? "respond", status: Int(a.number(1) ?? 500), body: a.bytes(2) ?? [], headers: [])
+        case .decideHeader:
+            let name = try a.need(0, "header name")
+            let value = try a.need(1, "header value")
+            try Self.checkHeader(name, value)
+            decision?.headers.append((name, value))
+        case .now:
+            put(Double(frozenNow))
+        case .random:
+            put(Double(rng.next() >> 11) / Double(1 << 53))
+        case .randomInt:
+            let lo = try a.needNumber(0, "random_int"), hi = try a.needNumber(1, "random_int")
+            guard lo <= hi, lo.rounded() == lo, hi.rounded() == hi, hi - lo < 1e15 else {
+                throw HostError("random_int: expected integers a <= b")
+            }
+            put(lo + Double(rng.next() % UInt64(hi - lo + 1)))
+        case .log:
+            let level = PolicyLogLine.Level(rawValue: Int(a.number(1) ?? 1)) ?? .info
+            let name = names[currentPolicy] ?? loadingName ?? "?"
+            services.log(
+                PolicyLogLine(policy: name, level: level, message: a.string(2) ?? "", fieldsJSON: a.string(3)),
+                now: frozenNow)
+        case .base64:
+            let s = a.bytes(0) ?? []
+            if a.bool(1) {
+                var text = String(decoding: s, as: UTF8.self)
+                if a.bool(2) {
+                    text = text.replacingOccurrences("-", "+").replacingOccurrences("_", "/")
+                }
+                while text.utf8.count % 4 != 0 { text += "=" }
+                guard let d = Data(base64Encoded: text) else { putNil(); return }
+                put([UInt8](d))
+            } else {
+                put(Data(s).base64EncodedString())
+            }
+        case .url:
+            let s = a.string(0) ?? ""
+            if a.bool(1) {
+                if let d = s.replacingOccurrences("+", " ").removingPercentEncoding { put(d) } else { putNil() }
+            } else {
+                put(s.addingPercentEncoding(withAllowedCharacters: Self.unreserved) ?? s)
+            }
+        case .tokenBucket:
+            let key = (names[currentPolicy] ?? "?") + "|" + (try a.need(1, "key"))
+            let r = services.tokenBucket(
+                key, rate: try a.needNumber(2, "rate"), burst: try a.needNumber(3, "burst"), now: frozenNow)
+            put(r.ok)
+            put(Double(r.retryAfterMs))
+            put(Double(r.remaining))
+        case .window:
+            let key = (names[currentPolicy] ?? "?") + "|" + (try a.need(1, "key"))
+            let limit = try a.needNumber(2, "limit"), seconds = try a.needNumber(3, "seconds")
+            let r = services.window(key, limit: Int(limit), seconds: seconds, now: frozenNow)
+            put(r.ok)
+            put(Double(r.remaining))
+            put(r.resetSeconds)
+        case .shared:
+            try shared(a)
+        case .metricDeclare:
+            try requirePhase(.initialize, "declaring a metric")
+            let policy = names[currentPolicy] ?? loadingName ?? "?"
+            let labels = (a.string(3) ?? "").split(separator: ",").map(String.init)
+            let buckets = (a.string(4) ?? "").split(separator: ",").compactMap { Double($0) }
+            switch services.declareMetric(
+                policy: policy, kind: try a.need(1, "kind"), name: try a.need(2, "metric name"), labels: labels,
+                buckets: buckets)
+            {
+            case .success(let id): put(Double(id))
+            case .failure(.badName(let n)):
+                throw HostError("metric \"\(n)\": names and labels are lower-case letters, digits and _")
+            case .failure(.conflict(let n)): throw HostError("metric \"\(n)\" is already declared with other labels")
+            case .failure(.tooMany): throw HostError("too many metrics")
+            }
+        case .metric:
+            guard phase != .initialize else { throw HostError("metrics are recorded in hooks, not init") }
+            var labels: [String] = []
+            for i in 2..<max(2, a.count) { labels.append(a.string(i) ?? a.number(i).map { format($0) } ?? "") }
+            services.record(metric: Int(try a.needNumber(0, "metric")), try a.needNumber(1, "value"), labels: labels)
+        }
+    }
+
+    private func shared(_ a: Args) throws {
+        let dict = try a.need(0, "dict name")
+        let op = try a.need(1, "operation")
+        if op == "exists" {
+            put(services.hasDict(dict))
+            return
+        }
+        if op == "declare" {
+            if let e = services.declareDict(dict, capacity: Int(a.number(2) ?? 0)) { throw HostError(e) }
+            return
+        }
+        let key = try a.need(2, "key")
+        guard key.utf8.count <= 65_535 else { throw HostError("shared dict keys are at most 65535 bytes") }
+        func value(_ i: Int) throws -> SharedValue {
+            if let s = a.string(i) {
+                guard s.utf8.count <= 1 << 20 else { throw HostError("shared dict values are at most 1 MiB") }
+                return .string(s)
+            }
+            if let d = a.number(i) { return .number(d) }
+            if a.type(i) == Int32(CLJ_BOOL) { return .bool(a.bool(i)) }
+            throw HostError("shared dict values are strings, numbers or booleans")
+        }
+        func ttl(_ i: Int) -> Int64? { a.number(i).map { Int64($0 * 1000) } }
+        let now = frozenNow
+        switch op {
+        case "get":
+            let v = services.withDict(dict) { $0.get(key, now: now) } ?? nil
+            switch v {
+            case .string(let s): put(s)
+            case .number(let d): put(d)
+            case .bool(let b): put(b)
+            case nil: putNil()
+            }
+        case "set":
+            let v = try value(3)
+            let forcible = services.withDict(dict) { $0.set(key, v, ttlMs: ttl(4), now: now) } ?? false
+            put(true)
+            putNil()
+            put(forcible)
+        case "add":
+            let v = try value(3)
+            switch services.withDict(dict, { $0.add(key, v, ttlMs: ttl(4), now: now) }) {
+            case .stored(let forcible)?:
+                put(true)
+                putNil()
+                put(forcible)
+            default:
+                put(false)
+                put("exists")
+                put(false)
+            }
+        case "incr":
+            let delta = a.number(3) ?? 1
+            let r = services.withDict(dict) {
+                $0.incr(key, by: delta, initial: a.number(4), initialTTL: ttl(5), now: now)
+            }
+            switch r {
+            case .success(let (v, forcible))?:
+                put(v)
+                putNil()
+                put(forcible)
+            case .failure(.notANumber)?:
+                putNil()
+                put("not a number")
+            default:
+                putNil()
+                put("not found")
+            }
+        case "delete":
+            _ = services.withDict(dict) { $0.delete(key) }
+        case "ttl":
+            if let t = services.withDict(dict, { $0.ttl(key, now: now) }) ?? nil {
+                put(t < 0 ? 0 : Double(t) / 1000)
+            } else {
+                putNil()
+                put("not found")
+            }
+        case "expire":
+            put(services.withDict(dict) { $0.expire(key, ttlMs: ttl(3), now: now) } ?? false)
+        default:
+            throw HostError("unknown shared dict operation \(op)")
+        }
+    }
+
+    static let unreserved = CharacterSet(
+        charactersIn: "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+    static func checkHeader(_ name: String, _ value: String?) throws {
+        let tchar: (UInt8) -> Bool = {
+            (48...57).contains($0) || (65...90).contains($0) || (97...122).contains($0)
+                || "!#$%&'*+-.^_`|~".utf8.contains($0)
+        }
+        guard !name.isEmpty, name.utf8.count <= 256, name.utf8.allSatisfy(tchar) else {
+            throw HostError("invalid header name \"\(name.prefix(64))\"")
+        }
+        if let value {
+            guard value.utf8.count <= 16_384, !value.utf8.contains(where: { $0 == 13 || $0 == 10 || $0 == 0 }) else {
+                throw HostError("invalid value for header \(name): no CR, LF or NUL, at most 16384 bytes")
+            }
+        }
+    }
+
+    /// `a=1&b=x%20y` → [("a","1"), ("b","x y")] (+ as space, percent-decoded).
+    static func queryArgs(_ query: String) -> [(String, String)] {
+        query.split(separator: "&").map { part in
+            let kv = part.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            func dec(_ s: Substring) -> String {
+                let t = String(s).replacingOccurrences("+", " ")
+                return t.removingPercentEncoding ?? t
+            }
+            return (dec(kv[0]), kv.count > 1 ? dec(kv[1]) : "")
+        }
+    }
+}
+
+private enum Bridge {
+    static let dispatch: clj_dispatch_fn = { host, op, args, n, _ in
+        let me = Unmanaged<PolicyVM>.fromOpaque(host!).takeUnretainedValue()
+        return me.dispatch(op, args, Int(n))
+    }
+}
+
+extension LuaValue {
+    /// JSON text (sequences as arrays, other tables as objects with sorted keys).
+    public var json: String {
+        var out = ""
+        write(into: &out)
+        return out
+    }
+
+    private func write(into out: inout String) {
+        switch self {
+        case .nil: out += "null"
+        case .bool(let b): out += b ? "true" : "false"
+        case .number(let d): out += d.isFinite ? format(d) : "null"
+        case .string(let s): LuaValue.quote(s, into: &out)
+        case .table(let t):
+            if let a = array, !a.isEmpty {
+                out += "["
+                for (i, v) in a.enumerated() {
+                    if i > 0 { out += "," }
+                    v.write(into: &out)
+                }
+                out += "]"
+            } else {
+                out += "{"
+                for (i, (k, v)) in t.sorted(by: { $0.key.description < $1.key.description }).enumerated() {
+                    if i > 0 { out += "," }
+                    switch k {
+                    case .string(let s): LuaValue.quote(s, into: &out)
+                    case .index(let i): LuaValue.quote(String(i), into: &out)
+                    }
+                    out += ":"
+                    v.write(into: &out)
+                }
+                out += "}"
+            }
+        }
+    }
+
+    static func quote(_ s: String, into out: inout String) {
+        out += "\""
+        for u in s.unicodeScalars {
+            switch u {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            default:
+                if u.value < 0x20 {
+                    let hex = String(u.value, radix: 16)
+                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+                } else {
+                    out.unicodeScalars.append(u)
+                }
+            }
+        }
+        out += "\""
+    }
+}

@@ -1,0 +1,270 @@
+import Foundation
+import Synchronization
+import Testing
+
+@testable import TandemLua
+
+/// A virtual clock for the services (epoch ms).
+final class TestClock: Sendable {
+    let ms = Mutex<Int64>(1_700_000_000_000)
+    func advance(_ d: Int64) { ms.withLock { $0 += d } }
+    var now: Int64 { ms.withLock { $0 } }
+}
+
+final class LogCollector: Sendable {
+    let lines = Mutex<[PolicyLogLine]>([])
+    func append(_ l: PolicyLogLine) { lines.withLock { $0.append(l) } }
+    var all: [PolicyLogLine] { lines.withLock { $0 } }
+}
+
+func makeVM(
+    limits: PolicyLimits = PolicyLimits(), clock: TestClock = TestClock(), logs: LogCollector = LogCollector()
+)
+    throws -> PolicyVM
+{
+    let services = PolicyServices(clock: { clock.now }, sink: { logs.append($0) })
+    return try PolicyVM(limits: limits, services: services, seed: 42)
+}
+
+func request(
+    _ method: String = "GET", _ path: String = "/", headers: [(String, String)] = [], query: String = ""
+)
+    -> PolicyExchange
+{
+    PolicyExchange(
+        method: method, path: path, query: query, authority: "users", remoteAddress: "10.0.0.7:5555",
+        route: "users", headers: headers.map { (name: $0.0, value: $0.1) })
+}
+
+@Suite struct PolicyVMTests {
+    @Test func aPolicyReadsAndRewritesTheRequestAndAnswers() throws {
+        let vm = try makeVM()
+        let name = try vm.load(
+            id: 1, file: "gate.lua",
+            source: """
+                return {
+                  name = "gate",
+                  config = { header = { type = "string", default = "x-tenant" },
+                             tenants = { type = "set", of = "string", required = true } },
+                  on_request = function(req, ctx, cfg)
+                    local t = req:header(cfg.header)
+                    if not cfg.tenants[t] then return tandem.deny(403, "unknown tenant " .. tostring(t)) end
+                    req:set_header("x-tenant-checked", "yes")
+                    req:remove_header("cookie")
+                    req:set_path("/v2" .. req.path)
+                    req:set_upstream("users-" .. t)
+                    ctx.tenant = t
+                  end,
+                  on_response = function(res, ctx)
+                    res:set_header("x-tenant", ctx.tenant)
+                    if res.status == 503 then return tandem.respond(200, { fallback = true }, { ["x-degraded"] = "1" }) end
+                  end,
+                }
+                """, config: .table([.string("tenants"): .table([.index(1): .string("acme")])]))
+        #expect(name == "gate")
+
+        let ok = request(
+            headers: [("X-Tenant", "acme"), ("Cookie", "a=b"), ("Accept", "*/*")])
+        #expect(vm.onRequest(1, ok) == .proceed)
+        #expect(ok.path == "/v2/")
+        #expect(ok.upstream == "users-acme")
+        #expect(ok.headers.map(\.name) == ["X-Tenant", "Accept", "x-tenant-checked"])
+        ok.status = 503
+        ok.reason = "circuit-open"
+        guard case .decision(let d) = vm.onResponse(1, ok) else { Issue.record("no fallback"); return }
+        #expect(d.status == 200 && String(decoding: d.body, as: UTF8.self) == #"{"fallback":true}"#)
+        #expect(d.headers.first?.name == "x-degraded")
+        #expect(ok.responseHeaders.first { $0.name == "x-tenant" }?.value == "acme")
+        vm.end(ok)
+
+        let denied = request(headers: [("x-tenant", "evil")])
+        guard case .decision(let no) = vm.onRequest(1, denied) else { Issue.record("not denied"); return }
+        #expect(no.kind == "deny" && no.status == 403)
+        #expect(String(decoding: no.body, as: UTF8.self) == #"{"code":403,"message":"unknown tenant evil"}"#)
+    }
+
+    @Test func configIsValidatedAgainstThePolicySchemaWithTheKeyPath() throws {
+        let vm = try makeVM()
+        let source = """
+            return { name = "p", config = { rps = { type = "number", between = { 1, 100 } },
+                                            mode = { type = "string", one_of = { "a", "b" } } },
+                     on_request = function() end }
+            """
+        #expect(
+            throws: PolicyFailure(
+                policy: "p.lua", reason: .error,
+                message: "routes[3].policies[1].config.rps: expected a value between 1 and 100, found 500")
+        ) {
+            try vm.load(
+                id: 1, file: "p.lua", source: source, config: .table([.string("rps"): .number(500)]),
+                path: "routes[3].policies[1].config")
+        }
+        #expect(
+            throws: PolicyFailure(
+                policy: "p.lua", reason: .error, message: "cfg.mode: expected one of a, b, found the string \"c\"")
+        ) {
+            try vm.load(
+                id: 1, file: "p.lua", source: source, config: .table([.string("mode"): .string("c")]), path: "cfg")
+        }
+        #expect(
+            throws: PolicyFailure(
+                policy: "p.lua", reason: .error, message: "cfg.burst: unknown key (this policy takes: mode, rps)")
+        ) {
+            try vm.load(
+                id: 1, file: "p.lua", source: source, config: .table([.string("burst"): .number(1)]), path: "cfg")
+        }
+        // A syntax error names file:line.
+        #expect(
+            throws: PolicyFailure(
+                policy: "bad.lua", reason: .error, message: "bad.lua:2: unexpected symbol near '<eof>'")
+        ) {
+            try vm.load(id: 2, file: "bad.lua", source: "return {\n")
+        }
+    }
+
+    @Test func aFailedReloadKeepsTheLastGoodVersion() throws {
+        let vm = try makeVM()
+        try vm.load(
+            id: 1, file: "p.lua",
+            source: #"return { name = "p", on_request = function() return tandem.respond(200, "v1") end }"#)
+        #expect(throws: PolicyFailure.self) {
+            try vm.load(id: 1, file: "p.lua", source: #"return { name = "p", on_request = 5 }"#)
+        }
+        guard case .decision(let d) = vm.onRequest(1, request()) else { Issue.record("policy lost"); return }
+        #expect(String(decoding: d.body, as: UTF8.self) == "v1")
+        try vm.load(
+            id: 1, file: "p.lua",
+            source: #"return { name = "p", on_request = function() return tandem.respond(200, "v2") end }"#)
+        guard case .decision(let d2) = vm.onRequest(1, request()) else { Issue.record("no v2"); return }
+        #expect(String(decoding: d2.body, as: UTF8.self) == "v2")
+    }
+
+    @Test func sharedDictsAndRateLimitsRunOnTheVirtualClock() throws {
+        let clock = TestClock()
+        let services = PolicyServices(clock: { clock.now }, sink: { _ in })
+        // Two VMs (two event loops) share the dict and the limiter.
+        let a = try PolicyVM(services: services, seed: 1)
+        let b = try PolicyVM(services: services, seed: 2)
+        let source = """
+            return {
+              name = "count", shared = { hits = { capacity = 100 } },
+              on_request = function(req)
+                local n = tandem.shared.hits:incr(req.path, 1, 0, 2)
+                local ok, retry = tandem.limit.token_bucket("all", 1, 2)
+                if not ok then return tandem.respond(429, "retry in " .. retry) end
+                return tandem.respond(200, tostring(n))
+              end,
+            }
+            """
+        try a.load(id: 1, file: "c.lua", source: source)
+        try b.load(id: 1, file: "c.lua", source: source)
+        func body(_ vm: PolicyVM) -> String {
+            guard case .decision(let d) = vm.onRequest(1, request("GET", "/x")) else { return "?" }
+            return "\(d.status) " + String(decoding: d.body, as: UTF8.self)
+        }
+        #expect(body(a) == "200 1")
+        #expect(body(b) == "200 2")
+        #expect(body(a) == "429 retry in 1000")
+        clock.advance(1000)
+        #expect(body(b) == "200 4")
+        clock.advance(2000)  // the counter's 2 s TTL (set on creation) has passed; the bucket refilled
+        #expect(body(a) == "200 1")
+    }
+
+    @Test func hooksSeeTheirOwnCtxAndStaleHandlesFail() throws {
+        let vm = try makeVM()
+        try vm.load(
+            id: 1, file: "p.lua",
+            source: """
+                local kept
+                return { name = "p",
+                  on_request = function(req, ctx)
+                    if kept then return tandem.respond(200, tostring(pcall(function() return kept:header("a") end))) end
+                    kept = req
+                    ctx.seen = req.method
+                  end,
+                  on_log = function(txn, ctx) tandem.log.info("done", { method = ctx.seen, status = txn.status }) end }
+                """)
+        let logs = LogCollector()
+        _ = logs
+        let first = request("POST", "/")
+        #expect(vm.onRequest(1, first) == .proceed)
+        first.status = 201
+        #expect(vm.onLog(1, first) == .proceed)
+        vm.end(first)
+        guard case .decision(let d) = vm.onRequest(1, request()) else { Issue.record("no answer"); return }
+        #expect(String(decoding: d.body, as: UTF8.self) == "false")
+    }
+
+    @Test func logsCarryThePolicyNameAndFields() throws {
+        let logs = LogCollector()
+        let vm = try makeVM(logs: logs)
+        try vm.load(
+            id: 1, file: "p.lua",
+            source:
+                #"return { name = "audit", on_log = function(txn, ctx) tandem.log.warn("done", { status = txn.status }) end }"#
+        )
+        let ex = request()
+        ex.status = 204
+        #expect(vm.onLog(1, ex) == .proceed)
+        #expect(
+            logs.all == [PolicyLogLine(policy: "audit", level: .warn, message: "done", fieldsJSON: #"{"status":204}"#)])
+    }
+
+    @Test func metricsAreDeclaredInInitAndRenderedForPrometheus() throws {
+        let vm = try makeVM()
+        try vm.load(
+            id: 1, file: "p.lua",
+            source: """
+                local denied
+                return { name = "m",
+                  init = function() denied = tandem.metrics.counter("denied_total", { "tenant" }) end,
+                  on_request = function(req) denied:inc(1, req:header("x-tenant") or "none") end }
+                """)
+        _ = vm.onRequest(1, request(headers: [("x-tenant", "acme")]))
+        _ = vm.onRequest(1, request(headers: [("x-tenant", "acme")]))
+        _ = vm.onRequest(1, request())
+        let text = vm.services.prometheus()
+        #expect(text.contains(#"tandem_policy_denied_total{policy="m",tenant="acme"} 2"#), "\(text)")
+        #expect(text.contains(#"tandem_policy_denied_total{policy="m",tenant="none"} 1"#))
+        #expect(text.contains(#"tandem_policy_invocations_total{policy="m"} 3"#))
+    }
+
+    @Test func jsonBase64AndURLHelpers() throws {
+        let vm = try makeVM()
+        try vm.load(
+            id: 1, file: "p.lua",
+            source: #"""
+                return { name = "u", on_request = function(req)
+                  local t = tandem.json.decode('{"a":[1,2,{"b":"x\\u00e9"}],"n":null,"t":true}')
+                  assert(t.a[3].b == "xé" and t.n == tandem.json.null and t.t == true)
+                  assert(tandem.base64.decode(tandem.base64.encode("hi there")) == "hi there")
+                  assert(tandem.base64.url_decode("aGk_") == "hi?")
+                  assert(tandem.url.unescape(tandem.url.escape("a b/c")) == "a b/c")
+                  assert(req:query_arg("q") == "a b" and req:query_args().n == "1")
+                  return tandem.respond(200, tandem.json.encode({ list = { 1, 2 }, s = "q\"" }))
+                end }
+                """#)
+        guard case .decision(let d) = vm.onRequest(1, request(query: "q=a+b&n=1")) else {
+            Issue.record("\(vm.onRequest(1, request(query: "q=a+b&n=1")))")
+            return
+        }
+        #expect(String(decoding: d.body, as: UTF8.self) == #"{"list":[1,2],"s":"q\""}"#)
+    }
+
+    @Test func headerInjectionIsRefused() throws {
+        let vm = try makeVM()
+        try vm.load(
+            id: 1, file: "p.lua",
+            source: #"return { name = "p", on_request = function(req) req:set_header("x-a", "1\r\nx-evil: 1") end }"#)
+        guard case .failed(let f) = vm.onRequest(1, request()) else { Issue.record("accepted"); return }
+        #expect(f.message.contains("invalid value for header x-a"), "\(f)")
+    }
+}
+
+@Test func theEmbeddedPreludeIsTheCheckedInLuaFile() throws {
+    let file = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .appendingPathComponent("../../Sources/TandemLua/lua/prelude.lua").standardized
+    let text = try String(contentsOf: file, encoding: .utf8)
+    #expect(preludeSource + "\n" == text, "run dev/gen-prelude.sh")
+}
