@@ -35,6 +35,8 @@ fmt:
 
 test: build lint
 	@set -o pipefail; $(SWIFT) test --skip-build 2>&1 | tee .build/tandem-test.log
+	@# The shipped policy library's own cases, on the real engine with a virtual clock.
+	.build/debug/tandem policy test policies
 	@# The same seed must give the same trace in two separate processes (hash seeds differ).
 	@a=$$(.build/debug/tandem sim-registry --seed 77 | grep "trace hash"); \
 	 b=$$(.build/debug/tandem sim-registry --seed 77 | grep "trace hash"); \

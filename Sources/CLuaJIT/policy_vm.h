@@ -81,7 +81,6 @@ static inline clj_vm *clj_vm_of(lua_State *L) {
 }
 
 static void clj_limit_hook(lua_State *L, lua_Debug *ar) {
-    (void)ar;
     clj_vm *vm = clj_vm_of(L);
     if (!vm->tripped) {
         vm->periods_left -= 1;
@@ -91,8 +90,13 @@ static void clj_limit_hook(lua_State *L, lua_Debug *ar) {
         /* From now on every instruction raises, so no handler can keep running. */
         lua_sethook(L, clj_limit_hook, LUA_MASKCOUNT, 1);
     }
-    if (vm->tripped == CLJ_LIMIT_TIME) luaL_error(L, "policy-limit: time budget exhausted");
-    luaL_error(L, "policy-limit: instruction budget exhausted");
+    /* Name the line that was running (file:line of the policy, as other errors do). */
+    const char *what = vm->tripped == CLJ_LIMIT_TIME ? "time" : "instruction";
+    if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0)
+        lua_pushfstring(L, "%s:%d: policy-limit: %s budget exhausted", ar->short_src, ar->currentline, what);
+    else
+        lua_pushfstring(L, "policy-limit: %s budget exhausted", what);
+    lua_error(L);
 }
 
 /* Before each call into the VM. */

@@ -76,6 +76,12 @@ public struct PolicyDecision: Equatable, Sendable {
     public var status: Int
     public var body: [UInt8]
     public var headers: [(name: String, value: String)]
+    public init(kind: String, status: Int, body: [UInt8], headers: [(name: String, value: String)]) {
+        self.kind = kind
+        self.status = status
+        self.body = body
+        self.headers = headers
+    }
     public static func == (a: Self, b: Self) -> Bool {
         a.kind == b.kind && a.status == b.status && a.body == b.body
             && a.headers.elementsEqual(b.headers, by: { $0.name == $1.name && $0.value == $1.value })
@@ -135,6 +141,9 @@ public final class PolicyVM: @unchecked Sendable {
     private var decision: PolicyDecision?
     private var pending: (file: String, source: String, config: String, path: String)?
     private var loadingName: String?
+    private var loadingHooks = (request: false, response: false, log: false)
+    /// Which hooks each loaded policy defines: calls to the others return at once.
+    private var hooks: [Int: (request: Bool, response: Bool, log: Bool)] = [:]
     private var frozenNow: Int64 = 0
     private var nextGeneration: Double = 1
 
@@ -212,23 +221,51 @@ public final class PolicyVM: @unchecked Sendable {
         }
         // Swap in: the prelude stored it under `staging`; move it.
         names[id] = loadingName ?? file
+        hooks[id] = loadingHooks
         loaded.insert(id)
         _ = enter(op: 7, Double(staging), Double(id))
         return names[id]!
+    }
+
+    /// Compiles `source` and checks its shape and config schema without a config or `init`
+    /// (`tandem policy check`). Returns the policy's name.
+    @discardableResult
+    public func check(file: String, source: String) throws(PolicyFailure) -> String {
+        pending = (file, source, "-check-", "config")
+        loadingName = nil
+        phase = .load
+        frozenNow = services.clock()
+        defer {
+            pending = nil
+            phase = .idle
+            _ = enter(op: 2, -1, 0)
+        }
+        if case .failed(var f) = enter(op: 1, -1, 0) {
+            f.policy = file
+            throw f
+        }
+        return loadingName ?? file
     }
 
     public func unload(id: Int) {
         _ = enter(op: 2, Double(id), 0)
         loaded.remove(id)
         names[id] = nil
+        hooks[id] = nil
     }
 
-    /// Runs `on_request` of policy `id` for `ex`.
-    public func onRequest(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome { call(3, id, ex, .request) }
+    /// Runs `on_request` of policy `id` for `ex` (at once `.proceed` when it has none).
+    public func onRequest(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome {
+        hooks[id]?.request == false ? .proceed : call(3, id, ex, .request)
+    }
     /// Runs `on_response`: `ex.status` and `ex.responseHeaders` hold the answer (upstream or local).
-    public func onResponse(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome { call(4, id, ex, .response) }
+    public func onResponse(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome {
+        hooks[id]?.response == false ? .proceed : call(4, id, ex, .response)
+    }
     /// Runs `on_log` after the exchange completed (read-only).
-    public func onLog(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome { call(5, id, ex, .log) }
+    public func onLog(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome {
+        hooks[id]?.log == false ? .proceed : call(5, id, ex, .log)
+    }
     /// Forgets the exchange's `ctx`; call once after its last hook.
     public func end(_ ex: PolicyExchange) {
         guard ex.generation != 0 else { return }
@@ -410,6 +447,7 @@ public final class PolicyVM: @unchecked Sendable {
             put(p.path)
         case .policyName:
             loadingName = a.string(0)
+            loadingHooks = (a.bool(1), a.bool(2), a.bool(3))
         case .phase:
             if phase == .load || phase == .initialize { phase = a.string(0) == "init" ? .initialize : .load }
         case .reqField:

@@ -1,3 +1,4 @@
+import Foundation
 import TandemCore
 import TandemLua
 import TandemTraffic
@@ -20,7 +21,14 @@ import TandemTraffic
 ///   },
 ///   endpoints = { users = { "127.0.0.1:8080" } },        -- static, used when discovery has none
 ///   upstreams = { users = 9001, db = { port = 9002, protocol = "tcp" } },  -- local listeners
+///   inbound = { policies = { "policies/request-id.lua" } },
 /// }
+/// ```
+/// A route's `policies` list names Lua policy files (relative to the config file) with their
+/// arguments: `{ "policies/cors.lua", { file = "policies/rate-limit.lua", config = { rate = 10 },
+/// fail_open = true } }`. Each is compiled in the sandbox and its arguments are validated
+/// against the policy's schema when the config loads; an error names the key path.
+/// ```lua
 /// ```
 /// Unknown keys are errors (a typo must not silently disable a setting); every error names
 /// the path of the offending value.
@@ -49,7 +57,7 @@ public enum ConfigFile {
     public static func apply(_ v: LuaValue, to base: SidecarConfig, file: String) throws(Error) -> SidecarConfig {
         guard case .table = v else { throw Error("\(file): must return a table, got \(v.typeName)") }
         var c = base
-        let r = Reader(file: file)
+        let r = Reader(file: file, validator: PolicyValidator())
         try r.keys(v, "", allowed: ["routes", "clusters", "endpoints", "upstreams", "defaults", "inbound"])
         // Defaults first: the file's routes and clusters inherit them.
         if let d = v["defaults"] {
@@ -64,7 +72,8 @@ public enum ConfigFile {
             }
         }
         if let inb = v["inbound"] {
-            try r.keys(inb, "inbound", allowed: ["compression", "rate_limit"])
+            try r.keys(inb, "inbound", allowed: ["compression", "rate_limit", "policies"])
+            if let p = inb["policies"] { c.inboundPolicies = try r.policies(p, "inbound.policies") }
             if let z = inb["compression"] { c.inboundCompression = try r.compression(z, "inbound.compression") }
             if let rl = inb["rate_limit"] {
                 let (limit, key) = try r.rateLimit(rl, "inbound.rate_limit")
@@ -75,7 +84,14 @@ public enum ConfigFile {
         if let routes = v["routes"] {
             guard let list = routes.array else { throw Error("\(file): routes: expected a list of route tables") }
             c.routes = []
-            for (i, item) in list.enumerated() { c.routes.append(try r.route(item, "routes[\(i + 1)]", base: c)) }
+            c.routePolicies = [:]
+            for (i, item) in list.enumerated() {
+                let route = try r.route(item, "routes[\(i + 1)]", base: c)
+                c.routes.append(route)
+                if let p = item["policies"] {
+                    c.routePolicies[route.name] = try r.policies(p, "routes[\(i + 1)].policies")
+                }
+            }
             var seen = Set<String>()
             for route in c.routes where !seen.insert(route.name).inserted {
                 throw Error("\(file): routes: two routes are named \"\(route.name)\"")
@@ -144,6 +160,55 @@ public enum ConfigFile {
 
     struct Reader {
         let file: String
+        let validator: PolicyValidator
+
+        /// `{ "file.lua", { file = "x.lua", config = {...}, fail_open = true } }`: each file read
+        /// (relative to the config file's directory), compiled in the sandbox, its arguments
+        /// validated against its schema.
+        func policies(_ v: LuaValue, _ path: String) throws(Error) -> [PolicySpec] {
+            guard let list = v.array else {
+                throw fail(path, "expected a list of policy files or { file = ... } tables")
+            }
+            var out: [PolicySpec] = []
+            for (i, item) in list.enumerated() {
+                let p = "\(path)[\(i + 1)]"
+                var spec = PolicySpec(file: "", source: "", config: nil, failOpen: false, path: p, name: "")
+                switch item {
+                case .string(let f): spec.file = f
+                case .table:
+                    try keys(item, p, allowed: ["file", "config", "fail_open"])
+                    spec.file = try string(item["file"] ?? .nil, "\(p).file")
+                    spec.config = item["config"]
+                    if let fo = item["fail_open"] {
+                        guard case .bool(let b) = fo else { throw fail("\(p).fail_open", "expected true or false") }
+                        spec.failOpen = b
+                    }
+                default: throw fail(p, "expected a policy file name or { file = ... }")
+                }
+                let resolved =
+                    spec.file.hasPrefix("/") ? spec.file : (baseDirectory as NSString).appendingPathComponent(spec.file)
+                guard let source = try? String(contentsOfFile: resolved, encoding: .utf8) else {
+                    throw fail(p, "cannot read policy file \(resolved)")
+                }
+                spec.file = resolved
+                spec.source = source
+                do {
+                    spec.name = try validator.validate(spec)
+                } catch {
+                    throw Error(
+                        "\(file): \(error.reason == .error ? "" : error.reason.rawValue + ": ")\(error.message)")
+                }
+                out.append(spec)
+            }
+            return out
+        }
+
+        /// Policy paths are relative to the config file's directory (the working directory for
+        /// a config stored in the registry).
+        var baseDirectory: String {
+            FileManager.default.fileExists(atPath: file)
+                ? (file as NSString).deletingLastPathComponent : FileManager.default.currentDirectoryPath
+        }
 
         func fail(_ path: String, _ m: String) -> Error { Error("\(file): \(path): \(m)") }
 
@@ -184,7 +249,7 @@ public enum ConfigFile {
                 v, path,
                 allowed: [
                     "name", "host", "path", "prefix", "methods", "headers", "cluster", "timeout_ms", "retry",
-                    "rate_limit", "compression",
+                    "rate_limit", "compression", "policies",
                 ])
             let name = try v["name"].map { (x) throws(Error) in try string(x, "\(path).name") } ?? path
             let cluster = try v["cluster"].map { (x) throws(Error) in try string(x, "\(path).cluster") } ?? ""
@@ -484,5 +549,18 @@ public enum ConfigFile {
             }
             return c
         }
+    }
+}
+
+/// Compiles policies and validates their arguments at config load, in a VM of its own.
+final class PolicyValidator {
+    private var vm: PolicyVM?
+
+    func validate(_ spec: PolicySpec) throws(PolicyFailure) -> String {
+        if vm == nil {
+            vm = try PolicyVM(services: PolicyServices(clock: { 0 }, sink: { _ in }), seed: 1)
+        }
+        return try vm!.load(
+            id: 1, file: spec.file, source: spec.source, config: spec.config, path: "\(spec.path).config")
     }
 }

@@ -4,6 +4,7 @@ import NIOCore
 import NIOHTTP1
 import NIOHTTPCompression
 import TandemCore
+import TandemLua
 import TandemTraffic
 
 enum ProxySide: String, Sendable { case inbound, outbound }
@@ -24,12 +25,15 @@ final class ProxyContext: Sendable {
     let inboundTimeout: Nanos?
     /// The app speaks HTTP/2 (h2c/gRPC): inbound HTTP/2 streams go to it as HTTP/2.
     let appSpeaksH2: Bool
+    /// Lua policies (per-loop VMs and per-route chains); nil in handler tests.
+    let policies: SidecarPolicies?
 
     init(
         brain: TrafficBrain, pools: UpstreamPools, metrics: SidecarMetrics, limits: SidecarLimits, service: String,
         inboundTimeout: Nanos?, appSpeaksH2: Bool = false, accessLog: (@Sendable (String) -> Void)?,
-        ensureCluster: @escaping @Sendable (String) -> EventLoopFuture<Void>?
+        policies: SidecarPolicies? = nil, ensureCluster: @escaping @Sendable (String) -> EventLoopFuture<Void>?
     ) {
+        self.policies = policies
         self.brain = brain
         self.pools = pools
         self.metrics = metrics
@@ -302,6 +306,29 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
         ctx.metrics.inc("tandem_local_answers_total", [("side", side.rawValue), ("reason", a.reason.rawValue)])
         writeLocal(context, a, version: request.version, keepAlive: keepAlive)
         if keepAlive { idle(for: ctx.limits.idleTimeout) }
+    }
+
+    /// Writes a policy's answer (tandem.respond/deny/redirect) and counts it.
+    func policyAnswer(
+        _ context: ChannelHandlerContext, _ d: PolicyDecision, keepAlive: Bool, request: HTTPRequestHead
+    ) {
+        exchange = nil
+        streaming = nil
+        ctx.metrics.inc("tandem_policy_answers_total", [("side", side.rawValue), ("decision", d.kind)])
+        context.write(
+            wrapOutboundOut(.head(d.responseHead(version: request.version, keepAlive: keepAlive))), promise: nil)
+        if !d.body.isEmpty {
+            var buf = context.channel.allocator.buffer(capacity: d.body.count)
+            buf.writeBytes(d.body)
+            context.write(wrapOutboundOut(.body(.byteBuffer(buf))), promise: nil)
+        }
+        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        if keepAlive {
+            idle(for: ctx.limits.idleTimeout)
+        } else {
+            let channel = context.channel
+            done.whenComplete { _ in channel.close(promise: nil) }
+        }
     }
 
     private func writeLocal(_ context: ChannelHandlerContext, _ a: LocalAnswer, version: HTTPVersion, keepAlive: Bool) {

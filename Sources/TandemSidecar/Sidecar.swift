@@ -7,6 +7,7 @@ import NIOHTTP2
 import NIOPosix
 import TandemCore
 import TandemEtcdClient
+import TandemLua
 import TandemTraffic
 
 /// A running sidecar: inbound, outbound and admin listeners, discovery watches, the
@@ -55,13 +56,14 @@ public final class Sidecar: @unchecked Sendable {
         }
         let accessLog: (@Sendable (String) -> Void)? = config.accessLog ? printLine : nil
         let back = WeakSidecar()
+        policies = SidecarPolicies(loops: Array(group.makeIterator()), log: log)
         ctx = ProxyContext(
             brain: brain,
             pools: UpstreamPools(
                 maxIdlePerEndpoint: config.limits.maxIdlePerEndpoint, slots: ConnectionSlots(brain: brain)),
             metrics: sharedMetrics,
             limits: config.limits, service: config.service, inboundTimeout: config.inboundTimeout,
-            appSpeaksH2: config.appProtocol != .http, accessLog: accessLog,
+            appSpeaksH2: config.appProtocol != .http, accessLog: accessLog, policies: policies,
             ensureCluster: { name in back.value?.ensureCluster(name) })
         upstreamHealth = UpstreamHealthChecker(
             brain: brain, metrics: sharedMetrics, loop: group.next(),
@@ -69,6 +71,9 @@ public final class Sidecar: @unchecked Sendable {
         back.value = self
         brain.reconfigure(cfg)
     }
+
+    /// Lua policies: a VM per event loop, chains per route.
+    let policies: SidecarPolicies
 
     /// Active checks of upstream endpoints (clusters with a `health_check`).
     let upstreamHealth: UpstreamHealthChecker
@@ -144,7 +149,11 @@ public final class Sidecar: @unchecked Sendable {
                     self.configSource = text
                     return true
                 }
-                if changed { self.applyConfigSources(changed: path) }
+                if changed {
+                    self.applyConfigSources(changed: path)
+                } else if let file = self.changedPolicyFile() {
+                    self.applyConfigSources(changed: file)
+                }
             }
         }
         if let registry {
@@ -165,6 +174,34 @@ public final class Sidecar: @unchecked Sendable {
         }
     }
 
+    /// A policy file of the running config whose text changed on disk (policies hot-reload).
+    private func changedPolicyFile() -> String? {
+        let cfg = lock.withLock { config }
+        for spec in cfg.routePolicies.values.flatMap({ $0 }) + cfg.inboundPolicies {
+            guard let text = try? String(contentsOfFile: spec.file, encoding: .utf8), text != spec.source else {
+                continue
+            }
+            // Each new text once: a rejected version is not retried every tick.
+            let new = lock.withLock { () -> Bool in
+                if policyTextsSeen[spec.file] == text { return false }
+                policyTextsSeen[spec.file] = text
+                return true
+            }
+            if new { return spec.file }
+        }
+        return nil
+    }
+    private var policyTextsSeen: [String: String] = [:]
+
+    /// Re-reads the config and policy files now (SIGHUP).
+    public func reloadConfig() {
+        let path = lock.withLock { configPath }
+        if let path, let text = try? String(contentsOfFile: path, encoding: .utf8) {
+            lock.withLock { configSource = text }
+        }
+        applyConfigSources(changed: "SIGHUP")
+    }
+
     private func applyConfigSources(changed source: String) {
         let (base, path, fileText, regText, env) = lock.withLock {
             (configBase, configPath, configSource, registryConfig, configEnvironment)
@@ -177,11 +214,21 @@ public final class Sidecar: @unchecked Sendable {
             if let regText {
                 cfg = try ConfigFile.load(source: regText, name: registryConfigKey, base: cfg, environment: env)
             }
-            reconfigure(cfg)
-            metrics.inc("tandem_config_reloads_total", [("result", "applied")])
-            log(
-                "config applied after a change in \(source): \(cfg.routes.count) routes, \(cfg.clusters.count) clusters"
-            )
+            let applied = cfg
+            // Policies compile in every loop's VM first; the routes change only if they all did.
+            policies.install(applied).whenComplete { [self] result in
+                switch result {
+                case .success:
+                    reconfigure(applied)
+                    metrics.inc("tandem_config_reloads_total", [("result", "applied")])
+                    log(
+                        "config applied after a change in \(source): \(applied.routes.count) routes, \(applied.clusters.count) clusters"
+                    )
+                case .failure(let error):
+                    metrics.inc("tandem_config_reloads_total", [("result", "rejected")])
+                    log("config change rejected, keeping the running config: \(error)")
+                }
+            }
         } catch {
             metrics.inc("tandem_config_reloads_total", [("result", "rejected")])
             log("config change rejected, keeping the running config: \(error)")
@@ -231,6 +278,8 @@ public final class Sidecar: @unchecked Sendable {
 
     /// Binds the listeners. Registration happens in `register()` once the app is healthy.
     public func start() throws {
+        // Every loop's VM compiles the policies before the first request can arrive.
+        try policies.install(config).wait()
         let inbound = try listen(config.inbound, side: .inbound)
         let outbound = try listen(config.outbound, side: .outbound)
         let admin = try listenAdmin(config.admin)
@@ -544,7 +593,7 @@ public final class Sidecar: @unchecked Sendable {
             gauges.append(("tandem_cluster_upstream_connections", [("cluster", name)], Double(c.gate.connections)))
             gauges.append(("tandem_cluster_pending_requests", [("cluster", name)], Double(c.gate.pending)))
         }
-        return metrics.render(gauges: gauges)
+        return metrics.render(gauges: gauges) + policies.services.prometheus()
     }
 
     public var metricsSnapshot: SidecarMetrics { metrics }

@@ -85,6 +85,10 @@ public struct SidecarConfig: Sendable {
     /// Rate limit of requests to the app (per caller with a key); 429 beyond.
     public var inboundRateLimit: TokenBucket.Config? = nil
     public var inboundRateLimitKey: RateLimitKey? = nil
+    /// Lua policies per outbound route name, in the order they run.
+    public var routePolicies: [String: [PolicySpec]] = [:]
+    /// Lua policies on every inbound request (in front of the app).
+    public var inboundPolicies: [PolicySpec] = []
     /// Whether any response may be compressed (new connections then get a compressor).
     public var usesCompression: Bool {
         defaultCompression != nil || inboundCompression != nil || routes.contains { $0.compression != nil }

@@ -351,6 +351,15 @@ final class Supervisor: @unchecked Sendable {
             src.resume()
             signalSources.append(src)
         }
+        // SIGHUP: re-read the config and policy files now.
+        signal(SIGHUP, SIG_IGN)
+        let hup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .global())
+        hup.setEventHandler { [weak self] in
+            self?.log("SIGHUP: reloading the config and policies")
+            self?.sidecar.reloadConfig()
+        }
+        hup.resume()
+        signalSources.append(hup)
         if let command {
             do {
                 let a = try AppProcess.spawn(command, environment: environment)

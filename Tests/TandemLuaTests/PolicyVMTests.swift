@@ -92,7 +92,7 @@ func request(
             """
         #expect(
             throws: PolicyFailure(
-                policy: "p.lua", reason: .error,
+                policy: "p", reason: .error,
                 message: "routes[3].policies[1].config.rps: expected a value between 1 and 100, found 500")
         ) {
             try vm.load(
@@ -101,14 +101,14 @@ func request(
         }
         #expect(
             throws: PolicyFailure(
-                policy: "p.lua", reason: .error, message: "cfg.mode: expected one of a, b, found the string \"c\"")
+                policy: "p", reason: .error, message: "cfg.mode: expected one of a, b, found the string \"c\"")
         ) {
             try vm.load(
                 id: 1, file: "p.lua", source: source, config: .table([.string("mode"): .string("c")]), path: "cfg")
         }
         #expect(
             throws: PolicyFailure(
-                policy: "p.lua", reason: .error, message: "cfg.burst: unknown key (this policy takes: mode, rps)")
+                policy: "p", reason: .error, message: "cfg.burst: unknown key (this policy takes: mode, rps)")
         ) {
             try vm.load(
                 id: 1, file: "p.lua", source: source, config: .table([.string("burst"): .number(1)]), path: "cfg")

@@ -510,6 +510,7 @@ local function load_policy(id)
     if HOOKS[k] and type(v) ~= "function" then fail(sformat("%s: %s must be a function, found %s", file, k, describe(v))) end
   end
   if type(def.name) ~= "string" or def.name == "" then fail(file .. ": name: expected a non-empty string") end
+  H.policy_name(def.name, def.on_request ~= nil, def.on_response ~= nil, def.on_log ~= nil)
   if def.init ~= nil and type(def.init) ~= "function" then fail(file .. ": init must be a function") end
   if not (def.on_request or def.on_response or def.on_log) then fail(file .. ": a policy needs on_request, on_response or on_log") end
   local schema = def.config or {}
@@ -521,10 +522,10 @@ local function load_policy(id)
     end
     H.shared(name, "declare", capacity)
   end
+  if config_json == "-check-" then return end  -- `tandem policy check`: no config, no init
   local given = config_json ~= "" and json.decode(config_json) or {}
   local cfg = validate(schema, given, path)
   local p = { def = def, cfg = cfg, env = env, name = def.name }
-  H.policy_name(def.name)
   if def.init then
     H.phase("init")
     def.init(cfg, env)

@@ -1,0 +1,142 @@
+import Foundation
+import Testing
+
+let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+    .appendingPathComponent("../../policies").standardized.path
+
+/// Lua policies on real traffic: the shipped library in a real sidecar in front of a real app,
+/// a hostile policy that must not take the sidecar down, the degradation fallback on the
+/// sidecar's own answers, and hot reload of a policy file.
+@Suite(.serialized) struct PolicyTests {
+    @Test func libraryPoliciesRunOnRealTraffic() throws {
+        let (app, port) = try startEdgeApp()
+        let (client, dir) = try configuredClient(
+            """
+            local P = "\(policiesDir)/"
+            return { routes = { { name = "edge", host = "edge", cluster = "edge", policies = {
+              P .. "request-id.lua",
+              { file = P .. "rate-limit.lua", config = { by = "route", rate = 0.001, burst = 3 } },
+              P .. "response-time.lua",
+              { file = P .. "header-rewrite.lua", config = { request = { set = { ["x-env"] = "test" }, remove = { "cookie" } },
+                                                            response = { remove = { "x-instance" } } } },
+            } } } }
+            """, extra: ["--endpoints", "edge=127.0.0.1:\(port)"])
+        for i in 1...3 {
+            let r = try curl(["-H", "Host: edge", "-H", "Cookie: secret=1", "http://\(client.outbound)/headers?n=\(i)"])
+            #expect(r.status == 200)
+            let seen = try JSONSerialization.jsonObject(with: r.body) as? [String: Any]
+            let headers = seen?["headers"] as? [String: String] ?? [:]
+            // request-id set an id the app saw and the client got back; header-rewrite ran both ways.
+            let id = try #require(r.head["x-request-id"])
+            #expect(id.count == 16 && headers["x-request-id"] == id, "\(r.head) \(headers)")
+            #expect(headers["x-env"] == "test" && headers["cookie"] == nil, "\(headers)")
+            #expect(r.head["x-instance"] == nil)
+            #expect(r.head["x-response-time"]?.hasSuffix("ms") == true)
+            #expect(r.head["x-ratelimit-remaining"] == String(3 - i))
+        }
+        // The fourth in the burst window is refused by the rate-limit policy.
+        let limited = try curl(["-H", "Host: edge", "http://\(client.outbound)/headers"])
+        #expect(limited.status == 429 && limited.head["tandem-error"] == "rate-limited", "\(limited.head)")
+        #expect(limited.head["retry-after"] != nil)
+        let metrics = try http("http://\(client.admin)/metrics").body
+        // Hook calls: rate-limit has on_request (4) and on_response (3 answers from upstream).
+        #expect(metrics.contains(#"tandem_policy_invocations_total{policy="rate-limit"} 7"#), "\(metrics)")
+        #expect(metrics.contains(#"tandem_policy_decisions_total{policy="rate-limit",decision="respond"} 1"#))
+        withExtendedLifetime((app, client, dir)) {}
+    }
+
+    @Test func aHostilePolicyIsStoppedAndTheSidecarKeepsServing() throws {
+        let (app, port) = try startEdgeApp()
+        let dir0 = try TempDirectory()
+        let hostile = dir0.url.appendingPathComponent("spin.lua").path
+        try #"return { name = "spin", on_request = function() local ok = pcall(function() while true do end end) end }"#
+            .write(toFile: hostile, atomically: true, encoding: .utf8)
+        let bomb = dir0.url.appendingPathComponent("bomb.lua").path
+        try #"return { name = "bomb", on_request = function() local s = ("x"):rep(1e8) end }"#
+            .write(toFile: bomb, atomically: true, encoding: .utf8)
+        let (client, dir) = try configuredClient(
+            """
+            return { routes = {
+              { name = "spin", host = "edge", path = "/spin", cluster = "edge", policies = { "\(hostile)" } },
+              { name = "bomb", host = "edge", path = "/bomb", cluster = "edge", policies = { "\(bomb)" } },
+              { name = "open", host = "edge", path = "/open", cluster = "edge",
+                policies = { { file = "\(hostile)", fail_open = true } } },
+              { name = "fine", host = "edge", cluster = "edge" },
+            } }
+            """, extra: ["--endpoints", "edge=127.0.0.1:\(port)"])
+        for _ in 0..<3 {
+            let spin = try http("http://\(client.outbound)/spin", host: "edge")
+            #expect(spin.status == 500 && spin.headers["tandem-error"] == "policy-error", "\(spin)")
+            #expect(spin.body.contains("policy spin failed (instructions)"))
+            let boom = try http("http://\(client.outbound)/bomb", host: "edge")
+            #expect(boom.status == 500 && boom.body.contains("policy bomb failed (memory)"), "\(boom)")
+            // fail_open: the error is logged and counted, the request goes through.
+            #expect(try http("http://\(client.outbound)/open", host: "edge").status == 200)
+            #expect(try http("http://\(client.outbound)/", host: "edge").status == 200)
+        }
+        let metrics = try http("http://\(client.admin)/metrics").body
+        #expect(metrics.contains(#"tandem_policy_errors_total{policy="spin",reason="instructions"} 6"#), "\(metrics)")
+        #expect(metrics.contains(#"tandem_policy_errors_total{policy="bomb",reason="memory"} 3"#))
+        let log = client.child.readUntil { $0.contains("policy error on route bomb") }
+        #expect(log.last?.contains("memory limit") == true, "\(log.suffix(3))")
+        withExtendedLifetime((app, client, dir, dir0)) {}
+    }
+
+    @Test func theFallbackPolicyAnswersWhenTheUpstreamIsDown() throws {
+        let dead = try freePort()  // nothing listens here
+        let (client, dir) = try configuredClient(
+            """
+            return { routes = { { name = "users", host = "users", cluster = "users",
+              retry = { attempts = 0 }, policies = { "\(policiesDir)/fallback.lua" } } } }
+            """, extra: ["--endpoints", "users=127.0.0.1:\(dead)"])
+        let r = try http("http://\(client.outbound)/user/1", host: "users")
+        #expect(r.status == 200, "\(r)")
+        #expect(r.headers["x-fallback"] == "upstream-connect-failure")
+        #expect(r.body == #"{"code":0,"message":"degraded","data":null}"#)
+        withExtendedLifetime((client, dir)) {}
+    }
+
+    @Test func aChangedPolicyFileIsReloadedAndABrokenOneRejected() throws {
+        let (app, port) = try startEdgeApp()
+        let dir0 = try TempDirectory()
+        let file = dir0.url.appendingPathComponent("version.lua").path
+        func write(_ v: String) throws {
+            try """
+            return { name = "version", on_response = function(res) res:set_header("x-policy-version", "\(v)") end }
+            """.write(toFile: file, atomically: true, encoding: .utf8)
+        }
+        try write("1")
+        let (client, dir) = try configuredClient(
+            """
+            return { routes = { { name = "edge", host = "edge", cluster = "edge", policies = { "\(file)" } } } }
+            """, extra: ["--endpoints", "edge=127.0.0.1:\(port)"])
+        #expect(try http("http://\(client.outbound)/", host: "edge").headers["x-policy-version"] == "1")
+        try write("2")
+        let applied = client.child.readUntil { $0.contains("config applied after a change in \(file)") }
+        #expect(applied.last?.contains("config applied") == true, "\(applied.suffix(3))")
+        #expect(try http("http://\(client.outbound)/", host: "edge").headers["x-policy-version"] == "2")
+        // A broken version: rejected with its error, version 2 keeps serving.
+        try "return { name = \"version\", on_response = function(res) res:set_header( end }"
+            .write(toFile: file, atomically: true, encoding: .utf8)
+        let rejected = client.child.readUntil { $0.contains("config change rejected") }
+        #expect(rejected.last?.contains("version.lua:1: unexpected symbol") == true, "\(rejected.suffix(3))")
+        #expect(try http("http://\(client.outbound)/", host: "edge").headers["x-policy-version"] == "2")
+        withExtendedLifetime((app, client, dir, dir0)) {}
+    }
+
+    @Test func aBadPolicyArgumentStopsTheSidecarAtStartWithTheKeyPath() throws {
+        let dir = try TempDirectory()
+        let cfg = dir.url.appendingPathComponent("bad.lua").path
+        try """
+        return { routes = { { name = "edge", host = "edge", cluster = "edge", policies = {
+          { file = "\(policiesDir)/rate-limit.lua", config = { rate = "fast" } } } } } }
+        """.write(toFile: cfg, atomically: true, encoding: .utf8)
+        let c = try Child(
+            tandemBinary(), ["sidecar", "--service", "x", "--app-port", "1", "--registry", "none", "--config", cfg])
+        let out = c.readUntil { _ in false }.joined(separator: "\n")
+        c.process.waitUntilExit()
+        #expect(c.process.terminationStatus != 0)
+        #expect(
+            out.contains("routes[1].policies[1].config.rate: expected a number, found the string \"fast\""), "\(out)")
+    }
+}

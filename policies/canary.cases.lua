@@ -1,0 +1,20 @@
+return {
+  config = { cluster = "users-canary", cookie = "canary", percent = 0 },
+  cases = {
+    { name = "the header opts in",
+      request = { headers = { ["x-canary"] = "1" } }, response = { status = 200 },
+      expect = { upstream = "users-canary", headers = { ["x-canary"] = "1" } } },
+    { name = "the cookie opts in",
+      request = { headers = { cookie = "a=b; canary=1" } }, expect = { upstream = "users-canary" } },
+    { name = "everyone else stays",
+      request = {}, response = { status = 200 }, expect = { upstream = "", headers = { ["x-canary"] = "0" } } },
+    { name = "100 percent goes to the canary",
+      config = { percent = 100 }, request = {}, expect = { upstream = "users-canary" } },
+    { name = "sticky by user: the same user always lands on the same side",
+      config = { percent = 50, sticky_header = "x-user" },
+      request = { headers = { ["x-user"] = "carol" } }, ["repeat"] = 5, expect = { upstream = "users-canary" } },
+    { name = "sticky by user: another user",
+      config = { percent = 50, sticky_header = "x-user" },
+      request = { headers = { ["x-user"] = "alice" } }, ["repeat"] = 5, expect = { upstream = "" } },
+  },
+}

@@ -1,0 +1,28 @@
+return {
+  config = { origins = { "https://app.example.com" } },
+  cases = {
+    { name = "preflight from an allowed origin",
+      request = { method = "OPTIONS", path = "/user",
+                  headers = { origin = "https://app.example.com", ["access-control-request-method"] = "POST" } },
+      expect = { decision = "respond", status = 204, headers = {
+        ["access-control-allow-origin"] = "https://app.example.com",
+        ["access-control-allow-methods"] = "GET, POST, PUT, PATCH, DELETE",
+        ["access-control-max-age"] = "600" } } },
+    { name = "preflight from another origin is refused",
+      request = { method = "OPTIONS", headers = { origin = "https://evil.example", ["access-control-request-method"] = "GET" } },
+      expect = { decision = "deny", status = 403 } },
+    { name = "a simple request gets the allow-origin header",
+      request = { headers = { origin = "https://app.example.com" } },
+      response = { status = 200 },
+      expect = { decision = "continue", headers = { ["access-control-allow-origin"] = "https://app.example.com", vary = "origin" } } },
+    { name = "no origin, no CORS headers",
+      request = {},
+      response = { status = 200 },
+      expect = { headers = { ["access-control-allow-origin"] = false } } },
+    { name = "any origin",
+      config = { origins = { "*" } },
+      request = { headers = { origin = "https://x.example" } },
+      response = { status = 200 },
+      expect = { headers = { ["access-control-allow-origin"] = "*" } } },
+  },
+}

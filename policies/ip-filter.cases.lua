@@ -1,0 +1,21 @@
+return {
+  config = { allow = { "10.0.0.0/8", "127.0.0.1" }, deny = { "10.9.0.0/16" } },
+  cases = {
+    { name = "an address in an allowed range passes",
+      request = { remote_addr = "10.1.2.3:5000" }, expect = { decision = "continue" } },
+    { name = "loopback is allowed exactly",
+      request = { remote_addr = "127.0.0.1:40000" }, expect = { decision = "continue" } },
+    { name = "deny wins over allow",
+      request = { remote_addr = "10.9.8.7:5000" },
+      expect = { decision = "deny", status = 403, body_contains = "10.9.8.7 is not allowed" } },
+    { name = "outside every allowed range",
+      request = { remote_addr = "192.168.1.1:5000" }, expect = { decision = "deny", status = 403 } },
+    { name = "a trusted header names the client",
+      config = { trust_header = "x-forwarded-for" },
+      request = { remote_addr = "127.0.0.1:1", headers = { ["x-forwarded-for"] = "192.168.1.1, 127.0.0.1" } },
+      expect = { decision = "deny" } },
+    { name = "a bad CIDR is an error when the policy loads",
+      config = { allow = { "10.0.0/8" } },
+      request = {}, expect = { error = "allow[1]: expected an IPv4 CIDR" } },
+  },
+}

@@ -1,0 +1,23 @@
+return {
+  config = { issuer = "https://auth.example", scopes = { "orders:read" } },
+  cases = {
+    { name = "no verified token: 401 missing token",
+      request = {},
+      expect = { decision = "deny", status = 401, body = '{"code":401,"message":"missing token"}',
+                 headers = { ["www-authenticate"] = 'Bearer realm="tandem"' } } },
+    { name = "a good token passes and the user id reaches the app",
+      request = { claims = { sub = "u-42", iss = "https://auth.example", scope = "orders:read profile" },
+                  headers = { ["x-user-id"] = "spoofed" } },
+      expect = { decision = "continue", request_headers = { ["x-user-id"] = "u-42" } } },
+    { name = "another issuer",
+      request = { claims = { sub = "u-42", iss = "https://evil.example", scope = "orders:read" } },
+      expect = { decision = "deny", status = 403 } },
+    { name = "missing scope",
+      request = { claims = { sub = "u-42", iss = "https://auth.example", scope = "profile" } },
+      expect = { decision = "deny", status = 403, body_contains = "needs orders:read" } },
+    { name = "a spoofed forward header is removed when the claim is absent",
+      config = { forward = { tenant = "x-tenant" }, scopes = {} },
+      request = { claims = { sub = "u-1", iss = "https://auth.example" }, headers = { ["x-tenant"] = "acme" } },
+      expect = { decision = "continue", request_headers = { ["x-tenant"] = false } } },
+  },
+}

@@ -1,0 +1,20 @@
+return {
+  config = { rate = 1, burst = 2 },
+  cases = {
+    { name = "the burst passes",
+      request = { remote_addr = "10.0.0.1:1000" }, ["repeat"] = 2, response = { status = 200 },
+      expect = { decision = "continue", headers = { ["x-ratelimit-remaining"] = "0" } } },
+    { name = "then 429 with retry-after",
+      request = { remote_addr = "10.0.0.1:1001" },
+      expect = { decision = "respond", status = 429, headers = { ["retry-after"] = "1", ["tandem-error"] = "rate-limited" } } },
+    { name = "another address has its own bucket",
+      request = { remote_addr = "10.0.0.2:1000" }, expect = { decision = "continue" } },
+    { name = "a second later one token is back",
+      advance_ms = 1000, request = { remote_addr = "10.0.0.1:1000" }, expect = { decision = "continue" } },
+    { name = "per caller service",
+      config = { by = "caller", rate = 1, burst = 1 },
+      request = { caller = "orders" }, ["repeat"] = 2, expect = { status = 429 } },
+    { name = "by header needs a header name",
+      config = { by = "header" }, request = {}, expect = { error = "needs header" } },
+  },
+}
