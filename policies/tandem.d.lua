@@ -44,7 +44,7 @@
 ---@field set_header fun(self: tandem.Response, name: string, value: any) Replace (nil removes).
 ---@field add_header fun(self: tandem.Response, name: string, value: any) Append a value.
 ---@field remove_header fun(self: tandem.Response, name: string) Remove every value.
----@field body fun(self: tandem.Response): string? The body when buffered; else nil.
+---@field body fun(self: tandem.Response): string? The body, for a policy with response_body = true (answers up to 64 KiB); else nil.
 
 ---The finished exchange in on_log (read-only).
 ---@class tandem.Transaction
@@ -92,6 +92,7 @@
 ---@field description string? Free-form.
 ---@field config table<string, tandem.SchemaField>? The schema of the policy's arguments.
 ---@field shared table<string, {capacity: integer}>? Shared dicts this policy uses.
+---@field response_body boolean? Buffer answers up to 64 KiB so on_response can read res:body() (larger ones stream, body nil).
 ---@field init fun(cfg: table, env: table)? Once per VM and version, after the config is validated.
 ---@field on_request fun(req: tandem.Request, ctx: table, cfg: table): tandem.Decision? Before routing.
 ---@field on_response fun(res: tandem.Response, ctx: table, cfg: table): tandem.Decision? Before the answer is sent, including the sidecar's own.

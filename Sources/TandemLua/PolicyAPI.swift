@@ -185,7 +185,8 @@ public enum PolicyAPI {
             path: "Response:remove_header", type: "fun(self: tandem.Response, name: string)", doc: "Remove every value."
         ),
         .init(
-            path: "Response:body", type: "fun(self: tandem.Response): string?", doc: "The body when buffered; else nil."
+            path: "Response:body", type: "fun(self: tandem.Response): string?",
+            doc: "The body, for a policy with response_body = true (answers up to 64 KiB); else nil."
         ),
         // Transaction
         .init(path: "Transaction.status", type: "integer", doc: "The status sent."),
@@ -239,6 +240,9 @@ public enum PolicyAPI {
         .init(path: "description", type: "string?", doc: "Free-form."),
         .init(path: "config", type: "table<string, tandem.SchemaField>?", doc: "The schema of the policy's arguments."),
         .init(path: "shared", type: "table<string, {capacity: integer}>?", doc: "Shared dicts this policy uses."),
+        .init(
+            path: "response_body", type: "boolean?",
+            doc: "Buffer answers up to 64 KiB so on_response can read res:body() (larger ones stream, body nil)."),
         .init(
             path: "init", type: "fun(cfg: table, env: table)?",
             doc: "Once per VM and version, after the config is validated."),

@@ -141,9 +141,13 @@ public final class PolicyVM: @unchecked Sendable {
     private var decision: PolicyDecision?
     private var pending: (file: String, source: String, config: String, path: String)?
     private var loadingName: String?
-    private var loadingHooks = (request: false, response: false, log: false)
-    /// Which hooks each loaded policy defines: calls to the others return at once.
-    private var hooks: [Int: (request: Bool, response: Bool, log: Bool)] = [:]
+    private var loadingHooks = (request: false, response: false, log: false, responseBody: false)
+    /// Which hooks each loaded policy defines (calls to the others return at once), and whether
+    /// it reads response bodies (`response_body = true`: the sidecar buffers them for it).
+    private var hooks: [Int: (request: Bool, response: Bool, log: Bool, responseBody: Bool)] = [:]
+
+    /// Whether policy `id` wants the response body buffered for `on_response`.
+    public func wantsResponseBody(_ id: Int) -> Bool { hooks[id]?.responseBody ?? false }
     private var frozenNow: Int64 = 0
     private var nextGeneration: Double = 1
 
@@ -447,7 +451,7 @@ public final class PolicyVM: @unchecked Sendable {
             put(p.path)
         case .policyName:
             loadingName = a.string(0)
-            loadingHooks = (a.bool(1), a.bool(2), a.bool(3))
+            loadingHooks = (a.bool(1), a.bool(2), a.bool(3), a.bool(4))
         case .phase:
             if phase == .load || phase == .initialize { phase = a.string(0) == "init" ? .initialize : .load }
         case .reqField:

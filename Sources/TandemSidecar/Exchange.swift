@@ -142,6 +142,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         let remote = context.channel.remoteAddress.map { "\($0.ipAddress ?? ""):\($0.port ?? 0)" } ?? ""
         let ex = PolicyExchange(head: head, path: path, host: host, route: r.name, side: side, remote: remote)
         if !streaming, let body { ex.body = Array(body.readableBytesView) }
+        if case .template(let t) = r.match.path { ex.params = RouteTable.matchTemplate(t, ex.path) ?? [:] }
         policyEx = ex
         for e in policyChain {
             switch vm.onRequest(e.id, ex) {
@@ -609,8 +610,23 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         decide(.response(status: Int(h.status.code), grpcStatus: grpc), endpoint: ep)
     }
 
+    /// A policy reads response bodies: the answer is held (up to the limit) until it ends, so
+    /// on_response sees it whole. Past the limit it streams and the body is nil for policies.
+    private var bufferingResponse = false
+    private var responseBuffer: ByteBuffer?
+
     private func forwardPendingHead() {
         guard let h = pendingHead else { return }
+        if !bufferingResponse, responseBuffer == nil, let vm = policyVM, h.status.code != 101,
+            policyChain.contains(where: { vm.wantsResponseBody($0.id) }),
+            h.headers.first(name: "content-length").flatMap(Int.init).map({ $0 <= ctx.limits.streamBodyAfterBytes })
+                ?? true
+        {
+            bufferingResponse = true
+            responded = true  // committed to this answer: a failure from here aborts
+            responseBuffer = context.channel.allocator.buffer(capacity: 0)
+            return
+        }
         pendingHead = nil
         responded = true
         status = Int(h.status.code)
@@ -621,6 +637,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         if let ex = policyEx, switchingTo == nil {
             ex.status = status
             ex.reason = nil
+            ex.responseBody = bufferingResponse ? responseBuffer.map { Array($0.readableBytesView) } : nil
             ex.responseHeaders = out.headers.map { (name: $0.name, value: $0.value) }
             if let d = runResponsePolicies() {
                 // The upstream's answer is replaced: the rest of it is dropped with its connection.
@@ -672,8 +689,30 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         if responded && !finished { context.flush() }
     }
 
+    /// Ends buffering: on_response runs (with the body when `whole`), then the head and what
+    /// was held go out. False when a policy answered instead.
+    private func releaseBufferedResponse(whole: Bool) -> Bool {
+        if !whole { bufferingResponse = false }
+        forwardPendingHead()
+        bufferingResponse = false
+        guard !finished else { return false }
+        if let held = responseBuffer, held.readableBytes > 0 {
+            context.write(handler.wrapOutboundOut(.body(.byteBuffer(held))), promise: nil)
+        }
+        responseBuffer = nil
+        return true
+    }
+
     func upstreamBody(_ b: ByteBuffer) {
         guard !finished, responded else { return }
+        if bufferingResponse {
+            var b = b
+            responseBuffer?.writeBuffer(&b)
+            if (responseBuffer?.readableBytes ?? 0) > ctx.limits.streamBodyAfterBytes {
+                _ = releaseBufferedResponse(whole: false)
+            }
+            return
+        }
         context.write(handler.wrapOutboundOut(.body(.byteBuffer(b))), promise: nil)
         if !context.channel.isWritable, let c = conn, !upstreamPaused {
             upstreamPaused = true
@@ -697,6 +736,9 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         if status == 101, upgrade != nil, let c = conn {
             tunnel(c)
             return
+        }
+        if bufferingResponse {
+            guard releaseBufferedResponse(whole: true) else { return }
         }
         if let c = conn {
             conn = nil

@@ -158,7 +158,7 @@ public struct RouteTable: Sendable {
         }
     }
 
-    static func matchTemplate(_ template: String, _ path: String) -> [String: String]? {
+    public static func matchTemplate(_ template: String, _ path: String) -> [String: String]? {
         let t = template.split(separator: "/", omittingEmptySubsequences: true)
         let p = path.split(separator: "/", omittingEmptySubsequences: true)
         var params: [String: String] = [:]

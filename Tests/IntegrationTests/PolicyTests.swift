@@ -45,6 +45,26 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         withExtendedLifetime((app, client, dir)) {}
     }
 
+    @Test func theResponseCacheServesHotGetsAndStreamsLargeAnswers() throws {
+        let (app, port) = try startEdgeApp()
+        let (client, dir) = try configuredClient(
+            """
+            return { routes = { { name = "edge", host = "edge", cluster = "edge",
+              policies = { { file = "\(policiesDir)/response-cache.lua", config = { ttl = 60 } } } } } }
+            """, extra: ["--endpoints", "edge=127.0.0.1:\(port)"])
+        let first = try curl(["-H", "Host: edge", "http://\(client.outbound)/big?bytes=1000"])
+        #expect(first.status == 200 && first.head["x-cache"] == "miss" && first.body.count == 1000, "\(first.head)")
+        let second = try curl(["-H", "Host: edge", "http://\(client.outbound)/big?bytes=1000"])
+        #expect(second.status == 200 && second.head["x-cache"] == "hit", "\(second.head)")
+        #expect(second.body == first.body && second.head["x-instance"] == nil)
+        // Over the 64 KiB buffer: streamed through whole, not stored.
+        for _ in 0..<2 {
+            let big = try curl(["-H", "Host: edge", "http://\(client.outbound)/big?bytes=300000"])
+            #expect(big.status == 200 && big.body.count == 300_000 && big.head["x-cache"] == "miss", "\(big.head)")
+        }
+        withExtendedLifetime((app, client, dir)) {}
+    }
+
     @Test func aHostilePolicyIsStoppedAndTheSidecarKeepsServing() throws {
         let (app, port) = try startEdgeApp()
         let dir0 = try TempDirectory()
@@ -67,7 +87,11 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         for _ in 0..<3 {
             let spin = try http("http://\(client.outbound)/spin", host: "edge")
             #expect(spin.status == 500 && spin.headers["tandem-error"] == "policy-error", "\(spin)")
-            #expect(spin.body.contains("policy spin failed (instructions)"))
+            // Whichever budget runs out first (instructions or wall clock) stops it.
+            #expect(
+                spin.body.contains("policy spin failed (instructions)")
+                    || spin.body.contains("policy spin failed (timeout)"),
+                "\(spin.body)")
             let boom = try http("http://\(client.outbound)/bomb", host: "edge")
             #expect(boom.status == 500 && boom.body.contains("policy bomb failed (memory)"), "\(boom)")
             // fail_open: the error is logged and counted, the request goes through.
@@ -75,7 +99,13 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
             #expect(try http("http://\(client.outbound)/", host: "edge").status == 200)
         }
         let metrics = try http("http://\(client.admin)/metrics").body
-        #expect(metrics.contains(#"tandem_policy_errors_total{policy="spin",reason="instructions"} 6"#), "\(metrics)")
+        func count(_ reason: String) -> Int {
+            let prefix = "tandem_policy_errors_total{policy=\"spin\",reason=\"\(reason)\"} "
+            return metrics.split(separator: "\n").first { $0.hasPrefix(prefix) }.flatMap {
+                Int($0.dropFirst(prefix.count))
+            } ?? 0
+        }
+        #expect(count("instructions") + count("timeout") == 6, "\(metrics)")
         #expect(metrics.contains(#"tandem_policy_errors_total{policy="bomb",reason="memory"} 3"#))
         let log = client.child.readUntil { $0.contains("policy error on route bomb") }
         #expect(log.last?.contains("memory limit") == true, "\(log.suffix(3))")
