@@ -100,7 +100,7 @@ let package = Package(
             swiftSettings: swiftSettings),
         .executableTarget(
             name: "TandemBench",
-            dependencies: ["TandemCore", "TandemRaft", "TandemStore", "TandemSimulation"],
+            dependencies: ["TandemCore", "TandemRaft", "TandemStore", "TandemSimulation", "TandemLua"],
             swiftSettings: swiftSettings),
         .testTarget(name: "TandemRaftTests", dependencies: ["TandemRaft"], swiftSettings: swiftSettings),
         .testTarget(name: "TandemStoreTests", dependencies: ["TandemStore"], swiftSettings: swiftSettings),

@@ -1,6 +1,7 @@
 // Micro-benchmarks of the pure registry cores. A shell: it reads the clock, the cores don't.
 // Run with `make bench` (release build); results go to bench/RESULTS.md by hand, with the
 // command and the machine.
+import Foundation
 import TandemCore
 import TandemRaft
 import TandemSimulation
@@ -22,6 +23,12 @@ func measure(_ name: String, ops: Int, unit: String, _ body: () -> Void) {
     print(
         padded + String(repeating: " ", count: max(0, 10 - r.count)) + r + " \(unit)/s  (best of 3: \(ops) in \(ms) ms)"
     )
+}
+
+// `TandemBench policies`: only the Lua policy hooks.
+if CommandLine.arguments.dropFirst().first == "policies" {
+    try policyBenchmarks()
+    exit(0)
 }
 
 // MARK: Raft: a 3-node cluster in memory, every message delivered, every Ready persisted.

@@ -45,7 +45,8 @@ public final class PolicyServices: Sendable {
         var dicts: [String: SharedDict] = [:]
         var limiters = PolicyLimiters()
         var metrics = PolicyMetricRegistry()
-        var counters: [String: PolicyCounters] = [:]
+        var counters: [(String, PolicyCounters)] = []
+        var slots: [String: Int] = [:]
         var logWindows: [String: (second: Int64, lines: Int)] = [:]
     }
     let state = Mutex(State())
@@ -67,7 +68,7 @@ public final class PolicyServices: Sendable {
             w.lines += 1
             s.logWindows[line.policy] = w
             if w.lines > logLinesPerSecond {
-                s.counters[line.policy, default: PolicyCounters()].logsDropped += 1
+                if let i = s.slots[line.policy] { s.counters[i].1.logsDropped += 1 }
                 return false
             }
             return true
@@ -75,17 +76,28 @@ public final class PolicyServices: Sendable {
         if allowed { sink(line) }
     }
 
-    public func count(policy: String, decision: String?, failure: PolicyFailureReason?) {
+    /// The counters' slot for a policy name (VMs resolve it once, at load).
+    func slot(for policy: String) -> Int {
         state.withLock { s in
-            var c = s.counters[policy] ?? PolicyCounters()
-            c.invocations += 1
-            if let decision { c.decisions[decision, default: 0] += 1 }
-            if let failure { c.errors[failure, default: 0] += 1 }
-            s.counters[policy] = c
+            if let i = s.slots[policy] { return i }
+            s.slots[policy] = s.counters.count
+            s.counters.append((policy, PolicyCounters()))
+            return s.counters.count - 1
         }
     }
 
-    public var counters: [String: PolicyCounters] { state.withLock { $0.counters } }
+    /// One hook call, and its decision or failure (in place: no copies on the request path).
+    func count(slot: Int, decision: String? = nil, failure: PolicyFailureReason? = nil) {
+        state.withLock { s in
+            s.counters[slot].1.invocations += 1
+            if let decision { s.counters[slot].1.decisions[decision, default: 0] += 1 }
+            if let failure { s.counters[slot].1.errors[failure, default: 0] += 1 }
+        }
+    }
+
+    public var counters: [String: PolicyCounters] {
+        state.withLock { s in Dictionary(s.counters.map { ($0.0, $0.1) }, uniquingKeysWith: { a, _ in a }) }
+    }
     public var metrics: PolicyMetricRegistry { state.withLock { $0.metrics } }
 
     // MARK: shared dicts
@@ -147,7 +159,8 @@ public final class PolicyServices: Sendable {
 
     /// Prometheus text for the policies' own metrics and the built-in counters.
     public func prometheus() -> String {
-        let (metrics, counters) = state.withLock { ($0.metrics, $0.counters) }
+        let metrics = state.withLock { $0.metrics }
+        let counters = self.counters
         var out = ""
         func esc(_ s: String) -> String {
             s.replacingOccurrences("\\", "\\\\").replacingOccurrences("\"", "\\\"").replacingOccurrences("\n", "\\n")

@@ -131,8 +131,13 @@ public final class PolicyVM: @unchecked Sendable {
     private let vm: UnsafeMutablePointer<clj_vm>
     private let L: OpaquePointer
     private var rng: SeededRandom
-    private var names: [Int: String] = [:]
-    private var loaded: Set<Int> = []
+    /// What the VM knows of each loaded policy: one lookup per hook call.
+    private struct Loaded {
+        var name: String
+        var hooks: (request: Bool, response: Bool, log: Bool, responseBody: Bool)
+        var slot: Int
+    }
+    private var policies: [Int: Loaded] = [:]
 
     private enum Phase { case idle, load, initialize, request, response, log }
     private var phase = Phase.idle
@@ -142,13 +147,18 @@ public final class PolicyVM: @unchecked Sendable {
     private var pending: (file: String, source: String, config: String, path: String)?
     private var loadingName: String?
     private var loadingHooks = (request: false, response: false, log: false, responseBody: false)
-    /// Which hooks each loaded policy defines (calls to the others return at once), and whether
-    /// it reads response bodies (`response_body = true`: the sidecar buffers them for it).
-    private var hooks: [Int: (request: Bool, response: Bool, log: Bool, responseBody: Bool)] = [:]
 
-    /// Whether policy `id` wants the response body buffered for `on_response`.
-    public func wantsResponseBody(_ id: Int) -> Bool { hooks[id]?.responseBody ?? false }
-    private var frozenNow: Int64 = 0
+    /// Whether policy `id` reads response bodies (`response_body = true`: the sidecar buffers
+    /// answers for its on_response).
+    public func wantsResponseBody(_ id: Int) -> Bool { policies[id]?.hooks.responseBody ?? false }
+    /// `tandem.now()` for the current call: read from the clock on first use, then frozen.
+    private var callNow: Int64?
+    private var frozenNow: Int64 {
+        if let n = callNow { return n }
+        let n = services.clock()
+        callNow = n
+        return n
+    }
     private var nextGeneration: Double = 1
 
     public static let maxPolicies = 10_000
@@ -193,7 +203,7 @@ public final class PolicyVM: @unchecked Sendable {
     public var peakMemoryBytes: Int { vm.pointee.peak }
 
     /// The name of a loaded policy.
-    public func name(of id: Int) -> String? { names[id] }
+    public func name(of id: Int) -> String? { policies[id]?.name }
 
     /// Compiles `source` (text only) in a fresh environment, validates `config` against the
     /// policy's schema (errors name `path`), declares its shared dicts and runs its `init`.
@@ -204,14 +214,14 @@ public final class PolicyVM: @unchecked Sendable {
     )
         throws(PolicyFailure) -> String
     {
-        guard id > 0, loaded.count < Self.maxPolicies || loaded.contains(id) else {
+        guard id > 0, policies.count < Self.maxPolicies || policies[id] != nil else {
             throw PolicyFailure(policy: file, reason: .error, message: "more than \(Self.maxPolicies) policies")
         }
         pending = (file, source, config.map { $0.json } ?? "", path)
         loadingName = nil
         phase = .load
         currentPolicy = id
-        frozenNow = services.clock()
+        callNow = nil
         defer {
             pending = nil
             phase = .idle
@@ -224,11 +234,10 @@ public final class PolicyVM: @unchecked Sendable {
             throw f
         }
         // Swap in: the prelude stored it under `staging`; move it.
-        names[id] = loadingName ?? file
-        hooks[id] = loadingHooks
-        loaded.insert(id)
+        let name = loadingName ?? file
+        policies[id] = Loaded(name: name, hooks: loadingHooks, slot: services.slot(for: name))
         _ = enter(op: 7, Double(staging), Double(id))
-        return names[id]!
+        return name
     }
 
     /// Compiles `source` and checks its shape and config schema without a config or `init`
@@ -238,7 +247,7 @@ public final class PolicyVM: @unchecked Sendable {
         pending = (file, source, "-check-", "config")
         loadingName = nil
         phase = .load
-        frozenNow = services.clock()
+        callNow = nil
         defer {
             pending = nil
             phase = .idle
@@ -253,22 +262,23 @@ public final class PolicyVM: @unchecked Sendable {
 
     public func unload(id: Int) {
         _ = enter(op: 2, Double(id), 0)
-        loaded.remove(id)
-        names[id] = nil
-        hooks[id] = nil
+        policies[id] = nil
     }
 
     /// Runs `on_request` of policy `id` for `ex` (at once `.proceed` when it has none).
     public func onRequest(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome {
-        hooks[id]?.request == false ? .proceed : call(3, id, ex, .request)
+        guard let p = policies[id] else { return missing(id) }
+        return p.hooks.request ? call(3, id, p, ex, .request) : .proceed
     }
     /// Runs `on_response`: `ex.status` and `ex.responseHeaders` hold the answer (upstream or local).
     public func onResponse(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome {
-        hooks[id]?.response == false ? .proceed : call(4, id, ex, .response)
+        guard let p = policies[id] else { return missing(id) }
+        return p.hooks.response ? call(4, id, p, ex, .response) : .proceed
     }
     /// Runs `on_log` after the exchange completed (read-only).
     public func onLog(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome {
-        hooks[id]?.log == false ? .proceed : call(5, id, ex, .log)
+        guard let p = policies[id] else { return missing(id) }
+        return p.hooks.log ? call(5, id, p, ex, .log) : .proceed
     }
     /// Forgets the exchange's `ctx`; call once after its last hook.
     public func end(_ ex: PolicyExchange) {
@@ -277,10 +287,11 @@ public final class PolicyVM: @unchecked Sendable {
         ex.generation = 0
     }
 
-    private func call(_ op: Int32, _ id: Int, _ ex: PolicyExchange, _ p: Phase) -> PolicyOutcome {
-        guard let name = names[id] else {
-            return .failed(PolicyFailure(policy: "#\(id)", reason: .error, message: "no such policy"))
-        }
+    private func missing(_ id: Int) -> PolicyOutcome {
+        .failed(PolicyFailure(policy: "#\(id)", reason: .error, message: "no such policy"))
+    }
+
+    private func call(_ op: Int32, _ id: Int, _ loaded: Loaded, _ ex: PolicyExchange, _ p: Phase) -> PolicyOutcome {
         if ex.generation == 0 {
             ex.generation = nextGeneration
             nextGeneration += 1
@@ -289,23 +300,26 @@ public final class PolicyVM: @unchecked Sendable {
         phase = p
         currentPolicy = id
         decision = nil
-        frozenNow = services.clock()
+        callNow = nil
         defer {
             current = nil
             phase = .idle
         }
         var outcome = enter(op: op, Double(id), ex.generation)
-        if case .decision = outcome, let d = decision {
-            if p == .log { outcome = .proceed } else { outcome = .decision(d) }
-        }
-        if case .failed(var f) = outcome {
-            f.policy = name
-            outcome = .failed(f)
-        }
         switch outcome {
-        case .proceed: services.count(policy: name, decision: nil, failure: nil)
-        case .decision(let d): services.count(policy: name, decision: d.kind, failure: nil)
-        case .failed(let f): services.count(policy: name, decision: nil, failure: f.reason)
+        case .proceed:
+            services.count(slot: loaded.slot)
+        case .decision(let d):
+            if p == .log {
+                outcome = .proceed
+                services.count(slot: loaded.slot)
+            } else {
+                services.count(slot: loaded.slot, decision: d.kind)
+            }
+        case .failed(var f):
+            f.policy = loaded.name
+            outcome = .failed(f)
+            services.count(slot: loaded.slot, failure: f.reason)
         }
         return outcome
     }
@@ -470,9 +484,9 @@ public final class PolicyVM: @unchecked Sendable {
             }
         case .reqHeader, .resHeader:
             let ex = try exchange(a)
-            let name = try a.need(1, "header name").lowercased()
+            let name = try a.need(1, "header name")
             var nth = Int(a.number(2) ?? 1)
-            for h in (op == .reqHeader ? ex.headers : ex.responseHeaders) where h.name.lowercased() == name {
+            for h in (op == .reqHeader ? ex.headers : ex.responseHeaders) where Self.sameName(h.name, name) {
                 nth -= 1
                 if nth == 0 {
                     put(h.value)
@@ -500,8 +514,7 @@ public final class PolicyVM: @unchecked Sendable {
             try Self.checkHeader(name, value)
             var list = onRequest ? ex.headers : ex.responseHeaders
             if op == .reqSetHeader || op == .resSetHeader {
-                let lower = name.lowercased()
-                list.removeAll { $0.name.lowercased() == lower }
+                list.removeAll { Self.sameName($0.name, name) }
             } else if value == nil {
                 throw HostError("add_header: expected a value")
             }
@@ -607,7 +620,7 @@ public final class PolicyVM: @unchecked Sendable {
             put(lo + Double(rng.next() % UInt64(hi - lo + 1)))
         case .log:
             let level = PolicyLogLine.Level(rawValue: Int(a.number(1) ?? 1)) ?? .info
-            let name = names[currentPolicy] ?? loadingName ?? "?"
+            let name = policies[currentPolicy]?.name ?? loadingName ?? "?"
             services.log(
                 PolicyLogLine(policy: name, level: level, message: a.string(2) ?? "", fieldsJSON: a.string(3)),
                 now: frozenNow)
@@ -632,14 +645,14 @@ public final class PolicyVM: @unchecked Sendable {
                 put(s.addingPercentEncoding(withAllowedCharacters: Self.unreserved) ?? s)
             }
         case .tokenBucket:
-            let key = (names[currentPolicy] ?? "?") + "|" + (try a.need(1, "key"))
+            let key = (policies[currentPolicy]?.name ?? "?") + "|" + (try a.need(1, "key"))
             let r = services.tokenBucket(
                 key, rate: try a.needNumber(2, "rate"), burst: try a.needNumber(3, "burst"), now: frozenNow)
             put(r.ok)
             put(Double(r.retryAfterMs))
             put(Double(r.remaining))
         case .window:
-            let key = (names[currentPolicy] ?? "?") + "|" + (try a.need(1, "key"))
+            let key = (policies[currentPolicy]?.name ?? "?") + "|" + (try a.need(1, "key"))
             let limit = try a.needNumber(2, "limit"), seconds = try a.needNumber(3, "seconds")
             let r = services.window(key, limit: Int(limit), seconds: seconds, now: frozenNow)
             put(r.ok)
@@ -649,7 +662,7 @@ public final class PolicyVM: @unchecked Sendable {
             try shared(a)
         case .metricDeclare:
             try requirePhase(.initialize, "declaring a metric")
-            let policy = names[currentPolicy] ?? loadingName ?? "?"
+            let policy = policies[currentPolicy]?.name ?? loadingName ?? "?"
             let labels = (a.string(3) ?? "").split(separator: ",").map(String.init)
             let buckets = (a.string(4) ?? "").split(separator: ",").compactMap { Double($0) }
             switch services.declareMetric(
@@ -751,6 +764,22 @@ public final class PolicyVM: @unchecked Sendable {
             put(services.withDict(dict) { $0.expire(key, ttlMs: ttl(3), now: now) } ?? false)
         default:
             throw HostError("unknown shared dict operation \(op)")
+        }
+    }
+
+    /// ASCII case-insensitive equality of header names, without allocating.
+    static func sameName(_ a: String, _ b: String) -> Bool {
+        var a = a
+        var b = b
+        return a.withUTF8 { x in
+            b.withUTF8 { y in
+                guard x.count == y.count else { return false }
+                for i in 0..<x.count {
+                    let (p, q) = (x[i], y[i])
+                    if p != q && !(p | 0x20 == q | 0x20 && (p | 0x20) >= 97 && (p | 0x20) <= 122) { return false }
+                }
+                return true
+            }
         }
     }
 

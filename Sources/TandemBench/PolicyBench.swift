@@ -1,0 +1,53 @@
+import TandemLua
+
+/// Per-hook cost of Lua policies on the real engine (one VM, as one event loop runs it):
+/// an empty hook, a typical policy (a header check and a shared-dict incr), and the chain the
+/// sidecar benchmark uses (tenant gate + token-bucket rate limit).
+func policyBenchmarks() throws {
+    let services = PolicyServices(clock: { 1_767_225_600_000 }, sink: { _ in })
+    let vm = try PolicyVM(services: services, seed: 1)
+    try vm.load(id: 1, file: "noop.lua", source: #"return { name = "noop", on_request = function() end }"#)
+    try vm.load(
+        id: 2, file: "typical.lua",
+        source: """
+            return { name = "typical", shared = { hits = { capacity = 10000 } },
+              on_request = function(req)
+                local t = req:header("x-tenant")
+                if t ~= "acme" then return tandem.deny(403, "unknown tenant") end
+                tandem.shared.hits:incr(t, 1, 0)
+              end }
+            """)
+    try vm.load(
+        id: 3, file: "gate.lua",
+        source: """
+            return { name = "gate", config = { tenants = { type = "set", of = "string", required = true } },
+              on_request = function(req, ctx, cfg)
+                if not cfg.tenants[req:header("x-tenant") or ""] then return tandem.deny(403, "unknown tenant") end
+              end }
+            """, config: .table([.string("tenants"): .table([.index(1): .string("acme")])]))
+    try vm.load(
+        id: 4, file: "rate-limit.lua",
+        source: """
+            return { name = "rl", on_request = function(req)
+              local ok = tandem.limit.token_bucket(req:header("x-tenant"), 1e9, 1e9)
+              if not ok then return tandem.respond(429) end end }
+            """)
+    let ex = PolicyExchange(
+        method: "GET", path: "/user/1", authority: "users", remoteAddress: "127.0.0.1:5000", route: "users",
+        headers: [
+            ("host", "users"), ("user-agent", "wrk"), ("accept", "*/*"), ("x-tenant", "acme"),
+            ("x-request-id", "0123456789abcdef"),
+        ])
+    let n = 200_000
+    let only = CommandLine.arguments.count > 2 ? CommandLine.arguments[2] : nil
+    for (name, ids) in [("empty on_request", [1]), ("header check + shared-dict incr", [2]), ("tenant gate + token bucket (2 policies)", [3, 4])] {
+        if let only, !name.hasPrefix(only) { continue }
+        measure("policy hook: \(name)", ops: n, unit: "calls") {
+            for _ in 0..<n {
+                for id in ids { precondition(vm.onRequest(id, ex) == .proceed) }
+            }
+        }
+    }
+    vm.end(ex)
+    print("VM heap after the runs: \(vm.memoryBytes / 1024) KiB (peak \(vm.peakMemoryBytes / 1024) KiB)")
+}

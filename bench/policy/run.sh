@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Lua policies: the per-hook cost on the real engine (TandemBench policies), and what a
+# typical policy chain costs a sidecar in throughput — side by side with nginx running the
+# same logic in its Lua module (OpenResty's lua-nginx-module, unpacked under bench/nginx-lua,
+# never installed: Debian's libnginx-mod-http-lua removes libluajit-5.1-dev).
+#
+# The chain: a tenant gate (x-tenant must be in a set, else 403) and a rate limit keyed by the
+# tenant (Tandem: policies/rate-limit.lua's token bucket in a shared store; nginx: a counter in
+# ngx.shared.DICT via incr), with limits far above the load so every request passes. Each
+# target proxies one HTTP/1.1 hop to an nginx backend answering 1 KiB; wrk -t2 -c64.
+#
+# Needs: wrk nginx (apt-get install -y wrk nginx) and network access once, for apt-get download.
+# Usage: bench/policy/run.sh        (env DURATION=10 seconds per run)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$(pwd)
+DURATION=${DURATION:-10}
+TANDEM=.build/release/tandem
+swift build -c release --static-swift-stdlib --product tandem
+swift build -c release --static-swift-stdlib --product TandemBench  # same flags: no rebuild of the other
+for t in wrk nginx; do command -v $t >/dev/null || { echo "missing $t: apt-get install -y wrk nginx" >&2; exit 1; }; done
+
+echo "== per hook call (TandemBench policies, release) =="
+.build/release/TandemBench policies
+echo
+
+LUA=$ROOT/bench/nginx-lua
+if [ ! -f "$LUA/lib/x86_64-linux-gnu/libpcre.so.3" ]; then
+  mkdir -p "$LUA/debs"
+  (cd "$LUA/debs" && apt-get download libnginx-mod-http-lua libnginx-mod-http-ndk libluajit2-5.1-2 lua-resty-core \
+    lua-resty-lrucache libpcre3 2>/dev/null)
+  for d in "$LUA"/debs/*.deb; do dpkg-deb -x "$d" "$LUA"; done
+fi
+
+W=$(mktemp -d /tmp/tandem-policy-bench.XXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
+trap cleanup EXIT
+BACKEND=19200 NONE=19201 POLICY=19202 NGINX=19203 NGINX_LUA=19204
+BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
+
+mkdir -p "$W/backend" "$W/nginx" "$W/nginx-lua"
+cat > "$W/backend/nginx.conf" <<CONF
+worker_processes 1; pid $W/backend/pid; error_log $W/backend/error.log; daemon off;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$BACKEND; location / { default_type text/plain; return 200 "$BODY"; } } }
+CONF
+proxy_conf() { # $1 dir, $2 port, $3 extra http-level lines, $4 extra location lines
+cat > "$W/$1/nginx.conf" <<CONF
+$( [ "$1" = nginx-lua ] && echo "load_module $LUA/usr/lib/nginx/modules/ndk_http_module.so; load_module $LUA/usr/lib/nginx/modules/ngx_http_lua_module.so;")
+worker_processes 2; pid $W/$1/pid; error_log $W/$1/error.log; daemon off;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; $3
+  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; }
+  server { listen 127.0.0.1:$2;
+    location / { $4 proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+}
+proxy_conf nginx $NGINX "" ""
+proxy_conf nginx-lua $NGINX_LUA "lua_package_path \"$LUA/usr/share/lua/5.1/?.lua;;\"; lua_shared_dict limits 10m;" '
+  access_by_lua_block {
+    local tenants = { acme = true, globex = true }
+    local t = ngx.req.get_headers()["x-tenant"]
+    if not tenants[t or ""] then return ngx.exit(403) end
+    local n = ngx.shared.limits:incr("t:" .. t .. ":" .. math.floor(ngx.now()), 1, 0, 2)
+    if n > 1000000000 then return ngx.exit(429) end
+  }'
+
+cat > "$W/gate.lua" <<'LUA'
+return {
+  name = "tenant-gate",
+  config = { tenants = { type = "set", of = "string", required = true } },
+  on_request = function(req, ctx, cfg)
+    if not cfg.tenants[req:header("x-tenant") or ""] then return tandem.deny(403, "unknown tenant") end
+  end,
+}
+LUA
+cat > "$W/policy.lua" <<LUA
+return { routes = { { name = "backend", host = "backend", cluster = "backend", policies = {
+  { file = "$W/gate.lua", config = { tenants = { "acme", "globex" } } },
+  { file = "$ROOT/policies/rate-limit.lua", config = { by = "header", header = "x-tenant", rate = 1e9 } },
+} } } }
+LUA
+
+nginx -c "$W/backend/nginx.conf" & PIDS+=($!)
+nginx -c "$W/nginx/nginx.conf" & PIDS+=($!)
+LD_LIBRARY_PATH=$LUA/usr/lib/x86_64-linux-gnu:$LUA/lib/x86_64-linux-gnu nginx -c "$W/nginx-lua/nginx.conf" & PIDS+=($!)
+$TANDEM sidecar --service bench --app-port 1 --registry none --health-interval 3600 \
+  --endpoints backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$NONE > "$W/none.log" 2>&1 & PIDS+=($!)
+$TANDEM sidecar --service bench2 --app-port 1 --registry none --health-interval 3600 --config "$W/policy.lua" \
+  --endpoints backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$POLICY > "$W/policy.log" 2>&1 & PIDS+=($!)
+for port in $BACKEND $NONE $POLICY $NGINX $NGINX_LUA; do
+  for _ in $(seq 100); do curl -fs -o /dev/null -H "Host: backend" -H "x-tenant: acme" "http://127.0.0.1:$port/" && break; sleep 0.1; done
+done
+# The chains must really run: an unknown tenant is refused by both.
+for port in $POLICY $NGINX_LUA; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: backend" -H "x-tenant: initech" "http://127.0.0.1:$port/")
+  [ "$code" = 403 ] || { echo "port $port answered $code for an unknown tenant, not 403" >&2; exit 1; }
+done
+
+printf "| target | req/s | p50 | p99 | non-2xx |\n|---|---|---|---|---|\n"
+for target in tandem tandem+policies nginx nginx+lua; do
+  case $target in tandem) port=$NONE;; tandem+policies) port=$POLICY;; nginx) port=$NGINX;; nginx+lua) port=$NGINX_LUA;; esac
+  out=$(wrk -t2 -c64 -d${DURATION}s --latency -H "Host: backend" -H "x-tenant: acme" "http://127.0.0.1:$port/")
+  rps=$(echo "$out" | awk '/Requests\/sec/{printf "%d", $2}')
+  p50=$(echo "$out" | awk '$1=="50%"{print $2}'); p99=$(echo "$out" | awk '$1=="99%"{print $2}')
+  bad=$(echo "$out" | awk '/Non-2xx/{print $NF}'); printf "| %s | %s | %s | %s | %s |\n" "$target" "$rps" "$p50" "$p99" "${bad:-0}"
+done
