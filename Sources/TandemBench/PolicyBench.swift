@@ -40,7 +40,10 @@ func policyBenchmarks() throws {
         ])
     let n = 200_000
     let only = CommandLine.arguments.count > 2 ? CommandLine.arguments[2] : nil
-    for (name, ids) in [("empty on_request", [1]), ("header check + shared-dict incr", [2]), ("tenant gate + token bucket (2 policies)", [3, 4])] {
+    for (name, ids) in [
+        ("empty on_request", [1]), ("header check + shared-dict incr", [2]),
+        ("tenant gate + token bucket (2 policies)", [3, 4]),
+    ] {
         if let only, !name.hasPrefix(only) { continue }
         measure("policy hook: \(name)", ops: n, unit: "calls") {
             for _ in 0..<n {

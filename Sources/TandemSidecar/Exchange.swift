@@ -39,11 +39,8 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private var status = 0
     private var tandemError: String?
     private var upstreamPaused = false
-    /// Lua policies of this request's route: this loop's VM, the chain, the request as they see it.
-    private var policyVM: PolicyVM?
-    private var policyChain: [SidecarPolicies.Entry] = []
-    private var policyEx: PolicyExchange?
-    private var responseHooksRan = false
+    /// The request's run through its route's Lua policies (nil without any).
+    private var policy: PolicyRun?
 
     /// The request body streams: `body` is nil, parts arrive through `downstreamBody` and
     /// wait in `queued` until the head is on an upstream connection.
@@ -115,12 +112,22 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             path = r.path
             cluster = r.route.cluster
         }
-        if let p = ctx.policies, p.isActive {
-            let chain = p.chain(route: side == .inbound ? nil : route?.name)
-            if !chain.isEmpty, let vm = p.vm(for: loop) {
-                policyVM = vm
-                policyChain = chain
-                guard runRequestPolicies() else { return }
+        if let r = route, ctx.policies?.isActive == true {
+            let remote = context.channel.remoteAddress.map { "\($0.ipAddress ?? ""):\($0.port ?? 0)" } ?? ""
+            policy = PolicyRun(
+                ctx: ctx, loop: loop, route: r, side: side, head: head, path: path, host: host, remote: remote)
+            if let p = policy {
+                if !streaming, let body { p.ex.body = Array(body.readableBytesView) }
+                switch p.request() {
+                case .answer(let d):
+                    answerWithPolicy(d)
+                    return
+                case .failed(let a):
+                    answer(a)
+                    return
+                case .proceed:
+                    p.apply(head: &head, path: &path, route: &route, cluster: &cluster)
+                }
             }
         }
         if handler.knownCluster == cluster {
@@ -136,68 +143,6 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     // MARK: policies
 
-    /// on_request of each policy in order; applies their changes. False when one answered.
-    private func runRequestPolicies() -> Bool {
-        guard let vm = policyVM, let r = route else { return true }
-        let remote = context.channel.remoteAddress.map { "\($0.ipAddress ?? ""):\($0.port ?? 0)" } ?? ""
-        let ex = PolicyExchange(head: head, path: path, host: host, route: r.name, side: side, remote: remote)
-        if !streaming, let body { ex.body = Array(body.readableBytesView) }
-        if case .template(let t) = r.match.path { ex.params = RouteTable.matchTemplate(t, ex.path) ?? [:] }
-        policyEx = ex
-        for e in policyChain {
-            switch vm.onRequest(e.id, ex) {
-            case .proceed: continue
-            case .decision(let d):
-                answerWithPolicy(d)
-                return false
-            case .failed(let f):
-                ctx.policies?.report(f, route: r.name)
-                if e.failOpen { continue }
-                answer(LocalAnswer(.policyError, message: "policy \(f.policy) failed (\(f.reason.rawValue))"))
-                return false
-            }
-        }
-        if ex.requestChanged {
-            head.method = HTTPMethod(rawValue: ex.method)
-            path = ex.target
-            head.uri = path
-            var h = HTTPHeaders()
-            for (k, v) in ex.headers { h.add(name: k, value: v) }
-            head.headers = h
-        }
-        if let u = ex.upstream {
-            cluster = u
-            route?.cluster = u
-        }
-        if let t = ex.timeoutMs { route?.timeout = .milliseconds(Int64(t)) }
-        if let n = ex.retries { route?.retry.numRetries = n }
-        return true
-    }
-
-    /// on_response of each policy, last first, on the answer in `policyEx`; a decision (or a
-    /// failing fail-closed policy's 500) replaces the answer.
-    private func runResponsePolicies() -> PolicyDecision? {
-        guard let vm = policyVM, let ex = policyEx, !responseHooksRan else { return nil }
-        responseHooksRan = true
-        ex.upstreamEndpoint = endpoint?.address
-        ex.attempts = retry?.attempts ?? 0
-        ex.durationMs = Double(clock() - startedAt) / 1e6
-        for e in policyChain.reversed() {
-            switch vm.onResponse(e.id, ex) {
-            case .proceed: continue
-            case .decision(let d): return d
-            case .failed(let f):
-                ctx.policies?.report(f, route: route?.name ?? "")
-                if e.failOpen { continue }
-                let a = LocalAnswer(.policyError, message: "policy \(f.policy) failed (\(f.reason.rawValue))")
-                return PolicyDecision(
-                    kind: "error", status: a.status, body: Array(a.jsonBody.utf8),
-                    headers: [("content-type", "application/json"), ("tandem-error", a.reason.rawValue)])
-            }
-        }
-        return nil
-    }
-
     /// Answers with a policy's decision instead of (or in place of) the upstream.
     private func answerWithPolicy(_ d: PolicyDecision) {
         guard !finished else { return }
@@ -208,21 +153,6 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         let keep = keepAlive
         complete(failed: d.kind == "error", local: true)
         handler.policyAnswer(context, d, keepAlive: keep, request: head)
-    }
-
-    /// on_log of each policy, then the request's ctx is dropped.
-    private func runLogPolicies() {
-        guard let vm = policyVM, let ex = policyEx else { return }
-        policyEx = nil
-        ex.status = status
-        ex.reason = tandemError
-        ex.upstreamEndpoint = endpoint?.address
-        ex.attempts = retry?.attempts ?? 0
-        ex.durationMs = Double(clock() - startedAt) / 1e6
-        for e in policyChain {
-            if case .failed(let f) = vm.onLog(e.id, ex) { ctx.policies?.report(f, route: route?.name ?? "") }
-        }
-        vm.end(ex)
     }
 
     // MARK: deadlines
@@ -617,8 +547,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     private func forwardPendingHead() {
         guard let h = pendingHead else { return }
-        if !bufferingResponse, responseBuffer == nil, let vm = policyVM, h.status.code != 101,
-            policyChain.contains(where: { vm.wantsResponseBody($0.id) }),
+        if !bufferingResponse, responseBuffer == nil, let p = policy, h.status.code != 101, p.wantsResponseBody,
             h.headers.first(name: "content-length").flatMap(Int.init).map({ $0 <= ctx.limits.streamBodyAfterBytes })
                 ?? true
         {
@@ -634,28 +563,23 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         out.version = head.version
         let switchingTo = status == 101 && upgrade != nil ? h.headers.first(name: "upgrade") : nil
         stripHopByHop(&out.headers)
-        if let ex = policyEx, switchingTo == nil {
-            ex.status = status
-            ex.reason = nil
-            ex.responseBody = bufferingResponse ? responseBuffer.map { Array($0.readableBytesView) } : nil
-            ex.responseHeaders = out.headers.map { (name: $0.name, value: $0.value) }
-            if let d = runResponsePolicies() {
-                // The upstream's answer is replaced: the rest of it is dropped with its connection.
-                if let c = conn {
-                    c.handler.delegate = nil
-                    c.handler.reusable = false
-                    c.channel.close(promise: nil)
-                    conn = nil
-                }
-                responded = false
-                answerWithPolicy(d)
-                return
+        if let p = policy, switchingTo == nil,
+            let d = p.response(
+                status: status, reason: nil, headers: &out.headers,
+                body: bufferingResponse ? responseBuffer.map { Array($0.readableBytesView) } : nil,
+                endpoint: endpoint?.address, attempts: retry?.attempts ?? 0,
+                durationMs: Double(clock() - startedAt) / 1e6)
+        {
+            // The upstream's answer is replaced: the rest of it is dropped with its connection.
+            if let c = conn {
+                c.handler.delegate = nil
+                c.handler.reusable = false
+                c.channel.close(promise: nil)
+                conn = nil
             }
-            if ex.responseChanged {
-                var h = HTTPHeaders()
-                for (k, v) in ex.responseHeaders { h.add(name: k, value: v) }
-                out.headers = h
-            }
+            responded = false
+            answerWithPolicy(d)
+            return
         }
         if handler.compresses { markForCompression(&out) }
         if let switchingTo {
@@ -788,12 +712,14 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     /// Answers locally (before any upstream response went out).
     private func answer(_ a: LocalAnswer) {
         guard !finished else { return }
-        if let ex = policyEx, a.reason != .policyError {
+        if let p = policy, a.reason != .policyError {
             // on_response sees the sidecar's own answers too: a policy can serve a fallback.
-            ex.status = a.status
-            ex.reason = a.reason.rawValue
-            ex.responseHeaders = [("content-type", "application/json"), ("tandem-error", a.reason.rawValue)]
-            if let d = runResponsePolicies() {
+            var h = HTTPHeaders([("content-type", "application/json"), ("tandem-error", a.reason.rawValue)])
+            if let d = p.response(
+                status: a.status, reason: a.reason.rawValue, headers: &h, body: Array(a.jsonBody.utf8),
+                endpoint: endpoint?.address, attempts: retry?.attempts ?? 0,
+                durationMs: Double(clock() - startedAt) / 1e6)
+            {
                 answerWithPolicy(d)
                 return
             }
@@ -848,7 +774,12 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         ctx.metrics.request(
             side: side.rawValue, route: routeName, cluster: cluster, status: status, ms: Double(latency) / 1e6,
             attempts: retry?.attempts ?? 0)
-        runLogPolicies()
+        if let p = policy {
+            policy = nil
+            p.log(
+                status: status, reason: tandemError, endpoint: endpoint?.address, attempts: retry?.attempts ?? 0,
+                durationMs: Double(latency) / 1e6)
+        }
         if let log = ctx.accessLog {
             var line = "{\"side\":\"\(side.rawValue)\",\"method\":\(JSON.quote(head.method.rawValue))"
             line += ",\"host\":\(JSON.quote(host)),\"path\":\(JSON.quote(path)),\"route\":\(JSON.quote(routeName))"

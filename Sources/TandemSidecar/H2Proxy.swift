@@ -5,6 +5,7 @@ import NIOHTTP1
 import NIOHTTP2
 import NIOPosix
 import TandemCore
+import TandemLua
 import TandemTraffic
 
 /// Looks at a connection's first bytes: the HTTP/2 prior-knowledge preface selects h2c (gRPC),
@@ -130,6 +131,8 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     private var tandemError: String?
     private var timer: Scheduled<Void>?
     private var attemptStart: Nanos = 0
+    /// The request's run through its route's Lua policies (nil without any).
+    private var policy: PolicyRun?
 
     init(handler: H2ProxyHandler, context: ChannelHandlerContext, head: HTTPRequestHead) {
         self.handler = handler
@@ -155,6 +158,25 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             route = r.route
             cluster = r.route.cluster
             head.uri = r.path
+            if ctx.policies?.isActive == true {
+                let peer = context.channel.parent?.remoteAddress
+                policy = PolicyRun(
+                    ctx: ctx, loop: loop, route: r.route, side: handler.side, head: head, path: r.path, host: r.host,
+                    remote: peer.map { "\($0.ipAddress ?? ""):\($0.port ?? 0)" } ?? "")
+            }
+            if let p = policy {
+                switch p.request() {
+                case .answer(let d):
+                    answerWithPolicy(d)
+                    return
+                case .failed(let a):
+                    answer(a)
+                    return
+                case .proceed:
+                    var path = head.uri
+                    p.apply(head: &head, path: &path, route: &route, cluster: &cluster)
+                }
+            }
         }
         ProxyRouting.whenClusterKnown(ctx: ctx, cluster: cluster, loop: loop) { self.admit() }
     }
@@ -334,7 +356,67 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
                 out.headers.add(name: name, value: value)
             }
         }
+        if let p = policy,
+            let d = p.response(
+                status: status, reason: nil, headers: &out.headers, body: nil, endpoint: endpoint?.address,
+                attempts: tried.count, durationMs: Double(nowNanos() - startedAt) / 1e6)
+        {
+            // The upstream's answer is replaced: its stream is reset, the decision goes out. The
+            // attempt itself ended with the upstream's status.
+            if let ep = endpoint {
+                let now = nowNanos()
+                let outcome = AttemptOutcome.response(status: status, grpcStatus: grpcStatus)
+                ctx.brain.withCluster(cluster) { c, _ in
+                    c.attemptFinished(ep, outcome, latency: now - attemptStart, now: now)
+                }
+            }
+            responded = false
+            trailersOnly = nil
+            grpcStatus = nil
+            answerWithPolicy(d)
+            return
+        }
         context.writeAndFlush(handler.wrapOutboundOut(.head(out)), promise: nil)
+    }
+
+    /// Answers with a policy's decision: for a gRPC call as a gRPC status (trailers-only form),
+    /// otherwise as the decision's HTTP answer.
+    private func answerWithPolicy(_ d: PolicyDecision) {
+        guard !finished else { return }
+        upstream?.close(promise: nil)
+        upstream = nil
+        status = d.status
+        tandemError = d.tandemError
+        ctx.metrics.inc("tandem_policy_answers_total", [("side", handler.side.rawValue), ("decision", d.kind)])
+        if isGRPC {
+            var h = HTTPHeaders()
+            h.add(name: "content-type", value: "application/grpc")
+            var t = HTTPHeaders()
+            grpcStatus = d.grpcStatus
+            t.add(name: "grpc-status", value: String(d.grpcStatus))
+            if d.grpcStatus != 0 { t.add(name: "grpc-message", value: GRPCText.percentEncode(d.grpcMessage)) }
+            if let e = d.tandemError { t.add(name: "tandem-error", value: e) }
+            for (k, v) in d.headers
+            where !isHopByHop(k)
+                && !["grpc-status", "grpc-message", "content-type", "content-length"].contains(k.lowercased())
+            {
+                t.add(name: k, value: v)
+            }
+            complete(failed: d.kind == "error")
+            context.write(
+                handler.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: h))),
+                promise: nil)
+            context.writeAndFlush(handler.wrapOutboundOut(.end(t)), promise: nil)
+            return
+        }
+        var out = d.responseHead(version: head.version, keepAlive: true)
+        out.headers.remove(name: "connection")
+        complete(failed: d.kind == "error")
+        context.write(handler.wrapOutboundOut(.head(out)), promise: nil)
+        if !d.body.isEmpty {
+            context.write(handler.wrapOutboundOut(.body(.byteBuffer(ByteBuffer(bytes: d.body)))), promise: nil)
+        }
+        context.writeAndFlush(handler.wrapOutboundOut(.end(nil)), promise: nil)
     }
 
     func upstreamBody(_ b: ByteBuffer) {
@@ -417,6 +499,17 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     /// clients see UNAVAILABLE/DEADLINE_EXCEEDED/… with the message.
     private func answer(_ a: LocalAnswer) {
         guard !finished else { return }
+        if let p = policy, a.reason != .policyError {
+            // on_response sees the sidecar's own answers too: a policy can serve a fallback.
+            var h = HTTPHeaders([("tandem-error", a.reason.rawValue)])
+            if let d = p.response(
+                status: a.status, reason: a.reason.rawValue, headers: &h, body: Array(a.jsonBody.utf8),
+                endpoint: endpoint?.address, attempts: tried.count, durationMs: Double(nowNanos() - startedAt) / 1e6)
+            {
+                answerWithPolicy(d)
+                return
+            }
+        }
         upstream?.close(promise: nil)
         upstream = nil
         status = a.status
@@ -486,6 +579,12 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         ctx.metrics.observe(
             "tandem_request_duration_ms", [("side", handler.side.rawValue), ("route", routeName)],
             ms: Double(latency) / 1e6)
+        if let p = policy {
+            policy = nil
+            p.log(
+                status: status, reason: tandemError, endpoint: endpoint?.address, attempts: tried.count,
+                durationMs: Double(latency) / 1e6)
+        }
         if let log = ctx.accessLog {
             var line =
                 "{\"side\":\"\(handler.side.rawValue)\",\"protocol\":\"h2\",\"method\":\(JSON.quote(head.method.rawValue))"

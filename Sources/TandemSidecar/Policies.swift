@@ -3,6 +3,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import TandemLua
+import TandemTraffic
 
 /// A policy attached to a route (or to the inbound side) by the config: the file's text, its
 /// arguments, and whether a failing policy lets the request through (`fail_open`).
@@ -172,5 +173,159 @@ extension PolicyDecision {
         h.add(name: "content-length", value: String(body.count))
         if !keepAlive { h.add(name: "connection", value: "close") }
         return HTTPResponseHead(version: version, status: HTTPResponseStatus(statusCode: status), headers: h)
+    }
+}
+
+/// One request's run through its route's policies, on its event loop — shared by the
+/// HTTP/1.1 and HTTP/2 (gRPC) exchanges.
+final class PolicyRun {
+    let vm: PolicyVM
+    let chain: [SidecarPolicies.Entry]
+    let ex: PolicyExchange
+    private unowned let policies: SidecarPolicies
+    private var responseRan = false
+
+    /// Nil when the request's route has no policies.
+    init?(
+        ctx: ProxyContext, loop: any EventLoop, route: Route, side: ProxySide, head: HTTPRequestHead, path: String,
+        host: String, remote: String
+    ) {
+        guard let p = ctx.policies, p.isActive else { return nil }
+        let chain = p.chain(route: side == .inbound ? nil : route.name)
+        guard !chain.isEmpty, let vm = p.vm(for: loop) else { return nil }
+        self.vm = vm
+        self.chain = chain
+        self.policies = p
+        ex = PolicyExchange(head: head, path: path, host: host, route: route.name, side: side, remote: remote)
+        if case .template(let t) = route.match.path { ex.params = RouteTable.matchTemplate(t, ex.path) ?? [:] }
+    }
+
+    var wantsResponseBody: Bool { chain.contains { vm.wantsResponseBody($0.id) } }
+
+    enum RequestOutcome {
+        case proceed
+        case answer(PolicyDecision)
+        case failed(LocalAnswer)
+    }
+
+    /// on_request of each policy in order.
+    func request() -> RequestOutcome {
+        for e in chain {
+            switch vm.onRequest(e.id, ex) {
+            case .proceed: continue
+            case .decision(let d): return .answer(d)
+            case .failed(let f):
+                policies.report(f, route: ex.route)
+                if e.failOpen { continue }
+                return .failed(LocalAnswer(.policyError, message: "policy \(f.policy) failed (\(f.reason.rawValue))"))
+            }
+        }
+        return .proceed
+    }
+
+    /// What on_request changed, applied to the request about to be routed.
+    func apply(head: inout HTTPRequestHead, path: inout String, route: inout Route?, cluster: inout String) {
+        if ex.requestChanged {
+            head.method = HTTPMethod(rawValue: ex.method)
+            path = ex.target
+            head.uri = path
+            var h = HTTPHeaders()
+            for (k, v) in ex.headers { h.add(name: k, value: v) }
+            head.headers = h
+        }
+        if let u = ex.upstream {
+            cluster = u
+            route?.cluster = u
+        }
+        if let t = ex.timeoutMs { route?.timeout = .milliseconds(Int64(t)) }
+        if let n = ex.retries { route?.retry.numRetries = n }
+    }
+
+    /// on_response of each policy, last first, once per request; a decision (or a failing
+    /// fail-closed policy's 500) replaces the answer. Header changes land in `headers`.
+    func response(
+        status: Int, reason: String?, headers: inout HTTPHeaders, body: [UInt8]?, endpoint: String?, attempts: Int,
+        durationMs: Double
+    ) -> PolicyDecision? {
+        guard !responseRan else { return nil }
+        responseRan = true
+        ex.status = status
+        ex.reason = reason
+        ex.responseHeaders = headers.map { (name: $0.name, value: $0.value) }
+        ex.responseBody = body
+        ex.upstreamEndpoint = endpoint
+        ex.attempts = attempts
+        ex.durationMs = durationMs
+        for e in chain.reversed() {
+            switch vm.onResponse(e.id, ex) {
+            case .proceed: continue
+            case .decision(let d): return d
+            case .failed(let f):
+                policies.report(f, route: ex.route)
+                if e.failOpen { continue }
+                let a = LocalAnswer(.policyError, message: "policy \(f.policy) failed (\(f.reason.rawValue))")
+                return PolicyDecision(
+                    kind: "error", status: a.status, body: Array(a.jsonBody.utf8),
+                    headers: [("content-type", "application/json"), ("tandem-error", a.reason.rawValue)])
+            }
+        }
+        if ex.responseChanged {
+            var h = HTTPHeaders()
+            for (k, v) in ex.responseHeaders { h.add(name: k, value: v) }
+            headers = h
+        }
+        return nil
+    }
+
+    /// on_log of each policy; then the request's ctx is dropped.
+    func log(status: Int, reason: String?, endpoint: String?, attempts: Int, durationMs: Double) {
+        ex.status = status
+        ex.reason = reason
+        ex.upstreamEndpoint = endpoint
+        ex.attempts = attempts
+        ex.durationMs = durationMs
+        for e in chain {
+            if case .failed(let f) = vm.onLog(e.id, ex) { policies.report(f, route: ex.route) }
+        }
+        vm.end(ex)
+    }
+}
+
+extension PolicyDecision {
+    /// The `tandem-error` a decision's answer carries (nil for a plain respond/redirect).
+    var tandemError: String? {
+        kind == "deny" ? LocalReason.policyDenied.rawValue : kind == "error" ? LocalReason.policyError.rawValue : nil
+    }
+
+    /// A gRPC status for a decision on a gRPC call: the policy's own `grpc-status` header, else
+    /// one mapped from the HTTP status (403 → PERMISSION_DENIED, 429 → RESOURCE_EXHAUSTED, …).
+    var grpcStatus: Int {
+        if let s = headers.first(where: { $0.name.lowercased() == "grpc-status" }).flatMap({ Int($0.value) }) {
+            return s
+        }
+        switch status {
+        case 200..<300: return 0
+        case 400: return 3
+        case 401: return 16
+        case 403: return 7
+        case 404: return 12
+        case 409: return 10
+        case 429: return 8
+        case 499: return 1
+        case 501: return 12
+        case 503, 502: return 14
+        case 504: return 4
+        case 500: return 13
+        default: return 2
+        }
+    }
+
+    /// The message a gRPC client sees: the `message` of a JSON body, else the body's text.
+    var grpcMessage: String {
+        let text = String(decoding: body.prefix(1024), as: UTF8.self)
+        if let r = text.range(of: "\"message\":\""), let end = text[r.upperBound...].firstIndex(of: "\"") {
+            return String(text[r.upperBound..<end])
+        }
+        return text
     }
 }

@@ -65,6 +65,48 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         withExtendedLifetime((app, client, dir)) {}
     }
 
+    /// gRPC through policies: all four modes pass a chain that runs every hook, and a policy
+    /// refusing one method answers it as a gRPC status the client understands.
+    @Test func policiesRunOnGRPCCallsAndDenialsBecomeGRPCStatuses() throws {
+        let reg = try RegistryUnderTest()
+        let port = try freePort()
+        let users = try SidecarUnderTest(
+            service: "users", registry: reg.endpoint, appPort: port,
+            app: ["/usr/bin/python3", grpcService, "server", String(port)], extra: ["--app-protocol", "grpc"])
+        let dir0 = try TempDirectory()
+        let guardFile = dir0.url.appendingPathComponent("no-fail.lua").path
+        try """
+        return { name = "no-fail",
+          on_request = function(req, ctx)
+            ctx.path = req.path
+            if req.path:find("/Fail", 1, true) then return tandem.deny(403, "Fail is not allowed here") end
+          end,
+          on_response = function(res, ctx) res:set_header("x-policy", "seen") end,
+          on_log = function(txn, ctx) tandem.log.info("grpc call", { path = ctx.path, status = txn.status }) end }
+        """.write(toFile: guardFile, atomically: true, encoding: .utf8)
+        let (client, dir) = try configuredClient(
+            """
+            return { routes = { { name = "users", host = "users", cluster = "users", policies = {
+              "\(guardFile)", "\(policiesDir)/request-id.lua" } } } }
+            """, extra: ["--endpoints", "users=\(users.inbound)"])
+        let c = try Child("/usr/bin/python3", [grpcService, "client", client.outbound, "users"])
+        let lines = c.readUntil { $0.hasPrefix("{") }
+        let obj = try JSONSerialization.jsonObject(with: Data((lines.last ?? "").utf8)) as? [String: Any] ?? [:]
+        #expect((obj["unary"] as? [String: Any])?["name"] as? String == "Alice", "\(lines)")
+        #expect((obj["unary_trailers"] as? [String: String])?["x-served-by"] == "user-service")
+        #expect((obj["client_stream"] as? [String: Any])?["received"] as? Int == 5)
+        #expect(obj["bidi"] as? [String] == ["hi", "there", "!"])
+        let err = obj["error"] as? [String: Any] ?? [:]
+        #expect(err["code"] as? String == "PERMISSION_DENIED", "\(err)")
+        #expect(err["details"] as? String == "Fail is not allowed here")
+        #expect((err["trailers"] as? [String: String])?["tandem-error"] == "policy-denied")
+        let log = client.child.readUntil { $0.contains("grpc call") && $0.contains("Fail") }
+        #expect(log.last?.contains(#""status":403"#) == true, "\(log.suffix(3))")
+        let metrics = try http("http://\(client.admin)/metrics").body
+        #expect(metrics.contains(#"tandem_policy_decisions_total{policy="no-fail",decision="deny"} 1"#), "\(metrics)")
+        withExtendedLifetime((reg, users, client, dir, dir0)) {}
+    }
+
     @Test func aHostilePolicyIsStoppedAndTheSidecarKeepsServing() throws {
         let (app, port) = try startEdgeApp()
         let dir0 = try TempDirectory()
