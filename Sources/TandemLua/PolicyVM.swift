@@ -834,7 +834,7 @@ extension LuaValue {
         case .nil: out += "null"
         case .bool(let b): out += b ? "true" : "false"
         case .number(let d): out += d.isFinite ? format(d) : "null"
-        case .string(let s): LuaValue.quote(s, into: &out)
+        case .string(let s): out += JSON.quote(s)
         case .table(let t):
             if let a = array, !a.isEmpty {
                 out += "["
@@ -848,8 +848,8 @@ extension LuaValue {
                 for (i, (k, v)) in t.sorted(by: { $0.key.description < $1.key.description }).enumerated() {
                     if i > 0 { out += "," }
                     switch k {
-                    case .string(let s): LuaValue.quote(s, into: &out)
-                    case .index(let i): LuaValue.quote(String(i), into: &out)
+                    case .string(let s): out += JSON.quote(s)
+                    case .index(let i): out += JSON.quote(String(i))
                     }
                     out += ":"
                     v.write(into: &out)
@@ -859,24 +859,4 @@ extension LuaValue {
         }
     }
 
-    static func quote(_ s: String, into out: inout String) {
-        out += "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if u.value < 0x20 {
-                    let hex = String(u.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                } else {
-                    out.unicodeScalars.append(u)
-                }
-            }
-        }
-        out += "\""
-    }
 }

@@ -118,15 +118,10 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
                 ctx: ctx, loop: loop, route: r, side: side, head: head, path: path, host: host, remote: remote)
             if let p = policy {
                 if !streaming, let body { p.ex.body = Array(body.readableBytesView) }
-                switch p.request() {
-                case .answer(let d):
-                    answerWithPolicy(d)
-                    return
-                case .failed(let a):
-                    answer(a)
-                    return
-                case .proceed:
-                    p.apply(head: &head, path: &path, route: &route, cluster: &cluster)
+                switch p.begin(head: &head, path: &path, route: &route, cluster: &cluster) {
+                case .answer(let d): return answerWithPolicy(d)
+                case .failed(let a): return answer(a)
+                case .proceed: break
                 }
             }
         }

@@ -165,16 +165,11 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
                     remote: peer.map { "\($0.ipAddress ?? ""):\($0.port ?? 0)" } ?? "")
             }
             if let p = policy {
-                switch p.request() {
-                case .answer(let d):
-                    answerWithPolicy(d)
-                    return
-                case .failed(let a):
-                    answer(a)
-                    return
-                case .proceed:
-                    var path = head.uri
-                    p.apply(head: &head, path: &path, route: &route, cluster: &cluster)
+                var path = head.uri
+                switch p.begin(head: &head, path: &path, route: &route, cluster: &cluster) {
+                case .answer(let d): return answerWithPolicy(d)
+                case .failed(let a): return answer(a)
+                case .proceed: break
                 }
             }
         }

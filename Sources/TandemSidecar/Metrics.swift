@@ -1,4 +1,5 @@
 import NIOConcurrencyHelpers
+import TandemCore
 import TandemTraffic
 
 /// Prometheus counters and histograms, rendered in the text exposition format.

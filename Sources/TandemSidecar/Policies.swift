@@ -223,6 +223,17 @@ final class PolicyRun {
         return .proceed
     }
 
+    /// on_request, and on `.proceed` its changes applied to the request about to be routed.
+    func begin(
+        head: inout HTTPRequestHead, path: inout String, route: inout Route?, cluster: inout String
+    )
+        -> RequestOutcome
+    {
+        let outcome = request()
+        if case .proceed = outcome { apply(head: &head, path: &path, route: &route, cluster: &cluster) }
+        return outcome
+    }
+
     /// What on_request changed, applied to the request about to be routed.
     func apply(head: inout HTTPRequestHead, path: inout String, route: inout Route?, cluster: inout String) {
         if ex.requestChanged {
