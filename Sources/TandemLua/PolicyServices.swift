@@ -47,6 +47,7 @@ public final class PolicyServices: Sendable {
         var metrics = PolicyMetricRegistry()
         var counters: [(String, PolicyCounters)] = []
         var slots: [String: Int] = [:]
+        var slotObjects: [Slot] = []
         var logWindows: [String: (second: Int64, lines: Int)] = [:]
     }
     let state = Mutex(State())
@@ -76,27 +77,44 @@ public final class PolicyServices: Sendable {
         if allowed { sink(line) }
     }
 
+    /// A policy's counters: hook calls counted without a lock, the rest under it.
+    final class Slot: Sendable {
+        let index: Int
+        let invocations = Atomic<Int>(0)
+        init(index: Int) { self.index = index }
+    }
+
     /// The counters' slot for a policy name (VMs resolve it once, at load).
-    func slot(for policy: String) -> Int {
+    func slot(for policy: String) -> Slot {
         state.withLock { s in
-            if let i = s.slots[policy] { return i }
+            if let i = s.slots[policy] { return s.slotObjects[i] }
             s.slots[policy] = s.counters.count
             s.counters.append((policy, PolicyCounters()))
-            return s.counters.count - 1
+            s.slotObjects.append(Slot(index: s.counters.count - 1))
+            return s.slotObjects[s.counters.count - 1]
         }
     }
 
-    /// One hook call, and its decision or failure (in place: no copies on the request path).
-    func count(slot: Int, decision: String? = nil, failure: PolicyFailureReason? = nil) {
+    /// One hook call, and its decision or failure (the common call takes no lock).
+    func count(slot: Slot, decision: String? = nil, failure: PolicyFailureReason? = nil) {
+        slot.invocations.add(1, ordering: .relaxed)
+        guard decision != nil || failure != nil else { return }
         state.withLock { s in
-            s.counters[slot].1.invocations += 1
-            if let decision { s.counters[slot].1.decisions[decision, default: 0] += 1 }
-            if let failure { s.counters[slot].1.errors[failure, default: 0] += 1 }
+            if let decision { s.counters[slot.index].1.decisions[decision, default: 0] += 1 }
+            if let failure { s.counters[slot.index].1.errors[failure, default: 0] += 1 }
         }
     }
 
     public var counters: [String: PolicyCounters] {
-        state.withLock { s in Dictionary(s.counters.map { ($0.0, $0.1) }, uniquingKeysWith: { a, _ in a }) }
+        state.withLock { s in
+            var out: [String: PolicyCounters] = [:]
+            for (i, (name, c)) in s.counters.enumerated() {
+                var c = c
+                c.invocations = s.slotObjects[i].invocations.load(ordering: .relaxed)
+                out[name] = c
+            }
+            return out
+        }
     }
     public var metrics: PolicyMetricRegistry { state.withLock { $0.metrics } }
 

@@ -114,6 +114,7 @@ enum HostOp: String, CaseIterable {
     case resSetHeader = "res_set_header", resAddHeader = "res_add_header", resBody = "res_body"
     case decide, decideHeader = "decide_header", now, random, randomInt = "random_int", log, base64, url
     case tokenBucket = "token_bucket", window, shared, metricDeclare = "metric_declare", metric
+    case pendingEnd = "pending_end"
 
     static let table: [HostOp] = allCases
     var number: Int32 { Int32(Self.table.firstIndex(of: self)! + 1) }
@@ -135,7 +136,7 @@ public final class PolicyVM: @unchecked Sendable {
     private struct Loaded {
         var name: String
         var hooks: (request: Bool, response: Bool, log: Bool, responseBody: Bool)
-        var slot: Int
+        var slot: PolicyServices.Slot
     }
     private var policies: [Int: Loaded] = [:]
 
@@ -280,11 +281,23 @@ public final class PolicyVM: @unchecked Sendable {
         guard let p = policies[id] else { return missing(id) }
         return p.hooks.log ? call(5, id, p, ex, .log) : .proceed
     }
-    /// Forgets the exchange's `ctx`; call once after its last hook.
+    /// Forgets the exchange's `ctx`; call once after its last hook. Batched: the ids wait
+    /// here (at most `endBatch`) and leave the VM in one call.
     public func end(_ ex: PolicyExchange) {
         guard ex.generation != 0 else { return }
-        _ = enter(op: 6, ex.generation, 0)
+        pendingEnds.append(ex.generation)
         ex.generation = 0
+        if pendingEnds.count >= Self.endBatch { flushEnds() }
+    }
+
+    /// Requests whose ctx is still held, waiting for the next batch.
+    public static let endBatch = 64
+    private var pendingEnds: [Double] = []
+
+    private func flushEnds() {
+        guard !pendingEnds.isEmpty else { return }
+        _ = enter(op: 6, Double(pendingEnds.count), 0)
+        pendingEnds.removeAll(keepingCapacity: true)
     }
 
     private func missing(_ id: Int) -> PolicyOutcome {
@@ -463,6 +476,8 @@ public final class PolicyVM: @unchecked Sendable {
             put(p.source)
             put(p.config)
             put(p.path)
+        case .pendingEnd:
+            if let g = pendingEnds.popLast() { put(g) } else { putNil() }
         case .policyName:
             loadingName = a.string(0)
             loadingHooks = (a.bool(1), a.bool(2), a.bool(3), a.bool(4))

@@ -196,6 +196,24 @@ func request(
         #expect(String(decoding: d.body, as: UTF8.self) == "false")
     }
 
+    /// Each request's ctx leaves the VM after `end` (in batches): 20,000 requests that each
+    /// park 1 KiB in ctx leave the heap where a few hundred would.
+    @Test func ctxIsDroppedAfterTheRequestEnds() throws {
+        let vm = try makeVM()
+        try vm.load(
+            id: 1, file: "p.lua",
+            source:
+                #"return { name = "p", on_request = function(req, ctx) ctx.blob = string.rep("x", 1024) .. req.path end }"#
+        )
+        for i in 0..<20_000 {
+            let ex = request("GET", "/\(i)")
+            #expect(vm.onRequest(1, ex) == .proceed)
+            vm.end(ex)
+        }
+        // 20,000 × 1 KiB kept would be over 20 MiB; the batch bound is 64 requests.
+        #expect(vm.peakMemoryBytes < 4 << 20, "peak \(vm.peakMemoryBytes)")
+    }
+
     @Test func logsCarryThePolicyNameAndFields() throws {
         let logs = LogCollector()
         let vm = try makeVM(logs: logs)

@@ -526,7 +526,8 @@ local function load_policy(id)
   if config_json == "-check-" then return end  -- `tandem policy check`: no config, no init
   local given = config_json ~= "" and json.decode(config_json) or {}
   local cfg = validate(schema, given, path)
-  local p = { def = def, cfg = cfg, env = env, name = def.name }
+  local p = { def = def, cfg = cfg, env = env, name = def.name,
+              on_request = def.on_request, on_response = def.on_response, on_log = def.on_log }
   if def.init then
     H.phase("init")
     def.init(cfg, env)
@@ -551,27 +552,48 @@ local function report(kind, result, name)
 end
 
 local ENTRY_LOAD, ENTRY_UNLOAD, ENTRY_REQUEST, ENTRY_RESPONSE, ENTRY_LOG, ENTRY_END, ENTRY_MOVE = 1, 2, 3, 4, 5, 6, 7
-return function(op, a, b)
-  if op == ENTRY_LOAD then load_policy(a) return 0 end
-  if op == ENTRY_UNLOAD then policies[a] = nil return 0 end
-  if op == ENTRY_END then ctxs[a] = nil return 0 end
-  if op == ENTRY_MOVE then policies[b], policies[a] = policies[a], nil return 0 end
-  local p = policies[a]
-  if not p then fail("no policy " .. tostring(a)) end
+-- Per request (by generation): its ctx and its request handle, made once and reused by every
+-- hook of the request; dropped by ENTRY_END (which the host batches: `a` = how many ids to
+-- fetch with H.pending_ends).
+local reqs = {}
+local function request_state(b)
   local ctx = ctxs[b]
-  if not ctx then ctx = {} ctxs[b] = ctx end
+  if not ctx then
+    ctx = {}
+    ctxs[b] = ctx
+    reqs[b] = setmetatable({ b }, ReqMT)
+  end
+  return ctx, reqs[b]
+end
+
+return function(op, a, b)
   if op == ENTRY_REQUEST then
-    local f = p.def.on_request
-    if not f then return 0 end
-    return report("on_request", f(setmetatable({ b }, ReqMT), ctx, p.cfg), p.name)
+    local p = policies[a]
+    local ctx, req = request_state(b)
+    local r = p.on_request(req, ctx, p.cfg)
+    if r == nil then return 0 end
+    return report("on_request", r, p.name)
   elseif op == ENTRY_RESPONSE then
-    local f = p.def.on_response
-    if not f then return 0 end
-    return report("on_response", f(setmetatable({ b }, ResMT), ctx, p.cfg), p.name)
+    local p = policies[a]
+    local ctx = request_state(b)
+    local r = p.on_response(setmetatable({ b }, ResMT), ctx, p.cfg)
+    if r == nil then return 0 end
+    return report("on_response", r, p.name)
   elseif op == ENTRY_LOG then
-    local f = p.def.on_log
-    if f then f(setmetatable({ b }, TxnMT), ctx, p.cfg) end
+    local p = policies[a]
+    local ctx = request_state(b)
+    p.on_log(setmetatable({ b }, TxnMT), ctx, p.cfg)
     return 0
+  elseif op == ENTRY_END then
+    for _ = 1, a do
+      local g = H.pending_end()
+      if g == nil then break end
+      ctxs[g], reqs[g] = nil, nil
+    end
+    return 0
+  elseif op == ENTRY_LOAD then load_policy(a) return 0
+  elseif op == ENTRY_UNLOAD then policies[a] = nil return 0
+  elseif op == ENTRY_MOVE then policies[b], policies[a] = policies[a], nil return 0
   end
   fail("bad entry op " .. tostring(op))
 end
