@@ -42,7 +42,8 @@ public final class PolicyServices: Sendable {
     public static let maxDictCapacity = 1_000_000
 
     struct State: ~Copyable {
-        var dicts: [String: SharedDict] = [:]
+        var dicts: [SharedDict] = []
+        var dictIDs: [String: Int] = [:]
         var limiters = PolicyLimiters()
         var metrics = PolicyMetricRegistry()
         var counters: [(String, PolicyCounters)] = []
@@ -126,22 +127,24 @@ public final class PolicyServices: Sendable {
             return "shared.\(name): capacity must be 1…\(Self.maxDictCapacity)"
         }
         return state.withLock { s -> String? in
-            if let d = s.dicts[name] {
-                if d.capacity < capacity { s.dicts[name]!.grow(to: capacity) }
+            if let i = s.dictIDs[name] {
+                s.dicts[i].grow(to: capacity)
                 return nil
             }
             guard s.dicts.count < Self.maxSharedDicts else { return "more than \(Self.maxSharedDicts) shared dicts" }
-            s.dicts[name] = SharedDict(capacity: capacity)
+            s.dictIDs[name] = s.dicts.count
+            s.dicts.append(SharedDict(capacity: capacity))
             return nil
         }
     }
 
-    func hasDict(_ name: String) -> Bool { state.withLock { $0.dicts[name] != nil } }
+    /// A declared dict's id (policies resolve it once per dict).
+    func dictID(_ name: String) -> Int? { state.withLock { $0.dictIDs[name] } }
 
-    func withDict<R>(_ name: String, _ body: (inout SharedDict) -> R) -> R? {
+    func withDict<R>(_ id: Int, _ body: (inout SharedDict) -> R) -> R? {
         state.withLock { s -> R? in
-            guard s.dicts[name] != nil else { return nil }
-            return body(&s.dicts[name]!)
+            guard s.dicts.indices.contains(id) else { return nil }
+            return body(&s.dicts[id])
         }
     }
 

@@ -698,17 +698,23 @@ public final class PolicyVM: @unchecked Sendable {
         }
     }
 
+    private static let sharedOps = ["", "get", "set", "add", "incr", "delete", "ttl", "expire"]
+
+    /// `shared(name, 0)` → the dict's id or nil; `shared(name, -1, capacity)` declares it;
+    /// `shared(id, op, key, …)` with op 1 get, 2 set, 3 add, 4 incr, 5 delete, 6 ttl, 7 expire.
     private func shared(_ a: Args) throws {
-        let dict = try a.need(0, "dict name")
-        let op = try a.need(1, "operation")
-        if op == "exists" {
-            put(services.hasDict(dict))
+        let code = Int(a.number(1) ?? 0)
+        if let name = a.string(0) {
+            if code == 0 {
+                if let id = services.dictID(name) { put(Double(id)) } else { putNil() }
+            } else if let e = services.declareDict(name, capacity: Int(a.number(2) ?? 0)) {
+                throw HostError(e)
+            }
             return
         }
-        if op == "declare" {
-            if let e = services.declareDict(dict, capacity: Int(a.number(2) ?? 0)) { throw HostError(e) }
-            return
-        }
+        let dict = Int(try a.needNumber(0, "dict"))
+        guard code >= 1, code < Self.sharedOps.count else { throw HostError("unknown shared dict operation") }
+        let op = Self.sharedOps[code]
         let key = try a.need(2, "key")
         guard key.utf8.count <= 65_535 else { throw HostError("shared dict keys are at most 65535 bytes") }
         func value(_ i: Int) throws -> SharedValue {

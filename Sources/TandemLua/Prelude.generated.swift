@@ -429,18 +429,21 @@ let preludeSource = #"""
       local Dict = {}
       Dict.__index = Dict
       Dict.__metatable = false
-      function Dict:get(k) return H.shared(self.name, "get", tostring(k)) end
-      function Dict:set(k, v, ttl) return H.shared(self.name, "set", tostring(k), v, ttl) end
-      function Dict:add(k, v, ttl) return H.shared(self.name, "add", tostring(k), v, ttl) end
-      function Dict:incr(k, delta, init, init_ttl) return H.shared(self.name, "incr", tostring(k), delta, init, init_ttl) end
-      function Dict:delete(k) return H.shared(self.name, "delete", tostring(k)) end
-      function Dict:ttl(k) return H.shared(self.name, "ttl", tostring(k)) end
-      function Dict:expire(k, ttl) return H.shared(self.name, "expire", tostring(k), ttl) end
+      -- Operations by number on the dict's id (resolved once): no strings to compare per call.
+      local shared = H.shared
+      function Dict:get(k) return shared(self.id, 1, tostring(k)) end
+      function Dict:set(k, v, ttl) return shared(self.id, 2, tostring(k), v, ttl) end
+      function Dict:add(k, v, ttl) return shared(self.id, 3, tostring(k), v, ttl) end
+      function Dict:incr(k, delta, init, init_ttl) return shared(self.id, 4, tostring(k), delta, init, init_ttl) end
+      function Dict:delete(k) return shared(self.id, 5, tostring(k)) end
+      function Dict:ttl(k) return shared(self.id, 6, tostring(k)) end
+      function Dict:expire(k, ttl) return shared(self.id, 7, tostring(k), ttl) end
       t.shared = setmetatable({}, { __metatable = false, __index = function(s, name)
-        if not H.shared(name, "exists") then
+        local id = H.shared(name, 0)
+        if not id then
           fail("tandem.shared." .. tostring(name) .. ": no such dict (declare it in the policy's `shared` table)")
         end
-        local d = setmetatable({ name = name }, Dict)
+        local d = setmetatable({ name = name, id = id }, Dict)
         rawset(s, name, d)
         return d
       end })
@@ -523,7 +526,7 @@ let preludeSource = #"""
         if type(name) ~= "string" or type(capacity) ~= "number" or capacity < 1 then
           fail(sformat("%s: shared.%s: expected { capacity = <entries> }", file, tostring(name)))
         end
-        H.shared(name, "declare", capacity)
+        H.shared(name, -1, capacity)
       end
       if config_json == "-check-" then return end  -- `tandem policy check`: no config, no init
       local given = config_json ~= "" and json.decode(config_json) or {}

@@ -8,6 +8,8 @@ import TandemTraffic
 ///
 /// ```lua
 /// return {
+///   service = "orders",                                   -- optional: must match --service
+///   listen = { inbound = "127.0.0.1:15001", outbound = "127.0.0.1:15002", admin = "127.0.0.1:15000" },
 ///   routes = {
 ///     { name = "user", host = "users", path = "/user/:id", methods = { "GET" }, cluster = "users",
 ///       timeout_ms = 2000, rate_limit = { rps = 100, burst = 200 },
@@ -58,7 +60,30 @@ public enum ConfigFile {
         guard case .table = v else { throw Error("\(file): must return a table, got \(v.typeName)") }
         var c = base
         let r = Reader(file: file, validator: PolicyValidator())
-        try r.keys(v, "", allowed: ["routes", "clusters", "endpoints", "upstreams", "defaults", "inbound"])
+        try r.keys(
+            v, "",
+            allowed: ["service", "listen", "routes", "clusters", "endpoints", "upstreams", "defaults", "inbound"])
+        if let sv = v["service"] {
+            let name = try r.string(sv, "service")
+            guard name == base.service else {
+                throw Error("\(file): service: the file is for \"\(name)\" but this sidecar is \"\(base.service)\"")
+            }
+        }
+        if let l = v["listen"] {
+            try r.keys(l, "listen", allowed: ["inbound", "outbound", "admin"])
+            for (key, set) in [
+                ("inbound", { (c: inout SidecarConfig, h: HostPort) in c.inbound = h }),
+                ("outbound", { (c: inout SidecarConfig, h: HostPort) in c.outbound = h }),
+                ("admin", { (c: inout SidecarConfig, h: HostPort) in c.admin = h }),
+            ] {
+                guard let x = l[key] else { continue }
+                let text = try r.string(x, "listen.\(key)")
+                guard let hp = HostPort(text) else {
+                    throw r.fail("listen.\(key)", "expected \"host:port\", got \"\(text)\"")
+                }
+                set(&c, hp)
+            }
+        }
         // Defaults first: the file's routes and clusters inherit them.
         if let d = v["defaults"] {
             try r.keys(d, "defaults", allowed: ["retry", "timeout_ms", "cluster", "compression"])

@@ -51,7 +51,11 @@ final class SidecarPolicies: @unchecked Sendable {
         self.limits = limits
         self.log = log
         services = PolicyServices(
-            clock: { Int64(Date().timeIntervalSince1970 * 1000) },
+            clock: {
+                var ts = timespec()
+                clock_gettime(CLOCK_REALTIME, &ts)
+                return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+            },
             sink: { line in
                 log(
                     "policy \(line.policy) \(line.level.name): \(line.message)\(line.fieldsJSON.map { " " + $0 } ?? "")"

@@ -214,6 +214,12 @@ public final class Sidecar: @unchecked Sendable {
             if let regText {
                 cfg = try ConfigFile.load(source: regText, name: registryConfigKey, base: cfg, environment: env)
             }
+            let running = lock.withLock { config }
+            if cfg.inbound != running.inbound || cfg.outbound != running.outbound || cfg.admin != running.admin {
+                throw ConfigFile.Error(
+                    "listen: the listeners are bound (inbound \(running.inbound), outbound \(running.outbound), admin \(running.admin)); they change only at a restart"
+                )
+            }
             let applied = cfg
             // Policies compile in every loop's VM first; the routes change only if they all did.
             policies.install(applied).whenComplete { [self] result in

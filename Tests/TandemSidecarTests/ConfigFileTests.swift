@@ -1,3 +1,4 @@
+import TandemCore
 import TandemTraffic
 import Testing
 
@@ -47,7 +48,7 @@ import Testing
     @Test(arguments: [
         (
             "return { routs = {} }",
-            "c.lua: routs: unknown setting; expected one of clusters, defaults, endpoints, inbound, routes, upstreams"
+            "c.lua: routs: unknown setting; expected one of clusters, defaults, endpoints, inbound, listen, routes, service, upstreams"
         ),
         ("return { routes = { { host = 'users' } } }", "c.lua: routes[1]: cluster is required"),
         (
@@ -95,6 +96,23 @@ import Testing
     ])
     func mistakesAreNamedPrecisely(source: String, message: String) {
         #expect(throws: ConfigFile.Error(message)) { try ConfigFile.load(source: source, name: "c.lua", base: base) }
+    }
+
+    @Test func serviceAndListenersCanBeInTheFile() throws {
+        let c = try ConfigFile.load(
+            source: """
+                return { service = "orders",
+                         listen = { inbound = "127.0.0.1:15001", outbound = "0.0.0.0:15002", admin = "127.0.0.1:15000" } }
+                """, name: "c.lua", base: base)
+        #expect(c.inbound == HostPort(host: "127.0.0.1", port: 15001))
+        #expect(c.outbound == HostPort(host: "0.0.0.0", port: 15002))
+        #expect(c.admin == HostPort(host: "127.0.0.1", port: 15000))
+        #expect(throws: ConfigFile.Error("c.lua: service: the file is for \"users\" but this sidecar is \"orders\"")) {
+            try ConfigFile.load(source: "return { service = 'users' }", name: "c.lua", base: base)
+        }
+        #expect(throws: ConfigFile.Error("c.lua: listen.admin: expected \"host:port\", got \"nowhere\"")) {
+            try ConfigFile.load(source: "return { listen = { admin = 'nowhere' } }", name: "c.lua", base: base)
+        }
     }
 
     @Test func theFilesDefaultsApplyToItsOwnRoutesAndCompressionIsPerRoute() throws {
