@@ -55,6 +55,14 @@ echo "   retries by the orders sidecar: $(metric orders 'tandem_retries_total') 
 echo "   ejections of flaky instances:   $(metric orders 'tandem_cluster_outlier_ejections')"
 
 echo
+echo "== 2b. Lua policies on orders' inbound side (examples/users-orders/orders.lua) =="
+hdr=$(curl -s -D - -o /dev/null "http://127.0.0.1:$OIN/order/2" | tr -d '\r')
+echo "   GET /order/2: x-request-id $(echo "$hdr" | awk -F': ' 'tolower($1)=="x-request-id"{print $2}'), x-response-time $(echo "$hdr" | awk -F': ' 'tolower($1)=="x-response-time"{print $2}')"
+m=$(curl -s -w " (%{http_code}, retry-after %header{retry-after})" "http://127.0.0.1:$OIN/reports")
+echo "   GET /reports: $m   <- answered by policies/maintenance.lua"
+echo "   policy hook calls so far: $(metric orders 'tandem_policy_invocations_total')"
+
+echo
 echo "== 3. users-1 fails every call too: ejection, then the circuit breaker opens =="
 curl -s -X POST --data 1 "http://127.0.0.1:$U1/admin/fail-rate" > /dev/null
 curl -s -X POST --data 1 "http://127.0.0.1:$U2/admin/fail-rate" > /dev/null

@@ -1,7 +1,17 @@
 -- Config of the orders sidecar in the demo (tandem run --config orders.lua).
 -- Calls to the users service retry once on gateway errors, within the retry budget; the
 -- breaker opens after 5 failures in a row; an instance with 3 5xx in a row is ejected.
+-- Requests to orders itself pass three Lua policies from policies/ (paths are relative to this
+-- file): an id for every request, the seed's X-Response-Time, and a maintenance switch that
+-- keeps /order and /health open and answers everything else 503 from Lua.
 return {
+  inbound = {
+    policies = {
+      "../../policies/request-id.lua",
+      "../../policies/response-time.lua",
+      { file = "../../policies/maintenance.lua", config = { allow_paths = { "/order/", "/health" } } },
+    },
+  },
   routes = {
     { name = "users", host = "users", cluster = "users", timeout_ms = 3000,
       retry = { attempts = 1, retry_on = "gateway-error,connect-failure,reset" } },
