@@ -32,6 +32,12 @@ func policyBenchmarks() throws {
               local ok = tandem.limit.token_bucket(req:header("x-tenant"), 1e9, 1e9)
               if not ok then return tandem.respond(429) end end }
             """)
+    try vm.load(
+        id: 5, file: "headers.lua",
+        source: """
+            return { name = "headers", on_request = function(req)
+              for _ = 1, 10 do local t = req:header("x-tenant") end end }
+            """)
     let ex = PolicyExchange(
         method: "GET", path: "/user/1", authority: "users", remoteAddress: "127.0.0.1:5000", route: "users",
         headers: [
@@ -42,7 +48,7 @@ func policyBenchmarks() throws {
     let only = CommandLine.arguments.count > 2 ? CommandLine.arguments[2] : nil
     for (name, ids) in [
         ("empty on_request", [1]), ("header check + shared-dict incr", [2]),
-        ("tenant gate + token bucket (2 policies)", [3, 4]),
+        ("tenant gate + token bucket (2 policies)", [3, 4]), ("10 × req:header (host-call cost)", [5]),
     ] {
         if let only, !name.hasPrefix(only) { continue }
         measure("policy hook: \(name)", ops: n, unit: "calls") {

@@ -398,6 +398,11 @@ public final class PolicyVM: @unchecked Sendable {
             guard i < count, base![i].type == Int32(CLJ_STRING), let p = base![i].string else { return nil }
             return String(decoding: UnsafeRawBufferPointer(start: p, count: base![i].length), as: UTF8.self)
         }
+        /// The argument's bytes in place (valid during the host call).
+        func raw(_ i: Int) -> UnsafeRawBufferPointer? {
+            guard i < count, base![i].type == Int32(CLJ_STRING), let p = base![i].string else { return nil }
+            return UnsafeRawBufferPointer(start: p, count: base![i].length)
+        }
         func bytes(_ i: Int) -> [UInt8]? {
             guard i < count, base![i].type == Int32(CLJ_STRING), let p = base![i].string else { return nil }
             return Array(UnsafeRawBufferPointer(start: p, count: base![i].length))
@@ -498,13 +503,16 @@ public final class PolicyVM: @unchecked Sendable {
             default: putNil()
             }
         case .reqHeader, .resHeader:
+            // The hottest call: the name is compared as the argument's bytes, the list walked by
+            // index (no String made, no element copied).
             let ex = try exchange(a)
-            let name = try a.need(1, "header name")
+            guard let name = a.raw(1) else { throw HostError("header name: expected a string") }
             var nth = Int(a.number(2) ?? 1)
-            for h in (op == .reqHeader ? ex.headers : ex.responseHeaders) where Self.sameName(h.name, name) {
+            let list = op == .reqHeader ? ex.headers : ex.responseHeaders
+            for i in list.indices where Self.sameName(list[i].name, name) {
                 nth -= 1
                 if nth == 0 {
-                    put(h.value)
+                    put(list[i].value)
                     return
                 }
             }
@@ -790,18 +798,23 @@ public final class PolicyVM: @unchecked Sendable {
 
     /// ASCII case-insensitive equality of header names, without allocating.
     static func sameName(_ a: String, _ b: String) -> Bool {
-        var a = a
         var b = b
-        return a.withUTF8 { x in
-            b.withUTF8 { y in
-                guard x.count == y.count else { return false }
-                for i in 0..<x.count {
-                    let (p, q) = (x[i], y[i])
-                    if p != q && !(p | 0x20 == q | 0x20 && (p | 0x20) >= 97 && (p | 0x20) <= 122) { return false }
-                }
-                return true
+        return b.withUTF8 { sameName(a, UnsafeRawBufferPointer($0)) }
+    }
+
+    /// The same against raw bytes (a host call's argument), reading `a` in place when it is a
+    /// native string.
+    static func sameName(_ a: String, _ y: UnsafeRawBufferPointer) -> Bool {
+        func equal(_ x: UnsafeBufferPointer<UInt8>) -> Bool {
+            guard x.count == y.count else { return false }
+            for i in 0..<x.count {
+                let (p, q) = (x[i], y[i])
+                if p != q && !(p | 0x20 == q | 0x20 && (p | 0x20) >= 97 && (p | 0x20) <= 122) { return false }
             }
+            return true
         }
+        if let r = a.utf8.withContiguousStorageIfAvailable(equal) { return r }
+        return Array(a.utf8).withUnsafeBufferPointer(equal)
     }
 
     static let unreserved = CharacterSet(

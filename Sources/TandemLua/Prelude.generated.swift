@@ -323,7 +323,8 @@ let preludeSource = #"""
     end
 
     local Req = {}
-    function Req:header(name) return H.req_header(self[1], name, 1) end
+    local h_req_header = H.req_header
+    function Req:header(name) return h_req_header(self[1], name, 1) end
     function Req:header_values(name) return list(H.req_header, self[1], name) end
     function Req:headers() return header_table(H.req_header_at, self[1]) end
     function Req:set_header(name, value) H.req_set_header(self[1], name, value ~= nil and tostring(value) or nil) end

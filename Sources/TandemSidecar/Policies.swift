@@ -129,14 +129,18 @@ final class SidecarPolicies: @unchecked Sendable {
                 return ids
             }
             active.withLockedValue { $0 = !installed.isEmpty }
-            retire(old)
+            retire(old, after: Self.retireAfter)
+        }.flatMapError { [self] error in
+            // Loops that compiled the new set before another failed drop it again.
+            retire(toLoad.map(\.0), after: .zero)
+            return loop.makeFailedFuture(error)
         }
     }
 
-    private func retire(_ ids: [Int]) {
+    private func retire(_ ids: [Int], after delay: TimeAmount) {
         guard !ids.isEmpty else { return }
         for l in loops {
-            l.scheduleTask(in: Self.retireAfter) { [self] in
+            l.scheduleTask(in: delay) { [self] in
                 guard let vm = vm(for: l) else { return }
                 for id in ids { vm.unload(id: id) }
             }
