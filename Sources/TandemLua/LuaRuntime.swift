@@ -1,8 +1,8 @@
 /// TandemLua — the only module that touches LuaJIT's C API (through CLuaJIT's shim).
 ///
-/// For now it proves the link and reports the runtime's version; the sandboxed policy VM
-/// (issue "Lua: per-route policies") grows here. Lua errors are never raised from Swift
-/// frames: everything that raises lives in the C shim.
+/// Here: the runtime's version (`tandem version`); the config evaluator (LuaConfig.swift) and
+/// the sandboxed policy VM (PolicyVM.swift, docs/LUA.md) live next to it. Lua errors are never
+/// raised from Swift frames: everything that raises lives in the C shim.
 import CLuaJIT
 
 public enum LuaRuntime {

@@ -13,8 +13,6 @@ public struct PolicyLimits: Sendable, Equatable {
     public var patternSteps: Double = 5e7
     public var patternSubjectBytes = 1 << 20
     public var patternBytes = 256
-    /// Request bodies a policy can read (`req:body()`) when its route buffers them.
-    public var bodyBytes = 1 << 20
     public init() {}
 }
 
