@@ -142,9 +142,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private func answerWithPolicy(_ d: PolicyDecision) {
         guard !finished else { return }
         status = d.status
-        tandemError =
-            d.kind == "deny"
-            ? LocalReason.policyDenied.rawValue : d.kind == "error" ? LocalReason.policyError.rawValue : nil
+        tandemError = d.tandemError
         let keep = keepAlive
         complete(failed: d.kind == "error", local: true)
         handler.policyAnswer(context, d, keepAlive: keep, request: head)
