@@ -694,6 +694,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         do {
             try UpstreamPool.tunnel(c, to: context.channel)
             try handler.tunnel(to: c.channel)
+            ctx.trackTunnel(c.channel)
         } catch {
             c.channel.close(promise: nil)
             context.close(promise: nil)

@@ -19,6 +19,14 @@ final class ProxyContext: Sendable {
     /// Read on every request: atomics, not locks.
     let draining = ManagedAtomic(false)
     let inFlight = ManagedAtomic(0)
+    /// Open byte streams (upgrade tunnels, TCP-proxy connections): a drain waits for them too.
+    let openTunnels = ManagedAtomic(0)
+
+    /// Counts `channel` as an open tunnel until it closes.
+    func trackTunnel(_ channel: any Channel) {
+        openTunnels.wrappingIncrement(ordering: .relaxed)
+        channel.closeFuture.whenComplete { [self] _ in openTunnels.wrappingDecrement(ordering: .relaxed) }
+    }
     /// Resolves when the cluster's endpoints are known (first discovery load, or at once).
     let ensureCluster: @Sendable (String) -> EventLoopFuture<Void>?
     let accessLog: (@Sendable (String) -> Void)?

@@ -480,15 +480,23 @@ public final class Sidecar: @unchecked Sendable {
             let inbound = self.lock.withLock { self.listeners.removeValue(forKey: "inbound") }
             return inbound?.close() ?? loop.makeSucceededVoidFuture()
         }.flatMap {
-            self.waitForInFlight(loop: loop, deadline: .now() + timeout)
+            let (n, t) = (self.ctx.inFlight.load(ordering: .relaxed), self.ctx.openTunnels.load(ordering: .relaxed))
+            self.log("drain: inbound listener closed; waiting for \(n) requests and \(t) tunnels")
+            return self.waitForInFlight(loop: loop, deadline: .now() + timeout)
+        }.map {
+            let (n, t) = (self.ctx.inFlight.load(ordering: .relaxed), self.ctx.openTunnels.load(ordering: .relaxed))
+            self.log("drain: done with \(n) requests in flight and \(t) tunnels open")
         }
     }
 
+    /// Until no request is in flight and no tunnel (upgrade, TCP proxy) is open, or the
+    /// deadline; what is still open then is cut by the shutdown.
     private func waitForInFlight(loop: any EventLoop, deadline: NIODeadline) -> EventLoopFuture<Void> {
         let n = ctx.inFlight.load(ordering: .relaxed)
-        if n == 0 { return loop.makeSucceededVoidFuture() }
+        let t = ctx.openTunnels.load(ordering: .relaxed)
+        if n == 0 && t == 0 { return loop.makeSucceededVoidFuture() }
         if NIODeadline.now() >= deadline {
-            log("drain timeout with \(n) requests still in flight")
+            log("drain timeout with \(n) requests in flight and \(t) tunnels open")
             return loop.makeSucceededVoidFuture()
         }
         return loop.scheduleTask(in: .milliseconds(20)) {}.futureResult.flatMap {
@@ -585,6 +593,7 @@ public final class Sidecar: @unchecked Sendable {
         var gauges: [(String, [(String, String)], Double)] = []
         gauges.append(("tandem_ready", [], isReady ? 1 : 0))
         gauges.append(("tandem_in_flight_requests", [], Double(ctx.inFlight.load(ordering: .relaxed))))
+        gauges.append(("tandem_open_tunnels", [], Double(ctx.openTunnels.load(ordering: .relaxed))))
         for (name, c) in clusters.sorted(by: { $0.key < $1.key }) {
             let routable = c.endpoints.filter { c.isRoutable($0, now: now) }.count
             gauges.append(("tandem_cluster_endpoints", [("cluster", name), ("state", "routable")], Double(routable)))

@@ -131,6 +131,7 @@ final class TCPProxyHandler: ChannelInboundHandler, @unchecked Sendable {
             return
         }
         peer = ch
+        ctx.trackTunnel(ch)
         for b in pending { ch.write(b, promise: nil) }
         pending = []
         pendingBytes = 0

@@ -72,6 +72,9 @@ final class Child {
 
     func closeStdin() { try? input.fileHandleForWriting.close() }
 
+    /// Writes a line to the child's stdin.
+    func send(_ line: String) { input.fileHandleForWriting.write(Data((line + "\n").utf8)) }
+
     func stop() {
         if process.isRunning {
             kill(process.processIdentifier, SIGKILL)

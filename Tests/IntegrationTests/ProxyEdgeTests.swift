@@ -98,6 +98,32 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
         withExtendedLifetime((app, server, client)) {}
     }
 
+    /// A drain waits for open tunnels as for requests: after SIGTERM an upgraded connection
+    /// keeps working until its client closes it, and then the sidecar exits at once and cleanly.
+    @Test func aDrainWaitsForOpenTunnels() throws {
+        let (app, port) = try startEdgeApp()
+        let server = try SidecarUnderTest(
+            service: "edge", registry: "none", appPort: port, app: nil, extra: ["--drain-timeout", "60"],
+            waitForRegistration: false)
+        let c = try Child("/usr/bin/python3", [upgradeClient, server.inbound, "edge", "-"])
+        c.send("hello")
+        #expect(c.readUntil { $0.hasPrefix("echo") }.suffix(2) == ["upgrade tandem-echo", "echo HELLO"])
+        kill(server.pid, SIGTERM)
+        // Past the grace period, the listener closed: only the tunnel keeps the sidecar up.
+        let draining = server.child.readUntil { $0.contains("drain: inbound listener closed") }
+        #expect(draining.last?.contains("waiting for 0 requests and 1 tunnels") == true, "\(draining)")
+        c.send("still here")
+        #expect(c.readLine() == "echo STILL HERE")
+        c.closeStdin()
+        c.process.waitUntilExit()
+        let rest = server.child.readUntil { _ in false }
+        server.child.process.waitUntilExit()
+        #expect(server.child.process.terminationStatus == 0, "\(rest)")
+        #expect(!rest.contains { $0.contains("drain timeout") }, "\(rest)")
+        #expect(rest.contains { $0.contains("drain: done with 0 requests in flight and 0 tunnels open") }, "\(rest)")
+        withExtendedLifetime((app, server)) {}
+    }
+
     @Test func anUpgradeTheUpstreamRefusesIsAnsweredAndTheConnectionCloses() throws {
         let (app, port) = try startEdgeApp()
         let client = try SidecarUnderTest(
