@@ -387,11 +387,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     /// The streamed body passed `maxBodyBytes`: 413 if nothing was answered yet, else cut.
     func downstreamBodyTooLarge(_ max: Int) {
         guard !finished else { return }
-        if let c = conn {
-            c.handler.delegate = nil
-            c.channel.close(promise: nil)
-            conn = nil
-        }
+        dropConnection()
         if responded {
             abort()
         } else {
@@ -418,12 +414,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private func attemptTimedOut() {
         guard !finished, !responded else { return }
         cancelPending()
-        if let c = conn {
-            c.handler.delegate = nil
-            c.handler.reusable = false
-            c.channel.close(promise: nil)
-            conn = nil
-        }
+        dropConnection()
         attemptFailed(.timeout)
     }
 
@@ -433,11 +424,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             abort()  // the response started; all we can do is cut it
             return
         }
-        if let c = conn {
-            c.handler.delegate = nil
-            c.channel.close(promise: nil)
-            conn = nil
-        }
+        dropConnection()
         attemptDeadline = nil
         if let ep = endpoint {
             let now = clock()
@@ -475,13 +462,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         switch next {
         case .retry(let after):
             ctx.metrics.inc("tandem_retries_total", [("side", side.rawValue), ("cluster", cluster)])
-            if let c = conn {
-                // Discard the rest of this response: the connection cannot be reused.
-                c.handler.delegate = nil
-                c.handler.reusable = false
-                c.channel.close(promise: nil)
-                conn = nil
-            }
+            dropConnection()
             endpoint = nil
             if after > 0 {
                 loop.scheduleTask(in: .nanoseconds(after)) { [weak self] in self?.attempt() }
@@ -564,12 +545,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
                 durationMs: Double(clock() - startedAt) / 1e6)
         {
             // The upstream's answer is replaced: the rest of it is dropped with its connection.
-            if let c = conn {
-                c.handler.delegate = nil
-                c.handler.reusable = false
-                c.channel.close(promise: nil)
-                conn = nil
-            }
+            dropConnection()
             responded = false
             answerWithPolicy(d)
             return
@@ -703,6 +679,16 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     // MARK: endings
 
+    /// Closes the current upstream connection mid-exchange (its response is abandoned), so it
+    /// is never reused and reports nothing more to this exchange.
+    private func dropConnection() {
+        guard let c = conn else { return }
+        conn = nil
+        c.handler.delegate = nil
+        c.handler.reusable = false
+        c.channel.close(promise: nil)
+    }
+
     /// Answers locally (before any upstream response went out).
     private func answer(_ a: LocalAnswer) {
         guard !finished else { return }
@@ -728,11 +714,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     /// The downstream client went away.
     func downstreamClosed() {
         guard !finished else { return }
-        if let c = conn {
-            c.handler.delegate = nil
-            c.channel.close(promise: nil)
-            conn = nil
-        }
+        dropConnection()
         status = 499
         tandemError = "client-closed"
         complete(failed: false, notifyHandler: false)
@@ -740,11 +722,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     /// The response was cut midway (upstream broke after the head went out).
     private func abort() {
-        if let c = conn {
-            c.handler.delegate = nil
-            c.channel.close(promise: nil)
-            conn = nil
-        }
+        dropConnection()
         tandemError = "upstream-reset"
         complete(failed: true, notifyHandler: false)
         context.close(promise: nil)

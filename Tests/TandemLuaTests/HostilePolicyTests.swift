@@ -104,7 +104,7 @@ import Testing
 
     @Test func noOSNoIONoRequireNoFFI() throws {
         for (code, mentions) in [
-            (#"os.execute("touch /tmp/tandem-pwned")"#, "os"),
+            (#"os.execute("touch tandem-pwned")"#, "os"),
             (#"io.open("/etc/passwd")"#, "io"),
             (#"require "ffi""#, "require"),
             (#"local ffi = package.loaded.ffi"#, "package"),
