@@ -1,7 +1,7 @@
 # Tandem — build, test, demo and bench. `make test` is what CI runs on a fresh clone.
 SWIFT ?= swift
 SHELL := /bin/bash
-APT_PACKAGES := libluajit-5.1-dev pkg-config zlib1g-dev etcd-client etcd-server python3-etcd3 python3-grpcio curl
+APT_PACKAGES := libluajit-5.1-dev pkg-config zlib1g-dev etcd-client etcd-server python3-etcd3 python3-grpcio python3-jwt python3-cryptography curl
 BUILD_LOG := .build/tandem-build.log
 
 .PHONY: all deps build test demo bench release fmt lint sim clean

@@ -22,6 +22,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio-http2", from: "1.46.0"),
         .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
         .package(url: "https://github.com/apple/swift-nio-extras", from: "1.35.2"),
+        // jwt-kit 5.8 needs swift-crypto >= 4.1 (docs/ARCHITECTURE.md, "Identity").
+        .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
+        .package(url: "https://github.com/vapor/jwt-kit", from: "5.8.0"),
     ],
     targets: [
         .target(name: "TandemCore", swiftSettings: swiftSettings),
@@ -37,6 +40,11 @@ let package = Package(
             ],
             swiftSettings: swiftSettings),
         .target(name: "TandemTraffic", dependencies: ["TandemCore"], swiftSettings: swiftSettings),
+        // Service identity: tokens, proofs, key sets, replay cache, allow rules. Pure: callers
+        // pass the time and the random bytes; swift-crypto only computes.
+        .target(
+            name: "TandemIdentity", dependencies: ["TandemCore", .product(name: "Crypto", package: "swift-crypto")],
+            swiftSettings: swiftSettings),
         .target(name: "TandemStorage", dependencies: ["TandemCore", "TandemRaft"], swiftSettings: swiftSettings),
         .target(
             name: "TandemReplica", dependencies: ["TandemCore", "TandemRaft", "TandemStore", "TandemStorage"],
@@ -59,6 +67,7 @@ let package = Package(
             name: "TandemRegistryServer",
             dependencies: [
                 "TandemCore", "TandemRaft", "TandemStore", "TandemStorage", "TandemReplica", "TandemEtcdAPI",
+                "TandemIdentity",
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOHTTP2", package: "swift-nio-http2"),
@@ -77,7 +86,8 @@ let package = Package(
         .target(
             name: "TandemSidecar",
             dependencies: [
-                "TandemCore", "TandemTraffic", "TandemEtcdClient", "TandemLua",
+                "TandemCore", "TandemTraffic", "TandemEtcdClient", "TandemLua", "TandemIdentity",
+                .product(name: "JWTKit", package: "jwt-kit"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -100,7 +110,9 @@ let package = Package(
             swiftSettings: swiftSettings),
         .executableTarget(
             name: "TandemBench",
-            dependencies: ["TandemCore", "TandemRaft", "TandemStore", "TandemSimulation", "TandemLua"],
+            dependencies: [
+                "TandemCore", "TandemRaft", "TandemStore", "TandemSimulation", "TandemLua", "TandemIdentity",
+            ],
             swiftSettings: swiftSettings),
         .testTarget(name: "TandemRaftTests", dependencies: ["TandemRaft"], swiftSettings: swiftSettings),
         .testTarget(name: "TandemStoreTests", dependencies: ["TandemStore"], swiftSettings: swiftSettings),
@@ -118,5 +130,6 @@ let package = Package(
             dependencies: ["TandemSidecar", "TandemTraffic", .product(name: "NIOEmbedded", package: "swift-nio")],
             swiftSettings: swiftSettings),
         .testTarget(name: "TandemLuaTests", dependencies: ["TandemLua"], swiftSettings: swiftSettings),
+        .testTarget(name: "TandemIdentityTests", dependencies: ["TandemIdentity"], swiftSettings: swiftSettings),
     ]
 )

@@ -13,12 +13,14 @@ public struct EtcdStatus: Error, Equatable, CustomStringConvertible {
         case invalidArgument = 3
         case deadlineExceeded = 4
         case notFound = 5
+        case permissionDenied = 7
         case failedPrecondition = 9
         case resourceExhausted = 8
         case outOfRange = 11
         case unimplemented = 12
         case internalError = 13
         case unavailable = 14
+        case unauthenticated = 16
     }
 
     public var code: Code
@@ -37,6 +39,8 @@ public struct EtcdStatus: Error, Equatable, CustomStringConvertible {
     public static let leaderChanged = EtcdStatus(.unavailable, "etcdserver: leader changed")
     public static let timedOut = EtcdStatus(.unavailable, "etcdserver: request timed out")
     public static let emptyKey = EtcdStatus(.invalidArgument, "etcdserver: key is not provided")
+
+    public static let permissionDenied = EtcdStatus(.permissionDenied, "etcdserver: permission denied")
 
     public static let tooManyRequests = EtcdStatus(.resourceExhausted, "etcdserver: too many requests")
 

@@ -67,6 +67,16 @@ enum EtcdServices {
                 }
             }
         }
+        unary("/tandem.identity.v1.Identity/Issue", Tandem_Identity_V1_IssueRequest.self) {
+            (req, n, done: @escaping (Result<Tandem_Identity_V1_IssueResponse, EtcdStatus>) -> Void) in
+            guard let id = n.identity else { return done(.failure(EtcdStatus(.unimplemented, "tandem: no identity"))) }
+            done(id.issue(req))
+        }
+        unary("/tandem.identity.v1.Identity/Rotate", Tandem_Identity_V1_RotateRequest.self) {
+            (req, n, done: @escaping (Result<Tandem_Identity_V1_RotateResponse, EtcdStatus>) -> Void) in
+            guard let id = n.identity else { return done(.failure(EtcdStatus(.unimplemented, "tandem: no identity"))) }
+            id.rotate(req, done)
+        }
         unary("/etcdserverpb.KV/Put", Etcdserverpb_PutRequest.self) {
             (pb, n, done: @escaping (Result<Etcdserverpb_PutResponse, EtcdStatus>) -> Void) in
             let cmd = StoreCommand.put(PutRequest(pb))
@@ -286,6 +296,9 @@ enum EtcdServices {
         _ n: RegistryNode, _ cmd: StoreCommand, _ done: @escaping (Result<Resp, EtcdStatus>) -> Void,
         _ convert: @escaping (StoreResult) -> Resp?
     ) {
+        // The identity records are the members' own (RegistryIdentity): a client that could
+        // write there could publish a key and forge tokens.
+        if cmd.touches(RegistryIdentity.reservedPrefix) { return done(.failure(.permissionDenied)) }
         n.propose(cmd) { r in
             switch r {
             case .success(.failed(let e)): done(.failure(EtcdStatus(e)))

@@ -49,6 +49,8 @@ public final class RegistryNode: @unchecked Sendable {
     private var tickTask: RepeatedTask?
     /// Set by the server for multi-member clusters.
     var transport: PeerTransport?
+    /// The token service (always present; it refuses to issue without join tokens).
+    var identity: RegistryIdentity?
     /// Keep-alives forwarded to the leader, by request id.
     private var pendingRenews: [UInt64: (deadline: Int64, done: (Int64) -> Void)] = [:]
 

@@ -15,12 +15,19 @@ public final class RegistryServer {
     private var channel: (any Channel)?
     public let limits: EtcdLimits
 
-    public init(config: RegistryNode.Config, limits: EtcdLimits = EtcdLimits(), wallClockMs: UInt64) throws {
+    public init(
+        config: RegistryNode.Config, limits: EtcdLimits = EtcdLimits(), identity: RegistryIdentity.Config = .init(),
+        wallClockMs: UInt64
+    ) throws {
         networkGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         raftGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         self.limits = limits
         let loop = raftGroup.next()
-        node = try loop.submit { try RegistryNode(config: config, loop: loop, wallClockMs: wallClockMs) }.wait()
+        node = try loop.submit {
+            let n = try RegistryNode(config: config, loop: loop, wallClockMs: wallClockMs)
+            n.identity = try RegistryIdentity(config: identity, node: n)
+            return n
+        }.wait()
     }
 
     /// Starts the peer transport when the cluster has other members: listens on
@@ -39,7 +46,10 @@ public final class RegistryServer {
     /// Returns the bound port.
     public func start(host: String, port: Int) throws -> Int {
         let node = self.node
-        try node.loop.submit { node.start() }.wait()
+        try node.loop.submit {
+            node.start()
+            node.identity?.start()
+        }.wait()
         let methods = EtcdServices.methods(node: node, limits: limits)
         let maxBytes = limits.maxRequestBytes
         let ch = try ServerBootstrap(group: networkGroup)
@@ -67,7 +77,10 @@ public final class RegistryServer {
     public func shutdown() throws {
         try channel?.close().wait()
         let node = self.node
-        try node.loop.submit { node.stop() }.wait()
+        try node.loop.submit {
+            node.identity?.stop()
+            node.stop()
+        }.wait()
         try networkGroup.syncShutdownGracefully()
         try raftGroup.syncShutdownGracefully()
     }

@@ -38,6 +38,19 @@ struct Registry: ParsableCommand {
     var autoCompactionRetention = "1h"
     @Option(help: "How often auto-compaction looks, in ms (default: a tenth of the retention, or 5 min for revision).")
     var autoCompactionCheckMs: Int64?
+    @OptionGroup(title: "Service identity (docs/security.md)") var join: JoinTokenOptions
+    @Option(help: "Lifetime of the identity tokens this member issues, in seconds (at most 3600).")
+    var identityTokenTtl: Int64 = 300
+
+    /// The token service's settings; off without a join token.
+    func identity() throws -> RegistryIdentity.Config {
+        var c = RegistryIdentity.Config()
+        c.joinTokens = try join.tokens()
+        c.issuer = join.issuer
+        c.tokenTTL = identityTokenTtl
+        c.limits.maxTokenTTL = identityTokenTtl
+        return c
+    }
 
     /// The auto-compaction mode from the flags; nil = off.
     func autoCompaction() throws -> AutoCompactor.Mode? {
@@ -82,6 +95,10 @@ struct Registry: ParsableCommand {
             throw ValidationError("--listen-peer-urls: expected http://HOST:PORT, got '\(listenPeerUrls)'")
         }
         _ = try autoCompaction()
+        guard (10...3600).contains(identityTokenTtl) else {
+            throw ValidationError("--identity-token-ttl must be between 10 and 3600 seconds")
+        }
+        _ = try identity()
         let members = try cluster()
         guard members[name] != nil else {
             throw ValidationError("--initial-cluster does not name this member ('\(name)')")
@@ -116,7 +133,7 @@ struct Registry: ParsableCommand {
         let wallMs = UInt64(ts.tv_sec) * 1000 + UInt64(ts.tv_nsec / 1_000_000)
         let server: RegistryServer
         do {
-            server = try RegistryServer(config: cfg, limits: limits, wallClockMs: wallMs)
+            server = try RegistryServer(config: cfg, limits: limits, identity: try identity(), wallClockMs: wallMs)
         } catch {
             // A runtime failure, not a usage error: one clear line, no usage banner.
             throw RuntimeError("cannot open the registry in \(dataDir): \(error)")
@@ -136,6 +153,9 @@ struct Registry: ParsableCommand {
         let advertised = advertiseClientUrls ?? "http://\(host):\(bound)"
         let node = server.node
         try node.loop.submit { node.setClientURLs([advertised]) }.wait()
+        if try identity().enabled {
+            print("tandem registry: identity on: issuing tokens as \(join.issuer) for \(identityTokenTtl) s")
+        }
         print("tandem registry: member \(name) (\(String(cfg.id, radix: 16))) serving clients on \(host):\(bound)")
         fflush(nil)  // the address line must reach a piped reader now
         try server.wait()

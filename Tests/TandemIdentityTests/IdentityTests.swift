@@ -1,0 +1,253 @@
+import TandemCore
+import Testing
+
+@testable import TandemIdentity
+
+/// Deterministic key material: the tests name their seeds.
+func keyPair(_ n: UInt8) throws -> KeyPair { try KeyPair(seed: [UInt8](repeating: n, count: 32)) }
+
+let issuer = "tandem://mesh-test"
+
+struct Mesh {
+    let node: KeyPair
+    let caller: KeyPair
+    var published: PublishedKey
+    init() throws {
+        node = try keyPair(1)
+        caller = try keyPair(2)
+        published = try PublishedKey(kid: node.kid, x: node.x, node: "n1", createdAt: 1000)
+    }
+
+    func token(
+        sub: String = "orders", aud: String = "users", iat: Int64 = 1000, ttl: Int64 = 300, jti: String = "t1"
+    )
+        -> String
+    {
+        ServiceToken.sign(
+            ServiceClaims(
+                issuer: issuer, subject: sub, audience: aud, issuedAt: iat, expiresAt: iat + ttl, id: jti,
+                keyThumbprint: caller.thumbprint), key: node)
+    }
+
+    func verifier(service: String = "users") -> InboundAuthenticator {
+        var a = InboundAuthenticator(issuer: issuer, service: service)
+        a.tokens.setKeys([published])
+        return a
+    }
+}
+
+/// The reason `body` was refused with (nil: it was not).
+func reason(_ body: () throws -> Void) -> IdentityError.Reason? {
+    do {
+        try body()
+        return nil
+    } catch let e as IdentityError {
+        return e.reason
+    } catch {
+        Issue.record("not an IdentityError: \(error)")
+        return nil
+    }
+}
+
+@Suite struct Base64URLAndJSONTests {
+    @Test func base64urlRoundTripsAndRefusesNonCanonicalText() {
+        for n in 0..<40 {
+            let bytes = (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ 11) }
+            #expect(Base64URL.decode(Base64URL.encode(bytes)) == bytes)
+        }
+        #expect(Base64URL.encode(Array("hello?>".utf8)) == "aGVsbG8_Pg")
+        #expect(Base64URL.decode("aGVsbG8_Pg=") == nil)  // padding
+        #expect(Base64URL.decode("aGVsbG8/Pg") == nil)  // '/' is not base64url
+        #expect(Base64URL.decode("aGVsbG8_Ph") == nil)  // non-zero trailing bits: a second spelling
+        #expect(Base64URL.decode("a") == nil)
+    }
+
+    @Test func jsonParsesStrictlyAndRefusesDuplicateKeys() throws {
+        let v = try JSONValue.parse(#"{"a":[1,-2.5e1,"x\u00e9\ud83d\ude00"],"b":{"c":null,"d":true}}"#)
+        #expect(v["a"]?.array?[1].number == -25)
+        #expect(v["a"]?.array?[2].string == "xé😀")
+        #expect(v["b"]?["d"] == .bool(true))
+        #expect(try JSONValue.parse(v.encoded) == v)
+        for bad in [
+            #"{"aud":"a","aud":"b"}"#, "[1,]", "{} x", "01", "\"\u{01}\"", #""\ud800""#, "tru", "",
+            String(repeating: "[", count: 40) + String(repeating: "]", count: 40),
+        ] {
+            #expect(throws: JSONValue.ParseError.self, "\(bad)") { try JSONValue.parse(bad) }
+        }
+    }
+}
+
+@Suite struct TokenTests {
+    @Test func aTokenVerifiesOnceAndIsThenServedFromTheCache() throws {
+        let m = try Mesh()
+        var v = m.verifier()
+        let t = m.token()
+        let c = try v.tokens.verify(t, now: 1010)
+        #expect(c.subject == "orders" && c.audience == "users" && c.keyThumbprint == m.caller.thumbprint)
+        #expect(c.kid == m.node.kid)
+        _ = try v.tokens.verify(t, now: 1020)
+        #expect(v.tokens.signatureChecks == 1 && v.tokens.cacheHits == 1)
+    }
+
+    @Test func forgedExpiredMisdirectedAndMalformedTokensAreRefusedWithTheirReason() throws {
+        let m = try Mesh()
+        var v = m.verifier()
+        let t = m.token()
+        // Signed by a key the mesh does not publish.
+        let other = try keyPair(9)
+        let forged = ServiceToken.sign(
+            ServiceClaims(
+                issuer: issuer, subject: "orders", audience: "users", issuedAt: 1000, expiresAt: 1300, id: "f",
+                keyThumbprint: m.caller.thumbprint), key: other)
+        #expect(reason { _ = try v.tokens.verify(forged, now: 1010) } == .unknownKey)
+        // The payload swapped under a valid header and signature.
+        let parts = t.split(separator: ".")
+        let evil = Base64URL.encode(
+            #"{"iss":"tandem://mesh-test","sub":"admin","aud":"users","iat":1000,"exp":1300,"jti":"t1","cnf":{"jkt":"\#(m.caller.thumbprint)"}}"#
+        )
+        #expect(reason { _ = try v.tokens.verify("\(parts[0]).\(evil).\(parts[2])", now: 1010) } == .badSignature)
+        #expect(reason { _ = try v.tokens.verify(t, now: 1300 + 30) } == .expiredToken)
+        #expect(reason { _ = try v.tokens.verify(m.token(aud: "billing"), now: 1010) } == .wrongAudience)
+        #expect(reason { _ = try v.tokens.verify(m.token(ttl: 3600), now: 1010) } == .invalidToken)
+        #expect(reason { _ = try v.tokens.verify(m.token(iat: 2000), now: 1010) } == .invalidToken)
+        #expect(reason { _ = try v.tokens.verify("a.b", now: 1010) } == .invalidToken)
+        #expect(reason { _ = try v.tokens.verify(String(repeating: "a", count: 5000), now: 1010) } == .invalidToken)
+        // alg none, and HS256 keyed with the public key (the RS/HS confusion, in Ed25519 dress).
+        let none = Base64URL.encode(#"{"alg":"none","kid":"\#(m.node.kid)","typ":"tandem-id+jwt"}"#)
+        #expect(reason { _ = try v.tokens.verify("\(none).\(parts[1]).", now: 1010) } == .invalidToken)
+        let hs = Base64URL.encode(#"{"alg":"HS256","kid":"\#(m.node.kid)","typ":"tandem-id+jwt"}"#)
+        #expect(reason { _ = try v.tokens.verify("\(hs).\(parts[1]).\(parts[2])", now: 1010) } == .invalidToken)
+        // A proof is not a token (typ).
+        let proof = ProofSigner(key: m.node).sign(
+            ProofTarget(method: "GET", authority: "users", pathAndQuery: "/"), tokenHash: "x", now: 1000,
+            nonce: Array(repeating: 1, count: 16))
+        #expect(reason { _ = try v.tokens.verify(proof, now: 1010) } == .invalidToken)
+    }
+
+    @Test func aRotatedKeyVerifiesDuringItsGraceAndNotAfter() throws {
+        var m = try Mesh()
+        var v = m.verifier()
+        let t = m.token()
+        m.published.retiredAt = 1100
+        m.published.expiresAt = 1400
+        let next = try keyPair(3)
+        v.tokens.setKeys([m.published, try PublishedKey(kid: next.kid, x: next.x, node: "n1", createdAt: 1100)])
+        #expect(try v.tokens.verify(t, now: 1200).subject == "orders")
+        #expect(reason { _ = try v.tokens.verify(t, now: 1400) } == .unknownKey)  // cached, but the grace is over
+        // Signed after the key retired.
+        #expect(reason { _ = try v.tokens.verify(m.token(iat: 1200), now: 1210) } == .unknownKey)
+        v.tokens.setKeys([try PublishedKey(kid: next.kid, x: next.x, node: "n1", createdAt: 1100)])
+        #expect(v.tokens.cachedTokens == 0)
+        #expect(reason { _ = try v.tokens.verify(t, now: 1200) } == .unknownKey)
+    }
+
+    @Test func publishedKeysRoundTripThroughTheirJSONRecord() throws {
+        var k = try Mesh().published
+        k.retiredAt = 5
+        k.expiresAt = 9
+        #expect(try PublishedKey.parse(Array(k.json.utf8)) == k)
+        #expect(throws: IdentityError.self) { try PublishedKey.parse(Array(#"{"kty":"RSA"}"#.utf8)) }
+        // RFC 8037 appendix A.3: the thumbprint of its example Ed25519 key.
+        #expect(
+            jwkThumbprint(x: "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo")
+                == "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k")
+    }
+}
+
+@Suite struct ProofTests {
+    let target = ProofTarget(method: "POST", authority: "users", pathAndQuery: "/user?x=1", bodyDigest: nil)
+
+    func signed(_ m: Mesh, _ t: ProofTarget, token: String, now: Int64 = 1000, nonce: UInt8 = 7) -> String {
+        ProofSigner(key: m.caller).sign(
+            t, tokenHash: sha256Base64URL(token.utf8), now: now, nonce: Array(repeating: nonce, count: 16))
+    }
+
+    @Test func aProofIsAcceptedOnceForItsRequestOnly() throws {
+        let m = try Mesh()
+        var v = m.verifier()
+        let token = m.token()
+        let req = InboundRequirements(mode: .require, requireProof: true)
+        var body = target
+        body.bodyDigest = sha256Base64URL(Array("{}".utf8))
+        let p = signed(m, body, token: token)
+        let claims = try v.authorize(
+            PresentedCredentials(token: token, proof: p), target: target, bodyDigest: body.bodyDigest,
+            requirements: req, now: 1001)
+        #expect(claims?.subject == "orders")
+        func refusal(_ proof: String?, _ t: ProofTarget, digest: String?, now: Int64 = 1001) -> IdentityError.Reason? {
+            reason {
+                _ = try v.authorize(
+                    PresentedCredentials(token: token, proof: proof), target: t, bodyDigest: digest, requirements: req,
+                    now: now)
+            }
+        }
+        #expect(refusal(p, target, digest: body.bodyDigest) == .replayedProof)
+        var otherPath = target
+        otherPath.pathAndQuery = "/admin"
+        #expect(refusal(signed(m, body, token: token, nonce: 8), otherPath, digest: body.bodyDigest) == .proofMismatch)
+        #expect(
+            refusal(signed(m, body, token: token, nonce: 9), target, digest: sha256Base64URL(Array("{\"a\":1}".utf8)))
+                == .bodyMismatch)
+        #expect(refusal(signed(m, body, token: token, nonce: 10), target, digest: nil) == .bodyMismatch)
+        #expect(refusal(nil, target, digest: nil) == .missingProof)
+        #expect(refusal(signed(m, target, token: token, nonce: 11), target, digest: nil, now: 1100) == .invalidProof)
+        // Signed with a key that is not the token's cnf.
+        let thief = ProofSigner(key: try keyPair(5)).sign(
+            target, tokenHash: sha256Base64URL(token.utf8), now: 1000, nonce: Array(repeating: 12, count: 16))
+        #expect(refusal(thief, target, digest: nil) == .invalidProof)
+        // Made for another token of the same caller.
+        #expect(refusal(signed(m, target, token: m.token(jti: "t2"), nonce: 13), target, digest: nil) == .proofMismatch)
+    }
+
+    @Test func theReplayCacheRemembersANonceForItsLifetimeAndIsBounded() throws {
+        var c = ReplayCache(capacity: 3, lifetime: 10)
+        try c.insert("a", expires: 10, now: 0)
+        #expect(reason { try c.insert("a", expires: 10, now: 9) } == .replayedProof)
+        try c.insert("b", expires: 20, now: 12)  // rotates: "a" moves to the previous generation
+        #expect(reason { try c.insert("b", expires: 20, now: 19) } == .replayedProof)
+        try c.insert("c", expires: 25, now: 15)
+        try c.insert("d", expires: 25, now: 15)
+        #expect(reason { try c.insert("e", expires: 25, now: 15) } == .replayCacheFull)
+        try c.insert("e", expires: 40, now: 40)  // both generations have lapsed
+        #expect(c.count == 1)
+    }
+}
+
+@Suite struct AccessTests {
+    @Test func allowAndDenyListsAndTheMeshDefault() {
+        let r = AccessRule(allow: ["orders", "billing"], deny: [])
+        #expect(r.check(caller: "orders", default: .deny, route: "r") == nil)
+        #expect(r.check(caller: "web", default: .allow, route: "r")?.reason == .forbidden)
+        #expect(r.check(caller: nil, default: .allow, route: "r")?.reason == .missingToken)
+        let open = AccessRule()
+        #expect(open.check(caller: "web", default: .allow, route: "r") == nil)
+        #expect(open.check(caller: nil, default: .allow, route: "r") == nil)
+        #expect(open.check(caller: "web", default: .deny, route: "r")?.reason == .forbidden)
+        #expect(AccessRule(deny: ["web"]).check(caller: "web", default: .allow, route: "r")?.reason == .forbidden)
+        #expect(IdentityError(.forbidden, "").status == 403 && IdentityError(.expiredToken, "").status == 401)
+    }
+
+    @Test func permissiveModeAdmitsAnonymousCallersButNotBadTokens() throws {
+        let m = try Mesh()
+        var v = m.verifier()
+        let t = ProofTarget(method: "GET", authority: "users", pathAndQuery: "/")
+        let permissive = InboundRequirements(mode: .permissive)
+        #expect(
+            try v.authorize(PresentedCredentials(), target: t, bodyDigest: nil, requirements: permissive, now: 1) == nil
+        )
+        #expect(
+            reason {
+                _ = try v.authorize(
+                    PresentedCredentials(token: m.token(aud: "x")), target: t, bodyDigest: nil,
+                    requirements: permissive,
+                    now: 1001)
+            } == .wrongAudience)
+        #expect(
+            reason {
+                _ = try v.authorize(
+                    PresentedCredentials(), target: t, bodyDigest: nil,
+                    requirements: InboundRequirements(mode: .require),
+                    now: 1)
+            } == .missingToken)
+    }
+}
