@@ -127,7 +127,9 @@ let package = Package(
         .testTarget(name: "TandemTrafficTests", dependencies: ["TandemTraffic"], swiftSettings: swiftSettings),
         .testTarget(
             name: "TandemSidecarTests",
-            dependencies: ["TandemSidecar", "TandemTraffic", .product(name: "NIOEmbedded", package: "swift-nio")],
+            dependencies: [
+                "TandemSidecar", "TandemTraffic", "TandemIdentity", .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
             swiftSettings: swiftSettings),
         .testTarget(name: "TandemLuaTests", dependencies: ["TandemLua"], swiftSettings: swiftSettings),
         .testTarget(name: "TandemIdentityTests", dependencies: ["TandemIdentity"], swiftSettings: swiftSettings),

@@ -25,6 +25,12 @@ func measure(_ name: String, ops: Int, unit: String, _ body: () -> Void) {
     )
 }
 
+// `TandemBench identity`: tokens and proofs of possession.
+if CommandLine.arguments.dropFirst().first == "identity" {
+    try identityBenchmarks()
+    exit(0)
+}
+
 // `TandemBench policies`: only the Lua policy hooks.
 if CommandLine.arguments.dropFirst().first == "policies" {
     try policyBenchmarks()

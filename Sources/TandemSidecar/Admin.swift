@@ -31,6 +31,8 @@ final class AdminHandler: ChannelInboundHandler, @unchecked Sendable {
             case (.GET, "/clusters"): respond(context, h, 200, "application/json", sidecar.clustersJSON() + "\n")
             case (.GET, "/routes"):
                 respond(context, h, 200, "application/json", sidecar.routesJSON() + "\n")
+            case (.GET, "/identity"):
+                respond(context, h, 200, "application/json", sidecar.identityJSON() + "\n")
             case (.GET, "/config"):
                 respond(context, h, 200, "application/json", sidecar.configJSON() + "\n")
             case (.POST, "/drain"):
@@ -41,7 +43,7 @@ final class AdminHandler: ChannelInboundHandler, @unchecked Sendable {
             default:
                 respond(
                     context, h, 404, "application/json",
-                    #"{"code":404,"message":"unknown admin path; try /ready /live /metrics /clusters /routes, POST /drain"}"#
+                    #"{"code":404,"message":"unknown admin path; try /ready /live /metrics /clusters /routes /identity, POST /drain"}"#
                         + "\n")
             }
         }

@@ -1,5 +1,6 @@
 import Foundation
 import TandemCore
+import TandemIdentity
 import TandemLua
 import TandemTraffic
 
@@ -62,7 +63,9 @@ public enum ConfigFile {
         let r = Reader(file: file, validator: PolicyValidator())
         try r.keys(
             v, "",
-            allowed: ["service", "listen", "routes", "clusters", "endpoints", "upstreams", "defaults", "inbound"])
+            allowed: [
+                "service", "listen", "routes", "clusters", "endpoints", "upstreams", "defaults", "inbound", "identity",
+            ])
         if let sv = v["service"] {
             let name = try r.string(sv, "service")
             guard name == base.service else {
@@ -96,8 +99,50 @@ public enum ConfigFile {
                 c.defaultCluster = try r.cluster(cl, "defaults.cluster", name: "default", base: base.defaultCluster)
             }
         }
+        if let id = v["identity"] {
+            try r.keys(id, "identity", allowed: ["mode", "proof", "default", "token_ttl_s"])
+            if let m = id["mode"] {
+                let text = try r.string(m, "identity.mode")
+                guard let mode = IdentityMode(rawValue: text) else {
+                    throw r.fail("identity.mode", "expected \"require\", \"permissive\" or \"off\", got \"\(text)\"")
+                }
+                c.identity.mode = mode
+            }
+            if let p = id["proof"] { c.identity.proof = try r.bool(p, "identity.proof") }
+            if let d = id["default"] {
+                let text = try r.string(d, "identity.default")
+                guard let access = DefaultAccess(rawValue: text) else {
+                    throw r.fail("identity.default", "expected \"allow\" or \"deny\", got \"\(text)\"")
+                }
+                c.identity.defaultAccess = access
+            }
+            if let t = id["token_ttl_s"] {
+                c.identity.tokenTTL = Int64(try r.int(t, "identity.token_ttl_s", min: 10, max: 3600))
+            }
+        }
         if let inb = v["inbound"] {
-            try r.keys(inb, "inbound", allowed: ["compression", "rate_limit", "policies"])
+            try r.keys(
+                inb, "inbound",
+                allowed: ["compression", "rate_limit", "policies", "routes", "allow", "deny", "proof", "jwt"])
+            c.inboundDefault = try r.inboundRoute(inb, "inbound", name: "inbound", match: RouteMatch())
+            if let routes = inb["routes"] {
+                guard let list = routes.array else { throw r.fail("inbound.routes", "expected a list of route tables") }
+                c.inboundRoutes = []
+                for (i, item) in list.enumerated() {
+                    let p = "inbound.routes[\(i + 1)]"
+                    try r.keys(
+                        item, p,
+                        allowed: [
+                            "name", "host", "path", "prefix", "methods", "headers", "allow", "deny", "proof", "jwt",
+                        ])
+                    let name = try item["name"].map { (x) throws(Error) in try r.string(x, "\(p).name") } ?? p
+                    c.inboundRoutes.append(try r.inboundRoute(item, p, name: name, match: try r.match(item, p)))
+                }
+                var seen = Set<String>()
+                for route in c.inboundRoutes where !seen.insert(route.name).inserted {
+                    throw Error("\(file): inbound.routes: two routes are named \"\(route.name)\"")
+                }
+            }
             if let p = inb["policies"] { c.inboundPolicies = try r.policies(p, "inbound.policies") }
             if let z = inb["compression"] { c.inboundCompression = try r.compression(z, "inbound.compression") }
             if let rl = inb["rate_limit"] {
@@ -113,6 +158,7 @@ public enum ConfigFile {
             for (i, item) in list.enumerated() {
                 let route = try r.route(item, "routes[\(i + 1)]", base: c)
                 c.routes.append(route)
+                if let p = item["proof"], try r.bool(p, "routes[\(i + 1)].proof") { c.proofRoutes.insert(route.name) }
                 if let p = item["policies"] {
                     c.routePolicies[route.name] = try r.policies(p, "routes[\(i + 1)].policies")
                 }
@@ -179,6 +225,19 @@ public enum ConfigFile {
         }
         for route in c.routes where route.cluster.isEmpty {
             throw Error("\(file): route \"\(route.name)\" names no cluster")
+        }
+        if let m = c.identity.mode, m != .off, c.identity.joinToken == nil {
+            throw Error(
+                "\(file): identity.mode: \"\(m.rawValue)\" needs a join token (--join-token-file or TANDEM_JOIN_TOKEN)")
+        }
+        // Allow rules and proofs need verified callers.
+        if c.identity.effectiveMode == .off {
+            for route in [c.inboundDefault] + c.inboundRoutes
+            where route.access != AccessRule() || route.proof == true {
+                throw Error(
+                    "\(file): inbound route \"\(route.name)\" has allow/deny rules or requires a proof, but identity is off; give the sidecar a join token (--join-token-file or TANDEM_JOIN_TOKEN)"
+                )
+            }
         }
         return c
     }
@@ -269,16 +328,130 @@ public enum ConfigFile {
             return d
         }
 
-        func route(_ v: LuaValue, _ path: String, base: SidecarConfig) throws(Error) -> Route {
+        func bool(_ v: LuaValue, _ path: String) throws(Error) -> Bool {
+            guard case .bool(let b) = v else { throw fail(path, "expected true or false") }
+            return b
+        }
+
+        /// A list of strings, or one string.
+        func strings(_ v: LuaValue, _ path: String) throws(Error) -> [String] {
+            if case .string(let s) = v { return [s] }
+            guard let list = v.array else { throw fail(path, "expected a string or a list of strings") }
+            var out: [String] = []
+            for (i, x) in list.enumerated() { out.append(try string(x, "\(path)[\(i + 1)]")) }
+            return out
+        }
+
+        func serviceNames(_ v: LuaValue, _ path: String) throws(Error) -> Set<String> {
+            let names = try strings(v, path)
+            if let bad = names.first(where: { !TandemIdentity.isServiceName($0) }) {
+                throw fail(path, "\"\(bad)\" is not a service name")
+            }
+            return Set(names)
+        }
+
+        /// `allow`, `deny`, `proof` and `jwt` of an inbound route (or of `inbound` itself).
+        func inboundRoute(_ v: LuaValue, _ path: String, name: String, match: RouteMatch) throws(Error) -> InboundRoute
+        {
+            var route = InboundRoute(name: name, match: match)
+            if let a = v["allow"] { route.access.allow = try serviceNames(a, "\(path).allow") }
+            if let d = v["deny"] { route.access.deny = try serviceNames(d, "\(path).deny") }
+            if let p = v["proof"] { route.proof = try bool(p, "\(path).proof") }
+            if let j = v["jwt"] { route.jwt = try jwt(j, "\(path).jwt") }
+            return route
+        }
+
+        static let jwtAlgorithms: Set<String> = [
+            "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+            "EdDSA",
+        ]
+
+        /// End-user JWT settings; key files are read (and checked) when the sidecar loads them.
+        func jwt(_ v: LuaValue, _ path: String) throws(Error) -> JWTRule {
             try keys(
                 v, path,
                 allowed: [
-                    "name", "host", "path", "prefix", "methods", "headers", "cluster", "timeout_ms", "retry",
-                    "rate_limit", "compression", "policies",
+                    "jwks_file", "jwks_registry_key", "pem", "hmac_secret_file", "issuers", "audiences", "algorithms",
+                    "from", "skew_s", "forward_claims", "required", "forward_token",
                 ])
-            let name = try v["name"].map { (x) throws(Error) in try string(x, "\(path).name") } ?? path
-            let cluster = try v["cluster"].map { (x) throws(Error) in try string(x, "\(path).cluster") } ?? ""
-            guard !cluster.isEmpty else { throw fail(path, "cluster is required") }
+            var j = JWTRule()
+            func file(_ f: String) -> String {
+                f.hasPrefix("/") ? f : (baseDirectory as NSString).appendingPathComponent(f)
+            }
+            if let x = v["jwks_file"] { j.jwksFiles = try strings(x, "\(path).jwks_file").map(file) }
+            if let x = v["jwks_registry_key"] { j.registryJWKS = try strings(x, "\(path).jwks_registry_key") }
+            if let x = v["hmac_secret_file"] {
+                j.hmacSecretFiles = try strings(x, "\(path).hmac_secret_file").map(file)
+            }
+            if let x = v["pem"] {
+                // One `{ file = …, alg = … }` or a list of them.
+                let list = x["file"] != nil ? [x] : (x.array ?? [x])
+                for (i, item) in list.enumerated() {
+                    let p = "\(path).pem[\(i + 1)]"
+                    try keys(item, p, allowed: ["file", "alg"])
+                    let alg = try string(item["alg"] ?? .nil, "\(p).alg")
+                    guard Self.jwtAlgorithms.contains(alg), !alg.hasPrefix("HS") else {
+                        throw fail(
+                            "\(p).alg", "expected an asymmetric algorithm (RS256, ES256, EdDSA, …), got \"\(alg)\"")
+                    }
+                    j.pemKeys.append((file(try string(item["file"] ?? .nil, "\(p).file")), alg))
+                }
+            }
+            if let x = v["issuers"] { j.issuers = try strings(x, "\(path).issuers") }
+            if let x = v["audiences"] { j.audiences = try strings(x, "\(path).audiences") }
+            if let x = v["algorithms"] {
+                j.algorithms = try strings(x, "\(path).algorithms")
+                for a in j.algorithms where !Self.jwtAlgorithms.contains(a) {
+                    throw fail(
+                        "\(path).algorithms",
+                        a.lowercased() == "none" ? "\"none\" is never accepted" : "unknown algorithm \"\(a)\"")
+                }
+            } else if !j.hmacSecretFiles.isEmpty && j.jwksFiles.isEmpty && j.pemKeys.isEmpty && j.registryJWKS.isEmpty {
+                j.algorithms = ["HS256"]
+            }
+            if let x = v["from"] {
+                j.from = []
+                for (i, text) in try strings(x, "\(path).from").enumerated() {
+                    let parts = text.split(separator: ":", maxSplits: 1).map(String.init)
+                    switch (parts.first, parts.count) {
+                    case ("bearer", 1): j.from.append(.bearer)
+                    case ("header", 2): j.from.append(.header(parts[1].lowercased()))
+                    case ("cookie", 2): j.from.append(.cookie(parts[1]))
+                    case ("query", 2): j.from.append(.query(parts[1]))
+                    default:
+                        throw fail(
+                            "\(path).from[\(i + 1)]",
+                            "expected \"bearer\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\", got \"\(text)\"")
+                    }
+                }
+            }
+            if let x = v["skew_s"] { j.skew = Int64(try int(x, "\(path).skew_s", min: 0, max: 600)) }
+            if let x = v["required"] { j.required = try bool(x, "\(path).required") }
+            if let x = v["forward_token"] { j.forwardToken = try bool(x, "\(path).forward_token") }
+            if let x = v["forward_claims"] {
+                guard case .table(let t) = x else {
+                    throw fail("\(path).forward_claims", "expected { claim = \"header\" }")
+                }
+                for (k, h) in t.sorted(by: { "\($0.key)" < "\($1.key)" }) {
+                    guard case .string(let claim) = k else {
+                        throw fail("\(path).forward_claims", "keys must be claim names")
+                    }
+                    j.forwardClaims.append((claim, try string(h, "\(path).forward_claims.\(claim)").lowercased()))
+                }
+            }
+            let hmac = j.algorithms.contains { $0.hasPrefix("HS") }
+            let asymmetric = j.algorithms.contains { !$0.hasPrefix("HS") }
+            if hmac && j.hmacSecretFiles.isEmpty {
+                throw fail(path, "HS algorithms need hmac_secret_file")
+            }
+            if asymmetric && j.jwksFiles.isEmpty && j.pemKeys.isEmpty && j.registryJWKS.isEmpty {
+                throw fail(path, "asymmetric algorithms need jwks_file, jwks_registry_key or pem")
+            }
+            return j
+        }
+
+        /// The match part of a route table: host, path or prefix, methods, headers.
+        func match(_ v: LuaValue, _ path: String) throws(Error) -> RouteMatch {
             var match = RouteMatch()
             if let h = v["host"] { match.host = try string(h, "\(path).host").lowercased() }
             if let p = v["path"] {
@@ -312,6 +485,20 @@ public enum ConfigFile {
                     }
                 }
             }
+            return match
+        }
+
+        func route(_ v: LuaValue, _ path: String, base: SidecarConfig) throws(Error) -> Route {
+            try keys(
+                v, path,
+                allowed: [
+                    "name", "host", "path", "prefix", "methods", "headers", "cluster", "timeout_ms", "retry",
+                    "rate_limit", "compression", "policies", "proof",
+                ])
+            let name = try v["name"].map { (x) throws(Error) in try string(x, "\(path).name") } ?? path
+            let cluster = try v["cluster"].map { (x) throws(Error) in try string(x, "\(path).cluster") } ?? ""
+            guard !cluster.isEmpty else { throw fail(path, "cluster is required") }
+            let match = try self.match(v, path)
             var route = Route(
                 name: name, match: match, cluster: cluster, timeout: base.defaultTimeout, retry: base.defaultRetry)
             if let t = v["timeout_ms"] {

@@ -41,6 +41,8 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private var upstreamPaused = false
     /// The request's run through its route's Lua policies (nil without any).
     private var policy: PolicyRun?
+    /// Outbound: this route attaches a proof of possession.
+    private var proof = false
 
     /// The request body streams: `body` is nil, parts arrive through `downstreamBody` and
     /// wait in `queued` until the head is on an upstream connection.
@@ -111,12 +113,36 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             host = r.host
             path = r.path
             cluster = r.route.cluster
+            proof = r.proof
         }
+        if side == .inbound, let gate = ctx.gate {
+            switch gate.check(head: &head, pathAndQuery: path, body: body, bodyStreams: streaming, loop: loop) {
+            case .answer(let a): return answer(a)
+            case .pass(let who): proceed(who)
+            case .wait(let f):
+                f.whenComplete { r in
+                    switch r {
+                    case .success(let who): self.proceed(who)
+                    case .failure(let e): self.answer(e as? LocalAnswer ?? LocalAnswer(.unauthenticated))
+                    }
+                }
+            }
+            return
+        }
+        proceed(InboundWho())
+    }
+
+    /// After the inbound checks: policies, then the cluster and (outbound, with identity) a token.
+    private func proceed(_ who: InboundWho) {
+        guard !finished else { return }
+        for (name, value) in who.headers { head.headers.replaceOrAdd(name: name, value: value) }
         if let r = route, ctx.policies?.isActive == true {
             let remote = context.channel.remoteAddress.map { "\($0.ipAddress ?? ""):\($0.port ?? 0)" } ?? ""
             policy = PolicyRun(
                 ctx: ctx, loop: loop, route: r, side: side, head: head, path: path, host: host, remote: remote)
             if let p = policy {
+                p.ex.caller = who.caller
+                if let claims = who.claims { p.ex.claims = claims.mapValues(LuaValue.init) }
                 if !streaming, let body { p.ex.body = Array(body.readableBytesView) }
                 switch p.begin(head: &head, path: &path, route: &route, cluster: &cluster) {
                 case .answer(let d): return answerWithPolicy(d)
@@ -125,11 +151,13 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
                 }
             }
         }
-        if handler.knownCluster == cluster {
+        let needsToken = side == .outbound && ctx.identity.map { $0.token(for: cluster) == nil } == true
+        if handler.knownCluster == cluster && !needsToken {
             admit()
         } else {
             let cluster = cluster
-            ProxyRouting.whenClusterKnown(ctx: ctx, cluster: cluster, loop: loop) {
+            ProxyRouting.whenReady(ctx: ctx, side: side, cluster: cluster, loop: loop) { refused in
+                if let refused { return self.answer(refused) }
                 self.handler.knownCluster = cluster
                 self.admit()
             }
@@ -334,6 +362,13 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     private func send(on c: UpstreamConnection) {
         if !prepared { prepareHead() }
+        if side == .outbound, let id = ctx.identity {
+            // Per attempt: a retry carries a fresh proof (its nonce must be new).
+            id.attach(
+                to: &head.headers, audience: cluster, routeProof: proof, method: head.method.rawValue,
+                authority: head.headers.first(name: "host") ?? cluster, pathAndQuery: head.uri,
+                body: streaming ? nil : body)
+        }
         if side == .outbound, let deadline = retry?.deadline {
             head.headers.replaceOrAdd(
                 name: "tandem-timeout-ms", value: String(max(1, (deadline - clock()) / 1_000_000)))
@@ -694,7 +729,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         guard !finished else { return }
         if let p = policy, a.reason != .policyError {
             // on_response sees the sidecar's own answers too: a policy can serve a fallback.
-            var h = HTTPHeaders([("content-type", "application/json"), ("tandem-error", a.reason.rawValue)])
+            var h = HTTPHeaders([("content-type", "application/json"), ("tandem-error", a.errorCode)])
             if let d = p.response(
                 status: a.status, reason: a.reason.rawValue, headers: &h, body: Array(a.jsonBody.utf8),
                 endpoint: endpoint?.address, attempts: retry?.attempts ?? 0,
@@ -705,7 +740,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             }
         }
         status = a.status
-        tandemError = a.reason.rawValue
+        tandemError = a.errorCode
         let keep = keepAlive
         complete(failed: a.status >= 500, local: true)
         handler.localAnswer(context, a, keepAlive: keep, request: head)

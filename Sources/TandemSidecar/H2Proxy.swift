@@ -133,6 +133,9 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     private var attemptStart: Nanos = 0
     /// The request's run through its route's Lua policies (nil without any).
     private var policy: PolicyRun?
+    /// Outbound: this route attaches a proof of possession.
+    private var proof = false
+    private var host = ""
 
     init(handler: H2ProxyHandler, context: ChannelHandlerContext, head: HTTPRequestHead) {
         self.handler = handler
@@ -158,22 +161,51 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             route = r.route
             cluster = r.route.cluster
             head.uri = r.path
-            if ctx.policies?.isActive == true {
-                let peer = context.channel.parent?.remoteAddress
-                policy = PolicyRun(
-                    ctx: ctx, loop: loop, route: r.route, side: handler.side, head: head, path: r.path, host: r.host,
-                    remote: peer.map { "\($0.ipAddress ?? ""):\($0.port ?? 0)" } ?? "")
-            }
-            if let p = policy {
-                var path = head.uri
-                switch p.begin(head: &head, path: &path, route: &route, cluster: &cluster) {
-                case .answer(let d): return answerWithPolicy(d)
-                case .failed(let a): return answer(a)
-                case .proceed: break
+            proof = r.proof
+            host = r.host
+        }
+        if handler.side == .inbound, let gate = ctx.gate {
+            // HTTP/2 bodies stream: a proof cannot cover them.
+            switch gate.check(head: &head, pathAndQuery: head.uri, body: nil, bodyStreams: true, loop: loop) {
+            case .answer(let a): return answer(a)
+            case .pass(let who): proceed(who)
+            case .wait(let f):
+                f.whenComplete { r in
+                    switch r {
+                    case .success(let who): self.proceed(who)
+                    case .failure(let e): self.answer(e as? LocalAnswer ?? LocalAnswer(.unauthenticated))
+                    }
                 }
             }
+            return
         }
-        ProxyRouting.whenClusterKnown(ctx: ctx, cluster: cluster, loop: loop) { self.admit() }
+        proceed(InboundWho())
+    }
+
+    /// After the inbound checks: policies, then the cluster and (outbound, with identity) a token.
+    private func proceed(_ who: InboundWho) {
+        guard !finished, let r = route else { return }
+        for (name, value) in who.headers { head.headers.replaceOrAdd(name: name, value: value) }
+        if ctx.policies?.isActive == true {
+            let peer = context.channel.parent?.remoteAddress
+            policy = PolicyRun(
+                ctx: ctx, loop: loop, route: r, side: handler.side, head: head, path: head.uri, host: host,
+                remote: peer.map { "\($0.ipAddress ?? ""):\($0.port ?? 0)" } ?? "")
+        }
+        if let p = policy {
+            p.ex.caller = who.caller
+            if let claims = who.claims { p.ex.claims = claims.mapValues(LuaValue.init) }
+            var path = head.uri
+            switch p.begin(head: &head, path: &path, route: &route, cluster: &cluster) {
+            case .answer(let d): return answerWithPolicy(d)
+            case .failed(let a): return answer(a)
+            case .proceed: break
+            }
+        }
+        ProxyRouting.whenReady(ctx: ctx, side: handler.side, cluster: cluster, loop: loop) { refused in
+            if let refused { return self.answer(refused) }
+            self.admit()
+        }
     }
 
     private func admit() {
@@ -280,6 +312,11 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             }
         }
         if h.headers["traceparent"].isEmpty { h.headers.add(name: "traceparent", value: handler.newTraceparent()) }
+        if handler.side == .outbound, let id = ctx.identity {
+            id.attach(
+                to: &h.headers, audience: cluster, routeProof: proof, method: h.method.rawValue,
+                authority: h.headers.first(name: "host") ?? cluster, pathAndQuery: h.uri, body: nil)
+        }
         if http1 != nil {
             h.headers.remove(name: "te")
             if h.headers["content-length"].isEmpty { h.headers.add(name: "transfer-encoding", value: "chunked") }
@@ -496,7 +533,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         guard !finished else { return }
         if let p = policy, a.reason != .policyError {
             // on_response sees the sidecar's own answers too: a policy can serve a fallback.
-            var h = HTTPHeaders([("tandem-error", a.reason.rawValue)])
+            var h = HTTPHeaders([("tandem-error", a.errorCode)])
             if let d = p.response(
                 status: a.status, reason: a.reason.rawValue, headers: &h, body: Array(a.jsonBody.utf8),
                 endpoint: endpoint?.address, attempts: tried.count, durationMs: Double(nowNanos() - startedAt) / 1e6)
@@ -508,10 +545,10 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         upstream?.close(promise: nil)
         upstream = nil
         status = a.status
-        tandemError = a.reason.rawValue
+        tandemError = a.errorCode
         ctx.metrics.inc("tandem_local_answers_total", [("side", handler.side.rawValue), ("reason", a.reason.rawValue)])
         var headers = HTTPHeaders()
-        headers.add(name: "tandem-error", value: a.reason.rawValue)
+        headers.add(name: "tandem-error", value: a.errorCode)
         if isGRPC {
             var h = HTTPHeaders()
             h.add(name: "content-type", value: "application/grpc")

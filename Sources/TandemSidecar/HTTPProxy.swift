@@ -35,13 +35,19 @@ final class ProxyContext: Sendable {
     let appSpeaksH2: Bool
     /// Lua policies (per-loop VMs and per-route chains); nil in handler tests.
     let policies: SidecarPolicies?
+    /// Inbound credentials (service identity, end-user JWT); nil in handler tests.
+    let gate: InboundGate?
+    /// Outbound tokens and proofs; nil without a join token.
+    var identity: SidecarIdentity? { gate?.identity }
 
     init(
         brain: TrafficBrain, pools: UpstreamPools, metrics: SidecarMetrics, limits: SidecarLimits, service: String,
         inboundTimeout: Nanos?, appSpeaksH2: Bool = false, accessLog: (@Sendable (String) -> Void)?,
-        policies: SidecarPolicies? = nil, ensureCluster: @escaping @Sendable (String) -> EventLoopFuture<Void>?
+        policies: SidecarPolicies? = nil, gate: InboundGate? = nil,
+        ensureCluster: @escaping @Sendable (String) -> EventLoopFuture<Void>?
     ) {
         self.policies = policies
+        self.gate = gate
         self.brain = brain
         self.pools = pools
         self.metrics = metrics
@@ -344,7 +350,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
         var headers = HTTPHeaders()
         headers.add(name: "content-type", value: "application/json")
         headers.add(name: "content-length", value: String(body.utf8.count))
-        headers.add(name: "tandem-error", value: a.reason.rawValue)
+        headers.add(name: "tandem-error", value: a.errorCode)
         if !keepAlive { headers.add(name: "connection", value: "close") }
         let status = HTTPResponseStatus(statusCode: a.status)
         context.write(

@@ -2,6 +2,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import TandemCore
 import TandemLua
 import TandemTraffic
 
@@ -149,6 +150,22 @@ final class SidecarPolicies: @unchecked Sendable {
 
     func report(_ f: PolicyFailure, route: String) {
         log("policy error on route \(route): \(f.description)")
+    }
+}
+
+extension LuaValue {
+    /// A JSON value as policies read it (end-user claims): arrays become sequences.
+    init(_ j: JSONValue) {
+        switch j {
+        case .null: self = .nil
+        case .bool(let b): self = .bool(b)
+        case .number(let n): self = .number(n)
+        case .string(let s): self = .string(s)
+        case .array(let a):
+            self = .table(Dictionary(uniqueKeysWithValues: a.enumerated().map { (LuaKey.index($0 + 1), LuaValue($1)) }))
+        case .object(let o):
+            self = .table(Dictionary(uniqueKeysWithValues: o.map { (LuaKey.string($0), LuaValue($1)) }))
+        }
     }
 }
 

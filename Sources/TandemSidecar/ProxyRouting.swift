@@ -10,6 +10,8 @@ enum ProxyRouting {
         var route: Route
         var host: String
         var path: String
+        /// Outbound: the route attaches a proof of possession.
+        var proof = false
     }
 
     /// `fixedCluster`: the request came in on a local upstream port dedicated to one service.
@@ -33,6 +35,7 @@ enum ProxyRouting {
             path = head.uri
         }
         let route: Route
+        var proof = false
         switch side {
         case .inbound:
             var r = Route(
@@ -57,7 +60,7 @@ enum ProxyRouting {
             let maxClusters = ctx.limits.maxClusters
             let headers = head.headers
             // One lock for the route table, the defaults and the cluster bound.
-            let found = ctx.brain.with { s -> Result<Route, LocalAnswer> in
+            let found = ctx.brain.with { s -> Result<(Route, Bool), LocalAnswer> in
                 var r: Route
                 if let name = fixedCluster {
                     r = Route(
@@ -85,10 +88,12 @@ enum ProxyRouting {
                     return .failure(
                         LocalAnswer(.overflow, message: "this sidecar already tracks \(maxClusters) upstream services"))
                 }
-                return .success(r)
+                return .success((r, s.config.proofRoutes.contains(r.name)))
             }
             switch found {
-            case .success(let r): route = r
+            case .success(let (r, p)):
+                route = r
+                proof = p
             case .failure(let a): return .failure(a)
             }
         }
@@ -102,7 +107,7 @@ enum ProxyRouting {
             let who = route.rateLimitKey == nil ? "" : " for this caller"
             return .failure(LocalAnswer(.rateLimited, message: "rate limit of route \"\(route.name)\" exceeded\(who)"))
         }
-        return .success(Resolved(route: route, host: host, path: path))
+        return .success(Resolved(route: route, host: host, path: path, proof: proof))
     }
 
     /// Runs `then` on `loop` once the cluster's endpoints are known (its first discovery
@@ -114,6 +119,31 @@ enum ProxyRouting {
             wait.hop(to: loop).whenComplete { _ in then() }
         } else {
             then()
+        }
+    }
+
+    /// `whenClusterKnown`, and on the outbound side with identity, until a token for the
+    /// cluster is held; `then` gets nil, or the answer to give instead.
+    static func whenReady(
+        ctx: ProxyContext, side: ProxySide, cluster: String, loop: any EventLoop,
+        _ then: @escaping @Sendable (LocalAnswer?) -> Void
+    ) {
+        @Sendable func token() {
+            guard side == .outbound, let id = ctx.identity, let wait = id.whenToken(for: cluster, loop: loop) else {
+                return then(nil)
+            }
+            wait.whenComplete { r in
+                switch r {
+                case .success: then(nil)
+                case .failure(let e):
+                    then(e as? LocalAnswer ?? SidecarIdentity.unavailable(cluster, "\(e)"))
+                }
+            }
+        }
+        if let wait = ctx.ensureCluster(cluster) {
+            wait.hop(to: loop).whenComplete { _ in token() }
+        } else {
+            token()
         }
     }
 

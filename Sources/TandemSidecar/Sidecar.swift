@@ -57,13 +57,16 @@ public final class Sidecar: @unchecked Sendable {
         let accessLog: (@Sendable (String) -> Void)? = config.accessLog ? printLine : nil
         let back = WeakSidecar()
         policies = SidecarPolicies(loops: Array(group.makeIterator()), log: log)
+        let identity =
+            cfg.identity.joinToken == nil ? nil : SidecarIdentity(config: cfg, metrics: sharedMetrics, log: log)
+        gate = InboundGate(identity: identity, metrics: sharedMetrics)
         ctx = ProxyContext(
             brain: brain,
             pools: UpstreamPools(
                 maxIdlePerEndpoint: config.limits.maxIdlePerEndpoint, slots: ConnectionSlots(brain: brain)),
             metrics: sharedMetrics,
             limits: config.limits, service: config.service, inboundTimeout: config.inboundTimeout,
-            appSpeaksH2: config.appProtocol != .http, accessLog: accessLog, policies: policies,
+            appSpeaksH2: config.appProtocol != .http, accessLog: accessLog, policies: policies, gate: gate,
             ensureCluster: { name in back.value?.ensureCluster(name) })
         upstreamHealth = UpstreamHealthChecker(
             brain: brain, metrics: sharedMetrics, loop: group.next(),
@@ -74,6 +77,11 @@ public final class Sidecar: @unchecked Sendable {
 
     /// Lua policies: a VM per event loop, chains per route.
     let policies: SidecarPolicies
+
+    /// The identity state for `GET /identity` (`{"mode":"off"}` without a join token).
+    public func identityJSON() -> String { gate.identity?.json() ?? #"{"mode":"off"}"# }
+    /// Inbound credentials: service identity and end-user JWT.
+    let gate: InboundGate
 
     /// Active checks of upstream endpoints (clusters with a `health_check`).
     let upstreamHealth: UpstreamHealthChecker
@@ -221,8 +229,11 @@ public final class Sidecar: @unchecked Sendable {
                 )
             }
             let applied = cfg
-            // Policies compile in every loop's VM first; the routes change only if they all did.
-            policies.install(applied).whenComplete { [self] result in
+            // Policies compile in every loop's VM first, JWT keys load; the routes change only if
+            // they all did.
+            policies.install(applied).flatMap { [self] in gate.install(applied, registry: registry, loop: group.next())
+            }
+            .whenComplete { [self] result in
                 switch result {
                 case .success:
                     reconfigure(applied)
@@ -286,6 +297,19 @@ public final class Sidecar: @unchecked Sendable {
     public func start() throws {
         // Every loop's VM compiles the policies before the first request can arrive.
         try policies.install(config).wait()
+        try gate.install(config, registry: registry, loop: group.next()).wait()
+        if let id = gate.identity {
+            guard let registry else {
+                throw ConfigFile.Error("identity needs a registry (it issues the tokens); this sidecar has none")
+            }
+            // Inbound requests are verified against the mesh's keys: know them before serving.
+            do { try id.start(registry: registry).wait() } catch {
+                log("identity: the mesh's signing keys are not known yet (\(error)); retrying in the background")
+            }
+            log(
+                "identity: on as \(config.service) (\(config.identity.effectiveMode.rawValue) inbound, issuer \(config.identity.issuer))"
+            )
+        }
         let inbound = try listen(config.inbound, side: .inbound)
         let outbound = try listen(config.outbound, side: .outbound)
         let admin = try listenAdmin(config.admin)
@@ -515,6 +539,8 @@ public final class Sidecar: @unchecked Sendable {
         for ch in connections.withLockedValue({ Array($0.values) }) { try? ch.close().wait() }
         configTask?.cancel()
         configWatcher?.stop()
+        gate.identity?.stop()
+        gate.stop()
         upstreamHealth.stop()
         let ws = lock.withLock { Array(watchers.values) }
         for w in ws { w.stop() }

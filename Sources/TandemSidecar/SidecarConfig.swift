@@ -4,6 +4,7 @@
 /// retry, breaker, ejection, rate limit) is made by TandemTraffic; this module moves bytes.
 import NIOCore
 import TandemCore
+import TandemIdentity
 import TandemTraffic
 
 /// Bounds on what one sidecar accepts; each has a clear answer when hit.
@@ -32,6 +33,85 @@ public struct SidecarLimits: Sendable, Equatable {
     /// Idle upstream connections kept per endpoint per event loop.
     public var maxIdlePerEndpoint = 32
     public init() {}
+}
+
+/// A sidecar's identity settings. Identity is on when it has a join token (flag, file or
+/// `TANDEM_JOIN_TOKEN`); the config file's `identity` table adjusts the rest.
+public struct IdentitySettings: Sendable, Equatable {
+    /// The mesh's bootstrap secret for the registry's token service. Never logged.
+    public var joinToken: String?
+    /// `iss` that tokens must carry: `tandem://<mesh>`.
+    public var issuer = "tandem://tandem"
+    /// Inbound treatment of tokens; nil = `require` with a join token, `off` without.
+    public var mode: IdentityMode?
+    /// Mesh-wide proof of possession: attached to every outbound request, required on every
+    /// inbound one.
+    public var proof = false
+    /// What an inbound route without an `allow` list admits.
+    public var defaultAccess: DefaultAccess = .allow
+    /// Lifetime asked of the registry (it caps it); refreshed at two thirds of it.
+    public var tokenTTL: Int64 = 300
+    public var limits = IdentityLimits()
+    public init() {}
+
+    public var effectiveMode: IdentityMode { mode ?? (joinToken == nil ? .off : .require) }
+    /// Whether outbound requests carry tokens.
+    public var sendsTokens: Bool { joinToken != nil }
+}
+
+/// An inbound route: which requests it matches and what it requires of them.
+public struct InboundRoute: Sendable, Equatable {
+    public var name: String
+    public var match: RouteMatch
+    public var access = AccessRule()
+    /// Requires a proof of possession; nil = the mesh-wide `identity.proof`.
+    public var proof: Bool?
+    /// End-user JWT verification; nil = none.
+    public var jwt: JWTRule?
+    public init(name: String, match: RouteMatch) {
+        self.name = name
+        self.match = match
+    }
+}
+
+/// End-user JWT verification on an inbound route (the seed's JWT middleware, done with
+/// jwt-kit): where the token is read, which keys and algorithms verify it, which issuers and
+/// audiences are accepted, and which claims go to the app as headers.
+public struct JWTRule: Sendable, Equatable {
+    public enum Source: Sendable, Equatable {
+        case bearer
+        case header(String)
+        case cookie(String)
+        case query(String)
+    }
+    /// JWKS documents (files, or registry keys watched) and PEM public keys with the algorithm
+    /// each is for; HMAC secrets (files) for HS256.
+    public var jwksFiles: [String] = []
+    public var registryJWKS: [String] = []
+    public var pemKeys: [(file: String, alg: String)] = []
+    public var hmacSecretFiles: [String] = []
+    public var issuers: [String] = []
+    public var audiences: [String] = []
+    /// Accepted `alg` values (never `none`).
+    public var algorithms: [String] = ["RS256", "ES256", "EdDSA"]
+    public var from: [Source] = [.bearer]
+    public var skew: Int64 = 30
+    /// claim → header forwarded to the app (e.g. `sub` → `x-user-id`).
+    public var forwardClaims: [(claim: String, header: String)] = []
+    /// A request without a token is refused (false: passes without claims).
+    public var required = true
+    /// Keep the token on the request to the app (Envoy's `forward`; default: stripped).
+    public var forwardToken = false
+    public init() {}
+
+    public static func == (a: JWTRule, b: JWTRule) -> Bool {
+        a.jwksFiles == b.jwksFiles && a.registryJWKS == b.registryJWKS
+            && a.pemKeys.map { "\($0.file)|\($0.alg)" } == b.pemKeys.map { "\($0.file)|\($0.alg)" }
+            && a.hmacSecretFiles == b.hmacSecretFiles && a.issuers == b.issuers && a.audiences == b.audiences
+            && a.algorithms == b.algorithms && a.from == b.from && a.skew == b.skew
+            && a.forwardClaims.map { "\($0.claim)|\($0.header)" } == b.forwardClaims.map { "\($0.claim)|\($0.header)" }
+            && a.required == b.required && a.forwardToken == b.forwardToken
+    }
 }
 
 /// A local listener dedicated to one upstream service.
@@ -89,6 +169,15 @@ public struct SidecarConfig: Sendable {
     public var routePolicies: [String: [PolicySpec]] = [:]
     /// Lua policies on every inbound request (in front of the app).
     public var inboundPolicies: [PolicySpec] = []
+    /// Service identity (docs/security.md): tokens out, verification and allow rules in.
+    public var identity = IdentitySettings()
+    /// Inbound routes: per-path allow rules, proof and end-user JWT requirements. A request
+    /// matching none gets `inboundDefault`.
+    public var inboundRoutes: [InboundRoute] = []
+    public var inboundDefault = InboundRoute(name: "inbound", match: RouteMatch())
+    /// Outbound routes that attach a proof of possession to every request (besides all of
+    /// them when `identity.proof` is on).
+    public var proofRoutes: Set<String> = []
     /// Whether any response may be compressed (new connections then get a compressor).
     public var usesCompression: Bool {
         defaultCompression != nil || inboundCompression != nil || routes.contains { $0.compression != nil }

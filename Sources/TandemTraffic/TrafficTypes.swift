@@ -148,15 +148,22 @@ public struct LocalAnswer: Error, Equatable, Sendable {
     public var reason: LocalReason
     public var status: Int
     public var message: String
+    /// A finer reason than `reason` for `tandem-error` and the body (e.g. `expired-token` for
+    /// an `unauthenticated` answer).
+    public var detail: String?
 
-    public init(_ reason: LocalReason, message: String? = nil, status: Int? = nil) {
+    public init(_ reason: LocalReason, message: String? = nil, status: Int? = nil, detail: String? = nil) {
         self.reason = reason
         self.status = status ?? reason.status
         self.message = message ?? reason.defaultMessage
+        self.detail = detail
     }
+
+    /// What `tandem-error` says.
+    public var errorCode: String { detail ?? reason.rawValue }
 
     /// `{"code":<status>,"message":"…","error":"<reason>"}`
     public var jsonBody: String {
-        "{\"code\":\(status),\"message\":\(JSON.quote(message)),\"error\":\"\(reason.rawValue)\"}"
+        "{\"code\":\(status),\"message\":\(JSON.quote(message)),\"error\":\(JSON.quote(errorCode))}"
     }
 }

@@ -70,7 +70,7 @@ struct JoinTokenOptions: ParsableArguments {
 struct IdentityCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "identity", abstract: "Service identity: issue tokens, rotate signing keys, list keys.",
-        subcommands: [Issue.self, Rotate.self, Keys.self])
+        subcommands: [Issue.self, Proof.self, Rotate.self, Keys.self])
 
     struct Issue: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -108,6 +108,46 @@ struct IdentityCommand: ParsableCommand {
             } else {
                 print(t.token)
             }
+        }
+    }
+
+    struct Proof: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Sign a proof of possession for one request (the tandem-proof header value).",
+            discussion: """
+                With the proof_key_seed that `tandem identity issue --json` printed, prints the value \
+                for the tandem-proof header of a request to URL (http://AUTHORITY/PATH?QUERY) with \
+                the token in tandem-identity. For debugging, and to call a sidecar without one.
+                """)
+        @Option(help: "The token the proof goes with.") var token: String
+        @Option(help: "base64url of the 32-byte proof key seed.") var keySeed: String
+        @Option(help: "HTTP method.") var method = "GET"
+        @Option(help: "http://AUTHORITY/PATH?QUERY as the callee receives it.") var url: String
+        @Option(help: "File whose bytes are the request body (covered by the proof).") var bodyFile: String?
+
+        func run() throws {
+            guard let seed = Base64URL.decode(keySeed), seed.count == 32 else {
+                throw ValidationError("--key-seed: expected base64url of 32 bytes")
+            }
+            guard url.hasPrefix("http://") else { throw ValidationError("--url: expected http://AUTHORITY/PATH") }
+            let rest = url.dropFirst(7)
+            let slash = rest.firstIndex(of: "/") ?? rest.endIndex
+            var digest: String?
+            if let f = bodyFile {
+                guard let data = FileManager.default.contents(atPath: f) else {
+                    throw ValidationError("--body-file: cannot read \(f)")
+                }
+                digest = sha256Base64URL(Array(data))
+            }
+            var g = SystemRandomNumberGenerator()
+            let target = ProofTarget(
+                method: method.uppercased(), authority: String(rest[..<slash]),
+                pathAndQuery: slash == rest.endIndex ? "/" : String(rest[slash...]), bodyDigest: digest)
+            let signer = ProofSigner(key: try KeyPair(seed: seed))
+            print(
+                signer.sign(
+                    target, tokenHash: sha256Base64URL(token.utf8), now: Int64(Date().timeIntervalSince1970),
+                    nonce: (0..<16).map { _ in UInt8.random(in: 0...255, using: &g) }))
         }
     }
 

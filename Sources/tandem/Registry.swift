@@ -153,6 +153,10 @@ struct Registry: ParsableCommand {
         let advertised = advertiseClientUrls ?? "http://\(host):\(bound)"
         let node = server.node
         try node.loop.submit { node.setClientURLs([advertised]) }.wait()
+        let loopback = host == "127.0.0.1" || host == "localhost" || host == "::1"
+        print(
+            "tandem registry: warning: client auth is off: any process that reaches \(host):\(bound) can read and write keys (the identity records excepted)\(loopback ? "" : "; this address is not loopback")"
+        )
         if try identity().enabled {
             print("tandem registry: identity on: issuing tokens as \(join.issuer) for \(identityTokenTtl) s")
         }

@@ -30,6 +30,7 @@ struct SidecarOptions: ParsableArguments {
     var registry: String?
     @Option(help: "Data directory of the embedded registry (used only when this sidecar hosts it).")
     var registryDataDir = "tandem.registry"
+    @OptionGroup(title: "Service identity (docs/security.md)") var join: JoinTokenOptions
     @Option(help: "Instance id (default: SERVICE-PID-RANDOM).") var instance: String?
     @Option(help: "Address other sidecars use to reach the inbound listener (default: its host).")
     var advertise: String?
@@ -161,6 +162,8 @@ struct SidecarOptions: ParsableArguments {
         retry.numRetries = retries
         c.defaultRetry = retry
         c.defaultTimeout = .milliseconds(timeoutMs)
+        c.identity.joinToken = try join.sidecarToken()
+        c.identity.issuer = join.issuer
         return c
     }
 
@@ -208,7 +211,11 @@ enum RegistryResolver {
             return ([def], nil)
         }
         do {
-            let server = try startEmbedded(dataDir: opt.registryDataDir, host: def.host, port: def.port)
+            var identity = RegistryIdentity.Config()
+            identity.joinTokens = try opt.join.tokens()
+            identity.issuer = opt.join.issuer
+            let server = try startEmbedded(
+                dataDir: opt.registryDataDir, host: def.host, port: def.port, identity: identity)
             log("no registry answered at \(def); hosting an embedded one there (data in \(opt.registryDataDir))")
             return ([def], server)
         } catch {
@@ -228,7 +235,9 @@ enum RegistryResolver {
         return (try? client.status().wait()) != nil
     }
 
-    static func startEmbedded(dataDir: String, host: String, port: Int) throws -> RegistryServer {
+    static func startEmbedded(
+        dataDir: String, host: String, port: Int, identity: RegistryIdentity.Config = .init()
+    ) throws -> RegistryServer {
         var cfg = RegistryNode.Config()
         cfg.name = "embedded"
         cfg.dataDir = dataDir
@@ -236,7 +245,8 @@ enum RegistryResolver {
         cfg.peers = [1: "http://127.0.0.1:2380"]
         cfg.peerURLs = ["http://127.0.0.1:2380"]
         cfg.names = [1: "embedded"]
-        let server = try RegistryServer(config: cfg, wallClockMs: UInt64(Date().timeIntervalSince1970 * 1000))
+        let server = try RegistryServer(
+            config: cfg, identity: identity, wallClockMs: UInt64(Date().timeIntervalSince1970 * 1000))
         do {
             _ = try server.start(host: host, port: port)
         } catch {

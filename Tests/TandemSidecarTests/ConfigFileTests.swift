@@ -1,4 +1,5 @@
 import TandemCore
+import TandemIdentity
 import TandemTraffic
 import Testing
 
@@ -48,7 +49,7 @@ import Testing
     @Test(arguments: [
         (
             "return { routs = {} }",
-            "c.lua: routs: unknown setting; expected one of clusters, defaults, endpoints, inbound, listen, routes, service, upstreams"
+            "c.lua: routs: unknown setting; expected one of clusters, defaults, endpoints, identity, inbound, listen, routes, service, upstreams"
         ),
         ("return { routes = { { host = 'users' } } }", "c.lua: routes[1]: cluster is required"),
         (
@@ -93,9 +94,68 @@ import Testing
             "return { clusters = { u = { health_check = { path = 'health' } } } }",
             "c.lua: clusters.u.health_check.path: must start with /"
         ),
+        (
+            "return { inbound = { allow = { 'orders' } } }",
+            "c.lua: inbound route \"inbound\" has allow/deny rules or requires a proof, but identity is off; give the sidecar a join token (--join-token-file or TANDEM_JOIN_TOKEN)"
+        ),
+        (
+            "return { identity = { mode = 'require' } }",
+            "c.lua: identity.mode: \"require\" needs a join token (--join-token-file or TANDEM_JOIN_TOKEN)"
+        ),
+        (
+            "return { identity = { mode = 'strict' } }",
+            "c.lua: identity.mode: expected \"require\", \"permissive\" or \"off\", got \"strict\""
+        ),
+        (
+            "return { inbound = { routes = { { path = '/me', jwt = { hmac_secret_file = 's', algorithms = { 'none' } } } } } }",
+            "c.lua: inbound.routes[1].jwt.algorithms: \"none\" is never accepted"
+        ),
+        (
+            "return { inbound = { routes = { { path = '/me', jwt = { algorithms = { 'RS256' } } } } } }",
+            "c.lua: inbound.routes[1].jwt: asymmetric algorithms need jwks_file, jwks_registry_key or pem"
+        ),
+        (
+            "return { inbound = { routes = { { path = '/me', jwt = { from = { 'body' }, pem = { file = 'k', alg = 'RS256' } } } } } }",
+            "c.lua: inbound.routes[1].jwt.from[1]: expected \"bearer\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\", got \"body\""
+        ),
+        (
+            "return { inbound = { routes = { { path = '/a', alow = { 'x' } } } } }",
+            "c.lua: inbound.routes[1].alow: unknown setting; expected one of allow, deny, headers, host, jwt, methods, name, path, prefix, proof"
+        ),
     ])
     func mistakesAreNamedPrecisely(source: String, message: String) {
         #expect(throws: ConfigFile.Error(message)) { try ConfigFile.load(source: source, name: "c.lua", base: base) }
+    }
+
+    @Test func identityRoutesAndJWTLoadWithAJoinToken() throws {
+        var b = base
+        b.identity.joinToken = "0123456789abcdef0123"
+        let c = try ConfigFile.load(
+            source: """
+                return {
+                  identity = { default = "deny", proof = true, token_ttl_s = 120 },
+                  routes = { { name = "pay", host = "billing", cluster = "billing", proof = true } },
+                  inbound = {
+                    allow = { "web" },
+                    routes = {
+                      { name = "admin", prefix = "/admin/", methods = { "POST" }, allow = { "ops" }, deny = { "web" }, proof = false },
+                      { name = "me", path = "/me", jwt = { hmac_secret_file = "/etc/secret", issuers = "https://idp",
+                        from = { "cookie:session", "bearer" }, forward_claims = { sub = "X-User" }, required = false } },
+                    },
+                  },
+                }
+                """, name: "c.lua", base: b)
+        #expect(c.identity.effectiveMode == .require && c.identity.defaultAccess == .deny && c.identity.proof)
+        #expect(c.identity.tokenTTL == 120 && c.proofRoutes == ["pay"])
+        #expect(c.inboundDefault.access.allow == ["web"])
+        #expect(c.inboundRoutes.map(\.name) == ["admin", "me"])
+        #expect(
+            c.inboundRoutes[0].access == AccessRule(allow: ["ops"], deny: ["web"]) && c.inboundRoutes[0].proof == false)
+        #expect(c.inboundRoutes[0].match.methods == ["POST"] && c.inboundRoutes[0].match.path == .prefix("/admin/"))
+        let jwt = try #require(c.inboundRoutes[1].jwt)
+        #expect(jwt.algorithms == ["HS256"] && jwt.hmacSecretFiles == ["/etc/secret"] && jwt.issuers == ["https://idp"])
+        #expect(jwt.from == [.cookie("session"), .bearer] && !jwt.required)
+        #expect(jwt.forwardClaims.map(\.header) == ["x-user"])
     }
 
     @Test func serviceAndListenersCanBeInTheFile() throws {

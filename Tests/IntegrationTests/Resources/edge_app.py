@@ -5,7 +5,7 @@ GET /hold        waits until POST /release (GET /held: how many wait)
 GET /health      200, or 503 after POST /admin/health with body 0 (1 heals it)
 GET /slow?ms=N   answers after N ms (SLOW_MS in the environment delays every request)
 GET /big?bytes=N a body of N bytes ("x" repeated), with content-length
-GET /headers     the request's target and headers as JSON (what reached the app)
+GET /headers[/…] the request's target and headers as JSON (what reached the app)
 POST /upload     reads the body (content-length or chunked) and answers its size and sha256
 Upgrade: tandem-echo (with Connection: upgrade) switches protocols with 101, then echoes
                  every byte it receives upper-cased, until the client closes.
@@ -66,7 +66,7 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/slow":
             time.sleep(int(args.get("ms", ["1000"])[0]) / 1000)
             return self.answer(200, b"slow done\n")
-        if url.path == "/headers":
+        if url.path == "/headers" or url.path.startswith("/headers/"):
             seen = {"target": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}
             return self.answer(200, json.dumps(seen).encode(), "application/json")
         if url.path == "/big":

@@ -1,0 +1,297 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import TandemCore
+import TandemEtcdAPI
+import TandemEtcdClient
+import TandemIdentity
+import TandemTraffic
+
+/// A sidecar's identity at run time (docs/security.md): its proof key (in memory only), the
+/// tokens it holds per callee (obtained from the registry with the join token, refreshed at
+/// two thirds of their life, kept through a registry outage until they expire), the mesh's
+/// published keys (watched), and the inbound authenticator with its replay cache. One lock
+/// guards it all; the decisions are TandemIdentity's.
+final class SidecarIdentity: @unchecked Sendable {
+    static let tokenHeader = "tandem-identity"
+    static let proofHeader = "tandem-proof"
+    static let callerHeader = "tandem-caller"
+    static let keyPrefix = "/tandem/identity/keys/"
+
+    struct Held {
+        var token: String
+        var expiresAt: Int64
+        var refreshAt: Int64
+        /// `ath` of the proofs that go with it.
+        var hash: String
+        /// The key that signed it: when the mesh drops that key, the token is dropped too.
+        var kid: String
+    }
+
+    let service: String
+    private(set) var settings: IdentitySettings
+    let key: KeyPair
+    let proofs: ProofSigner
+    private let lock = NIOLock()
+    private var auth: InboundAuthenticator
+    private var held: [String: Held] = [:]
+    private var fetching: [String: EventLoopFuture<Void>] = [:]
+    /// Last failure per audience, so a registry outage answers fast instead of queueing.
+    private var failures: [String: (at: Int64, message: String)] = [:]
+    private(set) var keysLoaded = false
+    private var watcher: PrefixWatcher?
+    private var refreshTask: RepeatedTask?
+    private var client: EtcdClient?
+    private let log: @Sendable (String) -> Void
+    private let metrics: SidecarMetrics
+
+    init(config: SidecarConfig, metrics: SidecarMetrics, log: @escaping @Sendable (String) -> Void) {
+        service = config.service
+        settings = config.identity
+        var g = SystemRandomNumberGenerator()
+        // 32 bytes from the system generator always make a valid Ed25519 key.
+        key = try! KeyPair(seed: (0..<32).map { _ in UInt8.random(in: 0...255, using: &g) })
+        proofs = ProofSigner(key: key)
+        auth = InboundAuthenticator(
+            issuer: config.identity.issuer, service: config.service, limits: config.identity.limits)
+        self.log = log
+        self.metrics = metrics
+    }
+
+    static func now() -> Int64 { Int64(Date().timeIntervalSince1970) }
+
+    /// New settings (config reload). The issuer and join token stay.
+    func reconfigure(_ c: SidecarConfig) {
+        lock.withLock {
+            let keep = (settings.joinToken, settings.issuer)
+            settings = c.identity
+            (settings.joinToken, settings.issuer) = keep
+        }
+    }
+
+    /// Starts watching the mesh's keys; the future completes once they are known.
+    func start(registry: EtcdClient) -> EventLoopFuture<Void> {
+        client = registry
+        let w = PrefixWatcher(client: registry, prefix: Self.keyPrefix) { [weak self] values in
+            self?.setKeys(values)
+        }
+        w.log = log
+        watcher = w
+        refreshTask = registry.loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) {
+            [weak self] _ in self?.refreshDue()
+        }
+        return w.start()
+    }
+
+    func stop() {
+        watcher?.stop()
+        refreshTask?.cancel()
+    }
+
+    private func setKeys(_ values: [String: [UInt8]]) {
+        var keys: [PublishedKey] = []
+        for (k, v) in values {
+            do { keys.append(try PublishedKey.parse(v)) } catch { log("identity: ignoring key record \(k): \(error)") }
+        }
+        let kids = keys.map(\.kid).sorted()
+        let live = Set(kids)
+        lock.withLock {
+            auth.tokens.setKeys(keys)
+            keysLoaded = true
+            // A token signed by a key that is gone (rotated out, revoked) is refused everywhere:
+            // the next request fetches a fresh one.
+            held = held.filter { live.contains($0.value.kid) }
+        }
+        log("identity: \(kids.count) signing key(s): \(kids.joined(separator: ", "))")
+    }
+
+    /// Published key ids, for the admin endpoint and tests.
+    var knownKeys: [String] { lock.withLock { auth.tokens.keys.keys.sorted() } }
+
+    /// `GET /identity` on the admin listener: keys, tokens held (audience and expiry, never
+    /// the token), the replay cache. No secret appears.
+    func json() -> String {
+        lock.withLock {
+            JSONValue.object([
+                "service": .string(service), "issuer": .string(settings.issuer),
+                "mode": .string(settings.effectiveMode.rawValue), "proof": .bool(settings.proof),
+                "default": .string(settings.defaultAccess.rawValue), "key_thumbprint": .string(key.thumbprint),
+                "keys": .array(auth.tokens.keys.keys.sorted().map { .string($0) }),
+                "keys_loaded": .bool(keysLoaded),
+                "tokens": .object(held.mapValues { .object(["expires_at": .number(Double($0.expiresAt))]) }),
+                "verified_tokens_cached": .number(Double(auth.tokens.cachedTokens)),
+                "replay_cache_entries": .number(Double(auth.proofs.replay.count)),
+            ]).encoded
+        }
+    }
+
+    // MARK: outbound
+
+    /// The token to call `audience` with, or nil when none is held yet.
+    func token(for audience: String, now: Int64 = SidecarIdentity.now()) -> Held? {
+        lock.withLock {
+            guard let h = held[audience], now < h.expiresAt else { return nil }
+            return h
+        }
+    }
+
+    /// Resolves when a token for `audience` is held (nil: one is held now). Fails with a
+    /// LocalAnswer when the registry will not issue one.
+    func whenToken(for audience: String, loop: any EventLoop) -> EventLoopFuture<Void>? {
+        let now = Self.now()
+        if token(for: audience, now: now) != nil { return nil }
+        return lock.withLock { () -> EventLoopFuture<Void> in
+            if let f = fetching[audience] { return f.hop(to: loop) }
+            if let fail = failures[audience], now - fail.at < 1 {
+                return loop.makeFailedFuture(Self.unavailable(audience, fail.message))
+            }
+            return fetchLocked(audience, loop: loop).hop(to: loop)
+        }
+    }
+
+    /// The `kid` in a token's header ("" if unreadable).
+    static func kid(of token: String) -> String {
+        guard let h = token.split(separator: ".").first, let bytes = Base64URL.decode(h),
+            let v = try? JSONValue.parse(bytes)
+        else { return "" }
+        return v["kid"]?.string ?? ""
+    }
+
+    static func unavailable(_ audience: String, _ message: String) -> LocalAnswer {
+        LocalAnswer(
+            .upstreamConnectFailure, message: "no identity token for calling \"\(audience)\": \(message)", status: 503,
+            detail: "identity-unavailable")
+    }
+
+    /// Asks the registry for a token; the caller holds the lock.
+    private func fetchLocked(_ audience: String, loop: any EventLoop) -> EventLoopFuture<Void> {
+        guard let client, let join = settings.joinToken else {
+            return loop.makeFailedFuture(
+                Self.unavailable(audience, "this sidecar has no registry or join token"))
+        }
+        var req = Tandem_Identity_V1_IssueRequest()
+        req.joinToken = join
+        req.service = service
+        req.audiences = [audience]
+        req.keyThumbprint = key.thumbprint
+        req.ttlSeconds = settings.tokenTTL
+        let f = client.unary("/tandem.identity.v1.Identity/Issue", req, as: Tandem_Identity_V1_IssueResponse.self)
+            .flatMapErrorThrowing { e -> Tandem_Identity_V1_IssueResponse in
+                let message = (e as? EtcdClientError)?.message ?? "\(e)"
+                throw Self.unavailable(audience, message)
+            }
+            .flatMapThrowing { [self] resp -> Void in
+                guard let t = resp.tokens.first(where: { $0.audience == audience }) else {
+                    throw Self.unavailable(audience, "the registry issued no token")
+                }
+                let now = Self.now()
+                let life = max(1, t.expiresAt - now)
+                lock.withLock {
+                    held[audience] = Held(
+                        token: t.token, expiresAt: t.expiresAt, refreshAt: now + life * 2 / 3,
+                        hash: sha256Base64URL(t.token.utf8), kid: Self.kid(of: t.token))
+                    failures[audience] = nil
+                }
+                metrics.inc("tandem_identity_tokens_issued_total", [("audience", audience)])
+            }
+        fetching[audience] = f
+        f.whenComplete { [self] r in
+            lock.withLock {
+                fetching[audience] = nil
+                if case .failure(let e) = r {
+                    failures[audience] = (Self.now(), (e as? LocalAnswer)?.message ?? "\(e)")
+                }
+            }
+            if case .failure(let e) = r {
+                log("identity: \((e as? LocalAnswer)?.message ?? "\(e)")")
+                metrics.inc("tandem_identity_token_failures_total", [("audience", audience)])
+            }
+        }
+        return f
+    }
+
+    /// Refreshes tokens at two thirds of their life; on failure the old one serves until it
+    /// expires, and the next tick tries again.
+    private func refreshDue() {
+        guard let loop = client?.loop else { return }
+        let now = Self.now()
+        lock.withLock {
+            for (aud, h) in held where now >= h.refreshAt && fetching[aud] == nil {
+                if now >= h.expiresAt { held[aud] = nil }
+                _ = fetchLocked(aud, loop: loop)
+            }
+        }
+    }
+
+    /// Headers for an outbound request to `audience`: the token, and a proof when the route
+    /// (or the mesh-wide setting) asks for one.
+    func attach(
+        to headers: inout HTTPHeaders, audience: String, routeProof: Bool, method: String, authority: String,
+        pathAndQuery: String, body: ByteBuffer?
+    ) {
+        headers.remove(name: Self.proofHeader)
+        let now = Self.now()
+        let (held, meshProof) = lock.withLock { () -> (Held?, Bool) in
+            guard let h = self.held[audience], now < h.expiresAt else { return (nil, settings.proof) }
+            return (h, settings.proof)
+        }
+        guard let h = held else {
+            headers.remove(name: Self.tokenHeader)
+            return
+        }
+        let proof = routeProof || meshProof
+        headers.replaceOrAdd(name: Self.tokenHeader, value: h.token)
+        if proof {
+            var g = SystemRandomNumberGenerator()
+            let nonce = (0..<16).map { _ in UInt8.random(in: 0...255, using: &g) }
+            let digest = body.map { b in b.withUnsafeReadableBytes { sha256Base64URL($0) } }
+            let p = proofs.sign(
+                ProofTarget(method: method, authority: authority, pathAndQuery: pathAndQuery, bodyDigest: digest),
+                tokenHash: h.hash, now: now, nonce: nonce)
+            headers.replaceOrAdd(name: Self.proofHeader, value: p)
+        }
+    }
+
+    // MARK: inbound
+
+    /// Checks an inbound request's credentials against its route; strips them and sets
+    /// `tandem-caller` (the verified caller, or nothing) for the app.
+    func authorize(
+        headers: inout HTTPHeaders, method: String, authority: String, pathAndQuery: String, route: InboundRoute,
+        body: ByteBuffer?, bodyStreams: Bool
+    ) -> Result<ServiceClaims?, LocalAnswer> {
+        let cred = PresentedCredentials(
+            token: headers.first(name: Self.tokenHeader), proof: headers.first(name: Self.proofHeader))
+        headers.remove(name: Self.tokenHeader)
+        headers.remove(name: Self.proofHeader)
+        headers.remove(name: Self.callerHeader)
+        let target = ProofTarget(method: method, authority: authority, pathAndQuery: pathAndQuery)
+        // The body digest is computed only when a proof could cover it.
+        let digest: String? =
+            cred.proof == nil || bodyStreams
+            ? nil : (body.map { b in b.withUnsafeReadableBytes { sha256Base64URL($0) } } ?? sha256Base64URL([UInt8]()))
+        let now = Self.now()
+        let result = lock.withLock { () -> Result<ServiceClaims?, IdentityError> in
+            let req = InboundRequirements(
+                mode: settings.effectiveMode, requireProof: route.proof ?? settings.proof, rule: route.access,
+                defaultAccess: settings.defaultAccess, route: route.name)
+            do throws(IdentityError) {
+                return .success(
+                    try auth.authorize(cred, target: target, bodyDigest: digest, requirements: req, now: now))
+            } catch {
+                return .failure(error)
+            }
+        }
+        switch result {
+        case .success(let claims):
+            if let c = claims { headers.add(name: Self.callerHeader, value: c.subject) }
+            return .success(claims)
+        case .failure(let e):
+            metrics.inc("tandem_identity_refused_total", [("reason", e.reason.rawValue)])
+            let reason: LocalReason =
+                e.status == 403 ? .forbidden : e.status == 503 ? .overflow : .unauthenticated
+            return .failure(LocalAnswer(reason, message: e.message, status: e.status, detail: e.reason.rawValue))
+        }
+    }
+}

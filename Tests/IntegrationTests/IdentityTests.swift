@@ -1,0 +1,311 @@
+import Foundation
+import Testing
+
+let jwtTool = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+    .appendingPathComponent("Resources/jwt_tool.py").path
+
+/// Runs Resources/jwt_tool.py (PyJWT): a token made by an implementation other than Tandem's.
+func forge(_ args: [String]) throws -> String {
+    let c = try Child("/usr/bin/python3", [jwtTool] + args)
+    var lines: [String] = []
+    while let l = c.readLine() { lines.append(l) }
+    c.process.waitUntilExit()
+    guard c.process.terminationStatus == 0, let token = lines.last else {
+        throw TestFailure("jwt_tool \(args.first ?? "") failed: \(lines)")
+    }
+    return token
+}
+
+/// A mesh with identity on: a registry with a join token, `users` (an app behind a sidecar with
+/// allow rules, a proof route and an end-user JWT route), and two callers, `orders` and `web`.
+final class IdentityMesh {
+    let dir: TempDirectory
+    let registry: RegistryUnderTest
+    let joinFile: String
+    let app: Child
+    let users: SidecarUnderTest
+    let orders: SidecarUnderTest
+    let web: SidecarUnderTest
+
+    init() throws {
+        dir = try TempDirectory()
+        joinFile = dir.url.appendingPathComponent("join").path
+        try "test-join-token-0123456789abcdef\n".write(toFile: joinFile, atomically: true, encoding: .utf8)
+        _ = try forge(["rsa-key", dir.url.path])
+        let policy = dir.url.appendingPathComponent("who.lua")
+        try """
+        return {
+          name = "who",
+          on_request = function(req, ctx)
+            ctx.caller = req.caller or "-"
+            ctx.sub = req:claim("sub") or "-"
+          end,
+          on_response = function(res, ctx)
+            res:set_header("x-policy-caller", ctx.caller)
+            res:set_header("x-policy-sub", ctx.sub)
+          end,
+        }
+        """.write(to: policy, atomically: true, encoding: .utf8)
+        let config = dir.url.appendingPathComponent("users.lua")
+        try """
+        return {
+          identity = { default = "deny" },
+          inbound = {
+            allow = { "orders", "web" },
+            policies = { "who.lua" },
+            routes = {
+              { name = "orders-only", path = "/orders-only/*", allow = { "orders" } },
+              { name = "upload", path = "/upload", allow = { "orders", "web" }, proof = true },
+              { name = "me", path = "/headers/me", allow = { "orders", "web" },
+                jwt = { pem = { file = "rsa.pub.pem", alg = "RS256" }, issuers = { "https://idp.test" },
+                        audiences = { "shop" }, forward_claims = { sub = "x-user-id" } } },
+            },
+          },
+        }
+        """.write(to: config, atomically: true, encoding: .utf8)
+        // orders signs a proof for every request (the mesh-wide setting on its side); web does not.
+        let ordersConfig = dir.url.appendingPathComponent("orders.lua")
+        try "return { identity = { proof = true } }".write(to: ordersConfig, atomically: true, encoding: .utf8)
+        registry = try RegistryUnderTest(members: 1, extra: ["--join-token-file", joinFile])
+        let (a, port) = try startEdgeApp()
+        app = a
+        let join = ["--join-token-file", joinFile]
+        users = try SidecarUnderTest(
+            service: "users", registry: registry.endpoint, appPort: port, app: nil,
+            extra: join + ["--config", config.path])
+        orders = try SidecarUnderTest(
+            service: "orders", registry: registry.endpoint, appPort: try freePort(), app: nil,
+            extra: join + ["--config", ordersConfig.path], waitForRegistration: false)
+        web = try SidecarUnderTest(
+            service: "web", registry: registry.endpoint, appPort: try freePort(), app: nil, extra: join,
+            waitForRegistration: false)
+    }
+
+    /// `tandem identity issue` as `service` for `audience`: (token, proof key seed).
+    func issue(_ service: String, _ audience: String) throws -> (token: String, seed: String) {
+        let r = try tandem([
+            "identity", "issue", "--endpoints", registry.endpoint, "--join-token-file", joinFile, "--service", service,
+            "--audience", audience, "--json",
+        ])
+        guard r.status == 0, let json = try JSONSerialization.jsonObject(with: Data(r.output.utf8)) as? [String: Any],
+            let token = json["token"] as? String, let seed = json["proof_key_seed"] as? String
+        else { throw TestFailure("identity issue failed: \(r.output)") }
+        return (token, seed)
+    }
+
+    func proof(
+        token: String, seed: String, method: String = "GET", url: String, bodyFile: String? = nil
+    ) throws
+        -> String
+    {
+        var args = ["identity", "proof", "--token", token, "--key-seed", seed, "--method", method, "--url", url]
+        if let bodyFile { args += ["--body-file", bodyFile] }
+        let r = try tandem(args)
+        guard r.status == 0 else { throw TestFailure("identity proof failed: \(r.output)") }
+        return r.output.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// A request straight to users' inbound listener with the given headers.
+    func direct(
+        _ path: String, method: String = "GET", headers: [String: String], body: String? = nil
+    ) throws -> (head: [String: String], status: Int, body: String) {
+        var args = ["-X", method, "-H", "Host: users"]
+        for (k, v) in headers { args += ["-H", "\(k): \(v)"] }
+        if let body { args += ["--data-binary", body] }
+        let r = try curl(args + ["http://\(users.inbound)\(path)"])
+        return (r.head, r.status, String(decoding: r.body, as: UTF8.self))
+    }
+
+    /// The signing key ids users' sidecar knows.
+    func keysKnownByUsers() throws -> [String] {
+        let body = try http("http://\(users.admin)/identity").body
+        let json = try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any]
+        return json?["keys"] as? [String] ?? []
+    }
+
+    /// The registry member's current signing key record (seed and kid) from its data directory.
+    func registryKey() throws -> (seed: String, kid: String) {
+        let path = registry.dir.url.appendingPathComponent("identity/signing.json").path
+        let json =
+            try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as? [String: Any]
+        guard let seed = json?["seed"] as? String, let kid = json?["kid"] as? String else {
+            throw TestFailure("no signing key record at \(path)")
+        }
+        return (seed, kid)
+    }
+}
+
+/// Identity without mTLS, end to end: real registry, real sidecars, real traffic, and tokens
+/// forged with PyJWT. Each refusal is checked for its status and its `tandem-error` reason.
+@Suite(.serialized) struct IdentityTests {
+    @Test func allowRulesHoldPerRouteBetweenThreeServices() throws {
+        let m = try IdentityMesh()
+        let viaOrders = try http("http://users/headers", proxy: m.orders.outbound)
+        #expect(viaOrders.status == 200, "\(viaOrders)")
+        // The app sees the verified caller, and never the token or the proof.
+        #expect(viaOrders.body.contains(#""tandem-caller": "orders""#), "\(viaOrders.body)")
+        #expect(!viaOrders.body.contains("tandem-identity") && !viaOrders.body.contains("tandem-proof"))
+        // The Lua policy reads the verified caller.
+        #expect(viaOrders.headers["x-policy-caller"] == "orders")
+        #expect(try http("http://users/", proxy: m.web.outbound).body.contains("edge"))
+        #expect(try http("http://users/orders-only/x", proxy: m.orders.outbound).status == 200)
+        let refused = try curl(["-x", "http://\(m.web.outbound)", "http://users/orders-only/x"])
+        #expect(refused.status == 403 && refused.head["tandem-error"] == "forbidden", "\(refused.head)")
+        #expect(String(decoding: refused.body, as: UTF8.self).contains(#"\"web\" is not allowed on route"#))
+        // A service the routes do not name is refused everywhere (the default is deny).
+        let (token, _) = try m.issue("billing", "users")
+        let other = try m.direct("/", headers: ["tandem-identity": token])
+        #expect(other.status == 403 && other.head["tandem-error"] == "forbidden")
+        // No token at all: 401, and a caller cannot claim an identity with a header.
+        let anonymous = try m.direct("/", headers: ["tandem-caller": "orders"])
+        #expect(anonymous.status == 401 && anonymous.head["tandem-error"] == "missing-token", "\(anonymous)")
+        let metrics = try http("http://\(m.users.admin)/metrics").body
+        #expect(metrics.contains(#"tandem_identity_refused_total{reason="forbidden"}"#), "\(metrics)")
+    }
+
+    @Test func forgedExpiredMisdirectedAndConfusedTokensAreRefused() throws {
+        let m = try IdentityMesh()
+        let (seed, kid) = try m.registryKey()
+        let (good, _) = try m.issue("orders", "users")
+        #expect(try m.direct("/", headers: ["tandem-identity": good]).status == 200)
+        let claims =
+            #"{"iss":"tandem://tandem","sub":"orders","aud":"users","iat":"now","exp":"+60","jti":"x","cnf":{"jkt":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}}"#
+        let someSeed = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE"
+        let cases: [(String, String, String)] = [
+            // Signed by a key the mesh does not hold, under the real key's id.
+            ("forged", try forge(["eddsa", someSeed, kid, claims]), "bad-signature"),
+            // Signed by the real key (read from the registry's data directory) but expired.
+            (
+                "expired",
+                try forge([
+                    "eddsa", seed, kid,
+                    claims.replacingOccurrences(of: #""iat":"now","exp":"+60""#, with: #""iat":"-400","exp":"-100""#),
+                ]), "expired-token"
+            ),
+            ("other audience", try m.issue("orders", "billing").token, "wrong-audience"),
+            ("alg none", try forge(["none", kid, claims]), "invalid-token"),
+            // HS256 keyed with the public key: the RS/HS confusion, on an Ed25519 mesh.
+            ("key confusion", try forge(["hs-with", seed, kid, claims]), "invalid-token"),
+            ("garbage", "not.a.token", "invalid-token"),
+        ]
+        for (name, token, reason) in cases {
+            let r = try m.direct("/", headers: ["tandem-identity": token])
+            #expect(r.status == 401, "\(name): \(r)")
+            #expect(r.head["tandem-error"] == reason, "\(name): \(r)")
+            #expect(r.body.contains(#""error":"\#(reason)""#), "\(name): \(r.body)")
+        }
+    }
+
+    @Test func proofsBindTokensToOneRequest() throws {
+        let m = try IdentityMesh()
+        let (token, seed) = try m.issue("orders", "users")
+        let bodyFile = m.dir.url.appendingPathComponent("body").path
+        try #"{"amount":10}"#.write(toFile: bodyFile, atomically: true, encoding: .utf8)
+        let proof = try m.proof(
+            token: token, seed: seed, method: "POST", url: "http://users/upload", bodyFile: bodyFile)
+        let headers = ["tandem-identity": token, "tandem-proof": proof]
+        let ok = try m.direct("/upload", method: "POST", headers: headers, body: #"{"amount":10}"#)
+        #expect(ok.status == 200, "\(ok)")
+        let replayed = try m.direct("/upload", method: "POST", headers: headers, body: #"{"amount":10}"#)
+        #expect(replayed.status == 401 && replayed.head["tandem-error"] == "replayed-proof", "\(replayed)")
+        let p2 = try m.proof(token: token, seed: seed, method: "POST", url: "http://users/upload", bodyFile: bodyFile)
+        let tampered = try m.direct(
+            "/upload", method: "POST", headers: ["tandem-identity": token, "tandem-proof": p2], body: #"{"amount":99}"#)
+        #expect(tampered.status == 401 && tampered.head["tandem-error"] == "body-mismatch", "\(tampered)")
+        let p3 = try m.proof(token: token, seed: seed, method: "POST", url: "http://users/upload", bodyFile: bodyFile)
+        let otherPath = try m.direct(
+            "/upload?to=mallory", method: "POST", headers: ["tandem-identity": token, "tandem-proof": p3],
+            body: #"{"amount":10}"#)
+        #expect(otherPath.status == 401 && otherPath.head["tandem-error"] == "proof-mismatch", "\(otherPath)")
+        // A stolen token without its key: no proof, or a proof signed with another key.
+        let noProof = try m.direct("/upload", method: "POST", headers: ["tandem-identity": token], body: "{}")
+        #expect(noProof.status == 401 && noProof.head["tandem-error"] == "missing-proof", "\(noProof)")
+        let (_, thiefSeed) = try m.issue("web", "users")
+        let stolen = try m.proof(token: token, seed: thiefSeed, method: "POST", url: "http://users/upload")
+        let thief = try m.direct(
+            "/upload", method: "POST", headers: ["tandem-identity": token, "tandem-proof": stolen], body: "{}")
+        #expect(thief.status == 401 && thief.head["tandem-error"] == "invalid-proof", "\(thief)")
+        // orders' sidecar signs a proof for each request (body digest included); web's does not.
+        let viaOrders = try http(
+            "http://users/upload", method: "POST", body: #"{"amount":10}"#, proxy: m.orders.outbound)
+        #expect(viaOrders.status == 200 && viaOrders.body.hasPrefix("13 "), "\(viaOrders)")
+        let viaWeb = try http("http://users/upload", method: "POST", body: "{}", proxy: m.web.outbound)
+        #expect(viaWeb.status == 401 && viaWeb.headers["tandem-error"] == "missing-proof", "\(viaWeb)")
+    }
+
+    @Test func aRotationKeepsLegitimateCallersAndCutsOffTheOldKeyAfterItsGrace() throws {
+        let m = try IdentityMesh()
+        let (_, oldKid) = try m.registryKey()
+        #expect(try http("http://users/", proxy: m.orders.outbound).status == 200)
+        let (before, _) = try m.issue("web", "users")
+        // A rotation with the default grace: the old key keeps verifying.
+        let rotate = try tandem([
+            "identity", "rotate", "--endpoints", m.registry.endpoint, "--join-token-file", m.joinFile,
+        ])
+        #expect(rotate.status == 0, "\(rotate.output)")
+        let (_, newKid) = try m.registryKey()
+        #expect(newKid != oldKid)
+        #expect(try eventually { try m.keysKnownByUsers().contains(newKid) })
+        #expect(try m.direct("/", headers: ["tandem-identity": before]).status == 200)
+        #expect(try m.direct("/", headers: ["tandem-identity": try m.issue("web", "users").token]).status == 200)
+        #expect(try http("http://users/", proxy: m.orders.outbound).status == 200)
+        // A second rotation with no grace drops the key that signed `before` and orders' token.
+        let (mid, _) = try m.issue("web", "users")
+        let revoke = try tandem([
+            "identity", "rotate", "--endpoints", m.registry.endpoint, "--join-token-file", m.joinFile, "--grace", "0",
+        ])
+        #expect(revoke.status == 0, "\(revoke.output)")
+        #expect(try eventually { !(try m.keysKnownByUsers().contains(newKid)) })
+        let cut = try m.direct("/", headers: ["tandem-identity": mid])
+        #expect(cut.status == 401 && cut.head["tandem-error"] == "unknown-key", "\(cut)")
+        // orders' sidecar dropped its token with the key and fetched a new one.
+        #expect(try eventually { try http("http://users/", proxy: m.orders.outbound).status == 200 })
+        let keys = try tandem(["identity", "keys", "--endpoints", m.registry.endpoint])
+        #expect(!keys.output.contains(newKid) && keys.output.contains("active"), "\(keys.output)")
+    }
+
+    @Test func endUserJWTsAreVerifiedPerRouteAndTheirClaimsForwarded() throws {
+        let m = try IdentityMesh()
+        let good = try forge([
+            "rs256", m.dir.url.path, #"{"sub":"alice","iss":"https://idp.test","aud":"shop","exp":"+300"}"#,
+        ])
+        let ok = try curl([
+            "-x", "http://\(m.orders.outbound)", "-H", "Authorization: Bearer \(good)", "http://users/headers/me",
+        ])
+        let body = String(decoding: ok.body, as: UTF8.self)
+        #expect(ok.status == 200, "\(ok.head) \(body)")
+        #expect(body.contains(#""x-user-id": "alice""#) && !body.contains("authorization"), "\(body)")
+        #expect(ok.head["x-policy-sub"] == "alice", "\(ok.head)")
+        let cases: [(String, String?, String)] = [
+            ("missing", nil, "missing-token"),
+            (
+                "expired",
+                try forge([
+                    "rs256", m.dir.url.path, #"{"sub":"alice","iss":"https://idp.test","aud":"shop","exp":"-100"}"#,
+                ]), "expired-token"
+            ),
+            (
+                "wrong issuer",
+                try forge(["rs256", m.dir.url.path, #"{"sub":"alice","iss":"https://evil","aud":"shop","exp":"+300"}"#]
+                ),
+                "invalid-token"
+            ),
+            (
+                "RS/HS confusion",
+                try forge([
+                    "hs-confusion", m.dir.url.path,
+                    #"{"sub":"root","iss":"https://idp.test","aud":"shop","exp":"+300"}"#,
+                ]), "invalid-token"
+            ),
+            ("alg none", try forge(["none", "k1", #"{"sub":"root","exp":"+300"}"#, "JWT"]), "invalid-token"),
+        ]
+        for (name, token, reason) in cases {
+            var args = ["-x", "http://\(m.orders.outbound)", "-H", "x-user-id: mallory"]
+            if let token { args += ["-H", "Authorization: Bearer \(token)"] }
+            let r = try curl(args + ["http://users/headers/me"])
+            let text = String(decoding: r.body, as: UTF8.self)
+            #expect(r.status == 401 && r.head["tandem-error"] == reason, "\(name): \(r.head) \(text)")
+            if name == "missing" { #expect(text.contains("missing token"), "\(text)") }
+        }
+    }
+}
