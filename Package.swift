@@ -67,7 +67,7 @@ let package = Package(
             name: "TandemRegistryServer",
             dependencies: [
                 "TandemCore", "TandemRaft", "TandemStore", "TandemStorage", "TandemReplica", "TandemEtcdAPI",
-                "TandemIdentity",
+                "TandemIdentity", .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOHTTP2", package: "swift-nio-http2"),

@@ -56,6 +56,9 @@ public final class EtcdClient: @unchecked Sendable {
     public var connectTimeout: TimeAmount = .seconds(2)
     /// Bound on one response message.
     public static let maxMessageBytes = 16 << 20
+    /// The `token` metadata of every call (an etcd auth token from `authenticate`, or a
+    /// Tandem service token for the registry); nil sends none. Set before the first call.
+    public var authToken: @Sendable () -> String? = { nil }
 
     private var current = 0
     private var connection: EventLoopFuture<Connection>?
@@ -117,11 +120,24 @@ public final class EtcdClient: @unchecked Sendable {
         }
     }
 
-    static func requestHeaders(path: String, authority: String) -> HPACKHeaders {
-        [
+    static func requestHeaders(path: String, authority: String, token: String? = nil) -> HPACKHeaders {
+        var h: HPACKHeaders = [
             ":method": "POST", ":scheme": "http", ":path": path, ":authority": authority,
             "content-type": "application/grpc", "te": "trailers", "user-agent": "tandem-etcd-client",
         ]
+        if let token { h.add(name: "token", value: token) }
+        return h
+    }
+
+    /// Logs in the etcd way (Auth/Authenticate) and sends the token with every later call.
+    public func authenticate(user: String, password: String) -> EventLoopFuture<Void> {
+        var req = Etcdserverpb_AuthenticateRequest()
+        req.name = user
+        req.password = password
+        return unary("/etcdserverpb.Auth/Authenticate", req, as: Etcdserverpb_AuthenticateResponse.self).map { r in
+            let token = r.token
+            self.authToken = { token }
+        }
     }
 
     /// One unary call; the response is decoded as `Resp`.
@@ -141,11 +157,13 @@ public final class EtcdClient: @unchecked Sendable {
                 let promise = self.loop.makePromise(of: [UInt8].self)
                 let authority = self.currentEndpoint.description
                 let timeout = self.callTimeout
+                let token = self.authToken()
                 conn.mux.value.createStreamChannel(promise: nil) { stream in
                     let handler = UnaryCallHandler(promise: promise)
                     return stream.pipeline.addHandler(handler).map {
                         handler.start(
-                            context: stream, headers: Self.requestHeaders(path: path, authority: authority),
+                            context: stream,
+                            headers: Self.requestHeaders(path: path, authority: authority, token: token),
                             message: payload, timeout: timeout)
                     }
                 }
@@ -171,10 +189,12 @@ public final class EtcdClient: @unchecked Sendable {
             self.connect().flatMap { conn -> EventLoopFuture<EtcdStream> in
                 let promise = self.loop.makePromise(of: EtcdStream.self)
                 let authority = self.currentEndpoint.description
+                let token = self.authToken()
                 conn.mux.value.createStreamChannel(promise: nil) { stream in
                     let handler = StreamCallHandler(onMessage: onMessage, onClose: onClose)
                     return stream.pipeline.addHandler(handler).map {
-                        handler.start(stream, headers: Self.requestHeaders(path: path, authority: authority))
+                        handler.start(
+                            stream, headers: Self.requestHeaders(path: path, authority: authority, token: token))
                         promise.succeed(EtcdStream(channel: stream))
                     }
                 }

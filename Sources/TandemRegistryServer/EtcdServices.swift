@@ -26,6 +26,10 @@ enum EtcdServices {
                     return
                 }
                 node.loop.execute {
+                    if let refused = node.authorize(path, token: responder.authToken) {
+                        return responder.finish(refused)
+                    }
+                    defer { node.caller = nil }
                     body(req, node) { result in
                         switch result {
                         case .success(let resp):
@@ -52,6 +56,9 @@ enum EtcdServices {
             } catch {
                 return done(.failure(error))
             }
+            if let auth = n.auth, !auth.allows(n.caller, key: q.key, rangeEnd: q.rangeEnd, write: false) {
+                return done(.failure(.permissionDenied))
+            }
             let serve = {
                 do throws(StoreError) {
                     done(.success(Etcdserverpb_RangeResponse(try n.replica.store.range(q), header: n.header)))
@@ -76,6 +83,31 @@ enum EtcdServices {
             (req, n, done: @escaping (Result<Tandem_Identity_V1_RotateResponse, EtcdStatus>) -> Void) in
             guard let id = n.identity else { return done(.failure(EtcdStatus(.unimplemented, "tandem: no identity"))) }
             id.rotate(req, done)
+        }
+        // The password hash is checked on a global queue (PBKDF2 is slow by design and must not
+        // stall the raft or network loops); the session opens on the raft loop.
+        m["/etcdserverpb.Auth/Authenticate"] = .unary { bytes, responder in
+            let req: Etcdserverpb_AuthenticateRequest
+            do throws(EtcdStatus) {
+                req = try decodeRequest(Etcdserverpb_AuthenticateRequest.self, bytes, limits: limits)
+            } catch {
+                return responder.finish(error)
+            }
+            guard let auth = node.auth else {
+                return responder.finish(EtcdStatus(.failedPrecondition, "etcdserver: authentication is not enabled"))
+            }
+            DispatchQueue.global().async {
+                if let refused = auth.checkPassword(name: req.name, password: req.password) {
+                    return responder.finish(refused)
+                }
+                node.loop.execute {
+                    var r = Etcdserverpb_AuthenticateResponse()
+                    r.header = node.header
+                    r.token = auth.openSession(name: req.name, now: RegistryIdentity.wallClock())
+                    if let out = try? r.serializedBytes() as [UInt8] { responder.send(out) }
+                    responder.finish()
+                }
+            }
         }
         unary("/etcdserverpb.KV/Put", Etcdserverpb_PutRequest.self) {
             (pb, n, done: @escaping (Result<Etcdserverpb_PutResponse, EtcdStatus>) -> Void) in
@@ -172,7 +204,13 @@ enum EtcdServices {
             done(.success(resp))
         }
         m["/etcdserverpb.Lease/LeaseKeepAlive"] = .bidi(open: { responder in
-            GRPCStreamSink(
+            node.loop.execute {
+                if let refused = node.authorize("/etcdserverpb.Lease/LeaseKeepAlive", token: responder.authToken) {
+                    responder.finish(refused)
+                }
+                node.caller = nil
+            }
+            return GRPCStreamSink(
                 message: { bytes in
                     guard let req = try? decodeRequest(Etcdserverpb_LeaseKeepAliveRequest.self, bytes, limits: limits)
                     else { return responder.finish(EtcdStatus(.invalidArgument, "etcdserver: malformed keep-alive")) }
@@ -192,7 +230,14 @@ enum EtcdServices {
         })
         m["/etcdserverpb.Watch/Watch"] = .bidi(open: { responder in
             let stream = NIOLockedValueBox(0)
+            // Who opened the stream: every create is checked against their read permissions.
+            let caller = NIOLockedValueBox<RegistryAuth.Principal?>(nil)
             node.loop.execute {
+                if let refused = node.authorize("/etcdserverpb.Watch/Watch", token: responder.authToken) {
+                    return responder.finish(refused)
+                }
+                caller.withLockedValue { $0 = node.caller }
+                node.caller = nil
                 let id = node.openWatchStream(responder)
                 stream.withLockedValue { $0 = id }
             }
@@ -206,8 +251,17 @@ enum EtcdServices {
                         node.withWatchStream(stream.withLockedValue { $0 }) { hub, store in
                             switch req.requestUnion {
                             case .createRequest(let c)?:
+                                let w = WatchRequest(c)
+                                if let auth = node.auth,
+                                    !auth.allows(
+                                        caller.withLockedValue { $0 }, key: w.key, rangeEnd: w.rangeEnd, write: false)
+                                {
+                                    hub.refuse(
+                                        watchID: c.watchID, reason: "etcdserver: permission denied", store: store)
+                                    return
+                                }
                                 do {
-                                    try hub.create(WatchRequest(c), store: store)
+                                    try hub.create(w, store: store)
                                 } catch {
                                     // etcd answers a refused create with created + canceled.
                                     hub.refuse(watchID: c.watchID, reason: "\(error)", store: store)
@@ -299,6 +353,7 @@ enum EtcdServices {
         // The identity records are the members' own (RegistryIdentity): a client that could
         // write there could publish a key and forge tokens.
         if cmd.touches(RegistryIdentity.reservedPrefix) { return done(.failure(.permissionDenied)) }
+        if let auth = n.auth, !auth.allows(n.caller, cmd) { return done(.failure(.permissionDenied)) }
         n.propose(cmd) { r in
             switch r {
             case .success(.failed(let e)): done(.failure(EtcdStatus(e)))

@@ -17,6 +17,8 @@ public struct GRPCResponder: Sendable {
     /// The client sent `hasleader: true` metadata (clientv3's `WithRequireLeader`): the
     /// stream must fail with "etcdserver: no leader" while this member has no leader.
     public let requireLeader: Bool
+    /// The `token` metadata (etcd's auth token, or a Tandem service token for the registry).
+    public let authToken: String?
 
     public func send(_ message: [UInt8]) {
         handler.eventLoop.execute { handler.value.sendMessage(message) }
@@ -64,6 +66,7 @@ final class GRPCStreamHandler: ChannelInboundHandler {
     private var headersSent = false
     private var finished = false
     private var requireLeader = false
+    private var authToken: String?
     var closeCallbacks: [@Sendable () -> Void] = []
 
     init(methods: [String: GRPCMethod], maxMessageBytes: Int) {
@@ -83,7 +86,9 @@ final class GRPCStreamHandler: ChannelInboundHandler {
     }
 
     private var responder: GRPCResponder {
-        GRPCResponder(handler: NIOLoopBound(self, eventLoop: context!.eventLoop), requireLeader: requireLeader)
+        GRPCResponder(
+            handler: NIOLoopBound(self, eventLoop: context!.eventLoop), requireLeader: requireLeader,
+            authToken: authToken)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -97,6 +102,7 @@ final class GRPCStreamHandler: ChannelInboundHandler {
                 }
                 method = m
                 requireLeader = h.headers.first(name: "hasleader") == "true"
+                authToken = h.headers.first(name: "token")
                 if case .bidi(let open) = m { sink = open(responder) }
             }
             if h.endStream { endOfRequest() }

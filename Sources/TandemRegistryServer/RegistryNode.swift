@@ -51,6 +51,36 @@ public final class RegistryNode: @unchecked Sendable {
     var transport: PeerTransport?
     /// The token service (always present; it refuses to issue without join tokens).
     var identity: RegistryIdentity?
+    /// Client auth of the etcd API (nil: off).
+    var auth: RegistryAuth?
+    /// Who is making the request being handled (set by `authorize` for the synchronous part
+    /// of a handler on this loop; nil with auth off).
+    var caller: RegistryAuth.Principal?
+
+    /// Methods anyone may call with auth on: login, the token service (join-token auth), health
+    /// and cluster metadata.
+    static let openMethods: Set<String> = [
+        "/etcdserverpb.Auth/Authenticate", "/tandem.identity.v1.Identity/Issue", "/tandem.identity.v1.Identity/Rotate",
+        "/grpc.health.v1.Health/Check", "/etcdserverpb.Maintenance/Status", "/etcdserverpb.Cluster/MemberList",
+    ]
+    /// Methods only a principal who may write every key may call.
+    static let rootMethods: Set<String> = [
+        "/etcdserverpb.KV/Compact", "/etcdserverpb.Maintenance/Alarm", "/etcdserverpb.Cluster/MemberAdd",
+        "/etcdserverpb.Cluster/MemberRemove", "/etcdserverpb.Cluster/MemberPromote",
+    ]
+
+    /// Sets `caller` for a call to `method` with `token`, or says why it is refused.
+    func authorize(_ method: String, token: String?) -> EtcdStatus? {
+        caller = nil
+        guard let auth, auth.enabled, !Self.openMethods.contains(method) else { return nil }
+        switch auth.principal(token, store: replica.store, now: RegistryIdentity.wallClock()) {
+        case .failure(let e): return e
+        case .success(let p):
+            if Self.rootMethods.contains(method) && !auth.isRoot(p) { return .permissionDenied }
+            caller = p
+            return nil
+        }
+    }
     /// Keep-alives forwarded to the leader, by request id.
     private var pendingRenews: [UInt64: (deadline: Int64, done: (Int64) -> Void)] = [:]
 

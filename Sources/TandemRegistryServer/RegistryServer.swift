@@ -17,8 +17,9 @@ public final class RegistryServer {
 
     public init(
         config: RegistryNode.Config, limits: EtcdLimits = EtcdLimits(), identity: RegistryIdentity.Config = .init(),
-        wallClockMs: UInt64
+        authFile: String? = nil, wallClockMs: UInt64
     ) throws {
+        let users = try authFile.map { try RegistryAuth.parse($0) } ?? []
         networkGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         raftGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         self.limits = limits
@@ -26,6 +27,7 @@ public final class RegistryServer {
         node = try loop.submit {
             let n = try RegistryNode(config: config, loop: loop, wallClockMs: wallClockMs)
             n.identity = try RegistryIdentity(config: identity, node: n)
+            if !users.isEmpty { n.auth = RegistryAuth(users: users, issuer: identity.issuer) }
             return n
         }.wait()
     }

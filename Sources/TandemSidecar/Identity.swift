@@ -70,22 +70,38 @@ final class SidecarIdentity: @unchecked Sendable {
         }
     }
 
-    /// Starts watching the mesh's keys; the future completes once they are known.
+    /// The audience of the token a sidecar shows the registry (its `token` metadata), which a
+    /// registry with client auth on checks: a service reads discovery and writes only its own
+    /// registrations.
+    static let registryAudience = "tandem-registry"
+
+    /// The token for the registry's `token` metadata (nil until obtained).
+    func registryToken() -> String? { token(for: Self.registryAudience)?.token }
+
+    /// Obtains the registry token, then watches the mesh's keys; the future completes once
+    /// they are known.
     func start(registry: EtcdClient) -> EventLoopFuture<Void> {
         client = registry
-        let w = PrefixWatcher(client: registry, prefix: Self.keyPrefix) { [weak self] values in
-            self?.setKeys(values)
-        }
-        w.log = log
-        watcher = w
         refreshTask = registry.loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) {
             [weak self] _ in self?.refreshDue()
         }
-        return w.start()
+        let loop = registry.loop
+        let first =
+            whenToken(for: Self.registryAudience, loop: loop)?.recover { [log] e in
+                log("identity: no token for the registry yet (\((e as? LocalAnswer)?.message ?? "\(e)"))")
+            } ?? loop.makeSucceededVoidFuture()
+        return first.flatMap { [self] in
+            let w = PrefixWatcher(client: registry, prefix: Self.keyPrefix) { [weak self] values in
+                self?.setKeys(values)
+            }
+            w.log = log
+            lock.withLock { watcher = w }
+            return w.start()
+        }
     }
 
     func stop() {
-        watcher?.stop()
+        lock.withLock { watcher }?.stop()
         refreshTask?.cancel()
     }
 

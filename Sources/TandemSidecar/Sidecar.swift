@@ -60,6 +60,9 @@ public final class Sidecar: @unchecked Sendable {
         let identity =
             cfg.identity.joinToken == nil ? nil : SidecarIdentity(config: cfg, metrics: sharedMetrics, log: log)
         gate = InboundGate(identity: identity, metrics: sharedMetrics)
+        if let identity, let registry = self.registry {
+            registry.authToken = { identity.registryToken() }
+        }
         ctx = ProxyContext(
             brain: brain,
             pools: UpstreamPools(

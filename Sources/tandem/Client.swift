@@ -9,6 +9,9 @@ import TandemEtcdClient
 struct ClientOptions: ParsableArguments {
     @Option(help: "Registry endpoints (Tandem or etcd), comma-separated host:port.") var endpoints = "127.0.0.1:2379"
     @Flag(help: "Print JSON instead of text.") var json = false
+    @Option(help: "Log in as NAME:PASSWORD (etcd auth; etcdctl's --user).") var user: String?
+    @Option(help: "A token for the registry's `token` metadata (e.g. a service token for tandem-registry).")
+    var token: String?
 
     func withClient<T>(_ body: (EtcdClient) throws -> T) throws -> T {
         let eps: [EtcdEndpoint]
@@ -20,6 +23,12 @@ struct ClientOptions: ParsableArguments {
             try? group.syncShutdownGracefully()
         }
         do {
+            if let token { client.authToken = { token } }
+            if let user {
+                let parts = user.split(separator: ":", maxSplits: 1).map(String.init)
+                guard parts.count == 2 else { throw ValidationError("--user: expected NAME:PASSWORD") }
+                try client.authenticate(user: parts[0], password: parts[1]).wait()
+            }
             return try body(client)
         } catch let e as EtcdClientError where e.code == 14 {
             throw RuntimeError("cannot reach the registry at \(endpoints) (\(e.message))")

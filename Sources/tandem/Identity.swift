@@ -70,7 +70,7 @@ struct JoinTokenOptions: ParsableArguments {
 struct IdentityCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "identity", abstract: "Service identity: issue tokens, rotate signing keys, list keys.",
-        subcommands: [Issue.self, Proof.self, Rotate.self, Keys.self])
+        subcommands: [Issue.self, Proof.self, Rotate.self, Keys.self, HashPassword.self])
 
     struct Issue: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -179,6 +179,23 @@ struct IdentityCommand: ParsableCommand {
             } else {
                 print("new signing key \(r.kid); \(r.retiredKid) verifies until \(r.retiredExpiresAt)")
             }
+        }
+    }
+
+    struct HashPassword: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Hash a password (read from stdin) for the registry's --auth-file (PBKDF2-SHA256).")
+        @Option(help: "PBKDF2 iterations (at least 1000).") var iterations = RegistryAuth.defaultIterations
+
+        func run() throws {
+            guard iterations >= 1_000 else { throw ValidationError("--iterations must be at least 1000") }
+            guard let line = readLine(strippingNewline: true), !line.isEmpty else {
+                throw ValidationError("give the password on stdin")
+            }
+            var g = SystemRandomNumberGenerator()
+            print(
+                RegistryAuth.hashPassword(
+                    line, salt: (0..<16).map { _ in UInt8.random(in: 0...255, using: &g) }, iterations: iterations))
         }
     }
 

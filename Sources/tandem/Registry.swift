@@ -39,8 +39,23 @@ struct Registry: ParsableCommand {
     @Option(help: "How often auto-compaction looks, in ms (default: a tenth of the retention, or 5 min for revision).")
     var autoCompactionCheckMs: Int64?
     @OptionGroup(title: "Service identity (docs/security.md)") var join: JoinTokenOptions
+    @Option(
+        help: ArgumentHelp(
+            "Turn client auth on: users (`NAME HASH read|readwrite PREFIX…`, hashes from `tandem identity hash-password`) log in with etcdctl --user; sidecars present service tokens.",
+            valueName: "path"))
+    var authFile: String?
     @Option(help: "Lifetime of the identity tokens this member issues, in seconds (at most 3600).")
     var identityTokenTtl: Int64 = 300
+
+    /// The auth file's text (nil: auth off).
+    func authFileText() throws -> String? {
+        guard let authFile else { return nil }
+        guard let text = try? String(contentsOfFile: authFile, encoding: .utf8) else {
+            throw ValidationError("--auth-file: cannot read \(authFile)")
+        }
+        do { _ = try RegistryAuth.parse(text) } catch { throw ValidationError("--auth-file: \(authFile): \(error)") }
+        return text
+    }
 
     /// The token service's settings; off without a join token.
     func identity() throws -> RegistryIdentity.Config {
@@ -99,6 +114,7 @@ struct Registry: ParsableCommand {
             throw ValidationError("--identity-token-ttl must be between 10 and 3600 seconds")
         }
         _ = try identity()
+        _ = try authFileText()
         let members = try cluster()
         guard members[name] != nil else {
             throw ValidationError("--initial-cluster does not name this member ('\(name)')")
@@ -133,7 +149,9 @@ struct Registry: ParsableCommand {
         let wallMs = UInt64(ts.tv_sec) * 1000 + UInt64(ts.tv_nsec / 1_000_000)
         let server: RegistryServer
         do {
-            server = try RegistryServer(config: cfg, limits: limits, identity: try identity(), wallClockMs: wallMs)
+            server = try RegistryServer(
+                config: cfg, limits: limits, identity: try identity(), authFile: try authFileText(), wallClockMs: wallMs
+            )
         } catch {
             // A runtime failure, not a usage error: one clear line, no usage banner.
             throw RuntimeError("cannot open the registry in \(dataDir): \(error)")
@@ -154,9 +172,13 @@ struct Registry: ParsableCommand {
         let node = server.node
         try node.loop.submit { node.setClientURLs([advertised]) }.wait()
         let loopback = host == "127.0.0.1" || host == "localhost" || host == "::1"
-        print(
-            "tandem registry: warning: client auth is off: any process that reaches \(host):\(bound) can read and write keys (the identity records excepted)\(loopback ? "" : "; this address is not loopback")"
-        )
+        if authFile == nil {
+            print(
+                "tandem registry: warning: client auth is off: any process that reaches \(host):\(bound) can read and write keys (the identity records excepted)\(loopback ? "" : "; this address is not loopback")"
+            )
+        } else {
+            print("tandem registry: client auth on: users from \(authFile!), sidecars by service token")
+        }
         if try identity().enabled {
             print("tandem registry: identity on: issuing tokens as \(join.issuer) for \(identityTokenTtl) s")
         }

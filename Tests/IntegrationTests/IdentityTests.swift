@@ -308,4 +308,68 @@ final class IdentityMesh {
             if name == "missing" { #expect(text.contains("missing token"), "\(text)") }
         }
     }
+
+    /// Registry access with auth on: etcd users log in the etcd way and get their prefixes;
+    /// sidecars authenticate with service tokens, register and discover, and may write only
+    /// their own registrations.
+    @Test func registryAuthScopesUsersAndSidecars() throws {
+        let dir = try TempDirectory()
+        let join = dir.url.appendingPathComponent("join").path
+        try "test-join-token-0123456789abcdef\n".write(toFile: join, atomically: true, encoding: .utf8)
+        func hash(_ pw: String) throws -> String {
+            let c = try Child(tandemBinary(), ["identity", "hash-password", "--iterations", "1000"])
+            c.send(pw)
+            c.closeStdin()
+            let out = c.readLine() ?? ""
+            c.process.waitUntilExit()
+            return out
+        }
+        let authFile = dir.url.appendingPathComponent("auth").path
+        try """
+        root \(try hash("root-pw")) readwrite /
+        reader \(try hash("reader-pw")) read /app/ /tandem/
+        """.write(toFile: authFile, atomically: true, encoding: .utf8)
+        let reg = try RegistryUnderTest(members: 1, extra: ["--join-token-file", join, "--auth-file", authFile])
+        let e = reg.endpoint
+        #expect(try etcdctl(e, ["put", "/app/x", "1"]).output.contains("etcdserver: user name is empty"))
+        #expect(try etcdctl(e, ["--user", "root:root-pw", "put", "/app/x", "1"]).output.contains("OK"))
+        #expect(try etcdctl(e, ["--user", "reader:reader-pw", "get", "/app/x", "--print-value-only"]).output == "1\n")
+        let denied = try etcdctl(e, ["--user", "reader:reader-pw", "put", "/app/x", "2"])
+        #expect(denied.status != 0 && denied.output.contains("etcdserver: permission denied"), "\(denied.output)")
+        #expect(
+            try etcdctl(e, ["--user", "root:wrong", "get", "/app/x"]).output.contains(
+                "etcdserver: authentication failed, invalid user ID or password"))
+        #expect(
+            try etcdctl(e, ["--user", "reader:reader-pw", "compaction", "1"]).output.contains(
+                "etcdserver: permission denied"))
+
+        // Sidecars: users registers (its own prefix) and orders discovers it, both by service token.
+        let (app, port) = try startEdgeApp()
+        let users = try SidecarUnderTest(
+            service: "users", registry: e, appPort: port, app: nil, extra: ["--join-token-file", join])
+        let orders = try SidecarUnderTest(
+            service: "orders", registry: e, appPort: try freePort(), app: nil, extra: ["--join-token-file", join],
+            waitForRegistration: false)
+        let call = try http("http://users/headers", proxy: orders.outbound)
+        #expect(call.status == 200 && call.body.contains(#""tandem-caller": "orders""#), "\(call)")
+        // What a service token may do on its own.
+        let issued = try tandem([
+            "identity", "issue", "--endpoints", e, "--join-token-file", join, "--service", "orders", "--audience",
+            "tandem-registry",
+        ])
+        let token = issued.output.trimmingCharacters(in: .whitespacesAndNewlines)
+        let own = try tandem(["kv", "put", "--endpoints", e, "--token", token, "/tandem/services/orders/extra", "x"])
+        #expect(own.status == 0, "\(own.output)")
+        let other = try tandem(["kv", "put", "--endpoints", e, "--token", token, "/tandem/services/users/evil", "x"])
+        #expect(other.status != 0 && other.output.contains("permission denied"), "\(other.output)")
+        let secret = try tandem(["kv", "get", "--endpoints", e, "--token", token, "/app/x"])
+        #expect(secret.status != 0 && secret.output.contains("permission denied"), "\(secret.output)")
+        let listed = try tandem([
+            "kv", "get", "--endpoints", e, "--token", token, "--prefix", "/tandem/services/users/",
+        ])
+        #expect(listed.status == 0 && listed.output.contains(#""service":"users""#), "\(listed.output)")
+        let forged = try tandem(["kv", "get", "--endpoints", e, "--token", "a.b.c", "/tandem/services/"])
+        #expect(forged.output.contains("etcdserver: invalid auth token"), "\(forged.output)")
+        withExtendedLifetime((app, users, orders, reg)) {}
+    }
 }
