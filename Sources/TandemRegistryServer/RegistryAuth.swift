@@ -11,7 +11,8 @@ import TandemStore
 ///   in the `token` metadata); their permissions are read or readwrite on key prefixes;
 /// - sidecars present a Tandem service token issued for the audience `tandem-registry`: a
 ///   service may read discovery (`/tandem/services/`), its own config
-///   (`/tandem/config/<service>/`) and the published keys, and write only its own
+///   (`/tandem/config/<service>/`) and the identity records (public keys, mesh settings), and
+///   write only its own
 ///   registrations (`/tandem/services/<service>/`).
 /// Confined to the member's raft loop (tokens are per member, like etcd's simple tokens).
 public final class RegistryAuth: @unchecked Sendable {
@@ -177,7 +178,7 @@ public final class RegistryAuth: @unchecked Sendable {
             return [
                 Permission(prefix: Array("/tandem/services/".utf8), write: false),
                 Permission(prefix: Array("/tandem/config/\(s)/".utf8), write: false),
-                Permission(prefix: Array(RegistryIdentity.keyPrefix.utf8), write: false),
+                Permission(prefix: Array("/tandem/identity/".utf8), write: false),
                 Permission(prefix: Array("/tandem/services/\(s)/".utf8), write: true),
             ]
         }

@@ -22,11 +22,16 @@ public final class RegistryIdentity: @unchecked Sendable {
         /// Lifetime of issued tokens (and the cap on what a sidecar may ask for).
         public var tokenTTL: Int64 = 300
         public var limits = IdentityLimits()
+        /// Mesh-wide settings published at `/tandem/identity/mesh` for sidecars whose config
+        /// does not say: what routes without `allow` admit, and whether proofs are required.
+        public var meshDefault: DefaultAccess = .allow
+        public var meshProof = false
         public init() {}
         public var enabled: Bool { !joinTokens.isEmpty }
     }
 
     public static let keyPrefix = "/tandem/identity/keys/"
+    public static let meshKey = "/tandem/identity/mesh"
     /// Keys under this prefix are written only by members themselves; the etcd API refuses
     /// client writes there ("etcdserver: permission denied").
     public static let reservedPrefix: [UInt8] = Array("/tandem/identity/".utf8)
@@ -122,6 +127,22 @@ public final class RegistryIdentity: @unchecked Sendable {
     private func maintain() {
         guard node.replica.raft.leader != 0 else { return }
         let now = Self.wallClock()
+        // The mesh settings first: Raft commits in order, so once the key is published (the
+        // log line sidecars and tests wait for), the settings are too.
+        let meshRecord = JSONValue.object([
+            "default": .string(config.meshDefault.rawValue), "proof": .bool(config.meshProof),
+        ]).encoded
+        let stored = try? node.replica.store.range(RangeRequest(key: Array(Self.meshKey.utf8))).kvs.first?.value
+        if node.replica.raft.leader == node.config.id, stored != Array(meshRecord.utf8) {
+            node.propose(.put(PutRequest(key: Array(Self.meshKey.utf8), value: Array(meshRecord.utf8)))) {
+                [log, config] r in
+                if case .success(.put) = r {
+                    log(
+                        "identity: mesh settings published: default \(config.meshDefault.rawValue), proof \(config.meshProof)"
+                    )
+                }
+            }
+        }
         let mine = record
         let all = records()
         if !all.contains(where: { $0.kid == mine.kid }) {

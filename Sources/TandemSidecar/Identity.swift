@@ -18,6 +18,9 @@ final class SidecarIdentity: @unchecked Sendable {
     static let proofHeader = "tandem-proof"
     static let callerHeader = "tandem-caller"
     static let keyPrefix = "/tandem/identity/keys/"
+    /// The registry publishes keys and the mesh-wide settings under this prefix.
+    static let identityPrefix = "/tandem/identity/"
+    static let meshKey = "/tandem/identity/mesh"
 
     struct Held {
         var token: String
@@ -35,6 +38,10 @@ final class SidecarIdentity: @unchecked Sendable {
     let proofs: ProofSigner
     private let lock = NIOLock()
     private var auth: InboundAuthenticator
+    /// The mesh-wide settings the registry publishes (used where the config says nothing).
+    private var mesh: (defaultAccess: DefaultAccess?, proof: Bool?) = (nil, nil)
+    private var effectiveDefault: DefaultAccess { settings.defaultAccess ?? mesh.defaultAccess ?? .allow }
+    private var effectiveProof: Bool { settings.proof ?? mesh.proof ?? false }
     private var held: [String: Held] = [:]
     private var fetching: [String: EventLoopFuture<Void>] = [:]
     /// Last failure per audience, so a registry outage answers fast instead of queueing.
@@ -91,8 +98,9 @@ final class SidecarIdentity: @unchecked Sendable {
                 log("identity: no token for the registry yet (\((e as? LocalAnswer)?.message ?? "\(e)"))")
             } ?? loop.makeSucceededVoidFuture()
         return first.flatMap { [self] in
-            let w = PrefixWatcher(client: registry, prefix: Self.keyPrefix) { [weak self] values in
-                self?.setKeys(values)
+            let w = PrefixWatcher(client: registry, prefix: Self.identityPrefix) { [weak self] values in
+                self?.setKeys(values.filter { $0.key.hasPrefix(Self.keyPrefix) })
+                self?.setMesh(values[Self.meshKey])
             }
             w.log = log
             lock.withLock { watcher = w }
@@ -122,6 +130,23 @@ final class SidecarIdentity: @unchecked Sendable {
         log("identity: \(kids.count) signing key(s): \(kids.joined(separator: ", "))")
     }
 
+    private func setMesh(_ value: [UInt8]?) {
+        let v = value.flatMap { try? JSONValue.parse($0) }
+        let m = (
+            v?["default"]?.string.flatMap(DefaultAccess.init(rawValue:)),
+            v?["proof"].flatMap { j -> Bool? in
+                if case .bool(let b) = j { return b } else { return nil }
+            }
+        )
+        let changed = lock.withLock { () -> Bool in
+            defer { mesh = m }
+            return mesh.defaultAccess != m.0 || mesh.proof != m.1
+        }
+        if changed {
+            log("identity: mesh settings: default \(m.0?.rawValue ?? "allow"), proof \(m.1 ?? false)")
+        }
+    }
+
     /// Published key ids, for the admin endpoint and tests.
     var knownKeys: [String] { lock.withLock { auth.tokens.keys.keys.sorted() } }
 
@@ -131,8 +156,8 @@ final class SidecarIdentity: @unchecked Sendable {
         lock.withLock {
             JSONValue.object([
                 "service": .string(service), "issuer": .string(settings.issuer),
-                "mode": .string(settings.effectiveMode.rawValue), "proof": .bool(settings.proof),
-                "default": .string(settings.defaultAccess.rawValue), "key_thumbprint": .string(key.thumbprint),
+                "mode": .string(settings.effectiveMode.rawValue), "proof": .bool(effectiveProof),
+                "default": .string(effectiveDefault.rawValue), "key_thumbprint": .string(key.thumbprint),
                 "keys": .array(auth.tokens.keys.keys.sorted().map { .string($0) }),
                 "keys_loaded": .bool(keysLoaded),
                 "tokens": .object(held.mapValues { .object(["expires_at": .number(Double($0.expiresAt))]) }),
@@ -249,8 +274,8 @@ final class SidecarIdentity: @unchecked Sendable {
         headers.remove(name: Self.proofHeader)
         let now = Self.now()
         let (held, meshProof) = lock.withLock { () -> (Held?, Bool) in
-            guard let h = self.held[audience], now < h.expiresAt else { return (nil, settings.proof) }
-            return (h, settings.proof)
+            guard let h = self.held[audience], now < h.expiresAt else { return (nil, effectiveProof) }
+            return (h, effectiveProof)
         }
         guard let h = held else {
             headers.remove(name: Self.tokenHeader)
@@ -290,8 +315,8 @@ final class SidecarIdentity: @unchecked Sendable {
         let now = Self.now()
         let result = lock.withLock { () -> Result<ServiceClaims?, IdentityError> in
             let req = InboundRequirements(
-                mode: settings.effectiveMode, requireProof: route.proof ?? settings.proof, rule: route.access,
-                defaultAccess: settings.defaultAccess, route: route.name)
+                mode: settings.effectiveMode, requireProof: route.proof ?? effectiveProof, rule: route.access,
+                defaultAccess: effectiveDefault, route: route.name)
             do throws(IdentityError) {
                 return .success(
                     try auth.authorize(cred, target: target, bodyDigest: digest, requirements: req, now: now))

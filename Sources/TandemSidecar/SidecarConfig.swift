@@ -44,11 +44,12 @@ public struct IdentitySettings: Sendable, Equatable {
     public var issuer = "tandem://tandem"
     /// Inbound treatment of tokens; nil = `require` with a join token, `off` without.
     public var mode: IdentityMode?
-    /// Mesh-wide proof of possession: attached to every outbound request, required on every
-    /// inbound one.
-    public var proof = false
-    /// What an inbound route without an `allow` list admits.
-    public var defaultAccess: DefaultAccess = .allow
+    /// Proof of possession on every request: attached to every outbound request, required on
+    /// every inbound one. nil = the mesh's setting (`tandem registry --identity-proof`).
+    public var proof: Bool?
+    /// What an inbound route without an `allow` list admits; nil = the mesh's setting
+    /// (`tandem registry --identity-default`), allow if it has none.
+    public var defaultAccess: DefaultAccess?
     /// Lifetime asked of the registry (it caps it); refreshed at two thirds of it.
     public var tokenTTL: Int64 = 300
     public var limits = IdentityLimits()

@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import TandemCore
 import TandemEtcdAPI
+import TandemIdentity
 import TandemRegistryServer
 import TandemStore
 
@@ -46,6 +47,10 @@ struct Registry: ParsableCommand {
     var authFile: String?
     @Option(help: "Lifetime of the identity tokens this member issues, in seconds (at most 3600).")
     var identityTokenTtl: Int64 = 300
+    @Option(help: "Mesh-wide: what inbound routes without an allow list admit (allow, or deny unless allowed).")
+    var identityDefault = "allow"
+    @Flag(help: "Mesh-wide: every request carries a proof of possession (sidecars may still say otherwise).")
+    var identityProof = false
 
     /// The auth file's text (nil: auth off).
     func authFileText() throws -> String? {
@@ -64,6 +69,11 @@ struct Registry: ParsableCommand {
         c.issuer = join.issuer
         c.tokenTTL = identityTokenTtl
         c.limits.maxTokenTTL = identityTokenTtl
+        guard let d = DefaultAccess(rawValue: identityDefault) else {
+            throw ValidationError("--identity-default must be allow or deny")
+        }
+        c.meshDefault = d
+        c.meshProof = identityProof
         return c
     }
 

@@ -49,12 +49,12 @@ final class IdentityMesh {
         let config = dir.url.appendingPathComponent("users.lua")
         try """
         return {
-          identity = { default = "deny" },
           inbound = {
             allow = { "orders", "web" },
             policies = { "who.lua" },
             routes = {
               { name = "orders-only", path = "/orders-only/*", allow = { "orders" } },
+              { name = "unlisted", path = "/unlisted" },
               { name = "upload", path = "/upload", allow = { "orders", "web" }, proof = true },
               { name = "me", path = "/headers/me", allow = { "orders", "web" },
                 jwt = { pem = { file = "rsa.pub.pem", alg = "RS256" }, issuers = { "https://idp.test" },
@@ -66,7 +66,9 @@ final class IdentityMesh {
         // orders signs a proof for every request (the mesh-wide setting on its side); web does not.
         let ordersConfig = dir.url.appendingPathComponent("orders.lua")
         try "return { identity = { proof = true } }".write(to: ordersConfig, atomically: true, encoding: .utf8)
-        registry = try RegistryUnderTest(members: 1, extra: ["--join-token-file", joinFile])
+        // Deny unless allowed, mesh-wide: users' config does not say, the registry does.
+        registry = try RegistryUnderTest(
+            members: 1, extra: ["--join-token-file", joinFile, "--identity-default", "deny"])
         let (a, port) = try startEdgeApp()
         app = a
         let join = ["--join-token-file", joinFile]
@@ -156,11 +158,26 @@ final class IdentityMesh {
         let (token, _) = try m.issue("billing", "users")
         let other = try m.direct("/", headers: ["tandem-identity": token])
         #expect(other.status == 403 && other.head["tandem-error"] == "forbidden")
+        // A route that names nobody admits nobody: the registry's mesh-wide default is deny.
+        let unlisted = try curl(["-x", "http://\(m.orders.outbound)", "http://users/unlisted"])
+        #expect(unlisted.status == 403, "\(unlisted.head)")
+        #expect(String(decoding: unlisted.body, as: UTF8.self).contains("(the default is deny)"))
+        #expect(try http("http://\(m.users.admin)/identity").body.contains(#""default":"deny""#))
         // No token at all: 401, and a caller cannot claim an identity with a header.
         let anonymous = try m.direct("/", headers: ["tandem-caller": "orders"])
         #expect(anonymous.status == 401 && anonymous.head["tandem-error"] == "missing-token", "\(anonymous)")
         let metrics = try http("http://\(m.users.admin)/metrics").body
         #expect(metrics.contains(#"tandem_identity_refused_total{reason="forbidden"}"#), "\(metrics)")
+    }
+
+    /// Tokens and keys are held: with the registry gone, calls keep being authenticated until
+    /// the tokens expire (minutes).
+    @Test func aRegistryOutageIsSurvivedWithTheTokensHeld() throws {
+        let m = try IdentityMesh()
+        #expect(try http("http://users/headers", proxy: m.orders.outbound).status == 200)
+        m.registry.child?.stop()
+        let during = try http("http://users/headers", proxy: m.orders.outbound)
+        #expect(during.status == 200 && during.body.contains(#""tandem-caller": "orders""#), "\(during)")
     }
 
     @Test func forgedExpiredMisdirectedAndConfusedTokensAreRefused() throws {
@@ -371,5 +388,40 @@ final class IdentityMesh {
         let forged = try tandem(["kv", "get", "--endpoints", e, "--token", "a.b.c", "/tandem/services/"])
         #expect(forged.output.contains("etcdserver: invalid auth token"), "\(forged.output)")
         withExtendedLifetime((app, users, orders, reg)) {}
+    }
+
+    /// gRPC (all four modes) carries identity like HTTP/1.1: the token rides in the request
+    /// headers, and a route's allow rule refuses one method as PERMISSION_DENIED.
+    @Test func grpcCallsCarryIdentityAndAllowRulesAnswerWithGRPCStatuses() throws {
+        let dir = try TempDirectory()
+        let join = dir.url.appendingPathComponent("join").path
+        try "test-join-token-0123456789abcdef\n".write(toFile: join, atomically: true, encoding: .utf8)
+        let config = dir.url.appendingPathComponent("users.lua").path
+        try """
+        return { inbound = { routes = { { name = "fail", prefix = "/tandem.example.UserService/Fail", allow = { "admin" } } } } }
+        """.write(toFile: config, atomically: true, encoding: .utf8)
+        let reg = try RegistryUnderTest(members: 1, extra: ["--join-token-file", join])
+        let port = try freePort()
+        let users = try SidecarUnderTest(
+            service: "users", registry: reg.endpoint, appPort: port,
+            app: ["/usr/bin/python3", grpcService, "server", String(port)],
+            extra: ["--app-protocol", "grpc", "--join-token-file", join, "--config", config])
+        let client = try SidecarUnderTest(
+            service: "orders", registry: reg.endpoint, appPort: try freePort(), app: nil,
+            extra: ["--join-token-file", join], waitForRegistration: false)
+        let c = try Child("/usr/bin/python3", [grpcService, "client", client.outbound, "users"])
+        let lines = c.readUntil { $0.hasPrefix("{") }
+        let obj = try JSONSerialization.jsonObject(with: Data((lines.last ?? "").utf8)) as? [String: Any] ?? [:]
+        #expect((obj["unary"] as? [String: Any])?["name"] as? String == "Alice", "\(lines)")
+        #expect((obj["client_stream"] as? [String: Any])?["received"] as? Int == 5)
+        #expect(obj["bidi"] as? [String] == ["hi", "there", "!"])
+        let err = obj["error"] as? [String: Any] ?? [:]
+        #expect(err["code"] as? String == "PERMISSION_DENIED", "\(err)")
+        #expect((err["trailers"] as? [String: String])?["tandem-error"] == "forbidden", "\(err)")
+        // Straight to the inbound listener without a token: UNAUTHENTICATED.
+        let direct = try Child("/usr/bin/python3", [grpcService, "client", users.inbound, "users"])
+        let out = direct.readUntil { $0.hasPrefix("{") }
+        #expect(out.contains { $0.contains("UNAUTHENTICATED") }, "\(out)")
+        withExtendedLifetime((reg, users, client, dir)) {}
     }
 }

@@ -115,6 +115,11 @@ final class RegistryUnderTest {
             throw TestFailure("registry did not start: \(lines)")
         }
         endpoint = "127.0.0.1:\(port)"
+        if extra.contains("--join-token-file") {
+            // Tokens are issued once the signing key (and before it the mesh settings) is committed.
+            let more = child.readUntil { $0.contains("identity: signing key") && $0.contains("published") }
+            guard more.last?.contains("published") == true else { throw TestFailure("no signing key: \(more)") }
+        }
     }
 
     convenience init() throws { try self.init(members: 1) }

@@ -145,7 +145,7 @@ import Testing
                   },
                 }
                 """, name: "c.lua", base: b)
-        #expect(c.identity.effectiveMode == .require && c.identity.defaultAccess == .deny && c.identity.proof)
+        #expect(c.identity.effectiveMode == .require && c.identity.defaultAccess == .deny && c.identity.proof == true)
         #expect(c.identity.tokenTTL == 120 && c.proofRoutes == ["pay"])
         #expect(c.inboundDefault.access.allow == ["web"])
         #expect(c.inboundRoutes.map(\.name) == ["admin", "me"])
