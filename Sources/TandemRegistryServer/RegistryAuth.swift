@@ -160,7 +160,7 @@ public final class RegistryAuth: @unchecked Sendable {
 
     private func refreshKeys(_ store: MVCCStore) {
         let prefix = Array(RegistryIdentity.keyPrefix.utf8)
-        guard let r = try? store.range(RangeRequest(key: prefix, rangeEnd: prefixEnd(prefix))) else { return }
+        guard let r = try? store.range(RangeRequest(key: prefix, rangeEnd: KeyRange.prefixEnd(prefix))) else { return }
         let rev = r.kvs.map(\.modRevision).max() ?? 0
         // Deletions lower the count; any put raises the max mod revision.
         let version = rev &* 1_000 &+ Int64(r.kvs.count)
@@ -195,7 +195,7 @@ public final class RegistryAuth: @unchecked Sendable {
             if rangeEnd.isEmpty { return true }
             if rangeEnd == [0] { return false }
             // The range must end within the prefix's range.
-            return !prefixEnd(perm.prefix).lexicographicallyPrecedes(rangeEnd)
+            return !KeyRange.prefixEnd(perm.prefix).lexicographicallyPrecedes(rangeEnd)
         }
     }
 

@@ -119,7 +119,7 @@ public final class RegistryIdentity: @unchecked Sendable {
         let prefix = Array(Self.keyPrefix.utf8)
         guard
             let r = try? node.replica.store.range(
-                RangeRequest(key: prefix, rangeEnd: prefixEnd(prefix)))
+                RangeRequest(key: prefix, rangeEnd: KeyRange.prefixEnd(prefix)))
         else { return [] }
         return r.kvs.compactMap { try? PublishedKey.parse($0.value) }
     }
@@ -276,25 +276,12 @@ func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
     return d == 0
 }
 
-/// The end of the range of keys starting with `prefix` (etcd's `--prefix`).
-func prefixEnd(_ prefix: [UInt8]) -> [UInt8] {
-    var end = prefix
-    while let last = end.last {
-        if last < 0xFF {
-            end[end.count - 1] = last + 1
-            return end
-        }
-        end.removeLast()
-    }
-    return [0]
-}
-
 extension StoreCommand {
     /// Whether this write touches keys under `prefix` (put, delete range or any op of a txn).
     func touches(_ prefix: [UInt8]) -> Bool {
         func inRange(_ key: [UInt8], _ end: [UInt8]) -> Bool {
             if end.isEmpty { return key.starts(with: prefix) }
-            let pEnd = prefixEnd(prefix)
+            let pEnd = KeyRange.prefixEnd(prefix)
             // [key, end) ∩ [prefix, pEnd) ≠ ∅; end == [0] means "to the last key".
             return key.lexicographicallyPrecedes(pEnd) && (end == [0] || prefix.lexicographicallyPrecedes(end))
         }

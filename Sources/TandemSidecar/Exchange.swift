@@ -116,20 +116,11 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             proof = r.proof
         }
         if side == .inbound, let gate = ctx.gate {
-            switch gate.check(head: &head, pathAndQuery: path, body: body, bodyStreams: streaming, loop: loop) {
-            case .answer(let a): return answer(a)
-            case .pass(let who): proceed(who)
-            case .wait(let f):
-                f.whenComplete { r in
-                    switch r {
-                    case .success(let who): self.proceed(who)
-                    case .failure(let e): self.answer(e as? LocalAnswer ?? LocalAnswer(.unauthenticated))
-                    }
-                }
-            }
-            return
+            let c = gate.check(head: &head, pathAndQuery: path, body: body, bodyStreams: streaming, loop: loop)
+            InboundGate.settle(c, refuse: { self.answer($0) }, proceed: { self.proceed($0) })
+        } else {
+            proceed(InboundWho())
         }
-        proceed(InboundWho())
     }
 
     /// After the inbound checks: policies, then the cluster and (outbound, with identity) a token.

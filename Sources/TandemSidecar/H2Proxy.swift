@@ -166,20 +166,11 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         }
         if handler.side == .inbound, let gate = ctx.gate {
             // HTTP/2 bodies stream: a proof cannot cover them.
-            switch gate.check(head: &head, pathAndQuery: head.uri, body: nil, bodyStreams: true, loop: loop) {
-            case .answer(let a): return answer(a)
-            case .pass(let who): proceed(who)
-            case .wait(let f):
-                f.whenComplete { r in
-                    switch r {
-                    case .success(let who): self.proceed(who)
-                    case .failure(let e): self.answer(e as? LocalAnswer ?? LocalAnswer(.unauthenticated))
-                    }
-                }
-            }
-            return
+            let c = gate.check(head: &head, pathAndQuery: head.uri, body: nil, bodyStreams: true, loop: loop)
+            InboundGate.settle(c, refuse: { self.answer($0) }, proceed: { self.proceed($0) })
+        } else {
+            proceed(InboundWho())
         }
-        proceed(InboundWho())
     }
 
     /// After the inbound checks: policies, then the cluster and (outbound, with identity) a token.

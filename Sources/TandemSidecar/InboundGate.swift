@@ -74,6 +74,26 @@ final class InboundGate: @unchecked Sendable {
         case wait(EventLoopFuture<InboundWho>)
     }
 
+    /// Exactly one of `proceed` or `refuse` for a check's outcome — at once, or on the loop
+    /// once a first end-user JWT is verified. (Not folded into `check`: the callers' `head`
+    /// must not be borrowed `inout` while `proceed` changes it.)
+    static func settle(
+        _ c: Check, refuse: @escaping @Sendable (LocalAnswer) -> Void,
+        proceed: @escaping @Sendable (InboundWho) -> Void
+    ) {
+        switch c {
+        case .answer(let a): refuse(a)
+        case .pass(let who): proceed(who)
+        case .wait(let f):
+            f.whenComplete { r in
+                switch r {
+                case .success(let who): proceed(who)
+                case .failure(let e): refuse(e as? LocalAnswer ?? LocalAnswer(.unauthenticated))
+                }
+            }
+        }
+    }
+
     /// Checks `head` (path and query in `pathAndQuery`); strips credentials and sets the
     /// headers the app gets (`tandem-caller`, forwarded claims).
     func check(
