@@ -3,7 +3,9 @@
 #   users ×2 (Python, one of them flaky) and orders (Python) each run next to a Tandem sidecar
 #   (`tandem run`); the first sidecar hosts the embedded registry on 127.0.0.1:2379. orders
 #   calls http://users/... through its sidecar: discovery, balancing, retries, ejection and
-#   the circuit breaker all show up below, then everything drains and deregisters.
+#   the circuit breaker all show up below, then everything drains and deregisters. Every
+#   sidecar has the mesh's join token: orders' calls carry a service token, and users admits
+#   only orders (examples/users-orders/users.lua).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 T=${TANDEM:-.build/debug/tandem}
@@ -24,13 +26,18 @@ if curl -s -o /dev/null --max-time 1 http://127.0.0.1:2379/ 2>/dev/null; then
   echo "note: something already listens on 127.0.0.1:2379; the sidecars will use it as their registry"
 fi
 U1=$(free_port); U2=$(free_port); O=$(free_port); OIN=$(free_port)
+# The mesh's join token: the embedded registry issues service tokens to sidecars that have it.
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$W/join"
+JOIN=(--join-token-file "$W/join")
 echo "== 1. start: users ×2 and orders, each next to a sidecar (the first hosts the registry) =="
 $T run --service users --app-port $U1 --health-path /health --health-interval 1 --registry-data-dir "$W/registry" \
+  "${JOIN[@]}" --config examples/users-orders/users.lua \
   -- python3 examples/users-orders/users.py $U1 > "$W/users-1.log" 2>&1 & PIDS+=($!)
 wait_for "grep -q registered $W/users-1.log"
 FAIL_RATE=0.3 $T run --service users --app-port $U2 --health-path /health --health-interval 1 \
+  "${JOIN[@]}" --config examples/users-orders/users.lua \
   -- python3 examples/users-orders/users.py $U2 > "$W/users-2.log" 2>&1 & PIDS+=($!)
-$T run --service orders --app-port $O --inbound 127.0.0.1:$OIN --config examples/users-orders/orders.lua \
+$T run --service orders --app-port $O --inbound 127.0.0.1:$OIN --config examples/users-orders/orders.lua "${JOIN[@]}" \
   -- python3 examples/users-orders/orders.py $O > "$W/orders.log" 2>&1 & PIDS+=($!)
 wait_for "grep -q registered $W/users-2.log && grep -q registered $W/orders.log"
 head -2 "$W/users-1.log" | sed 's/^/   /'
@@ -63,6 +70,17 @@ echo "   GET /reports: $m   <- answered by policies/maintenance.lua"
 echo "   policy hook calls so far: $(metric orders 'tandem_policy_invocations_total')"
 
 echo
+echo "== 2c. identity without mTLS: users admits only orders (examples/users-orders/users.lua) =="
+UIN=$(grep -o "inbound [0-9.:]*" "$W/users-1.log" | head -1 | cut -d' ' -f2)
+r=$(curl -s -w " (%{http_code})" "http://$UIN/user/1")
+echo "   GET users/user/1 with no token:        $r"
+web=$($T identity issue --service web --audience users --join-token-file "$W/join")
+r=$(curl -s -w " (%{http_code})" -H "tandem-identity: $web" "http://$UIN/user/1")
+echo "   ... with a valid token of service web: $r"
+admitted=$(metric users-1 'tandem_requests_total{side="inbound"')
+echo "   orders' calls carry its token: users-1 admitted $admitted requests, refused $(metric users-1 'tandem_identity_refused_total')"
+
+echo
 echo "== 3. users-1 fails every call too: ejection, then the circuit breaker opens =="
 curl -s -X POST --data 1 "http://127.0.0.1:$U1/admin/fail-rate" > /dev/null
 curl -s -X POST --data 1 "http://127.0.0.1:$U2/admin/fail-rate" > /dev/null
@@ -85,5 +103,5 @@ if command -v etcdctl >/dev/null; then
   echo "   still registered: $(ETCDCTL_API=3 etcdctl --endpoints 127.0.0.1:2379 get --prefix /tandem/services/ --keys-only | grep -c .)"
 fi
 echo
-echo "Admin endpoints while it runs: /ready /live /metrics /clusters /routes on each sidecar's admin port."
+echo "Admin endpoints while it runs: /ready /live /metrics /clusters /routes /identity on each sidecar's admin port."
 echo "Logs of this run were in $W (removed on exit)."

@@ -5,6 +5,9 @@
 -- file): an id for every request, the seed's X-Response-Time, and a maintenance switch that
 -- keeps /order and /health open and answers everything else 503 from Lua.
 return {
+  -- orders is the edge of this mesh: callers without a service token (curl, browsers) are
+  -- admitted as anonymous; its calls to users carry orders' token (users admits only orders).
+  identity = { mode = "permissive" },
   inbound = {
     policies = {
       "../../policies/request-id.lua",
