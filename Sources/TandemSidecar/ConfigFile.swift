@@ -147,6 +147,9 @@ public enum ConfigFile {
             if let z = inb["compression"] { c.inboundCompression = try r.compression(z, "inbound.compression") }
             if let rl = inb["rate_limit"] {
                 let (limit, key) = try r.rateLimit(rl, "inbound.rate_limit")
+                if key == .caller && c.identity.effectiveMode == .off {
+                    throw r.fail("inbound.rate_limit.per", "\"caller\" needs identity (a join token)")
+                }
                 c.inboundRateLimit = limit
                 c.inboundRateLimitKey = key
             }
@@ -161,6 +164,12 @@ public enum ConfigFile {
                 if let p = item["proof"], try r.bool(p, "routes[\(i + 1)].proof") { c.proofRoutes.insert(route.name) }
                 if let p = item["policies"] {
                     c.routePolicies[route.name] = try r.policies(p, "routes[\(i + 1)].policies")
+                }
+                if route.rateLimitKey == .caller {
+                    throw r.fail(
+                        "routes[\(i + 1)].rate_limit.per",
+                        "\"caller\" keys inbound rate limits (inbound.rate_limit); outbound, the caller is this sidecar"
+                    )
                 }
             }
             var seen = Set<String>()
@@ -553,18 +562,33 @@ public enum ConfigFile {
 
         /// `rate_limit = { rps = N, burst = M, per = "remote_address" | "header:NAME" }`.
         func rateLimit(_ rl: LuaValue, _ path: String) throws(Error) -> (TokenBucket.Config, RateLimitKey?) {
-            try keys(rl, path, allowed: ["rps", "burst", "per"])
-            let rps = try int(rl["rps"] ?? .nil, "\(path).rps", min: 1)
-            let burst = try rl["burst"].map { (x) throws(Error) in try int(x, "\(path).burst", min: 1) }
+            try keys(rl, path, allowed: ["rps", "burst", "per", "max_tokens", "tokens_per_fill", "fill_interval_ms"])
+            var limit: TokenBucket.Config
+            if rl["rps"] == nil, let m = rl["max_tokens"] {
+                // Envoy's local rate limit knobs: a bucket of max_tokens, refilled by
+                // tokens_per_fill every fill_interval_ms.
+                limit = TokenBucket.Config(
+                    maxTokens: try int(m, "\(path).max_tokens", min: 1),
+                    tokensPerFill: try rl["tokens_per_fill"].map { (x) throws(Error) in
+                        try int(x, "\(path).tokens_per_fill", min: 1)
+                    } ?? 1,
+                    fillInterval: .milliseconds(
+                        Int64(try int(rl["fill_interval_ms"] ?? .nil, "\(path).fill_interval_ms", min: 1))))
+            } else {
+                let rps = try int(rl["rps"] ?? .nil, "\(path).rps", min: 1)
+                let burst = try rl["burst"].map { (x) throws(Error) in try int(x, "\(path).burst", min: 1) }
+                limit = .perSecond(rps, burst: burst)
+            }
             var key: RateLimitKey?
             if let p = rl["per"] {
                 let s = try string(p, "\(path).per")
                 guard let k = RateLimitKey.parse(s) else {
-                    throw fail("\(path).per", "expected \"remote_address\" or \"header:NAME\", got \"\(s)\"")
+                    throw fail(
+                        "\(path).per", "expected \"remote_address\", \"caller\" or \"header:NAME\", got \"\(s)\"")
                 }
                 key = k
             }
-            return (.perSecond(rps, burst: burst), key)
+            return (limit, key)
         }
 
         /// `compression = true | false | { min_bytes = N, content_types = { "text/", … } }`.

@@ -126,6 +126,9 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     /// After the inbound checks: policies, then the cluster and (outbound, with identity) a token.
     private func proceed(_ who: InboundWho) {
         guard !finished else { return }
+        if let refused = ProxyRouting.limitByCaller(ctx: ctx, route: route, caller: who.caller, now: clock()) {
+            return answer(refused)
+        }
         for (name, value) in who.headers { head.headers.replaceOrAdd(name: name, value: value) }
         if let r = route, ctx.policies?.isActive == true {
             let remote = context.channel.remoteAddress.map { "\($0.ipAddress ?? ""):\($0.port ?? 0)" } ?? ""

@@ -176,6 +176,9 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     /// After the inbound checks: policies, then the cluster and (outbound, with identity) a token.
     private func proceed(_ who: InboundWho) {
         guard !finished, let r = route else { return }
+        if let refused = ProxyRouting.limitByCaller(ctx: ctx, route: r, caller: who.caller, now: nowNanos()) {
+            return answer(refused)
+        }
         for (name, value) in who.headers { head.headers.replaceOrAdd(name: name, value: value) }
         if ctx.policies?.isActive == true {
             let peer = context.channel.parent?.remoteAddress

@@ -102,12 +102,27 @@ enum ProxyRouting {
         case nil: key = nil
         case .remoteAddress?: key = remote()
         case .header(let name)?: key = head.headers.first(name: name)
+        case .caller?:
+            // Known only once the inbound gate has verified the token: `limitByCaller`.
+            return .success(Resolved(route: route, host: host, path: path, proof: proof))
         }
+        if let refused = take(ctx: ctx, route: route, key: key, now: now) { return .failure(refused) }
+        return .success(Resolved(route: route, host: host, path: path, proof: proof))
+    }
+
+    private static func take(ctx: ProxyContext, route: Route, key: String?, now: Nanos) -> LocalAnswer? {
         guard ctx.brain.takeToken(route: route, key: key, now: now) else {
             let who = route.rateLimitKey == nil ? "" : " for this caller"
-            return .failure(LocalAnswer(.rateLimited, message: "rate limit of route \"\(route.name)\" exceeded\(who)"))
+            return LocalAnswer(.rateLimited, message: "rate limit of route \"\(route.name)\" exceeded\(who)")
         }
-        return .success(Resolved(route: route, host: host, path: path, proof: proof))
+        return nil
+    }
+
+    /// The rate limit keyed by the verified caller service, after the inbound gate (anonymous
+    /// callers share the bucket "-").
+    static func limitByCaller(ctx: ProxyContext, route: Route?, caller: String?, now: Nanos) -> LocalAnswer? {
+        guard let route, route.rateLimitKey == .caller else { return nil }
+        return take(ctx: ctx, route: route, key: caller ?? "-", now: now)
     }
 
     /// Runs `then` on `loop` once the cluster's endpoints are known (its first discovery

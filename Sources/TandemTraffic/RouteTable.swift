@@ -218,10 +218,14 @@ public struct CompressionPolicy: Equatable, Sendable {
 public enum RateLimitKey: Equatable, Sendable {
     case remoteAddress
     case header(String)
+    /// The caller service verified by its identity token (inbound only; anonymous callers
+    /// share one bucket).
+    case caller
 
-    /// `remote_address` or `header:NAME`.
+    /// `remote_address`, `caller` or `header:NAME`.
     public static func parse(_ s: String) -> RateLimitKey? {
         if s == "remote_address" { return .remoteAddress }
+        if s == "caller" { return .caller }
         if s.hasPrefix("header:"), s.count > 7 { return .header(String(s.dropFirst(7)).lowercased()) }
         return nil
     }

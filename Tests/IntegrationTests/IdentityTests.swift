@@ -424,4 +424,33 @@ final class IdentityMesh {
         #expect(out.contains { $0.contains("UNAUTHENTICATED") }, "\(out)")
         withExtendedLifetime((reg, users, client, dir)) {}
     }
+
+    /// An inbound rate limit keyed by the verified caller: each service has its own bucket,
+    /// which a caller cannot escape by claiming another name (the key is the token's subject).
+    @Test func inboundRateLimitsPerVerifiedCaller() throws {
+        let dir = try TempDirectory()
+        let join = dir.url.appendingPathComponent("join").path
+        try "test-join-token-0123456789abcdef\n".write(toFile: join, atomically: true, encoding: .utf8)
+        let config = dir.url.appendingPathComponent("users.lua").path
+        try """
+        return { inbound = { rate_limit = { max_tokens = 2, fill_interval_ms = 3600000, per = "caller" } } }
+        """.write(toFile: config, atomically: true, encoding: .utf8)
+        let reg = try RegistryUnderTest(members: 1, extra: ["--join-token-file", join])
+        let (app, port) = try startEdgeApp()
+        let users = try SidecarUnderTest(
+            service: "users", registry: reg.endpoint, appPort: port, app: nil,
+            extra: ["--join-token-file", join, "--config", config])
+        let callers = try ["orders", "web"].map { name in
+            try SidecarUnderTest(
+                service: name, registry: reg.endpoint, appPort: try freePort(), app: nil,
+                extra: ["--join-token-file", join], waitForRegistration: false)
+        }
+        let orders = try (0..<3).map { _ in try http("http://users/", host: nil, proxy: callers[0].outbound) }
+        #expect(orders.map(\.status) == [200, 200, 429], "\(orders)")
+        #expect(orders[2].headers["tandem-error"] == "rate-limited")
+        // orders spent its bucket; web has its own, even when it says it is orders.
+        let web = try curl(["-x", "http://\(callers[1].outbound)", "-H", "tandem-caller: orders", "http://users/"])
+        #expect(web.status == 200, "\(web.head)")
+        withExtendedLifetime((reg, app, users, callers, dir)) {}
+    }
 }

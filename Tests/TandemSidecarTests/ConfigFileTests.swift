@@ -84,7 +84,7 @@ import Testing
         ),
         (
             "return { routes = { { cluster = 'u', rate_limit = { rps = 5, per = 'user' } } } }",
-            "c.lua: routes[1].rate_limit.per: expected \"remote_address\" or \"header:NAME\", got \"user\""
+            "c.lua: routes[1].rate_limit.per: expected \"remote_address\", \"caller\" or \"header:NAME\", got \"user\""
         ),
         (
             "return { clusters = { u = { health_check = { path = '/h', tcp = true } } } }",
@@ -117,6 +117,14 @@ import Testing
         (
             "return { inbound = { routes = { { path = '/me', jwt = { from = { 'body' }, pem = { file = 'k', alg = 'RS256' } } } } } }",
             "c.lua: inbound.routes[1].jwt.from[1]: expected \"bearer\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\", got \"body\""
+        ),
+        (
+            "return { routes = { { cluster = 'u', rate_limit = { rps = 5, per = 'caller' } } } }",
+            "c.lua: routes[1].rate_limit.per: \"caller\" keys inbound rate limits (inbound.rate_limit); outbound, the caller is this sidecar"
+        ),
+        (
+            "return { inbound = { rate_limit = { max_tokens = 2, per = 'caller' } } }",
+            "c.lua: inbound.rate_limit.fill_interval_ms: expected an integer in 1…2147483647, got nil"
         ),
         (
             "return { inbound = { routes = { { path = '/a', alow = { 'x' } } } } }",
