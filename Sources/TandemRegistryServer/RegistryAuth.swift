@@ -179,6 +179,8 @@ public final class RegistryAuth: @unchecked Sendable {
                 Permission(prefix: Array("/tandem/services/".utf8), write: false),
                 Permission(prefix: Array("/tandem/config/\(s)/".utf8), write: false),
                 Permission(prefix: Array("/tandem/identity/".utf8), write: false),
+                // End-user JWT keys (`jwks_registry_key`), public by nature.
+                Permission(prefix: Array("/tandem/jwks/".utf8), write: false),
                 Permission(prefix: Array("/tandem/services/\(s)/".utf8), write: true),
             ]
         }

@@ -453,4 +453,44 @@ final class IdentityMesh {
         #expect(web.status == 200, "\(web.head)")
         withExtendedLifetime((reg, app, users, callers, dir)) {}
     }
+
+    /// End-user keys stored in the registry (a JWKS document, watched), and a join token that
+    /// may obtain tokens only for the services its line names.
+    @Test func jwksFromTheRegistryAndJoinTokensRestrictedToServices() throws {
+        let dir = try TempDirectory()
+        let join = dir.url.appendingPathComponent("join").path
+        try """
+        test-join-token-0123456789abcdef
+        orders-only-token-0123456789abcd  orders   # may obtain tokens for orders only
+        """.write(toFile: join, atomically: true, encoding: .utf8)
+        _ = try forge(["rsa-key", dir.url.path])
+        let config = dir.url.appendingPathComponent("users.lua").path
+        try """
+        return { inbound = { routes = { { name = "me", path = "/headers/me",
+          jwt = { jwks_registry_key = "/tandem/jwks/idp", algorithms = { "RS256" } } } } } }
+        """.write(toFile: config, atomically: true, encoding: .utf8)
+        let reg = try RegistryUnderTest(members: 1, extra: ["--join-token-file", join])
+        #expect(try etcdctl(reg.endpoint, ["put", "/tandem/jwks/idp", try forge(["jwks", dir.url.path])]).status == 0)
+        let (app, port) = try startEdgeApp()
+        let users = try SidecarUnderTest(
+            service: "users", registry: reg.endpoint, appPort: port, app: nil,
+            extra: ["--join-token-file", join, "--config", config])
+        let orders = try SidecarUnderTest(
+            service: "orders", registry: reg.endpoint, appPort: try freePort(), app: nil,
+            extra: ["--join-token", "orders-only-token-0123456789abcd"], waitForRegistration: false)
+        let token = try forge(["rs256", dir.url.path, #"{"sub":"alice","exp":"+300"}"#])
+        let args = [
+            "-x", "http://\(orders.outbound)", "-H", "Authorization: Bearer \(token)", "http://users/headers/me",
+        ]
+        #expect(try eventually { try curl(args).status == 200 })
+        let refused = try curl(["-x", "http://\(orders.outbound)", "http://users/headers/me"])
+        #expect(refused.status == 401 && refused.head["tandem-error"] == "missing-token")
+        // The restricted join token: orders yes (its sidecar above used it), web no.
+        let web = try tandem([
+            "identity", "issue", "--endpoints", reg.endpoint, "--join-token", "orders-only-token-0123456789abcd",
+            "--service", "web", "--audience", "users",
+        ])
+        #expect(web.status != 0 && web.output.contains(#"may not obtain tokens for "web""#), "\(web.output)")
+        withExtendedLifetime((reg, app, users, orders, dir)) {}
+    }
 }

@@ -4,6 +4,7 @@ implementation independent of Tandem's.
 
 jwt_tool.py rsa-key DIR                      writes DIR/rsa.pem (private) and DIR/rsa.pub.pem
 jwt_tool.py rs256 DIR CLAIMS_JSON            a token signed with DIR/rsa.pem (kid "k1")
+jwt_tool.py jwks DIR                         the JWKS document of DIR/rsa.pub.pem (kid "k1")
 jwt_tool.py hs-confusion DIR CLAIMS_JSON     HS256 keyed with the bytes of DIR/rsa.pub.pem
 jwt_tool.py eddsa SEED_B64URL KID CLAIMS_JSON [TYP]   EdDSA with a raw 32-byte seed
 jwt_tool.py none KID CLAIMS_JSON [TYP]       alg "none", empty signature
@@ -49,6 +50,12 @@ def main():
         d = sys.argv[2]
         print(jwt.encode(claims(sys.argv[3]), open(d + "/rsa.pem", "rb").read(), algorithm="RS256",
                          headers={"kid": "k1"}))
+    elif cmd == "jwks":
+        d = sys.argv[2]
+        pub = serialization.load_pem_public_key(open(d + "/rsa.pub.pem", "rb").read())
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(pub))
+        jwk.update({"kid": "k1", "alg": "RS256", "use": "sig"})
+        print(json.dumps({"keys": [jwk]}))
     elif cmd == "hs-confusion":
         d = sys.argv[2]
         pub = open(d + "/rsa.pub.pem", "rb").read()
