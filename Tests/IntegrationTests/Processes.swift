@@ -76,10 +76,15 @@ final class Child {
     func send(_ line: String) { input.fileHandleForWriting.write(Data((line + "\n").utf8)) }
 
     func stop() {
-        if process.isRunning {
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
-        }
+        guard process.isRunning else { return }
+        let pid = process.processIdentifier
+        kill(pid, SIGKILL)
+        // Reap it here rather than in `waitUntilExit`: when two children die at once their
+        // SIGCHLDs coalesce, Foundation can miss one, and waitUntilExit then waits forever on a
+        // zombie (seen: a test run hung in this deinit). waitpid on our own child returns once
+        // it is dead, or at once (ECHILD) if Foundation already reaped it.
+        var status: Int32 = 0
+        _ = waitpid(pid, &status, 0)
     }
 
     deinit { stop() }
