@@ -217,25 +217,29 @@ final class SidecarIdentity: @unchecked Sendable {
         req.audiences = [audience]
         req.keyThumbprint = key.thumbprint
         req.ttlSeconds = settings.tokenTTL
-        let f = client.unary("/tandem.identity.v1.Identity/Issue", req, as: Tandem_Identity_V1_IssueResponse.self)
-            .flatMapErrorThrowing { e -> Tandem_Identity_V1_IssueResponse in
-                let message = (e as? EtcdClientError)?.message ?? "\(e)"
-                throw Self.unavailable(audience, message)
+        // Submitted, never run inline: the callbacks below take the lock the caller holds.
+        let request = req
+        let f = client.loop.flatSubmit {
+            client.unary("/tandem.identity.v1.Identity/Issue", request, as: Tandem_Identity_V1_IssueResponse.self)
+        }
+        .flatMapErrorThrowing { e -> Tandem_Identity_V1_IssueResponse in
+            let message = (e as? EtcdClientError)?.message ?? "\(e)"
+            throw Self.unavailable(audience, message)
+        }
+        .flatMapThrowing { [self] resp -> Void in
+            guard let t = resp.tokens.first(where: { $0.audience == audience }) else {
+                throw Self.unavailable(audience, "the registry issued no token")
             }
-            .flatMapThrowing { [self] resp -> Void in
-                guard let t = resp.tokens.first(where: { $0.audience == audience }) else {
-                    throw Self.unavailable(audience, "the registry issued no token")
-                }
-                let now = Self.now()
-                let life = max(1, t.expiresAt - now)
-                lock.withLock {
-                    held[audience] = Held(
-                        token: t.token, expiresAt: t.expiresAt, refreshAt: now + life * 2 / 3,
-                        hash: sha256Base64URL(t.token.utf8), kid: Self.kid(of: t.token))
-                    failures[audience] = nil
-                }
-                metrics.inc("tandem_identity_tokens_issued_total", [("audience", audience)])
+            let now = Self.now()
+            let life = max(1, t.expiresAt - now)
+            lock.withLock {
+                held[audience] = Held(
+                    token: t.token, expiresAt: t.expiresAt, refreshAt: now + life * 2 / 3,
+                    hash: sha256Base64URL(t.token.utf8), kid: Self.kid(of: t.token))
+                failures[audience] = nil
             }
+            metrics.inc("tandem_identity_tokens_issued_total", [("audience", audience)])
+        }
         fetching[audience] = f
         f.whenComplete { [self] r in
             lock.withLock {
