@@ -191,6 +191,13 @@ final class EndUserVerifier: @unchecked Sendable {
     static let maxCachedTokens = 4096
     static let maxTokenBytes = 8192
 
+    /// The decisions on `alg` and claims (TandemIdentity).
+    var requirements: EndUserRequirements {
+        EndUserRequirements(
+            issuers: rule.issuers, audiences: rule.audiences, algorithms: rule.algorithms, skew: rule.skew, route: route
+        )
+    }
+
     init(rule: JWTRule, route: String) async throws {
         self.rule = rule
         self.route = route
@@ -320,18 +327,14 @@ final class EndUserVerifier: @unchecked Sendable {
         guard parts.count == 3, let hb = Base64URL.decode(parts[0]), let header = try? JSONValue.parse(hb) else {
             throw IdentityError(.invalidToken, "invalid token: not a JWT")
         }
-        guard let alg = header["alg"]?.string else { throw IdentityError(.invalidToken, "invalid token: no alg") }
-        guard rule.algorithms.contains(alg) else {
-            throw IdentityError(.invalidToken, "invalid token: alg \"\(alg)\" is not accepted on route \"\(route)\"")
-        }
+        let alg = header["alg"]?.string ?? ""
+        try requirements.checkAlgorithm(header["alg"]?.string)
         let kid = header["kid"]?.string.map { JWKIdentifier(string: $0) }
         let keys = lock.withLock { self.keys }
         let claims: [String: JSONValue]
         do {
             let key = try await keys.getKey(for: kid, alg: alg)
-            guard key.name == alg else {
-                throw IdentityError(.invalidToken, "invalid token: alg \"\(alg)\" does not match its key (\(key.name))")
-            }
+            try requirements.checkKey(alg: alg, keyAlgorithm: key.name)
             claims = try await keys.verify(token, as: EndUserClaims.self).claims
         } catch let e as IdentityError {
             throw e
@@ -342,24 +345,7 @@ final class EndUserVerifier: @unchecked Sendable {
         } catch {
             throw IdentityError(.invalidToken, "invalid token: \(error)")
         }
-        guard let exp = claims["exp"]?.number.map({ Int64($0) }) else {
-            throw IdentityError(.invalidToken, "invalid token: no exp")
-        }
-        guard now < exp + rule.skew else { throw IdentityError(.expiredToken, "token expired") }
-        if let nbf = claims["nbf"]?.number.map({ Int64($0) }), now + rule.skew < nbf {
-            throw IdentityError(.invalidToken, "invalid token: not valid yet (nbf)")
-        }
-        if !rule.issuers.isEmpty {
-            guard let iss = claims["iss"]?.string, rule.issuers.contains(iss) else {
-                throw IdentityError(.invalidToken, "invalid token: issuer is not accepted")
-            }
-        }
-        if !rule.audiences.isEmpty {
-            let aud = claims["aud"].map { v in v.array?.compactMap(\.string) ?? v.string.map { [$0] } ?? [] } ?? []
-            guard aud.contains(where: rule.audiences.contains) else {
-                throw IdentityError(.wrongAudience, "invalid token: audience is not accepted")
-            }
-        }
+        let exp = try requirements.checkClaims(claims, now: now)
         lock.withLock {
             if cache.count >= Self.maxCachedTokens {
                 cache = cache.filter { now < $0.value.exp + rule.skew }

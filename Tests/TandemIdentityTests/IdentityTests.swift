@@ -251,3 +251,41 @@ func reason(_ body: () throws -> Void) -> IdentityError.Reason? {
             } == .missingToken)
     }
 }
+
+@Suite struct EndUserRequirementsTests {
+    let r = EndUserRequirements(
+        issuers: ["https://idp"], audiences: ["shop"], algorithms: ["RS256"], skew: 30, route: "me")
+
+    @Test func theAlgorithmMustBeAcceptedAndBeTheKeys() {
+        #expect(reason { try r.checkAlgorithm("RS256") } == nil)
+        #expect(reason { try r.checkAlgorithm(nil) } == .invalidToken)
+        #expect(reason { try r.checkAlgorithm("none") } == .invalidToken)
+        #expect(reason { try r.checkAlgorithm("HS256") } == .invalidToken)
+        // An HS256 token that selected an RSA key (the confusion): refused by the key check.
+        #expect(reason { try r.checkKey(alg: "RS256", keyAlgorithm: "RS256") } == nil)
+        #expect(reason { try r.checkKey(alg: "HS256", keyAlgorithm: "RS256") } == .invalidToken)
+    }
+
+    @Test func claimsAreCheckedWithTheSkew() {
+        let ok: [String: JSONValue] = ["exp": .number(1000), "iss": .string("https://idp"), "aud": .string("shop")]
+        #expect((try? r.checkClaims(ok, now: 1029)) == 1000)  // expired 29 s ago, within the skew
+        #expect(reason { _ = try r.checkClaims(ok, now: 1030) } == .expiredToken)
+        var c = ok
+        c["exp"] = nil
+        #expect(reason { _ = try r.checkClaims(c, now: 0) } == .invalidToken)
+        c = ok
+        c["nbf"] = .number(500)
+        #expect(reason { _ = try r.checkClaims(c, now: 469) } == .invalidToken)
+        #expect(reason { _ = try r.checkClaims(c, now: 470) } == nil)
+        c = ok
+        c["iss"] = .string("https://evil")
+        #expect(reason { _ = try r.checkClaims(c, now: 0) } == .invalidToken)
+        c = ok
+        c["aud"] = .array([.string("other"), .string("shop")])
+        #expect(reason { _ = try r.checkClaims(c, now: 0) } == nil)
+        c["aud"] = .array([.string("other")])
+        #expect(reason { _ = try r.checkClaims(c, now: 0) } == .wrongAudience)
+        let open = EndUserRequirements(issuers: [], audiences: [], algorithms: ["ES256"], skew: 0, route: "r")
+        #expect((try? open.checkClaims(["exp": .number(10)], now: 9)) == 10)
+    }
+}
