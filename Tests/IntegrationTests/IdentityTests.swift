@@ -16,9 +16,27 @@ func forge(_ args: [String]) throws -> String {
     return token
 }
 
+/// A temporary directory with the mesh's join token (`join`) and, when given, the users
+/// sidecar's config (`users.lua`).
+struct IdentityFiles {
+    static let joinToken = "test-join-token-0123456789abcdef"
+    let dir: TempDirectory
+    let join: String
+    let config: String
+
+    init(usersConfig: String? = nil, joinText: String = IdentityFiles.joinToken + "\n") throws {
+        dir = try TempDirectory()
+        join = dir.url.appendingPathComponent("join").path
+        config = dir.url.appendingPathComponent("users.lua").path
+        try joinText.write(toFile: join, atomically: true, encoding: .utf8)
+        try usersConfig?.write(toFile: config, atomically: true, encoding: .utf8)
+    }
+}
+
 /// A mesh with identity on: a registry with a join token, `users` (an app behind a sidecar with
 /// allow rules, a proof route and an end-user JWT route), and two callers, `orders` and `web`.
 final class IdentityMesh {
+    let files: IdentityFiles
     let dir: TempDirectory
     let registry: RegistryUnderTest
     let joinFile: String
@@ -28,9 +46,9 @@ final class IdentityMesh {
     let web: SidecarUnderTest
 
     init() throws {
-        dir = try TempDirectory()
-        joinFile = dir.url.appendingPathComponent("join").path
-        try "test-join-token-0123456789abcdef\n".write(toFile: joinFile, atomically: true, encoding: .utf8)
+        files = try IdentityFiles()
+        dir = files.dir
+        joinFile = files.join
         _ = try forge(["rsa-key", dir.url.path])
         let policy = dir.url.appendingPathComponent("who.lua")
         try """
@@ -330,9 +348,8 @@ final class IdentityMesh {
     /// sidecars authenticate with service tokens, register and discover, and may write only
     /// their own registrations.
     @Test func registryAuthScopesUsersAndSidecars() throws {
-        let dir = try TempDirectory()
-        let join = dir.url.appendingPathComponent("join").path
-        try "test-join-token-0123456789abcdef\n".write(toFile: join, atomically: true, encoding: .utf8)
+        let files = try IdentityFiles()
+        let (dir, join) = (files.dir, files.join)
         func hash(_ pw: String) throws -> String {
             let c = try Child(tandemBinary(), ["identity", "hash-password", "--iterations", "1000"])
             c.send(pw)
@@ -393,13 +410,11 @@ final class IdentityMesh {
     /// gRPC (all four modes) carries identity like HTTP/1.1: the token rides in the request
     /// headers, and a route's allow rule refuses one method as PERMISSION_DENIED.
     @Test func grpcCallsCarryIdentityAndAllowRulesAnswerWithGRPCStatuses() throws {
-        let dir = try TempDirectory()
-        let join = dir.url.appendingPathComponent("join").path
-        try "test-join-token-0123456789abcdef\n".write(toFile: join, atomically: true, encoding: .utf8)
-        let config = dir.url.appendingPathComponent("users.lua").path
-        try """
-        return { inbound = { routes = { { name = "fail", prefix = "/tandem.example.UserService/Fail", allow = { "admin" } } } } }
-        """.write(toFile: config, atomically: true, encoding: .utf8)
+        let files = try IdentityFiles(
+            usersConfig: """
+                return { inbound = { routes = { { name = "fail", prefix = "/tandem.example.UserService/Fail", allow = { "admin" } } } } }
+                """)
+        let (dir, join, config) = (files.dir, files.join, files.config)
         let reg = try RegistryUnderTest(members: 1, extra: ["--join-token-file", join])
         let port = try freePort()
         let users = try SidecarUnderTest(
@@ -428,13 +443,11 @@ final class IdentityMesh {
     /// An inbound rate limit keyed by the verified caller: each service has its own bucket,
     /// which a caller cannot escape by claiming another name (the key is the token's subject).
     @Test func inboundRateLimitsPerVerifiedCaller() throws {
-        let dir = try TempDirectory()
-        let join = dir.url.appendingPathComponent("join").path
-        try "test-join-token-0123456789abcdef\n".write(toFile: join, atomically: true, encoding: .utf8)
-        let config = dir.url.appendingPathComponent("users.lua").path
-        try """
-        return { inbound = { rate_limit = { max_tokens = 2, fill_interval_ms = 3600000, per = "caller" } } }
-        """.write(toFile: config, atomically: true, encoding: .utf8)
+        let files = try IdentityFiles(
+            usersConfig: """
+                return { inbound = { rate_limit = { max_tokens = 2, fill_interval_ms = 3600000, per = "caller" } } }
+                """)
+        let (dir, join, config) = (files.dir, files.join, files.config)
         let reg = try RegistryUnderTest(members: 1, extra: ["--join-token-file", join])
         let (app, port) = try startEdgeApp()
         let users = try SidecarUnderTest(
@@ -457,18 +470,17 @@ final class IdentityMesh {
     /// End-user keys stored in the registry (a JWKS document, watched), and a join token that
     /// may obtain tokens only for the services its line names.
     @Test func jwksFromTheRegistryAndJoinTokensRestrictedToServices() throws {
-        let dir = try TempDirectory()
-        let join = dir.url.appendingPathComponent("join").path
-        try """
-        test-join-token-0123456789abcdef
-        orders-only-token-0123456789abcd  orders   # may obtain tokens for orders only
-        """.write(toFile: join, atomically: true, encoding: .utf8)
+        let files = try IdentityFiles(
+            usersConfig: """
+                return { inbound = { routes = { { name = "me", path = "/headers/me",
+                  jwt = { jwks_registry_key = "/tandem/jwks/idp", algorithms = { "RS256" } } } } } }
+                """,
+            joinText: """
+                \(IdentityFiles.joinToken)
+                orders-only-token-0123456789abcd  orders   # may obtain tokens for orders only
+                """)
+        let (dir, join, config) = (files.dir, files.join, files.config)
         _ = try forge(["rsa-key", dir.url.path])
-        let config = dir.url.appendingPathComponent("users.lua").path
-        try """
-        return { inbound = { routes = { { name = "me", path = "/headers/me",
-          jwt = { jwks_registry_key = "/tandem/jwks/idp", algorithms = { "RS256" } } } } } }
-        """.write(toFile: config, atomically: true, encoding: .utf8)
         let reg = try RegistryUnderTest(members: 1, extra: ["--join-token-file", join])
         #expect(try etcdctl(reg.endpoint, ["put", "/tandem/jwks/idp", try forge(["jwks", dir.url.path])]).status == 0)
         let (app, port) = try startEdgeApp()
