@@ -161,12 +161,15 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     // MARK: policies
 
     /// Answers with a policy's decision instead of (or in place of) the upstream.
-    private func answerWithPolicy(_ d: PolicyDecision) {
+    /// `upstreamFailed`: the answer it replaces was a failure (a 5xx, or the sidecar's own 5xx
+    /// answer); the breaker counts it as one even when a fallback hides it from the client, or
+    /// a fallback policy would keep the breaker from ever opening.
+    private func answerWithPolicy(_ d: PolicyDecision, upstreamFailed: Bool = false) {
         guard !finished else { return }
         status = d.status
         tandemError = d.tandemError
         let keep = keepAlive
-        complete(failed: d.kind == "error", local: true)
+        complete(failed: upstreamFailed || d.kind == "error", local: true)
         handler.policyAnswer(context, d, keepAlive: keep, request: head)
     }
 
@@ -576,7 +579,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             // The upstream's answer is replaced: the rest of it is dropped with its connection.
             dropConnection()
             responded = false
-            answerWithPolicy(d)
+            answerWithPolicy(d, upstreamFailed: status >= 500)
             return
         }
         if handler.compresses { markForCompression(&out) }
@@ -729,7 +732,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
                 endpoint: endpoint?.address, attempts: retry?.attempts ?? 0,
                 durationMs: Double(clock() - startedAt) / 1e6)
             {
-                answerWithPolicy(d)
+                answerWithPolicy(d, upstreamFailed: a.status >= 500)
                 return
             }
         }

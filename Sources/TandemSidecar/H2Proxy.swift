@@ -398,8 +398,9 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             }
             responded = false
             trailersOnly = nil
+            let upstreamFailed = grpcStatus.map { [4, 8, 13, 14].contains($0) } ?? (status >= 500)
             grpcStatus = nil
-            answerWithPolicy(d)
+            answerWithPolicy(d, upstreamFailed: upstreamFailed)
             return
         }
         context.writeAndFlush(handler.wrapOutboundOut(.head(out)), promise: nil)
@@ -407,7 +408,9 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
 
     /// Answers with a policy's decision: for a gRPC call as a gRPC status (trailers-only form),
     /// otherwise as the decision's HTTP answer.
-    private func answerWithPolicy(_ d: PolicyDecision) {
+    /// `upstreamFailed`: the replaced answer was a failure, which the breaker still counts
+    /// (see the HTTP/1.1 exchange).
+    private func answerWithPolicy(_ d: PolicyDecision, upstreamFailed: Bool = false) {
         guard !finished else { return }
         upstream?.close(promise: nil)
         upstream = nil
@@ -428,7 +431,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             {
                 t.add(name: k, value: v)
             }
-            complete(failed: d.kind == "error")
+            complete(failed: upstreamFailed || d.kind == "error")
             context.write(
                 handler.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: h))),
                 promise: nil)
@@ -437,7 +440,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         }
         var out = d.responseHead(version: head.version, keepAlive: true)
         out.headers.remove(name: "connection")
-        complete(failed: d.kind == "error")
+        complete(failed: upstreamFailed || d.kind == "error")
         context.write(handler.wrapOutboundOut(.head(out)), promise: nil)
         if !d.body.isEmpty {
             context.write(handler.wrapOutboundOut(.body(.byteBuffer(ByteBuffer(bytes: d.body)))), promise: nil)
@@ -532,7 +535,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
                 status: a.status, reason: a.reason.rawValue, headers: &h, body: Array(a.jsonBody.utf8),
                 endpoint: endpoint?.address, attempts: tried.count, durationMs: Double(nowNanos() - startedAt) / 1e6)
             {
-                answerWithPolicy(d)
+                answerWithPolicy(d, upstreamFailed: a.status >= 500)
                 return
             }
         }

@@ -168,6 +168,26 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         withExtendedLifetime((client, dir)) {}
     }
 
+    /// Regression (found by the mesh simulator's breaker-fallback scenario): a fallback that
+    /// replaced a failed answer made the breaker count a success, so behind a fallback policy
+    /// the breaker never opened and every request still went to the dead upstream.
+    @Test func theBreakerStillCountsFailuresAFallbackHides() throws {
+        let dead = try freePort()  // nothing listens here
+        let (client, dir) = try configuredClient(
+            """
+            return { routes = { { name = "users", host = "users", cluster = "users",
+              retry = { attempts = 0 }, policies = { "\(policiesDir)/fallback.lua" } } },
+              clusters = { users = { breaker = { consecutive_failures = 2, open_ms = 60000 } } } }
+            """, extra: ["--endpoints", "users=127.0.0.1:\(dead)"])
+        let answers = try (1...3).map { _ in try http("http://\(client.outbound)/user/1", host: "users") }
+        #expect(answers.map(\.status) == [200, 200, 200])
+        #expect(
+            answers.map { $0.headers["x-fallback"] } == [
+                "upstream-connect-failure", "upstream-connect-failure", "circuit-open",
+            ])
+        withExtendedLifetime((client, dir)) {}
+    }
+
     @Test func aChangedPolicyFileIsReloadedAndABrokenOneRejected() throws {
         let (app, port) = try startEdgeApp()
         let dir0 = try TempDirectory()
