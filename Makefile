@@ -42,6 +42,15 @@ test: build lint
 	 b=$$(.build/debug/tandem sim-registry --seed 77 | grep "trace hash"); \
 	 if [ "$$a" != "$$b" ]; then echo "determinism across processes failed: $$a vs $$b" >&2; exit 1; fi; \
 	 echo "determinism across processes: ok ($$a)"
+	@# Every example scenario over a few seeds, through the real command: zero violations.
+	@for f in examples/scenarios/*.lua; do \
+	  out=$$(.build/debug/tandem sim $$f --seeds $${SIM_SEEDS:-1..3}) || { echo "$$out"; exit 1; }; \
+	  echo "sim $$f: $$(echo "$$out" | tail -1)"; \
+	done
+	@a=$$(.build/debug/tandem sim examples/scenarios/canary.lua --seed 5 | head -1); \
+	 b=$$(.build/debug/tandem sim examples/scenarios/canary.lua --seed 5 | head -1); \
+	 if [ "$$a" != "$$b" ]; then echo "mesh determinism across processes failed: $$a vs $$b" >&2; exit 1; fi; \
+	 echo "mesh determinism across processes: ok ($$a)"
 	@n=$$(grep -oE "Test run with [0-9]+ tests" .build/tandem-test.log | grep -oE "[0-9]+" | tail -1); \
 	 echo "tests: $$n passed, 0 failed"
 

@@ -45,6 +45,11 @@ let package = Package(
         .target(
             name: "TandemIdentity", dependencies: ["TandemCore", .product(name: "Crypto", package: "swift-crypto")],
             swiftSettings: swiftSettings),
+        // The sidecar's settings and the reader of its Lua config file; shared by the sidecar
+        // and the mesh simulator, so both read the same files. No NIO.
+        .target(
+            name: "TandemConfig", dependencies: ["TandemCore", "TandemTraffic", "TandemIdentity", "TandemLua"],
+            swiftSettings: swiftSettings),
         .target(name: "TandemStorage", dependencies: ["TandemCore", "TandemRaft"], swiftSettings: swiftSettings),
         .target(
             name: "TandemReplica", dependencies: ["TandemCore", "TandemRaft", "TandemStore", "TandemStorage"],
@@ -52,7 +57,8 @@ let package = Package(
         .target(
             name: "TandemSimulation",
             dependencies: [
-                "TandemCore", "TandemRaft", "TandemStore", "TandemStorage", "TandemReplica",
+                "TandemCore", "TandemRaft", "TandemStore", "TandemStorage", "TandemReplica", "TandemTraffic",
+                "TandemConfig", "TandemLua",
                 .product(name: "HeapModule", package: "swift-collections"),
             ],
             swiftSettings: swiftSettings),
@@ -86,7 +92,7 @@ let package = Package(
         .target(
             name: "TandemSidecar",
             dependencies: [
-                "TandemCore", "TandemTraffic", "TandemEtcdClient", "TandemLua", "TandemIdentity",
+                "TandemCore", "TandemTraffic", "TandemConfig", "TandemEtcdClient", "TandemLua", "TandemIdentity",
                 .product(name: "JWTKit", package: "jwt-kit"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -103,7 +109,8 @@ let package = Package(
         .executableTarget(
             name: "tandem",
             dependencies: [
-                "TandemCore", "TandemSimulation", "TandemLua", "TandemRegistryServer", "TandemSidecar", "TandemStore",
+                "TandemCore", "TandemSimulation", "TandemLua", "TandemRegistryServer", "TandemSidecar", "TandemConfig",
+                "TandemStore",
                 "TandemEtcdClient",
                 "TandemTraffic", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -120,7 +127,8 @@ let package = Package(
             name: "TandemStorageTests", dependencies: ["TandemStorage", "TandemSimulation"],
             swiftSettings: swiftSettings),
         .testTarget(
-            name: "TandemSimulationTests", dependencies: ["TandemSimulation"], swiftSettings: swiftSettings),
+            name: "TandemSimulationTests", dependencies: ["TandemSimulation", "TandemConfig", "TandemTraffic"],
+            swiftSettings: swiftSettings),
         .testTarget(name: "TandemEtcdAPITests", dependencies: ["TandemEtcdAPI"], swiftSettings: swiftSettings),
         // Starts real `tandem` processes on ephemeral ports and drives them with Debian's etcdctl.
         .testTarget(name: "IntegrationTests", exclude: ["Resources"], swiftSettings: swiftSettings),
@@ -128,7 +136,8 @@ let package = Package(
         .testTarget(
             name: "TandemSidecarTests",
             dependencies: [
-                "TandemSidecar", "TandemTraffic", "TandemIdentity", .product(name: "NIOEmbedded", package: "swift-nio"),
+                "TandemSidecar", "TandemConfig", "TandemTraffic", "TandemIdentity",
+                .product(name: "NIOEmbedded", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings),
         .testTarget(name: "TandemLuaTests", dependencies: ["TandemLua"], swiftSettings: swiftSettings),

@@ -3,6 +3,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOHTTPCompression
+import TandemConfig
 import TandemCore
 import TandemLua
 import TandemTraffic
@@ -163,9 +164,9 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
     }
 
     /// The connection is idle (or awaits its first request head) for at most `t`.
-    private func idle(for t: TimeAmount) {
+    private func idle(for t: Nanos) {
         guard let loop = context?.eventLoop else { return }
-        idleDeadline = Nanos(loop.now.uptimeNanoseconds) + t.nanoseconds
+        idleDeadline = Nanos(loop.now.uptimeNanoseconds) + t
         wake(at: idleDeadline)
     }
 

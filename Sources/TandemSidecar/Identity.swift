@@ -2,6 +2,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import TandemConfig
 import TandemCore
 import TandemEtcdAPI
 import TandemEtcdClient

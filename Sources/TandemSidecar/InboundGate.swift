@@ -3,6 +3,7 @@ import JWTKit
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import TandemConfig
 import TandemCore
 import TandemEtcdClient
 import TandemIdentity

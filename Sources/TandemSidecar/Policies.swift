@@ -2,21 +2,10 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import TandemConfig
 import TandemCore
 import TandemLua
 import TandemTraffic
-
-/// A policy attached to a route (or to the inbound side) by the config: the file's text, its
-/// arguments, and whether a failing policy lets the request through (`fail_open`).
-public struct PolicySpec: Sendable, Equatable {
-    public var file: String
-    public var source: String
-    public var config: LuaValue?
-    public var failOpen: Bool
-    /// Where the config names it, for errors: `routes[2].policies[1]`.
-    public var path: String
-    public var name: String
-}
 
 /// The sidecar's policy runtime: one VM per event loop holding every configured policy, the
 /// services they share, and the chains per route. A config change compiles the new set in every

@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import TandemConfig
 import TandemTraffic
 
 /// Routing shared by the HTTP/1.1 and HTTP/2 exchanges: target host and path (absolute-form
@@ -69,13 +70,8 @@ enum ProxyRouting {
                     r.compression = s.config.defaultCompression
                 } else {
                     if s.routes.matchesHeaders { req.headers = headers.map { ($0.name, $0.value) } }
-                    if let d = s.routes.route(req) {
-                        r = d.route
-                    } else if isServiceName(req.host) {
-                        r = Route(
-                            name: "service:\(req.host)", match: RouteMatch(host: req.host), cluster: req.host,
-                            timeout: s.config.defaultTimeout, retry: s.config.defaultRetry)
-                        r.compression = s.config.defaultCompression
+                    if let found = s.config.outboundRoute(req, table: s.routes) {
+                        r = found
                     } else {
                         return .failure(
                             LocalAnswer(
@@ -168,10 +164,5 @@ enum ProxyRouting {
         return LocalAnswer(reason, message: reason == .circuitOpen ? "circuit breaker for \"\(cluster)\" is open" : nil)
     }
 
-    static func isServiceName(_ host: String) -> Bool {
-        if host.isEmpty || host == "localhost" { return false }
-        if host.allSatisfy({ $0.isNumber || $0 == "." }) { return false }  // IPv4 literal
-        if host.hasPrefix("[") { return false }
-        return true
-    }
+    static func isServiceName(_ host: String) -> Bool { SidecarConfig.isServiceName(host) }
 }

@@ -5,6 +5,7 @@ import NIOCore
 import NIOHTTP1
 import NIOHTTP2
 import NIOPosix
+import TandemConfig
 import TandemCore
 import TandemEtcdClient
 import TandemLua
@@ -494,13 +495,13 @@ public final class Sidecar: @unchecked Sendable {
         let loop = group.next()
         let already = ctx.draining.exchange(true, ordering: .relaxed)
         if already { return loop.makeSucceededVoidFuture() }
-        log("draining: deregistering, then finishing in-flight requests (up to \(config.drainTimeout))")
+        log("draining: deregistering, then finishing in-flight requests (up to \(config.drainTimeout / 1_000_000) ms)")
         let reg = lock.withLock { registration }
         let deregistered =
             reg?.stop().flatMapErrorThrowing { e in self.log("deregistration failed: \(e) (the lease will expire)") }
             ?? loop.makeSucceededVoidFuture()
-        let grace = config.drainGrace
-        let timeout = config.drainTimeout
+        let grace = TimeAmount.nanoseconds(config.drainGrace)
+        let timeout = TimeAmount.nanoseconds(config.drainTimeout)
         return deregistered.hop(to: loop).flatMap {
             loop.scheduleTask(in: grace) {}.futureResult
         }.flatMap {

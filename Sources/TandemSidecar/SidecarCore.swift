@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import NIOCore
+import TandemConfig
 import TandemCore
 import TandemTraffic
 

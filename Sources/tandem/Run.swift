@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import NIOCore
 import NIOPosix
+import TandemConfig
 import TandemCore
 import TandemEtcdAPI
 import TandemEtcdClient

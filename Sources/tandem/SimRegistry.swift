@@ -27,13 +27,7 @@ struct SimRegistry: ParsableCommand {
         if ![1, 3, 5, 7].contains(nodes) { throw ValidationError("--nodes must be 1, 3, 5 or 7") }
     }
 
-    func parseRange(_ s: String) -> ClosedRange<UInt64>? {
-        let parts = s.split(separator: ".", omittingEmptySubsequences: true)
-        guard s.contains(".."), parts.count == 2, let a = UInt64(parts[0]), let b = UInt64(parts[1]), a <= b else {
-            return nil
-        }
-        return a...b
-    }
+    func parseRange(_ s: String) -> ClosedRange<UInt64>? { SeedRange.parse(s) }
 
     func options(_ seed: UInt64) -> RegistrySimulation.Options {
         var o = RegistrySimulation.Options(seed: seed)

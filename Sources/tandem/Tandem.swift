@@ -9,7 +9,7 @@ struct Tandem: ParsableCommand {
         subcommands: [
             Run.self, SidecarCommand.self, Registry.self, KV.self, Lease.self, LockCommand.self, ElectCommand.self,
             Members.self, Services.self, Status.self, PolicyCommand.self, IdentityCommand.self,
-            SimRegistry.self,
+            Sim.self, SimRegistry.self,
             Version.self,
         ])
 }

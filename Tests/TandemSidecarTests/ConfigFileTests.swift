@@ -1,3 +1,4 @@
+import TandemConfig
 import TandemCore
 import TandemIdentity
 import TandemTraffic

@@ -1,6 +1,7 @@
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
+import TandemConfig
 import TandemCore
 import TandemTraffic
 import Testing
@@ -62,14 +63,14 @@ struct ProxyHarness {
         let h = try ProxyHarness()
         _ = try h.send("GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         #expect(h.channel.isActive)
-        h.channel.embeddedEventLoop.advanceTime(by: h.ctx.limits.idleTimeout + .seconds(1))
+        h.channel.embeddedEventLoop.advanceTime(by: .nanoseconds(h.ctx.limits.idleTimeout) + .seconds(1))
         #expect(!h.channel.isActive)
     }
 
     @Test func slowHeadersAreCutAfterTheHeaderReadTimeout() throws {
         let h = try ProxyHarness()
         try h.channel.writeInbound(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: us"))
-        h.channel.embeddedEventLoop.advanceTime(by: h.ctx.limits.headerReadTimeout + .seconds(1))
+        h.channel.embeddedEventLoop.advanceTime(by: .nanoseconds(h.ctx.limits.headerReadTimeout) + .seconds(1))
         #expect(!h.channel.isActive)
     }
 

@@ -1,11 +1,31 @@
-/// TandemSidecar — the NIO data plane: inbound and outbound HTTP/1.1 proxies, upstream
-/// connection pools, discovery through the registry, active health checks, the admin
-/// listener, and the supervisor used by `tandem run`. Every decision (route, endpoint,
-/// retry, breaker, ejection, rate limit) is made by TandemTraffic; this module moves bytes.
-import NIOCore
+/// TandemConfig — what a sidecar is told: its settings as values (`SidecarConfig`) and the
+/// reader of its Lua config file (`ConfigFile`). No I/O beyond reading the files the config
+/// names, no NIO: the sidecar (TandemSidecar) and the mesh simulator (TandemSimulation) read
+/// the same files through it.
 import TandemCore
 import TandemIdentity
+import TandemLua
 import TandemTraffic
+
+/// A policy attached to a route (or to the inbound side) by the config: the file's text, its
+/// arguments, and whether a failing policy lets the request through (`fail_open`).
+public struct PolicySpec: Sendable, Equatable {
+    public var file: String
+    public var source: String
+    public var config: LuaValue?
+    public var failOpen: Bool
+    /// Where the config names it, for errors: `routes[2].policies[1]`.
+    public var path: String
+    public var name: String
+    public init(file: String, source: String, config: LuaValue?, failOpen: Bool, path: String, name: String) {
+        self.file = file
+        self.source = source
+        self.config = config
+        self.failOpen = failOpen
+        self.path = path
+        self.name = name
+    }
+}
 
 /// Bounds on what one sidecar accepts; each has a clear answer when hit.
 public struct SidecarLimits: Sendable, Equatable {
@@ -22,9 +42,9 @@ public struct SidecarLimits: Sendable, Equatable {
     /// HTTP/2: request body held before the upstream stream opens (413 beyond).
     public var maxBufferedBodyBytes = 8 << 20
     /// A client must finish sending request headers within this (slowloris).
-    public var headerReadTimeout: TimeAmount = .seconds(10)
+    public var headerReadTimeout: Nanos = .seconds(10)
     /// Idle keep-alive connections are closed after this.
-    public var idleTimeout: TimeAmount = .seconds(60)
+    public var idleTimeout: Nanos = .seconds(60)
     /// Downstream connections per listener; more are closed at accept.
     public var maxConnections = 4096
     /// Upstream clusters (services) one sidecar will discover and track; requests for more
@@ -191,9 +211,9 @@ public struct SidecarConfig: Sendable {
     public var leaseTTL: Int64 = 10
     public var limits = SidecarLimits()
     /// After deregistering, keep serving this long so peers see the change before we stop.
-    public var drainGrace: TimeAmount = .seconds(1)
+    public var drainGrace: Nanos = .seconds(1)
     /// Bound on waiting for in-flight requests during a drain.
-    public var drainTimeout: TimeAmount = .seconds(10)
+    public var drainTimeout: Nanos = .seconds(10)
     public var accessLog = false
     /// Seed for the sidecar's random choices (balancer, jitter); nil = from the system.
     public var seed: UInt64? = nil
@@ -209,5 +229,29 @@ public struct SidecarConfig: Sendable {
         var c = defaultCluster
         c.name = name
         return c
+    }
+}
+
+extension SidecarConfig {
+    /// The outbound route of a request: the first configured route that matches, else the
+    /// implicit route of the service its host names (with the default retry policy, timeout
+    /// and compression); nil when the host names no service. `table` is `RouteTable(routes)`,
+    /// built once by the caller.
+    public func outboundRoute(_ req: RequestHead, table: RouteTable) -> Route? {
+        if let d = table.route(req) { return d.route }
+        guard Self.isServiceName(req.host) else { return nil }
+        var r = Route(
+            name: "service:\(req.host)", match: RouteMatch(host: req.host), cluster: req.host,
+            timeout: defaultTimeout, retry: defaultRetry)
+        r.compression = defaultCompression
+        return r
+    }
+
+    /// Whether a host names a service (not an IP literal, not localhost).
+    public static func isServiceName(_ host: String) -> Bool {
+        if host.isEmpty || host == "localhost" { return false }
+        if host.allSatisfy({ $0.isNumber || $0 == "." }) { return false }  // IPv4 literal
+        if host.hasPrefix("[") { return false }
+        return true
     }
 }
