@@ -55,7 +55,7 @@ test: build lint
 	 echo "tests: $$n passed, 0 failed"
 
 # A small mesh on this machine (embedded registry, users ×2 and orders behind `tandem run`),
-# then the same registry code on virtual time surviving a leader crash.
+# then the same registry code on virtual time surviving a leader crash, then a mesh scenario.
 demo: build
 	@echo "== Tandem demo: a mesh of three services with sidecars and the embedded registry =="
 	examples/users-orders/demo.sh
@@ -63,6 +63,9 @@ demo: build
 	@echo "== The registry's real Raft, MVCC store and WAL on virtual time: the leader crashes =="
 	.build/debug/tandem sim-registry --seed 7 --leader-crash
 	@echo "Replay any seed with: .build/debug/tandem sim-registry --seed N   (make sim SEEDS=1..1000 for a sweep)"
+	@echo
+	@echo "== A whole mesh on virtual time: a retry storm held back by the retry budget (docs/simulation.md) =="
+	.build/debug/tandem sim examples/scenarios/retry-storm.lua --trace 8
 
 sim: build
 	.build/debug/tandem sim-registry --seeds $${SEEDS:-1..1000}

@@ -843,6 +843,7 @@ final class MeshWorld {
     }
 
     func apply(_ f: MeshFault) {
+        traceLine("fault: \(f)")
         switch f {
         case .crash(let id):
             let i = instanceIndex[id]!
