@@ -150,6 +150,39 @@ struct MeshSimulationTests {
         #expect(ab.latencyMs(0.99) >= 200)
     }
 
+    @Test("registry in the mesh: leader killed during a deploy, minority partition, lease storm — checkers hold")
+    func registryScenarios() throws {
+        let deploy = MeshSimulation.run(try Scenarios.load("registry-leader-deploy.lua"), seed: 2)
+        #expect(deploy.violations == [])
+        #expect(deploy.registryCrashes == 1 && deploy.deploys == 1)
+        #expect(deploy.watchReconnects > 0)
+
+        let minority = MeshSimulation.run(try Scenarios.load("registry-minority.lua"), seed: 2)
+        #expect(minority.violations == [])
+        // users-2's lease ran out on the majority's leader while the old leader was cut off.
+        #expect(minority.leaseExpiries == 1)
+
+        let storm = MeshSimulation.run(try Scenarios.load("lease-storm.lua"), seed: 2)
+        #expect(storm.violations == [])
+        #expect(storm.stormLeases == 10_000 && storm.stormKeysLeft == 0)
+
+        let again = MeshSimulation.run(try Scenarios.load("registry-leader-deploy.lua"), seed: 2)
+        #expect(again.traceHash == deploy.traceHash)
+    }
+
+    @Test("registry checkers catch deliberate defects: reordered watch streams, followers acking keep-alives")
+    func registryCheckersFail() throws {
+        var s = try Scenarios.load("registry-leader-deploy.lua")
+        s.registry?.defectUnorderedWatchStreams = true
+        let unordered = MeshSimulation.run(s, seed: 1)
+        #expect(unordered.violations.contains { $0.hasPrefix("watch order:") || $0.hasPrefix("watch gap:") })
+
+        s = try Scenarios.load("registry-leader-deploy.lua")
+        s.registry?.defectFollowersAckKeepAlives = true
+        let acked = MeshSimulation.run(s, seed: 1)
+        #expect(acked.violations.contains { $0.hasPrefix("lease safety:") })
+    }
+
     @Test("scenario files: unknown keys, instances and services are errors naming the path")
     func scenarioErrors() {
         func error(_ src: String) -> String {
@@ -175,6 +208,10 @@ struct MeshSimulationTests {
                 .contains("unknown \"fastest\""))
         #expect(error("return { services = { a = {} }, expect = { { route = \"a\" } } }").contains("caller->callee"))
         #expect(error("return { services = {} }").contains("services: a table of services"))
+        #expect(
+            error("return { services = { a = {} }, timeline = { { at_s = 1, registry_crash = \"boss\" } } }")
+                .contains("\"leader\" or a member name such as \"registry-2\""))
+        #expect(error("return { registry = { nodes = 4 }, services = { a = {} } }").contains("1, 3, 5 or 7 members"))
     }
 
     @Test("latency distributions sample the quantiles they are given")

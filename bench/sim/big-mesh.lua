@@ -1,5 +1,5 @@
--- The simulator's speed target (issue 7): 20 services × 3 instances, 10 virtual minutes,
--- about a million requests, with faults. Run: bench/sim/run.sh
+-- The simulator's speed target (issue 7): 20 services × 3 instances, a 5-member registry,
+-- 10 virtual minutes, about a million requests, with faults. Run: bench/sim/run.sh
 --
 -- gateway calls four front services; each front service calls two of the backends; the
 -- backends answer. Every hop goes through the caller's sidecar (routes, retries, budgets,
@@ -28,12 +28,13 @@ end
 
 local workload = {}
 for _, name in ipairs(fronts) do
-  workload[#workload + 1] = { from = "gateway", to = name, path = "/", rps = 420 }
+  workload[#workload + 1] = { from = "gateway", to = name, path = "/", rps = 420, start_s = 3 }
 end
 
 return {
   name = "big mesh: 20 services × 3 instances, 10 minutes",
   duration_s = 600,
+  registry = { nodes = 5 },
   services = services,
   workload = workload,
   timeline = {
@@ -44,6 +45,8 @@ return {
     { at_s = 360, partition = { "mobile", "svc15-2" } }, { at_s = 380, heal = true },
     { at_s = 420, deploy = "svc8", step_s = 10 },
     { at_s = 500, loss = 0.001 },
+    { at_s = 450, registry_crash = "leader", down_s = 20 },
+    { at_s = 520, registry_minority = true, for_s = 30 },
   },
   expect = {
     { route = "gateway->web", requests_min = 200000 },

@@ -80,6 +80,17 @@ public struct MeshReport: Sendable {
     public var unfinished = 0
     public var violations: [String] = []
     public var traceLines: [String] = []
+    // The registry, when the scenario runs one.
+    public var registryNodes = 0
+    public var registryCrashes = 0
+    public var registryCalls = 0
+    public var registryCallsFailed = 0
+    public var reRegistrations = 0
+    public var watchReconnects = 0
+    public var watchEvents = 0
+    public var stormLeases = 0
+    public var stormKeysLeft = 0
+    public var registryLeaderlessMs: Int64 = 0
     public var passed: Bool { violations.isEmpty }
 
     init(scenario: String, seed: UInt64) {
@@ -210,6 +221,15 @@ public struct MeshReport: Sendable {
         if dropped > 0 { facts.append("arrivals dropped \(dropped)") }
         if lostWithCaller > 0 { facts.append("requests lost with their caller \(lostWithCaller)") }
         out += facts.joined(separator: "; ") + "\n"
+        if registryNodes > 0 {
+            var r =
+                "registry: \(registryNodes) members, \(registryCrashes) crashes, no leader for \(registryLeaderlessMs) ms; "
+            r +=
+                "\(registryCalls) registration calls (\(registryCallsFailed) failed or retried), \(reRegistrations) re-registrations; "
+            r += "\(watchEvents) watch events, \(watchReconnects) watch reconnects"
+            if stormLeases > 0 { r += "; lease storm: \(stormLeases) leases, \(stormKeysLeft) keys left" }
+            out += r + "\n"
+        }
         for s in policyErrorSamples { out += "  policy error: \(s)\n" }
         for l in traceLines { out += "  \(l)\n" }
         if violations.isEmpty {
@@ -243,6 +263,10 @@ public struct MeshReport: Sendable {
             + ",\"time_to_eject_ms\":{\(tte.joined(separator: ","))},\"crashes\":\(crashes),\"deploys\":\(deploys)"
             + ",\"lease_expiries\":\(leaseExpiries),\"policy_decisions\":\(policyDecisions)"
             + ",\"policy_errors\":\(policyErrors),\"dropped\":\(dropped)"
+            + ",\"registry\":{\"members\":\(registryNodes),\"crashes\":\(registryCrashes),\"leaderless_ms\":\(registryLeaderlessMs)"
+            + ",\"calls\":\(registryCalls),\"calls_failed\":\(registryCallsFailed),\"reregistrations\":\(reRegistrations)"
+            + ",\"watch_events\":\(watchEvents),\"watch_reconnects\":\(watchReconnects),\"storm_leases\":\(stormLeases)"
+            + ",\"storm_keys_left\":\(stormKeysLeft)}"
             + ",\"violations\":[\(violations.map { JSON.quote($0) }.joined(separator: ","))]}"
     }
 }

@@ -144,6 +144,15 @@ public enum MeshFault: Equatable, Sendable {
     case heal
     /// Packet loss across the mesh (each lost packet costs a TCP retransmission, 200 ms).
     case loss(rate: Double)
+    /// A registry member ("leader" or `registry-N`) crashes, losing unsynced writes, and
+    /// restarts after `downMs`.
+    case registryCrash(member: String, downMs: Int64)
+    /// A registry member is cut off from the other members (not from clients) for a while.
+    case registryIsolate(member: String, forMs: Int64)
+    /// The leader and as many others as stay a minority are cut off from the majority.
+    case registryMinority(forMs: Int64)
+    /// `count` leases granted at once and never kept alive, each with a key.
+    case leaseStorm(count: Int, ttlS: Int64)
 }
 
 public struct TimedFault: Equatable, Sendable {
@@ -204,5 +213,8 @@ public struct MeshScenario: Sendable {
     public var workloads: [Workload] = []
     public var timeline: [TimedFault] = []
     public var assertions: [MeshAssertion] = []
+    /// A registry cluster for discovery; nil = discovery modelled (registrations seen by every
+    /// sidecar after the watch delay, leases expiring on time).
+    public var registry: RegistrySpec? = nil
     public init() {}
 }

@@ -60,6 +60,7 @@ enum MeshEvent {
     case deployStep(service: Int, index: Int, stepMs: Int64)
     case stopAccepting(inst: Int, generation: Int)
     case drainDeadline(inst: Int, generation: Int)
+    case registry(RegEvent)
 }
 
 struct MeshScheduled: Comparable {
@@ -201,6 +202,9 @@ final class MeshWorld {
     var report: MeshReport
     var inFlight = 0
     var policyErrors: [String] = []
+    /// The registry cluster, when the scenario has one (else discovery is modelled).
+    var registry: MeshRegistry?
+    var registryBlocked: Set<RegLink> = []
 
     struct Link: Hashable {
         var from: String
@@ -228,6 +232,10 @@ final class MeshWorld {
             serviceInstances.append(ids)
         }
         roundRobin = Array(repeating: 0, count: scenario.services.count)
+        if let spec = scenario.registry {
+            registry = MeshRegistry(spec: spec, instances: instances.count, rng: &rng)
+            for inst in instances { inst.registered = false }
+        }
     }
 
     // MARK: the loop
@@ -248,6 +256,7 @@ final class MeshWorld {
             }
         }
         for (i, f) in scenario.timeline.enumerated() { schedule(.milliseconds(f.atMs), .fault(i)) }
+        startRegistry()
         while let next = queue.popMin() {
             if next.time > end { break }
             now = next.time
@@ -338,9 +347,15 @@ final class MeshWorld {
             let inst = instances[i]
             guard inst.generation == gen, inst.state == .starting else { return }
             inst.state = .up
-            inst.registered = true
-            traceLine("\(inst.id): started and registered")
-            discoveryChanged(inst.service)
+            if registry != nil {
+                traceLine("\(inst.id): started; registering")
+                agentStart(i)
+                reconnectWatch(i)
+            } else {
+                inst.registered = true
+                traceLine("\(inst.id): started and registered")
+                discoveryChanged(inst.service)
+            }
         case .deployStep(let s, let index, let step):
             note(16, s, index)
             let ids = serviceInstances[s]
@@ -358,6 +373,8 @@ final class MeshWorld {
             let inst = instances[i]
             guard inst.generation == gen, inst.state == .draining else { return }
             exitAndRestart(i)
+        case .registry(let e):
+            handleRegistry(e)
         }
     }
 
@@ -370,20 +387,21 @@ final class MeshWorld {
     func networkDelay(from: Int, to: Int) -> Nanos? {
         let a = instances[from]
         let b = instances[to]
-        let sa = scenario.services[a.service].name
-        let sb = scenario.services[b.service].name
+        return delay(
+            from: a.id, scenario.services[a.service].name, to: b.id, scenario.services[b.service].name)
+    }
+
+    /// One-way delay of a packet between two processes (by name and service), or nil when a
+    /// partition drops it.
+    func delay(from a: String, _ sa: String, to b: String, _ sb: String) -> Nanos? {
         if !blocked.isEmpty {
-            for l in [
-                Link(from: a.id, to: b.id), Link(from: sa, to: sb), Link(from: a.id, to: sb), Link(from: sa, to: b.id),
-            ]
+            for l in [Link(from: a, to: b), Link(from: sa, to: sb), Link(from: a, to: sb), Link(from: sa, to: b)]
             where blocked.contains(l) { return nil }
         }
         let n = scenario.network
         var d = Nanos((n.minDelayMs + (n.maxDelayMs - n.minDelayMs) * uniform()) * 1e6)
         if !clogged.isEmpty {
-            for l in [
-                Link(from: a.id, to: b.id), Link(from: sa, to: sb), Link(from: a.id, to: sb), Link(from: sa, to: b.id),
-            ] {
+            for l in [Link(from: a, to: b), Link(from: sa, to: sb), Link(from: a, to: sb), Link(from: sa, to: b)] {
                 if let extra = clogged[l] { d += extra }
             }
         }
@@ -560,6 +578,9 @@ final class MeshWorld {
 
     func endpoints(of cluster: String, for sc: SimSidecar) -> [Endpoint] {
         guard let s = serviceIndex[cluster] else { return sc.config.staticEndpoints[cluster] ?? [] }
+        if let eps = registryEndpoints(cluster, sidecar: sc.inst) {
+            return eps.isEmpty ? sc.config.staticEndpoints[cluster] ?? [] : eps
+        }
         let eps = serviceInstances[s].compactMap { i -> Endpoint? in
             let inst = instances[i]
             guard inst.registered else { return nil }
@@ -828,6 +849,10 @@ final class MeshWorld {
         inst.queueHead = 0
         inst.busy = 0
         inst.state = .down
+        if let reg = registry {
+            reg.watchers[i].connected = false
+            reg.watchers[i].epoch += 1
+        }
         // The sidecar's own outbound requests die with the process.
         for (id, req) in requests.sorted(by: { $0.key < $1.key }) where req.sidecar == i {
             req.finished = true
@@ -852,8 +877,10 @@ final class MeshWorld {
             traceLine("\(id): crashed")
             report.crashes += 1
             kill(i)
-            let ttl = scenario.services[instances[i].service].sidecar.leaseTTL
-            schedule(.seconds(ttl), .leaseExpiry(inst: i, generation: instances[i].generation))
+            if registry == nil {
+                let ttl = scenario.services[instances[i].service].sidecar.leaseTTL
+                schedule(.seconds(ttl), .leaseExpiry(inst: i, generation: instances[i].generation))
+            }
         case .restart(let id):
             let i = instanceIndex[id]!
             guard instances[i].state == .down else { return }
@@ -902,7 +929,42 @@ final class MeshWorld {
             clogged = [:]
         case .loss(let rate):
             loss = rate
+        case .registryCrash(let who, let downMs):
+            if let id = registryMember(who) { crashMember(id, downMs: downMs) }
+        case .registryIsolate(let who, let forMs):
+            guard let reg = registry, let id = registryMember(who) else { return }
+            isolate([id], among: reg.ids, forMs: forMs)
+        case .registryMinority(let forMs):
+            guard let reg = registry else { return }
+            // The leader and as many others as keep it a minority.
+            let leader = leaderID() ?? reg.ids[0]
+            let minority = [leader] + reg.ids.filter { $0 != leader }.prefix(max(0, (reg.ids.count - 1) / 2 - 1))
+            isolate(Array(minority), among: reg.ids, forMs: forMs)
+        case .leaseStorm(let count, let ttl):
+            schedule(0, .registry(.storm(count: count, ttl: ttl)))
         }
+    }
+
+    /// "leader" (the current one, if any) or `registry-N`.
+    func registryMember(_ who: String) -> NodeID? {
+        if who == "leader" { return leaderID() }
+        guard who.hasPrefix("registry-"), let n = UInt64(who.dropFirst(9)), registry?.members[n] != nil else {
+            return nil
+        }
+        return n
+    }
+
+    /// Cuts `side` off from the other registry members (clients still reach both sides).
+    func isolate(_ side: [NodeID], among all: [NodeID], forMs: Int64) {
+        report.partitions += 1
+        traceLine("registry: \(side.map { "registry-\($0)" }) cut off from the other members")
+        for a in side {
+            for b in all where !side.contains(b) {
+                registryBlocked.insert(RegLink(a: a, b: b))
+                registryBlocked.insert(RegLink(a: b, b: a))
+            }
+        }
+        schedule(.milliseconds(forMs), .registry(.healRegistry))
     }
 
     func faultHit(_ i: Int) {
@@ -934,7 +996,7 @@ final class MeshWorld {
         inst.registered = false
         inst.state = .draining
         traceLine("\(inst.id): deploy: deregistered, draining")
-        discoveryChanged(inst.service)
+        if registry != nil { agentStop(i) } else { discoveryChanged(inst.service) }
         schedule(cfg.drainGrace, .stopAccepting(inst: i, generation: inst.generation))
         schedule(cfg.drainGrace + cfg.drainTimeout, .drainDeadline(inst: i, generation: inst.generation))
     }
@@ -1010,6 +1072,7 @@ final class MeshWorld {
         for inst in instances where inst.firstEjectionAfterFault != nil {
             report.timeToEject[inst.id] = (inst.firstEjectionAfterFault! - inst.lastFaultAt) / 1_000_000
         }
+        finishRegistry()
         report.check(scenario.assertions)
     }
 }

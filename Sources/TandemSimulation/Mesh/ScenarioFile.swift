@@ -39,13 +39,17 @@ public enum ScenarioFile {
         guard case .table = v else { throw Error("\(file): must return a table, got \(v.typeName)") }
         try r.keys(
             v, "",
-            allowed: ["name", "duration_s", "duration_ms", "network", "services", "workload", "timeline", "expect"])
+            allowed: [
+                "name", "duration_s", "duration_ms", "network", "services", "workload", "timeline", "expect",
+                "registry",
+            ])
         var s = MeshScenario()
         if let x = v["name"] { s.name = try r.string(x, "name") }
         if let x = v["duration_s"] { s.durationMs = Int64(try r.number(x, "duration_s", min: 0.001) * 1000) }
         if let x = v["duration_ms"] { s.durationMs = Int64(try r.number(x, "duration_ms", min: 1)) }
         guard s.durationMs <= maxDurationMs else { throw r.fail("duration_s", "at most 24 hours of virtual time") }
         if let n = v["network"] { s.network = try r.network(n) }
+        if let g = v["registry"] { s.registry = try r.registry(g) }
 
         guard case .table(let services)? = v["services"], !services.isEmpty else {
             throw r.fail("services", "a table of services by name is required, e.g. { users = { instances = 3 } }")
@@ -150,6 +154,20 @@ public enum ScenarioFile {
             if let x = v["loss"] { n.loss = try number(x, "network.loss", max: 0.5) }
             if let x = v["watch_delay_ms"] { n.watchDelayMs = Int64(try number(x, "network.watch_delay_ms")) }
             return n
+        }
+
+        func registry(_ v: LuaValue) throws(Error) -> RegistrySpec {
+            try keys(v, "registry", allowed: ["nodes", "tick_ms", "election_ticks"])
+            var g = RegistrySpec()
+            if let x = v["nodes"] {
+                g.nodes = try int(x, "registry.nodes", min: 1, max: 7)
+                guard g.nodes % 2 == 1 else { throw fail("registry.nodes", "1, 3, 5 or 7 members") }
+            }
+            if let x = v["tick_ms"] { g.tickMs = Int64(try int(x, "registry.tick_ms", min: 1, max: 10_000)) }
+            if let x = v["election_ticks"] {
+                g.electionTicks = try int(x, "registry.election_ticks", min: 2, max: 1_000)
+            }
+            return g
         }
 
         func latency(_ v: LuaValue, _ path: String) throws(Error) -> LatencyDistribution {
@@ -338,6 +356,25 @@ public enum ScenarioFile {
             } else if v["heal"] != nil {
                 try keys(v, path, allowed: timing.union(["heal"]))
                 f = .heal
+            } else if let x = v["registry_crash"] {
+                try keys(v, path, allowed: timing.union(["registry_crash", "down_s", "down_ms"]))
+                let who = try registryMember(x, "\(path).registry_crash")
+                let down = try millis(v, path, seconds: "down_s", millis: "down_ms") ?? 5_000
+                f = .registryCrash(member: who, downMs: down)
+            } else if let x = v["registry_isolate"] {
+                try keys(v, path, allowed: timing.union(["registry_isolate", "for_s", "for_ms"]))
+                let who = try registryMember(x, "\(path).registry_isolate")
+                f = .registryIsolate(
+                    member: who, forMs: try millis(v, path, seconds: "for_s", millis: "for_ms") ?? 10_000)
+            } else if v["registry_minority"] != nil {
+                try keys(v, path, allowed: timing.union(["registry_minority", "for_s", "for_ms"]))
+                f = .registryMinority(forMs: try millis(v, path, seconds: "for_s", millis: "for_ms") ?? 10_000)
+            } else if let x = v["lease_storm"] {
+                try keys(v, path, allowed: timing.union(["lease_storm", "ttl_s"]))
+                let n = try int(x, "\(path).lease_storm", min: 1, max: 1_000_000)
+                let ttl =
+                    try v["ttl_s"].map { (y) throws(Error) in try int(y, "\(path).ttl_s", min: 1, max: 86_400) } ?? 10
+                f = .leaseStorm(count: n, ttlS: Int64(ttl))
             } else if let x = v["loss"] {
                 try keys(v, path, allowed: timing.union(["loss"]))
                 f = .loss(rate: try number(x, "\(path).loss", max: 0.5))
@@ -396,6 +433,14 @@ public enum ScenarioFile {
             }
             guard !out.isEmpty else { throw fail(path, "checks nothing") }
             return out
+        }
+
+        func registryMember(_ v: LuaValue, _ path: String) throws(Error) -> String {
+            let s = try string(v, path)
+            guard s == "leader" || (s.hasPrefix("registry-") && Int(s.dropFirst(9)) != nil) else {
+                throw fail(path, "\"leader\" or a member name such as \"registry-2\", got \"\(s)\"")
+            }
+            return s
         }
 
         /// `rel` against the directory of `base` (absolute paths stay).
