@@ -181,6 +181,20 @@ struct MeshSimulationTests {
         s.registry?.defectFollowersAckKeepAlives = true
         let acked = MeshSimulation.run(s, seed: 1)
         #expect(acked.violations.contains { $0.hasPrefix("lease safety:") })
+
+        s = try Scenarios.load("locks.lua")
+        s.registry?.defectLockWithoutWaiting = true
+        let greedy = MeshSimulation.run(s, seed: 1)
+        #expect(greedy.violations.contains { $0.hasPrefix("lock mutual exclusion:") })
+    }
+
+    @Test("locks: the real lock recipe through a registry that loses its leader keeps mutual exclusion")
+    func locks() throws {
+        for seed: UInt64 in 1...3 {
+            let r = MeshSimulation.run(try Scenarios.load("locks.lua"), seed: seed)
+            #expect(r.violations == [], "seed \(seed)")
+            #expect(r.lockAcquisitions > 200, "seed \(seed)")
+        }
     }
 
     @Test("scenario files: unknown keys, instances and services are errors naming the path")

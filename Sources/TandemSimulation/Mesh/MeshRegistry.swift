@@ -28,6 +28,12 @@ final class MeshRegistry {
     var stormKeysLeft = 0
     var stormExpiresAt: Nanos?
     var checkedRevision: Int64 = 0
+    // Lock clients (MeshLocks.swift).
+    var lockClients: [LockClient] = []
+    var lockHolders: [String: (client: Int, token: Int64)] = [:]
+    var lockPending: [UInt64: (client: Int, call: Int)] = [:]
+    var lockReads: [Bytes: (client: Int, call: Int)] = [:]
+    var lockWatches: [(client: Int, call: Int, member: NodeID, key: Bytes)] = []
     var leaderless: Nanos = 0
     var lastTickAt: Nanos = 0
 
@@ -57,6 +63,9 @@ public struct RegistrySpec: Equatable, Sendable {
     /// acknowledge keep-alives they cannot renew (only the leader's lessor can).
     public var defectUnorderedWatchStreams = false
     public var defectFollowersAckKeepAlives = false
+    /// Lock clients that take the lock as soon as their key is written, without waiting for
+    /// their turn.
+    public var defectLockWithoutWaiting = false
     public init() {}
 }
 
@@ -114,6 +123,12 @@ enum RegEvent {
     case watchReconnect(sidecar: Int)
     case storm(count: Int, ttl: Int64)
     case healRegistry
+    case lockNext(client: Int)
+    case lockArrive(client: Int, call: Int, member: NodeID)
+    case lockReply(client: Int, call: Int, LockReply)
+    case lockRetry(client: Int, call: Int)
+    case lockRelease(client: Int)
+    case lockKeepAlive(client: Int, lease: Int64)
 }
 
 extension MeshWorld {
@@ -123,6 +138,7 @@ extension MeshWorld {
         guard let reg = registry else { return }
         for id in reg.ids { startMember(id) }
         for i in instances.indices { agentStart(i) }
+        startLocks()
     }
 
     func startMember(_ id: NodeID) {
@@ -150,6 +166,7 @@ extension MeshWorld {
         m.replica = nil
         m.disk.crash()
         for w in reg.watchers.indices where reg.watchers[w].member == id { breakWatch(w) }
+        lockWatchesBroken(on: id)
         schedule(.milliseconds(downMs), .registry(.restart(id)))
     }
 
@@ -172,6 +189,7 @@ extension MeshWorld {
                 for w in reg.watchers.indices where reg.watchers[w].member == id && reg.watchers[w].connected {
                     breakWatch(w)
                 }
+                lockWatchesBroken(on: id)
             }
             if id == reg.ids.first(where: { reg.members[$0]?.replica != nil }) {
                 if leaderID() == nil { reg.leaderless += now - reg.lastTickAt }
@@ -223,6 +241,24 @@ extension MeshWorld {
             leaseStorm(count: count, ttl: ttl)
         case .healRegistry:
             registryBlocked = []
+        case .lockNext(let c):
+            note(40, c)
+            lockNext(c)
+        case .lockArrive(let c, let call, let member):
+            note(41, c, call)
+            lockArrive(c, call, member)
+        case .lockReply(let c, let call, let reply):
+            note(42, c, call)
+            lockReply(c, call, reply)
+        case .lockRetry(let c, let call):
+            note(43, c, call)
+            lockRetry(c, call)
+        case .lockRelease(let c):
+            note(44, c)
+            lockRelease(c)
+        case .lockKeepAlive(let c, let lease):
+            note(45, c)
+            lockKeepAlive(c, lease)
         }
     }
 
@@ -253,11 +289,12 @@ extension MeshWorld {
             if case .failed = result { ok = false }
             reply(p.inst, p.generation, p.call, p.step, ok: ok, hint: m.id, from: m)
         }
+        lockApplied(m, out)
         for (revision, events) in out.events {
             if revision > reg.checkedRevision {
                 // Every member applies the same revisions; the first to apply one checks it.
                 reg.checkedRevision = revision
-                checkLeases(events)
+                checkLeases(events, store: r.store)
             }
             let mine = events.filter { $0.kv.key.starts(with: MeshRegistry.servicesPrefix) }
             guard !mine.isEmpty else { continue }
@@ -512,11 +549,12 @@ extension MeshWorld {
 
     /// Lease safety: a key deleted by its lease's expiry must not have been kept alive within
     /// its TTL. Liveness for the storm: its keys must go.
-    func checkLeases(_ events: [Event]) {
+    func checkLeases(_ events: [Event], store: MVCCStore) {
         guard let reg = registry else { return }
         for e in events where e.kind == .delete {
             let lease = e.prevKV?.lease ?? e.kv.lease
-            guard lease != 0, let l = reg.leases[lease] else { continue }
+            // A key deleted while its lease lives was deleted explicitly (an unlock).
+            guard lease != 0, let l = reg.leases[lease], store.lease(lease) == nil else { continue }
             if l.storm {
                 reg.stormKeysLeft -= 1
                 reg.leases[lease] = nil

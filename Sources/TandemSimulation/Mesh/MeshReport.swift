@@ -91,6 +91,10 @@ public struct MeshReport: Sendable {
     public var stormLeases = 0
     public var stormKeysLeft = 0
     public var registryLeaderlessMs: Int64 = 0
+    public var lockAcquisitions = 0
+    public var lockLost = 0
+    /// Holders whose session expired under them; the next holder's fencing token was larger.
+    public var lockStaleHolders = 0
     public var passed: Bool { violations.isEmpty }
 
     init(scenario: String, seed: UInt64) {
@@ -228,6 +232,10 @@ public struct MeshReport: Sendable {
                 "\(registryCalls) registration calls (\(registryCallsFailed) failed or retried), \(reRegistrations) re-registrations; "
             r += "\(watchEvents) watch events, \(watchReconnects) watch reconnects"
             if stormLeases > 0 { r += "; lease storm: \(stormLeases) leases, \(stormKeysLeft) keys left" }
+            if lockAcquisitions > 0 {
+                r +=
+                    "; locks: \(lockAcquisitions) acquisitions, \(lockLost) lost, \(lockStaleHolders) stale holders fenced"
+            }
             out += r + "\n"
         }
         for s in policyErrorSamples { out += "  policy error: \(s)\n" }
@@ -266,7 +274,8 @@ public struct MeshReport: Sendable {
             + ",\"registry\":{\"members\":\(registryNodes),\"crashes\":\(registryCrashes),\"leaderless_ms\":\(registryLeaderlessMs)"
             + ",\"calls\":\(registryCalls),\"calls_failed\":\(registryCallsFailed),\"reregistrations\":\(reRegistrations)"
             + ",\"watch_events\":\(watchEvents),\"watch_reconnects\":\(watchReconnects),\"storm_leases\":\(stormLeases)"
-            + ",\"storm_keys_left\":\(stormKeysLeft)}"
+            + ",\"storm_keys_left\":\(stormKeysLeft),\"lock_acquisitions\":\(lockAcquisitions)"
+            + ",\"locks_lost\":\(lockLost),\"lock_stale_holders\":\(lockStaleHolders)}"
             + ",\"violations\":[\(violations.map { JSON.quote($0) }.joined(separator: ","))]}"
     }
 }

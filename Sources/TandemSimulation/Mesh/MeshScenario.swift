@@ -216,5 +216,7 @@ public struct MeshScenario: Sendable {
     /// A registry cluster for discovery; nil = discovery modelled (registrations seen by every
     /// sidecar after the watch delay, leases expiring on time).
     public var registry: RegistrySpec? = nil
+    /// Lock contention through the registry (needs `registry`).
+    public var locks: [LockWorkload] = []
     public init() {}
 }

@@ -41,7 +41,7 @@ public enum ScenarioFile {
             v, "",
             allowed: [
                 "name", "duration_s", "duration_ms", "network", "services", "workload", "timeline", "expect",
-                "registry",
+                "registry", "locks",
             ])
         var s = MeshScenario()
         if let x = v["name"] { s.name = try r.string(x, "name") }
@@ -50,6 +50,13 @@ public enum ScenarioFile {
         guard s.durationMs <= maxDurationMs else { throw r.fail("duration_s", "at most 24 hours of virtual time") }
         if let n = v["network"] { s.network = try r.network(n) }
         if let g = v["registry"] { s.registry = try r.registry(g) }
+        if let l = v["locks"] {
+            guard s.registry != nil else {
+                throw r.fail("locks", "locks need a registry: add registry = { nodes = 3 }")
+            }
+            guard let list = l.array else { throw r.fail("locks", "a list of { name =, clients = }") }
+            for (i, item) in list.enumerated() { s.locks.append(try r.lock(item, "locks[\(i + 1)]")) }
+        }
 
         guard case .table(let services)? = v["services"], !services.isEmpty else {
             throw r.fail("services", "a table of services by name is required, e.g. { users = { instances = 3 } }")
@@ -168,6 +175,18 @@ public enum ScenarioFile {
                 g.electionTicks = try int(x, "registry.election_ticks", min: 2, max: 1_000)
             }
             return g
+        }
+
+        func lock(_ v: LuaValue, _ path: String) throws(Error) -> LockWorkload {
+            try keys(v, path, allowed: ["name", "clients", "hold_ms", "think_ms", "ttl_s", "start_s", "start_ms"])
+            guard let n = v["name"] else { throw fail(path, "needs name") }
+            var l = LockWorkload(name: try string(n, "\(path).name"))
+            if let x = v["clients"] { l.clients = try int(x, "\(path).clients", min: 1, max: 10_000) }
+            if let x = v["hold_ms"] { l.holdMs = Int64(try int(x, "\(path).hold_ms", max: 3_600_000)) }
+            if let x = v["think_ms"] { l.thinkMs = Int64(try int(x, "\(path).think_ms", max: 3_600_000)) }
+            if let x = v["ttl_s"] { l.ttlS = Int64(try int(x, "\(path).ttl_s", min: 1, max: 86_400)) }
+            if let s = try millis(v, path, seconds: "start_s", millis: "start_ms") { l.startMs = s }
+            return l
         }
 
         func latency(_ v: LuaValue, _ path: String) throws(Error) -> LatencyDistribution {
