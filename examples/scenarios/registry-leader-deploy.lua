@@ -10,7 +10,7 @@
 return {
   name = "registry leader killed during a deploy",
   duration_s = 40,
-  registry = { nodes = 3 },
+  registry = { nodes = 3, clock_skew = 0.05 },
   services = {
     api = { instances = 2, sidecar = { routes = { { name = "users", host = "users", path = "/*", cluster = "users",
               retry = { attempts = 2, retry_on = "5xx,reset,connect-failure" } } } } },

@@ -283,10 +283,10 @@ extension MeshWorld {
         let client = reg.lockClients[c]
         guard client.lease == lease else { return }
         let l = scenario.locks[client.workload]
-        if let id = leaderID(), let r = reg.members[id]?.replica,
+        if let id = leaderID(), let m = reg.members[id], let r = m.replica,
             delay(from: client.name, "locks", to: "registry-\(id)", "registry") != nil
         {
-            if r.renewLease(lease, now: now / 1_000_000) != nil {
+            if r.renewLease(lease, now: clockMs(m)) != nil {
                 reg.leases[lease]?.lastRenew = now
             } else if r.store.lease(lease) == nil {
                 // The session expired: a new one for the next attempt.

@@ -45,7 +45,11 @@ final class MeshRegistry {
         agents = Array(repeating: RegAgent(), count: instances)
         watchers = (0..<instances).map { RegWatcher(member: UInt64($0 % spec.nodes) + 1) }
         for id in ids {
-            members[id] = RegMember(id: id, disk: SimDisk(random: rng.fork()))
+            let m = RegMember(id: id, disk: SimDisk(random: rng.fork()))
+            if spec.clockSkew > 0 {
+                m.clockRate = 1 + (Double(rng.next() % 2001) / 1000 - 1) * spec.clockSkew
+            }
+            members[id] = m
         }
     }
 }
@@ -54,6 +58,8 @@ public struct RegistrySpec: Equatable, Sendable {
     public var nodes = 3
     public var tickMs: Int64 = 100
     public var electionTicks = 10
+    /// Each member's clock runs at 1 ± up to this rate (ticks and lease clocks alike).
+    public var clockSkew = 0.0
     /// A client gives up on a member after this and tries the next.
     public var requestTimeoutMs: Int64 = 1_000
     /// A broken watch reconnects after this.
@@ -73,6 +79,8 @@ final class RegMember {
     let id: NodeID
     let disk: SimDisk
     var replica: RegistryReplica?
+    /// How fast this member's clock runs against the simulation's.
+    var clockRate = 1.0
     var name: String { "registry-\(id)" }
     init(id: NodeID, disk: SimDisk) {
         self.id = id
@@ -156,7 +164,7 @@ extension MeshWorld {
         } catch {
             report.violations.append("registry: member \(id) could not start: \(error)")
         }
-        schedule(.milliseconds(reg.spec.tickMs), .registry(.tick(id)))
+        schedule(tickInterval(m), .registry(.tick(id)))
     }
 
     func crashMember(_ id: NodeID, downMs: Int64) {
@@ -170,6 +178,15 @@ extension MeshWorld {
         schedule(.milliseconds(downMs), .registry(.restart(id)))
     }
 
+    /// The member's own clock, in milliseconds (skewed by its rate).
+    func clockMs(_ m: RegMember) -> Int64 { Int64((Double(now) * m.clockRate / 1e6).rounded(.down)) }
+
+    /// Real time between two of the member's ticks.
+    func tickInterval(_ m: RegMember) -> Nanos {
+        guard let reg = registry else { return .milliseconds(100) }
+        return Nanos((Double(Nanos.milliseconds(reg.spec.tickMs)) / m.clockRate).rounded())
+    }
+
     func leaderID() -> NodeID? {
         registry?.ids.first { registry?.members[$0]?.replica?.isLeader == true }
     }
@@ -180,9 +197,9 @@ extension MeshWorld {
         case .tick(let id):
             guard let m = reg.members[id], let r = m.replica else { return }
             note(30, Int(id))
-            r.tick(now: now / 1_000_000)
+            r.tick(now: clockMs(m))
             pumpMember(m)
-            schedule(.milliseconds(reg.spec.tickMs), .registry(.tick(id)))
+            schedule(tickInterval(m), .registry(.tick(id)))
             if r.raft.leader == 0 {
                 // etcd's require-leader watches: a member that has lost its leader ends them,
                 // and the clients reconnect to a member that has one.
@@ -272,7 +289,7 @@ extension MeshWorld {
         guard let reg = registry, let r = m.replica else { return }
         let out: RegistryReplica.Output
         do {
-            out = try r.process(now: now / 1_000_000)
+            out = try r.process(now: clockMs(m))
         } catch {
             crashMember(m.id, downMs: 200)
             return
@@ -281,7 +298,13 @@ extension MeshWorld {
             guard !registryBlocked.contains(RegLink(a: msg.from, b: msg.to)),
                 let d = delay(from: m.name, "registry", to: "registry-\(msg.to)", "registry")
             else { continue }
-            schedule(d, .registry(.deliver(msg.encoded(), to: msg.to)))
+            let bytes = msg.encoded()
+            schedule(d, .registry(.deliver(bytes, to: msg.to)))
+            if scenario.network.duplicate > 0, uniform() < scenario.network.duplicate,
+                let again = delay(from: m.name, "registry", to: "registry-\(msg.to)", "registry")
+            {
+                schedule(again, .registry(.deliver(bytes, to: msg.to)))
+            }
         }
         for (reqID, result) in out.applied {
             guard let p = reg.pending.removeValue(forKey: reqID) else { continue }
@@ -385,7 +408,7 @@ extension MeshWorld {
             reg.pending[put] = (i, gen, call, step)
             pumpMember(m)
         case .keepAlive:
-            if r.renewLease(a.lease, now: now / 1_000_000) != nil {
+            if r.renewLease(a.lease, now: clockMs(m)) != nil {
                 reg.leases[a.lease]?.lastRenew = now
                 reply(i, gen, call, step, ok: true, hint: m.id, from: m)
             } else {

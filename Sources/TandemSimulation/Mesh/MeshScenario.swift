@@ -199,6 +199,9 @@ public struct NetworkSpec: Equatable, Sendable {
     public var minDelayMs = 0.2
     public var maxDelayMs = 1.0
     public var loss = 0.0
+    /// Share of registry peer messages delivered twice (raft's messages travel over their own
+    /// transport; proxied requests ride TCP and are never duplicated).
+    public var duplicate = 0.0
     /// Time for discovery changes (registrations, lease expiry) to reach the sidecars' watches.
     public var watchDelayMs: Int64 = 50
     public init() {}

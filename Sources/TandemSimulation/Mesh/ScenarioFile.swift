@@ -145,7 +145,7 @@ public enum ScenarioFile {
         }
 
         func network(_ v: LuaValue) throws(Error) -> NetworkSpec {
-            try keys(v, "network", allowed: ["delay_ms", "loss", "watch_delay_ms"])
+            try keys(v, "network", allowed: ["delay_ms", "loss", "duplicate", "watch_delay_ms"])
             var n = NetworkSpec()
             if let d = v["delay_ms"] {
                 if case .number = d {
@@ -159,12 +159,13 @@ public enum ScenarioFile {
                 }
             }
             if let x = v["loss"] { n.loss = try number(x, "network.loss", max: 0.5) }
+            if let x = v["duplicate"] { n.duplicate = try number(x, "network.duplicate", max: 0.5) }
             if let x = v["watch_delay_ms"] { n.watchDelayMs = Int64(try number(x, "network.watch_delay_ms")) }
             return n
         }
 
         func registry(_ v: LuaValue) throws(Error) -> RegistrySpec {
-            try keys(v, "registry", allowed: ["nodes", "tick_ms", "election_ticks"])
+            try keys(v, "registry", allowed: ["nodes", "tick_ms", "election_ticks", "clock_skew"])
             var g = RegistrySpec()
             if let x = v["nodes"] {
                 g.nodes = try int(x, "registry.nodes", min: 1, max: 7)
@@ -174,6 +175,7 @@ public enum ScenarioFile {
             if let x = v["election_ticks"] {
                 g.electionTicks = try int(x, "registry.election_ticks", min: 2, max: 1_000)
             }
+            if let x = v["clock_skew"] { g.clockSkew = try number(x, "registry.clock_skew", max: 0.2) }
             return g
         }
 
