@@ -58,7 +58,7 @@ let package = Package(
             name: "TandemSimulation",
             dependencies: [
                 "TandemCore", "TandemRaft", "TandemStore", "TandemStorage", "TandemReplica", "TandemTraffic",
-                "TandemConfig", "TandemLua",
+                "TandemConfig", "TandemLua", "TandemIdentity",
                 .product(name: "HeapModule", package: "swift-collections"),
             ],
             swiftSettings: swiftSettings),
@@ -127,7 +127,8 @@ let package = Package(
             name: "TandemStorageTests", dependencies: ["TandemStorage", "TandemSimulation"],
             swiftSettings: swiftSettings),
         .testTarget(
-            name: "TandemSimulationTests", dependencies: ["TandemSimulation", "TandemConfig", "TandemTraffic"],
+            name: "TandemSimulationTests",
+            dependencies: ["TandemSimulation", "TandemConfig", "TandemTraffic", "TandemIdentity"],
             swiftSettings: swiftSettings),
         .testTarget(name: "TandemEtcdAPITests", dependencies: ["TandemEtcdAPI"], swiftSettings: swiftSettings),
         // Starts real `tandem` processes on ephemeral ports and drives them with Debian's etcdctl.

@@ -1,6 +1,7 @@
 import Foundation
 import TandemConfig
 import TandemCore
+import TandemIdentity
 import TandemTraffic
 import Testing
 
@@ -172,15 +173,17 @@ struct MeshSimulationTests {
 
     @Test("registry checkers catch deliberate defects: reordered watch streams, followers acking keep-alives")
     func registryCheckersFail() throws {
+        // A defect shows only when the run exercises it: look over a few seeds.
+        func violations(_ s: MeshScenario) -> [String] {
+            (UInt64(1)...6).flatMap { MeshSimulation.run(s, seed: $0).violations }
+        }
         var s = try Scenarios.load("registry-leader-deploy.lua")
         s.registry?.defectUnorderedWatchStreams = true
-        let unordered = MeshSimulation.run(s, seed: 1)
-        #expect(unordered.violations.contains { $0.hasPrefix("watch order:") || $0.hasPrefix("watch gap:") })
+        #expect(violations(s).contains { $0.hasPrefix("watch order:") || $0.hasPrefix("watch gap:") })
 
         s = try Scenarios.load("registry-leader-deploy.lua")
         s.registry?.defectFollowersAckKeepAlives = true
-        let acked = MeshSimulation.run(s, seed: 1)
-        #expect(acked.violations.contains { $0.hasPrefix("lease safety:") })
+        #expect(violations(s).contains { $0.hasPrefix("lease safety:") })
 
         s = try Scenarios.load("locks.lua")
         s.registry?.defectLockWithoutWaiting = true
@@ -195,6 +198,23 @@ struct MeshSimulationTests {
             #expect(r.violations == [], "seed \(seed)")
             #expect(r.lockAcquisitions > 200, "seed \(seed)")
         }
+    }
+
+    @Test("identity: real tokens verified by the callee's inbound gate; only orders passes users' allow rule")
+    func identity() throws {
+        let r = MeshSimulation.run(try Scenarios.load("identity.lua"), seed: 3)
+        #expect(r.violations == [])
+        let web = try #require(r.route("web->users"))
+        #expect(r.identityRefusals == ["forbidden": web.requests])
+        // 4 caller sidecars, tokens of 60 s renewed at 40 s, over 120 s: 3 each.
+        #expect(r.tokensIssued == 12)
+
+        // Without the allow rule the checker sees web get through.
+        var s = try Scenarios.load("identity.lua")
+        let i = try #require(s.services.firstIndex { $0.name == "users" })
+        s.services[i].sidecar.inboundDefault.access = AccessRule()
+        let open = MeshSimulation.run(s, seed: 3)
+        #expect(open.violations.contains { $0.hasPrefix("web->users: success rate 1.0 > 0.0") })
     }
 
     @Test("scenario files: unknown keys, instances and services are errors naming the path")

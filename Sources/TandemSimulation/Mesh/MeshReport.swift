@@ -95,6 +95,9 @@ public struct MeshReport: Sendable {
     public var lockLost = 0
     /// Holders whose session expired under them; the next holder's fencing token was larger.
     public var lockStaleHolders = 0
+    /// Service tokens issued, and inbound refusals by reason (missing-token, forbidden, …).
+    public var tokensIssued = 0
+    public var identityRefusals: [String: Int] = [:]
     public var passed: Bool { violations.isEmpty }
 
     init(scenario: String, seed: UInt64) {
@@ -133,6 +136,11 @@ public struct MeshReport: Sendable {
                 let got = stats?.successRate ?? 0
                 if stats == nil || got < min {
                     violations.append("\(a.subject): success rate \(fmt(got)) < \(fmt(min))")
+                }
+            case .successRateMax(let max):
+                let got = stats?.successRate ?? 0
+                if stats == nil || got > max {
+                    violations.append("\(a.subject): success rate \(fmt(got)) > \(fmt(max))")
                 }
             case .latencyMaxMs(let q, let max):
                 let got = stats?.latencyMs(q) ?? 0
@@ -223,6 +231,12 @@ public struct MeshReport: Sendable {
         if policyDecisions > 0 { facts.append("policy decisions \(policyDecisions)") }
         if policyErrors > 0 { facts.append("policy errors \(policyErrors)") }
         if dropped > 0 { facts.append("arrivals dropped \(dropped)") }
+        if tokensIssued > 0 {
+            let refused = identityRefusals.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }
+            facts.append(
+                "identity: \(tokensIssued) tokens issued, refused "
+                    + (refused.isEmpty ? "none" : refused.joined(separator: ", ")))
+        }
         if lostWithCaller > 0 { facts.append("requests lost with their caller \(lostWithCaller)") }
         out += facts.joined(separator: "; ") + "\n"
         if registryNodes > 0 {
@@ -270,7 +284,8 @@ public struct MeshReport: Sendable {
             + ",\"breaker_trips\":\(breakerTripsBySidecar.values.reduce(0, +)),\"ejections\":{\(ej.joined(separator: ","))}"
             + ",\"time_to_eject_ms\":{\(tte.joined(separator: ","))},\"crashes\":\(crashes),\"deploys\":\(deploys)"
             + ",\"lease_expiries\":\(leaseExpiries),\"policy_decisions\":\(policyDecisions)"
-            + ",\"policy_errors\":\(policyErrors),\"dropped\":\(dropped)"
+            + ",\"policy_errors\":\(policyErrors),\"dropped\":\(dropped),\"tokens_issued\":\(tokensIssued)"
+            + ",\"identity_refusals\":{\(identityRefusals.sorted { $0.key < $1.key }.map { "\(JSON.quote($0.key)):\($0.value)" }.joined(separator: ","))}"
             + ",\"registry\":{\"members\":\(registryNodes),\"crashes\":\(registryCrashes),\"leaderless_ms\":\(registryLeaderlessMs)"
             + ",\"calls\":\(registryCalls),\"calls_failed\":\(registryCallsFailed),\"reregistrations\":\(reRegistrations)"
             + ",\"watch_events\":\(watchEvents),\"watch_reconnects\":\(watchReconnects),\"storm_leases\":\(stormLeases)"

@@ -167,8 +167,9 @@ public struct TimedFault: Equatable, Sendable {
 /// A property the run must have; checked on the report.
 public struct MeshAssertion: Equatable, Sendable {
     public enum Check: Equatable, Sendable {
-        /// Share of requests answered 2xx/3xx, at least.
+        /// Share of requests answered 2xx/3xx, at least / at most.
         case successRateMin(Double)
+        case successRateMax(Double)
         /// Latency quantile (0.5, 0.99 …) of all requests, in ms, at most.
         case latencyMaxMs(quantile: Double, ms: Double)
         /// Attempts per admitted request, at most.
@@ -221,5 +222,7 @@ public struct MeshScenario: Sendable {
     public var registry: RegistrySpec? = nil
     /// Lock contention through the registry (needs `registry`).
     public var locks: [LockWorkload] = []
+    /// Service identity: tokens out, verification and allow rules in (MeshIdentity.swift).
+    public var identity: IdentitySpec? = nil
     public init() {}
 }

@@ -156,6 +156,8 @@ final class SimRequest {
     var finished = false
     var exchange: PolicyExchange?
     var chain: [(id: Int, failOpen: Bool)] = []
+    /// The service token the caller's sidecar attached (identity on).
+    var token: String?
     init(
         id: Int, sidecar: Int, origin: Origin, start: Nanos, stat: Int, method: String, host: String, path: String,
         headers: [(String, String)]
@@ -204,6 +206,7 @@ final class MeshWorld {
     var policyErrors: [String] = []
     /// The registry cluster, when the scenario has one (else discovery is modelled).
     var registry: MeshRegistry?
+    var identity: MeshIdentity?
     var registryBlocked: Set<RegLink> = []
 
     struct Link: Hashable {
@@ -232,6 +235,9 @@ final class MeshWorld {
             serviceInstances.append(ids)
         }
         roundRobin = Array(repeating: 0, count: scenario.services.count)
+        if let spec = scenario.identity {
+            identity = MeshIdentity(spec: spec, services: scenario.services, instances: instances.count, rng: &rng)
+        }
         if let spec = scenario.registry {
             registry = MeshRegistry(spec: spec, instances: instances.count, rng: &rng)
             for inst in instances { inst.registered = false }
@@ -486,6 +492,7 @@ final class MeshWorld {
         }
         req.route = route
         req.cluster = route.cluster
+        if identity != nil { req.token = serviceToken(sidecar: s, callee: route.cluster) }
         if let rl = route.rateLimit {
             var b = sc.limiters[route.name] ?? TokenBucket(rl)
             let ok = b.tryTake(now: now)
@@ -749,6 +756,14 @@ final class MeshWorld {
             return reply(job, delayFrom: job.inst, .connectFailure)
         }
         let spec = scenario.services[inst.service].behavior
+        if identity != nil, let req = requests[job.req],
+            let refused = inboundGate(
+                instance: job.inst, method: req.method, host: req.host, path: req.path, token: req.token)
+        {
+            // The inbound sidecar answers; the app never sees the request.
+            jobs[j] = nil
+            return reply(job, delayFrom: job.inst, status: refused)
+        }
         inst.jobs.insert(j)
         if let cap = spec.concurrency, inst.busy >= cap {
             guard inst.queued < spec.queueLimit else {

@@ -1,5 +1,6 @@
 import TandemConfig
 import TandemCore
+import TandemIdentity
 import TandemLua
 import TandemTraffic
 
@@ -41,7 +42,7 @@ public enum ScenarioFile {
             v, "",
             allowed: [
                 "name", "duration_s", "duration_ms", "network", "services", "workload", "timeline", "expect",
-                "registry", "locks",
+                "registry", "locks", "identity",
             ])
         var s = MeshScenario()
         if let x = v["name"] { s.name = try r.string(x, "name") }
@@ -50,6 +51,7 @@ public enum ScenarioFile {
         guard s.durationMs <= maxDurationMs else { throw r.fail("duration_s", "at most 24 hours of virtual time") }
         if let n = v["network"] { s.network = try r.network(n) }
         if let g = v["registry"] { s.registry = try r.registry(g) }
+        if let i = v["identity"] { s.identity = try r.identity(i) }
         if let l = v["locks"] {
             guard s.registry != nil else {
                 throw r.fail("locks", "locks need a registry: add registry = { nodes = 3 }")
@@ -66,7 +68,8 @@ public enum ScenarioFile {
             guard case .string(let name) = key, SidecarConfig.isServiceName(name), !name.contains("->") else {
                 throw r.fail("services", "service names are strings such as \"users\", got \(key)")
             }
-            s.services.append(try r.service(sv, "services.\(name)", name: name, readFile: readFile))
+            s.services.append(
+                try r.service(sv, "services.\(name)", name: name, identity: s.identity != nil, readFile: readFile))
         }
         let names = Set(s.services.map(\.name))
         for svc in s.services {
@@ -209,8 +212,23 @@ public enum ScenarioFile {
             return LatencyDistribution(p50: p50, p90: p90, p99: p99, max: mx)
         }
 
+        func identity(_ v: LuaValue) throws(Error) -> IdentitySpec {
+            var spec = IdentitySpec()
+            if case .bool(true) = v { return spec }
+            try keys(v, "identity", allowed: ["mesh", "default"])
+            if let x = v["mesh"] { spec.mesh = try string(x, "identity.mesh") }
+            if let x = v["default"] {
+                let d = try string(x, "identity.default")
+                guard let a = DefaultAccess(rawValue: d) else {
+                    throw fail("identity.default", "allow or deny, got \"\(d)\"")
+                }
+                spec.defaultAccess = a
+            }
+            return spec
+        }
+
         func service(
-            _ v: LuaValue, _ path: String, name: String, readFile: (String) -> String?
+            _ v: LuaValue, _ path: String, name: String, identity: Bool, readFile: (String) -> String?
         ) throws(Error)
             -> ServiceSpec
         {
@@ -222,6 +240,8 @@ public enum ScenarioFile {
                 ])
             var base = SidecarConfig(service: name, instance: "\(name)-1", appPort: 8080)
             base.seed = 1
+            // Identity on: every sidecar has the mesh's join token (allow rules need one).
+            if identity { base.identity.joinToken = "simulated" }
             var spec = ServiceSpec(name: name, sidecar: base)
             if let x = v["instances"] { spec.instances = try int(x, "\(path).instances", min: 1, max: maxInstances) }
             if let sc = v["sidecar"] {
@@ -425,7 +445,8 @@ public enum ScenarioFile {
             try keys(
                 v, path,
                 allowed: [
-                    "route", "success_rate", "p50_ms", "p99_ms", "amplification", "breaker_trips_min",
+                    "route", "success_rate", "success_rate_max", "p50_ms", "p99_ms", "amplification",
+                    "breaker_trips_min",
                     "breaker_trips_max", "ejections_min", "requests_min", "cluster_share",
                 ])
             guard let rv = v["route"] else { throw fail(path, "needs route = \"caller->callee\" (or instance = …)") }
@@ -437,6 +458,9 @@ public enum ScenarioFile {
             var out: [MeshAssertion] = []
             func add(_ c: MeshAssertion.Check) { out.append(MeshAssertion(subject: route, c)) }
             if let x = v["success_rate"] { add(.successRateMin(try number(x, "\(path).success_rate", max: 1))) }
+            if let x = v["success_rate_max"] {
+                add(.successRateMax(try number(x, "\(path).success_rate_max", max: 1)))
+            }
             if let x = v["p50_ms"] { add(.latencyMaxMs(quantile: 0.5, ms: try number(x, "\(path).p50_ms"))) }
             if let x = v["p99_ms"] { add(.latencyMaxMs(quantile: 0.99, ms: try number(x, "\(path).p99_ms"))) }
             if let x = v["amplification"] { add(.amplificationMax(try number(x, "\(path).amplification", min: 1))) }
