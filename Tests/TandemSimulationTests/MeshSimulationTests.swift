@@ -191,6 +191,25 @@ struct MeshSimulationTests {
         #expect(greedy.violations.contains { $0.hasPrefix("lock mutual exclusion:") })
     }
 
+    @Test("registry chaos: linearizable application history, watches, leases and locks under many faults")
+    func registryChaos() throws {
+        let s = try Scenarios.load("registry-chaos.lua")
+        for seed: UInt64 in 1...3 {
+            let r = MeshSimulation.run(s, seed: seed)
+            #expect(r.violations == [], "seed \(seed)")
+            #expect(r.kvOK > 500 && r.lockAcquisitions > 50, "seed \(seed)")
+            #expect(r.registryCrashes == 2, "seed \(seed)")
+        }
+        // Reads answered from any member's own store are caught by the linearizability check.
+        var broken = s
+        broken.registry?.defectLocalReads = true
+        var found = false
+        for seed: UInt64 in 1...6 where !found {
+            found = MeshSimulation.run(broken, seed: seed).violations.contains { $0.hasPrefix("linearizability:") }
+        }
+        #expect(found)
+    }
+
     @Test("locks: the real lock recipe through a registry that loses its leader keeps mutual exclusion")
     func locks() throws {
         for seed: UInt64 in 1...3 {

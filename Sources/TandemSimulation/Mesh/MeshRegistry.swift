@@ -34,6 +34,14 @@ final class MeshRegistry {
     var lockPending: [UInt64: (client: Int, call: Int)] = [:]
     var lockReads: [Bytes: (client: Int, call: Int)] = [:]
     var lockWatches: [(client: Int, call: Int, member: NodeID, key: Bytes)] = []
+    // Application clients (MeshKV.swift).
+    var kvClients: [KVClient] = []
+    var kvPending: [UInt64: (client: Int, call: Int)] = [:]
+    var kvReads: [Bytes: (client: Int, call: Int)] = [:]
+    var kvHistory: [RegisterOp] = []
+    var kvWrites = 0
+    /// Events under the services prefix per revision, for the watch atomicity check.
+    var prefixEventCounts: [Int64: Int] = [:]
     var leaderless: Nanos = 0
     var lastTickAt: Nanos = 0
 
@@ -72,6 +80,9 @@ public struct RegistrySpec: Equatable, Sendable {
     /// Lock clients that take the lock as soon as their key is written, without waiting for
     /// their turn.
     public var defectLockWithoutWaiting = false
+    /// Members that answer application reads from their own store, leader or not, without a
+    /// ReadIndex round (what a "serializable" read is — asked for as linearizable).
+    public var defectLocalReads = false
     public init() {}
 }
 
@@ -137,6 +148,10 @@ enum RegEvent {
     case lockRetry(client: Int, call: Int)
     case lockRelease(client: Int)
     case lockKeepAlive(client: Int, lease: Int64)
+    case kvNext(client: Int)
+    case kvArrive(client: Int, call: Int, member: NodeID)
+    case kvReply(client: Int, call: Int, KVReply, from: NodeID)
+    case kvTimeout(client: Int, call: Int)
 }
 
 extension MeshWorld {
@@ -147,6 +162,7 @@ extension MeshWorld {
         for id in reg.ids { startMember(id) }
         for i in instances.indices { agentStart(i) }
         startLocks()
+        startKV()
     }
 
     func startMember(_ id: NodeID) {
@@ -276,6 +292,18 @@ extension MeshWorld {
         case .lockKeepAlive(let c, let lease):
             note(45, c)
             lockKeepAlive(c, lease)
+        case .kvNext(let c):
+            note(50, c)
+            kvNext(c)
+        case .kvArrive(let c, let call, let member):
+            note(51, c, call)
+            kvArrive(c, call, member)
+        case .kvReply(let c, let call, let reply, let from):
+            note(52, c, call)
+            kvReply(c, call, reply, from: from)
+        case .kvTimeout(let c, let call):
+            note(53, c, call)
+            kvTimeout(c, call)
         }
     }
 
@@ -313,6 +341,7 @@ extension MeshWorld {
             reply(p.inst, p.generation, p.call, p.step, ok: ok, hint: m.id, from: m)
         }
         lockApplied(m, out)
+        kvApplied(m, out)
         for (revision, events) in out.events {
             if revision > reg.checkedRevision {
                 // Every member applies the same revisions; the first to apply one checks it.
@@ -321,7 +350,10 @@ extension MeshWorld {
             }
             let mine = events.filter { $0.kv.key.starts(with: MeshRegistry.servicesPrefix) }
             guard !mine.isEmpty else { continue }
-            if revision > (reg.prefixRevisions.last ?? 0) { reg.prefixRevisions.append(revision) }
+            if revision > (reg.prefixRevisions.last ?? 0) {
+                reg.prefixRevisions.append(revision)
+                reg.prefixEventCounts[revision] = mine.count
+            }
             for w in reg.watchers.indices where reg.watchers[w].member == m.id && reg.watchers[w].connected {
                 let sidecarInst = w
                 guard instances[sidecarInst].state != .down else { continue }
@@ -538,6 +570,11 @@ extension MeshWorld {
                     "watch gap: \(instances[w].id)'s watch skipped revisions \(skipped.prefix(3)) on a live stream")
             }
         }
+        if let n = reg.prefixEventCounts[revision], n != events.count {
+            report.violations.append(
+                "watch atomicity: \(instances[w].id)'s watch got \(events.count) of the \(n) events of revision \(revision)"
+            )
+        }
         reg.watchers[w].relisted = false
         reg.watchers[w].lastRevision = revision
         report.watchEvents += events.count
@@ -621,6 +658,7 @@ extension MeshWorld {
     func finishRegistry() {
         guard let reg = registry else { return }
         report.registryNodes = reg.ids.count
+        finishKV()
         report.registryLeaderlessMs = reg.leaderless / 1_000_000
         if let at = reg.stormExpiresAt,
             now > at + .seconds(10 + 2 * Int64(reg.spec.electionTicks) * reg.spec.tickMs / 1000),

@@ -96,6 +96,10 @@ public struct MeshReport: Sendable {
     /// Holders whose session expired under them; the next holder's fencing token was larger.
     public var lockStaleHolders = 0
     /// Service tokens issued, and inbound refusals by reason (missing-token, forbidden, …).
+    /// Registry application clients: answered, timed out (unknown outcome), refused.
+    public var kvOK = 0
+    public var kvUnknown = 0
+    public var kvRefused = 0
     public var tokensIssued = 0
     public var identityRefusals: [String: Int] = [:]
     public var passed: Bool { violations.isEmpty }
@@ -246,6 +250,10 @@ public struct MeshReport: Sendable {
                 "\(registryCalls) registration calls (\(registryCallsFailed) failed or retried), \(reRegistrations) re-registrations; "
             r += "\(watchEvents) watch events, \(watchReconnects) watch reconnects"
             if stormLeases > 0 { r += "; lease storm: \(stormLeases) leases, \(stormKeysLeft) keys left" }
+            if kvOK + kvUnknown > 0 {
+                r +=
+                    "; kv clients: \(kvOK) answered, \(kvUnknown) unknown, \(kvRefused) refused (history linearizable unless reported)"
+            }
             if lockAcquisitions > 0 {
                 r +=
                     "; locks: \(lockAcquisitions) acquisitions, \(lockLost) lost, \(lockStaleHolders) stale holders fenced"

@@ -153,6 +153,9 @@ public enum MeshFault: Equatable, Sendable {
     case registryMinority(forMs: Int64)
     /// `count` leases granted at once and never kept alive, each with a key.
     case leaseStorm(count: Int, ttlS: Int64)
+    /// The member's disk fails at one of its next few operations (mid-append, before an
+    /// fsync, mid-snapshot …): the process dies, losing what was not synced, and restarts.
+    case registryDiskFault(member: String)
 }
 
 public struct TimedFault: Equatable, Sendable {
@@ -222,6 +225,8 @@ public struct MeshScenario: Sendable {
     public var registry: RegistrySpec? = nil
     /// Lock contention through the registry (needs `registry`).
     public var locks: [LockWorkload] = []
+    /// Application reads, puts and txns on the registry, checked for linearizability.
+    public var kv: KVWorkload? = nil
     /// Service identity: tokens out, verification and allow rules in (MeshIdentity.swift).
     public var identity: IdentitySpec? = nil
     public init() {}

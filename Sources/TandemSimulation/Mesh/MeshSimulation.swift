@@ -957,6 +957,10 @@ final class MeshWorld {
             isolate(Array(minority), among: reg.ids, forMs: forMs)
         case .leaseStorm(let count, let ttl):
             schedule(0, .registry(.storm(count: count, ttl: ttl)))
+        case .registryDiskFault(let who):
+            guard let id = registryMember(who), let m = registry?.members[id], m.replica != nil else { return }
+            traceLine("\(m.name): its disk will fail within 8 operations")
+            m.disk.crashAtOperation = m.disk.operations + 1 + Int(rng.next() % 8)
         }
     }
 

@@ -42,7 +42,7 @@ public enum ScenarioFile {
             v, "",
             allowed: [
                 "name", "duration_s", "duration_ms", "network", "services", "workload", "timeline", "expect",
-                "registry", "locks", "identity",
+                "registry", "locks", "identity", "kv",
             ])
         var s = MeshScenario()
         if let x = v["name"] { s.name = try r.string(x, "name") }
@@ -52,6 +52,12 @@ public enum ScenarioFile {
         if let n = v["network"] { s.network = try r.network(n) }
         if let g = v["registry"] { s.registry = try r.registry(g) }
         if let i = v["identity"] { s.identity = try r.identity(i) }
+        if let k = v["kv"] {
+            guard s.registry != nil else {
+                throw r.fail("kv", "kv clients need a registry: add registry = { nodes = 3 }")
+            }
+            s.kv = try r.kv(k)
+        }
         if let l = v["locks"] {
             guard s.registry != nil else {
                 throw r.fail("locks", "locks need a registry: add registry = { nodes = 3 }")
@@ -88,10 +94,14 @@ public enum ScenarioFile {
             }
         }
         let instances = Set(s.services.flatMap { svc in (1...svc.instances).map { "\(svc.name)-\($0)" } })
+        // Partitions and clogs may name the registry (all members) or one member.
+        let registryNames: Set<String> =
+            s.registry.map { g in Set(["registry"] + (1...g.nodes).map { "registry-\($0)" }) } ?? []
         if let t = v["timeline"] {
             guard let list = t.array else { throw r.fail("timeline", "must be a list of { at_s = …, <fault> }") }
             for (i, item) in list.enumerated() {
-                let f = try r.fault(item, "timeline[\(i + 1)]", services: names, instances: instances)
+                let f = try r.fault(
+                    item, "timeline[\(i + 1)]", services: names, instances: instances, registryNames: registryNames)
                 s.timeline.append(f)
             }
             s.timeline = s.timeline.enumerated().sorted { ($0.element.atMs, $0.offset) < ($1.element.atMs, $1.offset) }
@@ -212,6 +222,16 @@ public enum ScenarioFile {
             return LatencyDistribution(p50: p50, p90: p90, p99: p99, max: mx)
         }
 
+        func kv(_ v: LuaValue) throws(Error) -> KVWorkload {
+            try keys(v, "kv", allowed: ["clients", "keys", "think_ms", "start_s", "start_ms"])
+            var k = KVWorkload()
+            if let x = v["clients"] { k.clients = try int(x, "kv.clients", min: 1, max: 1_000) }
+            if let x = v["keys"] { k.keys = try int(x, "kv.keys", min: 1, max: 1_000) }
+            if let x = v["think_ms"] { k.thinkMs = Int64(try int(x, "kv.think_ms", max: 3_600_000)) }
+            if let s = try millis(v, "kv", seconds: "start_s", millis: "start_ms") { k.startMs = s }
+            return k
+        }
+
         func identity(_ v: LuaValue) throws(Error) -> IdentitySpec {
             var spec = IdentitySpec()
             if case .bool(true) = v { return spec }
@@ -322,7 +342,8 @@ public enum ScenarioFile {
         }
 
         func fault(
-            _ v: LuaValue, _ path: String, services: Set<String>, instances: Set<String>
+            _ v: LuaValue, _ path: String, services: Set<String>, instances: Set<String>,
+            registryNames: Set<String> = []
         ) throws(Error)
             -> TimedFault
         {
@@ -339,8 +360,8 @@ public enum ScenarioFile {
             }
             func side(_ x: LuaValue, _ p: String) throws(Error) -> String {
                 let s = try string(x, p)
-                guard services.contains(s) || instances.contains(s) else {
-                    throw fail(p, "unknown service or instance \"\(s)\"")
+                guard services.contains(s) || instances.contains(s) || registryNames.contains(s) else {
+                    throw fail(p, "unknown service, instance or registry member \"\(s)\"")
                 }
                 return s
             }
@@ -416,6 +437,9 @@ public enum ScenarioFile {
                 let ttl =
                     try v["ttl_s"].map { (y) throws(Error) in try int(y, "\(path).ttl_s", min: 1, max: 86_400) } ?? 10
                 f = .leaseStorm(count: n, ttlS: Int64(ttl))
+            } else if let x = v["registry_disk_fault"] {
+                try keys(v, path, allowed: timing.union(["registry_disk_fault"]))
+                f = .registryDiskFault(member: try registryMember(x, "\(path).registry_disk_fault"))
             } else if let x = v["loss"] {
                 try keys(v, path, allowed: timing.union(["loss"]))
                 f = .loss(rate: try number(x, "\(path).loss", max: 0.5))
