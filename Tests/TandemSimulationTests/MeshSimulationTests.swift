@@ -236,6 +236,23 @@ struct MeshSimulationTests {
         #expect(open.violations.contains { $0.hasPrefix("web->users: success rate 1.0 > 0.0") })
     }
 
+    @Test("inbound side: per-caller rate limit and an inbound policy answer before the app")
+    func inbound() throws {
+        let r = MeshSimulation.run(try Scenarios.load("inbound.lua"), seed: 4)
+        #expect(r.violations == [])
+        let orders = try #require(r.route("orders->users"))
+        #expect(orders.statuses[429, default: 0] == r.inboundRateLimited)
+        #expect(r.route("admin->users")?.statuses[429] == nil)
+        #expect(r.route("web->users")?.statuses.keys.sorted() == [503])
+
+        // One bucket for everyone instead of one per caller: admin is limited too.
+        var s = try Scenarios.load("inbound.lua")
+        let i = try #require(s.services.firstIndex { $0.name == "users" })
+        s.services[i].sidecar.inboundRateLimitKey = nil
+        let shared = MeshSimulation.run(s, seed: 4)
+        #expect(shared.violations.contains { $0.hasPrefix("admin->users: success rate") })
+    }
+
     @Test("scenario files: unknown keys, instances and services are errors naming the path")
     func scenarioErrors() {
         func error(_ src: String) -> String {

@@ -100,6 +100,8 @@ public struct MeshReport: Sendable {
     public var kvOK = 0
     public var kvUnknown = 0
     public var kvRefused = 0
+    /// Requests the callees' inbound rate limits answered 429.
+    public var inboundRateLimited = 0
     public var tokensIssued = 0
     public var identityRefusals: [String: Int] = [:]
     public var passed: Bool { violations.isEmpty }
@@ -235,6 +237,7 @@ public struct MeshReport: Sendable {
         if policyDecisions > 0 { facts.append("policy decisions \(policyDecisions)") }
         if policyErrors > 0 { facts.append("policy errors \(policyErrors)") }
         if dropped > 0 { facts.append("arrivals dropped \(dropped)") }
+        if inboundRateLimited > 0 { facts.append("inbound rate-limited \(inboundRateLimited)") }
         if tokensIssued > 0 {
             let refused = identityRefusals.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }
             facts.append(

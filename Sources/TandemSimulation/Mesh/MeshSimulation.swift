@@ -121,6 +121,8 @@ final class SimSidecar {
     var rng: SeededRandom
     var probing: Set<String> = []
     var tripsSeen: [String: Int] = [:]
+    var inboundBucket: TokenBucket?
+    var inboundKeyed: KeyedRateLimiter?
     var vm: PolicyVM?
     var policyIDs: [String: [(id: Int, failOpen: Bool)]] = [:]
     init(inst: Int, service: Int, config: SidecarConfig, rng: SeededRandom) {
@@ -207,6 +209,8 @@ final class MeshWorld {
     /// The registry cluster, when the scenario has one (else discovery is modelled).
     var registry: MeshRegistry?
     var identity: MeshIdentity?
+    /// Inbound policy exchanges of jobs at the app, for their on_response.
+    var inboundExchanges: [Int: (PolicyExchange, [(id: Int, failOpen: Bool)])] = [:]
     var registryBlocked: Set<RegLink> = []
 
     struct Link: Hashable {
@@ -764,6 +768,10 @@ final class MeshWorld {
             jobs[j] = nil
             return reply(job, delayFrom: job.inst, status: refused)
         }
+        if let req = requests[job.req], let answered = inboundSide(job: j, instance: job.inst, req: req) {
+            jobs[j] = nil
+            return reply(job, delayFrom: job.inst, status: answered)
+        }
         inst.jobs.insert(j)
         if let cap = spec.concurrency, inst.busy >= cap {
             guard inst.queued < spec.queueLimit else {
@@ -827,7 +835,7 @@ final class MeshWorld {
         let inst = instances[job.inst]
         inst.jobs.remove(j)
         if job.started { inst.busy -= 1 }
-        reply(job, delayFrom: job.inst, status: status)
+        reply(job, delayFrom: job.inst, status: inboundResponse(job: j, instance: job.inst, status: status))
         // Next in the queue.
         while inst.queued > 0, inst.busy < (scenario.services[inst.service].behavior.concurrency ?? .max) {
             let next = inst.queue[inst.queueHead]
@@ -856,6 +864,7 @@ final class MeshWorld {
     func kill(_ i: Int) {
         let inst = instances[i]
         for j in inst.jobs.sorted() {
+            inboundExchanges[j] = nil
             guard let job = jobs.removeValue(forKey: j) else { continue }
             reply(job, delayFrom: i, .reset)
         }
