@@ -225,8 +225,9 @@ struct MeshSimulationTests {
         #expect(r.violations == [])
         let web = try #require(r.route("web->users"))
         #expect(r.identityRefusals == ["forbidden": web.requests])
-        // 4 caller sidecars, tokens of 60 s renewed at 40 s, over 120 s: 3 each.
+        // 4 caller sidecars, tokens of 45 s renewed at 30 s, over 90 s: 3 each; a proof per request.
         #expect(r.tokensIssued == 12)
+        #expect(r.proofsSigned == r.routes.reduce(0) { $0 + $1.attempts })
 
         // Without the allow rule the checker sees web get through.
         var s = try Scenarios.load("identity.lua")
@@ -234,6 +235,13 @@ struct MeshSimulationTests {
         s.services[i].sidecar.inboundDefault.access = AccessRule()
         let open = MeshSimulation.run(s, seed: 3)
         #expect(open.violations.contains { $0.hasPrefix("web->users: success rate 1.0 > 0.0") })
+
+        // Callers replaying one proof: the callee's replay cache refuses all but the first.
+        s = try Scenarios.load("identity.lua")
+        s.identity?.defectReuseProofs = true
+        let replayed = MeshSimulation.run(s, seed: 3)
+        #expect(replayed.violations.contains { $0.hasPrefix("orders->users: success rate") })
+        #expect(replayed.identityRefusals["replayed-proof", default: 0] > 100)
     }
 
     @Test("inbound side: per-caller rate limit and an inbound policy answer before the app")

@@ -11,11 +11,19 @@ import TandemTraffic
 ///
 /// Modelled: the registry's token service. Tokens are signed with one mesh key held by the
 /// simulator (real Ed25519, real JWS), issued to a sidecar on first use per callee and again
-/// at two thirds of their lifetime. Proofs of possession are not simulated.
+/// at two thirds of their lifetime. Each sidecar has its own Ed25519 key, which its tokens are
+/// bound to (`cnf`); with proofs on (mesh-wide, per sidecar, or per route as in the config)
+/// it signs a proof of possession for every request and the callee checks it, nonce replay
+/// cache included.
 public struct IdentitySpec: Equatable, Sendable {
     public var mesh = "tandem"
     /// What inbound routes without an allow list admit (the registry's `--identity-default`).
     public var defaultAccess: DefaultAccess = .allow
+    /// Proofs of possession mesh-wide (the registry's `--identity-proof`).
+    public var proof = false
+    /// A deliberate defect for showing the replay cache works (never set by scenario files):
+    /// callers send the same proof again and again.
+    public var defectReuseProofs = false
     public init() {}
 }
 
@@ -28,6 +36,10 @@ final class MeshIdentity {
     var held: [[String: (token: String, refreshAt: Int64)]]
     /// Per sidecar: its inbound verifier (with its cache of verified tokens).
     var inbound: [InboundAuthenticator?]
+    /// Per sidecar: the key its tokens are bound to and its proofs are signed with.
+    var keys: [ProofSigner?]
+    let emptyBodyDigest = sha256Base64URL([UInt8]())
+    var lastProof: [Int: String] = [:]
     /// Per service: the inbound route table and routes by name.
     var tables: [(table: RouteTable, byName: [String: InboundRoute])]
 
@@ -44,6 +56,7 @@ final class MeshIdentity {
         published = p
         held = Array(repeating: [:], count: instances)
         inbound = Array(repeating: nil, count: instances)
+        keys = Array(repeating: nil, count: instances)
         tables = services.map { svc in
             let c = svc.sidecar
             let table = RouteTable(c.inboundRoutes.map { Route(name: $0.name, match: $0.match, cluster: "local") })
@@ -53,9 +66,36 @@ final class MeshIdentity {
 }
 
 extension MeshWorld {
+    /// The sidecar's own key (made on first use, from the run's seed).
+    func sidecarKey(_ s: Int) -> ProofSigner? {
+        guard let id = identity else { return nil }
+        if let k = id.keys[s] { return k }
+        var seed: [UInt8] = []
+        for _ in 0..<4 { withUnsafeBytes(of: rng.next()) { seed += $0 } }
+        guard let k = try? KeyPair(seed: seed) else { return nil }
+        id.keys[s] = ProofSigner(key: k)
+        return id.keys[s]
+    }
+
+    /// The proof of possession for this request, when the caller's settings or route ask for one.
+    func proof(sidecar s: Int, route: Route, method: String, host: String, path: String, token: String) -> String? {
+        guard let id = identity else { return nil }
+        let cfg = sidecars[s].config
+        guard cfg.identity.proof ?? id.spec.proof || cfg.proofRoutes.contains(route.name), let signer = sidecarKey(s)
+        else { return nil }
+        if id.spec.defectReuseProofs, let p = id.lastProof[s] { return p }
+        var nonce: [UInt8] = []
+        for _ in 0..<2 { withUnsafeBytes(of: rng.next()) { nonce += $0 } }
+        report.proofsSigned += 1
+        id.lastProof[s] = signer.sign(
+            ProofTarget(method: method, authority: host, pathAndQuery: path, bodyDigest: id.emptyBodyDigest),
+            tokenHash: sha256Base64URL(Array(token.utf8)), now: now / 1_000_000_000, nonce: nonce)
+        return id.lastProof[s]
+    }
+
     /// The token `sidecar` attaches for `callee` (fetched, or refreshed, as its sidecar would).
     func serviceToken(sidecar s: Int, callee: String) -> String? {
-        guard let id = identity else { return nil }
+        guard let id = identity, let key = sidecarKey(s) else { return nil }
         let nowS = now / 1_000_000_000
         if let h = id.held[s][callee], nowS < h.refreshAt { return h.token }
         let caller = scenario.services[sidecars[s].service]
@@ -63,7 +103,7 @@ extension MeshWorld {
         id.issued += 1
         let claims = ServiceClaims(
             issuer: id.issuer, subject: caller.name, audience: callee, issuedAt: nowS, expiresAt: nowS + ttl,
-            id: "sim-\(id.issued)", keyThumbprint: id.key.thumbprint)
+            id: "sim-\(id.issued)", keyThumbprint: key.key.thumbprint)
         let token = ServiceToken.sign(claims, key: id.key)
         id.held[s][callee] = (token, nowS + ttl * 2 / 3)
         report.tokensIssued += 1
@@ -71,7 +111,11 @@ extension MeshWorld {
     }
 
     /// The callee's inbound gate: nil to let the request through, or the status it answers.
-    func inboundGate(instance i: Int, method: String, host: String, path: String, token: String?) -> Int? {
+    func inboundGate(
+        instance i: Int, method: String, host: String, path: String, token: String?, proof: String?
+    )
+        -> Int?
+    {
         guard let id = identity else { return nil }
         let svc = scenario.services[instances[i].service]
         let settings = svc.sidecar.identity
@@ -88,13 +132,13 @@ extension MeshWorld {
             id.inbound[i] = a
         }
         let req = InboundRequirements(
-            mode: mode, requireProof: false, rule: route.access,
+            mode: mode, requireProof: route.proof ?? settings.proof ?? id.spec.proof, rule: route.access,
             defaultAccess: settings.defaultAccess ?? id.spec.defaultAccess, route: route.name)
         do throws(IdentityError) {
             _ = try id.inbound[i]!.authorize(
-                PresentedCredentials(token: token),
+                PresentedCredentials(token: token, proof: proof),
                 target: ProofTarget(method: method, authority: host, pathAndQuery: path),
-                bodyDigest: nil, requirements: req, now: now / 1_000_000_000)
+                bodyDigest: proof == nil ? nil : id.emptyBodyDigest, requirements: req, now: now / 1_000_000_000)
             return nil
         } catch {
             report.identityRefusals[error.reason.rawValue, default: 0] += 1

@@ -103,6 +103,7 @@ public struct MeshReport: Sendable {
     /// Requests the callees' inbound rate limits answered 429.
     public var inboundRateLimited = 0
     public var tokensIssued = 0
+    public var proofsSigned = 0
     public var identityRefusals: [String: Int] = [:]
     public var passed: Bool { violations.isEmpty }
 
@@ -241,7 +242,7 @@ public struct MeshReport: Sendable {
         if tokensIssued > 0 {
             let refused = identityRefusals.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }
             facts.append(
-                "identity: \(tokensIssued) tokens issued, refused "
+                "identity: \(tokensIssued) tokens issued, \(proofsSigned) proofs signed, refused "
                     + (refused.isEmpty ? "none" : refused.joined(separator: ", ")))
         }
         if lostWithCaller > 0 { facts.append("requests lost with their caller \(lostWithCaller)") }

@@ -158,8 +158,9 @@ final class SimRequest {
     var finished = false
     var exchange: PolicyExchange?
     var chain: [(id: Int, failOpen: Bool)] = []
-    /// The service token the caller's sidecar attached (identity on).
+    /// The service token the caller's sidecar attached (identity on), and its proof.
     var token: String?
+    var proof: String?
     init(
         id: Int, sidecar: Int, origin: Origin, start: Nanos, stat: Int, method: String, host: String, path: String,
         headers: [(String, String)]
@@ -496,7 +497,10 @@ final class MeshWorld {
         }
         req.route = route
         req.cluster = route.cluster
-        if identity != nil { req.token = serviceToken(sidecar: s, callee: route.cluster) }
+        if identity != nil, let token = serviceToken(sidecar: s, callee: route.cluster) {
+            req.token = token
+            req.proof = proof(sidecar: s, route: route, method: method, host: host, path: path, token: token)
+        }
         if let rl = route.rateLimit {
             var b = sc.limiters[route.name] ?? TokenBucket(rl)
             let ok = b.tryTake(now: now)
@@ -762,7 +766,8 @@ final class MeshWorld {
         let spec = scenario.services[inst.service].behavior
         if identity != nil, let req = requests[job.req],
             let refused = inboundGate(
-                instance: job.inst, method: req.method, host: req.host, path: req.path, token: req.token)
+                instance: job.inst, method: req.method, host: req.host, path: req.path, token: req.token,
+                proof: req.proof)
         {
             // The inbound sidecar answers; the app never sees the request.
             jobs[j] = nil

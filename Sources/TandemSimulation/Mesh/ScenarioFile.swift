@@ -235,7 +235,11 @@ public enum ScenarioFile {
         func identity(_ v: LuaValue) throws(Error) -> IdentitySpec {
             var spec = IdentitySpec()
             if case .bool(true) = v { return spec }
-            try keys(v, "identity", allowed: ["mesh", "default"])
+            try keys(v, "identity", allowed: ["mesh", "default", "proof"])
+            if let x = v["proof"] {
+                guard case .bool(let b) = x else { throw fail("identity.proof", "true or false") }
+                spec.proof = b
+            }
             if let x = v["mesh"] { spec.mesh = try string(x, "identity.mesh") }
             if let x = v["default"] {
                 let d = try string(x, "identity.default")
