@@ -30,7 +30,8 @@ struct Sim: ParsableCommand {
 
     func run() throws {
         guard let source = try? String(contentsOfFile: file, encoding: .utf8) else {
-            throw ValidationError("cannot read scenario file \(file)")
+            FileHandle.standardError.write(Data("tandem sim: cannot read scenario file \(file)\n".utf8))
+            throw ExitCode(2)
         }
         let scenario: MeshScenario
         do {

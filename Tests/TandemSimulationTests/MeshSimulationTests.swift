@@ -321,6 +321,9 @@ struct MeshSimulationTests {
         #expect(error("return { services = { a = {} }, expect = { { route = \"a\" } } }").contains("caller->callee"))
         #expect(error("return { services = {} }").contains("services: a table of services"))
         #expect(
+            error("return { services = { a = { instances = 0 } } }")
+                .contains("services.a.instances: must be a whole number from 1 to 1000, got 0"))
+        #expect(
             error("return { services = { a = {} }, timeline = { { at_s = 1, registry_crash = \"boss\" } } }")
                 .contains("\"leader\" or a member name such as \"registry-2\""))
         #expect(error("return { registry = { nodes = 4 }, services = { a = {} } }").contains("1, 3, 5 or 7 members"))

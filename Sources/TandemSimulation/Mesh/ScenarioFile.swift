@@ -145,8 +145,11 @@ public enum ScenarioFile {
         }
 
         func int(_ v: LuaValue, _ path: String, min: Int = 0, max: Int = Int(Int32.max)) throws(Error) -> Int {
-            let n = try number(v, path, min: Double(min), max: Double(max))
-            guard n == n.rounded() else { throw fail(path, "must be a whole number, got \(n)") }
+            guard case .number(let n) = v, n.isFinite else { throw fail(path, "must be a number, got \(v.typeName)") }
+            guard n == n.rounded(), n >= Double(min), n <= Double(max) else {
+                let shown = n == n.rounded() && abs(n) < 1e15 ? "\(Int(n))" : "\(n)"
+                throw fail(path, "must be a whole number from \(min) to \(max), got \(shown)")
+            }
             return Int(n)
         }
 
