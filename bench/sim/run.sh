@@ -8,10 +8,12 @@ swift build -c release --product tandem >/dev/null
 seeds=${1:-1..3}
 first=${seeds%..*}
 last=${seeds#*..}
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 for s in $(seq "$first" "$last"); do
   /usr/bin/time -f "seed $s: %e s wall, %M KiB peak RSS" .build/release/tandem sim bench/sim/big-mesh.lua --seed "$s" \
-    > /tmp/tandem-sim-bench.$s.txt
-  head -1 /tmp/tandem-sim-bench.$s.txt
-  tail -1 /tmp/tandem-sim-bench.$s.txt
+    > "$out/report.$s.txt"
+  head -1 "$out/report.$s.txt"
+  tail -1 "$out/report.$s.txt"
 done
