@@ -38,26 +38,14 @@ extension MeshWorld {
         guard !cfg.inboundPolicies.isEmpty else { return nil }
         let chain = policies(sc, route: "\u{0}inbound", specs: cfg.inboundPolicies)
         guard let vm = sc.vm, !chain.isEmpty else { return 500 }
-        let q = req.path.firstIndex(of: "?")
-        let ex = PolicyExchange(
-            method: req.method, path: q.map { String(req.path[..<$0]) } ?? req.path,
-            query: q.map { String(req.path[req.path.index(after: $0)...]) } ?? "", authority: req.host,
-            remoteAddress: instances[req.sidecar].id, route: "inbound", side: "inbound",
-            headers: req.headers.map { (name: $0.0, value: $0.1) }, requestID: "\(req.id)")
+        let ex = policyExchange(req, route: "inbound", side: "inbound", remote: instances[req.sidecar].id)
         if identity != nil { ex.caller = caller }
-        for p in chain {
-            switch vm.onRequest(p.id, ex) {
-            case .proceed: continue
-            case .decision(let d):
-                report.policyDecisions += 1
-                vm.end(ex)
-                return d.status
-            case .failed(let f):
-                policyFailed(f)
-                if p.failOpen { continue }
-                vm.end(ex)
-                return 500
-            }
+        switch requestPolicies(vm, chain, ex) {
+        case .proceed: break
+        case .decision(let d):
+            return finishPolicies(vm, chain, ex, status: d.status, reason: nil, respond: false)
+        case .failed:
+            return finishPolicies(vm, chain, ex, status: 500, reason: LocalReason.policyError.rawValue, respond: false)
         }
         inboundExchanges[j] = (ex, chain)
         return nil
@@ -66,22 +54,6 @@ extension MeshWorld {
     /// on_response of the inbound policies (last first) on the app's answer, then on_log.
     func inboundResponse(job j: Int, instance i: Int, status: Int) -> Int {
         guard let (ex, chain) = inboundExchanges.removeValue(forKey: j), let vm = sidecars[i].vm else { return status }
-        var status = status
-        ex.status = status
-        for p in chain.reversed() {
-            switch vm.onResponse(p.id, ex) {
-            case .proceed: continue
-            case .decision(let d):
-                report.policyDecisions += 1
-                status = d.status
-            case .failed(let f):
-                policyFailed(f)
-                if !p.failOpen { status = 500 }
-            }
-            if status != ex.status { break }
-        }
-        for p in chain { if case .failed(let f) = vm.onLog(p.id, ex) { policyFailed(f) } }
-        vm.end(ex)
-        return status
+        return finishPolicies(vm, chain, ex, status: status, reason: nil, respond: true)
     }
 }

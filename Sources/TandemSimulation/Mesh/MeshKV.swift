@@ -64,6 +64,10 @@ extension MeshWorld {
     func kvSend(_ c: Int) {
         guard let reg = registry else { return }
         let client = reg.kvClients[c]
+        if reg.spec.defectLocalReads, case .read? = client.current?.input {
+            // With local reads a client may as well spread its reads over every member.
+            client.member = reg.ids[Int(rng.next() % UInt64(reg.ids.count))]
+        }
         if let d = delay(from: client.name, "kv", to: "registry-\(client.member)", "registry") {
             schedule(d, .registry(.kvArrive(client: c, call: client.call, member: client.member)))
         }
@@ -82,14 +86,14 @@ extension MeshWorld {
         let id = reg.nextRequest
         switch cur.input {
         case .read:
-            let ctx = withUnsafeBytes(of: (UInt64(3) << 62 | id).littleEndian) { Array($0) }
+            let ctx = readContext(id)
             guard (try? r.read(context: ctx)) != nil else { return kvAnswer(c, call, .refused(hint: 0), from: m) }
-            reg.kvReads[ctx] = (c, call)
+            reg.waitingReads[ctx] = .kv(client: c, call: call)
         case .write(let v):
             guard (try? r.propose(.put(PutRequest(key: cur.key, value: v)), requestID: id)) != nil else {
                 return kvAnswer(c, call, .refused(hint: 0), from: m)
             }
-            reg.kvPending[id] = (c, call)
+            reg.waiting[id] = .kv(client: c, call: call)
         case .cas(let expected, let new):
             let txn = TxnRequest(
                 compare: [Compare(key: cur.key, .equal, .value(expected))],
@@ -97,29 +101,24 @@ extension MeshWorld {
             guard (try? r.propose(.txn(txn), requestID: id)) != nil else {
                 return kvAnswer(c, call, .refused(hint: 0), from: m)
             }
-            reg.kvPending[id] = (c, call)
+            reg.waiting[id] = .kv(client: c, call: call)
         }
         pumpMember(m)
     }
 
-    /// Called by `pumpMember`.
-    func kvApplied(_ m: RegMember, _ out: RegistryReplica.Output) {
-        guard let reg = registry, !reg.kvClients.isEmpty, let r = m.replica else { return }
-        for (reqID, result) in out.applied {
-            guard let p = reg.kvPending.removeValue(forKey: reqID) else { continue }
-            switch result {
-            case .put: kvAnswer(p.client, p.call, .ok, from: m)
-            case .txn(let t): kvAnswer(p.client, p.call, .cas(t.succeeded), from: m)
-            default: kvAnswer(p.client, p.call, .refused(hint: 0), from: m)
-            }
+    /// A proposal of client `c` applied (called by `pumpMember`).
+    func kvApplied(_ c: Int, _ call: Int, _ result: StoreResult, from m: RegMember) {
+        switch result {
+        case .put: kvAnswer(c, call, .ok, from: m)
+        case .txn(let t): kvAnswer(c, call, .cas(t.succeeded), from: m)
+        default: kvAnswer(c, call, .refused(hint: 0), from: m)
         }
-        for ctx in out.readsReady {
-            guard let p = reg.kvReads.removeValue(forKey: ctx), let cur = reg.kvClients[p.client].current else {
-                continue
-            }
-            let v = (try? r.store.range(RangeRequest(key: cur.key)))?.kvs.first?.value
-            kvAnswer(p.client, p.call, .value(v), from: m)
-        }
+    }
+
+    /// A linearizable read of client `c` is ready on `m` (called by `pumpMember`).
+    func kvRead(_ c: Int, _ call: Int, store: MVCCStore, from m: RegMember) {
+        guard let cur = registry?.kvClients[c].current else { return }
+        kvAnswer(c, call, .value((try? store.range(RangeRequest(key: cur.key)))?.kvs.first?.value), from: m)
     }
 
     func kvAnswer(_ c: Int, _ call: Int, _ reply: KVReply, from m: RegMember) {

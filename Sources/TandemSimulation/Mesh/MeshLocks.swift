@@ -157,21 +157,21 @@ extension MeshWorld {
                 return lockAnswer(c, call, .failed, from: m)
             }
             reg.leases[lease] = (ttl, now, false, false)
-            reg.lockPending[id] = (c, call)
+            reg.waiting[id] = .lock(client: c, call: call)
         case .txn(let txn):
             guard (try? r.propose(.txn(txn), requestID: id)) != nil else {
                 return lockAnswer(c, call, .failed, from: m)
             }
-            reg.lockPending[id] = (c, call)
+            reg.waiting[id] = .lock(client: c, call: call)
         case .unlock(let del):
             guard (try? r.propose(.deleteRange(del), requestID: id)) != nil else {
                 return lockAnswer(c, call, .failed, from: m)
             }
-            reg.lockPending[id] = (c, call)
+            reg.waiting[id] = .lock(client: c, call: call)
         case .read:
-            let ctx = withUnsafeBytes(of: (UInt64(1) << 63 | id).littleEndian) { Array($0) }
+            let ctx = readContext(id)
             guard (try? r.read(context: ctx)) != nil else { return lockAnswer(c, call, .failed, from: m) }
-            reg.lockReads[ctx] = (c, call)
+            reg.waitingReads[ctx] = .lock(client: c, call: call)
         case .waitForDelete(let key, let revision):
             // Already gone (at or after the revision asked for): answer now.
             let gone = (try? r.store.range(RangeRequest(key: key)))?.kvs.isEmpty ?? false
@@ -181,26 +181,27 @@ extension MeshWorld {
         pumpMember(m)
     }
 
-    /// Called by `pumpMember` with what the member applied and read.
-    func lockApplied(_ m: RegMember, _ out: RegistryReplica.Output) {
-        guard let reg = registry, !reg.lockClients.isEmpty, let r = m.replica else { return }
-        for (reqID, result) in out.applied {
-            guard let p = reg.lockPending.removeValue(forKey: reqID) else { continue }
-            switch result {
-            case .txn(let t): lockAnswer(p.client, p.call, .txn(t), from: m)
-            case .leaseGrant: lockAnswer(p.client, p.call, .granted, from: m)
-            case .deleteRange: lockAnswer(p.client, p.call, .unlocked, from: m)
-            default: lockAnswer(p.client, p.call, .failed, from: m)
-            }
+    /// A proposal of lock client `c` applied (called by `pumpMember`).
+    func lockApplied(_ c: Int, _ call: Int, _ result: StoreResult, from m: RegMember) {
+        switch result {
+        case .txn(let t): lockAnswer(c, call, .txn(t), from: m)
+        case .leaseGrant: lockAnswer(c, call, .granted, from: m)
+        case .deleteRange: lockAnswer(c, call, .unlocked, from: m)
+        default: lockAnswer(c, call, .failed, from: m)
         }
-        for ctx in out.readsReady {
-            guard let p = reg.lockReads.removeValue(forKey: ctx), let q = lockReadQuery(p.client) else { continue }
-            if let resp = try? r.store.range(q) {
-                lockAnswer(p.client, p.call, .range(resp), from: m)
-            } else {
-                lockAnswer(p.client, p.call, .failed, from: m)
-            }
+    }
+
+    /// A linearizable read of lock client `c` is ready on `m` (called by `pumpMember`).
+    func lockRead(_ c: Int, _ call: Int, store: MVCCStore, from m: RegMember) {
+        guard let q = lockReadQuery(c), let resp = try? store.range(q) else {
+            return lockAnswer(c, call, .failed, from: m)
         }
+        lockAnswer(c, call, .range(resp), from: m)
+    }
+
+    /// Deletions the member applied that end lock clients' waits for their predecessor.
+    func lockWatchEvents(_ m: RegMember, _ out: RegistryReplica.Output) {
+        guard let reg = registry else { return }
         guard !reg.lockWatches.isEmpty else { return }
         for (_, events) in out.events {
             for e in events where e.kind == .delete {

@@ -21,8 +21,10 @@ final class MeshRegistry {
     /// Revisions that changed something under the services prefix, in order.
     var prefixRevisions: [Int64] = []
     var nextRequest: UInt64 = 0
-    /// Requests waiting for their Raft entry to apply: request id → the agent's call.
-    var pending: [UInt64: (inst: Int, generation: Int, call: Int, step: RegAgent.Step)] = [:]
+    /// Clients' proposals waiting for their entry to apply, by request id, and their
+    /// linearizable reads waiting for the read index, by read context.
+    var waiting: [UInt64: RegWaiter] = [:]
+    var waitingReads: [Bytes: RegWaiter] = [:]
     /// Per lease: its TTL, when it was last renewed (or granted), and whether its owner revoked it.
     var leases: [Int64: (ttl: Int64, lastRenew: Nanos, revokedByOwner: Bool, storm: Bool)] = [:]
     var stormKeysLeft = 0
@@ -31,13 +33,9 @@ final class MeshRegistry {
     // Lock clients (MeshLocks.swift).
     var lockClients: [LockClient] = []
     var lockHolders: [String: (client: Int, token: Int64)] = [:]
-    var lockPending: [UInt64: (client: Int, call: Int)] = [:]
-    var lockReads: [Bytes: (client: Int, call: Int)] = [:]
     var lockWatches: [(client: Int, call: Int, member: NodeID, key: Bytes)] = []
     // Application clients (MeshKV.swift).
     var kvClients: [KVClient] = []
-    var kvPending: [UInt64: (client: Int, call: Int)] = [:]
-    var kvReads: [Bytes: (client: Int, call: Int)] = [:]
     var kvHistory: [RegisterOp] = []
     var kvWrites = 0
     /// Events under the services prefix per revision, for the watch atomicity check.
@@ -127,6 +125,14 @@ struct RegWatcher {
     /// A stream is ordered (TCP): a batch never arrives before the one sent ahead of it.
     var lastArrival: Nanos = 0
     init(member: NodeID) { self.member = member }
+}
+
+/// Who waits for a proposal to apply or a read to be ready: a registration agent, a lock
+/// client or an application client, at one of its calls.
+enum RegWaiter {
+    case agent(inst: Int, generation: Int, call: Int, step: RegAgent.Step)
+    case lock(client: Int, call: Int)
+    case kv(client: Int, call: Int)
 }
 
 enum RegEvent {
@@ -335,13 +341,25 @@ extension MeshWorld {
             }
         }
         for (reqID, result) in out.applied {
-            guard let p = reg.pending.removeValue(forKey: reqID) else { continue }
-            var ok = true
-            if case .failed = result { ok = false }
-            reply(p.inst, p.generation, p.call, p.step, ok: ok, hint: m.id, from: m)
+            guard let w = reg.waiting.removeValue(forKey: reqID) else { continue }
+            switch w {
+            case .agent(let i, let gen, let call, let step):
+                var ok = true
+                if case .failed = result { ok = false }
+                reply(i, gen, call, step, ok: ok, hint: m.id, from: m)
+            case .lock(let c, let call): lockApplied(c, call, result, from: m)
+            case .kv(let c, let call): kvApplied(c, call, result, from: m)
+            }
         }
-        lockApplied(m, out)
-        kvApplied(m, out)
+        for ctx in out.readsReady {
+            guard let w = reg.waitingReads.removeValue(forKey: ctx) else { continue }
+            switch w {
+            case .agent: break
+            case .lock(let c, let call): lockRead(c, call, store: r.store, from: m)
+            case .kv(let c, let call): kvRead(c, call, store: r.store, from: m)
+            }
+        }
+        lockWatchEvents(m, out)
         for (revision, events) in out.events {
             if revision > reg.checkedRevision {
                 // Every member applies the same revisions; the first to apply one checks it.
@@ -372,6 +390,9 @@ extension MeshWorld {
             }
         }
     }
+
+    /// The context of a linearizable read: its request id's bytes.
+    func readContext(_ id: UInt64) -> Bytes { withUnsafeBytes(of: id.littleEndian) { Array($0) } }
 
     func serviceName(_ inst: Int) -> String { scenario.services[instances[inst].service].name }
 
@@ -437,7 +458,7 @@ extension MeshWorld {
                 return reply(i, gen, call, step, ok: false, hint: 0, from: m)
             }
             reg.leases[a.lease] = (ttl, now, false, false)
-            reg.pending[put] = (i, gen, call, step)
+            reg.waiting[put] = .agent(inst: i, generation: gen, call: call, step: step)
             pumpMember(m)
         case .keepAlive:
             if r.renewLease(a.lease, now: clockMs(m)) != nil {
@@ -455,7 +476,7 @@ extension MeshWorld {
             } catch {
                 return reply(i, gen, call, step, ok: false, hint: 0, from: m)
             }
-            reg.pending[reg.nextRequest] = (i, gen, call, step)
+            reg.waiting[reg.nextRequest] = .agent(inst: i, generation: gen, call: call, step: step)
             pumpMember(m)
         }
     }

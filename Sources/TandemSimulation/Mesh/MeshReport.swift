@@ -100,6 +100,8 @@ public struct MeshReport: Sendable {
     public var kvOK = 0
     public var kvUnknown = 0
     public var kvRefused = 0
+    /// Connections the callees' sidecars closed at accept (over `max_connections`).
+    public var connectionsRefused = 0
     /// Requests the callees' inbound rate limits answered 429.
     public var inboundRateLimited = 0
     public var tokensIssued = 0
@@ -239,6 +241,7 @@ public struct MeshReport: Sendable {
         if policyErrors > 0 { facts.append("policy errors \(policyErrors)") }
         if dropped > 0 { facts.append("arrivals dropped \(dropped)") }
         if inboundRateLimited > 0 { facts.append("inbound rate-limited \(inboundRateLimited)") }
+        if connectionsRefused > 0 { facts.append("connections over max_connections \(connectionsRefused)") }
         if tokensIssued > 0 {
             let refused = identityRefusals.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }
             facts.append(

@@ -158,6 +158,8 @@ final class SimRequest {
     var finished = false
     var exchange: PolicyExchange?
     var chain: [(id: Int, failOpen: Bool)] = []
+    /// on_request answered (or failed closed): on_response does not run, on_log does.
+    var policiesAnswered = false
     /// The service token the caller's sidecar attached (identity on), and its proof.
     var token: String?
     var proof: String?
@@ -489,7 +491,6 @@ final class MeshWorld {
                     if let n = ex.retries { route.retry.numRetries = n }
                 }
             case .decision(let d):
-                report.policyDecisions += 1
                 return answer(req, d.status, local: d.kind == "deny" ? .policyDenied : nil)
             case .failed:
                 return answer(req, 500, local: .policyError)
@@ -526,26 +527,13 @@ final class MeshWorld {
     func runRequestPolicies(_ sc: SimSidecar, _ req: SimRequest, route: Route, specs: [PolicySpec]) -> PolicyStep {
         let chain = policies(sc, route: route.name, specs: specs)
         guard !chain.isEmpty, let vm = sc.vm else { return .failed }
-        let q = req.path.firstIndex(of: "?")
-        let ex = PolicyExchange(
-            method: req.method, path: q.map { String(req.path[..<$0]) } ?? req.path,
-            query: q.map { String(req.path[req.path.index(after: $0)...]) } ?? "", authority: req.host,
-            remoteAddress: instances[sc.inst].id, route: route.name, side: "outbound",
-            headers: req.headers.map { (name: $0.0, value: $0.1) }, requestID: "\(req.id)")
+        let ex = policyExchange(req, route: route.name, side: "outbound", remote: instances[sc.inst].id)
         if case .template(let t) = route.match.path { ex.params = RouteTable.matchTemplate(t, ex.path) ?? [:] }
         req.exchange = ex
         req.chain = chain
-        for p in chain {
-            switch vm.onRequest(p.id, ex) {
-            case .proceed: continue
-            case .decision(let d): return .decision(d)
-            case .failed(let f):
-                policyFailed(f)
-                if p.failOpen { continue }
-                return .failed
-            }
-        }
-        return .proceed
+        let step = requestPolicies(vm, chain, ex)
+        if case .proceed = step {} else { req.policiesAnswered = true }
+        return step
     }
 
     func policyFailed(_ f: PolicyFailure) {
@@ -689,24 +677,10 @@ final class MeshWorld {
         var status = status
         let sc = sidecars[req.sidecar]
         if let ex = req.exchange, let vm = sc.vm {
-            ex.status = status
-            ex.reason = local?.rawValue
             ex.attempts = req.retry?.attempts ?? 0
             ex.durationMs = Double(now - req.start) / 1e6
-            for p in req.chain.reversed() {
-                switch vm.onResponse(p.id, ex) {
-                case .proceed: continue
-                case .decision(let d):
-                    report.policyDecisions += 1
-                    status = d.status
-                case .failed(let f):
-                    policyFailed(f)
-                    if !p.failOpen { status = 500 }
-                }
-                if status != ex.status { break }
-            }
-            for p in req.chain { if case .failed(let f) = vm.onLog(p.id, ex) { policyFailed(f) } }
-            vm.end(ex)
+            status = finishPolicies(
+                vm, req.chain, ex, status: status, reason: local?.rawValue, respond: !req.policiesAnswered)
             req.exchange = nil
         }
         req.finished = true
@@ -762,6 +736,13 @@ final class MeshWorld {
             // Nothing listens: the kernel answers RST.
             jobs[j] = nil
             return reply(job, delayFrom: job.inst, .connectFailure)
+        }
+        // The callee's sidecar closes connections over its limit at accept: the caller sees a
+        // reset. (This also bounds the jobs a hung app can hold.)
+        if inst.jobs.count >= sidecars[job.inst].config.limits.maxConnections {
+            jobs[j] = nil
+            report.connectionsRefused += 1
+            return reply(job, delayFrom: job.inst, .reset)
         }
         let spec = scenario.services[inst.service].behavior
         if identity != nil, let req = requests[job.req],
