@@ -1,10 +1,10 @@
 # Tandem — build, test, demo and bench. `make test` is what CI runs on a fresh clone.
 SWIFT ?= swift
 SHELL := /bin/bash
-APT_PACKAGES := libluajit-5.1-dev pkg-config zlib1g-dev etcd-client etcd-server python3-etcd3 python3-grpcio python3-jwt python3-cryptography curl
+APT_PACKAGES := libluajit-5.1-dev pkg-config zlib1g-dev etcd-client etcd-server python3-etcd3 python3-grpcio python3-jwt python3-cryptography curl wrk
 BUILD_LOG := .build/tandem-build.log
 
-.PHONY: all deps build test demo bench release fmt lint sim clean
+.PHONY: all deps build test examples examples-run demo bench release fmt lint sim clean
 
 all: build
 
@@ -51,14 +51,24 @@ test: build lint
 	 b=$$(.build/debug/tandem sim examples/scenarios/canary.lua --seed 5 | head -1); \
 	 if [ "$$a" != "$$b" ]; then echo "mesh determinism across processes failed: $$a vs $$b" >&2; exit 1; fi; \
 	 echo "mesh determinism across processes: ok ($$a)"
+	@$(MAKE) --no-print-directory examples-run
 	@n=$$(grep -oE "Test run with [0-9]+ tests" .build/tandem-test.log | grep -oE "[0-9]+" | tail -1); \
 	 echo "tests: $$n passed, 0 failed"
+
+# Every example end to end (examples/*/run.sh: real processes, each checks what it shows).
+# The load test runs short here; run it yourself for the seed's table (see its README).
+examples: build examples-run
+examples-run:
+	@for f in examples/*/run.sh; do \
+	  echo "== $$f"; \
+	  QUIET=1 DURATION=1 CONCURRENCY="10 50" $$f || exit 1; \
+	done
 
 # A small mesh on this machine (embedded registry, users ×2 and orders behind `tandem run`),
 # then the same registry code on virtual time surviving a leader crash, then a mesh scenario.
 demo: build
 	@echo "== Tandem demo: a mesh of three services with sidecars and the embedded registry =="
-	examples/users-orders/demo.sh
+	examples/users-orders/run.sh
 	@echo
 	@echo "== The registry's real Raft, MVCC store and WAL on virtual time: the leader crashes =="
 	.build/debug/tandem sim-registry --seed 7 --leader-crash

@@ -13,7 +13,7 @@ import Synchronization
 /// `decision` (continue | respond | deny | redirect | error), `status`, `body`, `body_contains`,
 /// `headers` (of the decision, or of the response after on_response), `request_headers`
 /// (after on_request; `false` = absent), `path`, `query`, `method`, `upstream`, `timeout_ms`,
-/// `retries`, `error` (a substring of the failure), `logs` (substrings, in order), `metrics`
+/// `retries`, `error` (a substring of the failure), `logs` (substrings, in order; `{}`: none), `metrics`
 /// (substrings of /metrics lines).
 public enum PolicyTesting {
     public struct CaseResult: Sendable, Equatable {
@@ -114,6 +114,9 @@ public enum PolicyTesting {
             check(expect, outcome, ex, &failures)
             let newLogs = logs.withLock { Array($0.dropFirst(logsBefore)) }
             if let wanted = expect["logs"]?.array {
+                if wanted.isEmpty && !newLogs.isEmpty {  // `logs = {}`: no line at all
+                    failures.append("logs: expected none, got \(newLogs.map { $0.message })")
+                }
                 var rest = newLogs[...]
                 for w in wanted.compactMap(\.stringValue) {
                     guard

@@ -35,6 +35,23 @@ import Testing
         #expect(PolicyTesting.table(results).hasSuffix("1 passed, 1 failed\n"))
     }
 
+    /// `logs = {}` means "no line at all"; it used to check nothing.
+    @Test func anEmptyLogsListFailsWhenThePolicyLogs() throws {
+        let dir = try write([
+            "chatty.lua":
+                #"return { name = "chatty", on_log = function(txn) tandem.log.info("done " .. txn.status) end }"#,
+            "chatty.cases.lua": """
+            return { cases = {
+              { name = "silent", request = {}, response = { status = 200 }, expect = { logs = {} } },
+              { name = "says", request = {}, response = { status = 200 }, expect = { logs = { "done 200" } } },
+            } }
+            """,
+        ])
+        let results = PolicyTesting.run(policyFile: dir + "/chatty.lua")
+        #expect(results.map(\.passed) == [false, true])
+        #expect(results[0].failures == [#"logs: expected none, got ["done 200"]"#])
+    }
+
     @Test func aPolicyWithoutCasesFails() throws {
         let dir = try write(["lonely.lua": #"return { name = "lonely", on_request = function() end }"#])
         let files = try PolicyTesting.policyFiles(dir)

@@ -260,14 +260,18 @@ func request(
                   assert(tandem.base64.url_decode("aGk_") == "hi?")
                   assert(tandem.url.unescape(tandem.url.escape("a b/c")) == "a b/c")
                   assert(req:query_arg("q") == "a b" and req:query_args().n == "1")
-                  return tandem.respond(200, tandem.json.encode({ list = { 1, 2 }, s = "q\"" }))
+                  return tandem.respond(200, tandem.json.encode({ list = { 1, 2 }, s = "q\"",
+                    f = { 0.1, 1.332, 1 / 3, 2 ^ 60, -2.5e-8 } }))
                 end }
                 """#)
         guard case .decision(let d) = vm.onRequest(1, request(query: "q=a+b&n=1")) else {
             Issue.record("\(vm.onRequest(1, request(query: "q=a+b&n=1")))")
             return
         }
-        #expect(String(decoding: d.body, as: UTF8.self) == #"{"list":[1,2],"s":"q\""}"#)
+        // Numbers in their shortest exact form (they were printed with 17 digits: 0.10000000000000001).
+        #expect(
+            String(decoding: d.body, as: UTF8.self)
+                == #"{"f":[0.1,1.332,0.3333333333333333,1.152921504606847e+18,-2.5e-08],"list":[1,2],"s":"q\""}"#)
     }
 
     @Test func headerInjectionIsRefused() throws {

@@ -41,7 +41,14 @@ local function encode(v, depth, out, max_depth)
   elseif t == "number" then
     if v ~= v or v == huge or v == -huge then fail("json.encode: cannot encode " .. tostring(v)) end
     if v % 1 == 0 and v > -1e15 and v < 1e15 then out[#out + 1] = sformat("%d", v)
-    else out[#out + 1] = sformat("%.17g", v) end
+    else
+      -- The shortest of %.15g/%.16g/%.17g that reads back as the same double (0.1, not
+      -- 0.10000000000000001).
+      local text = sformat("%.15g", v)
+      if tonumber(text) ~= v then text = sformat("%.16g", v) end
+      if tonumber(text) ~= v then text = sformat("%.17g", v) end
+      out[#out + 1] = text
+    end
   elseif t == "string" then
     out[#out + 1] = '"' .. v:gsub('[%c"\\]', escape_char) .. '"'
   elseif t == "table" then

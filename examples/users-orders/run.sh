@@ -1,26 +1,12 @@
 #!/usr/bin/env bash
-# make demo: a small mesh on this machine, doing real work.
+# make demo (and the users-orders example): a small mesh on this machine, doing real work.
 #   users ×2 (Python, one of them flaky) and orders (Python) each run next to a Tandem sidecar
 #   (`tandem run`); the first sidecar hosts the embedded registry on 127.0.0.1:2379. orders
 #   calls http://users/... through its sidecar: discovery, balancing, retries, ejection and
 #   the circuit breaker all show up below, then everything drains and deregisters. Every
 #   sidecar has the mesh's join token: orders' calls carry a service token, and users admits
 #   only orders (examples/users-orders/users.lua).
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-T=${TANDEM:-.build/debug/tandem}
-W=$(mktemp -d /tmp/tandem-demo.XXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$W"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_for() { for _ in $(seq 200); do if eval "$1" >/dev/null 2>&1; then return 0; fi; sleep 0.1; done; echo "timed out: $1" >&2; exit 1; }
-admin_of() { grep -o "admin http://[0-9.:]*" "$W/$1.log" | head -1 | cut -d' ' -f2; }
-metric() { curl -s "$(admin_of "$1")/metrics" | awk -v m="$2" 'index($0, m)==1 {s+=$NF} END {print s+0}'; }
+source "$(dirname "$0")/../lib.sh"
 
 if curl -s -o /dev/null --max-time 1 http://127.0.0.1:2379/ 2>/dev/null; then
   echo "note: something already listens on 127.0.0.1:2379; the sidecars will use it as their registry"
@@ -32,13 +18,13 @@ JOIN=(--join-token-file "$W/join")
 echo "== 1. start: users ×2 and orders, each next to a sidecar (the first hosts the registry) =="
 $T run --service users --app-port $U1 --health-path /health --health-interval 1 --registry-data-dir "$W/registry" \
   "${JOIN[@]}" --config examples/users-orders/users.lua \
-  -- python3 examples/users-orders/users.py $U1 > "$W/users-1.log" 2>&1 & PIDS+=($!)
+  -- $PY examples/users-orders/users.py $U1 > "$W/users-1.log" 2>&1 & PIDS+=($!)
 wait_for "grep -q registered $W/users-1.log"
 FAIL_RATE=0.3 $T run --service users --app-port $U2 --health-path /health --health-interval 1 \
   "${JOIN[@]}" --config examples/users-orders/users.lua \
-  -- python3 examples/users-orders/users.py $U2 > "$W/users-2.log" 2>&1 & PIDS+=($!)
+  -- $PY examples/users-orders/users.py $U2 > "$W/users-2.log" 2>&1 & PIDS+=($!)
 $T run --service orders --app-port $O --inbound 127.0.0.1:$OIN --config examples/users-orders/orders.lua "${JOIN[@]}" \
-  -- python3 examples/users-orders/orders.py $O > "$W/orders.log" 2>&1 & PIDS+=($!)
+  -- $PY examples/users-orders/orders.py $O > "$W/orders.log" 2>&1 & PIDS+=($!)
 wait_for "grep -q registered $W/users-2.log && grep -q registered $W/orders.log"
 head -2 "$W/users-1.log" | sed 's/^/   /'
 echo "   registry (etcd v3 API on 127.0.0.1:2379):"
@@ -57,9 +43,12 @@ for i in $(seq 300); do
   by[${inst:-none}]=$(( ${by[${inst:-none}]:-0} + 1 ))
 done
 echo "   succeeded: $ok/300"
+check "retries hid users-2's failures from orders' callers (at least 295 of 300)" "$ok" '>=' 295
 for k in "${!by[@]}"; do echo "   served by $k: ${by[$k]}"; done
 echo "   retries by the orders sidecar: $(metric orders 'tandem_retries_total')   (budget: ≤ 20% + 10/s)"
 echo "   ejections of flaky instances:   $(metric orders 'tandem_cluster_outlier_ejections')"
+check "orders' sidecar retried" "$(metric orders 'tandem_retries_total')" '>=' 1
+check "both users instances served" "${#by[@]}" '>=' 2
 
 echo
 echo "== 2b. Lua policies on orders' inbound side (examples/users-orders/orders.lua) =="
@@ -67,6 +56,8 @@ hdr=$(curl -s -D - -o /dev/null "http://127.0.0.1:$OIN/order/2" | tr -d '\r')
 echo "   GET /order/2: x-request-id $(echo "$hdr" | awk -F': ' 'tolower($1)=="x-request-id"{print $2}'), x-response-time $(echo "$hdr" | awk -F': ' 'tolower($1)=="x-response-time"{print $2}')"
 m=$(curl -s -w " (%{http_code}, retry-after %header{retry-after})" "http://127.0.0.1:$OIN/reports")
 echo "   GET /reports: $m   <- answered by policies/maintenance.lua"
+check "x-request-id and x-response-time stamped by Lua" "$(echo "$hdr" | grep -ci '^x-re\(quest-id\|sponse-time\):')" = 2
+check "the maintenance policy answered /reports" "$m" '~' "(503, retry-after 120)"
 echo "   policy hook calls so far: $(metric orders 'tandem_policy_invocations_total')"
 
 echo
@@ -74,9 +65,11 @@ echo "== 2c. identity without mTLS: users admits only orders (examples/users-ord
 UIN=$(grep -o "inbound [0-9.:]*" "$W/users-1.log" | head -1 | cut -d' ' -f2)
 r=$(curl -s -w " (%{http_code})" "http://$UIN/user/1")
 echo "   GET users/user/1 with no token:        $r"
+check "no token: 401" "$r" '~' "(401)"
 web=$($T identity issue --service web --audience users --join-token-file "$W/join")
 r=$(curl -s -w " (%{http_code})" -H "tandem-identity: $web" "http://$UIN/user/1")
 echo "   ... with a valid token of service web: $r"
+check "another service's valid token: 403" "$r" '~' "(403)"
 admitted=$(metric users-1 'tandem_requests_total{side="inbound"')
 echo "   orders' calls carry its token: users-1 admitted $admitted requests, refused $(metric users-1 'tandem_identity_refused_total')"
 
@@ -87,21 +80,26 @@ curl -s -X POST --data 1 "http://127.0.0.1:$U2/admin/fail-rate" > /dev/null
 for i in $(seq 12); do
   out=$(curl -s -w "\n%{http_code}" "http://127.0.0.1:$OIN/order/1")
   r=$(echo "$out" | tail -1)
-  e=$(echo "$out" | head -1 | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("tandem-error") or d.get("message"))')
+  e=$(echo "$out" | head -1 | $PY -c 'import json,sys; d=json.load(sys.stdin); print(d.get("tandem-error") or d.get("message"))')
   printf "   call %2d: orders answered %s (%s)\n" "$i" "$r" "$e"
 done
-echo "   breaker state: $(curl -s "$(admin_of orders)/clusters" | python3 -c 'import json,sys; print([c["breaker"] for c in json.load(sys.stdin)["clusters"] if c["name"]=="users"][0])')"
+check "the breaker opened (orders answered circuit-open)" "$(metric orders tandem_cluster_breaker_trips)" '>=' 1
+echo "   breaker state: $(curl -s "$(admin_of orders)/clusters" | $PY -c 'import json,sys; print([c["breaker"] for c in json.load(sys.stdin)["clusters"] if c["name"]=="users"][0])')"
 curl -s -X POST --data 0 "http://127.0.0.1:$U1/admin/fail-rate" > /dev/null
 curl -s -X POST --data 0 "http://127.0.0.1:$U2/admin/fail-rate" > /dev/null
 wait_for "[ \$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$OIN/order/1) = 200 ]"
 echo "   users recovered: the breaker let a probe through and closed; calls succeed again"
+check "calls succeed again" "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$OIN/order/1")" = 200
 
 echo
 echo "== 4. clean shutdown: SIGTERM drains each sidecar, deregisters it, stops its app =="
-kill -TERM "${PIDS[1]}"; wait "${PIDS[1]}" && echo "   users-2 exited 0 after draining"
+stop "${PIDS[1]}" && echo "   users-2 exited 0 after draining"
 if command -v etcdctl >/dev/null; then
-  echo "   still registered: $(ETCDCTL_API=3 etcdctl --endpoints 127.0.0.1:2379 get --prefix /tandem/services/ --keys-only | grep -c .)"
+  left=$(ETCDCTL_API=3 etcdctl --endpoints 127.0.0.1:2379 get --prefix /tandem/services/ --keys-only | grep -c .)
+  echo "   still registered: $left"
+  check "users-2 deregistered on its way out" "$left" = 2
 fi
 echo
 echo "Admin endpoints while it runs: /ready /live /metrics /clusters /routes /identity on each sidecar's admin port."
 echo "Logs of this run were in $W (removed on exit)."
+finish "examples/users-orders"

@@ -1,0 +1,20 @@
+return {
+  cases = {
+    { name = "one line per request",
+      request = { method = "GET", path = "/user/1" },
+      response = { status = 200, duration_ms = 3.25 },
+      expect = { decision = "continue", logs = { "GET /user/1 -> 200 in 3.250ms" } } },
+    { name = "with the request id and a rounded time in its fields",
+      request = { method = "GET", path = "/user/2", headers = { ["x-request-id"] = "abc" } },
+      response = { status = 200, duration_ms = 0.44837100000000002 },
+      expect = { logs = { '"duration_ms":0.448,"id":"abc"' } } },
+    { name = "the sidecar's own answers too",
+      request = { method = "POST", path = "/user" },
+      response = { status = 503, reason = "circuit-open", duration_ms = 0.5 },
+      expect = { logs = { "POST /user -> 503 in 0.500ms" } } },
+    { name = "health checks are skipped",
+      request = { path = "/health" },
+      response = { status = 200 },
+      expect = { logs = {} } },
+  },
+}
