@@ -4,7 +4,7 @@ SHELL := /bin/bash
 APT_PACKAGES := libluajit-5.1-dev pkg-config zlib1g-dev etcd-client etcd-server python3-etcd3 python3-grpcio python3-jwt python3-cryptography curl wrk
 BUILD_LOG := .build/tandem-build.log
 
-.PHONY: all deps build test examples examples-run demo bench release fmt lint sim clean
+.PHONY: all deps build test docs examples examples-run demo bench release fmt lint sim clean
 
 all: build
 
@@ -54,6 +54,14 @@ test: build lint
 	@$(MAKE) --no-print-directory examples-run
 	@n=$$(grep -oE "Test run with [0-9]+ tests" .build/tandem-test.log | grep -oE "[0-9]+" | tail -1); \
 	 echo "tests: $$n passed, 0 failed"
+
+# The generated references (tests fail when a checked-in copy is stale).
+docs:
+	$(SWIFT) build --product tandem
+	.build/debug/tandem docs config > docs/config.md
+	.build/debug/tandem docs lua > docs/lua-api.md
+	.build/debug/tandem docs cli > docs/cli.md
+	.build/debug/tandem policy defs > policies/tandem.d.lua
 
 # Every example end to end (examples/*/run.sh: real processes, each checks what it shows).
 # The load test runs short here; run it yourself for the seed's table (see its README).

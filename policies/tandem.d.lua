@@ -74,16 +74,17 @@
 ---@field inc fun(self: tandem.Metric, n?: number, ...: string) Add to a counter; label values in declared order.
 ---@field observe fun(self: tandem.Metric, value: number, ...: string) Record into a histogram.
 
+---A field of a policy's config schema.
 ---@class tandem.SchemaField
----@field type "string"|"number"|"integer"|"boolean"|"array"|"set"|"map"|"record"|"any"
----@field required? boolean
----@field default? any
----@field between? number[]
----@field one_of? any[]
----@field of? string|tandem.SchemaField
----@field fields? table<string, tandem.SchemaField>
----@field max_length? integer
----@field description? string
+---@field type "string"|"number"|"integer"|"boolean"|"array"|"set"|"map"|"record"|"any" The value's type; a set arrives as a table value → true.
+---@field required? boolean The argument must be given.
+---@field default? any The value when the argument is absent.
+---@field between? number[] {min, max} for numbers, inclusive.
+---@field one_of? any[] The allowed values.
+---@field of? string|tandem.SchemaField The element type of an array, set or map.
+---@field fields? table<string, tandem.SchemaField> The fields of a record.
+---@field max_length? integer The longest string, or the most elements.
+---@field description? string Free-form.
 
 ---A policy file returns this table.
 ---@class tandem.Policy

@@ -61,11 +61,7 @@ public enum ConfigFile {
         guard case .table = v else { throw Error("\(file): must return a table, got \(v.typeName)") }
         var c = base
         let r = Reader(file: file, validator: PolicyValidator())
-        try r.keys(
-            v, "",
-            allowed: [
-                "service", "listen", "routes", "clusters", "endpoints", "upstreams", "defaults", "inbound", "identity",
-            ])
+        try r.keys(v, "", ConfigSchema.record("config"))
         if let sv = v["service"] {
             let name = try r.string(sv, "service")
             guard name == base.service else {
@@ -73,7 +69,7 @@ public enum ConfigFile {
             }
         }
         if let l = v["listen"] {
-            try r.keys(l, "listen", allowed: ["inbound", "outbound", "admin"])
+            try r.keys(l, "listen", ConfigSchema.record("listen"))
             for (key, set) in [
                 ("inbound", { (c: inout SidecarConfig, h: HostPort) in c.inbound = h }),
                 ("outbound", { (c: inout SidecarConfig, h: HostPort) in c.outbound = h }),
@@ -89,7 +85,7 @@ public enum ConfigFile {
         }
         // Defaults first: the file's routes and clusters inherit them.
         if let d = v["defaults"] {
-            try r.keys(d, "defaults", allowed: ["retry", "timeout_ms", "cluster", "compression"])
+            try r.keys(d, "defaults", ConfigSchema.record("defaults"))
             if let z = d["compression"] { c.defaultCompression = try r.compression(z, "defaults.compression") }
             if let retry = d["retry"] { c.defaultRetry = try r.retry(retry, "defaults.retry", base: base.defaultRetry) }
             if let t = d["timeout_ms"] {
@@ -100,7 +96,7 @@ public enum ConfigFile {
             }
         }
         if let id = v["identity"] {
-            try r.keys(id, "identity", allowed: ["mode", "proof", "default", "token_ttl_s"])
+            try r.keys(id, "identity", ConfigSchema.record("identity"))
             if let m = id["mode"] {
                 let text = try r.string(m, "identity.mode")
                 guard let mode = IdentityMode(rawValue: text) else {
@@ -121,20 +117,14 @@ public enum ConfigFile {
             }
         }
         if let inb = v["inbound"] {
-            try r.keys(
-                inb, "inbound",
-                allowed: ["compression", "rate_limit", "policies", "routes", "allow", "deny", "proof", "jwt"])
+            try r.keys(inb, "inbound", ConfigSchema.record("inbound"))
             c.inboundDefault = try r.inboundRoute(inb, "inbound", name: "inbound", match: RouteMatch())
             if let routes = inb["routes"] {
                 guard let list = routes.array else { throw r.fail("inbound.routes", "expected a list of route tables") }
                 c.inboundRoutes = []
                 for (i, item) in list.enumerated() {
                     let p = "inbound.routes[\(i + 1)]"
-                    try r.keys(
-                        item, p,
-                        allowed: [
-                            "name", "host", "path", "prefix", "methods", "headers", "allow", "deny", "proof", "jwt",
-                        ])
+                    try r.keys(item, p, ConfigSchema.record("inbound_route"))
                     let name = try item["name"].map { (x) throws(Error) in try r.string(x, "\(p).name") } ?? p
                     c.inboundRoutes.append(try r.inboundRoute(item, p, name: name, match: try r.match(item, p)))
                 }
@@ -196,7 +186,7 @@ public enum ConfigFile {
                 case .number:
                     c.localUpstreams[name] = LocalUpstream(port: try r.int(value, path, min: 1, max: 65535))
                 case .table:
-                    try r.keys(value, path, allowed: ["port", "protocol", "host"])
+                    try r.keys(value, path, ConfigSchema.record("upstream"))
                     var u = LocalUpstream(port: try r.int(value["port"] ?? .nil, "\(path).port", min: 1, max: 65535))
                     if let p = value["protocol"] {
                         let s = try r.string(p, "\(path).protocol")
@@ -269,7 +259,7 @@ public enum ConfigFile {
                 switch item {
                 case .string(let f): spec.file = f
                 case .table:
-                    try keys(item, p, allowed: ["file", "config", "fail_open"])
+                    try keys(item, p, ConfigSchema.record("policy"))
                     spec.file = try string(item["file"] ?? .nil, "\(p).file")
                     spec.config = item["config"]
                     if let fo = item["fail_open"] {
@@ -305,7 +295,9 @@ public enum ConfigFile {
 
         func fail(_ path: String, _ m: String) -> Error { Error("\(file): \(path): \(m)") }
 
-        func keys(_ v: LuaValue, _ path: String, allowed: Set<String>) throws(Error) {
+        /// The keys of a table must be those of its record in `ConfigSchema`.
+        func keys(_ v: LuaValue, _ path: String, _ record: ConfigSchema.Record) throws(Error) {
+            let allowed = record.keys
             guard case .table(let t) = v else {
                 throw fail(path.isEmpty ? "config" : path, "expected a table, got \(v.typeName)")
             }
@@ -377,12 +369,7 @@ public enum ConfigFile {
 
         /// End-user JWT settings; key files are read (and checked) when the sidecar loads them.
         func jwt(_ v: LuaValue, _ path: String) throws(Error) -> JWTRule {
-            try keys(
-                v, path,
-                allowed: [
-                    "jwks_file", "jwks_registry_key", "pem", "hmac_secret_file", "issuers", "audiences", "algorithms",
-                    "from", "skew_s", "forward_claims", "required", "forward_token",
-                ])
+            try keys(v, path, ConfigSchema.record("jwt"))
             var j = JWTRule()
             func file(_ f: String) -> String {
                 f.hasPrefix("/") ? f : (baseDirectory as NSString).appendingPathComponent(f)
@@ -397,7 +384,7 @@ public enum ConfigFile {
                 let list = x["file"] != nil ? [x] : (x.array ?? [x])
                 for (i, item) in list.enumerated() {
                     let p = "\(path).pem[\(i + 1)]"
-                    try keys(item, p, allowed: ["file", "alg"])
+                    try keys(item, p, ConfigSchema.record("jwt_pem"))
                     let alg = try string(item["alg"] ?? .nil, "\(p).alg")
                     guard Self.jwtAlgorithms.contains(alg), !alg.hasPrefix("HS") else {
                         throw fail(
@@ -498,12 +485,7 @@ public enum ConfigFile {
         }
 
         func route(_ v: LuaValue, _ path: String, base: SidecarConfig) throws(Error) -> Route {
-            try keys(
-                v, path,
-                allowed: [
-                    "name", "host", "path", "prefix", "methods", "headers", "cluster", "timeout_ms", "retry",
-                    "rate_limit", "compression", "policies", "proof",
-                ])
+            try keys(v, path, ConfigSchema.record("route"))
             let name = try v["name"].map { (x) throws(Error) in try string(x, "\(path).name") } ?? path
             let cluster = try v["cluster"].map { (x) throws(Error) in try string(x, "\(path).cluster") } ?? ""
             guard !cluster.isEmpty else { throw fail(path, "cluster is required") }
@@ -525,12 +507,7 @@ public enum ConfigFile {
         /// Active checks of a cluster's endpoints: `{ path = "/health" }` (HTTP), `{ tcp = true }`,
         /// or `{ grpc = "service" }`, with the seed's defaults (10 s, 1 s, 3 failures, 2 passes).
         func healthCheck(_ v: LuaValue, _ path: String) throws(Error) -> HealthCheckConfig {
-            try keys(
-                v, path,
-                allowed: [
-                    "path", "tcp", "grpc", "interval_ms", "timeout_ms", "unhealthy_threshold", "healthy_threshold",
-                    "jitter_percent",
-                ])
+            try keys(v, path, ConfigSchema.record("health_check"))
             var hc = HealthCheckConfig()
             let kinds = ["path", "tcp", "grpc"].filter { v[$0] != nil }
             guard kinds.count <= 1 else {
@@ -562,8 +539,13 @@ public enum ConfigFile {
 
         /// `rate_limit = { rps = N, burst = M, per = "remote_address" | "header:NAME" }`.
         func rateLimit(_ rl: LuaValue, _ path: String) throws(Error) -> (TokenBucket.Config, RateLimitKey?) {
-            try keys(rl, path, allowed: ["rps", "burst", "per", "max_tokens", "tokens_per_fill", "fill_interval_ms"])
+            try keys(rl, path, ConfigSchema.record("rate_limit"))
             var limit: TokenBucket.Config
+            let envoyKeys = ["max_tokens", "tokens_per_fill", "fill_interval_ms"].filter { rl[$0] != nil }
+            if rl["rps"] != nil || rl["burst"] != nil, let k = envoyKeys.first {
+                throw fail(
+                    "\(path).\(k)", "give rps and burst, or max_tokens, tokens_per_fill and fill_interval_ms, not both")
+            }
             if rl["rps"] == nil, let m = rl["max_tokens"] {
                 // Envoy's local rate limit knobs: a bucket of max_tokens, refilled by
                 // tokens_per_fill every fill_interval_ms.
@@ -596,7 +578,7 @@ public enum ConfigFile {
             switch v {
             case .bool(let on): return on ? CompressionPolicy() : nil
             case .table:
-                try keys(v, path, allowed: ["min_bytes", "content_types"])
+                try keys(v, path, ConfigSchema.record("compression"))
                 var p = CompressionPolicy()
                 if let m = v["min_bytes"] { p.minBytes = try int(m, "\(path).min_bytes", min: 0) }
                 if let t = v["content_types"] {
@@ -616,12 +598,7 @@ public enum ConfigFile {
         }
 
         func retry(_ v: LuaValue, _ path: String, base: RetryPolicy) throws(Error) -> RetryPolicy {
-            try keys(
-                v, path,
-                allowed: [
-                    "attempts", "retry_on", "retriable_status_codes", "per_try_timeout_ms", "backoff_base_ms",
-                    "backoff_max_ms", "non_idempotent", "max_replay_bytes",
-                ])
+            try keys(v, path, ConfigSchema.record("retry"))
             var p = base
             if let a = v["attempts"] { p.numRetries = try int(a, "\(path).attempts", min: 0, max: 10) }
             if let on = v["retry_on"] {
@@ -663,12 +640,7 @@ public enum ConfigFile {
         }
 
         func cluster(_ v: LuaValue, _ path: String, name: String, base: ClusterConfig) throws(Error) -> ClusterConfig {
-            try keys(
-                v, path,
-                allowed: [
-                    "balancer", "connect_timeout_ms", "breaker", "outlier", "retry_budget", "limits", "zone",
-                    "health_check",
-                ])
+            try keys(v, path, ConfigSchema.record("cluster"))
             var c = base
             c.name = name
             if let b = v["balancer"] {
@@ -686,12 +658,7 @@ public enum ConfigFile {
             if let z = v["zone"] { c.localZone = try string(z, "\(path).zone") }
             if let h = v["health_check"] { c.healthCheck = try healthCheck(h, "\(path).health_check") }
             if let b = v["breaker"] {
-                try keys(
-                    b, "\(path).breaker",
-                    allowed: [
-                        "consecutive_failures", "error_ratio", "slow_call_ratio", "slow_call_ms", "min_requests",
-                        "window_ms", "open_ms", "max_open_ms", "half_open_probes",
-                    ])
+                try keys(b, "\(path).breaker", ConfigSchema.record("breaker"))
                 if let x = b["consecutive_failures"] {
                     let n = try int(x, "\(path).breaker.consecutive_failures")
                     c.breaker.consecutiveFailures = n > 0 ? n : nil
@@ -720,12 +687,7 @@ public enum ConfigFile {
                 }
             }
             if let o = v["outlier"] {
-                try keys(
-                    o, "\(path).outlier",
-                    allowed: [
-                        "consecutive_5xx", "consecutive_gateway_failure", "ejection_ms", "max_ejection_ms",
-                        "max_ejection_percent", "interval_ms", "success_rate", "failure_percentage_threshold",
-                    ])
+                try keys(o, "\(path).outlier", ConfigSchema.record("outlier"))
                 if let x = o["consecutive_5xx"] {
                     let n = try int(x, "\(path).outlier.consecutive_5xx")
                     c.outlier.consecutive5xx = n > 0 ? n : nil
@@ -759,7 +721,7 @@ public enum ConfigFile {
                 }
             }
             if let b = v["retry_budget"] {
-                try keys(b, "\(path).retry_budget", allowed: ["ratio", "min_per_second", "ttl_ms"])
+                try keys(b, "\(path).retry_budget", ConfigSchema.record("retry_budget"))
                 var cfg = c.retryBudget
                 if let x = b["ratio"] { cfg.ratio = try ratio(x, "\(path).retry_budget.ratio") }
                 if let x = b["min_per_second"] { cfg.minPerSecond = try int(x, "\(path).retry_budget.min_per_second") }
@@ -769,9 +731,7 @@ public enum ConfigFile {
                 c.retryBudget = cfg
             }
             if let l = v["limits"] {
-                try keys(
-                    l, "\(path).limits",
-                    allowed: ["max_requests", "max_connections", "max_pending_requests", "max_retries"])
+                try keys(l, "\(path).limits", ConfigSchema.record("limits"))
                 if let x = l["max_requests"] {
                     c.limits.maxRequests = try int(x, "\(path).limits.max_requests", min: 1)
                 }

@@ -8,8 +8,8 @@ struct Tandem: ParsableCommand {
         abstract: "Tandem: a service mesh with a built-in Raft registry, Lua policies and a deterministic simulator.",
         subcommands: [
             Run.self, SidecarCommand.self, Registry.self, KV.self, Lease.self, LockCommand.self, ElectCommand.self,
-            Members.self, Services.self, Status.self, PolicyCommand.self, IdentityCommand.self,
-            Sim.self, SimRegistry.self,
+            Members.self, Services.self, Status.self, PolicyCommand.self, ConfigCommand.self, IdentityCommand.self,
+            Sim.self, SimRegistry.self, DocsCommand.self,
             Version.self,
         ])
 }

@@ -702,3 +702,36 @@ func tandem(_ args: [String]) throws -> (status: Int32, output: String) {
         withExtendedLifetime((reg, users)) {}
     }
 }
+
+@Suite struct GeneratedDocsTests {
+    /// docs/cli.md is every command's --help; regenerate with `make docs` when a flag changes.
+    @Test func theCLIReferenceIsCurrent() throws {
+        let r = try tandem(["docs", "cli"])
+        #expect(r.status == 0)
+        let file = try String(contentsOf: repoRoot.appendingPathComponent("docs/cli.md"), encoding: .utf8)
+        #expect(
+            file.trimmingCharacters(in: .whitespacesAndNewlines)
+                == r.output.trimmingCharacters(in: .whitespacesAndNewlines),
+            "run: make docs")
+    }
+
+    /// `tandem config check` loads a file as the sidecar would and names the bad key.
+    @Test func configCheckReportsOkAndErrors() throws {
+        let ok = try tandem([
+            "config", "check", "--service", "orders", "--with-join-token",
+            repoRoot.appendingPathComponent("examples/users-orders/orders.lua").path,
+        ])
+        #expect(ok.status == 0)
+        #expect(
+            ok.output.hasSuffix("orders.lua: ok (1 routes, 1 clusters, 0 inbound routes, 3 policies)"), "\(ok.output)")
+        let dir = try TempDirectory()
+        let bad = dir.url.appendingPathComponent("bad.lua")
+        try "return { clusters = { users = { breaker = { open = 1 } } } }".write(
+            to: bad, atomically: true, encoding: .utf8)
+        let r = try tandem(["config", "check", bad.path])
+        #expect(r.status == 1)
+        #expect(
+            r.output.contains("\(bad.path): clusters.users.breaker.open: unknown setting; expected one of"),
+            "\(r.output)")
+    }
+}

@@ -80,4 +80,11 @@ import Testing
         let text = try String(contentsOf: file, encoding: .utf8)
         #expect(text == PolicyAPI.luaLSDefinitions(), "run: tandem policy defs > policies/tandem.d.lua")
     }
+
+    @Test func theLuaAPIReferenceIsCurrent() throws {
+        let file = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+            .appendingPathComponent("../../docs/lua-api.md").standardized
+        let text = try String(contentsOf: file, encoding: .utf8)
+        #expect(text == PolicyAPI.markdownReference(), "run: .build/debug/tandem docs lua > docs/lua-api.md")
+    }
 }
