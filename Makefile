@@ -74,7 +74,12 @@ examples-run:
 
 # A small mesh on this machine (embedded registry, users ×2 and orders behind `tandem run`),
 # then the same registry code on virtual time surviving a leader crash, then a mesh scenario.
-demo: build
+# Builds only the binary (the tests are not needed to watch it work), with one progress line.
+demo: deps
+	@echo "building tandem (the first build takes several minutes; log: $(BUILD_LOG))"
+	@mkdir -p .build; set -o pipefail; $(SWIFT) build --product tandem 2>&1 | tee $(BUILD_LOG) | \
+	  awk '/^\[[0-9]+\/[0-9]+\]/ { printf "\r  %-78.78s", $$0; fflush() } END { printf "\r%-80s\r", "" }' \
+	  || { tail -30 $(BUILD_LOG); exit 1; }
 	@echo "== Tandem demo: a mesh of three services with sidecars and the embedded registry =="
 	examples/users-orders/run.sh
 	@echo
