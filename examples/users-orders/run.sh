@@ -26,7 +26,10 @@ FAIL_RATE=0.3 $T run --service users --app-port $U2 --health-path /health --heal
 $T run --service orders --app-port $O --inbound 127.0.0.1:$OIN --config examples/users-orders/orders.lua "${JOIN[@]}" \
   -- $PY examples/users-orders/orders.py $O > "$W/orders.log" 2>&1 & PIDS+=($!)
 wait_for "grep -q registered $W/users-2.log && grep -q registered $W/orders.log"
-head -2 "$W/users-1.log" | sed 's/^/   /'
+grep -m1 "hosting an embedded" "$W/users-1.log" | sed 's/^/   /'
+for n in users-1 users-2 orders; do
+  printf "   %-8s inbound %-21s admin %s (/metrics /clusters /routes)\n" "$n" "$(inbound_of $n)" "$(admin_of $n)"
+done
 echo "   registry (etcd v3 API on 127.0.0.1:2379):"
 if command -v etcdctl >/dev/null; then
   ETCDCTL_API=3 etcdctl --endpoints 127.0.0.1:2379 get --prefix /tandem/services/ --keys-only | grep . | sed 's/^/     /'
