@@ -45,8 +45,9 @@ extension HostPort {
     }
 }
 
-/// A connection to an etcd-compatible cluster. Calls go to the current endpoint; on a
-/// transport failure the client moves to the next endpoint and reconnects on the next call.
+/// A connection to an etcd-compatible cluster. Calls go to the current endpoint; a member that
+/// cannot be connected to is skipped for the next one within the same call, and after a
+/// transport failure mid-call the next call goes to the next endpoint.
 /// All mutable state is confined to `loop`.
 public final class EtcdClient: @unchecked Sendable {
     public let endpoints: [EtcdEndpoint]
@@ -105,6 +106,38 @@ public final class EtcdClient: @unchecked Sendable {
         return f
     }
 
+    /// Could not connect to any endpoint: nothing was sent.
+    struct ConnectFailure: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    /// Connects to the current endpoint or, failing that, to each next one in turn (a failed
+    /// connect moves `current` on): nothing has been sent yet, so another member may take the
+    /// call. clientv3 does the same through its balancer.
+    private func connectAny(left: Int, failures: [String] = []) -> EventLoopFuture<Connection> {
+        let ep = currentEndpoint
+        return connect().flatMapError { error in
+            let failures = failures + ["\(ep): \(error)"]
+            guard left > 1 else {
+                return self.loop.makeFailedFuture(ConnectFailure(description: failures.joined(separator: "; ")))
+            }
+            return self.connectAny(left: left - 1, failures: failures)
+        }
+    }
+
+    /// Maps a call's failure to the client's error. A transport failure after the connection
+    /// was made moves the next call to another member; a failed connect already has.
+    private func callFailure(_ error: any Error) -> EtcdClientError {
+        if let c = error as? ConnectFailure { return .unavailable(c.description) }
+        if let e = error as? EtcdClientError {
+            if e.code == 14 { failover() }
+            return e
+        }
+        let e = EtcdClientError.unavailable("\(currentEndpoint): \(error)")
+        failover()
+        return e
+    }
+
     private func dropConnection(advance: Bool, channel: (any Channel)? = nil) {
         loop.preconditionInEventLoop()
         connection = nil
@@ -153,7 +186,7 @@ public final class EtcdClient: @unchecked Sendable {
     /// (Also how the sidecar speaks grpc.health.v1 to apps, with hand-encoded messages.)
     public func unaryBytes(_ path: String, _ payload: [UInt8]) -> EventLoopFuture<[UInt8]> {
         loop.flatSubmit {
-            self.connect().flatMap { conn -> EventLoopFuture<[UInt8]> in
+            self.connectAny(left: self.endpoints.count).flatMap { conn -> EventLoopFuture<[UInt8]> in
                 let promise = self.loop.makePromise(of: [UInt8].self)
                 let authority = self.currentEndpoint.description
                 let timeout = self.callTimeout
@@ -168,14 +201,7 @@ public final class EtcdClient: @unchecked Sendable {
                     }
                 }
                 return promise.futureResult
-            }.flatMapErrorThrowing { error in
-                if let e = error as? EtcdClientError { throw e }
-                throw EtcdClientError.unavailable("\(self.currentEndpoint): \(error)")
-            }
-        }.flatMapError { error in
-            // Transport failure: next call goes to another member.
-            if let e = error as? EtcdClientError, e.code == 14 { self.failover() }
-            return self.loop.makeFailedFuture(error)
+            }.flatMapErrorThrowing { error in throw self.callFailure(error) }
         }
     }
 
@@ -186,7 +212,7 @@ public final class EtcdClient: @unchecked Sendable {
         onClose: @escaping @Sendable (EtcdClientError?) -> Void
     ) -> EventLoopFuture<EtcdStream> {
         loop.flatSubmit {
-            self.connect().flatMap { conn -> EventLoopFuture<EtcdStream> in
+            self.connectAny(left: self.endpoints.count).flatMap { conn -> EventLoopFuture<EtcdStream> in
                 let promise = self.loop.makePromise(of: EtcdStream.self)
                 let authority = self.currentEndpoint.description
                 let token = self.authToken()
@@ -199,10 +225,10 @@ public final class EtcdClient: @unchecked Sendable {
                     }
                 }
                 return promise.futureResult
+            }.flatMapErrorThrowing { error in
+                let e = self.callFailure(error)
+                throw e.code == 14 ? e : EtcdClientError.unavailable("\(error)")
             }
-        }.flatMapError { error in
-            self.failover()
-            return self.loop.makeFailedFuture(EtcdClientError.unavailable("\(error)"))
         }
     }
 

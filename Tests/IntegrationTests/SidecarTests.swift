@@ -576,6 +576,24 @@ func tandem(_ args: [String]) throws -> (status: Int32, output: String) {
 }
 
 @Suite struct TandemClientCLITests {
+    /// Endpoints that refuse connections are skipped within the call (a one-shot command used
+    /// to fail when the first endpoint was down, and with two endpoints went back to the dead
+    /// one: a failed connect moved on twice).
+    @Test func deadEndpointsAreSkippedWithinACall() throws {
+        let reg = try RegistryUnderTest()
+        let dead1 = "127.0.0.1:\(try freePort())"
+        let dead2 = "127.0.0.1:\(try freePort())"
+        for eps in ["\(dead1),\(reg.endpoint)", "\(dead1),\(dead2),\(reg.endpoint)", "\(reg.endpoint),\(dead1)"] {
+            let put = try tandem(["kv", "put", "--endpoints", eps, "/k", eps])
+            #expect(put.status == 0 && put.output.hasPrefix("OK (revision "), "\(eps): \(put.output)")
+            #expect(try tandem(["kv", "get", "--endpoints", eps, "/k"]).output == "/k\n\(eps)")
+        }
+        let none = try tandem(["kv", "get", "--endpoints", "\(dead1),\(dead2)", "/k"])
+        #expect(none.status != 0)
+        #expect(none.output.contains("\(dead1): ") && none.output.contains("\(dead2): "), "\(none.output)")
+        withExtendedLifetime(reg) {}
+    }
+
     @Test func kvLeaseServicesAndStatusAgainstTheRegistry() throws {
         let reg = try RegistryUnderTest()
         let e = ["--endpoints", reg.endpoint]
