@@ -3,6 +3,8 @@
 -- claims must say and which claims reach the app as headers.
 --   missing claims (no or invalid token)  -> 401 "missing token" with WWW-Authenticate
 --   wrong issuer or insufficient scope    -> 403
+-- `paths` (prefixes) and `methods` narrow what it guards (default: every request); on a request
+-- it does not guard it only sets the forwarded headers from verified claims (or removes them).
 return {
   name = "jwt-gate",
   config = {
@@ -10,8 +12,25 @@ return {
     scopes = { type = "array", of = "string", default = {} },
     require = { type = "map", of = "string" },
     forward = { type = "map", of = "string", default = { sub = "x-user-id" } },
+    paths = { type = "array", of = "string", default = {} },
+    methods = { type = "set", of = "string" },
   },
   on_request = function(req, ctx, cfg)
+    -- Forwarded headers carry only verified claims: set from the claim, else removed.
+    local function forward()
+      for claim, header in pairs(cfg.forward) do
+        local v = req:claim(claim)
+        if v ~= nil and type(v) ~= "table" then req:set_header(header, tostring(v)) else req:remove_header(header) end
+      end
+    end
+    local guarded = cfg.methods == nil or cfg.methods[req.method]
+    if guarded and #cfg.paths > 0 then
+      guarded = false
+      for _, p in ipairs(cfg.paths) do
+        if tandem.match.prefix(req.path, p) then guarded = true break end
+      end
+    end
+    if not guarded then return forward() end
     local sub = req:claim("sub")
     if sub == nil then
       return tandem.deny(401, "missing token", { ["www-authenticate"] = 'Bearer realm="tandem"' })
@@ -29,9 +48,6 @@ return {
     for claim, want in pairs(cfg.require or {}) do
       if tostring(req:claim(claim)) ~= want then return tandem.deny(403, "claim " .. claim .. " not accepted") end
     end
-    for claim, header in pairs(cfg.forward) do
-      local v = req:claim(claim)
-      if v ~= nil and type(v) ~= "table" then req:set_header(header, tostring(v)) else req:remove_header(header) end
-    end
+    forward()
   end,
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The seed's JWT middleware (chapter 2.4), done by the sidecar: examples/jwt/users.lua protects
-# GET /me and POST /user of the users service with HS256 bearer tokens; the app only reads the
-# verified claims from headers. Tokens come from examples/jwt/issue_token.py (PyJWT).
+# GET /me and POST /user of the users service with HS256 bearer tokens, and a Lua policy
+# (policies/jwt-gate.lua) requires the users:write scope to create users; the app only reads
+# the verified claims from headers. Tokens come from examples/jwt/issue_token.py (PyJWT).
 source "$(dirname "$0")/../lib.sh"
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$W/secret"
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$W/other-secret"
@@ -38,15 +39,20 @@ check "a client cannot set x-user-id itself" "$r" '~' '"name": "Bob"'
 r=$(call -H "x-user-id: 1" "http://127.0.0.1:$IN/me")
 check "... nor get past the gate with it" "$r" '~' '(401)'
 
-say "== 3. POST /user needs a token too; the app validates the body and answers in its envelope =="
+say "== 3. POST /user needs a token with the users:write scope (a Lua policy on the claims); the app validates the body =="
 r=$(call -X POST -H 'content-type: application/json' --data '{"name":"Eve"}' "http://127.0.0.1:$IN/user")
 say "   POST /user, no token:           $r"
 check "POST /user without a token is 401" "$r" '~' '(401)'
 r=$(call -X POST -H "Authorization: Bearer $GOOD" -H 'content-type: application/json' --data '{"name":"Eve"}' \
   "http://127.0.0.1:$IN/user")
-say "   POST /user, valid token:        $r"
-check "POST /user with a token creates the user" "$r" '~' '"code": 0, "message": "ok", "data": {"id": 3, "name": "Eve"}'
-r=$(call -X POST -H "Authorization: Bearer $GOOD" -H 'content-type: application/json' --data '{"name":" "}' \
+say "   POST /user, token without scope: $r"
+check "the Lua gate wants the users:write scope" "$r" '~' '{"code":403,"message":"insufficient scope: needs users:write"} (403)'
+WRITER=$(token "$W/secret" 2 Bob 300 tandem-example users:write)
+r=$(call -X POST -H "Authorization: Bearer $WRITER" -H 'content-type: application/json' --data '{"name":"Eve"}' \
+  "http://127.0.0.1:$IN/user")
+say "   POST /user, users:write token:  $r"
+check "POST /user with a users:write token creates the user" "$r" '~' '"code": 0, "message": "ok", "data": {"id": 3, "name": "Eve"}'
+r=$(call -X POST -H "Authorization: Bearer $WRITER" -H 'content-type: application/json' --data '{"name":" "}' \
   "http://127.0.0.1:$IN/user")
 check "the app's own validation still answers 400" "$r" '~' '"message": "name is required"'
 say "   refusals counted by reason: $(curl -s "$(admin_of users)/metrics" | grep '^tandem_jwt_refused_total' | tr '\n' ' ')"
