@@ -251,20 +251,29 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
                     self.http1 = c
                     c.handler.delegate = self
                     self.upstreamOpened(c.channel)
-                case .failure: self.connectFailed(ep)
+                case .failure(let e): self.openFailed(e, ep)
                 }
             }
             return
         }
         handler.pools.pool(for: loop).openStream(
-            host: ep.host, port: ep.port, connectTimeout: .nanoseconds(connectTimeout), exchange: self
+            host: ep.host, port: ep.port, connectTimeout: .nanoseconds(connectTimeout), exchange: self,
+            cluster: cluster, brain: ctx.brain, slots: ctx.pools.slots
         )
         .whenComplete { r in
             switch r {
             case .success(let stream): self.upstreamOpened(stream)
-            case .failure: self.connectFailed(ep)
+            case .failure(let e): self.openFailed(e, ep)
             }
         }
+    }
+
+    /// No connection slot (the cluster has max_connections open) is an overflow, answered at
+    /// once — not a connect failure the endpoint would be blamed for.
+    private func openFailed(_ error: any Error, _ ep: Endpoint) {
+        guard error is UpstreamPool.NoConnectionSlot else { return connectFailed(ep) }
+        guard !finished else { return }
+        answer(LocalAnswer(.overflow, message: "\"\(cluster)\" has max_connections open"))
     }
 
     private func connectFailed(_ ep: Endpoint) {
@@ -668,8 +677,12 @@ final class H2Pool: @unchecked Sendable {
 
     init(loop: any EventLoop) { self.loop = loop }
 
+    /// A stream to `host:port`, on its connection or a new one. A new connection takes one of
+    /// `cluster`'s max_connections slots (Envoy counts HTTP/2 connections too), given back to
+    /// `slots` when it closes or fails to open; without a free slot: `NoConnectionSlot`.
     func openStream(
-        host: String, port: Int, connectTimeout: TimeAmount, exchange: StreamExchange
+        host: String, port: Int, connectTimeout: TimeAmount, exchange: StreamExchange, cluster: String,
+        brain: TrafficBrain, slots: ConnectionSlots
     ) -> EventLoopFuture<any Channel> {
         loop.preconditionInEventLoop()
         let key = "\(host):\(port)"
@@ -677,17 +690,24 @@ final class H2Pool: @unchecked Sendable {
         if let c = connections[key] {
             conn = c
         } else {
+            guard brain.withCluster(cluster, { c, _ in c.gate.tryOpenConnection() }) else {
+                return loop.makeFailedFuture(UpstreamPool.NoConnectionSlot())
+            }
             let loop = self.loop
-            conn = ClientBootstrap(group: loop)
+            let connected = ClientBootstrap(group: loop)
                 .connectTimeout(connectTimeout)
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
                 .connect(host: host, port: port)
-                .flatMap { ch in
-                    ch.closeFuture.whenComplete { _ in self.connections.removeValue(forKey: key) }
-                    return ch.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil).map {
-                        NIOLoopBound($0, eventLoop: loop)
-                    }
+            connected.whenFailure { _ in slots.closed(cluster) }
+            conn = connected.flatMap { ch in
+                ch.closeFuture.whenComplete { _ in
+                    self.connections.removeValue(forKey: key)
+                    slots.closed(cluster)
                 }
+                return ch.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil).map {
+                    NIOLoopBound($0, eventLoop: loop)
+                }
+            }
             connections[key] = conn
             conn.whenFailure { _ in self.connections.removeValue(forKey: key) }
         }

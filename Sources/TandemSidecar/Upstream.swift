@@ -146,7 +146,7 @@ final class UpstreamPool: @unchecked Sendable {
     struct NoConnectionSlot: Error {}
 
     /// An idle connection, or a new one if the cluster has a free slot (no waiting: the
-    /// HTTP/2 → HTTP/1.1 path fails at once, as a connect failure).
+    /// HTTP/2 → HTTP/1.1 path answers 503 overflow at once).
     func acquire(
         host: String, port: Int, cluster: String, connectTimeout: TimeAmount, brain: TrafficBrain
     )

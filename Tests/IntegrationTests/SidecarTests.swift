@@ -503,6 +503,46 @@ let grpcService = repoRoot.appendingPathComponent("examples/grpc/user_service.py
         withExtendedLifetime((reg, users, client)) {}
     }
 
+    /// HTTP/2 upstream connections take max_connections slots like HTTP/1.1 ones (they used to
+    /// be uncounted: the limit did not hold for h2 and gRPC, and the gauge said 0).
+    @Test func http2UpstreamConnectionsCountTowardMaxConnections() throws {
+        let reg = try RegistryUnderTest()
+        let users = try startUsers(2, registry: reg.endpoint).instances
+        let dir = try TempDirectory()
+        let config = dir.url.appendingPathComponent("client.lua")
+        try #"return { clusters = { users = { balancer = "round_robin", limits = { max_connections = 1 } } } }"#
+            .write(to: config, atomically: true, encoding: .utf8)
+        let client = try startClient(registry: reg.endpoint, extra: ["--config", config.path])
+        func h2get() throws -> (status: String, error: String) {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+            p.arguments = [
+                "-s", "-o", "/dev/null", "--http2-prior-knowledge", "-H", "Host: users", "-w",
+                "%{http_code} %header{tandem-error}", "http://\(client.outbound)/user/1",
+            ]
+            let pipe = Pipe()
+            p.standardOutput = pipe
+            try p.run()
+            let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            p.waitUntilExit()
+            let parts = out.split(separator: " ", maxSplits: 1).map(String.init)
+            return (parts.first ?? "", parts.count > 1 ? parts[1] : "")
+        }
+        #expect(try h2get().status == "200")  // the one slot: a connection to one instance
+        // Both instances discovered (bounded polling), so round robin alternates between them.
+        for _ in 0..<200 {
+            if try http("http://\(client.admin)/clusters").body.components(separatedBy: "\"id\"").count >= 3 { break }
+        }
+        let more = try (0..<3).map { _ in try h2get() }
+        // Whatever goes to the other instance (or to another event loop) needs a second
+        // connection: refused as an overflow, not a connect failure.
+        #expect(more.contains { $0 == ("503", "overflow") }, "\(more)")
+        #expect(more.allSatisfy { $0 == ("200", "") || $0 == ("503", "overflow") }, "\(more)")
+        let metrics = try http("http://\(client.admin)/metrics").body
+        #expect(metrics.contains(#"tandem_cluster_upstream_connections{cluster="users"} 1"#), "\(metrics)")
+        withExtendedLifetime((reg, users, client)) {}
+    }
+
     /// An HTTP/2 client reaches an HTTP/1.1 app: h2 on both sidecar hops, HTTP/1.1 to the app.
     @Test func h2cRequestsReachAnHTTP1App() throws {
         let reg = try RegistryUnderTest()
