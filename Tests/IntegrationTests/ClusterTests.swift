@@ -22,14 +22,15 @@ func freePort() throws -> Int {
 /// Three `tandem registry` processes forming one cluster, each killable and restartable.
 final class ClusterUnderTest {
     let dir: TempDirectory
-    let names = ["r1", "r2", "r3"]
+    let names: [String]
     var clientPorts: [Int] = []
     var peerPorts: [Int] = []
     var children: [String: Child] = [:]
     let extra: [String]
 
-    init(extra: [String] = []) throws {
+    init(members: Int = 3, extra: [String] = []) throws {
         dir = try TempDirectory()
+        names = (1...members).map { "r\($0)" }
         self.extra = extra
         for _ in names {
             clientPorts.append(try freePort())
@@ -72,7 +73,7 @@ final class ClusterUnderTest {
     }
 }
 
-@Suite("A 3-member tandem registry cluster of real processes", .serialized)
+@Suite("A tandem registry cluster of real processes (3 or 5 members)", .serialized)
 struct ClusterTests {
     @Test("kill -9 the leader under writes; acknowledged writes survive it, restarts and catch-up by snapshot")
     func failover() throws {
@@ -131,6 +132,42 @@ struct ClusterTests {
         seen = try readAll(c.endpoints)
         for (k, v) in acked { #expect(seen[k] == v, "after restarting all: \(k)=\(v) is missing") }
         #expect(acked.count >= 80)
+    }
+
+    /// Five members survive two failures, not three; acknowledged writes survive all of it.
+    @Test("five members: writes go on with two members down (the leader among them), stop without a majority, resume")
+    func fiveMembers() throws {
+        let c = try ClusterUnderTest(members: 5)
+        let first = try c.leader()
+        #expect(try etcdctl(c.endpoints, ["put", "a", "1"]).output == "OK\n")
+        let second = c.names.first { $0 != first }!
+        c.kill9(first)
+        c.kill9(second)
+        let alive = c.names.filter { $0 != first && $0 != second }
+        let live = alive.map(c.endpoint).joined(separator: ",")
+        _ = try c.leader(among: alive)
+        var ok = false
+        for _ in 0..<50 where !ok {  // bounded: the survivors elect a leader, then take writes
+            ok = try etcdctl(live, ["put", "b", "2", "--command-timeout=500ms"]).status == 0
+        }
+        #expect(ok)
+        #expect(try etcdctl(live, ["get", "a", "--print-value-only"]).output == "1\n")
+        // A third failure leaves two of five: no majority, so no write is acknowledged.
+        let third = alive[0]
+        c.kill9(third)
+        let two = alive.dropFirst().map(c.endpoint).joined(separator: ",")
+        let refused = try etcdctl(two, ["put", "c", "3", "--command-timeout=1500ms"])
+        #expect(refused.status != 0, "\(refused.output)")
+        // One member back: a majority again, and everything acknowledged is there.
+        try c.start(third)
+        let back = alive.map(c.endpoint).joined(separator: ",")
+        ok = false
+        for _ in 0..<50 where !ok {
+            ok = try etcdctl(back, ["put", "d", "4", "--command-timeout=500ms"]).status == 0
+        }
+        #expect(ok)
+        let all = try etcdctl(back, ["get", "--prefix", ""]).output
+        for kv in ["a\n1", "b\n2", "d\n4"] { #expect(all.contains(kv), "\(all)") }
     }
 
     @Test("a follower serves linearizable reads and forwards writes and lease keep-alives")
