@@ -328,13 +328,8 @@ enum EtcdServices {
                     mem.name = n.config.name
                     mem.clientUrls = n.config.clientURLs
                     mem.peerUrls = n.config.peerURLs
-                } else if let rec = n.memberRecord(id) {
-                    mem.name = rec.name
-                    mem.clientUrls = rec.clientURLs
-                    mem.peerUrls = rec.peerURLs
                 } else if let url = n.config.peers[id] {
-                    // Not published yet: what --initial-cluster says (etcd shows an unstarted
-                    // member with an empty name and no client URLs too).
+                    // Peers' client URLs are not replicated yet (etcd publishes them through Raft).
                     mem.name = n.config.names[id] ?? ""
                     mem.peerUrls = [url]
                 }
@@ -355,10 +350,9 @@ enum EtcdServices {
         _ n: RegistryNode, _ cmd: StoreCommand, _ done: @escaping (Result<Resp, EtcdStatus>) -> Void,
         _ convert: @escaping (StoreResult) -> Resp?
     ) {
-        // The identity and member records are the members' own (RegistryIdentity, member
-        // records): a client that could write there could publish a key and forge tokens, or
-        // send clients to another address.
-        if RegistryNode.reservedPrefixes.contains(where: cmd.touches) { return done(.failure(.permissionDenied)) }
+        // The identity records are the members' own (RegistryIdentity): a client that could
+        // write there could publish a key and forge tokens.
+        if cmd.touches(RegistryIdentity.reservedPrefix) { return done(.failure(.permissionDenied)) }
         if let auth = n.auth, !auth.allows(n.caller, cmd) { return done(.failure(.permissionDenied)) }
         n.propose(cmd) { r in
             switch r {

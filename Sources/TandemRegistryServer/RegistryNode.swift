@@ -226,66 +226,6 @@ public final class RegistryNode: @unchecked Sendable {
             pump()
             monitorLeader()
             autoCompact()
-            publishMember()
-        }
-    }
-
-    // MARK: - Member records
-
-    /// Each member publishes its name and URLs through Raft (as etcd does), so MemberList on
-    /// any member shows every member's client URLs (clientv3's endpoint sync reads them).
-    /// Clients cannot write under this prefix.
-    public static let memberPrefix = "/tandem/members/"
-    static let reservedPrefixes: [[UInt8]] = [RegistryIdentity.reservedPrefix, Array(memberPrefix.utf8)]
-    private var memberPublished = false
-    private var memberPublishing = false
-
-    struct MemberRecord: Equatable {
-        var name: String
-        var clientURLs: [String]
-        var peerURLs: [String]
-
-        var encoded: Bytes {
-            Array(
-                JSONValue.object([
-                    "name": .string(name), "client_urls": .array(clientURLs.map(JSONValue.string)),
-                    "peer_urls": .array(peerURLs.map(JSONValue.string)),
-                ]).encoded.utf8)
-        }
-
-        init(name: String, clientURLs: [String], peerURLs: [String]) {
-            self.name = name
-            self.clientURLs = clientURLs
-            self.peerURLs = peerURLs
-        }
-
-        init?(_ bytes: Bytes) {
-            guard let v = try? JSONValue.parse(bytes), let name = v["name"]?.string else { return nil }
-            self.name = name
-            clientURLs = v["client_urls"]?.array?.compactMap(\.string) ?? []
-            peerURLs = v["peer_urls"]?.array?.compactMap(\.string) ?? []
-        }
-    }
-
-    static func memberKey(_ id: NodeID) -> Bytes { Array((memberPrefix + String(id, radix: 16)).utf8) }
-
-    /// The published record of a member, from the local store.
-    func memberRecord(_ id: NodeID) -> MemberRecord? {
-        guard let kv = try? replica.store.range(RangeRequest(key: Self.memberKey(id))).kvs.first else { return nil }
-        return MemberRecord(kv.value)
-    }
-
-    private func publishMember() {
-        guard !memberPublished, !memberPublishing, replica.raft.leader != 0 else { return }
-        let mine = MemberRecord(name: config.name, clientURLs: config.clientURLs, peerURLs: config.peerURLs)
-        if memberRecord(config.id) == mine {
-            memberPublished = true
-            return
-        }
-        memberPublishing = true
-        propose(.put(PutRequest(key: Self.memberKey(config.id), value: mine.encoded))) { [self] r in
-            memberPublishing = false
-            if case .success(.put) = r { memberPublished = true }
         }
     }
 

@@ -184,7 +184,7 @@ struct Registry: ParsableCommand {
         let loopback = host == "127.0.0.1" || host == "localhost" || host == "::1"
         if authFile == nil {
             print(
-                "tandem registry: warning: client auth is off: any process that reaches \(host):\(bound) can read and write keys (the members' own identity and member records excepted)\(loopback ? "" : "; this address is not loopback")"
+                "tandem registry: warning: client auth is off: any process that reaches \(host):\(bound) can read and write keys (the identity records excepted)\(loopback ? "" : "; this address is not loopback")"
             )
         } else {
             print("tandem registry: client auth on: users from \(authFile!), sidecars by service token")
