@@ -64,7 +64,7 @@ public struct EtcdStatus: Error, Equatable, CustomStringConvertible {
         switch e {
         case .compacted, .futureRevision, .leaseTTLTooLarge: self.init(.outOfRange, e.message)
         case .leaseNotFound: self.init(.notFound, e.message)
-        case .leaseExists: self.init(.failedPrecondition, e.message)
+        case .leaseExists, .tooManyMembers: self.init(.failedPrecondition, e.message)
         case .keyNotFound, .tooManyOps, .duplicateKey, .emptyKey: self.init(.invalidArgument, e.message)
         }
     }

@@ -328,8 +328,13 @@ enum EtcdServices {
                     mem.name = n.config.name
                     mem.clientUrls = n.config.clientURLs
                     mem.peerUrls = n.config.peerURLs
+                } else if let rec = n.memberRecord(id) {
+                    mem.name = rec.name
+                    mem.clientUrls = rec.clientURLs
+                    mem.peerUrls = rec.peerURLs
                 } else if let url = n.config.peers[id] {
-                    // Peers' client URLs are not replicated yet (etcd publishes them through Raft).
+                    // Not published yet: what --initial-cluster says (etcd, too, lists a member
+                    // that has not started with no name and no client URLs).
                     mem.name = n.config.names[id] ?? ""
                     mem.peerUrls = [url]
                 }

@@ -226,6 +226,62 @@ public final class RegistryNode: @unchecked Sendable {
             pump()
             monitorLeader()
             autoCompact()
+            publishMember()
+        }
+    }
+
+    // MARK: - Member records
+
+    /// Each member publishes its name and URLs through Raft (as etcd publishes member
+    /// attributes), so MemberList on any member shows every member's client URLs (clientv3's
+    /// endpoint sync reads them). Kept outside the key space (`StoreCommand.memberAttributes`):
+    /// publishing moves no revision and no client can write it.
+    private var memberPublished = false
+    private var memberPublishing = false
+
+    struct MemberRecord: Equatable {
+        var name: String
+        var clientURLs: [String]
+        var peerURLs: [String]
+
+        var encoded: Bytes {
+            Array(
+                JSONValue.object([
+                    "name": .string(name), "client_urls": .array(clientURLs.map(JSONValue.string)),
+                    "peer_urls": .array(peerURLs.map(JSONValue.string)),
+                ]).encoded.utf8)
+        }
+
+        init(name: String, clientURLs: [String], peerURLs: [String]) {
+            self.name = name
+            self.clientURLs = clientURLs
+            self.peerURLs = peerURLs
+        }
+
+        init?(_ bytes: Bytes) {
+            guard let v = try? JSONValue.parse(bytes), let name = v["name"]?.string else { return nil }
+            self.name = name
+            clientURLs = v["client_urls"]?.array?.compactMap(\.string) ?? []
+            peerURLs = v["peer_urls"]?.array?.compactMap(\.string) ?? []
+        }
+    }
+
+    /// The published record of a member, from the local state machine.
+    func memberRecord(_ id: NodeID) -> MemberRecord? {
+        replica.store.memberRecords[id].flatMap(MemberRecord.init)
+    }
+
+    private func publishMember() {
+        guard !memberPublished, !memberPublishing, replica.raft.leader != 0 else { return }
+        let mine = MemberRecord(name: config.name, clientURLs: config.clientURLs, peerURLs: config.peerURLs)
+        if memberRecord(config.id) == mine {
+            memberPublished = true
+            return
+        }
+        memberPublishing = true
+        propose(.memberAttributes(id: config.id, record: mine.encoded)) { [self] r in
+            memberPublishing = false
+            if case .success(.memberAttributes) = r { memberPublished = true }
         }
     }
 

@@ -3,9 +3,9 @@ import TandemCore
 
 /// Snapshot format: revisions, each key's last version below the compacted revision, the event
 /// log above it (from which the rest of each key's history is rebuilt), the leases, and the
-/// ids of recently applied requests.
+/// ids of recently applied requests, and (format 2) the members' published attributes.
 extension MVCCStore {
-    static let snapshotFormat: UInt8 = 1
+    static let snapshotFormat: UInt8 = 2
 
     public func snapshot() -> Bytes {
         var w = ByteWriter(capacity: 1 << 12)
@@ -41,6 +41,11 @@ extension MVCCStore {
         }
         w.varint(UInt64(recentRequests.count))
         for id in recentRequests { w.varint(id) }
+        w.varint(UInt64(memberRecords.count))
+        for id in memberRecords.keys.sorted() {
+            w.varint(id)
+            w.blob(memberRecords[id]!)
+        }
         return w.bytes
     }
 
@@ -48,7 +53,7 @@ extension MVCCStore {
         self.init(limits: limits)
         var r = ByteReader(bytes)
         let fmt = try r.u8()
-        guard fmt == Self.snapshotFormat else {
+        guard fmt == 1 || fmt == Self.snapshotFormat else {
             throw .badTag(what: "store snapshot format", tag: UInt64(fmt), offset: 0)
         }
         let rev = try r.zigzag()
@@ -88,7 +93,13 @@ extension MVCCStore {
         }
         var requests: [UInt64] = []
         for _ in 0..<(try r.count()) { requests.append(try r.varint()) }
-        restore(revision: rev, compactRevision: compactRev, history: hist, leases: ls, eventLog: log)
+        var members: [UInt64: Bytes] = [:]
+        if fmt >= 2 {  // format 1 (before member records) ends here
+            for _ in 0..<(try r.count(minElementBytes: 2)) { members[try r.varint()] = try r.blob() }
+        }
+        restore(
+            revision: rev, compactRevision: compactRev, history: hist, leases: ls, eventLog: log,
+            memberRecords: members)
         restoreRequests(requests)
     }
 

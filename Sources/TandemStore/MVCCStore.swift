@@ -57,13 +57,20 @@ public struct MVCCStore: Sendable {
     /// filters duplicates, e.g. a forwarded proposal the network delivered twice).
     private(set) var recentRequests = Deque<UInt64>()
     private var recentRequestSet = Set<UInt64>()
+    /// Members' published attributes by member id (`StoreCommand.memberAttributes`): replicated
+    /// and snapshotted, but outside the key space (no revision, no events).
+    public private(set) var memberRecords: [UInt64: Bytes] = [:]
+    /// Bound on `memberRecords` (a cluster has a handful of members; ids of removed members
+    /// could otherwise accumulate).
+    public static let maxMemberRecords = 64
 
     public init(limits: Limits = Limits()) { self.limits = limits }
 
     mutating func restore(
         revision: Int64, compactRevision: Int64, history: [Bytes: [Version]], leases: [Int64: LeaseEntry],
-        eventLog: Deque<RevisionEvents>
+        eventLog: Deque<RevisionEvents>, memberRecords: [UInt64: Bytes] = [:]
     ) {
+        self.memberRecords = memberRecords
         self.revision = revision
         self.compactRevision = compactRevision
         self.leases = leases
@@ -174,6 +181,12 @@ public struct MVCCStore: Sendable {
         case .leaseCheckpoint(let cps):
             for c in cps where leases[c.id] != nil { leases[c.id]!.checkpointedTTL = c.remainingTTL }
             return (.leaseCheckpoint, [])
+        case .memberAttributes(let id, let record):
+            guard memberRecords[id] != nil || memberRecords.count < Self.maxMemberRecords else {
+                return (.failed(.tooManyMembers), [])
+            }
+            memberRecords[id] = record
+            return (.memberAttributes, [])
         }
         if tx.changed {
             revision = tx.base + 1

@@ -10,6 +10,9 @@ public enum StoreCommand: Equatable, Sendable {
     case leaseRevoke(id: Int64)
     /// Remaining TTLs the leader recorded, so a new leader does not restart them (etcd #9888).
     case leaseCheckpoint([LeaseCheckpoint])
+    /// A member's published attributes (name, URLs), kept outside the key space like etcd's
+    /// membership bucket: no revision, no watch event, invisible to Range.
+    case memberAttributes(id: UInt64, record: Bytes)
 }
 
 public struct LeaseCheckpoint: Equatable, Sendable {
@@ -30,6 +33,7 @@ public enum StoreResult: Equatable, Sendable {
     case leaseGrant(id: Int64, ttl: Int64, revision: Int64)
     case leaseRevoke(revision: Int64)
     case leaseCheckpoint
+    case memberAttributes
     case failed(StoreError)
 }
 
@@ -89,6 +93,10 @@ extension StoreCommand {
                 w.zigzag(c.id)
                 w.zigzag(c.remainingTTL)
             }
+        case .memberAttributes(let id, let record):
+            w.u8(7)
+            w.varint(id)
+            w.blob(record)
         }
     }
 
@@ -107,6 +115,7 @@ extension StoreCommand {
                 cps.append(LeaseCheckpoint(id: try r.zigzag(), remainingTTL: try r.zigzag()))
             }
             self = .leaseCheckpoint(cps)
+        case 7: self = .memberAttributes(id: try r.varint(), record: try r.blob())
         case let t: throw .badTag(what: "store command", tag: UInt64(t), offset: at)
         }
     }

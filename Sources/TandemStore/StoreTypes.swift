@@ -185,6 +185,7 @@ public enum StoreError: Error, Equatable, CustomStringConvertible {
     case tooManyOps(limit: Int)
     case duplicateKey
     case emptyKey
+    case tooManyMembers
 
     public var message: String {
         switch self {
@@ -197,6 +198,7 @@ public enum StoreError: Error, Equatable, CustomStringConvertible {
         case .tooManyOps: return "etcdserver: too many operations in txn request"
         case .duplicateKey: return "etcdserver: duplicate key given in txn request"
         case .emptyKey: return "etcdserver: key is not provided"
+        case .tooManyMembers: return "tandem: too many member records (\(MVCCStore.maxMemberRecords))"
         }
     }
 

@@ -134,6 +134,32 @@ struct ClusterTests {
         #expect(acked.count >= 80)
     }
 
+    /// Members publish their names and client URLs through Raft, so any member lists every
+    /// member's client URLs (they used to show only their own) — without touching the key
+    /// space: the store's revision does not move and no key appears.
+    @Test("every member lists every member's name and client URLs; publishing them moves no revision")
+    func memberRecords() throws {
+        let c = try ClusterUnderTest()
+        _ = try c.leader()
+        for n in c.names {
+            // Publication is asynchronous after start: bounded polling until all three show.
+            var listed = ""
+            for _ in 0..<100 {
+                listed = try etcdctl(c.endpoint(n), ["member", "list"]).output
+                if c.names.allSatisfy({ listed.contains("http://\(c.endpoint($0))") }) { break }
+            }
+            for (i, m) in c.names.enumerated() {
+                #expect(
+                    listed.contains(
+                        ", started, \(m), http://127.0.0.1:\(c.peerPorts[i]), http://\(c.endpoint(m)), false"),
+                    "\(n): \(listed)")
+            }
+        }
+        // A fresh cluster's store is still at revision 1 with no keys.
+        let status = try etcdctl(c.endpoints, ["get", "--prefix", "", "-w", "json"]).output
+        #expect(status.contains(#""revision":1"#) && !status.contains(#""kvs""#), "\(status)")
+    }
+
     /// Five members survive two failures, not three; acknowledged writes survive all of it.
     @Test("five members: writes go on with two members down (the leader among them), stop without a majority, resume")
     func fiveMembers() throws {

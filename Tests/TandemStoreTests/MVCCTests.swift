@@ -232,6 +232,33 @@ struct MVCCTests {
         #expect(throws: CodecError.self) { try MVCCStore(snapshot: [1, 2, 3]) }
     }
 
+    @Test("member records: outside the key space (no revision, no events), kept by snapshots, bounded")
+    func memberRecordsStayOutOfTheKeySpace() throws {
+        var s = MVCCStore()
+        s.put("a", "1")
+        let rev = s.revision
+        let out = s.apply(.memberAttributes(id: 7, record: b(#"{"name":"r1"}"#)))
+        #expect(out.result == .memberAttributes && out.events.isEmpty)
+        #expect(s.revision == rev)
+        #expect(try s.range(.prefix(b(""))).kvs.count == 1)
+        let r = try MVCCStore(snapshot: s.snapshot())
+        #expect(r.memberRecords == [7: b(#"{"name":"r1"}"#)])
+        // A format-1 snapshot (before member records) still restores, with none.
+        var old = s.snapshot()
+        old[0] = 1
+        var tail = ByteWriter()
+        tail.varint(1)
+        tail.varint(7)
+        tail.blob(b(#"{"name":"r1"}"#))
+        #expect(Array(old.suffix(tail.bytes.count)) == tail.bytes)
+        old.removeLast(tail.bytes.count)
+        let restored = try MVCCStore(snapshot: old)
+        #expect(restored.memberRecords.isEmpty && restored.revision == s.revision)
+        for id in 100..<UInt64(100 + MVCCStore.maxMemberRecords) { s.apply(.memberAttributes(id: id, record: [])) }
+        #expect(s.apply(.memberAttributes(id: 1, record: [])).result == .failed(.tooManyMembers))
+        #expect(s.apply(.memberAttributes(id: 7, record: [])).result == .memberAttributes)  // updates still apply
+    }
+
     @Test("commands: every store command round-trips through its Raft encoding")
     func commandCodec() throws {
         var rq = RangeRequest.prefix(b("p"))
@@ -247,6 +274,7 @@ struct MVCCTests {
                     failure: [.deleteRange(DeleteRangeRequest(key: b("k")))])),
             .compact(revision: 12), .leaseGrant(id: -4, ttl: 60), .leaseRevoke(id: 8),
             .leaseCheckpoint([LeaseCheckpoint(id: 1, remainingTTL: 20)]),
+            .memberAttributes(id: 0x8181_1b76_0fa8_5476, record: b(#"{"name":"r1"}"#)),
         ]
         for c in cmds {
             let p = StoreProposal(requestID: 77, command: c)
