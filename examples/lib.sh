@@ -13,14 +13,29 @@ W=$(mktemp -d /tmp/tandem-example.XXXX)
 PIDS=()
 FAILED=0
 CHECKS=0
-cleanup() {
-  local rc=$? p
-  if [ "$rc" != 0 ] && [ "$FAILED" = 0 ]; then echo "FAIL: exited early with status $rc" >&2; FAILED=1; fi
+# Stops every background process (SIGTERM) and waits for it. They must stop cleanly:
+# SwiftNIO logs "ERROR: …" for work handed to an event loop already shut down (a crash in a
+# future NIO), so such a line in any log fails the example.
+stop_all() {
+  local p
+  [ "${STOPPED:-0}" = 1 ] && return 0
+  STOPPED=1
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  PIDS=()
+  if grep -q "^ERROR: " "$W"/*.log 2>/dev/null; then
+    echo "   FAIL processes stopped cleanly: $(grep -l "^ERROR: " "$W"/*.log | xargs -n1 basename | tr '\n' ' ')logged: $(grep -h "^ERROR: " "$W"/*.log | sort -u | head -2)"
+    FAILED=1
+  fi
+}
+cleanup() {
+  local rc=$? f
+  if [ "$rc" != 0 ] && [ "$FAILED" = 0 ]; then echo "FAIL: exited early with status $rc" >&2; FAILED=1; fi
+  stop_all
   if [ "$FAILED" != 0 ] || [ "${KEEP_LOGS:-0}" = 1 ]; then
     echo "logs kept in $W:"; for f in "$W"/*.log; do [ -f "$f" ] && { echo "--- $f"; tail -20 "$f"; }; done
   else rm -rf "$W"; fi
+  [ "$FAILED" = 0 ] || exit 1
 }
 trap cleanup EXIT
 trap 'echo "FAIL: status $? from: $BASH_COMMAND (${BASH_SOURCE[0]}:$LINENO)" >&2' ERR
@@ -76,7 +91,10 @@ check() {
   if [ $ok = 1 ]; then echo "   ok   $what"
   else echo "   FAIL $what: expected $op $expected, got: $actual"; FAILED=1; fi
 }
-# Ends the example: exit status 1 if any check failed.
+# Ends the example: stops its processes (checking they stop cleanly); exit status 1 if any
+# check failed.
 finish() {
+  stop_all
+  CHECKS=$((CHECKS + 1))
   if [ "$FAILED" = 0 ]; then echo "$1: $CHECKS checks passed"; else echo "$1: FAILED" >&2; exit 1; fi
 }

@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP2
 import NIOPosix
@@ -13,6 +14,8 @@ public final class RegistryServer {
     private let networkGroup: MultiThreadedEventLoopGroup
     private let raftGroup: MultiThreadedEventLoopGroup
     private var channel: (any Channel)?
+    /// Accepted client connections, closed first at shutdown (before the loops go).
+    private let clients = NIOLockedValueBox<[ObjectIdentifier: any Channel]>([:])
     public let limits: EtcdLimits
 
     public init(
@@ -57,8 +60,11 @@ public final class RegistryServer {
         let ch = try ServerBootstrap(group: networkGroup)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelInitializer { channel in
-                channel.configureHTTP2Pipeline(
+            .childChannelInitializer { [clients] channel in
+                let key = ObjectIdentifier(channel)
+                clients.withLockedValue { $0[key] = channel }
+                channel.closeFuture.whenComplete { _ in clients.withLockedValue { $0[key] = nil } }
+                return channel.configureHTTP2Pipeline(
                     mode: .server,
                     inboundStreamInitializer: { stream in
                         stream.eventLoop.makeCompletedFuture {
@@ -76,14 +82,22 @@ public final class RegistryServer {
     /// Blocks until the listener closes.
     public func wait() throws { try channel?.closeFuture.wait() }
 
+    /// Stops in an order where no loop hands work to one already gone: no new connections,
+    /// then every client and peer connection closed (their handlers hop to the raft loop,
+    /// still running), then the member stopped, then the raft loop, then the network loop.
+    /// (The network loop used to go first: answers the raft loop was still sending then hit
+    /// a loop already shut down — NIO's "Cannot schedule tasks on an EventLoop that has
+    /// already shut down", logged when the embedded registry's host exited.)
     public func shutdown() throws {
         try channel?.close().wait()
         let node = self.node
+        try node.loop.submit { node.transport?.close() }.wait()
+        for ch in clients.withLockedValue({ Array($0.values) }) { try? ch.close().wait() }
         try node.loop.submit {
             node.identity?.stop()
             node.stop()
         }.wait()
-        try networkGroup.syncShutdownGracefully()
         try raftGroup.syncShutdownGracefully()
+        try networkGroup.syncShutdownGracefully()
     }
 }
