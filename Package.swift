@@ -137,7 +137,7 @@ let package = Package(
         .testTarget(
             name: "TandemSidecarTests",
             dependencies: [
-                "TandemSidecar", "TandemConfig", "TandemTraffic", "TandemIdentity",
+                "TandemSidecar", "TandemConfig", "TandemTraffic", "TandemIdentity", "TandemLua",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings),

@@ -184,3 +184,192 @@ tandem.metrics.histogram = nil
 ---Shared dicts by name.
 ---@type table<string, tandem.SharedDict>
 tandem.shared = nil
+
+-- The sidecar config file (docs/config.md), generated from TandemConfig's ConfigSchema.
+
+---The file: The config file is Lua that returns one table; `env` holds the environment.
+---@class tandem.config.config
+---@field service? string If given, must equal --service (a guard against using another service's file). (default: the --service flag)
+---@field listen? tandem.config.listen Listener addresses.
+---@field routes? tandem.config.route[] Outbound routes, most specific match wins; a request matching none goes to the service its host names. (default: [])
+---@field clusters? table<string, tandem.config.cluster> Per-upstream-service settings; a service not listed gets `defaults.cluster`. (default: {})
+---@field endpoints? table<string, string[]> Static endpoints, used when discovery has none for that service. (default: {})
+---@field upstreams? table<string, integer|tandem.config.upstream> Local listeners per upstream service, any protocol: the app dials 127.0.0.1:PORT. (default: {})
+---@field defaults? tandem.config.defaults Defaults for routes and clusters.
+---@field inbound? tandem.config.inbound The inbound side (requests to the app).
+---@field identity? tandem.config.identity Service identity (needs a join token).
+
+---listen: Listener addresses ("host:port"; port 0 picks a free one).
+---@class tandem.config.listen
+---@field inbound? string The inbound listener, the address registered for this instance. (default: 127.0.0.1:0)
+---@field outbound? string The outbound listener the app calls through (HTTP_PROXY points here). (default: 127.0.0.1:0)
+---@field admin? string The admin listener: /ready /live /metrics /clusters /routes /identity, POST /drain. (default: 127.0.0.1:0)
+
+---defaults: Defaults inherited by routes (and by requests matching no route) and by clusters not listed.
+---@class tandem.config.defaults
+---@field retry? tandem.config.retry The retry policy of routes that set none. (default: see *retry*)
+---@field timeout_ms? integer Whole-request timeout, retries included. (default: 15000)
+---@field cluster? tandem.config.cluster Settings of every cluster not listed in `clusters`. (default: see *cluster*)
+---@field compression? boolean|tandem.config.compression Response compression of routes that set none. (default: off)
+
+---routes[i]: An outbound route: what it matches, where it goes, and how.
+---@class tandem.config.route
+---@field name? string The route's name (metrics, logs, policies). (default: its position)
+---@field host? string Match the Host / :authority (case-insensitive, port ignored). (default: any)
+---@field path? string Match the path: exact (`/user`), template (`/user/:id`, `:name` segments), or prefix (`/api/*`). (default: any)
+---@field prefix? string Match a plain path prefix (Envoy's `prefix`).
+---@field methods? string[] Match these methods. (default: any)
+---@field headers? table<string, string|true> Match header values exactly, or presence with `true`.
+---@field cluster string The upstream service.
+---@field timeout_ms? integer Whole-request timeout, retries included; a caller's shorter grpc-timeout wins. (default: defaults.timeout_ms)
+---@field retry? tandem.config.retry This route's retry policy. (default: defaults.retry)
+---@field rate_limit? tandem.config.rate_limit A local token bucket; 429 beyond. (default: none)
+---@field compression? boolean|tandem.config.compression Compress this route's answers. (default: defaults.compression)
+---@field policies? (string|tandem.config.policy)[] Lua policies, in the order they run (see *policies*). (default: [])
+---@field proof? boolean Attach a proof of possession to every request of this route. (default: false (or the mesh setting))
+
+---retry: When and how often to retry (Envoy's and Linkerd's knobs).
+---@class tandem.config.retry
+---@field attempts? integer Retries after the first attempt. (default: 1)
+---@field retry_on? string Conditions: 5xx, gateway-error, reset, connect-failure, refused-stream, retriable-status-codes, per-try-timeout (Envoy's names). (default: connect-failure,refused-stream,reset,retriable-status-codes)
+---@field retriable_status_codes? integer[] Statuses retried under retriable-status-codes (adds that condition). (default: [503])
+---@field per_try_timeout_ms? integer Timeout of each attempt (a slow attempt is retried under per-try-timeout). (default: none)
+---@field backoff_base_ms? integer Full-jitter exponential backoff: attempt n waits up to base·2^(n-1). (default: 25)
+---@field backoff_max_ms? integer The backoff's cap (≥ base). (default: 250)
+---@field non_idempotent? boolean Retry POST, PATCH and the like too. (default: false)
+---@field max_replay_bytes? integer Request bodies up to this size are kept for a retry; larger ones are never retried. (default: 65536)
+
+---rate_limit: A local token bucket: `rps` + `burst`, or Envoy's `max_tokens` + `tokens_per_fill` + `fill_interval_ms`.
+---@class tandem.config.rate_limit
+---@field rps? integer Tokens added per second. (default: required (or max_tokens))
+---@field burst? integer Bucket size. (default: rps)
+---@field per? string A bucket per `remote_address`, per `header:NAME` value, or (inbound only) per verified `caller`. (default: one bucket)
+---@field max_tokens? integer Envoy's bucket size (instead of rps and burst).
+---@field tokens_per_fill? integer Envoy: tokens per fill. (default: 1)
+---@field fill_interval_ms? integer Envoy: the fill interval. (default: required with max_tokens)
+
+---compression: gzip for answers the client accepts gzip for: `true`, `false`, or a table.
+---@class tandem.config.compression
+---@field min_bytes? integer Smaller bodies are sent as they are. (default: 30)
+---@field content_types? string[] Media types (prefixes) worth compressing. (default: application/javascript, application/json, application/xhtml+xml, image/svg+xml, text/css, text/html, text/plain, text/xml)
+
+---clusters.NAME: How one upstream service is called: balancing, connection limits, breaker, outlier detection.
+---@class tandem.config.cluster
+---@field balancer? string peak_ewma, least_request (power of two choices), round_robin, random, or ring_hash:HEADER (consistent hashing). (default: peak_ewma)
+---@field connect_timeout_ms? integer Connect timeout to an endpoint. (default: 5000)
+---@field zone? string Prefer endpoints in this zone while any is routable. (default: the --zone flag)
+---@field breaker? tandem.config.breaker The circuit breaker. (default: see *breaker*)
+---@field outlier? tandem.config.outlier Outlier detection (ejection of bad endpoints). (default: see *outlier*)
+---@field retry_budget? tandem.config.retry_budget The bound on retries to this service. (default: see *retry_budget*)
+---@field limits? tandem.config.limits Concurrency limits (Envoy's circuit-breaker thresholds). (default: see *limits*)
+---@field health_check? tandem.config.health_check Active health checks of the endpoints. (default: none (passive only))
+
+---clusters.NAME.breaker: Closed → open → half-open probes → closed.
+---@class tandem.config.breaker
+---@field consecutive_failures? integer Failed requests in a row that open it. (default: 5)
+---@field error_ratio? number Open when failures / requests reach this over `window_ms`. (default: off)
+---@field slow_call_ratio? number Open when slow calls / requests reach this over `window_ms`. (default: off)
+---@field slow_call_ms? integer A call slower than this is slow. (default: 1000)
+---@field min_requests? integer Ratios are judged only with at least this many requests in the window. (default: 20)
+---@field window_ms? integer The rolling window of the ratios. (default: 10000)
+---@field open_ms? integer The first open period. (default: 5000)
+---@field max_open_ms? integer The longest open period. (default: 60000)
+---@field half_open_probes? integer Probes let through while half-open; that many successes close it. (default: 1)
+
+---clusters.NAME.outlier: Envoy's outlier detection: an endpoint is ejected for `ejection_ms` × times ejected (capped), never more than `max_ejection_percent` of the cluster (at least one).
+---@class tandem.config.outlier
+---@field consecutive_5xx? integer 5xx answers (and timeouts, resets) in a row that eject an endpoint. (default: 5)
+---@field consecutive_gateway_failure? integer 502/503/504 and connection failures in a row that eject it. (default: off)
+---@field ejection_ms? integer Base ejection time. (default: 30000)
+---@field max_ejection_ms? integer Longest ejection. (default: 300000)
+---@field max_ejection_percent? integer Most of the cluster that may be ejected at once (at least one endpoint). (default: 10)
+---@field interval_ms? integer How often success rates are evaluated. (default: 10000)
+---@field success_rate? boolean Eject endpoints whose success rate is below mean − 1.9 σ (with ≥ 5 endpoints, 100 requests each). (default: true)
+---@field failure_percentage_threshold? integer Eject endpoints failing at least this percentage (with ≥ 5 endpoints, 50 requests each). (default: off)
+
+---clusters.NAME.retry_budget: Linkerd's retry budget: retries to this service may add at most `ratio` × requests plus `min_per_second` × ttl over the last ttl; beyond it a retry is not made (`tandem_retry_budget_exhausted_total`).
+---@class tandem.config.retry_budget
+---@field ratio? number Retries per request, at most. (default: 0.2)
+---@field min_per_second? integer Retries allowed per second whatever the traffic. (default: 10)
+---@field ttl_ms? integer The window requests are counted over. (default: 10000)
+
+---clusters.NAME.limits: Concurrency limits per cluster (Envoy's circuit-breaker thresholds); beyond them: 503 `overflow`.
+---@class tandem.config.limits
+---@field max_requests? integer Requests in flight. (default: 1024)
+---@field max_connections? integer Upstream connections. (default: 1024)
+---@field max_pending_requests? integer Requests waiting for a connection. (default: 1024)
+---@field max_retries? integer Retries in flight (off: the retry budget governs alone). (default: off)
+
+---clusters.NAME.health_check: Active checks of each endpoint, by HTTP path, TCP connect or gRPC health (one of them), with the seed's defaults; failing endpoints are not balanced to.
+---@class tandem.config.health_check
+---@field path? string GET this path; 200–399 passes. (default: /health)
+---@field tcp? true A TCP connect passes.
+---@field grpc? string grpc.health.v1.Health/Check of this service ('' = the server) must be SERVING.
+---@field interval_ms? integer Between checks. (default: 10000)
+---@field timeout_ms? integer Of one check. (default: 1000)
+---@field unhealthy_threshold? integer Failures to mark it unhealthy. (default: 3)
+---@field healthy_threshold? integer Passes to mark it healthy again. (default: 2)
+---@field jitter_percent? integer Each interval is stretched by up to this much at random. (default: 10)
+
+---upstreams.NAME: A local listener for one upstream service: a port number, or a table.
+---@class tandem.config.upstream
+---@field port integer The local port.
+---@field protocol? "http"|"tcp" What is spoken on it. (default: http)
+---@field host? string The address to listen on. (default: 127.0.0.1)
+
+---inbound: Requests to the app.
+---@class tandem.config.inbound
+---@field allow? string[] Only these calling services (verified by their identity tokens) may use the route; 403 otherwise. (default: everyone (or none: `identity.default`))
+---@field deny? string[] These calling services are refused (403), even if allowed.
+---@field proof? boolean Require a proof of possession on every request (docs/security.md). (default: false (or the mesh setting))
+---@field jwt? tandem.config.jwt Verify an end-user JWT before the app (see *End-user JWT*).
+---@field policies? (string|tandem.config.policy)[] Lua policies run on every request to the app. (default: [])
+---@field rate_limit? tandem.config.rate_limit A token bucket in front of the app (per caller with `per`). (default: none)
+---@field compression? boolean|tandem.config.compression Compress the app's answers. (default: off)
+---@field routes? tandem.config.inbound_route[] Per-path rules (first match wins). (default: [])
+
+---inbound.routes[i]: Per-path access rules in front of the app.
+---@class tandem.config.inbound_route
+---@field name? string The route's name (metrics, logs, policies). (default: its position)
+---@field host? string Match the Host / :authority (case-insensitive, port ignored). (default: any)
+---@field path? string Match the path: exact (`/user`), template (`/user/:id`, `:name` segments), or prefix (`/api/*`). (default: any)
+---@field prefix? string Match a plain path prefix (Envoy's `prefix`).
+---@field methods? string[] Match these methods. (default: any)
+---@field headers? table<string, string|true> Match header values exactly, or presence with `true`.
+---@field allow? string[] Only these calling services (verified by their identity tokens) may use the route; 403 otherwise. (default: everyone (or none: `identity.default`))
+---@field deny? string[] These calling services are refused (403), even if allowed.
+---@field proof? boolean Require a proof of possession on every request (docs/security.md). (default: false (or the mesh setting))
+---@field jwt? tandem.config.jwt Verify an end-user JWT before the app (see *End-user JWT*).
+
+---End-user JWT (`jwt = { … }`): Verified with jwt-kit.
+---@class tandem.config.jwt
+---@field jwks_file? string|string[] JWKS file(s), relative to the config file.
+---@field jwks_registry_key? string|string[] A registry key holding a JWKS, watched.
+---@field pem? tandem.config.jwt_pem|tandem.config.jwt_pem[] Public keys in PEM with their algorithm (asymmetric).
+---@field hmac_secret_file? string|string[] Shared secrets for HS256/384/512.
+---@field issuers? string|string[] Accepted `iss` values. (default: any)
+---@field audiences? string|string[] Accepted `aud` values. (default: any)
+---@field algorithms? string[] Accepted algorithms. (default: RS256, ES256, EdDSA (HS256 with only a secret))
+---@field from? string|string[] Where the token is: bearer (Authorization), header:NAME, cookie:NAME, query:NAME. (default: bearer)
+---@field skew_s? integer Clock skew allowed on exp/nbf/iat. (default: 30)
+---@field forward_claims? table<string, string> Claims passed to the app as headers (removed from incoming requests first). (default: {})
+---@field required? boolean Without a token: 401 (true) or pass without claims. (default: true)
+---@field forward_token? boolean Keep the token on the request to the app. (default: false)
+
+---jwt.pem: One PEM public key.
+---@class tandem.config.jwt_pem
+---@field file string The PEM file, relative to the config file.
+---@field alg string RS256/384/512, PS256/384/512, ES256/384/512 or EdDSA.
+
+---policies: A list of Lua policy files (relative to the config file), each a file name or a table.
+---@class tandem.config.policy
+---@field file string The policy file.
+---@field config? table The policy's arguments. (default: the schema's defaults)
+---@field fail_open? boolean On a policy error, pass the request on instead of answering 500 `policy-error`. (default: false)
+
+---identity: Service identity without mTLS (docs/security.
+---@class tandem.config.identity
+---@field mode? "require"|"permissive"|"off" `permissive` admits callers without a token as anonymous (routes with `allow` still refuse them). (default: require with a join token, else off)
+---@field proof? boolean Attach and require proofs of possession on every request. (default: the mesh setting)
+---@field default? "allow"|"deny" Inbound routes without `allow`: everyone, or nobody. (default: the mesh setting (allow))
+---@field token_ttl_s? integer Lifetime of the tokens this sidecar asks for. (default: 300)

@@ -586,5 +586,58 @@ public enum ConfigSchema {
         return out
     }
 
+    /// The LuaLS type of a field, from its type text and record; nil if unknown (a test
+    /// requires every field to have one).
+    public static func luaType(_ f: Field) -> String? {
+        func cls(_ r: String) -> String { "tandem.config.\(r)" }
+        let t = f.type
+        if let r = f.record {
+            switch true {
+            case t.hasPrefix("list of policies"): return "(string|\(cls(r)))[]"
+            case t.hasPrefix("list of"): return "\(cls(r))[]"
+            case t == "table name → port or upstream": return "table<string, integer|\(cls(r))>"
+            case t.hasPrefix("table name →"): return "table<string, \(cls(r))>"
+            case t.hasPrefix("{ file, alg } or a list"): return "\(cls(r))|\(cls(r))[]"
+            case r == "compression": return "boolean|\(cls(r))"
+            default: return cls(r)
+            }
+        }
+        if t.hasPrefix("integer") { return "integer" }
+        if t.hasPrefix("number") { return "number" }
+        if t == "boolean" || t == "true" { return t }
+        if t.hasPrefix("\"") && t.contains(" or ") {
+            // "require", "permissive" or "off" → a union of string literals.
+            let lits = t.split(separator: "\"", omittingEmptySubsequences: false).enumerated().filter { $0.offset % 2 == 1 }.map { "\"\($0.element)\"" }
+            return lits.count > 1 ? lits.joined(separator: "|") : "string"
+        }
+        switch t {
+        case "string", "comma-separated string", "\"host:port\"": return "string"
+        case "string or list": return "string|string[]"
+        case "list of strings", "list of service names": return "string[]"
+        case "list of integers": return "integer[]"
+        case "table name → string or true": return "table<string, string|true>"
+        case "table claim → header": return "table<string, string>"
+        case "table name → list of \"host:port\"": return "table<string, string[]>"
+        case "table": return "table"
+        default: return nil
+        }
+    }
+
+    /// LuaLS classes for the config file (`---@type tandem.config.config` on the returned table),
+    /// appended to the policy API's definitions by `tandem policy defs`.
+    public static func luaLSDefinitions() -> String {
+        var out = "\n-- The sidecar config file (docs/config.md), generated from TandemConfig's ConfigSchema.\n"
+        for r in records {
+            out += "\n---\(r.title): \(r.doc.split(separator: ".").first.map(String.init) ?? r.title).\n"
+            out += "---@class tandem.config.\(r.name)\n"
+            for f in r.fields {
+                let required = f.defaultValue == "required"
+                let def = f.defaultValue == "—" || required ? "" : " (default: \(f.defaultValue))"
+                out += "---@field \(f.name)\(required ? "" : "?") \(luaType(f) ?? "any") \(f.doc)\(def)\n"
+            }
+        }
+        return out
+    }
+
     static func cell(_ s: String) -> String { s.replacingOccurrences(of: "|", with: "\\|") }
 }

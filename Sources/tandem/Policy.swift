@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import TandemConfig
 import TandemLua
 
 struct PolicyCommand: ParsableCommand {
@@ -155,10 +156,13 @@ struct PolicyTest: ParsableCommand {
 struct PolicyDefs: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "defs",
-        abstract: "Print the LuaLS definition file (---@meta) for the tandem policy API.")
+        abstract: "Print the LuaLS definition file (---@meta): the tandem policy API and the config file's schema.")
 
-    func run() throws { print(PolicyAPI.luaLSDefinitions(), terminator: "") }
+    func run() throws { print(luaDefinitions(), terminator: "") }
 }
+
+/// policies/tandem.d.lua: the policy API, then the config file's classes.
+func luaDefinitions() -> String { PolicyAPI.luaLSDefinitions() + ConfigSchema.luaLSDefinitions() }
 
 func readPolicy(_ file: String) throws -> String {
     do { return try String(contentsOfFile: file, encoding: .utf8) } catch {

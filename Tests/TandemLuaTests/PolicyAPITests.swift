@@ -74,11 +74,13 @@ import Testing
         #expect(checks.count >= 30)
     }
 
-    @Test func theCheckedInDefinitionFileIsCurrent() throws {
+    /// (policies/tandem.d.lua, which adds the config file's classes, is checked in
+    /// TandemSidecarTests' ConfigSchemaTests.)
+    @Test func theCheckedInDefinitionFileStartsWithThePolicyAPI() throws {
         let file = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
             .appendingPathComponent("../../policies/tandem.d.lua").standardized
         let text = try String(contentsOf: file, encoding: .utf8)
-        #expect(text == PolicyAPI.luaLSDefinitions(), "run: tandem policy defs > policies/tandem.d.lua")
+        #expect(text.hasPrefix(PolicyAPI.luaLSDefinitions()), "run: make docs")
     }
 
     @Test func theLuaAPIReferenceIsCurrent() throws {

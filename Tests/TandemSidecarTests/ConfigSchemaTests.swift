@@ -1,5 +1,6 @@
 import Foundation
 import TandemConfig
+import TandemLua
 import Testing
 
 /// The config schema is the one source of the reader's keys and of docs/config.md.
@@ -75,6 +76,22 @@ import Testing
                     == "c.lua: routes[1].rate_limit.max_tokens: give rps and burst, or max_tokens, tokens_per_fill and fill_interval_ms, not both"
             )
         }
+    }
+
+    /// Every key has a LuaLS type, so editors complete and check config files.
+    @Test func everyKeyHasALuaType() {
+        for r in ConfigSchema.records {
+            for f in r.fields { #expect(ConfigSchema.luaType(f) != nil, "\(r.name).\(f.name): \(f.type)") }
+        }
+        let defs = ConfigSchema.luaLSDefinitions()
+        #expect(defs.contains("---@class tandem.config.breaker\n---@field consecutive_failures? integer"))
+        #expect(defs.contains(#"---@field mode? "require"|"permissive"|"off""#))
+        #expect(defs.contains("---@field policies? (string|tandem.config.policy)[]"))
+    }
+
+    @Test func theDefinitionFileIsCurrent() throws {
+        let text = try String(contentsOf: Self.repo.appendingPathComponent("policies/tandem.d.lua"), encoding: .utf8)
+        #expect(text == PolicyAPI.luaLSDefinitions() + ConfigSchema.luaLSDefinitions(), "run: make docs")
     }
 
     @Test func theConfigReferenceIsCurrent() throws {
