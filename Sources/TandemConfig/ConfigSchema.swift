@@ -607,7 +607,8 @@ public enum ConfigSchema {
         if t == "boolean" || t == "true" { return t }
         if t.hasPrefix("\"") && t.contains(" or ") {
             // "require", "permissive" or "off" → a union of string literals.
-            let lits = t.split(separator: "\"", omittingEmptySubsequences: false).enumerated().filter { $0.offset % 2 == 1 }.map { "\"\($0.element)\"" }
+            let parts = t.split(separator: "\"", omittingEmptySubsequences: false)
+            let lits = parts.indices.filter { $0 % 2 == 1 }.map { "\"\(parts[$0])\"" }
             return lits.count > 1 ? lits.joined(separator: "|") : "string"
         }
         switch t {
