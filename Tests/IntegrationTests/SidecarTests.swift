@@ -514,19 +514,8 @@ let grpcService = repoRoot.appendingPathComponent("examples/grpc/user_service.py
             .write(to: config, atomically: true, encoding: .utf8)
         let client = try startClient(registry: reg.endpoint, extra: ["--config", config.path])
         func h2get() throws -> (status: String, error: String) {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-            p.arguments = [
-                "-s", "-o", "/dev/null", "--http2-prior-knowledge", "-H", "Host: users", "-w",
-                "%{http_code} %header{tandem-error}", "http://\(client.outbound)/user/1",
-            ]
-            let pipe = Pipe()
-            p.standardOutput = pipe
-            try p.run()
-            let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            p.waitUntilExit()
-            let parts = out.split(separator: " ", maxSplits: 1).map(String.init)
-            return (parts.first ?? "", parts.count > 1 ? parts[1] : "")
+            let r = try curl(["--http2-prior-knowledge", "-H", "Host: users", "http://\(client.outbound)/user/1"])
+            return (String(r.status), r.head["tandem-error"] ?? "")
         }
         #expect(try h2get().status == "200")  // the one slot: a connection to one instance
         // Both instances discovered (bounded polling), so round robin alternates between them.

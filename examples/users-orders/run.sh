@@ -54,6 +54,21 @@ check "orders' sidecar retried" "$(metric orders 'tandem_retries_total')" '>=' 1
 check "both users instances served" "${#by[@]}" '>=' 2
 
 echo
+echo "== 2a. the seed's users API, called by name through orders' sidecar (as orders.py does) =="
+# HTTP_PROXY-style: absolute-form requests to orders' outbound listener carry orders' token.
+via=(-s -w ' (%{http_code})' -x "http://$(outbound_of orders)")
+r=$(curl "${via[@]}" http://users/user); echo "   GET /user:           $r"
+check "GET /user answers Alice" "$r" '~' '{"id": 1, "name": "Alice"} (200)'
+r=$(curl "${via[@]}" http://users/user/2); echo "   GET /user/2:         $r"
+check "GET /user/:id" "$r" '~' '"name": "Bob"'
+r=$(curl "${via[@]}" -X POST -H 'content-type: application/json' --data '{"name":""}' http://users/user)
+echo "   POST /user {name:\"\"}: $r"
+check "POST /user validates its input, in the envelope" "$r" '~' '{"code": 400, "message": "name is required", "data": null} (400)'
+r=$(curl "${via[@]}" -X POST -H 'content-type: application/json' --data '{"name":"Carol"}' http://users/user)
+echo "   POST /user {Carol}:  $r"
+check "POST /user answers {code, message, data}" "$r" '~' '"code": 0, "message": "ok", "data": {"id": 3, "name": "Carol"}'
+
+echo
 echo "== 2b. Lua policies on orders' inbound side (examples/users-orders/orders.lua) =="
 hdr=$(curl -s -D - -o /dev/null "http://127.0.0.1:$OIN/order/2" | tr -d '\r')
 echo "   GET /order/2: x-request-id $(echo "$hdr" | awk -F': ' 'tolower($1)=="x-request-id"{print $2}'), x-response-time $(echo "$hdr" | awk -F': ' 'tolower($1)=="x-response-time"{print $2}')"
