@@ -119,6 +119,8 @@ let package = Package(
             name: "TandemBench",
             dependencies: [
                 "TandemCore", "TandemRaft", "TandemStore", "TandemSimulation", "TandemLua", "TandemIdentity",
+                "TandemEtcdClient", "TandemEtcdAPI", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings),
         .testTarget(name: "TandemRaftTests", dependencies: ["TandemRaft"], swiftSettings: swiftSettings),
@@ -132,7 +134,13 @@ let package = Package(
             swiftSettings: swiftSettings),
         .testTarget(name: "TandemEtcdAPITests", dependencies: ["TandemEtcdAPI"], swiftSettings: swiftSettings),
         // Starts real `tandem` processes on ephemeral ports and drives them with Debian's etcdctl.
-        .testTarget(name: "IntegrationTests", exclude: ["Resources"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: [
+                "TandemCore", "TandemEtcdClient", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            exclude: ["Resources"], swiftSettings: swiftSettings),
         .testTarget(name: "TandemTrafficTests", dependencies: ["TandemTraffic"], swiftSettings: swiftSettings),
         .testTarget(
             name: "TandemSidecarTests",

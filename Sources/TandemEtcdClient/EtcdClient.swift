@@ -191,7 +191,11 @@ public final class EtcdClient: @unchecked Sendable {
                 let authority = self.currentEndpoint.description
                 let timeout = self.callTimeout
                 let token = self.authToken()
-                conn.mux.value.createStreamChannel(promise: nil) { stream in
+                // A stream that cannot be created (the connection is going away) never runs
+                // the initializer: fail the call here, or nothing would.
+                let created = self.loop.makePromise(of: (any Channel).self)
+                created.futureResult.whenFailure { promise.fail($0) }
+                conn.mux.value.createStreamChannel(promise: created) { stream in
                     let handler = UnaryCallHandler(promise: promise)
                     return stream.pipeline.addHandler(handler).map {
                         handler.start(
@@ -216,7 +220,9 @@ public final class EtcdClient: @unchecked Sendable {
                 let promise = self.loop.makePromise(of: EtcdStream.self)
                 let authority = self.currentEndpoint.description
                 let token = self.authToken()
-                conn.mux.value.createStreamChannel(promise: nil) { stream in
+                let created = self.loop.makePromise(of: (any Channel).self)
+                created.futureResult.whenFailure { promise.fail($0) }
+                conn.mux.value.createStreamChannel(promise: created) { stream in
                     let handler = StreamCallHandler(onMessage: onMessage, onClose: onClose)
                     return stream.pipeline.addHandler(handler).map {
                         handler.start(
@@ -340,7 +346,10 @@ final class UnaryCallHandler: ChannelInboundHandler, @unchecked Sendable {
                 } else {
                     fail(EtcdClientError(code: 13, message: "unary call ended without a response message"))
                 }
-                context.close(promise: nil)
+                // Trailers end the stream and NIOHTTP2 closes the channel itself; closing it
+                // here, while the final frame is still being read, would reset the stream
+                // (RST_STREAM CANCEL) — and servers end connections that see many resets.
+                if !h.endStream { context.close(promise: nil) }
             }
         case .data(let d):
             guard case .byteBuffer(let b) = d.data else { return }
@@ -394,7 +403,7 @@ final class StreamCallHandler: ChannelInboundHandler, @unchecked Sendable {
         case .headers(let h):
             if let status = GRPCFramer.status(h.headers) {
                 close(status)
-                context.close(promise: nil)
+                if !h.endStream { context.close(promise: nil) }  // as in UnaryCallHandler
             }
         case .data(let d):
             guard case .byteBuffer(let b) = d.data else { return }
