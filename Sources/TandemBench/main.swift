@@ -31,6 +31,17 @@ if CommandLine.arguments.dropFirst().first == "identity" {
     exit(0)
 }
 
+// `TandemBench registry MODE …`: a load client for Tandem's registry or etcd (bench/registry).
+if CommandLine.arguments.dropFirst().first == "registry" {
+    do {
+        try registryBenchmarks(Array(CommandLine.arguments.dropFirst(2)))
+    } catch {
+        FileHandle.standardError.write(Data("TandemBench: \(error)\n".utf8))
+        exit(2)
+    }
+    exit(0)
+}
+
 // `TandemBench policies`: only the Lua policy hooks.
 if CommandLine.arguments.dropFirst().first == "policies" {
     try policyBenchmarks()
