@@ -66,7 +66,20 @@ public final class EtcdClient: @unchecked Sendable {
 
     struct Connection: Sendable {
         let channel: any Channel
-        let mux: NIOLoopBound<HTTP2StreamMultiplexer>
+        let mux: NIOLoopBound<NIOHTTP2Handler.StreamMultiplexer>
+    }
+
+    /// Bound on PING/SETTINGS frames a server may send per 30 s. NIOHTTP2's default (200)
+    /// protects servers from floods, but grpc-go — etcd — sends a flow-control (BDP) PING
+    /// with nearly every request it reads: at the default the client answered etcd's 201st
+    /// PING with GOAWAY ENHANCE_YOUR_CALM and lost the call in flight.
+    public static let maxControlFramesPer30s = 1_000_000
+
+    static var http2Connection: NIOHTTP2Handler.ConnectionConfiguration {
+        var c = NIOHTTP2Handler.ConnectionConfiguration()
+        c.controlFrameRateLimit.maximumCount = maxControlFramesPer30s
+        c.controlFrameRateLimit.windowLength = .seconds(30)
+        return c
     }
 
     public init(endpoints: [EtcdEndpoint], loop: any EventLoop) {
@@ -89,7 +102,10 @@ public final class EtcdClient: @unchecked Sendable {
             }
             .connect(host: ep.host, port: ep.port)
             .flatMap { ch -> EventLoopFuture<Connection> in
-                ch.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil).map {
+                ch.configureHTTP2Pipeline(
+                    mode: .client, connectionConfiguration: Self.http2Connection,
+                    streamConfiguration: .init(), inboundStreamInitializer: { $0.close() }
+                ).map {
                     Connection(channel: ch, mux: NIOLoopBound($0, eventLoop: ch.eventLoop))
                 }
             }
