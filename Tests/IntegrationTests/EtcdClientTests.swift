@@ -22,21 +22,9 @@ import Testing
     /// every request it reads; NIOHTTP2's default allowance (200 control frames per 30 s) made
     /// the client answer the 201st with GOAWAY ENHANCE_YOUR_CALM and lose the call in flight.
     @Test func manyCallsOnOneConnectionToARealEtcd() throws {
-        let dir = try TempDirectory()
-        let clientPort = try freePort()
-        let peerPort = try freePort()
-        let etcd = try Child(
-            "/usr/bin/etcd",
-            [
-                "--data-dir", dir.url.path, "--listen-client-urls", "http://127.0.0.1:\(clientPort)",
-                "--advertise-client-urls", "http://127.0.0.1:\(clientPort)", "--listen-peer-urls",
-                "http://127.0.0.1:\(peerPort)", "--initial-advertise-peer-urls", "http://127.0.0.1:\(peerPort)",
-                "--initial-cluster", "default=http://127.0.0.1:\(peerPort)",
-            ])
-        let boot = etcd.readUntil { $0.contains("ready to serve client requests") }
-        try #require(boot.last?.contains("ready to serve client requests") == true)
-        try chainsOfPuts("127.0.0.1:\(clientPort)")
-        withExtendedLifetime((etcd, dir)) {}
+        let etcd = try RealEtcd()
+        try chainsOfPuts(etcd.endpoint)
+        withExtendedLifetime(etcd) {}
     }
 
     /// Two chains of 250 puts, each put sent when the previous one of its chain is answered,

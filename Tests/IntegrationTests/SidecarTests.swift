@@ -695,14 +695,17 @@ func tandem(_ args: [String]) throws -> (status: Int32, output: String) {
     }
 }
 
-@Suite struct RealEtcdTests {
-    /// The sidecars need nothing from Tandem's registry that etcd lacks: registration under a
-    /// lease, keep-alive, and discovery by watch all work against Debian's etcd 3.4.
-    @Test func sidecarsDiscoverEachOtherThroughARealEtcd() throws {
-        let dir = try TempDirectory()
+/// Debian's etcd 3.4 as a single-member cluster on free ports, stopped with the value.
+final class RealEtcd {
+    let dir: TempDirectory
+    let process: Child
+    let endpoint: String
+
+    init() throws {
+        dir = try TempDirectory()
         let clientPort = try freePort()
         let peerPort = try freePort()
-        let etcd = try Child(
+        process = try Child(
             "/usr/bin/etcd",
             [
                 "--data-dir", dir.url.path, "--listen-client-urls", "http://127.0.0.1:\(clientPort)",
@@ -710,16 +713,25 @@ func tandem(_ args: [String]) throws -> (status: Int32, output: String) {
                 "http://127.0.0.1:\(peerPort)", "--initial-advertise-peer-urls", "http://127.0.0.1:\(peerPort)",
                 "--initial-cluster", "default=http://127.0.0.1:\(peerPort)",
             ])
-        let boot = etcd.readUntil { $0.contains("ready to serve client requests") }
-        #expect(boot.last?.contains("ready to serve client requests") == true)
-        let endpoint = "127.0.0.1:\(clientPort)"
+        let boot = process.readUntil { $0.contains("ready to serve client requests") }
+        try #require(boot.last?.contains("ready to serve client requests") == true)
+        endpoint = "127.0.0.1:\(clientPort)"
+    }
+}
+
+@Suite struct RealEtcdTests {
+    /// The sidecars need nothing from Tandem's registry that etcd lacks: registration under a
+    /// lease, keep-alive, and discovery by watch all work against Debian's etcd 3.4.
+    @Test func sidecarsDiscoverEachOtherThroughARealEtcd() throws {
+        let etcd = try RealEtcd()
+        let endpoint = etcd.endpoint
         let users = try startUsers(1, registry: endpoint).instances[0]
         let client = try startClient(registry: endpoint)
         let r = try http("http://\(client.outbound)/user/1", host: "users")
         #expect(r.status == 200 && r.body.contains("Alice"), "\(r)")
         let keys = try etcdctl(endpoint, ["get", "--prefix", "/tandem/services/users/", "--keys-only"]).output
         #expect(keys.contains("/tandem/services/users/users-"))
-        withExtendedLifetime((etcd, users, client, dir)) {}
+        withExtendedLifetime((etcd, users, client)) {}
     }
 }
 
