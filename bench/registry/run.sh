@@ -60,8 +60,8 @@ start_tandem() {
 
 stop_all() {
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$root/etcd" "$root/tandem"
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$root/etcd" "$root/tandem"
   pids=()
 }
 
