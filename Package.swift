@@ -70,10 +70,16 @@ let package = Package(
             exclude: ["Generated/README.md"],
             swiftSettings: swiftSettings),
         .target(
+            name: "TandemHTTP2",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+            ],
+            swiftSettings: swiftSettings),
+        .target(
             name: "TandemRegistryServer",
             dependencies: [
                 "TandemCore", "TandemRaft", "TandemStore", "TandemStorage", "TandemReplica", "TandemEtcdAPI",
-                "TandemIdentity", .product(name: "Crypto", package: "swift-crypto"),
+                "TandemIdentity", "TandemHTTP2", .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOHTTP2", package: "swift-nio-http2"),
@@ -82,7 +88,7 @@ let package = Package(
         .target(
             name: "TandemEtcdClient",
             dependencies: [
-                "TandemCore", "TandemEtcdAPI", .product(name: "NIOCore", package: "swift-nio"),
+                "TandemCore", "TandemEtcdAPI", "TandemHTTP2", .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOHTTP2", package: "swift-nio-http2"),
@@ -93,7 +99,7 @@ let package = Package(
             name: "TandemSidecar",
             dependencies: [
                 "TandemCore", "TandemTraffic", "TandemConfig", "TandemEtcdClient", "TandemLua", "TandemIdentity",
-                .product(name: "JWTKit", package: "jwt-kit"),
+                "TandemHTTP2", .product(name: "JWTKit", package: "jwt-kit"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -139,6 +145,7 @@ let package = Package(
             dependencies: [
                 "TandemCore", "TandemEtcdClient", .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
             ],
             exclude: ["Resources"], swiftSettings: swiftSettings),
         .testTarget(name: "TandemTrafficTests", dependencies: ["TandemTraffic"], swiftSettings: swiftSettings),

@@ -10,6 +10,7 @@ import NIOPosix
 import SwiftProtobuf
 import TandemCore
 import TandemEtcdAPI
+import TandemHTTP2
 
 /// A failed call: the gRPC status code and message (etcd's text, e.g. "etcdserver: requested
 /// lease not found"), or a transport failure reported as `unavailable`.
@@ -63,23 +64,13 @@ public final class EtcdClient: @unchecked Sendable {
 
     private var current = 0
     private var connection: EventLoopFuture<Connection>?
+    /// Which connection `connection` is, so that an old one's close or GOAWAY cannot drop a
+    /// newer one.
+    private var connectionNumber = 0
 
     struct Connection: Sendable {
         let channel: any Channel
         let mux: NIOLoopBound<NIOHTTP2Handler.StreamMultiplexer>
-    }
-
-    /// Bound on PING/SETTINGS frames a server may send per 30 s. NIOHTTP2's default (200)
-    /// protects servers from floods, but grpc-go — etcd — sends a flow-control (BDP) PING
-    /// with nearly every request it reads: at the default the client answered etcd's 201st
-    /// PING with GOAWAY ENHANCE_YOUR_CALM and lost the call in flight.
-    public static let maxControlFramesPer30s = 1_000_000
-
-    static var http2Connection: NIOHTTP2Handler.ConnectionConfiguration {
-        var c = NIOHTTP2Handler.ConnectionConfiguration()
-        c.controlFrameRateLimit.maximumCount = maxControlFramesPer30s
-        c.controlFrameRateLimit.windowLength = .seconds(30)
-        return c
     }
 
     public init(endpoints: [EtcdEndpoint], loop: any EventLoop) {
@@ -94,6 +85,8 @@ public final class EtcdClient: @unchecked Sendable {
         loop.preconditionInEventLoop()
         if let c = connection { return c }
         let ep = currentEndpoint
+        connectionNumber += 1
+        let number = connectionNumber
         let f = ClientBootstrap(group: loop)
             .connectTimeout(connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -102,9 +95,12 @@ public final class EtcdClient: @unchecked Sendable {
             }
             .connect(host: ep.host, port: ep.port)
             .flatMap { ch -> EventLoopFuture<Connection> in
-                ch.configureHTTP2Pipeline(
-                    mode: .client, connectionConfiguration: Self.http2Connection,
-                    streamConfiguration: .init(), inboundStreamInitializer: { $0.close() }
+                // A member that sends GOAWAY (shutting down, or refusing this connection)
+                // takes no new calls on it: later calls connect again, to the next member.
+                HTTP2Connections.configure(
+                    ch, mode: .client,
+                    onGoAway: { [weak self] in self?.dropConnection(number, advance: true) },
+                    inbound: { $0.close() }
                 ).map {
                     Connection(channel: ch, mux: NIOLoopBound($0, eventLoop: ch.eventLoop))
                 }
@@ -113,10 +109,9 @@ public final class EtcdClient: @unchecked Sendable {
         f.whenComplete { [weak self] r in
             guard let self else { return }
             switch r {
-            case .failure: self.dropConnection(advance: true)
+            case .failure: self.dropConnection(number, advance: true)
             case .success(let conn):
-                let ch = conn.channel
-                ch.closeFuture.whenComplete { _ in self.dropConnection(advance: false, channel: ch) }
+                conn.channel.closeFuture.whenComplete { _ in self.dropConnection(number, advance: false) }
             }
         }
         return f
@@ -154,8 +149,10 @@ public final class EtcdClient: @unchecked Sendable {
         return e
     }
 
-    private func dropConnection(advance: Bool, channel: (any Channel)? = nil) {
+    /// Forgets connection `number` if it is still the current one.
+    private func dropConnection(_ number: Int, advance: Bool) {
         loop.preconditionInEventLoop()
+        guard number == connectionNumber, connection != nil else { return }
         connection = nil
         if advance { current = (current + 1) % endpoints.count }
     }

@@ -4,6 +4,7 @@ import NIOHTTP2
 import NIOPosix
 import TandemCore
 import TandemEtcdAPI
+import TandemHTTP2
 
 /// A registry member serving the etcd v3 API over h2c gRPC.
 public final class RegistryServer {
@@ -64,15 +65,12 @@ public final class RegistryServer {
                 let key = ObjectIdentifier(channel)
                 clients.withLockedValue { $0[key] = channel }
                 channel.closeFuture.whenComplete { _ in clients.withLockedValue { $0[key] = nil } }
-                return channel.configureHTTP2Pipeline(
-                    mode: .server,
-                    inboundStreamInitializer: { stream in
-                        stream.eventLoop.makeCompletedFuture {
-                            try stream.pipeline.syncOperations.addHandler(
-                                GRPCStreamHandler(methods: methods, maxMessageBytes: maxBytes))
-                        }
+                return HTTP2Connections.configure(channel, mode: .server) { stream in
+                    stream.eventLoop.makeCompletedFuture {
+                        try stream.pipeline.syncOperations.addHandler(
+                            GRPCStreamHandler(methods: methods, maxMessageBytes: maxBytes))
                     }
-                ).map { _ in }
+                }.map { _ in }
             }
             .bind(host: host, port: port).wait()
         channel = ch

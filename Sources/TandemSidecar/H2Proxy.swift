@@ -5,6 +5,7 @@ import NIOHTTP1
 import NIOHTTP2
 import NIOPosix
 import TandemCore
+import TandemHTTP2
 import TandemLua
 import TandemTraffic
 
@@ -673,7 +674,10 @@ final class H2UpstreamStreamHandler: ChannelInboundHandler, @unchecked Sendable 
 /// They close with their event loop group (Sidecar.shutdown).
 final class H2Pool: @unchecked Sendable {
     let loop: any EventLoop
-    private var connections: [String: EventLoopFuture<NIOLoopBound<HTTP2StreamMultiplexer>>] = [:]
+    private var connections:
+        [String: (number: Int, mux: EventLoopFuture<NIOLoopBound<NIOHTTP2Handler.StreamMultiplexer>>)] =
+            [:]
+    private var opened = 0
 
     init(loop: any EventLoop) { self.loop = loop }
 
@@ -686,14 +690,21 @@ final class H2Pool: @unchecked Sendable {
     ) -> EventLoopFuture<any Channel> {
         loop.preconditionInEventLoop()
         let key = "\(host):\(port)"
-        let conn: EventLoopFuture<NIOLoopBound<HTTP2StreamMultiplexer>>
+        let conn: EventLoopFuture<NIOLoopBound<NIOHTTP2Handler.StreamMultiplexer>>
         if let c = connections[key] {
-            conn = c
+            conn = c.mux
         } else {
             guard brain.withCluster(cluster, { c, _ in c.gate.tryOpenConnection() }) else {
                 return loop.makeFailedFuture(UpstreamPool.NoConnectionSlot())
             }
             let loop = self.loop
+            opened += 1
+            let number = opened
+            // Forgets this connection (if it is still the one for `key`): a later stream
+            // opens a new one. An old connection's close must not drop its successor.
+            let forget: @Sendable () -> Void = {
+                if self.connections[key]?.number == number { self.connections.removeValue(forKey: key) }
+            }
             let connected = ClientBootstrap(group: loop)
                 .connectTimeout(connectTimeout)
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -701,19 +712,26 @@ final class H2Pool: @unchecked Sendable {
             connected.whenFailure { _ in slots.closed(cluster) }
             conn = connected.flatMap { ch in
                 ch.closeFuture.whenComplete { _ in
-                    self.connections.removeValue(forKey: key)
+                    forget()
                     slots.closed(cluster)
                 }
-                return ch.configureHTTP2Pipeline(mode: .client, inboundStreamInitializer: nil).map {
+                // After GOAWAY (the upstream is shutting down gracefully, or refuses more
+                // streams) the running streams finish here and new ones go to a new
+                // connection. An upstream does not open streams to us (no server push).
+                return HTTP2Connections.configure(ch, mode: .client, onGoAway: forget, inbound: { $0.close() }).map {
                     NIOLoopBound($0, eventLoop: loop)
                 }
             }
-            connections[key] = conn
-            conn.whenFailure { _ in self.connections.removeValue(forKey: key) }
+            connections[key] = (number, conn)
+            conn.whenFailure { _ in forget() }
         }
         return conn.flatMap { mux in
             let promise = self.loop.makePromise(of: (any Channel).self)
-            mux.value.createStreamChannel(promise: nil) { stream in
+            // A stream that cannot be created (the connection is going away) never runs the
+            // initializer: fail the attempt here, or the exchange would never be answered.
+            let created = self.loop.makePromise(of: (any Channel).self)
+            created.futureResult.whenFailure { promise.fail($0) }
+            mux.value.createStreamChannel(promise: created) { stream in
                 stream.eventLoop.makeCompletedFuture {
                     try stream.pipeline.syncOperations.addHandler(
                         HTTP2FramePayloadToHTTP1ClientCodec(httpProtocol: .http))

@@ -8,6 +8,7 @@ import NIOPosix
 import TandemConfig
 import TandemCore
 import TandemEtcdClient
+import TandemHTTP2
 import TandemLua
 import TandemTraffic
 
@@ -398,7 +399,7 @@ public final class Sidecar: @unchecked Sendable {
                         }
                     },
                     http2: { ch in
-                        ch.configureHTTP2Pipeline(mode: .server) { stream in
+                        HTTP2Connections.configure(ch, mode: .server) { stream in
                             stream.eventLoop.makeCompletedFuture {
                                 try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                                 try stream.pipeline.syncOperations.addHandler(

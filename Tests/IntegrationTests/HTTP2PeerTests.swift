@@ -1,0 +1,189 @@
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+import NIOPosix
+import TandemCore
+import Testing
+
+/// Tandem's HTTP/2 endpoints against a peer that behaves as grpc-go does on the wire.
+@Suite struct HTTP2PeerTests {
+    /// grpc-go (etcdctl, clientv3, any Go service) sends a flow-control (BDP) PING with nearly
+    /// every message it reads. NIOHTTP2 allows 200 control frames per 30 s by default, so the
+    /// registry answered a Go client's 201st call-and-ping with GOAWAY ENHANCE_YOUR_CALM
+    /// (seen with `etcdctl make-mirror`: a reconnect every 200 puts).
+    @Test func theRegistryKeepsAGoClientsConnection() throws {
+        let reg = try RegistryUnderTest()
+        try callAndPing(reg.endpoint, times: 300)
+        withExtendedLifetime(reg) {}
+    }
+
+    /// The same through a sidecar to Debian's etcd (a grpc-go server): the sidecar's listener
+    /// gets the client's PINGs, its upstream connection gets etcd's. Each side used to end
+    /// its connection after 200; a call then on the upstream connection was lost.
+    @Test func aSidecarKeepsGoPeersConnectionsOnBothSides() throws {
+        let etcd = try RealEtcd()
+        let local = try freePort()
+        let sidecar = try SidecarUnderTest(
+            service: "client", registry: "none", appPort: try freePort(), app: nil,
+            extra: ["--endpoints", "etcd=\(etcd.endpoint)", "--upstream", "etcd=\(local)"], waitForRegistration: false)
+        try callAndPing("127.0.0.1:\(local)", times: 300)
+        withExtendedLifetime((etcd, sidecar)) {}
+    }
+
+    /// `times` unary KV/Range calls on one connection, each followed by a PING whose ack is
+    /// awaited (grpc-go's pattern); every call must answer grpc-status 0 and the server must
+    /// never send GOAWAY.
+    func callAndPing(_ endpoint: String, times: Int) throws {
+        let client = try GoLikeClient(endpoint)
+        defer { client.close() }
+        var statuses: [String: Int] = [:]
+        for _ in 0..<times {
+            statuses[try client.call("/etcdserverpb.KV/Range", GoLikeClient.rangeRequest), default: 0] += 1
+            try client.ping()
+        }
+        #expect(statuses == ["0": times])
+        #expect(try client.goAways() == [])
+    }
+}
+
+/// A gRPC client on NIOHTTP2 that behaves like grpc-go on the wire: one connection, and a
+/// PING after each response. Its own control-frame allowance is unbounded (grpc-go has none),
+/// so only the server can end the connection.
+final class GoLikeClient: Sendable {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let channel: any Channel
+    let mux: NIOLoopBound<NIOHTTP2Handler.StreamMultiplexer>
+    let root: NIOLoopBound<RootFrames>
+    let authority: String
+
+    /// A RangeRequest for the key "/k" (field 1, bytes), encoded by hand.
+    static let rangeRequest: [UInt8] = [0x0a, 0x02, 0x2f, 0x6b]
+
+    init(_ endpoint: String) throws {
+        let hp = try #require(HostPort(endpoint))
+        authority = endpoint
+        let loop = group.next()
+        channel = try ClientBootstrap(group: loop).connect(host: hp.host, port: hp.port).wait()
+        let ch = channel
+        (mux, root) = try loop.submit {
+            var config = NIOHTTP2Handler.ConnectionConfiguration()
+            config.controlFrameRateLimit.maximumCount = .max
+            let mux = try ch.pipeline.syncOperations.configureHTTP2Pipeline(
+                mode: .client, connectionConfiguration: config, streamConfiguration: .init(),
+                inboundStreamInitializer: { $0.close() })
+            let root = RootFrames()
+            try ch.pipeline.syncOperations.addHandler(root)
+            return (NIOLoopBound(mux, eventLoop: loop), NIOLoopBound(root, eventLoop: loop))
+        }.wait()
+    }
+
+    /// One unary call; its grpc-status.
+    func call(_ path: String, _ message: [UInt8]) throws -> String {
+        let loop = channel.eventLoop
+        let authority = self.authority
+        return try loop.flatSubmit { () -> EventLoopFuture<String> in
+            let answer = loop.makePromise(of: String.self)
+            let created = loop.makePromise(of: (any Channel).self)
+            created.futureResult.whenFailure { answer.fail($0) }
+            self.mux.value.createStreamChannel(promise: created) { stream in
+                stream.eventLoop.makeCompletedFuture {
+                    try stream.pipeline.syncOperations.addHandler(CallHandler(answer))
+                    let headers: HPACKHeaders = [
+                        ":method": "POST", ":scheme": "http", ":path": path, ":authority": authority,
+                        "content-type": "application/grpc", "te": "trailers",
+                    ]
+                    stream.write(HTTP2Frame.FramePayload.headers(.init(headers: headers)), promise: nil)
+                    var body = stream.allocator.buffer(capacity: 5 + message.count)
+                    body.writeInteger(UInt8(0))
+                    body.writeInteger(UInt32(message.count))
+                    body.writeBytes(message)
+                    stream.writeAndFlush(
+                        HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(body), endStream: true)), promise: nil)
+                }
+            }
+            return Self.guarded(answer)
+        }.wait()
+    }
+
+    struct Lost: Error, CustomStringConvertible {
+        let what: String
+        var description: String { "\(what) got no answer in 30 s" }
+    }
+
+    /// A guard so that an exchange the server never answers fails the test instead of hanging
+    /// it (not a timing assertion: a healthy answer takes milliseconds).
+    static func guarded<T: Sendable>(_ promise: EventLoopPromise<T>, _ what: String = "a call") -> EventLoopFuture<T> {
+        let timer = promise.futureResult.eventLoop.scheduleTask(in: .seconds(30)) { promise.fail(Lost(what: what)) }
+        promise.futureResult.whenComplete { _ in timer.cancel() }
+        return promise.futureResult
+    }
+
+    /// Sends a PING and waits for its ack.
+    func ping() throws {
+        try channel.eventLoop.flatSubmit { () -> EventLoopFuture<Void> in
+            let acked = self.channel.eventLoop.makePromise(of: Void.self)
+            self.root.value.pending.append(acked)
+            let ping = HTTP2Frame(streamID: .rootStream, payload: .ping(HTTP2PingData(withInteger: 7), ack: false))
+            self.channel.writeAndFlush(ping, promise: nil)
+            return Self.guarded(acked, "a PING")
+        }.wait()
+    }
+
+    /// The error codes of the GOAWAY frames received.
+    func goAways() throws -> [HTTP2ErrorCode] {
+        try channel.eventLoop.submit { self.root.value.goAways }.wait()
+    }
+
+    func close() {
+        try? channel.close().wait()
+        try? group.syncShutdownGracefully()
+    }
+
+    /// The connection's own frames: PING acks and GOAWAY.
+    final class RootFrames: ChannelInboundHandler {
+        typealias InboundIn = HTTP2Frame
+        var pending: [EventLoopPromise<Void>] = []
+        var goAways: [HTTP2ErrorCode] = []
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            switch unwrapInboundIn(data).payload {
+            case .ping(_, ack: true) where !pending.isEmpty: pending.removeFirst().succeed(())
+            case .goAway(_, let code, _): goAways.append(code)
+            default: break
+            }
+        }
+
+        func channelInactive(context: ChannelHandlerContext) {
+            for p in pending { p.fail(ChannelError.ioOnClosedChannel) }
+            pending = []
+            context.fireChannelInactive()
+        }
+    }
+
+    /// One call's response: its grpc-status, from the trailers (or a trailers-only answer).
+    final class CallHandler: ChannelInboundHandler {
+        typealias InboundIn = HTTP2Frame.FramePayload
+        let answer: EventLoopPromise<String>
+        var status: String?
+        var done = false
+
+        init(_ answer: EventLoopPromise<String>) { self.answer = answer }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            guard case .headers(let h) = unwrapInboundIn(data) else { return }
+            if let s = h.headers.first(name: "grpc-status") { status = s }
+            if h.endStream && !done {
+                done = true
+                answer.succeed(status ?? "no grpc-status")
+            }
+        }
+
+        func channelInactive(context: ChannelHandlerContext) {
+            if !done {
+                done = true
+                answer.fail(ChannelError.ioOnClosedChannel)
+            }
+            context.fireChannelInactive()
+        }
+    }
+}
