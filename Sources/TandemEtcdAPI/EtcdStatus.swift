@@ -79,6 +79,9 @@ public struct EtcdLimits: Sendable {
     /// etcd's `--quota-backend-bytes` (2 GiB): writes that would take the store past it are
     /// refused with "database space exceeded" and the NOSPACE alarm is raised.
     public var quotaBackendBytes: Int64 = 2 << 30
+    /// etcd's `--grpc-keepalive-min-time`: how often a client with calls open may PING
+    /// without data in between (see PingEnforcement).
+    public var keepaliveMinTimeNanos = PingEnforcement.defaultMinTimeNanos
     public init() {}
 }
 

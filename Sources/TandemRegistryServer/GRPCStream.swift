@@ -68,15 +68,27 @@ final class GRPCStreamHandler: ChannelInboundHandler {
     private var requireLeader = false
     private var authToken: String?
     var closeCallbacks: [@Sendable () -> Void] = []
+    /// The connection's PING policing: told of open calls and of what this stream sends.
+    private let pings: PingGuard?
+    private var counted = false
 
-    init(methods: [String: GRPCMethod], maxMessageBytes: Int) {
+    init(methods: [String: GRPCMethod], maxMessageBytes: Int, pings: PingGuard? = nil) {
         self.methods = methods
         self.maxMessageBytes = maxMessageBytes
+        self.pings = pings
     }
 
-    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        pings?.openCalls += 1
+        counted = true
+    }
 
     func channelInactive(context: ChannelHandlerContext) {
+        if counted {
+            counted = false
+            pings?.openCalls -= 1
+        }
         finished = true
         for c in closeCallbacks { c() }
         closeCallbacks = []
@@ -184,6 +196,7 @@ final class GRPCStreamHandler: ChannelInboundHandler {
         out.writeInteger(UInt8(0))
         out.writeInteger(UInt32(message.count))
         out.writeBytes(message)
+        pings?.policy.sent()
         context.writeAndFlush(wrapOutboundOut(.data(.init(data: .byteBuffer(out)))), promise: nil)
     }
 
@@ -199,6 +212,38 @@ final class GRPCStreamHandler: ChannelInboundHandler {
         }
         trailers.add(name: "grpc-status", value: String(status?.code.rawValue ?? 0))
         if let s = status { trailers.add(name: "grpc-message", value: GRPCText.percentEncode(s.message)) }
+        pings?.policy.sent()
         context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: trailers, endStream: true))), promise: nil)
+    }
+}
+
+/// One client connection's PING policing (etcd's `--grpc-keepalive-min-time`; the rules are
+/// PingEnforcement's). Sits after the HTTP/2 handler, which acks every PING and passes the
+/// connection's own frames on; the connection's streams run on the same event loop.
+final class PingGuard: ChannelInboundHandler {
+    typealias InboundIn = HTTP2Frame
+    typealias OutboundOut = HTTP2Frame
+    var policy: PingEnforcement
+    var openCalls = 0
+    private var ended = false
+
+    init(minTimeNanos: Int64) { policy = PingEnforcement(minTimeNanos: minTimeNanos) }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        if case .ping(_, ack: false) = frame.payload, !ended,
+            policy.pingReceived(now: Int64(NIODeadline.now().uptimeNanoseconds), openCalls: openCalls)
+        {
+            ended = true
+            let goAway = HTTP2Frame(
+                streamID: .rootStream,
+                payload: .goAway(
+                    lastStreamID: .maxID, errorCode: .enhanceYourCalm,
+                    opaqueData: context.channel.allocator.buffer(string: PingEnforcement.goAwayDebugData)))
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(goAway)).whenComplete { _ in channel.close(promise: nil) }
+            return
+        }
+        context.fireChannelRead(data)
     }
 }

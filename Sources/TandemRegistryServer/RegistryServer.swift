@@ -58,6 +58,7 @@ public final class RegistryServer {
         }.wait()
         let methods = EtcdServices.methods(node: node, limits: limits)
         let maxBytes = limits.maxRequestBytes
+        let minPing = limits.keepaliveMinTimeNanos
         let ch = try ServerBootstrap(group: networkGroup)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -65,12 +66,13 @@ public final class RegistryServer {
                 let key = ObjectIdentifier(channel)
                 clients.withLockedValue { $0[key] = channel }
                 channel.closeFuture.whenComplete { _ in clients.withLockedValue { $0[key] = nil } }
+                let pings = NIOLoopBound(PingGuard(minTimeNanos: minPing), eventLoop: channel.eventLoop)
                 return HTTP2Connections.configure(channel, mode: .server) { stream in
                     stream.eventLoop.makeCompletedFuture {
                         try stream.pipeline.syncOperations.addHandler(
-                            GRPCStreamHandler(methods: methods, maxMessageBytes: maxBytes))
+                            GRPCStreamHandler(methods: methods, maxMessageBytes: maxBytes, pings: pings.value))
                     }
-                }.map { _ in }
+                }.flatMapThrowing { _ in try channel.pipeline.syncOperations.addHandler(pings.value) }
             }
             .bind(host: host, port: port).wait()
         channel = ch

@@ -30,6 +30,11 @@ struct Registry: ParsableCommand {
     @Option(help: "Backend quota in bytes: writes past it are refused (database space exceeded, NOSPACE alarm).")
     var quotaBackendBytes: Int64 = 2 << 30
     @Option(help: "Largest client request, in bytes.") var maxRequestBytes = 1_572_864
+    @Option(
+        help:
+            "Shortest interval between a client's PINGs with no data in between (30s, 500ms); sooner, three times, ends the connection (GOAWAY too_many_pings)."
+    )
+    var grpcKeepaliveMinTime = "5s"
     @Option(help: "Auto-compaction mode: periodic (keep a time window) or revision (keep N revisions).")
     var autoCompactionMode = "periodic"
     @Option(
@@ -78,6 +83,14 @@ struct Registry: ParsableCommand {
     }
 
     /// The auto-compaction mode from the flags; nil = off.
+    /// A duration with a unit (500ms, 10s, 30m, 1h) in ms; nil if it is not one.
+    static func durationMs(_ s: String) -> Int64? {
+        let units: [(String, Int64)] = [("ms", 1), ("s", 1_000), ("m", 60_000), ("h", 3_600_000)]
+        guard let (suffix, scale) = units.first(where: { s.hasSuffix($0.0) && Double(s.dropLast($0.0.count)) != nil })
+        else { return nil }
+        return Int64(Double(s.dropLast(suffix.count))! * Double(scale))
+    }
+
     func autoCompaction() throws -> AutoCompactor.Mode? {
         let r = autoCompactionRetention.trimmingCharacters(in: .whitespaces)
         switch autoCompactionMode {
@@ -88,15 +101,7 @@ struct Registry: ParsableCommand {
             }
             return n == 0 ? nil : .revision(keep: n)
         case "periodic":
-            let units: [(String, Int64)] = [("ms", 1), ("s", 1_000), ("m", 60_000), ("h", 3_600_000)]
-            var ms: Int64?
-            if let hours = Double(r) {
-                ms = Int64(hours * 3_600_000)
-            } else if let (suffix, scale) = units.first(where: {
-                r.hasSuffix($0.0) && Double(r.dropLast($0.0.count)) != nil
-            }) {
-                ms = Int64(Double(r.dropLast(suffix.count))! * Double(scale))
-            }
+            let ms = Double(r).map { Int64($0 * 3_600_000) } ?? Self.durationMs(r)
             guard let ms, ms >= 0 else {
                 throw ValidationError("--auto-compaction-retention: expected a duration like 30m or 1h, got '\(r)'")
             }
@@ -154,6 +159,11 @@ struct Registry: ParsableCommand {
         var limits = EtcdLimits()
         limits.maxRequestBytes = maxRequestBytes
         limits.quotaBackendBytes = quotaBackendBytes
+        let minPing = grpcKeepaliveMinTime.trimmingCharacters(in: .whitespaces)
+        guard let minPingMs = Self.durationMs(minPing), minPingMs >= 0 else {
+            throw ValidationError("--grpc-keepalive-min-time: expected a duration like 5s or 500ms, got '\(minPing)'")
+        }
+        limits.keepaliveMinTimeNanos = minPingMs * 1_000_000
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
         let wallMs = UInt64(ts.tv_sec) * 1000 + UInt64(ts.tv_nsec / 1_000_000)

@@ -30,6 +30,24 @@ import Testing
         withExtendedLifetime((etcd, sidecar)) {}
     }
 
+    /// etcd's keepalive enforcement (`--grpc-keepalive-min-time`, grpc-go's rules): a client
+    /// that PINGs with no call open and no data in between gets three strikes, then GOAWAY
+    /// ENHANCE_YOUR_CALM "too_many_pings" and the connection ends. (The test above is the
+    /// other half: PINGs that follow data are never counted.)
+    @Test func theRegistryEndsAConnectionThatPingsTooOften() throws {
+        let reg = try RegistryUnderTest()
+        let client = try GoLikeClient(reg.endpoint)
+        defer { client.close() }
+        #expect(try client.call("/etcdserverpb.KV/Range", GoLikeClient.rangeRequest) == "0")
+        for _ in 0..<3 { try client.ping() }  // the first resets after the call's data; two strikes
+        #expect(try client.goAways().isEmpty)
+        try client.ping()  // the third strike (acked by NIOHTTP2 before the policy sees it)
+        try client.waitClosed()
+        #expect(try client.goAways() == [.enhanceYourCalm])
+        #expect(try client.goAwayData() == ["too_many_pings"])
+        withExtendedLifetime(reg) {}
+    }
+
     /// `times` unary KV/Range calls on one connection, each followed by a PING whose ack is
     /// awaited (grpc-go's pattern); every call must answer grpc-status 0 and the server must
     /// never send GOAWAY.
@@ -134,6 +152,18 @@ final class GoLikeClient: Sendable {
         try channel.eventLoop.submit { self.root.value.goAways }.wait()
     }
 
+    /// Their debug data, as text.
+    func goAwayData() throws -> [String] {
+        try channel.eventLoop.submit { self.root.value.goAwayData }.wait()
+    }
+
+    /// Waits until the server has closed the connection.
+    func waitClosed() throws {
+        let closed = channel.eventLoop.makePromise(of: Void.self)
+        channel.closeFuture.cascade(to: closed)
+        try Self.guarded(closed, "the connection's close").wait()
+    }
+
     func close() {
         try? channel.close().wait()
         try? group.syncShutdownGracefully()
@@ -144,11 +174,14 @@ final class GoLikeClient: Sendable {
         typealias InboundIn = HTTP2Frame
         var pending: [EventLoopPromise<Void>] = []
         var goAways: [HTTP2ErrorCode] = []
+        var goAwayData: [String] = []
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             switch unwrapInboundIn(data).payload {
             case .ping(_, ack: true) where !pending.isEmpty: pending.removeFirst().succeed(())
-            case .goAway(_, let code, _): goAways.append(code)
+            case .goAway(_, let code, let data):
+                goAways.append(code)
+                goAwayData.append(data.map { String(buffer: $0) } ?? "")
             default: break
             }
         }
