@@ -164,12 +164,7 @@ func registryBenchmarks(_ args: [String]) throws {
 
     switch o.mode {
     case "put":
-        let value = [UInt8](repeating: 0x61, count: o.valSize)
-        let keySpace = UInt64(o.keySpace)
-        let r = try closedLoop(o, clients) { c, rng in
-            let key = "bench/" + String(nextRandom(&rng) % keySpace)
-            return c.put(key, value).map { _ in }
-        }
+        let r = try closedLoop(o, clients, randomPut(o))
         report("put", o, r)
     case "range":
         _ = try clients[0].put("bench/read", [UInt8](repeating: 0x61, count: o.valSize)).wait()
@@ -185,6 +180,13 @@ func registryBenchmarks(_ args: [String]) throws {
     default:
         throw BenchUsage("registry: unknown mode \(o.mode) (put, range, watch or failover)")
     }
+}
+
+/// A put of a `--val-size` value to a random key of `--key-space` (the put and failover runs).
+private func randomPut(_ o: RegistryBenchOptions) -> (EtcdClient, inout UInt64) -> EventLoopFuture<Void> {
+    let value = [UInt8](repeating: 0x61, count: o.valSize)
+    let keySpace = UInt64(o.keySpace)
+    return { c, rng in c.put("bench/" + String(nextRandom(&rng) % keySpace), value).map { _ in } }
 }
 
 private struct LoadResult {
@@ -320,8 +322,6 @@ private func failover(_ o: RegistryBenchOptions, _ clients: [EtcdClient]) throws
     guard o.pids.count == o.endpoints.count else {
         throw BenchUsage("registry failover: --pids needs one PID per endpoint, in endpoint order")
     }
-    let value = [UInt8](repeating: 0x61, count: o.valSize)
-    let keySpace = UInt64(o.keySpace)
     let start = nowNanos()
     let deadline = start + UInt64(o.seconds * 1e9)
     var killedAt: UInt64 = 0
@@ -342,12 +342,13 @@ private func failover(_ o: RegistryBenchOptions, _ clients: [EtcdClient]) throws
             }
             guard let i = leaderIndex else { throw BenchUsage("registry failover: no member says it leads") }
             killedAt = nowNanos()
-            kill(o.pids[i], SIGKILL)
+            guard kill(o.pids[i], SIGKILL) == 0 else {
+                throw BenchUsage(
+                    "registry failover: cannot kill PID \(o.pids[i]) (\(String(cString: strerror(errno))))")
+            }
             victim = o.endpoints[i].description
-        }
-    ) { c, rng in
-        c.put("bench/" + String(nextRandom(&rng) % keySpace), value).map { _ in }
-    }
+        },
+        randomPut(o))
     let spans = r.spans.sorted { $0.1 < $1.1 }
     let resumed = spans.first { $0.0 >= killedAt }.map { Double($0.1 - killedAt) / 1e6 }
     var gap: UInt64 = 0
