@@ -65,6 +65,7 @@ public struct EtcdStatus: Error, Equatable, CustomStringConvertible {
         case .compacted, .futureRevision, .leaseTTLTooLarge: self.init(.outOfRange, e.message)
         case .leaseNotFound: self.init(.notFound, e.message)
         case .leaseExists, .tooManyMembers: self.init(.failedPrecondition, e.message)
+        case .noSpace: self.init(.resourceExhausted, e.message)
         case .keyNotFound, .tooManyOps, .duplicateKey, .emptyKey: self.init(.invalidArgument, e.message)
         }
     }

@@ -291,29 +291,66 @@ enum EtcdServices {
             r.isLearner = n.replica.raft.isLearner
             r.dbSize = Int64(n.replica.log.bytesWritten)
             r.dbSizeInUse = Int64(n.replica.store.approximateBytes)
+            // etcd lists the alarms raised, as Go's protobuf text of each AlarmMember.
+            r.errors = n.replica.store.alarms.sorted().map {
+                "memberID:\($0.memberID) alarm:\($0.kind == .noSpace ? "NOSPACE" : "CORRUPT") "
+            }
             done(.success(r))
         }
         unary("/etcdserverpb.Maintenance/Alarm", Etcdserverpb_AlarmRequest.self) {
             (pb, n, done: @escaping (Result<Etcdserverpb_AlarmResponse, EtcdStatus>) -> Void) in
-            var r = Etcdserverpb_AlarmResponse()
-            r.header = n.header
-            let raised = n.noSpaceAlarm
+            // etcd's alarms go through raft: raised on one member, seen and lifted on all.
+            func answer(_ alarms: [StoreAlarm]) {
+                var r = Etcdserverpb_AlarmResponse()
+                r.header = n.header
+                r.alarms = alarms.map { a in
+                    var m = Etcdserverpb_AlarmMember()
+                    m.memberID = a.memberID
+                    m.alarm = Etcdserverpb_AlarmType(rawValue: Int(a.kind.rawValue)) ?? .none
+                    return m
+                }
+                done(.success(r))
+            }
+            let raised = n.replica.store.alarms.sorted()
+            // Which raised alarms a request names: member 0 and NONE match any (etcdctl's
+            // `alarm disarm` lifts every alarm it listed, one request each).
+            let named = raised.filter { a in
+                (pb.memberID == 0 || a.memberID == pb.memberID)
+                    && (pb.alarm == .none || a.kind.rawValue == UInt8(clamping: pb.alarm.rawValue))
+            }
             switch pb.action {
-            case .deactivate where pb.alarm == .nospace || pb.alarm == .none:
-                // `etcdctl alarm disarm`: lifted; the next write refused raises it again.
-                n.noSpaceAlarm = false
-            case .activate where pb.alarm == .nospace:
-                n.noSpaceAlarm = true
-            default:
-                break
+            case .get: return answer(raised)
+            case .activate, .deactivate:
+                if let auth = n.auth, !auth.isRoot(n.caller) { return done(.failure(.permissionDenied)) }
+                let activate = pb.action == .activate
+                let targets: [StoreAlarm]
+                if activate {
+                    guard let kind = StoreAlarm.Kind(rawValue: UInt8(clamping: pb.alarm.rawValue)), pb.memberID != 0
+                    else { return done(.failure(EtcdStatus(.invalidArgument, "etcdserver: bad alarm request"))) }
+                    targets = [StoreAlarm(memberID: pb.memberID, kind: kind)]
+                } else {
+                    targets = named
+                }
+                guard !targets.isEmpty else { return answer([]) }
+                var left = targets.count
+                var changed: [StoreAlarm] = []
+                var failure: EtcdStatus?
+                for a in targets {
+                    n.propose(.alarm(a, activate: activate)) { r in
+                        switch r {
+                        case .success(.alarm(changed: true)): changed.append(a)
+                        case .success(.failed(let e)): failure = EtcdStatus(e)
+                        case .failure(let e): failure = e
+                        default: break
+                        }
+                        left -= 1
+                        if left == 0 {
+                            if let failure { done(.failure(failure)) } else { answer(changed.sorted()) }
+                        }
+                    }
+                }
+            case .UNRECOGNIZED: done(.failure(EtcdStatus(.invalidArgument, "etcdserver: bad alarm request")))
             }
-            if raised || n.noSpaceAlarm {
-                var a = Etcdserverpb_AlarmMember()
-                a.memberID = n.config.id
-                a.alarm = .nospace
-                r.alarms = [a]
-            }
-            done(.success(r))
         }
         unary("/etcdserverpb.Cluster/MemberList", Etcdserverpb_MemberListRequest.self) {
             (_, n, done: @escaping (Result<Etcdserverpb_MemberListResponse, EtcdStatus>) -> Void) in

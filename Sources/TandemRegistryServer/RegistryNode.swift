@@ -90,19 +90,25 @@ public final class RegistryNode: @unchecked Sendable {
         init(responder: GRPCResponder) { self.responder = responder }
     }
 
-    /// The NOSPACE alarm as `alarm list` reports it: raised when this member refuses a write
-    /// over the backend quota, lifted by the next write it accepts or by `alarm disarm`.
-    /// Unlike etcd's, it is not replicated and does not outlive the condition: every member
-    /// judges by its own copy of the same store, so all refuse alike while it is too big and
-    /// all accept again once compaction brings it under the quota.
-    var noSpaceAlarm = false
+    /// A NOSPACE alarm proposal of this member is in flight (one at a time).
+    private var raisingNoSpace = false
 
-    /// Whether `command` is refused by the backend quota (the store's decision); raises or
-    /// lifts the alarm accordingly.
+    /// Whether `command` is refused for space, as etcd decides before proposing: under a
+    /// NOSPACE alarm (replicated, sticky until `alarm disarm`), or because it would take the
+    /// store past the backend quota — which raises the alarm for this member.
     func refuseOverQuota(_ command: StoreCommand, quota: Int64) -> Bool {
-        let over = replica.store.wouldExceed(quota: quota, with: command)
-        noSpaceAlarm = over
-        return over
+        if replica.store.noSpace { return true }
+        guard replica.store.wouldExceed(quota: quota, with: command) else { return false }
+        if !raisingNoSpace {
+            raisingNoSpace = true
+            propose(.alarm(StoreAlarm(memberID: config.id, kind: .noSpace), activate: true)) { [self] r in
+                raisingNoSpace = false
+                if case .success(.alarm(changed: true)) = r {
+                    config.log("alarm NOSPACE raised: backend quota reached")
+                }
+            }
+        }
+        return true
     }
 
     private lazy var compactor: AutoCompactor? = config.autoCompaction.map {

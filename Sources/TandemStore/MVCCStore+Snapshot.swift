@@ -3,9 +3,10 @@ import TandemCore
 
 /// Snapshot format: revisions, each key's last version below the compacted revision, the event
 /// log above it (from which the rest of each key's history is rebuilt), the leases, and the
-/// ids of recently applied requests, and (format 2) the members' published attributes.
+/// ids of recently applied requests, (format 2) the members' published attributes, and
+/// (format 3) the alarms raised.
 extension MVCCStore {
-    static let snapshotFormat: UInt8 = 2
+    static let snapshotFormat: UInt8 = 3
 
     public func snapshot() -> Bytes {
         var w = ByteWriter(capacity: 1 << 12)
@@ -46,6 +47,11 @@ extension MVCCStore {
             w.varint(id)
             w.blob(memberRecords[id]!)
         }
+        w.varint(UInt64(alarms.count))
+        for a in alarms.sorted() {
+            w.varint(a.memberID)
+            w.u8(a.kind.rawValue)
+        }
         return w.bytes
     }
 
@@ -53,7 +59,7 @@ extension MVCCStore {
         self.init(limits: limits)
         var r = ByteReader(bytes)
         let fmt = try r.u8()
-        guard fmt == 1 || fmt == Self.snapshotFormat else {
+        guard (1...Self.snapshotFormat).contains(fmt) else {
             throw .badTag(what: "store snapshot format", tag: UInt64(fmt), offset: 0)
         }
         let rev = try r.zigzag()
@@ -97,9 +103,21 @@ extension MVCCStore {
         if fmt >= 2 {  // format 1 (before member records) ends here
             for _ in 0..<(try r.count(minElementBytes: 2)) { members[try r.varint()] = try r.blob() }
         }
+        var alarms: Set<StoreAlarm> = []
+        if fmt >= 3 {  // format 2 (before alarms) ends here
+            for _ in 0..<(try r.count(minElementBytes: 2)) {
+                let member = try r.varint()
+                let at = r.offset
+                let raw = try r.u8()
+                guard let kind = StoreAlarm.Kind(rawValue: raw) else {
+                    throw .badTag(what: "alarm kind", tag: UInt64(raw), offset: at)
+                }
+                alarms.insert(StoreAlarm(memberID: member, kind: kind))
+            }
+        }
         restore(
             revision: rev, compactRevision: compactRev, history: hist, leases: ls, eventLog: log,
-            memberRecords: members)
+            memberRecords: members, alarms: alarms)
         restoreRequests(requests)
     }
 

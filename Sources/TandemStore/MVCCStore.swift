@@ -60,6 +60,11 @@ public struct MVCCStore: Sendable {
     /// Members' published attributes by member id (`StoreCommand.memberAttributes`): replicated
     /// and snapshotted, but outside the key space (no revision, no events).
     public private(set) var memberRecords: [UInt64: Bytes] = [:]
+    /// Alarms raised and not yet lifted (`StoreCommand.alarm`), bounded like `memberRecords`
+    /// (two kinds per member).
+    public private(set) var alarms: Set<StoreAlarm> = []
+    /// A NOSPACE alarm is up: Put, Txn with puts and LeaseGrant are refused (`StoreError.noSpace`).
+    public var noSpace: Bool { alarms.contains { $0.kind == .noSpace } }
     /// Bound on `memberRecords` (a cluster has a handful of members; ids of removed members
     /// could otherwise accumulate).
     public static let maxMemberRecords = 64
@@ -68,9 +73,10 @@ public struct MVCCStore: Sendable {
 
     mutating func restore(
         revision: Int64, compactRevision: Int64, history: [Bytes: [Version]], leases: [Int64: LeaseEntry],
-        eventLog: Deque<RevisionEvents>, memberRecords: [UInt64: Bytes] = [:]
+        eventLog: Deque<RevisionEvents>, memberRecords: [UInt64: Bytes] = [:], alarms: Set<StoreAlarm> = []
     ) {
         self.memberRecords = memberRecords
+        self.alarms = alarms
         self.revision = revision
         self.compactRevision = compactRevision
         self.leases = leases
@@ -100,6 +106,12 @@ public struct MVCCStore: Sendable {
 
     /// The most a command can add: its puts' keys and values plus one version each (a txn
     /// counts the larger of its branches, nested txns included).
+    /// What a NOSPACE alarm refuses: Put, a Txn that may put, LeaseGrant.
+    static func takesSpace(_ command: StoreCommand) -> Bool {
+        if case .leaseGrant = command { return true }
+        return bytesWritten(command) > 0
+    }
+
     public static func bytesWritten(_ command: StoreCommand) -> Int {
         func ops(_ list: [RequestOp]) -> Int {
             list.reduce(0) { sum, op in
@@ -142,6 +154,9 @@ public struct MVCCStore: Sendable {
     /// Returns the result and the events of the new revision (empty when nothing changed).
     @discardableResult
     public mutating func apply(_ command: StoreCommand) -> (result: StoreResult, events: [Event]) {
+        // etcd's capped applier: under a NOSPACE alarm, what takes space is refused — also
+        // commands proposed before the alarm was raised, so every member refuses the same ones.
+        if noSpace, Self.takesSpace(command) { return (.failed(.noSpace), []) }
         var tx = WriteTxn(base: revision)
         let result: StoreResult
         switch command {
@@ -187,6 +202,12 @@ public struct MVCCStore: Sendable {
             }
             memberRecords[id] = record
             return (.memberAttributes, [])
+        case .alarm(let a, let activate):
+            if !activate { return (.alarm(changed: alarms.remove(a) != nil), []) }
+            guard alarms.contains(a) || alarms.count < 2 * Self.maxMemberRecords else {
+                return (.failed(.tooManyMembers), [])
+            }
+            return (.alarm(changed: alarms.insert(a).inserted), [])
         }
         if tx.changed {
             revision = tx.base + 1

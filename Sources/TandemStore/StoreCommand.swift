@@ -13,6 +13,27 @@ public enum StoreCommand: Equatable, Sendable {
     /// A member's published attributes (name, URLs), kept outside the key space like etcd's
     /// membership bucket: no revision, no watch event, invisible to Range.
     case memberAttributes(id: UInt64, record: Bytes)
+    /// Raises (`activate`) or lifts an alarm: replicated, and sticky until lifted (etcd's
+    /// AlarmRequest through raft). No revision, no watch event.
+    case alarm(StoreAlarm, activate: Bool)
+}
+
+/// An alarm raised for a member (etcd's AlarmMember). While a `noSpace` alarm is up, the store
+/// refuses what takes space — Put, a Txn with puts, LeaseGrant — as etcd's capped applier does.
+public struct StoreAlarm: Hashable, Comparable, Sendable {
+    /// etcd's AlarmType numbers.
+    public enum Kind: UInt8, Sendable, Comparable {
+        case noSpace = 1
+        case corrupt = 2
+        public static func < (a: Kind, b: Kind) -> Bool { a.rawValue < b.rawValue }
+    }
+    public var memberID: UInt64
+    public var kind: Kind
+    public init(memberID: UInt64, kind: Kind) {
+        self.memberID = memberID
+        self.kind = kind
+    }
+    public static func < (a: StoreAlarm, b: StoreAlarm) -> Bool { (a.memberID, a.kind) < (b.memberID, b.kind) }
 }
 
 public struct LeaseCheckpoint: Equatable, Sendable {
@@ -34,6 +55,8 @@ public enum StoreResult: Equatable, Sendable {
     case leaseRevoke(revision: Int64)
     case leaseCheckpoint
     case memberAttributes
+    /// Whether the alarm set changed (raising a raised alarm, or lifting one not raised, does not).
+    case alarm(changed: Bool)
     case failed(StoreError)
 }
 
@@ -97,6 +120,11 @@ extension StoreCommand {
             w.u8(7)
             w.varint(id)
             w.blob(record)
+        case .alarm(let a, let activate):
+            w.u8(8)
+            w.varint(a.memberID)
+            w.u8(a.kind.rawValue)
+            w.bool(activate)
         }
     }
 
@@ -116,6 +144,14 @@ extension StoreCommand {
             }
             self = .leaseCheckpoint(cps)
         case 7: self = .memberAttributes(id: try r.varint(), record: try r.blob())
+        case 8:
+            let member = try r.varint()
+            let kindAt = r.offset
+            let raw = try r.u8()
+            guard let kind = StoreAlarm.Kind(rawValue: raw) else {
+                throw .badTag(what: "alarm kind", tag: UInt64(raw), offset: kindAt)
+            }
+            self = .alarm(StoreAlarm(memberID: member, kind: kind), activate: try r.bool())
         case let t: throw .badTag(what: "store command", tag: UInt64(t), offset: at)
         }
     }

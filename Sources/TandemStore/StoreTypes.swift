@@ -186,6 +186,8 @@ public enum StoreError: Error, Equatable, CustomStringConvertible {
     case duplicateKey
     case emptyKey
     case tooManyMembers
+    /// A NOSPACE alarm is up: writes that take space are refused until it is lifted.
+    case noSpace
 
     public var message: String {
         switch self {
@@ -199,6 +201,7 @@ public enum StoreError: Error, Equatable, CustomStringConvertible {
         case .duplicateKey: return "etcdserver: duplicate key given in txn request"
         case .emptyKey: return "etcdserver: key is not provided"
         case .tooManyMembers: return "tandem: too many member records (\(MVCCStore.maxMemberRecords))"
+        case .noSpace: return "etcdserver: mvcc: database space exceeded"
         }
     }
 

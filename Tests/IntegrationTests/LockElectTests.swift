@@ -81,11 +81,12 @@ import Testing
 }
 
 /// etcd's backend quota: writes past `--quota-backend-bytes` are refused with etcd's exact
-/// error (clientv3 maps it to ErrNoSpace), the NOSPACE alarm shows, and deleting, compacting
-/// and disarming — etcd's runbook — brings writes back.
+/// error (clientv3 maps it to ErrNoSpace), the NOSPACE alarm shows on every member, stays up
+/// after space is reclaimed (writes still refused), and deleting, compacting and disarming —
+/// etcd's runbook — brings writes back. Three members: the alarm is replicated.
 @Suite struct BackendQuotaTests {
     @Test func writesPastTheQuotaAreRefusedUntilSpaceIsReclaimed() throws {
-        let reg = try RegistryUnderTest(members: 1, extra: ["--quota-backend-bytes", "20000"])
+        let reg = try RegistryUnderTest(members: 3, extra: ["--quota-backend-bytes", "20000"])
         let value = String(repeating: "v", count: 1000)
         var refused: (Int, String)?
         for i in 1...40 {
@@ -98,7 +99,16 @@ import Testing
         let (at, error) = try #require(refused)
         #expect(at > 10, "refused at put \(at)")  // ~19 KB of 1 KB values fit under 20,000 bytes
         #expect(error.contains("Error: etcdserver: mvcc: database space exceeded"), "\(error)")
-        #expect(try etcdctl(reg.endpoint, ["alarm", "list"]).output.contains("alarm:NOSPACE"))
+        let members = reg.endpoint.split(separator: ",").map(String.init)
+        #expect(members.count == 3)
+        for m in members {  // raised through raft: every member lists it and refuses writes
+            #expect(try eventually { try etcdctl(m, ["alarm", "list"]).output.contains("alarm:NOSPACE") }, "\(m)")
+            let small = try etcdctl(m, ["put", "small", "v"])
+            #expect(small.status != 0 && small.output.contains("database space exceeded"), "\(m): \(small.output)")
+            let grant = try etcdctl(m, ["lease", "grant", "60"])
+            #expect(grant.status != 0 && grant.output.contains("database space exceeded"), "\(m): \(grant.output)")
+        }
+        #expect(try etcdctl(reg.endpoint, ["endpoint", "status", "-w", "json"]).output.contains("alarm:NOSPACE"))
         // Reads still work.
         #expect(try etcdctl(reg.endpoint, ["get", "k1", "--print-value-only"]).output == value + "\n")
         // Delete and compact: the space comes back; disarm; writes go through again.
@@ -107,6 +117,9 @@ import Testing
         let rev = try #require(
             status.range(of: #""revision":"#).map { r in Int(status[r.upperBound...].prefix { $0.isNumber }) ?? 0 })
         #expect(try etcdctl(reg.endpoint, ["compaction", String(rev)]).status == 0)
+        // The alarm is sticky: space is back, but writes wait for the operator's disarm.
+        let early = try etcdctl(reg.endpoint, ["put", "k1", "small"])
+        #expect(early.status != 0 && early.output.contains("database space exceeded"), "\(early.output)")
         #expect(try etcdctl(reg.endpoint, ["alarm", "disarm"]).status == 0)
         #expect(try etcdctl(reg.endpoint, ["put", "k1", "small"]).output == "OK\n")
         #expect(try etcdctl(reg.endpoint, ["alarm", "list"]).output.isEmpty)

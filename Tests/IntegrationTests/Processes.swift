@@ -100,7 +100,7 @@ final class RegistryUnderTest {
 
     init(members: Int, extra: [String] = []) throws {
         if members > 1 {
-            let c = try ClusterUnderTest()
+            let c = try ClusterUnderTest(members: members, extra: extra)
             _ = try c.leader()
             cluster = c
             dir = c.dir

@@ -250,6 +250,7 @@ struct MVCCTests {
         tail.varint(1)
         tail.varint(7)
         tail.blob(b(#"{"name":"r1"}"#))
+        tail.varint(0)  // format 3's alarms
         #expect(Array(old.suffix(tail.bytes.count)) == tail.bytes)
         old.removeLast(tail.bytes.count)
         let restored = try MVCCStore(snapshot: old)
@@ -257,6 +258,40 @@ struct MVCCTests {
         for id in 100..<UInt64(100 + MVCCStore.maxMemberRecords) { s.apply(.memberAttributes(id: id, record: [])) }
         #expect(s.apply(.memberAttributes(id: 1, record: [])).result == .failed(.tooManyMembers))
         #expect(s.apply(.memberAttributes(id: 7, record: [])).result == .memberAttributes)  // updates still apply
+    }
+
+    @Test("NOSPACE alarm: replicated state, sticky until lifted, refuses what takes space, kept by snapshots")
+    func noSpaceAlarmCapsWrites() throws {
+        var s = MVCCStore()
+        s.put("a", "1")
+        let rev = s.revision
+        let alarm = StoreAlarm(memberID: 9, kind: .noSpace)
+        #expect(s.apply(.alarm(alarm, activate: true)).result == .alarm(changed: true))
+        #expect(s.apply(.alarm(alarm, activate: true)).result == .alarm(changed: false))
+        #expect(s.revision == rev && s.noSpace)
+        // What takes space is refused; reads, deletes, put-free txns and compaction are not.
+        #expect(s.apply(.put(PutRequest(key: b("b"), value: b("2")))).result == .failed(.noSpace))
+        #expect(s.apply(.leaseGrant(id: 1, ttl: 60)).result == .failed(.noSpace))
+        let putTxn = TxnRequest(success: [.put(PutRequest(key: b("b"), value: b("2")))])
+        #expect(s.apply(.txn(putTxn)).result == .failed(.noSpace))
+        let readTxn = TxnRequest(success: [.range(RangeRequest.prefix(b("")))])
+        if case .txn = s.apply(.txn(readTxn)).result {} else { Issue.record("a read-only txn was refused") }
+        if case .deleteRange = s.apply(.deleteRange(DeleteRangeRequest(key: b("a")))).result {
+        } else {
+            Issue.record("a delete was refused")
+        }
+        #expect(s.apply(.compact(revision: s.revision)).result == .compact(revision: s.revision))
+        // Space reclaimed, still refused: sticky. A snapshot keeps it.
+        #expect(s.apply(.put(PutRequest(key: b("b"), value: b("2")))).result == .failed(.noSpace))
+        var r = try MVCCStore(snapshot: s.snapshot())
+        #expect(r.alarms == [alarm])
+        #expect(r.apply(.alarm(alarm, activate: false)).result == .alarm(changed: true))
+        #expect(r.apply(.alarm(alarm, activate: false)).result == .alarm(changed: false))
+        if case .put = r.apply(.put(PutRequest(key: b("b"), value: b("2")))).result {
+        } else {
+            Issue.record("a put was refused after the alarm was lifted")
+        }
+        #expect(try MVCCStore(snapshot: r.snapshot()).alarms.isEmpty)
     }
 
     @Test("commands: every store command round-trips through its Raft encoding")
@@ -275,6 +310,8 @@ struct MVCCTests {
             .compact(revision: 12), .leaseGrant(id: -4, ttl: 60), .leaseRevoke(id: 8),
             .leaseCheckpoint([LeaseCheckpoint(id: 1, remainingTTL: 20)]),
             .memberAttributes(id: 0x8181_1b76_0fa8_5476, record: b(#"{"name":"r1"}"#)),
+            .alarm(StoreAlarm(memberID: 0x8181_1b76_0fa8_5476, kind: .noSpace), activate: true),
+            .alarm(StoreAlarm(memberID: 3, kind: .corrupt), activate: false),
         ]
         for c in cmds {
             let p = StoreProposal(requestID: 77, command: c)
