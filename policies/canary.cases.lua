@@ -16,5 +16,12 @@ return {
     { name = "sticky by user: another user",
       config = { percent = 50, sticky_header = "x-user" },
       request = { headers = { ["x-user"] = "alice" } }, ["repeat"] = 5, expect = { upstream = "" } },
+    { name = "with a subset, the canary's endpoints are those with its metadata",
+      config = { subset = { version = "v2" } },
+      request = { headers = { ["x-canary"] = "1" } },
+      expect = { upstream = "users-canary", subset = { version = "v2" } } },
+    { name = "outside the canary the route's endpoints stay",
+      config = { subset = { version = "v2" } },
+      request = {}, expect = { upstream = "", subset = {} } },
   },
 }

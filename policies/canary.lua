@@ -1,5 +1,7 @@
--- canary: send some requests to another cluster — those with a header or cookie, and a
--- percentage of the rest (sticky per `sticky_header` value when given, else random).
+-- canary: send some requests to another cluster, or to the endpoints of the same cluster
+-- registered with some metadata (`subset`, e.g. { version = "v2" } for instances started with
+-- `tandem run --meta version=v2`) — those with a header or cookie, and a percentage of the rest
+-- (sticky per `sticky_header` value when given, else random).
 local function hash(s)
   local h = 5381
   for i = 1, #s do h = (h * 33 + s:byte(i)) % 4294967296 end
@@ -9,12 +11,16 @@ end
 return {
   name = "canary",
   config = {
-    cluster = { type = "string", required = true },
+    cluster = { type = "string" },
+    subset = { type = "map", of = "string" },
     header = { type = "string", default = "x-canary" },
     cookie = { type = "string" },
     percent = { type = "number", default = 0, between = { 0, 100 } },
     sticky_header = { type = "string" },
   },
+  init = function(cfg)
+    if not cfg.cluster and not cfg.subset then error("canary: give cluster, subset or both") end
+  end,
   on_request = function(req, ctx, cfg)
     local chosen = req:header(cfg.header) == "1"
     if not chosen and cfg.cookie then
@@ -30,7 +36,8 @@ return {
       chosen = roll < cfg.percent
     end
     if chosen then
-      req:set_upstream(cfg.cluster)
+      if cfg.cluster then req:set_upstream(cfg.cluster) end
+      if cfg.subset then req:set_subset(cfg.subset) end
       ctx.canary = true
     end
   end,

@@ -26,6 +26,7 @@
 ---@field set_query fun(self: tandem.Request, query: string) Rewrite the query. on_request only.
 ---@field set_method fun(self: tandem.Request, method: string) Rewrite the method. on_request only.
 ---@field set_upstream fun(self: tandem.Request, cluster: string) Send to another cluster (canary, A/B).
+---@field set_subset fun(self: tandem.Request, match: table<string, string>) Only endpoints whose registered metadata (`tandem run --meta k=v`) has all these pairs, e.g. `{ version = "v2" }`; `{}` clears the route's. None in the subset: 503 no-healthy-endpoint.
 ---@field set_timeout fun(self: tandem.Request, ms: integer) This request's route timeout.
 ---@field set_retries fun(self: tandem.Request, n: integer) This request's retry attempts (0–10).
 ---@field claim fun(self: tandem.Request, name: string): any A verified end-user JWT claim.
@@ -227,6 +228,7 @@ tandem.shared = nil
 ---@field compression? boolean|tandem.config.compression Compress this route's answers. (default: defaults.compression)
 ---@field policies? (string|tandem.config.policy)[] Lua policies, in the order they run (see *policies*). (default: [])
 ---@field proof? boolean Attach a proof of possession to every request of this route. (default: false (or the mesh setting))
+---@field subset? table<string, string> Only endpoints registered with all these metadata pairs (`tandem run --meta version=v2`); Envoy's metadata_match. None in the subset: 503 no-healthy-endpoint. A policy may change it per request (`req:set_subset`). (default: {} (every endpoint))
 
 ---retry: When and how often to retry (Envoy's and Linkerd's knobs).
 ---@class tandem.config.retry

@@ -501,7 +501,25 @@ public enum ConfigFile {
             }
             route.compression = base.defaultCompression
             if let z = v["compression"] { route.compression = try compression(z, "\(path).compression") }
+            if let sub = v["subset"] { route.subset = try metadata(sub, "\(path).subset") }
             return route
+        }
+
+        /// Endpoint metadata pairs, `{ version = "v2" }`: string keys, string (or integer) values.
+        func metadata(_ v: LuaValue, _ path: String) throws(Error) -> [String: String] {
+            guard case .table(let t) = v else { throw fail(path, "expected a table like { version = \"v2\" }") }
+            var out: [String: String] = [:]
+            for (key, value) in t {
+                guard case .string(let k) = key, !k.isEmpty else {
+                    throw fail(path, "keys are metadata names (strings), got \(key)")
+                }
+                switch value {
+                case .string(let s): out[k] = s
+                case .number(let d) where d.rounded() == d && abs(d) < 1e15: out[k] = String(Int64(d))
+                default: throw fail("\(path).\(k)", "expected a string, got \(value)")
+                }
+            }
+            return out
         }
 
         /// Active checks of a cluster's endpoints: `{ path = "/health" }` (HTTP), `{ tcp = true }`,

@@ -196,6 +196,10 @@ public enum ConfigSchema {
                 .init(
                     "proof", "boolean", "false (or the mesh setting)",
                     "Attach a proof of possession to every request of this route.", example: "true"),
+                .init(
+                    "subset", "table name → string", "{} (every endpoint)",
+                    "Only endpoints registered with all these metadata pairs (`tandem run --meta version=v2`); Envoy's metadata_match. None in the subset: 503 no-healthy-endpoint. A policy may change it per request (`req:set_subset`).",
+                    example: #"{ version = "v2" }"#),
             ]),
         Record(
             name: "retry", title: "retry",
@@ -617,7 +621,7 @@ public enum ConfigSchema {
         case "list of strings", "list of service names": return "string[]"
         case "list of integers": return "integer[]"
         case "table name → string or true": return "table<string, string|true>"
-        case "table claim → header": return "table<string, string>"
+        case "table claim → header", "table name → string": return "table<string, string>"
         case "table name → list of \"host:port\"": return "table<string, string[]>"
         case "table": return "table"
         default: return nil

@@ -148,6 +148,11 @@ public enum PolicyAPI {
             path: "Request:set_upstream", type: "fun(self: tandem.Request, cluster: string)",
             doc: "Send to another cluster (canary, A/B)."),
         .init(
+            path: "Request:set_subset", type: "fun(self: tandem.Request, match: table<string, string>)",
+            doc:
+                "Only endpoints whose registered metadata (`tandem run --meta k=v`) has all these pairs, e.g. `{ version = \"v2\" }`; `{}` clears the route's. None in the subset: 503 no-healthy-endpoint."
+        ),
+        .init(
             path: "Request:set_timeout", type: "fun(self: tandem.Request, ms: integer)",
             doc: "This request's route timeout."),
         .init(

@@ -247,6 +247,17 @@ public enum PolicyTesting {
                 failures.append("\(key): expected \(w.debugDescription), got \(actual.debugDescription)")
             }
         }
+        if case .table(let t)? = e["subset"] {  // exactly these pairs ({} : no subset chosen)
+            var want: [String: String] = [:]
+            for (k, v) in t { want[k.description] = v.stringValue ?? "" }
+            let got = ex.subset ?? [:]
+            if want != got {
+                let show = { (d: [String: String]) in
+                    "{" + d.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ", ") + "}"
+                }
+                failures.append("subset: expected \(show(want)), got \(show(got))")
+            }
+        }
         if let w = e["timeout_ms"]?.numberValue, Int(w) != ex.timeoutMs {
             failures.append("timeout_ms: expected \(Int(w)), got \(ex.timeoutMs.map(String.init) ?? "none")")
         }

@@ -35,6 +35,8 @@ public final class PolicyExchange {
     public var body: [UInt8]?
     /// Routing overrides a policy set.
     public var upstream: String?
+    /// Endpoint metadata the request's endpoint must have (`req:set_subset`); nil: the route's.
+    public var subset: [String: String]?
     public var timeoutMs: Int?
     public var retries: Int?
     public var requestChanged = false
@@ -594,6 +596,7 @@ public final class PolicyVM: @unchecked Sendable {
             try requirePhase(.request, "routing")
             switch a.string(1) ?? "" {
             case "upstream": ex.upstream = try a.need(2, "set_upstream")
+            case "subset": ex.subset = try Self.subset(try a.need(2, "set_subset"))
             case "timeout_ms":
                 let ms = try a.needNumber(2, "set_timeout")
                 guard ms >= 1, ms <= 3_600_000 else { throw HostError("set_timeout: 1…3600000 ms") }
@@ -817,6 +820,20 @@ public final class PolicyVM: @unchecked Sendable {
 
     static let unreserved = CharacterSet(
         charactersIn: "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+    /// `req:set_subset`'s table (as JSON): string keys to string values, at most 16 pairs.
+    static func subset(_ json: String) throws -> [String: String] {
+        let parsed = try? JSONValue.parse(Array(json.utf8))
+        if parsed?.array?.isEmpty == true { return [:] }  // `{}`: no subset
+        guard let object = parsed?.object, object.count <= 16 else {
+            throw HostError("set_subset: expected a table of at most 16 metadata pairs like { version = \"v2\" }")
+        }
+        return try object.mapValues { v in
+            if let s = v.string { return s }
+            if let n = v.number { return n.rounded() == n && abs(n) < 1e15 ? String(Int64(n)) : String(n) }
+            throw HostError("set_subset: metadata values are strings or numbers")
+        }
+    }
 
     static func checkHeader(_ name: String, _ value: String?) throws {
         let tchar: (UInt8) -> Bool = {

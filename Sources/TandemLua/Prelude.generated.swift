@@ -345,6 +345,10 @@ let preludeSource = #"""
     function Req:set_query(q) H.req_set(self[1], "query", q) end
     function Req:set_method(m) H.req_set(self[1], "method", m) end
     function Req:set_upstream(cluster) H.req_route(self[1], "upstream", cluster) end
+    function Req:set_subset(match)
+      if type(match) ~= "table" then error("set_subset: expected a table of metadata like { version = \"v2\" }", 2) end
+      H.req_route(self[1], "subset", json.encode(match))
+    end
     function Req:set_timeout(ms) H.req_route(self[1], "timeout_ms", ms) end
     function Req:set_retries(n) H.req_route(self[1], "retries", n) end
     function Req:claim(name)

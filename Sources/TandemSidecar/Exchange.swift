@@ -219,12 +219,13 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         let now = clock()
         let tried = retry.tried
         let headers = head.headers
+        let subset = route?.subset ?? [:]
         // One lock: the balancer's choice, its bookkeeping and the connect timeout.
         let (picked, registered, connectTimeout) = ctx.brain.withCluster(cluster) {
             c, rng -> (Endpoint?, Int, Nanos) in
             var hashKey: String?
             if case .ringHash(let header) = c.config.balancer { hashKey = headers.first(name: header) }
-            guard let ep = c.choose(now: now, avoid: tried, hashKey: hashKey, rng: &rng) else {
+            guard let ep = c.choose(now: now, avoid: tried, hashKey: hashKey, subset: subset, rng: &rng) else {
                 return (nil, c.endpoints.count, 0)
             }
             c.attemptStarted(ep)
@@ -234,7 +235,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             let why =
                 registered == 0
                 ? "no instance of \"\(cluster)\" is registered"
-                : "no healthy endpoint for \"\(cluster)\" (\(registered) registered)"
+                : "no healthy endpoint for \"\(cluster)\"\(ProxyRouting.describe(subset)) (\(registered) registered)"
             answer(LocalAnswer(.noHealthyEndpoint, message: why))
             return
         }

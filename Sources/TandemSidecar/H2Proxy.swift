@@ -226,8 +226,15 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         guard !finished else { return }
         let now = nowNanos()
         let avoid = tried
-        guard let ep = ctx.brain.withCluster(cluster, { c, rng in c.choose(now: now, avoid: avoid, rng: &rng) }) else {
-            answer(LocalAnswer(.noHealthyEndpoint, message: "no healthy endpoint for \"\(cluster)\""))
+        let subset = route?.subset ?? [:]
+        guard
+            let ep = ctx.brain.withCluster(
+                cluster, { c, rng in c.choose(now: now, avoid: avoid, subset: subset, rng: &rng) })
+        else {
+            answer(
+                LocalAnswer(
+                    .noHealthyEndpoint,
+                    message: "no healthy endpoint for \"\(cluster)\"\(ProxyRouting.describe(subset))"))
             return
         }
         endpoint = ep

@@ -262,6 +262,7 @@ final class PolicyRun {
             cluster = u
             route?.cluster = u
         }
+        if let s = ex.subset { route?.subset = s }
         if let t = ex.timeoutMs { route?.timeout = .milliseconds(Int64(t)) }
         if let n = ex.retries { route?.retry.numRetries = n }
     }

@@ -7,6 +7,13 @@ import TandemTraffic
 /// or Host/:authority), the route (configured, or the implicit one per service name), the
 /// cluster bound and the route's rate limit.
 enum ProxyRouting {
+    /// " in subset version=v2" for a route's endpoint subset (empty without one), for answers.
+    static func describe(_ subset: [String: String]) -> String {
+        subset.isEmpty
+            ? ""
+            : " in subset " + subset.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
+    }
+
     struct Resolved {
         var route: Route
         var host: String

@@ -60,24 +60,29 @@ public struct ClusterState: Sendable {
         ep.passing && (health[ep.id]?.isRoutable ?? true) && !outlier.isEjected(ep.id, now: now)
     }
 
-    /// Picks an endpoint for an attempt, preferring ones not in `avoid`.
+    /// Picks an endpoint for an attempt, preferring ones not in `avoid`. With a `subset`, only
+    /// endpoints whose metadata has all its pairs; the panic threshold applies within it.
     public mutating func choose(
-        now: Nanos, avoid: [String] = [], hashKey: String? = nil, rng: inout SeededRandom
+        now: Nanos, avoid: [String] = [], hashKey: String? = nil, subset: [String: String] = [:],
+        rng: inout SeededRandom
     )
         -> Endpoint?
     {
         if outlier.isDue(now: now) { _ = outlier.evaluate(hosts: endpoints.map(\.id), now: now) }
-        guard !endpoints.isEmpty else { return nil }
+        let candidates =
+            subset.isEmpty
+            ? endpoints : endpoints.filter { ep in subset.allSatisfy { ep.metadata[$0.key] == $0.value } }
+        guard !candidates.isEmpty else { return nil }
         // The common case, without building candidate lists: all routable, no zone
         // preference, nothing to avoid.
-        if avoid.isEmpty, config.localZone == nil, endpoints.allSatisfy({ isRoutable($0, now: now) }) {
-            return balancer.pick(endpoints, hashKey: hashKey, now: now, rng: &rng)
+        if avoid.isEmpty, config.localZone == nil, candidates.allSatisfy({ isRoutable($0, now: now) }) {
+            return balancer.pick(candidates, hashKey: hashKey, now: now, rng: &rng)
         }
-        var routable = endpoints.filter { isRoutable($0, now: now) }
-        if routable.count * 100 < endpoints.count * config.panicThresholdPercent {
+        var routable = candidates.filter { isRoutable($0, now: now) }
+        if routable.count * 100 < candidates.count * config.panicThresholdPercent {
             // Panic: too few look healthy; spread over those registered as passing (or all).
-            let passing = endpoints.filter(\.passing)
-            routable = passing.isEmpty ? endpoints : passing
+            let passing = candidates.filter(\.passing)
+            routable = passing.isEmpty ? candidates : passing
         }
         if let zone = config.localZone {
             let local = routable.filter { $0.zone == zone }

@@ -58,6 +58,10 @@ public struct Route: Equatable, Sendable {
     public var compression: CompressionPolicy?
     /// Whose requests share a `rateLimit` bucket; nil = one bucket for the route.
     public var rateLimitKey: RateLimitKey?
+    /// Only endpoints whose registered metadata has every one of these pairs (Envoy's
+    /// `metadata_match` with subset load balancing): `{ version = "v2" }` for a canary.
+    /// Empty: every endpoint. No endpoint in the subset: 503 `no-healthy-endpoint`.
+    public var subset: [String: String] = [:]
 
     public init(
         name: String, match: RouteMatch, cluster: String, timeout: Nanos? = .seconds(15), retry: RetryPolicy = .init(),

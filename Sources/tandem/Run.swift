@@ -37,6 +37,12 @@ struct SidecarOptions: ParsableArguments {
     var advertise: String?
     @Option(help: "Zone, for zone-aware balancing.") var zone: String?
     @Option(
+        name: .customLong("meta"),
+        help: ArgumentHelp(
+            "Instance metadata, registered with it (repeatable); routes and policies pick endpoint subsets by it.",
+            valueName: "key=value"))
+    var meta: [String] = []
+    @Option(
         name: .customLong("endpoints"), help: "Static endpoints for a service: NAME=HOST:PORT[,HOST:PORT] (repeatable)."
     )
     var endpoints: [String] = []
@@ -139,6 +145,12 @@ struct SidecarOptions: ParsableArguments {
         c.admin = HostPort(admin)!
         c.advertiseHost = advertise
         c.zone = zone
+        for m in meta {
+            guard let eq = m.firstIndex(of: "="), eq != m.startIndex else {
+                throw ValidationError("--meta: expected key=value, got '\(m)'")
+            }
+            c.metadata[String(m[..<eq])] = String(m[m.index(after: eq)...])
+        }
         c.staticEndpoints = try staticEndpoints()
         c.localUpstreams = try localUpstreams()
         var hc = HealthCheckConfig(

@@ -232,3 +232,48 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
             out.contains("routes[1].policies[1].config.rate: expected a number, found the string \"fast\""), "\(out)")
     }
 }
+
+@Suite struct SubsetRoutingTests {
+    /// `tandem run --meta` registers instance metadata; a route's `subset` sends only to the
+    /// endpoints that have it, a policy's `req:set_subset` changes it per request (a canary by
+    /// query argument here), and a subset with no endpoint is answered 503
+    /// no-healthy-endpoint, naming it.
+    @Test func routesAndPoliciesPickEndpointsByMetadata() throws {
+        let reg = try RegistryUnderTest()
+        let v1 = try startUsers(1, registry: reg.endpoint, extra: ["--meta", "version=v1", "--instance", "users-v1"])
+        let v2 = try startUsers(1, registry: reg.endpoint, extra: ["--meta", "version=v2", "--instance", "users-v2"])
+        let dir = try TempDirectory()
+        let policy = dir.url.appendingPathComponent("pick.lua").path
+        try """
+        return { name = "pick",
+          on_request = function(req, ctx)
+            local v = req:query_arg("v")
+            if v == "any" then req:set_subset({}) elseif v then req:set_subset({ version = "v" .. v }) end
+          end }
+        """.write(toFile: policy, atomically: true, encoding: .utf8)
+        let config = dir.url.appendingPathComponent("client.lua").path
+        try """
+        return { clusters = { users = { balancer = "round_robin" } },
+          routes = { { name = "users", host = "users", cluster = "users", subset = { version = "v1" },
+            policies = { "\(policy)" } } } }
+        """.write(toFile: config, atomically: true, encoding: .utf8)
+        let client = try startClient(registry: reg.endpoint, extra: ["--config", config])
+        func instance(_ query: String) throws -> String {
+            let r = try http("http://\(client.outbound)/user/1\(query)", host: "users")
+            return r.status == 200
+                ? r.headers["x-instance"] ?? "none" : "\(r.status) \(r.headers["tandem-error"] ?? "")"
+        }
+        // Both instances discovered (the policy's canary reaches v2) before counting.
+        #expect(try eventually { try instance("?v=2") == "users-v2" })
+        let routeDefault = try (0..<10).map { _ in try instance("") }
+        #expect(routeDefault == Array(repeating: "users-v1", count: 10))
+        let canary = try (0..<10).map { _ in try instance("?v=2") }
+        #expect(canary == Array(repeating: "users-v2", count: 10))
+        let any = Set(try (0..<20).map { _ in try instance("?v=any") })
+        #expect(any == ["users-v1", "users-v2"])
+        let none = try http("http://\(client.outbound)/user/1?v=9", host: "users")
+        #expect(none.status == 503 && none.headers["tandem-error"] == "no-healthy-endpoint", "\(none)")
+        #expect(none.body.contains("in subset version=v9"), "\(none.body)")
+        withExtendedLifetime((reg, v1, v2, client, dir)) {}
+    }
+}

@@ -535,3 +535,24 @@ import Testing
                 cacheControl: nil))
     }
 }
+
+@Suite struct SubsetTests {
+    func endpoint(_ id: String, _ version: String) -> Endpoint {
+        Endpoint(id: id, host: "10.0.0.\(id.count)", port: 80, metadata: ["version": version, "zone": "a"])
+    }
+
+    @Test func chooseKeepsToTheSubsetAndFindsNothingOutsideIt() {
+        var c = ClusterState(ClusterConfig(name: "users"))
+        c.setEndpoints([endpoint("a1", "v1"), endpoint("a2", "v1"), endpoint("b1", "v2")])
+        var rng = SeededRandom(seed: 7)
+        var picked: Set<String> = []
+        for _ in 0..<50 {
+            if let ep = c.choose(now: 0, subset: ["version": "v1"], rng: &rng) { picked.insert(ep.id) }
+        }
+        #expect(picked == ["a1", "a2"])
+        #expect(c.choose(now: 0, subset: ["version": "v2", "zone": "a"], rng: &rng)?.id == "b1")
+        #expect(c.choose(now: 0, subset: ["version": "v3"], rng: &rng) == nil)
+        // Avoiding the only subset member still picks it (a retry has nowhere else to go).
+        #expect(c.choose(now: 0, avoid: ["b1"], subset: ["version": "v2"], rng: &rng)?.id == "b1")
+    }
+}
