@@ -356,7 +356,7 @@ public final class Sidecar: @unchecked Sendable {
             d.maxHeaderFieldSize = limits.maxHeaderBytes
             return d
         }()
-        return try ServerBootstrap(group: group)
+        let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(.backlog, value: 1024)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -409,18 +409,37 @@ public final class Sidecar: @unchecked Sendable {
                     })
                 return ch.pipeline.addHandler(sniffer)
             }
-            .bind(host: addr.host, port: addr.port).wait()
+        return try bindAvoidingAppPort(addr) { try bootstrap.bind(host: $0.host, port: $0.port).wait() }
     }
 
     private func listenAdmin(_ addr: HostPort) throws -> any Channel {
-        try ServerBootstrap(group: group)
+        let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { ch in
                 ch.pipeline.configureHTTPServerPipeline().flatMapThrowing {
                     try ch.pipeline.syncOperations.addHandler(AdminHandler(sidecar: self))
                 }
             }
-            .bind(host: addr.host, port: addr.port).wait()
+        return try bindAvoidingAppPort(addr) { try bootstrap.bind(host: $0.host, port: $0.port).wait() }
+    }
+
+    /// Binds `addr`; given port 0, never to the app's port. The sidecar listens before the app
+    /// starts, so the kernel may hand out the very port the app is about to bind — seen in CI:
+    /// the outbound listener took it and the app died with "Address already in use". The
+    /// unlucky listener stays bound while binding again, so the second port differs.
+    func bindAvoidingAppPort(_ addr: HostPort, _ bind: (HostPort) throws -> any Channel) throws -> any Channel {
+        try Self.bind(addr, avoiding: config.appPort, bind)
+    }
+
+    static func bind(
+        _ addr: HostPort, avoiding appPort: Int, _ bind: (HostPort) throws -> any Channel
+    ) throws
+        -> any Channel
+    {
+        let first = try bind(addr)
+        guard addr.port == 0, first.localAddress?.port == appPort else { return first }
+        defer { try? first.close().wait() }
+        return try bind(addr)
     }
 
     // MARK: app health and registration

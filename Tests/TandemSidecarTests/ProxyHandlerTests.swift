@@ -195,3 +195,31 @@ struct ProxyHarness {
         #expect(text.contains("tandem_ready 1"))
     }
 }
+
+@Suite struct ListenerPortTests {
+    /// An ephemeral listener that lands on the app's port is replaced (the app, started after
+    /// the sidecar, would fail with "Address already in use"); the unlucky one is closed.
+    @Test func anEphemeralListenerNeverTakesTheAppsPort() throws {
+        var handedOut: [EmbeddedChannel] = []
+        let ports = [8080, 40001]
+        let ch = try Sidecar.bind(HostPort(host: "127.0.0.1", port: 0), avoiding: 8080) { _ in
+            let c = EmbeddedChannel()
+            c.localAddress = try SocketAddress(ipAddress: "127.0.0.1", port: ports[handedOut.count])
+            try c.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()  // active, as a bound listener is
+            handedOut.append(c)
+            return c
+        }
+        #expect(ch.localAddress?.port == 40001)
+        #expect(handedOut.count == 2)
+        #expect(!handedOut[0].isActive && handedOut[1].isActive)
+        // A fixed port is the user's choice: bound once, as asked.
+        var calls = 0
+        let fixed = try Sidecar.bind(HostPort(host: "127.0.0.1", port: 8080), avoiding: 8080) { _ in
+            calls += 1
+            let c = EmbeddedChannel()
+            c.localAddress = try SocketAddress(ipAddress: "127.0.0.1", port: 8080)
+            return c
+        }
+        #expect(calls == 1 && fixed.localAddress?.port == 8080)
+    }
+}
