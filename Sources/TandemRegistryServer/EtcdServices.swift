@@ -316,10 +316,10 @@ enum EtcdServices {
             // `alarm disarm` lifts every alarm it listed, one request each).
             let named = raised.filter { a in
                 (pb.memberID == 0 || a.memberID == pb.memberID)
-                    && (pb.alarm == .none || a.kind.rawValue == UInt8(clamping: pb.alarm.rawValue))
+                    && (pb.alarm == .none || Int(a.kind.rawValue) == pb.alarm.rawValue)
             }
             switch pb.action {
-            case .get: return answer(raised)
+            case .get: return answer(raised.filter { pb.alarm == .none || Int($0.kind.rawValue) == pb.alarm.rawValue })
             case .activate, .deactivate:
                 if let auth = n.auth, !auth.isRoot(n.caller) { return done(.failure(.permissionDenied)) }
                 let activate = pb.action == .activate
