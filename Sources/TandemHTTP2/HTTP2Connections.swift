@@ -13,11 +13,27 @@ public enum HTTP2Connections {
     /// was cut off every 200 calls. 1,000,000 per 30 s still ends a real flood (> 33,000/s).
     public static let maxControlFramesPer30s = 1_000_000
 
+    /// Bound on the RST_STREAM frames a peer may send per 30 s before the connection is ended
+    /// (NIOHTTP2's rapid-reset protection, CVE-2023-44487). gRPC clients cancel calls with
+    /// RST_STREAM whenever a deadline passes or a caller gives up; at NIOHTTP2's default (200)
+    /// a busy app whose deadlines expire (1 % of 1,000 calls/s) lost its connection, and every
+    /// call on it, twice a minute. 10,000 per 30 s still ends an attack, which sends thousands
+    /// a second.
+    public static let maxResetsPer30s = 10_000
+
     /// NIOHTTP2's defaults, with the control-frame bound above.
     public static var configuration: NIOHTTP2Handler.ConnectionConfiguration {
         var c = NIOHTTP2Handler.ConnectionConfiguration()
         c.controlFrameRateLimit.maximumCount = maxControlFramesPer30s
         c.controlFrameRateLimit.windowLength = .seconds(30)
+        return c
+    }
+
+    /// NIOHTTP2's stream defaults, with the reset bound above.
+    public static var streamConfiguration: NIOHTTP2Handler.StreamConfiguration {
+        var c = NIOHTTP2Handler.StreamConfiguration()
+        c.streamResetFrameRateLimit.maximumCount = maxResetsPer30s
+        c.streamResetFrameRateLimit.windowLength = .seconds(30)
         return c
     }
 
@@ -31,7 +47,7 @@ public enum HTTP2Connections {
         inbound: @escaping @Sendable (any Channel) -> EventLoopFuture<Void>
     ) -> EventLoopFuture<NIOHTTP2Handler.StreamMultiplexer> {
         channel.configureHTTP2Pipeline(
-            mode: mode, connectionConfiguration: configuration, streamConfiguration: .init(),
+            mode: mode, connectionConfiguration: configuration, streamConfiguration: streamConfiguration,
             inboundStreamInitializer: inbound
         ).flatMapThrowing { mux in
             if let onGoAway { try channel.pipeline.syncOperations.addHandler(GoAwayObserver(onGoAway)) }

@@ -48,6 +48,25 @@ import Testing
         withExtendedLifetime(reg) {}
     }
 
+    /// gRPC clients cancel calls with RST_STREAM (a deadline passed, the caller gave up). A busy
+    /// app whose deadlines expire sends many; NIOHTTP2's rapid-reset allowance (200 per 30 s)
+    /// made the registry and the sidecar end such a client's connection — and every call on it.
+    @Test func cancelledCallsDoNotCostTheConnection() throws {
+        let reg = try RegistryUnderTest()
+        let local = try freePort()
+        let sidecar = try SidecarUnderTest(
+            service: "client", registry: "none", appPort: try freePort(), app: nil,
+            extra: ["--endpoints", "etcd=\(reg.endpoint)", "--upstream", "etcd=\(local)"], waitForRegistration: false)
+        for endpoint in [reg.endpoint, "127.0.0.1:\(local)"] {
+            let client = try GoLikeClient(endpoint)
+            defer { client.close() }
+            for _ in 0..<300 { try client.cancelledCall("/etcdserverpb.Watch/Watch") }
+            #expect(try client.call("/etcdserverpb.KV/Range", GoLikeClient.rangeRequest) == "0", "\(endpoint)")
+            #expect(try client.goAways() == [], "\(endpoint)")
+        }
+        withExtendedLifetime((reg, sidecar)) {}
+    }
+
     /// `times` unary KV/Range calls on one connection, each followed by a PING whose ack is
     /// awaited (grpc-go's pattern); every call must answer grpc-status 0 and the server must
     /// never send GOAWAY.
@@ -81,18 +100,28 @@ final class GoLikeClient: Sendable {
         let hp = try #require(HostPort(endpoint))
         authority = endpoint
         let loop = group.next()
-        channel = try ClientBootstrap(group: loop).connect(host: hp.host, port: hp.port).wait()
-        let ch = channel
+        // The pipeline is set up as the connection opens: the server's SETTINGS must not reach
+        // a pipeline without its HTTP/2 handler.
+        let made = Made()
+        channel = try ClientBootstrap(group: loop).channelInitializer { ch in
+            ch.eventLoop.makeCompletedFuture {
+                var config = NIOHTTP2Handler.ConnectionConfiguration()
+                config.controlFrameRateLimit.maximumCount = .max
+                made.mux = try ch.pipeline.syncOperations.configureHTTP2Pipeline(
+                    mode: .client, connectionConfiguration: config, streamConfiguration: .init(),
+                    inboundStreamInitializer: { $0.close() })
+                try ch.pipeline.syncOperations.addHandler(made.root)
+            }
+        }.connect(host: hp.host, port: hp.port).wait()
         (mux, root) = try loop.submit {
-            var config = NIOHTTP2Handler.ConnectionConfiguration()
-            config.controlFrameRateLimit.maximumCount = .max
-            let mux = try ch.pipeline.syncOperations.configureHTTP2Pipeline(
-                mode: .client, connectionConfiguration: config, streamConfiguration: .init(),
-                inboundStreamInitializer: { $0.close() })
-            let root = RootFrames()
-            try ch.pipeline.syncOperations.addHandler(root)
-            return (NIOLoopBound(mux, eventLoop: loop), NIOLoopBound(root, eventLoop: loop))
+            (NIOLoopBound(made.mux!, eventLoop: loop), NIOLoopBound(made.root, eventLoop: loop))
         }.wait()
+    }
+
+    /// What the channel initializer made, touched only on the connection's loop.
+    final class Made: @unchecked Sendable {
+        var mux: NIOHTTP2Handler.StreamMultiplexer?
+        let root = RootFrames()
     }
 
     /// One unary call; its grpc-status.
@@ -134,6 +163,33 @@ final class GoLikeClient: Sendable {
         let timer = promise.futureResult.eventLoop.scheduleTask(in: .seconds(30)) { promise.fail(Lost(what: what)) }
         promise.futureResult.whenComplete { _ in timer.cancel() }
         return promise.futureResult
+    }
+
+    /// Opens a call and cancels it (RST_STREAM CANCEL) before sending its message.
+    func cancelledCall(_ path: String) throws {
+        let loop = channel.eventLoop
+        let authority = self.authority
+        try loop.flatSubmit { () -> EventLoopFuture<Void> in
+            let created = loop.makePromise(of: (any Channel).self)
+            self.mux.value.createStreamChannel(promise: created) { stream in
+                stream.eventLoop.makeCompletedFuture {
+                    let headers: HPACKHeaders = [
+                        ":method": "POST", ":scheme": "http", ":path": path, ":authority": authority,
+                        "content-type": "application/grpc", "te": "trailers",
+                    ]
+                    stream.writeAndFlush(HTTP2Frame.FramePayload.headers(.init(headers: headers)), promise: nil)
+                }
+            }
+            let closed = loop.makePromise(of: Void.self)
+            created.futureResult.whenComplete { r in
+                switch r {
+                // The close reports the reset it sent (StreamClosed, CANCEL): done either way.
+                case .success(let stream): stream.close().whenComplete { _ in closed.succeed(()) }
+                case .failure(let e): closed.fail(e)
+                }
+            }
+            return Self.guarded(closed, "a cancelled call")
+        }.wait()
     }
 
     /// Sends a PING and waits for its ack.
