@@ -298,7 +298,8 @@ struct Services: ParsableCommand {
                     instances.map {
                         [
                             "service": $0.service, "instance": $0.instance, "address": "\($0.address):\($0.port)",
-                            "protocol": $0.protocol, "health": $0.health,
+                            "protocol": $0.protocol, "health": $0.health, "zone": $0.zone ?? "",
+                            "metadata": $0.metadata,
                         ] as [String: Any]
                     }))
             return
@@ -310,13 +311,21 @@ struct Services: ParsableCommand {
         print(
             "SERVICE".padding(toLength: 14, withPad: " ", startingAt: 0)
                 + "INSTANCE".padding(toLength: 26, withPad: " ", startingAt: 0)
-                + "ADDRESS".padding(toLength: 22, withPad: " ", startingAt: 0) + "PROTOCOL  HEALTH")
+                + "ADDRESS".padding(toLength: 22, withPad: " ", startingAt: 0) + "PROTOCOL  HEALTH    METADATA")
         for i in instances {
-            print(
+            // Zone and --meta pairs, which routes and policies select subsets by.
+            let meta =
+                (i.zone.map { ["zone=\($0)"] } ?? [])
+                + i.metadata.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
+            let line =
                 i.service.padding(toLength: 14, withPad: " ", startingAt: 0)
-                    + i.instance.padding(toLength: 26, withPad: " ", startingAt: 0)
-                    + "\(i.address):\(i.port)".padding(toLength: 22, withPad: " ", startingAt: 0)
-                    + i.protocol.padding(toLength: 10, withPad: " ", startingAt: 0) + i.health)
+                + i.instance.padding(toLength: 26, withPad: " ", startingAt: 0)
+                + "\(i.address):\(i.port)".padding(toLength: 22, withPad: " ", startingAt: 0)
+                + i.protocol.padding(toLength: 10, withPad: " ", startingAt: 0)
+                + (meta.isEmpty
+                    ? i.health
+                    : i.health.padding(toLength: 10, withPad: " ", startingAt: 0) + meta.joined(separator: ","))
+            print(line)
         }
     }
 }

@@ -274,6 +274,14 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         let none = try http("http://\(client.outbound)/user/1?v=9", host: "users")
         #expect(none.status == 503 && none.headers["tandem-error"] == "no-healthy-endpoint", "\(none)")
         #expect(none.body.contains("in subset version=v9"), "\(none.body)")
+        // The registered metadata, as operators see it.
+        let listed = try tandem(["services", "users", "--endpoints", reg.endpoint])
+        #expect(listed.status == 0)
+        let rows = listed.output.split(separator: "\n").filter { $0.hasPrefix("users ") }
+        #expect(
+            rows.count == 2
+                && rows.allSatisfy { $0.hasSuffix("passing   version=v\($0.contains("users-v1") ? 1 : 2)") },
+            "\(listed.output)")
         withExtendedLifetime((reg, v1, v2, client, dir)) {}
     }
 }
