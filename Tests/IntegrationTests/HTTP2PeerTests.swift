@@ -22,11 +22,8 @@ import Testing
     /// its connection after 200; a call then on the upstream connection was lost.
     @Test func aSidecarKeepsGoPeersConnectionsOnBothSides() throws {
         let etcd = try RealEtcd()
-        let local = try freePort()
-        let sidecar = try SidecarUnderTest(
-            service: "client", registry: "none", appPort: try freePort(), app: nil,
-            extra: ["--endpoints", "etcd=\(etcd.endpoint)", "--upstream", "etcd=\(local)"], waitForRegistration: false)
-        try callAndPing("127.0.0.1:\(local)", times: 300)
+        let (sidecar, local) = try sidecarInFront(of: etcd.endpoint)
+        try callAndPing(local, times: 300)
         withExtendedLifetime((etcd, sidecar)) {}
     }
 
@@ -53,11 +50,8 @@ import Testing
     /// made the registry and the sidecar end such a client's connection — and every call on it.
     @Test func cancelledCallsDoNotCostTheConnection() throws {
         let reg = try RegistryUnderTest()
-        let local = try freePort()
-        let sidecar = try SidecarUnderTest(
-            service: "client", registry: "none", appPort: try freePort(), app: nil,
-            extra: ["--endpoints", "etcd=\(reg.endpoint)", "--upstream", "etcd=\(local)"], waitForRegistration: false)
-        for endpoint in [reg.endpoint, "127.0.0.1:\(local)"] {
+        let (sidecar, local) = try sidecarInFront(of: reg.endpoint)
+        for endpoint in [reg.endpoint, local] {
             let client = try GoLikeClient(endpoint)
             defer { client.close() }
             for _ in 0..<300 { try client.cancelledCall("/etcdserverpb.Watch/Watch") }
@@ -65,6 +59,16 @@ import Testing
             #expect(try client.goAways() == [], "\(endpoint)")
         }
         withExtendedLifetime((reg, sidecar)) {}
+    }
+
+    /// A sidecar with no registry whose local upstream port leads to the gRPC server at
+    /// `server`; the address to call it on.
+    func sidecarInFront(of server: String) throws -> (SidecarUnderTest, String) {
+        let local = try freePort()
+        let sidecar = try SidecarUnderTest(
+            service: "client", registry: "none", appPort: try freePort(), app: nil,
+            extra: ["--endpoints", "etcd=\(server)", "--upstream", "etcd=\(local)"], waitForRegistration: false)
+        return (sidecar, "127.0.0.1:\(local)")
     }
 
     /// `times` unary KV/Range calls on one connection, each followed by a PING whose ack is
