@@ -311,15 +311,15 @@ enum EtcdServices {
                 }
                 done(.success(r))
             }
-            let raised = n.replica.store.alarms.sorted()
-            // Which raised alarms a request names: member 0 and NONE match any (etcdctl's
-            // `alarm disarm` lifts every alarm it listed, one request each).
-            let named = raised.filter { a in
-                (pb.memberID == 0 || a.memberID == pb.memberID)
-                    && (pb.alarm == .none || Int(a.kind.rawValue) == pb.alarm.rawValue)
+            // The raised alarms of the type asked for (NONE: every type), as etcd's alarmStore.Get.
+            let ofType = n.replica.store.alarms.sorted().filter {
+                pb.alarm == .none || Int($0.kind.rawValue) == pb.alarm.rawValue
             }
+            // Which a request names: member 0 matches any (etcdctl's `alarm disarm` lifts every
+            // alarm it listed, one request each).
+            let named = ofType.filter { pb.memberID == 0 || $0.memberID == pb.memberID }
             switch pb.action {
-            case .get: return answer(raised.filter { pb.alarm == .none || Int($0.kind.rawValue) == pb.alarm.rawValue })
+            case .get: return answer(ofType)
             case .activate, .deactivate:
                 if let auth = n.auth, !auth.isRoot(n.caller) { return done(.failure(.permissionDenied)) }
                 let activate = pb.action == .activate
