@@ -15,6 +15,9 @@ public struct RaftNode: Sendable {
     public private(set) var role: RaftRole = .follower
     public private(set) var leader: NodeID = 0
     public private(set) var conf: ConfState
+    /// A TimeoutNow arrived while a committed membership change was not applied yet: campaign
+    /// once it is (cleared by a new term).
+    private var campaignOnApply = false
 
     var log: RaftLog
     private var rng: SeededRandom
@@ -192,6 +195,10 @@ public struct RaftNode: Sendable {
                 applyConfChange(cc)
             }
         }
+        if campaignOnApply && !hasUnappliedConfChange() {
+            campaignOnApply = false
+            if role != .leader { campaign(transfer: true, preVote: false) }
+        }
         if role == .leader {
             // The leader counts itself only for entries that are durable on its own disk.
             if var me = progress[id], me.maybeUpdate(log.stable) {
@@ -341,8 +348,16 @@ public struct RaftNode: Sendable {
                 send(fwd)
             }
         case .timeoutNow:
-            // §3.10: the leader asked us to campaign at once, skipping pre-vote.
-            if isPromotable { campaign(transfer: true, preVote: false) }
+            // §3.10: the leader asked us to campaign at once, skipping pre-vote — once this
+            // node has applied the membership it would lead (a leader removing itself sends
+            // TimeoutNow right behind the commit of its removal).
+            if isPromotable {
+                if hasUnappliedConfChange() {
+                    campaignOnApply = true
+                } else {
+                    campaign(transfer: true, preVote: false)
+                }
+            }
         case .readIndex:
             if leader != 0 {
                 var fwd = m
@@ -586,7 +601,16 @@ public struct RaftNode: Sendable {
             progress[cc.node] = nil
             if cc.node == leadTransferee { leadTransferee = 0 }
             if cc.node == id {
-                // A removed leader steps down once the change is applied (thesis §4.2.2).
+                // A removed leader steps down once the change is applied (thesis §4.2.2) —
+                // and hands off at once (TimeoutNow, §3.10) to the most up-to-date voter left
+                // (ties to the lowest id), after an append that carries the commit, so the
+                // cluster does not sit out an election timeout without a leader.
+                let heir = progress.filter { $0.key != id && conf.voters.contains($0.key) }
+                    .max { ($0.value.match, $1.key) < ($1.value.match, $0.key) }?.key
+                if let heir {
+                    sendAppend(to: heir, sendIfEmpty: true)
+                    send(Message(kind: .timeoutNow, to: heir))
+                }
                 becomeFollower(term: term, leader: 0)
                 return
             }
@@ -772,6 +796,7 @@ public struct RaftNode: Sendable {
         if term != newTerm {
             term = newTerm
             vote = 0
+            campaignOnApply = false
         }
         leader = 0
         electionElapsed = 0

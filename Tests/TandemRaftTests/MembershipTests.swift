@@ -88,7 +88,7 @@ struct MembershipTests {
         }
     }
 
-    @Test("thesis §4.2.2: a leader that removes itself steps down once the change applies")
+    @Test("thesis §4.2.2: a leader that removes itself steps down once the change applies and hands off at once")
     func removeLeader() throws {
         var c = TestCluster(voters: [1, 2, 3])
         c.elect(1)
@@ -96,9 +96,12 @@ struct MembershipTests {
         c.stabilize()
         #expect(c[1].role == .follower)
         #expect(!c[1].isPromotable)
-        c.down.insert(1)
-        c.tickAll(30)
+        // No tick has passed: the handoff (TimeoutNow), not an election timeout, made the leader.
         #expect(c[2].role == .leader || c[3].role == .leader)
+        #expect(c[2].conf.voters == [2, 3] && c[3].conf.voters == [2, 3])
+        c.down.insert(1)
+        try c.propose(c[2].role == .leader ? 2 : 3, "after-removal")
+        #expect(c.appliedData(2).contains("after-removal") && c.appliedData(3).contains("after-removal"))
     }
 
     @Test("§7: a follower behind the leader's compacted log catches up by InstallSnapshot")
