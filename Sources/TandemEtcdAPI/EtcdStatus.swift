@@ -44,6 +44,14 @@ public struct EtcdStatus: Error, Equatable, CustomStringConvertible {
 
     public static let tooManyRequests = EtcdStatus(.resourceExhausted, "etcdserver: too many requests")
 
+    // Membership (etcd's rpctypes: ErrGRPCMemberNotFound, ErrGRPCPeerURLExist, …).
+    public static let memberNotFound = EtcdStatus(.notFound, "etcdserver: member not found")
+    public static let memberExists = EtcdStatus(.failedPrecondition, "etcdserver: member ID already exist")
+    public static let peerURLExists = EtcdStatus(.failedPrecondition, "etcdserver: Peer URLs already exists")
+    public static let memberBadURLs = EtcdStatus(.invalidArgument, "etcdserver: given member URLs are invalid")
+    public static let memberNotLearner = EtcdStatus(
+        .failedPrecondition, "etcdserver: can only promote a learner member")
+
     /// etcd's answer when Raft refuses a proposal or read. clientv3 retries "no leader" and
     /// "leader changed" on another member but backs off on "too many requests", so the
     /// distinction matters.

@@ -356,28 +356,45 @@ enum EtcdServices {
             (_, n, done: @escaping (Result<Etcdserverpb_MemberListResponse, EtcdStatus>) -> Void) in
             var r = Etcdserverpb_MemberListResponse()
             r.header = n.header
-            let conf = n.replica.raft.conf
-            r.members = conf.members.sorted().map { id in
-                var mem = Etcdserverpb_Member()
-                mem.id = id
-                mem.isLearner = conf.learners.contains(id)
-                if id == n.config.id {
-                    mem.name = n.config.name
-                    mem.clientUrls = n.config.clientURLs
-                    mem.peerUrls = n.config.peerURLs
-                } else if let rec = n.memberRecord(id) {
-                    mem.name = rec.name
-                    mem.clientUrls = rec.clientURLs
-                    mem.peerUrls = rec.peerURLs
-                } else if let url = n.config.peers[id] {
-                    // Not published yet: what --initial-cluster says (etcd, too, lists a member
-                    // that has not started with no name and no client URLs).
-                    mem.name = n.config.names[id] ?? ""
-                    mem.peerUrls = [url]
-                }
-                return mem
-            }
+            r.members = n.memberList()
             done(.success(r))
+        }
+        unary("/etcdserverpb.Cluster/MemberAdd", Etcdserverpb_MemberAddRequest.self) {
+            (pb, n, done: @escaping (Result<Etcdserverpb_MemberAddResponse, EtcdStatus>) -> Void) in
+            n.addMember(peerURLs: pb.peerUrls, learner: pb.isLearner) { r in
+                done(
+                    r.map { id in
+                        var out = Etcdserverpb_MemberAddResponse()
+                        out.header = n.header
+                        out.members = n.memberList()
+                        out.member = out.members.first { $0.id == id } ?? Etcdserverpb_Member()
+                        return out
+                    })
+            }
+        }
+        unary("/etcdserverpb.Cluster/MemberRemove", Etcdserverpb_MemberRemoveRequest.self) {
+            (pb, n, done: @escaping (Result<Etcdserverpb_MemberRemoveResponse, EtcdStatus>) -> Void) in
+            n.removeMember(pb.id) { r in
+                done(
+                    r.map {
+                        var out = Etcdserverpb_MemberRemoveResponse()
+                        out.header = n.header
+                        out.members = n.memberList()
+                        return out
+                    })
+            }
+        }
+        unary("/etcdserverpb.Cluster/MemberPromote", Etcdserverpb_MemberPromoteRequest.self) {
+            (pb, n, done: @escaping (Result<Etcdserverpb_MemberPromoteResponse, EtcdStatus>) -> Void) in
+            n.promoteMember(pb.id) { r in
+                done(
+                    r.map {
+                        var out = Etcdserverpb_MemberPromoteResponse()
+                        out.header = n.header
+                        out.members = n.memberList()
+                        return out
+                    })
+            }
         }
         // grpc.health.v1.Health/Check → HealthCheckResponse{status: SERVING (1)}, hand-encoded.
         m["/grpc.health.v1.Health/Check"] = .unary { _, responder in

@@ -12,6 +12,19 @@ enum PeerFrame: Sendable {
     /// Remaining TTL (seconds) of a lease, asked of the leader; -1 when unknown there.
     case leaseRemaining(requestID: UInt64, from: NodeID, lease: Int64)
     case leaseRemainingIs(requestID: UInt64, seconds: Int64)
+    /// A membership change asked of a follower, forwarded to the leader (which alone can
+    /// validate it, e.g. whether a learner has caught up), and the leader's answer once it is
+    /// applied or refused (`code` 0: done).
+    case confChange(requestID: UInt64, from: NodeID, ConfChange)
+    case confChangeDone(requestID: UInt64, code: Int, message: String)
+    /// A member starting with `--initial-cluster-state existing` asks a peer who the members
+    /// are; the answer (`members`, JSON: cluster id and members) comes back on the same
+    /// connection.
+    case membersQuery
+    case members(Bytes)
+    /// The answer to a raft message from a member this one has seen removed: etcd's
+    /// "the member has been permanently removed from the cluster"; the removed member stops.
+    case removed(member: NodeID)
 
     func encoded() -> [UInt8] {
         var w = ByteWriter()
@@ -37,6 +50,24 @@ enum PeerFrame: Sendable {
             w.u8(4)
             w.varint(id)
             w.zigzag(secs)
+        case .confChange(let id, let from, let cc):
+            w.u8(5)
+            w.varint(id)
+            w.varint(from)
+            w.blob(cc.encoded())
+        case .confChangeDone(let id, let code, let message):
+            w.u8(6)
+            w.varint(id)
+            w.varint(UInt64(max(0, code)))
+            w.string(message)
+        case .membersQuery:
+            w.u8(7)
+        case .members(let json):
+            w.u8(8)
+            w.blob(json)
+        case .removed(let id):
+            w.u8(9)
+            w.varint(id)
         }
         return w.bytes
     }
@@ -49,6 +80,14 @@ enum PeerFrame: Sendable {
         case 2: self = .leaseRenewed(requestID: try r.varint(), ttl: try r.zigzag())
         case 3: self = .leaseRemaining(requestID: try r.varint(), from: try r.varint(), lease: try r.zigzag())
         case 4: self = .leaseRemainingIs(requestID: try r.varint(), seconds: try r.zigzag())
+        case 5:
+            self = .confChange(requestID: try r.varint(), from: try r.varint(), try ConfChange(decoding: try r.blob()))
+        case 6:
+            self = .confChangeDone(
+                requestID: try r.varint(), code: Int(clamping: try r.varint()), message: try r.string())
+        case 7: self = .membersQuery
+        case 8: self = .members(try r.blob())
+        case 9: self = .removed(member: try r.varint())
         case let t: throw .badTag(what: "peer frame", tag: UInt64(t), offset: 0)
         }
     }
@@ -77,10 +116,14 @@ struct StorageLikeError: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
+/// Answers a frame on the connection it came in on (a members query).
+typealias PeerReply = @Sendable (PeerFrame) -> Void
+typealias PeerDeliver = @Sendable (PeerFrame, @escaping PeerReply) -> Void
+
 final class PeerInboundHandler: ChannelInboundHandler {
     typealias InboundIn = [UInt8]
-    let deliver: @Sendable (PeerFrame) -> Void
-    init(deliver: @escaping @Sendable (PeerFrame) -> Void) { self.deliver = deliver }
+    let deliver: PeerDeliver
+    init(deliver: @escaping PeerDeliver) { self.deliver = deliver }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         // A peer that sends garbage is disconnected; Raft treats it as message loss.
@@ -88,7 +131,10 @@ final class PeerInboundHandler: ChannelInboundHandler {
             context.close(promise: nil)
             return
         }
-        deliver(frame)
+        let channel = context.channel
+        deliver(frame) { answer in
+            channel.writeAndFlush(PeerTransport.frame(answer.encoded(), channel), promise: nil)
+        }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
@@ -114,6 +160,8 @@ final class PeerTransport: @unchecked Sendable {
         var backlog: [[UInt8]] = []
         var backoffMs: Int64 = 50
         var dropped = 0
+        /// No longer a member: no reconnects.
+        var removed = false
         init(id: NodeID, host: String, port: Int) {
             self.id = id
             self.host = host
@@ -125,33 +173,80 @@ final class PeerTransport: @unchecked Sendable {
     let group: any EventLoopGroup
     private var links: [NodeID: Link] = [:]
     private var listener: (any Channel)?
+    private var binding = false
+    /// Where to listen for peers and who gets their frames (on the raft loop).
+    private let listenHost: String
+    private let listenPort: Int
+    private let deliver: PeerDeliver
     /// Called on the raft loop when a peer could not be reached (Raft then probes).
     var onUnreachable: (NodeID) -> Void = { _ in }
 
-    init(loop: any EventLoop, group: any EventLoopGroup, peers: [NodeID: (host: String, port: Int)]) {
+    init(
+        loop: any EventLoop, group: any EventLoopGroup, listenHost: String, listenPort: Int,
+        deliver: @escaping PeerDeliver
+    ) {
         self.loop = loop
         self.group = group
-        for (id, a) in peers { links[id] = Link(id: id, host: a.host, port: a.port) }
+        self.listenHost = listenHost
+        self.listenPort = listenPort
+        self.deliver = { f, reply in loop.execute { deliver(f, reply) } }
     }
 
-    /// Listens for peers; every frame is handed to `deliver` on the raft loop.
-    func listen(host: String, port: Int, deliver: @escaping @Sendable (PeerFrame) -> Void) throws -> Int {
-        let loop = self.loop
-        let ch = try ServerBootstrap(group: group)
+    /// The members to keep connections to (id → address); links to members no longer listed
+    /// close, and a member whose address changed is reconnected.
+    func setPeers(_ peers: [NodeID: (host: String, port: Int)]) {
+        loop.preconditionInEventLoop()
+        for (id, link) in links where peers[id].map({ $0.host != link.host || $0.port != link.port }) ?? true {
+            link.removed = true
+            link.backlog = []
+            link.channel?.close(promise: nil)
+            links[id] = nil
+        }
+        for (id, a) in peers where links[id] == nil { links[id] = Link(id: id, host: a.host, port: a.port) }
+    }
+
+    var peerIDs: Set<NodeID> { Set(links.keys) }
+
+    private func bootstrap() -> ServerBootstrap {
+        let deliver = self.deliver
+        return ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(
                         ByteToMessageHandler(PeerFrameDecoder(maxFrameBytes: PeerTransport.maxFrameBytes)))
-                    try channel.pipeline.syncOperations.addHandler(
-                        PeerInboundHandler(deliver: { f in loop.execute { deliver(f) } }))
+                    try channel.pipeline.syncOperations.addHandler(PeerInboundHandler(deliver: deliver))
                 }
             }
-            .bind(host: host, port: port).wait()
-        listener = ch
-        return ch.localAddress?.port ?? port
     }
+
+    /// Listens for peers now (off the raft loop); returns the bound port.
+    func listen() throws -> Int {
+        let ch = try bootstrap().bind(host: listenHost, port: listenPort).wait()
+        try loop.submit { self.listener = ch }.wait()
+        return ch.localAddress?.port ?? listenPort
+    }
+
+    /// Listens once the cluster has other members (a single member grown by MemberAdd);
+    /// on the raft loop, without blocking it. Calls `done` with nil or the failure.
+    func ensureListening(_ done: @escaping @Sendable (String?) -> Void) {
+        loop.preconditionInEventLoop()
+        guard listener == nil else { return done(nil) }
+        guard !binding else { return done(nil) }
+        binding = true
+        let (host, port) = (listenHost, listenPort)
+        bootstrap().bind(host: host, port: port).hop(to: loop).whenComplete { [self] r in
+            binding = false
+            switch r {
+            case .success(let ch):
+                listener = ch
+                done(nil)
+            case .failure(let e): done("cannot listen for peers on \(host):\(port): \(e)")
+            }
+        }
+    }
+    var listening: Bool { listener != nil }
 
     func send(_ frame: PeerFrame, to peer: NodeID) {
         loop.preconditionInEventLoop()
@@ -175,7 +270,7 @@ final class PeerTransport: @unchecked Sendable {
     }
 
     /// `[u32 length][frame]`.
-    private static func frame(_ bytes: [UInt8], _ ch: any Channel) -> ByteBuffer {
+    static func frame(_ bytes: [UInt8], _ ch: any Channel) -> ByteBuffer {
         var buf = ch.allocator.buffer(capacity: bytes.count + 4)
         buf.writeInteger(UInt32(bytes.count))
         buf.writeBytes(bytes)
@@ -183,10 +278,19 @@ final class PeerTransport: @unchecked Sendable {
     }
 
     private func connect(_ link: Link) {
-        guard !link.connecting, link.channel?.isActive != true else { return }
+        guard !link.removed, !link.connecting, link.channel?.isActive != true else { return }
         link.connecting = true
+        let deliver = self.deliver
         ClientBootstrap(group: group)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            // The peer answers on this connection only to say this member was removed.
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(
+                        ByteToMessageHandler(PeerFrameDecoder(maxFrameBytes: PeerTransport.maxFrameBytes)))
+                    try channel.pipeline.syncOperations.addHandler(PeerInboundHandler(deliver: deliver))
+                }
+            }
             // NIO's default high watermark (64 KiB) is far below a loaded leader's appends:
             // dropping past it lost heartbeats too and caused elections under load.
             .channelOption(
@@ -200,6 +304,10 @@ final class PeerTransport: @unchecked Sendable {
                 link.connecting = false
                 switch result {
                 case .success(let ch):
+                    if link.removed {
+                        ch.close(promise: nil)
+                        return
+                    }
                     link.channel = ch
                     link.backoffMs = 50
                     let pending = link.backlog
@@ -225,5 +333,65 @@ final class PeerTransport: @unchecked Sendable {
     func close() {
         listener?.close(promise: nil)
         for l in links.values { l.channel?.close(promise: nil) }
+    }
+}
+
+/// Hands the first frame a peer answers to a promise (the members query of a joining member).
+private final class PeerAnswerHandler: ChannelInboundHandler {
+    typealias InboundIn = [UInt8]
+    let answer: EventLoopPromise<PeerFrame>
+    init(answer: EventLoopPromise<PeerFrame>) { self.answer = answer }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        do {
+            answer.succeed(try PeerFrame(decoding: unwrapInboundIn(data)))
+        } catch {
+            answer.fail(error)
+        }
+        context.close(promise: nil)
+    }
+    func channelInactive(context: ChannelHandlerContext) {
+        answer.fail(StorageLikeError("the peer closed the connection without answering"))
+    }
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        answer.fail(error)
+        context.close(promise: nil)
+    }
+}
+
+extension PeerTransport {
+    /// Asks the member listening for peers at `host:port` for the member list (blocking; for
+    /// a member starting with `--initial-cluster-state existing`, before it serves anything).
+    static func queryMembers(
+        host: String, port: Int, group: any EventLoopGroup, timeoutMs: Int64 = 3_000
+    ) throws
+        -> Bytes
+    {
+        let loop = group.next()
+        let answer = loop.makePromise(of: PeerFrame.self)
+        let connected = ClientBootstrap(group: loop)
+            .connectTimeout(.milliseconds(timeoutMs))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(
+                        ByteToMessageHandler(PeerFrameDecoder(maxFrameBytes: PeerTransport.maxFrameBytes)))
+                    try channel.pipeline.syncOperations.addHandler(PeerAnswerHandler(answer: answer))
+                }
+            }
+            .connect(host: host, port: port)
+        let ch: any Channel
+        do { ch = try connected.wait() } catch {
+            answer.fail(error)
+            throw error
+        }
+        let timer = loop.scheduleTask(in: .milliseconds(timeoutMs)) {
+            answer.fail(StorageLikeError("no answer in \(timeoutMs) ms"))
+            ch.close(promise: nil)
+        }
+        ch.writeAndFlush(frame(PeerFrame.membersQuery.encoded(), ch), promise: nil)
+        defer { timer.cancel() }
+        guard case .members(let json) = try answer.futureResult.wait() else {
+            throw StorageLikeError("the peer answered something other than the member list")
+        }
+        return json
     }
 }

@@ -34,6 +34,13 @@ public final class RegistryNode: @unchecked Sendable {
         public var autoCompactionCheckMs: Int64? = nil
         /// Where the member reports what it does on its own (auto-compaction).
         public var log: @Sendable (String) -> Void = { _ in }
+        /// A member that joined a running cluster (`--initial-cluster-state existing`) takes
+        /// the cluster's id and membership from it instead of deriving them from `peers`.
+        public var clusterID: UInt64? = nil
+        public var initialConf: ConfState? = nil
+        /// Called (on the raft loop) once this member has applied its own removal: etcd stops
+        /// such a member, and so does `tandem registry`.
+        public var onRemoved: @Sendable () -> Void = {}
         public init() {}
     }
 
@@ -41,7 +48,10 @@ public final class RegistryNode: @unchecked Sendable {
     public let loop: any EventLoop
     let clusterID: UInt64
     var replica: RegistryReplica
-    private var pendingWrites: [UInt64: (deadline: Int64, done: (Result<StoreResult, EtcdStatus>) -> Void)] = [:]
+    private var pendingWrites:
+        [UInt64: (deadline: Int64, command: StoreCommand, done: (Result<StoreResult, EtcdStatus>) -> Void)] = [:]
+    /// The leader this member last knew (to notice a change).
+    private var knownLeader: NodeID = 0
     private var pendingReads: [Bytes: (deadline: Int64, done: (Result<Void, EtcdStatus>) -> Void)] = [:]
     private var watchStreams: [Int: WatchStream] = [:]
     private var nextStream = 1
@@ -161,12 +171,7 @@ public final class RegistryNode: @unchecked Sendable {
     public init(config: Config, loop: any EventLoop, wallClockMs: UInt64) throws {
         self.config = config
         self.loop = loop
-        var h = FNV1a()
-        for (id, url) in config.peers.sorted(by: { $0.key < $1.key }) {
-            h.add(id)
-            h.add(url)
-        }
-        clusterID = h.value
+        clusterID = config.clusterID ?? Self.clusterID(peers: config.peers)
         // Request ids unique across members and restarts (etcd's idutil): member id in the top
         // 16 bits, then the start time in ms, then a counter.
         nextRequest = (config.id & 0xFFFF) << 48 | ((wallClockMs & 0xFF_FFFF_FFFF) << 8)
@@ -178,8 +183,18 @@ public final class RegistryNode: @unchecked Sendable {
         o.catchUpEntries = config.snapshotCatchUpEntries
         let fs = try PosixFileSystem(directory: config.dataDir)
         replica = try RegistryReplica(
-            options: o, initialConf: ConfState(voters: Set(config.peers.keys)), fs: fs,
+            options: o, initialConf: config.initialConf ?? ConfState(voters: Set(config.peers.keys)), fs: fs,
             random: SeededRandom(seed: wallClockMs ^ config.id))
+    }
+
+    /// A new cluster's id, from its initial members and their peer URLs.
+    public static func clusterID(peers: [NodeID: String]) -> UInt64 {
+        var h = FNV1a()
+        for (id, url) in peers.sorted(by: { $0.key < $1.key }) {
+            h.add(id)
+            h.add(url)
+        }
+        return h.value
     }
 
     /// Encodes and writes snapshots, so the raft loop never stalls on them.
@@ -220,9 +235,10 @@ public final class RegistryNode: @unchecked Sendable {
     public func start() {
         loop.preconditionInEventLoop()
         installSnapshotter()
-        if config.peers.count == 1 {
+        if replica.raft.conf.voters == [config.id] {
             replica.step(Message(kind: .timeoutNow, to: config.id, term: replica.raft.term))
         }
+        syncPeers()
         pump()
         tickTask = loop.scheduleRepeatedTask(
             initialDelay: .milliseconds(config.heartbeatMs), delay: .milliseconds(config.heartbeatMs)
@@ -307,9 +323,48 @@ public final class RegistryNode: @unchecked Sendable {
 
     // MARK: - Requests
 
+    /// Requests that arrived while this member knew no leader (an election is under way),
+    /// run again once it knows one — as etcd holds proposals and reads while leaderless
+    /// instead of failing them — or failed with "request timed out" at their deadline.
+    private var awaitingLeader: [(deadline: Int64, retry: () -> Void, fail: (EtcdStatus) -> Void)] = []
+    /// Bound on `awaitingLeader`; past it, a request fails at once with "no leader".
+    static let maxAwaitingLeader = 10_000
+
+    private func awaitLeader(_ fail: @escaping (EtcdStatus) -> Void, retry: @escaping () -> Void) {
+        guard awaitingLeader.count < Self.maxAwaitingLeader, !removed else { return fail(.noLeader) }
+        awaitingLeader.append((now + config.requestTimeoutMs, retry, fail))
+    }
+
+    /// Runs the requests held for a leader once there is one. When the leader changed,
+    /// proposals and reads forwarded to the old one may have been dropped with it (a leader
+    /// that stepped down, e.g. removed from the cluster): they are sent again — a proposal
+    /// applied twice is skipped by its request id (the store filters duplicates).
+    private func releaseAwaitingLeader() {
+        let leader = replica.raft.leader
+        if leader != 0 && leader != knownLeader {
+            if knownLeader != 0 {
+                for (id, w) in pendingWrites.sorted(by: { $0.key < $1.key }) {
+                    try? replica.propose(w.command, requestID: id)
+                }
+                for ctx in pendingReads.keys {
+                    replica.cancelRead(context: ctx)
+                    try? replica.read(context: ctx)
+                }
+                if !pendingWrites.isEmpty || !pendingReads.isEmpty { schedulePump() }
+            }
+            knownLeader = leader
+        }
+        guard leader != 0, !awaitingLeader.isEmpty else { return }
+        let held = awaitingLeader
+        awaitingLeader = []
+        for w in held { w.retry() }
+    }
+
     func propose(_ command: StoreCommand, _ done: @escaping (Result<StoreResult, EtcdStatus>) -> Void) {
         loop.preconditionInEventLoop()
-        guard replica.raft.leader != 0 else { return done(.failure(.noLeader)) }
+        guard replica.raft.leader != 0 else {
+            return awaitLeader({ done(.failure($0)) }) { [self] in propose(command, done) }
+        }
         nextRequest &+= 1
         let id = nextRequest
         do {
@@ -317,14 +372,16 @@ public final class RegistryNode: @unchecked Sendable {
         } catch {
             return done(.failure(Self.status(error)))
         }
-        pendingWrites[id] = (now + config.requestTimeoutMs, done)
+        pendingWrites[id] = (now + config.requestTimeoutMs, command, done)
         schedulePump()
     }
 
     /// Runs `body` once a ReadIndex round says the local store is up to date.
     func linearizable(_ done: @escaping (Result<Void, EtcdStatus>) -> Void) {
         loop.preconditionInEventLoop()
-        guard replica.raft.leader != 0 else { return done(.failure(.noLeader)) }
+        guard replica.raft.leader != 0 else {
+            return awaitLeader({ done(.failure($0)) }) { [self] in linearizable(done) }
+        }
         nextRequest &+= 1
         let ctx = withUnsafeBytes(of: nextRequest.littleEndian) { Array($0) }
         do {
@@ -351,6 +408,11 @@ public final class RegistryNode: @unchecked Sendable {
 
     private func expireRequests() {
         let t = now
+        if awaitingLeader.contains(where: { $0.deadline <= t }) {
+            let late = awaitingLeader.filter { $0.deadline <= t }
+            awaitingLeader.removeAll { $0.deadline <= t }
+            for w in late { w.fail(.timedOut) }
+        }
         for (id, w) in pendingWrites where w.deadline <= t {
             pendingWrites[id] = nil
             w.done(.failure(.timedOut))
@@ -359,6 +421,12 @@ public final class RegistryNode: @unchecked Sendable {
             pendingRenews[id] = nil
             r.done(0)
         }
+        for (key, ws) in pendingConf {
+            let (late, waiting) = (ws.filter { $0.deadline <= t }, ws.filter { $0.deadline > t })
+            pendingConf[key] = waiting.isEmpty ? nil : waiting
+            for w in late { w.done(.failure(.timedOut)) }
+        }
+        for (id, key) in forwardedConf where pendingConf[key] == nil { forwardedConf[id] = nil }
         for (ctx, r) in pendingReads where r.deadline <= t {
             pendingReads[ctx] = nil
             replica.cancelRead(context: ctx)
@@ -368,10 +436,11 @@ public final class RegistryNode: @unchecked Sendable {
 
     // MARK: - Peers
 
-    /// A frame from a peer, on the raft loop.
-    func receive(_ frame: PeerFrame) {
+    /// A frame from a peer, on the raft loop; `reply` answers on the connection it came on.
+    func receive(_ frame: PeerFrame, reply: @escaping PeerReply) {
         switch frame {
         case .raft(let m):
+            if removedMembers.contains(m.from) { return reply(.removed(member: m.from)) }
             replica.step(m)
             schedulePump()
         case .leaseRenew(let id, let from, let lease):
@@ -384,6 +453,26 @@ public final class RegistryNode: @unchecked Sendable {
             transport?.send(.leaseRemainingIs(requestID: id, seconds: secs), to: from)
         case .leaseRemainingIs(let id, let secs):
             pendingRenews.removeValue(forKey: id)?.done(secs)
+        case .confChange(let id, let from, let cc):
+            changeMembership(cc) { [self] r in
+                let failure: EtcdStatus? = if case .failure(let e) = r { e } else { nil }
+                transport?.send(
+                    .confChangeDone(requestID: id, code: failure?.code.rawValue ?? 0, message: failure?.message ?? ""),
+                    to: from)
+            }
+        case .confChangeDone(let id, let code, let message):
+            // Success is reported once this member applies the change (so the answer lists
+            // the members as they now are); a refusal is reported at once.
+            guard let key = forwardedConf.removeValue(forKey: id), code != 0 else { return }
+            let e = EtcdStatus(EtcdStatus.Code(rawValue: code) ?? .unavailable, message)
+            for w in pendingConf.removeValue(forKey: key) ?? [] { w.done(.failure(e)) }
+        case .membersQuery:
+            reply(.members(membersJSON()))
+        case .members:
+            break
+        case .removed(let id):
+            guard id == config.id else { return }
+            stopRemoved()
         }
     }
 
@@ -392,7 +481,8 @@ public final class RegistryNode: @unchecked Sendable {
     func renewLease(_ lease: Int64, _ done: @escaping (Int64) -> Void) {
         if replica.isLeader { return done(replica.renewLease(lease, now: now) ?? 0) }
         let leader = replica.raft.leader
-        guard leader != 0, let t = transport else { return done(0) }
+        guard leader != 0 else { return awaitLeader({ _ in done(0) }) { [self] in renewLease(lease, done) } }
+        guard let t = transport else { return done(0) }
         nextRequest &+= 1
         pendingRenews[nextRequest] = (now + config.requestTimeoutMs, done)
         t.send(.leaseRenew(requestID: nextRequest, from: config.id, lease: lease), to: leader)
@@ -405,7 +495,8 @@ public final class RegistryNode: @unchecked Sendable {
             return done(replica.lessor.remainingSeconds(id: lease, now: now))
         }
         let leader = replica.raft.leader
-        guard leader != 0, let t = transport else { return done(-1) }
+        guard leader != 0 else { return awaitLeader({ _ in done(-1) }) { [self] in leaseRemaining(lease, done) } }
+        guard let t = transport else { return done(-1) }
         nextRequest &+= 1
         pendingRenews[nextRequest] = (now + config.requestTimeoutMs, done)
         t.send(.leaseRemaining(requestID: nextRequest, from: config.id, lease: lease), to: leader)
@@ -468,8 +559,25 @@ public final class RegistryNode: @unchecked Sendable {
             // Storage failed: a member that cannot persist must not go on (etcd panics too).
             fatalError("registry: storage failure, stopping: \(error)")
         }
+        // A removed member may never hear of its removal through Raft (the leader stops
+        // replicating to it): tell it before its link goes.
+        for cc in out.confChanges where cc.kind == .remove && cc.node != config.id {
+            transport?.send(.removed(member: cc.node), to: cc.node)
+        }
+        if !out.confChanges.isEmpty || out.installedSnapshot != nil { syncPeers() }
         if let t = transport {
             for m in out.messages { t.send(.raft(m), to: m.to) }
+        }
+        for cc in out.confChanges {
+            for w in pendingConf.removeValue(forKey: ConfKey(cc)) ?? [] { w.done(.success(())) }
+            config.log("membership: \(Self.describe(cc)) applied; members now \(replica.raft.conf.members.count)")
+            if cc.kind == .remove {
+                if cc.node == config.id {
+                    stopRemoved()
+                } else if removedMembers.count < Self.maxRemovedRemembered {
+                    removedMembers.insert(cc.node)
+                }
+            }
         }
         if let idx = out.installedSnapshot {
             print("tandem registry: installed a snapshot from the leader at index \(idx)")
@@ -499,5 +607,164 @@ public final class RegistryNode: @unchecked Sendable {
                 flush(s)
             }
         }
+        releaseAwaitingLeader()
+    }
+
+    // MARK: - Membership changes
+
+    struct ConfKey: Hashable {
+        var kind: UInt8
+        var node: NodeID
+        init(_ cc: ConfChange) {
+            kind = cc.kind.rawValue
+            node = cc.node
+        }
+    }
+    /// Callers waiting for a membership change to be applied here, by change.
+    private var pendingConf: [ConfKey: [(deadline: Int64, done: (Result<Void, EtcdStatus>) -> Void)]] = [:]
+    /// Changes forwarded to the leader, by request id.
+    private var forwardedConf: [UInt64: ConfKey] = [:]
+    private var removed = false
+    /// Members whose removal this member applied (since it started): their raft messages are
+    /// answered with `.removed`, so a removed member that missed its removal stops too.
+    private var removedMembers: Set<NodeID> = []
+    /// Bound on `removedMembers` (past it, a removed member that missed its removal keeps
+    /// probing with pre-votes, which the cluster ignores, instead of being told to stop).
+    static let maxRemovedRemembered = 1_024
+
+    private func stopRemoved() {
+        guard !removed else { return }
+        removed = true
+        // The request that removed this member (if it came here) is answered: it is done.
+        for w in pendingConf.removeValue(forKey: ConfKey(ConfChange(.remove, node: config.id))) ?? [] {
+            w.done(.success(()))
+        }
+        config.log("this member was removed from the cluster; stopping")
+        config.onRemoved()
+    }
+
+    static func describe(_ cc: ConfChange) -> String {
+        let what = ["add voter", "add learner", "remove", "promote"][Int(cc.kind.rawValue)]
+        return "\(what) \(String(cc.node, radix: 16))"
+    }
+
+    /// Proposes a membership change (on the leader, which alone can validate it; a follower
+    /// forwards it there) and calls `done` once this member has applied it.
+    func changeMembership(_ cc: ConfChange, _ done: @escaping (Result<Void, EtcdStatus>) -> Void) {
+        loop.preconditionInEventLoop()
+        let leader = replica.raft.leader
+        guard leader != 0 else {
+            return awaitLeader({ done(.failure($0)) }) { [self] in changeMembership(cc, done) }
+        }
+        let key = ConfKey(cc)
+        if replica.isLeader {
+            do { try replica.proposeConfChange(cc) } catch { return done(.failure(Self.status(error))) }
+            schedulePump()
+        } else {
+            guard let t = transport else { return done(.failure(.noLeader)) }
+            nextRequest &+= 1
+            forwardedConf[nextRequest] = key
+            t.send(.confChange(requestID: nextRequest, from: config.id, cc), to: leader)
+        }
+        pendingConf[key, default: []].append((now + config.requestTimeoutMs, done))
+    }
+
+    /// etcd's MemberAdd: a new member (a learner if asked) known by its peer URLs, with an id
+    /// drawn from them and the time (as etcd does); answers the id.
+    func addMember(peerURLs: [String], learner: Bool, _ done: @escaping (Result<NodeID, EtcdStatus>) -> Void) {
+        guard !peerURLs.isEmpty, peerURLs.allSatisfy({ $0.hasPrefix("http://") && HostPort($0) != nil }) else {
+            return done(.failure(.memberBadURLs))
+        }
+        guard transport != nil else {
+            return done(
+                .failure(
+                    EtcdStatus(
+                        .failedPrecondition,
+                        "tandem: this registry runs inside another process without a peer listener; run `tandem registry` to grow a cluster"
+                    )))
+        }
+        let members = memberList()
+        let taken = Set(members.flatMap(\.peerUrls).compactMap(HostPort.init))
+        if peerURLs.contains(where: { HostPort($0).map(taken.contains) ?? false }) {
+            return done(.failure(.peerURLExists))
+        }
+        var h = FNV1a()
+        for u in peerURLs.sorted() { h.add(u) }
+        h.add(clusterID)
+        h.add(UInt64(bitPattern: RegistryIdentity.wallClock()))
+        h.add(nextRequest)
+        var id = h.value
+        while id == 0 || members.contains(where: { $0.id == id }) || replica.store.memberRecords[id] != nil { id &+= 1 }
+        let record = MemberRecord(name: "", clientURLs: [], peerURLs: peerURLs).encoded
+        changeMembership(ConfChange(learner ? .addLearner : .addVoter, node: id, context: record)) { r in
+            done(r.map { id })
+        }
+    }
+
+    /// etcd's MemberRemove and MemberPromote, with etcd's errors for an unknown member or a
+    /// promotion of a voter.
+    func removeMember(_ id: NodeID, _ done: @escaping (Result<Void, EtcdStatus>) -> Void) {
+        guard replica.raft.conf.members.contains(id) else { return done(.failure(.memberNotFound)) }
+        changeMembership(ConfChange(.remove, node: id), done)
+    }
+
+    func promoteMember(_ id: NodeID, _ done: @escaping (Result<Void, EtcdStatus>) -> Void) {
+        let conf = replica.raft.conf
+        guard conf.members.contains(id) else { return done(.failure(.memberNotFound)) }
+        guard conf.learners.contains(id) else { return done(.failure(.memberNotLearner)) }
+        changeMembership(ConfChange(.promote, node: id), done)
+    }
+
+    /// Where member `id` listens for peers: what it published, what its addition carried, or
+    /// what --initial-cluster says.
+    func peerURL(_ id: NodeID) -> String? { memberRecord(id)?.peerURLs.first ?? config.peers[id] }
+
+    /// Keeps a connection to every other member (and listens for peers once there are any).
+    func syncPeers() {
+        guard let t = transport else { return }
+        var want: [NodeID: (host: String, port: Int)] = [:]
+        for id in replica.raft.conf.members where id != config.id {
+            if let a = peerURL(id).flatMap(HostPort.init) { want[id] = (a.host, a.port) }
+        }
+        t.setPeers(want)
+        if !want.isEmpty {
+            let log = config.log
+            t.ensureListening { error in if let error { log(error) } }
+        }
+    }
+
+    /// Every member as MemberList reports it: its published record, else what its addition
+    /// carried or --initial-cluster says (etcd, too, lists a member that has not started with
+    /// no name and no client URLs).
+    func memberList() -> [Etcdserverpb_Member] {
+        let conf = replica.raft.conf
+        return conf.members.sorted().map { id in
+            var mem = Etcdserverpb_Member()
+            mem.id = id
+            mem.isLearner = conf.learners.contains(id)
+            if id == config.id {
+                mem.name = config.name
+                mem.clientUrls = config.clientURLs
+                mem.peerUrls = config.peerURLs
+            } else if let rec = memberRecord(id) {
+                mem.name = rec.name
+                mem.clientUrls = rec.clientURLs
+                mem.peerUrls = rec.peerURLs
+            } else if let url = config.peers[id] {
+                mem.name = config.names[id] ?? ""
+                mem.peerUrls = [url]
+            }
+            return mem
+        }
+    }
+
+    /// The answer to a joining member's members query: the cluster id and the member list.
+    func membersJSON() -> Bytes {
+        InitialMembership(
+            clusterID: clusterID, memberID: config.id,
+            members: memberList().map {
+                .init(id: $0.id, name: $0.name, peerURLs: $0.peerUrls, clientURLs: $0.clientUrls, learner: $0.isLearner)
+            }
+        ).encoded
     }
 }

@@ -36,16 +36,29 @@ public final class RegistryServer {
         }.wait()
     }
 
-    /// Starts the peer transport when the cluster has other members: listens on
-    /// `peerHost:peerPort` and connects out to `peers` (id → host, port).
-    public func startPeers(peerHost: String, peerPort: Int, peers: [NodeID: (host: String, port: Int)]) throws -> Int {
+    /// Starts the peer transport: connects to the other members (their addresses come from
+    /// `peers`, id → peer URL, and from the membership the member replicates) and listens on
+    /// `peerHost:peerPort` — now if `listenNow`, else once the cluster has a second member
+    /// (a single member grown with MemberAdd). Returns the bound port when listening now.
+    @discardableResult
+    public func startPeers(peerHost: String, peerPort: Int, listenNow: Bool) throws -> Int? {
         let node = self.node
-        let t = PeerTransport(loop: node.loop, group: networkGroup, peers: peers)
+        let t = PeerTransport(loop: node.loop, group: networkGroup, listenHost: peerHost, listenPort: peerPort) {
+            frame, reply in node.receive(frame, reply: reply)
+        }
         try node.loop.submit {
             node.transport = t
             t.onUnreachable = { id in node.replica.reportUnreachable(id) }
         }.wait()
-        return try t.listen(host: peerHost, port: peerPort) { frame in node.receive(frame) }
+        return listenNow ? try t.listen() : nil
+    }
+
+    /// Asks a member's peer listener for the cluster id and member list (JSON), for a member
+    /// joining with `--initial-cluster-state existing`.
+    public static func queryMembers(peer: HostPort) throws -> Bytes {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        return try PeerTransport.queryMembers(host: peer.host, port: peer.port, group: group)
     }
 
     /// Binds the client listener (port 0 picks a free port) and starts the member.

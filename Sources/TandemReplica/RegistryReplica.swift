@@ -42,6 +42,8 @@ public final class RegistryReplica {
         public var appliedEntries: [(index: UInt64, term: UInt64, digest: UInt64)] = []
         /// Set when a snapshot from the leader replaced the state machine.
         public var installedSnapshot: UInt64?
+        /// Membership changes applied, in log order (`raft.conf` already reflects them).
+        public var confChanges: [ConfChange] = []
     }
 
     public enum ReplicaError: Error, CustomStringConvertible {
@@ -184,6 +186,15 @@ public final class RegistryReplica {
                 h.add(byte: e.kind.rawValue)
                 h.add(e.data)
                 out.appliedEntries.append((e.index, e.term, h.value))
+            }
+            for e in rd.committedEntries where e.kind == .confChange {
+                guard let cc = try? ConfChange(decoding: e.data) else { continue }
+                switch cc.kind {
+                case .addVoter, .addLearner: if !cc.context.isEmpty { store.memberChanged(cc.node, added: cc.context) }
+                case .remove: store.memberChanged(cc.node, added: nil)
+                case .promote: break
+                }
+                out.confChanges.append(cc)
             }
             for e in rd.committedEntries where e.kind == .normal && !e.data.isEmpty {
                 guard let p = try? StoreProposal(decoding: e.data) else { continue }

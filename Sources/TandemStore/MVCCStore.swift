@@ -71,6 +71,20 @@ public struct MVCCStore: Sendable {
 
     public init(limits: Limits = Limits()) { self.limits = limits }
 
+    /// A membership change was applied (Raft conf-change entries, not store commands): an
+    /// added member that has not published its attributes yet is listed with what the change
+    /// carried (its peer URLs); a removed member's record and alarms go. Deterministic, so
+    /// every replica (and every snapshot) agrees on who the members are and where they listen.
+    public mutating func memberChanged(_ id: UInt64, added record: Bytes?) {
+        guard let record else {
+            memberRecords[id] = nil
+            alarms = alarms.filter { $0.memberID != id }
+            return
+        }
+        guard memberRecords[id] == nil, memberRecords.count < Self.maxMemberRecords else { return }
+        memberRecords[id] = record
+    }
+
     mutating func restore(
         revision: Int64, compactRevision: Int64, history: [Bytes: [Version]], leases: [Int64: LeaseEntry],
         eventLog: Deque<RevisionEvents>, memberRecords: [UInt64: Bytes] = [:], alarms: Set<StoreAlarm> = []

@@ -150,6 +150,24 @@ struct Registry: ParsableCommand {
         cfg.snapshotCount = snapshotCount
         cfg.snapshotCatchUpEntries = snapshotCatchupEntries
         cfg.names = Dictionary(uniqueKeysWithValues: members.map { (memberID($0.key), $0.key) })
+        // Who this member is: fixed at its first start (from the flags, or from the running
+        // cluster it joins) and kept in its data directory.
+        let membership = try initialMembership(cfg, members: members)
+        cfg.id = membership.memberID
+        cfg.clusterID = membership.clusterID
+        cfg.initialConf = membership.conf
+        cfg.peers = membership.peers
+        cfg.names = Dictionary(membership.members.map { ($0.id, $0.name) }, uniquingKeysWith: { a, _ in a })
+        cfg.names[membership.memberID] = name
+        let holder = ServerHolder()
+        cfg.onRemoved = {
+            // etcd stops a removed member. Off the raft loop, and after a grace period for
+            // the answers in flight (the MemberRemove that removed this very member).
+            Thread.detachNewThread {
+                Thread.sleep(forTimeInterval: 1)
+                holder.shutdown()
+            }
+        }
         cfg.autoCompaction = try autoCompaction()
         cfg.autoCompactionCheckMs = autoCompactionCheckMs
         cfg.log = { line in
@@ -176,15 +194,13 @@ struct Registry: ParsableCommand {
             // A runtime failure, not a usage error: one clear line, no usage banner.
             throw RuntimeError("cannot open the registry in \(dataDir): \(error)")
         }
+        holder.set(server)
         for note in server.node.recoveryNotes { print("tandem registry: \(note)") }
-        if members.count > 1 {
-            let (peerHost, peerPort) = parseURL(listenPeerUrls)!
-            var others: [NodeID: (host: String, port: Int)] = [:]
-            for (n, url) in members where n != name {
-                guard let a = parseURL(url) else { throw ValidationError("--initial-cluster: bad URL '\(url)'") }
-                others[memberID(n)] = a
-            }
-            let p = try server.startPeers(peerHost: peerHost, peerPort: peerPort, peers: others)
+        // Peers: listened for now in a cluster, or once a single member is grown (MemberAdd).
+        let (peerHost, peerPort) = parseURL(listenPeerUrls)!
+        if let p = try server.startPeers(
+            peerHost: peerHost, peerPort: peerPort, listenNow: membership.members.count > 1)
+        {
             print("tandem registry: member \(name) listening for peers on \(peerHost):\(p)")
         }
         let bound = try server.start(host: host, port: port)
@@ -205,6 +221,41 @@ struct Registry: ParsableCommand {
         print("tandem registry: member \(name) (\(String(cfg.id, radix: 16))) serving clients on \(host):\(bound)")
         fflush(nil)  // the address line must reach a piped reader now
         try server.wait()
+    }
+
+    /// This member's identity and starting membership: saved in the data directory by an
+    /// earlier start; else — the first start — from --initial-cluster for a new cluster, or
+    /// asked of the other members in --initial-cluster when joining a running one
+    /// (`--initial-cluster-state existing`); saved either way.
+    func initialMembership(_ cfg: RegistryNode.Config, members: [String: String]) throws -> InitialMembership {
+        let myPeerURL = members[name]!
+        if let saved = try InitialMembership.load(dataDir: dataDir) { return saved }
+        guard initialClusterState == "existing" else {
+            let m = InitialMembership(newCluster: cfg.peers, names: cfg.names, memberID: cfg.id)
+            try m.save(dataDir: dataDir)
+            return m
+        }
+        var failures: [String] = []
+        for (n, url) in members.sorted(by: { $0.key < $1.key }) where n != name {
+            guard let peer = HostPort(url) else { continue }
+            let answer: [UInt8]
+            do {
+                answer = try RegistryServer.queryMembers(peer: peer)
+            } catch {
+                failures.append("\(n) (\(url)): \(error)")
+                continue
+            }
+            let j: InitialMembership
+            do { j = try InitialMembership(json: answer, peerURL: myPeerURL) } catch { throw RuntimeError("\(error)") }
+            try j.save(dataDir: dataDir)
+            print(
+                "tandem registry: joined cluster \(String(j.clusterID, radix: 16)) as member \(String(j.memberID, radix: 16)) (\(j.members.count) members, asked \(n))"
+            )
+            return j
+        }
+        throw RuntimeError(
+            "--initial-cluster-state existing: no other member in --initial-cluster answered: \(failures.isEmpty ? "none listed" : failures.joined(separator: "; "))"
+        )
     }
 
     /// name → peer URL, from --initial-cluster (default: this member alone).
@@ -243,4 +294,15 @@ struct Registry: ParsableCommand {
 struct RuntimeError: Error, CustomStringConvertible {
     var description: String
     init(_ d: String) { description = d }
+}
+
+/// The server, for stopping it from another thread (a member removed from its cluster).
+final class ServerHolder: @unchecked Sendable {
+    private let lock = NSLock()
+    private var server: RegistryServer?
+    func set(_ s: RegistryServer) { lock.withLock { server = s } }
+    func shutdown() {
+        guard let s = lock.withLock({ server }) else { return }
+        try? s.shutdown()
+    }
 }

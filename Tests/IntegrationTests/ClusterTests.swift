@@ -22,7 +22,7 @@ func freePort() throws -> Int {
 /// Three `tandem registry` processes forming one cluster, each killable and restartable.
 final class ClusterUnderTest {
     let dir: TempDirectory
-    let names: [String]
+    var names: [String]
     var clientPorts: [Int] = []
     var peerPorts: [Int] = []
     var children: [String: Child] = [:]
@@ -46,7 +46,24 @@ final class ClusterUnderTest {
     func endpoint(_ n: String) -> String { "127.0.0.1:\(clientPorts[names.firstIndex(of: n)!])" }
     var endpoints: String { names.map(endpoint).joined(separator: ",") }
 
-    func start(_ n: String) throws {
+    /// A new member: `etcdctl member add` (a learner if asked), then the member started with
+    /// `--initial-cluster-state existing`. Returns its id (hex) and its start-up lines.
+    func join(_ n: String, learner: Bool) throws -> (id: String, lines: [String]) {
+        let peer = try freePort()
+        var args = ["member", "add", n, "--peer-urls=http://127.0.0.1:\(peer)"]
+        if learner { args.append("--learner") }
+        let added = try etcdctl(endpoints, args)
+        guard added.status == 0, let id = added.output.split(separator: " ").dropFirst().first else {
+            throw TestFailure("member add failed: \(added.output)")
+        }
+        names.append(n)
+        clientPorts.append(try freePort())
+        peerPorts.append(peer)
+        return (String(id), try start(n, ["--initial-cluster-state", "existing"]))
+    }
+
+    @discardableResult
+    func start(_ n: String, _ more: [String] = []) throws -> [String] {
         let i = names.firstIndex(of: n)!
         let c = try Child(
             tandemBinary(),
@@ -54,9 +71,10 @@ final class ClusterUnderTest {
                 "registry", "--name", n, "--data-dir", dir.url.appendingPathComponent(n).path,
                 "--listen-client-urls", "http://127.0.0.1:\(clientPorts[i])",
                 "--listen-peer-urls", "http://127.0.0.1:\(peerPorts[i])", "--initial-cluster", initialCluster,
-            ] + extra)
-        _ = c.readUntil { $0.contains("serving clients on") }
+            ] + extra + more)
+        let lines = c.readUntil { $0.contains("serving clients on") }
         children[n] = c
+        return lines
     }
 
     func kill9(_ n: String) { children[n]?.stop() }
@@ -158,6 +176,88 @@ struct ClusterTests {
         // A fresh cluster's store is still at revision 1 with no keys.
         let status = try etcdctl(c.endpoints, ["get", "--prefix", "", "-w", "json"]).output
         #expect(status.contains(#""revision":1"#) && !status.contains(#""kvs""#), "\(status)")
+    }
+
+    /// etcd's runtime reconfiguration with etcdctl: add a learner, start it against the running
+    /// cluster, promote it, remove a member (which then stops), restart members whose
+    /// --initial-cluster now lists the newcomer — and etcd's errors for the wrong requests.
+    @Test("member add --learner, join with --initial-cluster-state existing, promote, remove; etcd's errors")
+    func membershipChanges() throws {
+        let c = try ClusterUnderTest()
+        _ = try c.leader()
+        #expect(try etcdctl(c.endpoints, ["put", "before", "1"]).output == "OK\n")
+        // Joining without `member add` first: one clear line, a non-zero exit.
+        let stranger = try Child(
+            tandemBinary(),
+            [
+                "registry", "--name", "r9", "--data-dir", c.dir.url.appendingPathComponent("r9").path,
+                "--listen-client-urls", "http://127.0.0.1:\(try freePort())", "--listen-peer-urls",
+                "http://127.0.0.1:\(try freePort())", "--initial-cluster-state", "existing", "--initial-cluster",
+                c.initialCluster + ",r9=http://127.0.0.1:1",
+            ])
+        let refusal = stranger.readUntil { _ in false }
+        stranger.process.waitUntilExit()
+        #expect(stranger.process.terminationStatus != 0)
+        #expect(
+            refusal.contains { $0.contains("is not in the cluster") && $0.contains("etcdctl member add") }, "\(refusal)"
+        )
+        let (id, lines) = try c.join("r4", learner: true)
+        #expect(lines.contains { $0.contains("joined cluster") && $0.contains("as member \(id)") }, "\(lines)")
+        // The learner receives the log: a serializable read on it sees the earlier write.
+        var seen = ""
+        for _ in 0..<100 where seen != "1\n" {
+            seen = try etcdctl(c.endpoint("r4"), ["get", "before", "--print-value-only", "--consistency=s"]).output
+        }
+        #expect(seen == "1\n")
+        // Its name and client URL appear once it has published them (bounded polling).
+        let learnerLine = "\(id), started, r4, http://127.0.0.1:\(c.peerPorts[3]), http://\(c.endpoint("r4")), true"
+        var list = ""
+        for _ in 0..<100 where !list.contains(learnerLine) {
+            list = try etcdctl(c.endpoints, ["member", "list"]).output
+        }
+        #expect(list.contains(learnerLine), "\(list)")
+        // Promote it (bounded retries while it is still catching up: etcd's "in sync" error).
+        var promoted = (status: Int32(1), output: "")
+        for _ in 0..<50 where promoted.status != 0 {
+            promoted = try etcdctl(c.endpoints, ["member", "promote", id])
+        }
+        #expect(promoted.output.contains("Member \(id) promoted"), "\(promoted.output)")
+        #expect(try etcdctl(c.endpoints, ["member", "list"]).output.contains("\(id), started, r4, "))
+        // etcd's errors, word for word.
+        let voter = try etcdctl(c.endpoints, ["member", "promote", id]).output
+        #expect(voter.contains("etcdserver: can only promote a learner member"), "\(voter)")
+        let taken = try etcdctl(c.endpoints, ["member", "add", "x", "--peer-urls=http://127.0.0.1:\(c.peerPorts[0])"])
+        #expect(taken.status != 0 && taken.output.contains("etcdserver: Peer URLs already exists"), "\(taken.output)")
+        let unknown = try etcdctl(c.endpoints, ["member", "remove", "1234"]).output
+        #expect(unknown.contains("etcdserver: member not found"), "\(unknown)")
+        // Remove r1: it learns of it and stops; the other three go on.
+        list = try etcdctl(c.endpoints, ["member", "list"]).output
+        let r1 = try #require(list.split(separator: "\n").first { $0.contains(", r1, ") }?.split(separator: ",").first)
+        let removed = try etcdctl(c.endpoints, ["member", "remove", String(r1)]).output
+        #expect(removed.contains("Member \(r1) removed"), "\(removed)")
+        let tail = c.children["r1"]!.readUntil { _ in false }  // to EOF: the process ends
+        c.children["r1"]!.process.waitUntilExit()
+        #expect(tail.contains { $0.contains("this member was removed from the cluster; stopping") }, "\(tail)")
+        let rest = ["r2", "r3", "r4"].map(c.endpoint).joined(separator: ",")
+        let after = try etcdctl(rest, ["put", "after", "2"]).output
+        #expect(after == "OK\n", "\(after)")
+        list = try etcdctl(rest, ["member", "list"]).output
+        #expect(list.split(separator: "\n").count == 3 && !list.contains(", r1, "), "\(list)")
+        // Restarts: r2's --initial-cluster now names r4 too, and r4 keeps the id it was given;
+        // both start from the membership saved at their first start.
+        for n in ["r2", "r4"] {
+            c.kill9(n)
+            let again = try c.start(n)
+            #expect(!again.contains { $0.contains("joined cluster") }, "\(again)")
+        }
+        #expect(try etcdctl(c.endpoint("r4"), ["endpoint", "status"]).output.contains(", \(id), "))
+        var ok = false
+        for _ in 0..<50 where !ok {
+            ok = try etcdctl(rest, ["put", "restarted", "3", "--command-timeout=500ms"]).status == 0
+        }
+        #expect(ok)
+        let all = try etcdctl(rest, ["get", "--prefix", ""]).output
+        for kv in ["before\n1", "after\n2", "restarted\n3"] { #expect(all.contains(kv), "\(all)") }
     }
 
     /// Five members survive two failures, not three; acknowledged writes survive all of it.

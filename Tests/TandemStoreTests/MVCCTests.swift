@@ -260,6 +260,27 @@ struct MVCCTests {
         #expect(s.apply(.memberAttributes(id: 7, record: [])).result == .memberAttributes)  // updates still apply
     }
 
+    @Test(
+        "a membership change lists an added member by its peer URLs until it publishes; removal drops it and its alarms"
+    )
+    func membershipChangesKeepMemberRecords() throws {
+        var s = MVCCStore()
+        let rev = s.revision
+        s.memberChanged(5, added: b(#"{"name":"","peer_urls":["http://10.0.0.5:2380"]}"#))
+        #expect(s.memberRecords[5] == b(#"{"name":"","peer_urls":["http://10.0.0.5:2380"]}"#))
+        // The member's own record (published once it starts) wins over what its addition carried.
+        _ = s.apply(.memberAttributes(id: 5, record: b(#"{"name":"r5"}"#)))
+        s.memberChanged(5, added: b(#"{"name":""}"#))
+        #expect(s.memberRecords[5] == b(#"{"name":"r5"}"#))
+        _ = s.apply(.alarm(StoreAlarm(memberID: 5, kind: .noSpace), activate: true))
+        _ = s.apply(.alarm(StoreAlarm(memberID: 6, kind: .noSpace), activate: true))
+        var r = try MVCCStore(snapshot: s.snapshot())
+        #expect(r.memberRecords[5] == b(#"{"name":"r5"}"#))
+        r.memberChanged(5, added: nil)
+        #expect(r.memberRecords[5] == nil && r.alarms == [StoreAlarm(memberID: 6, kind: .noSpace)])
+        #expect(r.revision == rev)
+    }
+
     @Test("NOSPACE alarm: replicated state, sticky until lifted, refuses what takes space, kept by snapshots")
     func noSpaceAlarmCapsWrites() throws {
         var s = MVCCStore()
