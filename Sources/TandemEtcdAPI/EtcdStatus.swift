@@ -49,6 +49,8 @@ public struct EtcdStatus: Error, Equatable, CustomStringConvertible {
     public static let memberExists = EtcdStatus(.failedPrecondition, "etcdserver: member ID already exist")
     public static let peerURLExists = EtcdStatus(.failedPrecondition, "etcdserver: Peer URLs already exists")
     public static let memberBadURLs = EtcdStatus(.invalidArgument, "etcdserver: given member URLs are invalid")
+    /// etcd's ErrGPRCNotSupportedForLearner (Unavailable: clients try another member).
+    public static let notSupportedForLearner = EtcdStatus(.unavailable, "etcdserver: rpc not supported for learner")
     public static let memberNotLearner = EtcdStatus(
         .failedPrecondition, "etcdserver: can only promote a learner member")
 

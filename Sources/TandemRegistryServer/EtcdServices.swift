@@ -26,7 +26,8 @@ enum EtcdServices {
                     return
                 }
                 node.loop.execute {
-                    if let refused = node.authorize(path, token: responder.authToken) {
+                    let serializable = (req as? Etcdserverpb_RangeRequest)?.serializable == true
+                    if let refused = node.authorize(path, token: responder.authToken, serializable: serializable) {
                         return responder.finish(refused)
                     }
                     defer { node.caller = nil }
@@ -206,7 +207,8 @@ enum EtcdServices {
         m["/etcdserverpb.Lease/LeaseKeepAlive"] = .bidi(open: { responder in
             node.loop.execute {
                 if let refused = node.authorize("/etcdserverpb.Lease/LeaseKeepAlive", token: responder.authToken) {
-                    responder.finish(refused)
+                    node.caller = nil
+                    return responder.finish(refused)
                 }
                 node.caller = nil
             }

@@ -79,9 +79,16 @@ public final class RegistryNode: @unchecked Sendable {
         "/etcdserverpb.Cluster/MemberRemove", "/etcdserverpb.Cluster/MemberPromote",
     ]
 
-    /// Sets `caller` for a call to `method` with `token`, or says why it is refused.
-    func authorize(_ method: String, token: String?) -> EtcdStatus? {
+    /// Sets `caller` for a call to `method` with `token`, or says why it is refused. A
+    /// learner serves only Status and serializable reads of the etcd API (etcd's
+    /// `isRPCSupportedForLearner`); `serializable` says the call is such a read.
+    func authorize(_ method: String, token: String?, serializable: Bool = false) -> EtcdStatus? {
         caller = nil
+        if replica.raft.isLearner && method.hasPrefix("/etcdserverpb.") && !serializable
+            && method != "/etcdserverpb.Maintenance/Status"
+        {
+            return .notSupportedForLearner
+        }
         guard let auth, auth.enabled, !Self.openMethods.contains(method) else { return nil }
         switch auth.principal(token, store: replica.store, now: RegistryIdentity.wallClock()) {
         case .failure(let e): return e

@@ -209,6 +209,9 @@ struct ClusterTests {
             seen = try etcdctl(c.endpoint("r4"), ["get", "before", "--print-value-only", "--consistency=s"]).output
         }
         #expect(seen == "1\n")
+        // Anything else is refused on a learner, with etcd's error (clients try another member).
+        let onLearner = try etcdctl(c.endpoint("r4"), ["put", "x", "1"]).output
+        #expect(onLearner.contains("etcdserver: rpc not supported for learner"), "\(onLearner)")
         // Its name and client URL appear once it has published them (bounded polling).
         let learnerLine = "\(id), started, r4, http://127.0.0.1:\(c.peerPorts[3]), http://\(c.endpoint("r4")), true"
         var list = ""
