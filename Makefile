@@ -1,7 +1,9 @@
 # Tandem — build, test, demo and bench. `make test` is what CI runs on a fresh clone.
 SWIFT ?= swift
 SHELL := /bin/bash
-APT_PACKAGES := libluajit-5.1-dev pkg-config zlib1g-dev etcd-client etcd-server python3-etcd3 python3-grpcio python3-jwt python3-cryptography curl wrk
+# golang-go + golang-etcd-server-dev: Go's own etcd client (clientv3 3.4 sources) for the seed's
+# Go program in examples/registry, built offline in GOPATH mode.
+APT_PACKAGES := libluajit-5.1-dev pkg-config zlib1g-dev etcd-client etcd-server python3-etcd3 python3-grpcio python3-jwt python3-cryptography curl wrk golang-go golang-etcd-server-dev
 BUILD_LOG := .build/tandem-build.log
 
 .PHONY: all deps build test docs examples examples-run demo bench release fmt lint sim clean
