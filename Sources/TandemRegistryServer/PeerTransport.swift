@@ -25,6 +25,11 @@ enum PeerFrame: Sendable {
     /// The answer to a raft message from a member this one has seen removed: etcd's
     /// "the member has been permanently removed from the cluster"; the removed member stops.
     case removed(member: NodeID)
+    /// A piece of a large frame (a snapshot): the receiver joins the pieces in order and
+    /// reads the frame once `last` arrives. Pieces go out one at a time, so the leader's
+    /// heartbeats and appends travel between them instead of queueing behind the whole
+    /// snapshot (or being dropped while it fills the write buffer).
+    case chunk(last: Bool, Bytes)
 
     func encoded() -> [UInt8] {
         var w = ByteWriter()
@@ -68,6 +73,10 @@ enum PeerFrame: Sendable {
         case .removed(let id):
             w.u8(9)
             w.varint(id)
+        case .chunk(let last, let bytes):
+            w.u8(10)
+            w.u8(last ? 1 : 0)
+            w.blob(bytes)
         }
         return w.bytes
     }
@@ -88,6 +97,7 @@ enum PeerFrame: Sendable {
         case 7: self = .membersQuery
         case 8: self = .members(try r.blob())
         case 9: self = .removed(member: try r.varint())
+        case 10: self = .chunk(last: try r.u8() == 1, try r.blob())
         case let t: throw .badTag(what: "peer frame", tag: UInt64(t), offset: 0)
         }
     }
@@ -123,13 +133,29 @@ typealias PeerDeliver = @Sendable (PeerFrame, @escaping PeerReply) -> Void
 final class PeerInboundHandler: ChannelInboundHandler {
     typealias InboundIn = [UInt8]
     let deliver: PeerDeliver
+    /// The pieces of a chunked frame received so far (bounded by `maxFrameBytes`).
+    private var partial: [UInt8] = []
     init(deliver: @escaping PeerDeliver) { self.deliver = deliver }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         // A peer that sends garbage is disconnected; Raft treats it as message loss.
-        guard let frame = try? PeerFrame(decoding: unwrapInboundIn(data)) else {
+        guard var frame = try? PeerFrame(decoding: unwrapInboundIn(data)) else {
             context.close(promise: nil)
             return
+        }
+        if case .chunk(let last, let bytes) = frame {
+            guard partial.count + bytes.count <= PeerTransport.maxFrameBytes else {
+                context.close(promise: nil)
+                return
+            }
+            partial += bytes
+            guard last else { return }
+            defer { partial = [] }
+            guard let whole = try? PeerFrame(decoding: partial) else {
+                context.close(promise: nil)
+                return
+            }
+            frame = whole
         }
         let channel = context.channel
         deliver(frame) { answer in
@@ -149,6 +175,8 @@ final class PeerTransport: @unchecked Sendable {
     /// Bytes queued to one peer before frames are dropped (Raft resends what is lost).
     static let writeBufferHighBytes = 16 << 20
     static let writeBufferLowBytes = 8 << 20
+    /// Frames larger than this (snapshots) travel in pieces of this size, one write at a time.
+    static let chunkBytes = 256 << 10
 
     /// Touched only on the raft loop (NIO callbacks hop there first).
     final class Link: @unchecked Sendable {
@@ -162,6 +190,11 @@ final class PeerTransport: @unchecked Sendable {
         var dropped = 0
         /// No longer a member: no reconnects.
         var removed = false
+        /// Pieces of a large frame still to send, one write at a time (`chunkInFlight`);
+        /// `chunksStarted` once the first went out (the rest must follow on that connection).
+        var chunks: [[UInt8]] = []
+        var chunkInFlight = false
+        var chunksStarted = false
         init(id: NodeID, host: String, port: Int) {
             self.id = id
             self.host = host
@@ -252,6 +285,17 @@ final class PeerTransport: @unchecked Sendable {
         loop.preconditionInEventLoop()
         guard let link = links[peer] else { return }
         let bytes = frame.encoded()
+        if bytes.count > Self.chunkBytes {
+            // At most one large frame queued: a newer one replaces one not yet started (Raft
+            // retries a snapshot that does not arrive).
+            if link.chunksStarted {
+                link.dropped += 1
+            } else {
+                link.chunks = Self.pieces(bytes)
+            }
+            if link.channel?.isActive == true { sendChunk(link) } else { connect(link) }
+            return
+        }
         if let ch = link.channel, ch.isActive {
             // Past NIO's write-buffer watermark the peer is not keeping up: drop, Raft resends.
             guard ch.isWritable else {
@@ -267,6 +311,29 @@ final class PeerTransport: @unchecked Sendable {
             link.dropped += 1
         }
         connect(link)
+    }
+
+    /// `bytes` as `.chunk` frames of at most `chunkBytes` each, encoded.
+    static func pieces(_ bytes: [UInt8]) -> [[UInt8]] {
+        stride(from: 0, to: bytes.count, by: chunkBytes).map { start in
+            let end = min(start + chunkBytes, bytes.count)
+            return PeerFrame.chunk(last: end == bytes.count, Array(bytes[start..<end])).encoded()
+        }
+    }
+
+    /// Writes the next piece of the large frame once the previous one is written; a failed
+    /// write (the connection went) drops the rest, and the receiver drops what it had.
+    private func sendChunk(_ link: Link) {
+        guard !link.chunkInFlight, !link.chunks.isEmpty, let ch = link.channel, ch.isActive else { return }
+        link.chunkInFlight = true
+        link.chunksStarted = true
+        let piece = link.chunks.removeFirst()
+        ch.writeAndFlush(Self.frame(piece, ch)).hop(to: loop).whenComplete { [self] r in
+            link.chunkInFlight = false
+            if case .failure = r { link.chunks = [] }
+            if link.chunks.isEmpty { link.chunksStarted = false }
+            sendChunk(link)
+        }
     }
 
     /// `[u32 length][frame]`.
@@ -314,8 +381,14 @@ final class PeerTransport: @unchecked Sendable {
                     link.backlog = []
                     for bytes in pending { ch.write(Self.frame(bytes, ch), promise: nil) }
                     ch.flush()
+                    sendChunk(link)
                     ch.closeFuture.hop(to: loop).whenComplete { [self] _ in
                         link.channel = nil
+                        // A large frame cut off midway cannot resume on a new connection.
+                        if link.chunksStarted {
+                            link.chunks = []
+                            link.chunksStarted = false
+                        }
                         onUnreachable(link.id)
                     }
                 case .failure:
@@ -324,7 +397,7 @@ final class PeerTransport: @unchecked Sendable {
                     let delay = link.backoffMs
                     link.backoffMs = min(link.backoffMs * 2, 1_000)
                     loop.scheduleTask(in: .milliseconds(delay)) { [self] in
-                        if !link.backlog.isEmpty { connect(link) }
+                        if !link.backlog.isEmpty || !link.chunks.isEmpty { connect(link) }
                     }
                 }
             }

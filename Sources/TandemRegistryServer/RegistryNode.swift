@@ -475,8 +475,8 @@ public final class RegistryNode: @unchecked Sendable {
             for w in pendingConf.removeValue(forKey: key) ?? [] { w.done(.failure(e)) }
         case .membersQuery:
             reply(.members(membersJSON()))
-        case .members:
-            break
+        case .members, .chunk:
+            break  // answers and pieces are consumed by the transport
         case .removed(let id):
             guard id == config.id else { return }
             stopRemoved()
@@ -587,7 +587,9 @@ public final class RegistryNode: @unchecked Sendable {
             }
         }
         if let idx = out.installedSnapshot {
-            print("tandem registry: installed a snapshot from the leader at index \(idx)")
+            print(
+                "tandem registry: installed a snapshot from the leader at index \(idx) (\(out.installedSnapshotBytes / 1024) KiB)"
+            )
             fflush(nil)
         }
         if out.roleChanged {

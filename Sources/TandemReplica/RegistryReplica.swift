@@ -40,8 +40,9 @@ public final class RegistryReplica {
         public var roleChanged = false
         /// Position and digest of every entry applied, for checkers and audits.
         public var appliedEntries: [(index: UInt64, term: UInt64, digest: UInt64)] = []
-        /// Set when a snapshot from the leader replaced the state machine.
+        /// Set when a snapshot from the leader replaced the state machine (its index and size).
         public var installedSnapshot: UInt64?
+        public var installedSnapshotBytes = 0
         /// Membership changes applied, in log order (`raft.conf` already reflects them).
         public var confChanges: [ConfChange] = []
     }
@@ -180,7 +181,10 @@ public final class RegistryReplica {
                 store = try MVCCStore(snapshot: s.data, limits: options.store)
                 lastSnapshotIndex = s.metadata.index
             }
-            if let s = rd.snapshot { out.installedSnapshot = s.metadata.index }
+            if let s = rd.snapshot {
+                out.installedSnapshot = s.metadata.index
+                out.installedSnapshotBytes = s.data.count
+            }
             for e in rd.committedEntries {
                 var h = FNV1a()
                 h.add(byte: e.kind.rawValue)

@@ -134,15 +134,34 @@ struct ClusterTests {
         // Every acknowledged write is readable (some unacknowledged ones may be too).
         var seen = try readAll(live)
         for (k, v) in acked { #expect(seen[k] == v, "acknowledged write \(k)=\(v) is missing") }
+        // 400 KiB more while it is down, so the snapshot it needs is larger than a peer frame
+        // piece (PeerTransport.chunkBytes, 256 KiB): it travels in pieces, between heartbeats.
+        let value = String(repeating: "x", count: 1_024)
+        for t in 0..<4 {
+            let ops = (0..<100).map { "put bulk/\(t)-\($0) \(value)" }.joined(separator: "\n")
+            let r = try etcdctl(live, ["txn"], stdin: "\n" + ops + "\n\n\n")
+            #expect(r.status == 0 && r.output.hasPrefix("SUCCESS"), "\(r.output.prefix(200))")
+        }
+        // Enough entries after it that the leader's newest snapshot holds the bulk.
+        for j in 0..<25 {
+            var ok = false
+            for _ in 0..<20 where !ok { ok = try put("k-after-\(j)", "v", live) }
+            #expect(ok)
+        }
         // The killed member, far behind the compacted log, catches up by snapshot.
         try c.start(first)
         let log = c.children[first]!.readUntil { $0.contains("installed a snapshot") }
         #expect(log.last?.contains("installed a snapshot from the leader") == true)
+        // Larger than one piece: it came in several (the only way a frame that size is sent).
+        let kib = log.last.flatMap { $0.split(separator: "(").last?.split(separator: " ").first }.flatMap { Int($0) }
+        #expect((kib ?? 0) > 256, "\(log.last ?? "")")
         var caughtUp = false
         for _ in 0..<400 where !caughtUp {
             caughtUp = try readAll(c.endpoint(first), serializable: true).count >= acked.count
         }
         #expect(caughtUp)
+        let bulk = try etcdctl(c.endpoint(first), ["get", "--prefix", "bulk/", "--keys-only", "--consistency=s"]).output
+        #expect(bulk.split(separator: "\n").filter { $0.hasPrefix("bulk/") }.count == 400, "\(bulk.prefix(300))")
         // Restart every member: still every acknowledged write.
         for n in c.names { c.kill9(n) }
         for n in c.names { try c.start(n) }
