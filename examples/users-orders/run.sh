@@ -40,7 +40,7 @@ echo "== 2. 300 calls to orders, which calls users by name (users-2 answers 30% 
 ok=0; declare -A by
 for i in $(seq 300); do
   out=$(curl -s -D - -o /dev/null "http://127.0.0.1:$OIN/order/1")
-  code=$(echo "$out" | head -1 | awk '{print $2}')
+  code=$(head -1 <<<"$out" | awk '{print $2}')
   inst=$(echo "$out" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-users-instance"{print $2}')
   [ "$code" = "200" ] && ok=$((ok+1))
   by[${inst:-none}]=$(( ${by[${inst:-none}]:-0} + 1 ))
@@ -98,7 +98,7 @@ curl -s -X POST --data 1 "http://127.0.0.1:$U2/admin/fail-rate" > /dev/null
 for i in $(seq 12); do
   out=$(curl -s -w "\n%{http_code}" "http://127.0.0.1:$OIN/order/1")
   r=$(echo "$out" | tail -1)
-  e=$(echo "$out" | head -1 | $PY -c 'import json,sys; d=json.load(sys.stdin); print(d.get("tandem-error") or d.get("message"))')
+  e=$(head -1 <<<"$out" | $PY -c 'import json,sys; d=json.load(sys.stdin); print(d.get("tandem-error") or d.get("message"))')
   printf "   call %2d: orders answered %s (%s)\n" "$i" "$r" "$e"
 done
 check "the breaker opened (orders answered circuit-open)" "$(metric orders tandem_cluster_breaker_trips)" '>=' 1
