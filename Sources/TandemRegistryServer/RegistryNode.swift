@@ -242,6 +242,10 @@ public final class RegistryNode: @unchecked Sendable {
     public func start() {
         loop.preconditionInEventLoop()
         installSnapshotter()
+        replica.sendEarly = { [self] messages in
+            guard let t = transport else { return }
+            for m in messages { t.send(.raft(m), to: m.to) }
+        }
         if replica.raft.conf.voters == [config.id] {
             replica.step(Message(kind: .timeoutNow, to: config.id, term: replica.raft.term))
         }

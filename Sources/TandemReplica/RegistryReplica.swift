@@ -171,11 +171,17 @@ public final class RegistryReplica {
         var out = Output()
         while raft.hasReady {
             let rd = raft.ready()
+            // A leader's messages may leave before its own write (Raft thesis §10.2.1: it
+            // appends in parallel with its followers, and counts itself for commit only once
+            // durable) — so with `sendEarly` they do, and the fsyncs overlap. Everyone else
+            // sends only what is persisted (a vote, an acknowledged entry).
+            let early = rd.role == .leader ? sendEarly : nil
+            if let early, !rd.messages.isEmpty { early(rd.messages) }
             // 1. Persist: snapshot first, then entries and hard state in one fsync.
             if let s = rd.snapshot { try log.saveSnapshot(s) }
             try log.save(hardState: rd.hardState, entries: rd.entries)
             // 2. Send (the shell delivers them after we return).
-            out.messages.append(contentsOf: rd.messages)
+            if early == nil { out.messages.append(contentsOf: rd.messages) }
             // 3. Apply.
             if let s = rd.snapshot {
                 store = try MVCCStore(snapshot: s.data, limits: options.store)
@@ -243,6 +249,10 @@ public final class RegistryReplica {
         pendingReads = still
         return out
     }
+
+    /// When set, a leader's messages of each round are handed here before that round's
+    /// fsync instead of being returned in `Output.messages` (the shell sends them at once).
+    public var sendEarly: (([Message]) -> Void)?
 
     /// When set, snapshots are taken off the caller's thread: the replica hands over a copy
     /// of the store (copy-on-write, so O(1) here) with the metadata; the shell encodes and

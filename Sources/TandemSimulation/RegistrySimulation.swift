@@ -367,6 +367,9 @@ private final class World {
         do {
             let r = try RegistryReplica(
                 options: opts, initialConf: m.initialConf, fs: m.disk, random: rng.fork())
+            // As the server does: a leader's messages leave before its fsync (which may then
+            // crash), so the checkers see that ordering under faults.
+            r.sendEarly = { [unowned self] in for msg in $0 { send(msg) } }
             m.replica = r
             m.incarnation += 1
             report.tornTailsTruncated += r.recoveryNotes.filter { $0.contains("torn tail") }.count

@@ -98,3 +98,72 @@ struct ReplicaTests {
         #expect(r.replica.store.lease(7) == nil)
     }
 }
+
+/// Three members on simulated disks, messages delivered by hand, each with `sendEarly` set.
+@Suite("RegistryReplica: a leader's messages leave before its fsync, nobody else's do")
+struct SendEarlyTests {
+    final class Member {
+        let disk = SimDisk(random: SeededRandom(seed: 3))
+        let replica: RegistryReplica
+        /// Messages the hook was given, with the disk's operation count at that moment.
+        var early: [(messages: [Message], diskOps: Int)] = []
+        init(_ id: NodeID) throws {
+            var o = RegistryReplica.Options(id: id)
+            o.tickMs = 100
+            replica = try RegistryReplica(
+                options: o, initialConf: ConfState(voters: [1, 2, 3]), fs: disk, random: SeededRandom(seed: id))
+            replica.sendEarly = { [unowned self] in early.append(($0, disk.operations)) }
+        }
+    }
+
+    @Test("the leader's appends go out before the write that makes them durable; a follower's acks only after")
+    func leaderSendsBeforeItsFsync() throws {
+        let m = try [1, 2, 3].map { try Member(NodeID($0)) }
+        var inFlight: [Message] = []
+        func round() throws {
+            for x in m {
+                let before = x.early.count
+                let out = try x.replica.process(now: 0)
+                inFlight += out.messages
+                inFlight += x.early[before...].flatMap(\.messages)
+                if x.replica.raft.role != .leader {
+                    #expect(x.early.count == before, "member \(x.replica.id) is not the leader")
+                }
+            }
+            let now = inFlight
+            inFlight = []
+            for msg in now { m[Int(msg.to) - 1].replica.step(msg) }
+        }
+        m[0].replica.step(Message(kind: .timeoutNow, to: 1, term: m[0].replica.raft.term))
+        for _ in 0..<10 { try round() }
+        #expect(m[0].replica.isLeader)
+        let opsBefore = m[0].disk.operations
+        let hooked = m[0].early.count
+        try m[0].replica.propose(.put(PutRequest(key: Array("k".utf8), value: [1])), requestID: 7)
+        let out = try m[0].replica.process(now: 0)
+        // The append carrying the new entry was handed over before the leader wrote it.
+        let sent = try #require(
+            m[0].early.dropFirst(hooked).first { $0.messages.contains { $0.kind == .append && !$0.entries.isEmpty } })
+        #expect(sent.diskOps == opsBefore)
+        #expect(m[0].disk.operations > opsBefore)
+        #expect(out.messages.isEmpty)
+        #expect(out.applied.isEmpty)  // not committed: the followers have not acknowledged yet
+        inFlight = m[0].early.dropFirst(hooked).flatMap(\.messages)
+        for msg in inFlight { m[Int(msg.to) - 1].replica.step(msg) }
+        inFlight = []
+        var applied: [UInt64] = []
+        for _ in 0..<10 {
+            for x in m {
+                let before = x.early.count
+                let o = try x.replica.process(now: 0)
+                inFlight += o.messages + x.early[before...].flatMap(\.messages)
+                if x === m[0] { applied += o.applied.map(\.requestID) }
+            }
+            let now = inFlight
+            inFlight = []
+            for msg in now { m[Int(msg.to) - 1].replica.step(msg) }
+        }
+        #expect(applied == [7])
+        #expect(m[1].replica.store.revision == m[0].replica.store.revision)
+    }
+}
