@@ -374,30 +374,31 @@ enum EtcdServices {
                     })
             }
         }
-        unary("/etcdserverpb.Cluster/MemberRemove", Etcdserverpb_MemberRemoveRequest.self) {
-            (pb, n, done: @escaping (Result<Etcdserverpb_MemberRemoveResponse, EtcdStatus>) -> Void) in
-            n.removeMember(pb.id) { r in
-                done(
-                    r.map {
-                        var out = Etcdserverpb_MemberRemoveResponse()
-                        out.header = n.header
-                        out.members = n.memberList()
-                        return out
-                    })
+        /// MemberRemove and MemberPromote: the change, then the members as they now are.
+        func change<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message & MembersAnswer>(
+            _ path: String, _ type: Req.Type, _: Resp.Type,
+            _ apply: @escaping @Sendable (RegistryNode, Req, @escaping (Result<Void, EtcdStatus>) -> Void) -> Void
+        ) {
+            unary(path, type) { (pb, n, done: @escaping (Result<Resp, EtcdStatus>) -> Void) in
+                apply(n, pb) { r in
+                    done(
+                        r.map {
+                            var out = Resp()
+                            out.header = n.header
+                            out.members = n.memberList()
+                            return out
+                        })
+                }
             }
         }
-        unary("/etcdserverpb.Cluster/MemberPromote", Etcdserverpb_MemberPromoteRequest.self) {
-            (pb, n, done: @escaping (Result<Etcdserverpb_MemberPromoteResponse, EtcdStatus>) -> Void) in
-            n.promoteMember(pb.id) { r in
-                done(
-                    r.map {
-                        var out = Etcdserverpb_MemberPromoteResponse()
-                        out.header = n.header
-                        out.members = n.memberList()
-                        return out
-                    })
-            }
-        }
+        change(
+            "/etcdserverpb.Cluster/MemberRemove", Etcdserverpb_MemberRemoveRequest.self,
+            Etcdserverpb_MemberRemoveResponse.self
+        ) { n, pb, done in n.removeMember(pb.id, done) }
+        change(
+            "/etcdserverpb.Cluster/MemberPromote", Etcdserverpb_MemberPromoteRequest.self,
+            Etcdserverpb_MemberPromoteResponse.self
+        ) { n, pb, done in n.promoteMember(pb.id, done) }
         // grpc.health.v1.Health/Check → HealthCheckResponse{status: SERVING (1)}, hand-encoded.
         m["/grpc.health.v1.Health/Check"] = .unary { _, responder in
             responder.send([0x08, 0x01])
@@ -429,3 +430,11 @@ enum EtcdServices {
         }
     }
 }
+
+/// The membership answers that carry the member list after a change.
+protocol MembersAnswer {
+    var header: Etcdserverpb_ResponseHeader { get set }
+    var members: [Etcdserverpb_Member] { get set }
+}
+extension Etcdserverpb_MemberRemoveResponse: MembersAnswer {}
+extension Etcdserverpb_MemberPromoteResponse: MembersAnswer {}
