@@ -159,6 +159,12 @@ struct Registry: ParsableCommand {
         cfg.peers = membership.peers
         cfg.names = Dictionary(membership.members.map { ($0.id, $0.name) }, uniquingKeysWith: { a, _ in a })
         cfg.names[membership.memberID] = name
+        if initialCluster != nil, Set(membership.peers.values) != Set(members.values) {
+            // As etcd: once the data dir exists, its membership counts, not the flags.
+            print(
+                "tandem registry: --initial-cluster is ignored: \(dataDir)/\(InitialMembership.fileName) fixed this member's cluster at its first start (membership changes since come from the log)"
+            )
+        }
         let holder = ServerHolder()
         cfg.onRemoved = {
             // etcd stops a removed member. Off the raft loop, and after a grace period for
