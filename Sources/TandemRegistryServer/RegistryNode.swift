@@ -178,7 +178,7 @@ public final class RegistryNode: @unchecked Sendable {
     public init(config: Config, loop: any EventLoop, wallClockMs: UInt64) throws {
         self.config = config
         self.loop = loop
-        clusterID = config.clusterID ?? Self.clusterID(peers: config.peers)
+        clusterID = config.clusterID ?? InitialMembership.clusterID(peers: config.peers)
         // Request ids unique across members and restarts (etcd's idutil): member id in the top
         // 16 bits, then the start time in ms, then a counter.
         nextRequest = (config.id & 0xFFFF) << 48 | ((wallClockMs & 0xFF_FFFF_FFFF) << 8)
@@ -192,16 +192,6 @@ public final class RegistryNode: @unchecked Sendable {
         replica = try RegistryReplica(
             options: o, initialConf: config.initialConf ?? ConfState(voters: Set(config.peers.keys)), fs: fs,
             random: SeededRandom(seed: wallClockMs ^ config.id))
-    }
-
-    /// A new cluster's id, from its initial members and their peer URLs.
-    public static func clusterID(peers: [NodeID: String]) -> UInt64 {
-        var h = FNV1a()
-        for (id, url) in peers.sorted(by: { $0.key < $1.key }) {
-            h.add(id)
-            h.add(url)
-        }
-        return h.value
     }
 
     /// Encodes and writes snapshots, so the raft loop never stalls on them.
@@ -635,6 +625,8 @@ public final class RegistryNode: @unchecked Sendable {
     }
     /// Callers waiting for a membership change to be applied here, by change.
     private var pendingConf: [ConfKey: [(deadline: Int64, done: (Result<Void, EtcdStatus>) -> Void)]] = [:]
+    /// Bound on callers waiting for membership changes (they are one at a time in Raft).
+    static let maxPendingConf = 1_024
     /// Changes forwarded to the leader, by request id.
     private var forwardedConf: [UInt64: ConfKey] = [:]
     private var removed = false
@@ -670,6 +662,9 @@ public final class RegistryNode: @unchecked Sendable {
             return awaitLeader({ done(.failure($0)) }) { [self] in changeMembership(cc, done) }
         }
         let key = ConfKey(cc)
+        guard pendingConf.values.reduce(0, { $0 + $1.count }) < Self.maxPendingConf else {
+            return done(.failure(.tooManyRequests))
+        }
         if replica.isLeader {
             do { try replica.proposeConfChange(cc) } catch { return done(.failure(Self.status(error))) }
             schedulePump()
@@ -685,8 +680,9 @@ public final class RegistryNode: @unchecked Sendable {
     /// etcd's MemberAdd: a new member (a learner if asked) known by its peer URLs, with an id
     /// drawn from them and the time (as etcd does); answers the id.
     func addMember(peerURLs: [String], learner: Bool, _ done: @escaping (Result<NodeID, EtcdStatus>) -> Void) {
-        guard !peerURLs.isEmpty, peerURLs.allSatisfy({ $0.hasPrefix("http://") && HostPort($0) != nil }) else {
-            return done(.failure(.memberBadURLs))
+        let members = memberList()
+        if let refusal = InitialMembership.refusal(adding: peerURLs, members: members.map(\.peerUrls)) {
+            return done(.failure(refusal))
         }
         guard transport != nil else {
             return done(
@@ -696,18 +692,10 @@ public final class RegistryNode: @unchecked Sendable {
                         "tandem: this registry runs inside another process without a peer listener; run `tandem registry` to grow a cluster"
                     )))
         }
-        let members = memberList()
-        let taken = Set(members.flatMap(\.peerUrls).compactMap(HostPort.init))
-        if peerURLs.contains(where: { HostPort($0).map(taken.contains) ?? false }) {
-            return done(.failure(.peerURLExists))
-        }
-        var h = FNV1a()
-        for u in peerURLs.sorted() { h.add(u) }
-        h.add(clusterID)
-        h.add(UInt64(bitPattern: RegistryIdentity.wallClock()))
-        h.add(nextRequest)
-        var id = h.value
-        while id == 0 || members.contains(where: { $0.id == id }) || replica.store.memberRecords[id] != nil { id &+= 1 }
+        let id = InitialMembership.newMemberID(
+            peerURLs: peerURLs, clusterID: clusterID,
+            salt: [UInt64(bitPattern: RegistryIdentity.wallClock()), nextRequest],
+            taken: Set(members.map(\.id)).union(replica.store.memberRecords.keys))
         let record = MemberRecord(name: "", clientURLs: [], peerURLs: peerURLs).encoded
         changeMembership(ConfChange(learner ? .addLearner : .addVoter, node: id, context: record)) { r in
             done(r.map { id })
