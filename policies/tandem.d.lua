@@ -373,5 +373,6 @@ tandem.shared = nil
 ---@class tandem.config.identity
 ---@field mode? "require"|"permissive"|"off" `permissive` admits callers without a token as anonymous (routes with `allow` still refuse them). (default: require with a join token, else off)
 ---@field proof? boolean Attach and require proofs of possession on every request. (default: the mesh setting)
+---@field proof_kind? "mac"|"signature" Proofs this sidecar attaches: an HMAC under a key agreed with the callee instance's published proof key (a few µs; signed proofs for callees that publish none), or always an Ed25519 signature (~30 µs to sign, ~110 µs to check). Inbound sidecars accept both. (default: "mac")
 ---@field default? "allow"|"deny" Inbound routes without `allow`: everyone, or nobody. (default: the mesh setting (allow))
 ---@field token_ttl_s? integer Lifetime of the tokens this sidecar asks for. (default: 300)

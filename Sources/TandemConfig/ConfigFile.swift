@@ -105,6 +105,13 @@ public enum ConfigFile {
                 c.identity.mode = mode
             }
             if let p = id["proof"] { c.identity.proof = try r.bool(p, "identity.proof") }
+            if let k = id["proof_kind"] {
+                let text = try r.string(k, "identity.proof_kind")
+                guard let kind = ProofKind(rawValue: text) else {
+                    throw r.fail("identity.proof_kind", "expected \"mac\" or \"signature\", got \"\(text)\"")
+                }
+                c.identity.proofKind = kind
+            }
             if let d = id["default"] {
                 let text = try r.string(d, "identity.default")
                 guard let access = DefaultAccess(rawValue: text) else {

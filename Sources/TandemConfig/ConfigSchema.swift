@@ -541,6 +541,10 @@ public enum ConfigSchema {
                     "proof", "boolean", "the mesh setting", "Attach and require proofs of possession on every request.",
                     example: "true"),
                 .init(
+                    "proof_kind", "\"mac\" or \"signature\"", "\"mac\"",
+                    "Proofs this sidecar attaches: an HMAC under a key agreed with the callee instance's published proof key (a few µs; signed proofs for callees that publish none), or always an Ed25519 signature (~30 µs to sign, ~110 µs to check). Inbound sidecars accept both.",
+                    example: #""signature""#),
+                .init(
                     "default", "\"allow\" or \"deny\"", "the mesh setting (allow)",
                     "Inbound routes without `allow`: everyone, or nobody.", example: #""deny""#),
                 .init(

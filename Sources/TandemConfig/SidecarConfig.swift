@@ -67,6 +67,9 @@ public struct IdentitySettings: Sendable, Equatable {
     /// Proof of possession on every request: attached to every outbound request, required on
     /// every inbound one. nil = the mesh's setting (`tandem registry --identity-proof`).
     public var proof: Bool?
+    /// Which proofs this sidecar attaches: MAC proofs for callee instances that publish a
+    /// proof key (signed ones for the others), or always signed ones.
+    public var proofKind: ProofKind = .mac
     /// What an inbound route without an `allow` list admits; nil = the mesh's setting
     /// (`tandem registry --identity-default`), allow if it has none.
     public var defaultAccess: DefaultAccess?

@@ -31,25 +31,41 @@ public enum Base64URL {
 
     /// nil for anything that is not canonical unpadded base64url.
     public static func decode(_ text: some Collection<UInt8>) -> [UInt8]? {
+        // Contiguous bytes (arrays, native strings and their slices) decode without a generic
+        // iterator — the difference is most of a MAC proof check.
+        if let r = text.withContiguousStorageIfAvailable({ decode(buffer: $0) }) { return r }
+        return Array(text).withUnsafeBufferPointer { decode(buffer: $0) }
+    }
+
+    private static func decode(buffer text: UnsafeBufferPointer<UInt8>) -> [UInt8]? {
         let n = text.count
         if n % 4 == 1 { return nil }
-        var out: [UInt8] = []
-        out.reserveCapacity(n * 3 / 4)
-        var acc: UInt32 = 0
-        var bits = 0
-        for c in text {
-            let v = values[Int(c)]
-            if v == 0xFF { return nil }
-            acc = acc << 6 | UInt32(v)
-            bits += 6
-            if bits >= 8 {
-                bits -= 8
-                out.append(UInt8(truncatingIfNeeded: acc >> UInt32(bits)))
+        return values.withUnsafeBufferPointer { values -> [UInt8]? in
+            var failed = false
+            let out = [UInt8](unsafeUninitializedCapacity: n * 3 / 4) { out, count in
+                var acc: UInt32 = 0
+                var bits: UInt32 = 0
+                var k = 0
+                for c in text {
+                    let v = values[Int(c)]
+                    if v == 0xFF {
+                        failed = true
+                        break
+                    }
+                    acc = acc << 6 | UInt32(v)
+                    bits += 6
+                    if bits >= 8 {
+                        bits -= 8
+                        out[k] = UInt8(truncatingIfNeeded: acc >> bits)
+                        k += 1
+                    }
+                }
+                // Leftover bits must be zero (canonical form).
+                if bits > 0, acc & ((1 << bits) - 1) != 0 { failed = true }
+                count = k
             }
+            return failed ? nil : out
         }
-        // Leftover bits must be zero (canonical form).
-        if bits > 0, acc & ((1 << UInt32(bits)) - 1) != 0 { return nil }
-        return out
     }
 
     public static func decode(_ s: Substring) -> [UInt8]? { decode(s.utf8) }

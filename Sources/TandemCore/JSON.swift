@@ -1,6 +1,8 @@
 /// Minimal JSON string quoting (cores have no Foundation).
 public enum JSON {
     public static func quote(_ s: String) -> String {
+        // Most strings (names, base64url, numbers as text) need no escape: one copy.
+        if s.utf8.allSatisfy({ $0 >= 0x20 && $0 != 0x22 && $0 != 0x5C }) { return "\"" + s + "\"" }
         var out = "\""
         for scalar in s.unicodeScalars {
             switch scalar {

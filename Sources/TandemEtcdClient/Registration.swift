@@ -14,10 +14,18 @@ public struct ServiceInstance: Codable, Sendable, Equatable {
     public var metadata: [String: String]
     /// "passing" once the app's health check passes; "critical" while it fails; "starting".
     public var health: String
+    /// base64url of the instance sidecar's X25519 proof key, when it checks MAC proofs of
+    /// possession (docs/security.md).
+    public var proofKey: String?
+
+    enum CodingKeys: String, CodingKey {
+        case service, instance, address, port, `protocol`, zone, metadata, health
+        case proofKey = "proof_key"
+    }
 
     public init(
         service: String, instance: String, address: String, port: Int, protocol: String = "http",
-        zone: String? = nil, metadata: [String: String] = [:], health: String = "starting"
+        zone: String? = nil, metadata: [String: String] = [:], health: String = "starting", proofKey: String? = nil
     ) {
         self.service = service
         self.instance = instance
@@ -27,6 +35,7 @@ public struct ServiceInstance: Codable, Sendable, Equatable {
         self.zone = zone
         self.metadata = metadata
         self.health = health
+        self.proofKey = proofKey
     }
 
     public static func key(service: String, instance: String) -> String { "/tandem/services/\(service)/\(instance)" }

@@ -84,9 +84,12 @@ public struct InboundAuthenticator: Sendable {
     public var tokens: TokenVerifier
     public var proofs: ProofVerifier
 
-    public init(issuer: String, service: String, limits: IdentityLimits = IdentityLimits()) {
+    /// `agreement`: this sidecar's X25519 proof key, for MAC proofs (nil: EdDSA proofs only).
+    public init(
+        issuer: String, service: String, limits: IdentityLimits = IdentityLimits(), agreement: AgreementKey? = nil
+    ) {
         tokens = TokenVerifier(issuer: issuer, audience: service, limits: limits)
-        proofs = ProofVerifier(limits: limits)
+        proofs = ProofVerifier(limits: limits, agreement: agreement)
     }
 
     /// The verified caller (nil: anonymous, admitted by the rules), or why the request is refused.

@@ -58,6 +58,8 @@ public struct IdentityLimits: Sendable, Equatable {
     public var tokenCacheEntries = 4096
     /// Proof nonces remembered for replay detection; beyond this, proofs are refused (503).
     public var replayCacheEntries = 1 << 20
+    /// MAC keys agreed with callers' proof keys, remembered (a miss costs one X25519).
+    public var proofKeyCacheEntries = 4096
     public init() {}
 }
 
@@ -177,5 +179,93 @@ public struct KeyPair: Sendable {
         // Ed25519 signing only fails for invalid keys, which the initializer refuses.
         guard let s = try? privateKey.signature(for: message) else { return [] }
         return Array(s)
+    }
+}
+
+/// A sidecar's X25519 key for proofs of possession by MAC (docs/security.md): the token binds
+/// its public half (`cnf.jwk`), the sidecar's registration publishes it (`proof_key`), and a
+/// caller and a callee instance agree on a MAC key from their two halves — once per pair, so
+/// each request costs an HMAC instead of an Ed25519 signature and verification.
+public struct AgreementKey: Sendable {
+    public let privateKey: Curve25519.KeyAgreement.PrivateKey
+    /// base64url of the raw public key.
+    public let x: String
+    /// Names this key in MAC proofs (`kid` of their header): the first 16 characters of its
+    /// RFC 7638 thumbprint.
+    public let kid: String
+
+    public init(seed: [UInt8]) throws(IdentityError) {
+        guard seed.count == 32, let k = try? Curve25519.KeyAgreement.PrivateKey(rawRepresentation: seed) else {
+            throw IdentityError(.invalidProof, "an X25519 private key is 32 bytes")
+        }
+        privateKey = k
+        x = Base64URL.encode(Array(k.publicKey.rawRepresentation))
+        kid = Self.kid(x: x)
+    }
+
+    /// The agreement key that goes with a proof key's seed (domain-separated: the same 32
+    /// secret bytes are never used by both algorithms).
+    public init(derivedFrom proofKeySeed: [UInt8]) {
+        let s = Array(SHA256.hash(data: Array("tandem-agreement-key-v1".utf8) + proofKeySeed))
+        // Any 32 bytes are a valid X25519 private key (they are clamped).
+        try! self.init(seed: s)
+    }
+
+    public static func kid(x: String) -> String {
+        let canonical = "{\"crv\":\"X25519\",\"kty\":\"OKP\",\"x\":\"\(x)\"}"
+        return String(Base64URL.encode(Array(SHA256.hash(data: Array(canonical.utf8)))).prefix(16))
+    }
+
+    /// Whether `x` is base64url of a 32-byte X25519 public key.
+    public static func isPublicKey(_ x: String) -> Bool {
+        guard let raw = Base64URL.decode(x), raw.count == 32 else { return false }
+        return (try? Curve25519.KeyAgreement.PublicKey(rawRepresentation: raw)) != nil
+    }
+
+    /// The MAC key shared by the caller holding `callerX`'s private half and the callee
+    /// holding `calleeX`'s: HKDF-SHA256 over X25519 of the two, bound to both public keys.
+    /// `peer` is the other side's public key; `asCaller` says which side this key is.
+    public func macKey(peer: String, asCaller: Bool) throws(IdentityError) -> MACKey {
+        guard let raw = Base64URL.decode(peer), raw.count == 32,
+            let pk = try? Curve25519.KeyAgreement.PublicKey(rawRepresentation: raw)
+        else { throw IdentityError(.invalidProof, "proof key is not an X25519 public key") }
+        // A low-order public key gives an all-zero secret that anyone can compute: refused
+        // (swift-crypto returns it as it is).
+        guard let shared = try? privateKey.sharedSecretFromKeyAgreement(with: pk),
+            shared.withUnsafeBytes({ b in b.contains { $0 != 0 } })
+        else { throw IdentityError(.invalidProof, "proof key agreement failed (low-order public key)") }
+        let (caller, callee) = asCaller ? (x, peer) : (peer, x)
+        return MACKey(
+            key: shared.hkdfDerivedSymmetricKey(
+                using: SHA256.self, salt: Array("tandem-pop-v1".utf8),
+                sharedInfo: Array((caller + "." + callee).utf8), outputByteCount: 32))
+    }
+}
+
+/// The HMAC-SHA256 key a caller and a callee instance share for MAC proofs (never leaves memory).
+public struct MACKey: Sendable {
+    let key: SymmetricKey
+}
+
+/// MAC keys by peer public key, bounded (`capacity`; when full it starts over — each entry is
+/// one X25519 agreement to redo).
+public struct MACKeyCache: Sendable {
+    public let capacity: Int
+    private var keys: [String: MACKey] = [:]
+    public private(set) var agreements = 0
+
+    public init(capacity: Int) { self.capacity = max(1, capacity) }
+
+    public var count: Int { keys.count }
+
+    public mutating func key(
+        _ own: AgreementKey, peer: String, asCaller: Bool
+    ) throws(IdentityError) -> MACKey {
+        if let k = keys[peer] { return k }
+        let k = try own.macKey(peer: peer, asCaller: asCaller)
+        agreements += 1
+        if keys.count >= capacity { keys.removeAll(keepingCapacity: true) }
+        keys[peer] = k
+        return k
     }
 }

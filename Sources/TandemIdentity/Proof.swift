@@ -22,10 +22,24 @@ public struct ProofTarget: Sendable, Equatable {
     var uri: String { "http://" + authority + pathAndQuery }
 }
 
-/// Per-request proof of possession, in the shape of DPoP (RFC 9449): a JWS with header
-/// `{"typ":"tandem-pop+jwt","alg":"EdDSA","jwk":{…}}` and claims `htm`, `htu` (authority,
-/// path and query), `iat`, `jti` (a nonce), `ath` (hash of the token it goes with) and `bd`
-/// (body digest, when the body is covered), signed with the key the token's `cnf.jkt` names.
+/// How a caller proves it holds the key its token is bound to.
+public enum ProofKind: String, Sendable, CaseIterable {
+    /// HMAC-SHA256 under a key the caller's and the callee instance's X25519 keys agree on
+    /// (`alg: HS256`, `kid` = the callee's key): a few µs per request on each side. Used when
+    /// the callee instance publishes a proof key (every Tandem sidecar with identity does).
+    case mac
+    /// Ed25519 signature by the caller's proof key (`alg: EdDSA`, `jwk` in the header), as
+    /// DPoP: anyone can check it, so a callee can show it to a third party; ~30 µs to sign
+    /// and ~110 µs to verify here. Used for callees that publish no proof key.
+    case signature
+}
+
+/// Per-request proof of possession, in the shape of DPoP (RFC 9449): a JWS with claims
+/// `htm`, `htu` (authority, path and query), `iat`, `jti` (a nonce), `ath` (hash of the token
+/// it goes with) and `bd` (body digest, when the body is covered). Two kinds (`ProofKind`):
+/// header `{"typ":"tandem-pop+jwt","alg":"EdDSA","jwk":{…}}`, signed with the key the
+/// token's `cnf.jkt` names; or `{"typ":"tandem-pop+jwt","alg":"HS256","kid":<callee key>}`,
+/// a MAC under the key agreed between the token's `cnf.jwk` and the callee's proof key.
 public struct ProofSigner: Sendable {
     public static let type = "tandem-pop+jwt"
     public let key: KeyPair
@@ -40,15 +54,31 @@ public struct ProofSigner: Sendable {
         encodedHeader = Base64URL.encode(header.encoded)
     }
 
-    /// `nonce`: 16 random bytes from the shell. `tokenHash`: `sha256Base64URL(token)`.
+    /// An EdDSA proof. `nonce`: 16 random bytes from the shell. `tokenHash`: `sha256Base64URL(token)`.
     public func sign(_ t: ProofTarget, tokenHash: String, now: Int64, nonce: [UInt8]) -> String {
+        let input = encodedHeader + "." + Self.encodedClaims(t, tokenHash: tokenHash, now: now, nonce: nonce)
+        return input + "." + Base64URL.encode(key.sign(Array(input.utf8)))
+    }
+
+    /// A MAC proof for the callee instance whose proof key is `calleeKid`, under `macKey`
+    /// (`MACKeyCache.key(own, peer: calleeKey, asCaller: true)`).
+    public static func mac(
+        _ t: ProofTarget, tokenHash: String, now: Int64, nonce: [UInt8], macKey: MACKey, calleeKid: String
+    ) -> String {
+        let header = JSONValue.object(["typ": .string(type), "alg": .string("HS256"), "kid": .string(calleeKid)])
+        let input =
+            Base64URL.encode(header.encoded) + "." + encodedClaims(t, tokenHash: tokenHash, now: now, nonce: nonce)
+        return input + "."
+            + Base64URL.encode(Array(HMAC<SHA256>.authenticationCode(for: Array(input.utf8), using: macKey.key)))
+    }
+
+    static func encodedClaims(_ t: ProofTarget, tokenHash: String, now: Int64, nonce: [UInt8]) -> String {
         var claims: [String: JSONValue] = [
             "htm": .string(t.method), "htu": .string(t.uri), "iat": .number(Double(now)),
             "jti": .string(Base64URL.encode(nonce)), "ath": .string(tokenHash),
         ]
         if let bd = t.bodyDigest { claims["bd"] = .string(bd) }
-        let input = encodedHeader + "." + Base64URL.encode(JSONValue.object(claims).encoded)
-        return input + "." + Base64URL.encode(key.sign(Array(input.utf8)))
+        return Base64URL.encode(JSONValue.object(claims).encoded)
     }
 }
 
@@ -56,9 +86,17 @@ public struct ProofSigner: Sendable {
 public struct ProofVerifier: Sendable {
     public let limits: IdentityLimits
     public private(set) var replay: ReplayCache
+    /// This sidecar's proof key for MAC proofs (nil: only EdDSA proofs are accepted).
+    public let agreement: AgreementKey?
+    public private(set) var macKeys: MACKeyCache
+    /// Proofs whose MAC or signature verified, by kind (before the request and replay checks).
+    public private(set) var macsVerified = 0
+    public private(set) var signaturesVerified = 0
 
-    public init(limits: IdentityLimits = IdentityLimits()) {
+    public init(limits: IdentityLimits = IdentityLimits(), agreement: AgreementKey? = nil) {
         self.limits = limits
+        self.agreement = agreement
+        macKeys = MACKeyCache(capacity: limits.proofKeyCacheEntries)
         // A proof is accepted up to `proofWindow` after its iat, which may be `skew` ahead of
         // the moment it is first seen.
         replay = ReplayCache(capacity: limits.replayCacheEntries, lifetime: limits.proofWindow + limits.skew + 1)
@@ -69,24 +107,20 @@ public struct ProofVerifier: Sendable {
         _ proof: String, token: String, claims: ServiceClaims, target t: ProofTarget, bodyDigest: String?, now: Int64
     ) throws(IdentityError) {
         let jws = try CompactJWS(proof, maxBytes: limits.maxCredentialBytes, what: "proof", reason: .invalidProof)
-        try jws.requireEdDSA(type: ProofSigner.type, what: "proof", reason: .invalidProof)
-        guard let jwk = jws.header["jwk"], jwk["kty"]?.string == "OKP", jwk["crv"]?.string == "Ed25519",
-            let x = jwk["x"]?.string
-        else { throw IdentityError(.invalidProof, "proof header carries no Ed25519 jwk") }
-        guard jwkThumbprint(x: x) == claims.keyThumbprint else {
-            throw IdentityError(.invalidProof, "proof key is not the key the token is bound to (cnf.jkt)")
-        }
-        guard let raw = Base64URL.decode(x), raw.count == 32,
-            let pk = try? Curve25519.Signing.PublicKey(rawRepresentation: raw)
-        else { throw IdentityError(.invalidProof, "proof jwk is not an Ed25519 key") }
-        guard jws.signature.count == 64, pk.isValidSignature(jws.signature, for: Array(jws.signingInput)) else {
-            throw IdentityError(.invalidProof, "proof signature does not verify")
+        let alg = try jws.requireAlgorithm(
+            in: ["EdDSA", "HS256"], type: ProofSigner.type, what: "proof", reason: .invalidProof)
+        if alg == "HS256" {
+            try checkMAC(jws, claims: claims)
+            macsVerified += 1
+        } else {
+            try checkSignature(jws, claims: claims)
+            signaturesVerified += 1
         }
         let p = try jws.payload(what: "proof", reason: .invalidProof)
         guard let htm = p["htm"]?.string, let htu = p["htu"]?.string, let iat = p["iat"]?.int64,
             let jti = p["jti"]?.string, let ath = p["ath"]?.string
         else { throw IdentityError(.invalidProof, "proof lacks htm, htu, iat, jti or ath") }
-        guard ath == sha256Base64URL(token.utf8) else {
+        guard ath == (claims.tokenHash.isEmpty ? sha256Base64URL(token.utf8) : claims.tokenHash) else {
             throw IdentityError(.proofMismatch, "proof was made for another token")
         }
         guard htm == t.method else {
@@ -108,6 +142,43 @@ public struct ProofVerifier: Sendable {
             throw IdentityError(.invalidProof, "proof nonce must be 16 to 64 characters")
         }
         try replay.insert(jti, expires: iat + limits.proofWindow + 1, now: now)
+    }
+
+    /// EdDSA: the header's jwk must be the key the token names (`cnf.jkt`) and verify.
+    private func checkSignature(_ jws: CompactJWS, claims: ServiceClaims) throws(IdentityError) {
+        guard let jwk = jws.header["jwk"], jwk["kty"]?.string == "OKP", jwk["crv"]?.string == "Ed25519",
+            let x = jwk["x"]?.string
+        else { throw IdentityError(.invalidProof, "proof header carries no Ed25519 jwk") }
+        guard jwkThumbprint(x: x) == claims.keyThumbprint else {
+            throw IdentityError(.invalidProof, "proof key is not the key the token is bound to (cnf.jkt)")
+        }
+        guard let raw = Base64URL.decode(x), raw.count == 32,
+            let pk = try? Curve25519.Signing.PublicKey(rawRepresentation: raw)
+        else { throw IdentityError(.invalidProof, "proof jwk is not an Ed25519 key") }
+        guard jws.signature.count == 64, pk.isValidSignature(jws.signature, for: Array(jws.signingInput)) else {
+            throw IdentityError(.invalidProof, "proof signature does not verify")
+        }
+    }
+
+    /// HS256: made for this instance's proof key, under the key agreed with the token's
+    /// `cnf.jwk` — which only the holder of that key's private half (or this sidecar) can compute.
+    private mutating func checkMAC(_ jws: CompactJWS, claims: ServiceClaims) throws(IdentityError) {
+        guard let own = agreement else {
+            throw IdentityError(.invalidProof, "this sidecar publishes no proof key; MAC proofs cannot be checked")
+        }
+        guard let kid = jws.header["kid"]?.string else { throw IdentityError(.invalidProof, "MAC proof names no kid") }
+        guard kid == own.kid else {
+            throw IdentityError(
+                .proofMismatch, "proof was made for proof key \(kid), not this instance's (\(own.kid))")
+        }
+        guard let peer = claims.agreementKey else {
+            throw IdentityError(.invalidProof, "token binds no X25519 key (cnf.jwk) for a MAC proof")
+        }
+        let key = try macKeys.key(own, peer: peer, asCaller: false)
+        guard jws.signature.count == 32,
+            HMAC<SHA256>.isValidAuthenticationCode(
+                jws.signature, authenticating: Array(jws.signingInput), using: key.key)
+        else { throw IdentityError(.invalidProof, "proof MAC does not verify") }
     }
 }
 

@@ -206,6 +206,10 @@ public final class RegistryIdentity: @unchecked Sendable {
             return .failure(
                 EtcdStatus(.invalidArgument, "tandem: key_thumbprint must be an RFC 7638 SHA-256 thumbprint"))
         }
+        guard req.agreementKey.isEmpty || AgreementKey.isPublicKey(req.agreementKey) else {
+            return .failure(
+                EtcdStatus(.invalidArgument, "tandem: agreement_key must be base64url of an X25519 public key"))
+        }
         guard published else {
             return .failure(EtcdStatus(.unavailable, "tandem: this member's signing key is not published yet"))
         }
@@ -215,10 +219,10 @@ public final class RegistryIdentity: @unchecked Sendable {
         out.issuer = config.issuer
         for aud in req.audiences {
             let jti = Base64URL.encode((0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) })
-            let claims = ServiceClaims(
+            var claims = ServiceClaims(
                 issuer: config.issuer, subject: req.service, audience: aud, issuedAt: now, expiresAt: now + ttl,
-                id: jti,
-                keyThumbprint: req.keyThumbprint)
+                id: jti, keyThumbprint: req.keyThumbprint)
+            claims.agreementKey = req.agreementKey.isEmpty ? nil : req.agreementKey
             var t = Tandem_Identity_V1_IssuedToken()
             t.audience = aud
             t.token = ServiceToken.sign(claims, key: key)

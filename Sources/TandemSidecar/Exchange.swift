@@ -365,7 +365,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             id.attach(
                 to: &head.headers, audience: cluster, routeProof: proof, method: head.method.rawValue,
                 authority: head.headers.first(name: "host") ?? cluster, pathAndQuery: head.uri,
-                body: streaming ? nil : body)
+                body: streaming ? nil : body, calleeKey: endpoint?.proofKey)
         }
         if side == .outbound, let deadline = retry?.deadline {
             head.headers.replaceOrAdd(

@@ -326,7 +326,8 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         if handler.side == .outbound, let id = ctx.identity {
             id.attach(
                 to: &h.headers, audience: cluster, routeProof: proof, method: h.method.rawValue,
-                authority: h.headers.first(name: "host") ?? cluster, pathAndQuery: h.uri, body: nil)
+                authority: h.headers.first(name: "host") ?? cluster, pathAndQuery: h.uri, body: nil,
+                calleeKey: endpoint?.proofKey)
         }
         if http1 != nil {
             h.headers.remove(name: "te")

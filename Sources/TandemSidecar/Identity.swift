@@ -37,7 +37,16 @@ final class SidecarIdentity: @unchecked Sendable {
     private(set) var settings: IdentitySettings
     let key: KeyPair
     let proofs: ProofSigner
+    /// The X25519 proof key: bound in this sidecar's tokens and published in its registration,
+    /// so callers and callees agree on MAC keys for proofs.
+    let agreement: AgreementKey
     private let lock = NIOLock()
+    /// MAC keys agreed with callee instances (outbound proofs).
+    private var calleeKeys: MACKeyCache
+    /// Proof nonces: 8 random bytes drawn at start, then a counter — unique per sidecar, which
+    /// is what the callee's replay check needs, without a getrandom call per request.
+    private let noncePrefix: [UInt8]
+    private var nonceCounter: UInt64 = 0
     private var auth: InboundAuthenticator
     /// The mesh-wide settings the registry publishes (used where the config says nothing).
     private var mesh: (defaultAccess: DefaultAccess?, proof: Bool?) = (nil, nil)
@@ -58,11 +67,16 @@ final class SidecarIdentity: @unchecked Sendable {
         service = config.service
         settings = config.identity
         var g = SystemRandomNumberGenerator()
+        let seed = (0..<32).map { _ in UInt8.random(in: 0...255, using: &g) }
         // 32 bytes from the system generator always make a valid Ed25519 key.
-        key = try! KeyPair(seed: (0..<32).map { _ in UInt8.random(in: 0...255, using: &g) })
+        key = try! KeyPair(seed: seed)
         proofs = ProofSigner(key: key)
+        agreement = AgreementKey(derivedFrom: seed)
+        noncePrefix = (0..<8).map { _ in UInt8.random(in: 0...255, using: &g) }
+        calleeKeys = MACKeyCache(capacity: config.identity.limits.proofKeyCacheEntries)
         auth = InboundAuthenticator(
-            issuer: config.identity.issuer, service: config.service, limits: config.identity.limits)
+            issuer: config.identity.issuer, service: config.service, limits: config.identity.limits,
+            agreement: agreement)
         self.log = log
         self.metrics = metrics
     }
@@ -159,11 +173,16 @@ final class SidecarIdentity: @unchecked Sendable {
                 "service": .string(service), "issuer": .string(settings.issuer),
                 "mode": .string(settings.effectiveMode.rawValue), "proof": .bool(effectiveProof),
                 "default": .string(effectiveDefault.rawValue), "key_thumbprint": .string(key.thumbprint),
+                "proof_key": .string(agreement.x), "proof_kind": .string(settings.proofKind.rawValue),
                 "keys": .array(auth.tokens.keys.keys.sorted().map { .string($0) }),
                 "keys_loaded": .bool(keysLoaded),
                 "tokens": .object(held.mapValues { .object(["expires_at": .number(Double($0.expiresAt))]) }),
                 "verified_tokens_cached": .number(Double(auth.tokens.cachedTokens)),
                 "replay_cache_entries": .number(Double(auth.proofs.replay.count)),
+                "proofs_verified": .object([
+                    "mac": .number(Double(auth.proofs.macsVerified)),
+                    "signature": .number(Double(auth.proofs.signaturesVerified)),
+                ]),
             ]).encoded
         }
     }
@@ -217,6 +236,7 @@ final class SidecarIdentity: @unchecked Sendable {
         req.service = service
         req.audiences = [audience]
         req.keyThumbprint = key.thumbprint
+        req.agreementKey = agreement.x
         req.ttlSeconds = settings.tokenTTL
         // Submitted, never run inline: the callbacks below take the lock the caller holds.
         let request = req
@@ -271,32 +291,41 @@ final class SidecarIdentity: @unchecked Sendable {
     }
 
     /// Headers for an outbound request to `audience`: the token, and a proof when the route
-    /// (or the mesh-wide setting) asks for one.
+    /// (or the mesh-wide setting) asks for one — a MAC proof for the instance's published
+    /// `calleeKey`, or a signed one when it publishes none (or the config says `signature`).
     func attach(
         to headers: inout HTTPHeaders, audience: String, routeProof: Bool, method: String, authority: String,
-        pathAndQuery: String, body: ByteBuffer?
+        pathAndQuery: String, body: ByteBuffer?, calleeKey: String?
     ) {
         headers.remove(name: Self.proofHeader)
         let now = Self.now()
-        let (held, meshProof) = lock.withLock { () -> (Held?, Bool) in
-            guard let h = self.held[audience], now < h.expiresAt else { return (nil, effectiveProof) }
-            return (h, effectiveProof)
+        let (held, proof, macKey, count) = lock.withLock { () -> (Held?, Bool, MACKey?, UInt64) in
+            guard let h = self.held[audience], now < h.expiresAt else { return (nil, false, nil, 0) }
+            let proof = routeProof || effectiveProof
+            guard proof else { return (h, false, nil, 0) }
+            nonceCounter += 1
+            guard settings.proofKind == .mac, let calleeKey else { return (h, proof, nil, nonceCounter) }
+            // A callee key that does not agree (malformed) falls back to a signed proof.
+            return (h, proof, try? calleeKeys.key(agreement, peer: calleeKey, asCaller: true), nonceCounter)
         }
         guard let h = held else {
             headers.remove(name: Self.tokenHeader)
             return
         }
-        let proof = routeProof || meshProof
         headers.replaceOrAdd(name: Self.tokenHeader, value: h.token)
-        if proof {
-            var g = SystemRandomNumberGenerator()
-            let nonce = (0..<16).map { _ in UInt8.random(in: 0...255, using: &g) }
-            let digest = body.map { b in b.withUnsafeReadableBytes { sha256Base64URL($0) } }
-            let p = proofs.sign(
-                ProofTarget(method: method, authority: authority, pathAndQuery: pathAndQuery, bodyDigest: digest),
-                tokenHash: h.hash, now: now, nonce: nonce)
-            headers.replaceOrAdd(name: Self.proofHeader, value: p)
-        }
+        guard proof else { return }
+        let nonce = noncePrefix + withUnsafeBytes(of: count.bigEndian) { Array($0) }
+        let digest = body.map { b in b.withUnsafeReadableBytes { sha256Base64URL($0) } }
+        let target = ProofTarget(method: method, authority: authority, pathAndQuery: pathAndQuery, bodyDigest: digest)
+        let p =
+            if let macKey, let calleeKey {
+                ProofSigner.mac(
+                    target, tokenHash: h.hash, now: now, nonce: nonce, macKey: macKey,
+                    calleeKid: AgreementKey.kid(x: calleeKey))
+            } else {
+                proofs.sign(target, tokenHash: h.hash, now: now, nonce: nonce)
+            }
+        headers.replaceOrAdd(name: Self.proofHeader, value: p)
     }
 
     // MARK: inbound

@@ -276,7 +276,7 @@ public final class Sidecar: @unchecked Sendable {
                 let eps = instances.map { i in
                     Endpoint(
                         id: i.instance, host: i.address, port: i.port, zone: i.zone, passing: i.health == "passing",
-                        metadata: i.metadata)
+                        metadata: i.metadata, proofKey: i.proofKey)
                 }
                 brain.setDiscovered(name, eps)
             }
@@ -495,7 +495,8 @@ public final class Sidecar: @unchecked Sendable {
         let advertise = config.advertiseHost ?? (inboundAddress.host == "0.0.0.0" ? "127.0.0.1" : inboundAddress.host)
         let inst = ServiceInstance(
             service: config.service, instance: config.instance, address: advertise, port: inboundAddress.port,
-            protocol: config.appProtocol.rawValue, zone: config.zone, metadata: config.metadata, health: health)
+            protocol: config.appProtocol.rawValue, zone: config.zone, metadata: config.metadata, health: health,
+            proofKey: gate.identity?.agreement.x)
         let reg = ServiceRegistration(client: registry, instance: inst, ttl: config.leaseTTL)
         reg.log = log
         lock.withLock { registration = reg }

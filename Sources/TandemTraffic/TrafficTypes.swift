@@ -25,10 +25,12 @@ public struct Endpoint: Hashable, Sendable, CustomStringConvertible {
     /// Whether the instance registered itself as passing its own health check.
     public var passing: Bool
     public var metadata: [String: String]
+    /// The instance sidecar's proof key (base64url X25519), for MAC proofs of possession.
+    public var proofKey: String?
 
     public init(
         id: String, host: String, port: Int, zone: String? = nil, weight: Int = 1, passing: Bool = true,
-        metadata: [String: String] = [:]
+        metadata: [String: String] = [:], proofKey: String? = nil
     ) {
         self.id = id
         self.host = host
@@ -37,6 +39,7 @@ public struct Endpoint: Hashable, Sendable, CustomStringConvertible {
         self.weight = max(1, weight)
         self.passing = passing
         self.metadata = metadata
+        self.proofKey = proofKey
     }
 
     public var address: String { "\(host):\(port)" }

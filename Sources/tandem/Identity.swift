@@ -96,6 +96,8 @@ struct IdentityCommand: ParsableCommand {
             req.service = service
             req.audiences = [audience]
             req.keyThumbprint = keyThumbprint ?? key.thumbprint
+            // The seed's X25519 half too (MAC proofs), unless the token is bound to another key.
+            if keyThumbprint == nil { req.agreementKey = AgreementKey(derivedFrom: seed).x }
             req.ttlSeconds = ttl
             let resp: Tandem_Identity_V1_IssueResponse = try client.withClient {
                 try $0.unary("/tandem.identity.v1.Identity/Issue", req).wait()
@@ -113,17 +115,21 @@ struct IdentityCommand: ParsableCommand {
 
     struct Proof: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Sign a proof of possession for one request (the tandem-proof header value).",
+            abstract: "Make a proof of possession for one request (the tandem-proof header value).",
             discussion: """
                 With the proof_key_seed that `tandem identity issue --json` printed, prints the value \
                 for the tandem-proof header of a request to URL (http://AUTHORITY/PATH?QUERY) with \
-                the token in tandem-identity. For debugging, and to call a sidecar without one.
+                the token in tandem-identity. For debugging, and to call a sidecar without one. \
+                Signed (Ed25519) by default; with --callee-key (the proof_key of the callee \
+                instance's registration), a MAC proof for that instance.
                 """)
         @Option(help: "The token the proof goes with.") var token: String
         @Option(help: "base64url of the 32-byte proof key seed.") var keySeed: String
         @Option(help: "HTTP method.") var method = "GET"
         @Option(help: "http://AUTHORITY/PATH?QUERY as the callee receives it.") var url: String
         @Option(help: "File whose bytes are the request body (covered by the proof).") var bodyFile: String?
+        @Option(help: "The callee instance's proof key (base64url X25519): make a MAC proof for it.")
+        var calleeKey: String?
 
         func run() throws {
             guard let seed = Base64URL.decode(keySeed), seed.count == 32 else {
@@ -143,11 +149,22 @@ struct IdentityCommand: ParsableCommand {
             let target = ProofTarget(
                 method: method.uppercased(), authority: String(rest[..<slash]),
                 pathAndQuery: slash == rest.endIndex ? "/" : String(rest[slash...]), bodyDigest: digest)
-            let signer = ProofSigner(key: try KeyPair(seed: seed))
-            print(
-                signer.sign(
-                    target, tokenHash: sha256Base64URL(token.utf8), now: Int64(Date().timeIntervalSince1970),
-                    nonce: (0..<16).map { _ in UInt8.random(in: 0...255, using: &g) }))
+            let (hash, now) = (sha256Base64URL(token.utf8), Int64(Date().timeIntervalSince1970))
+            let nonce = (0..<16).map { _ in UInt8.random(in: 0...255, using: &g) }
+            if let calleeKey {
+                let key: MACKey
+                do {
+                    key = try AgreementKey(derivedFrom: seed).macKey(peer: calleeKey, asCaller: true)
+                } catch {
+                    throw ValidationError("--callee-key: \(error.message)")
+                }
+                print(
+                    ProofSigner.mac(
+                        target, tokenHash: hash, now: now, nonce: nonce, macKey: key,
+                        calleeKid: AgreementKey.kid(x: calleeKey)))
+            } else {
+                print(ProofSigner(key: try KeyPair(seed: seed)).sign(target, tokenHash: hash, now: now, nonce: nonce))
+            }
         }
     }
 

@@ -114,12 +114,14 @@ final class IdentityMesh {
     }
 
     func proof(
-        token: String, seed: String, method: String = "GET", url: String, bodyFile: String? = nil
+        token: String, seed: String, method: String = "GET", url: String, bodyFile: String? = nil,
+        calleeKey: String? = nil
     ) throws
         -> String
     {
         var args = ["identity", "proof", "--token", token, "--key-seed", seed, "--method", method, "--url", url]
         if let bodyFile { args += ["--body-file", bodyFile] }
+        if let calleeKey { args += ["--callee-key", calleeKey] }
         let r = try tandem(args)
         guard r.status == 0 else { throw TestFailure("identity proof failed: \(r.output)") }
         return r.output.trimmingCharacters(in: .whitespacesAndNewlines)
@@ -136,12 +138,14 @@ final class IdentityMesh {
         return (r.head, r.status, String(decoding: r.body, as: UTF8.self))
     }
 
-    /// The signing key ids users' sidecar knows.
-    func keysKnownByUsers() throws -> [String] {
+    /// users' sidecar's `GET /identity`.
+    func usersIdentity() throws -> [String: Any] {
         let body = try http("http://\(users.admin)/identity").body
-        let json = try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any]
-        return json?["keys"] as? [String] ?? []
+        return try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any] ?? [:]
     }
+
+    /// The signing key ids users' sidecar knows.
+    func keysKnownByUsers() throws -> [String] { try usersIdentity()["keys"] as? [String] ?? [] }
 
     /// The registry member's current signing key record (seed and kid) from its data directory.
     func registryKey() throws -> (seed: String, kid: String) {
@@ -260,10 +264,46 @@ final class IdentityMesh {
         let thief = try m.direct(
             "/upload", method: "POST", headers: ["tandem-identity": token, "tandem-proof": stolen], body: "{}")
         #expect(thief.status == 401 && thief.head["tandem-error"] == "invalid-proof", "\(thief)")
-        // orders' sidecar signs a proof for each request (body digest included); web's does not.
+        // MAC proofs, for users' instance key as its registration publishes it.
+        let reg = try etcdctl(
+            m.registry.endpoint, ["get", "--print-value-only", "--prefix", "/tandem/services/users/"])
+        let regJSON = try JSONSerialization.jsonObject(with: Data(reg.output.utf8)) as? [String: Any]
+        let usersKey = try #require(regJSON?["proof_key"] as? String, "\(reg.output)")
+        #expect(try m.usersIdentity()["proof_key"] as? String == usersKey)
+        let mac = try m.proof(
+            token: token, seed: seed, method: "POST", url: "http://users/upload", bodyFile: bodyFile,
+            calleeKey: usersKey)
+        let macHeaders = ["tandem-identity": token, "tandem-proof": mac]
+        let macOK = try m.direct("/upload", method: "POST", headers: macHeaders, body: #"{"amount":10}"#)
+        #expect(macOK.status == 200, "\(macOK)")
+        let macAgain = try m.direct("/upload", method: "POST", headers: macHeaders, body: #"{"amount":10}"#)
+        #expect(macAgain.status == 401 && macAgain.head["tandem-error"] == "replayed-proof", "\(macAgain)")
+        let macTampered = try m.direct(
+            "/upload", method: "POST",
+            headers: [
+                "tandem-identity": token,
+                "tandem-proof": try m.proof(
+                    token: token, seed: seed, method: "POST", url: "http://users/upload", bodyFile: bodyFile,
+                    calleeKey: usersKey),
+            ], body: #"{"amount":99}"#)
+        #expect(macTampered.status == 401 && macTampered.head["tandem-error"] == "body-mismatch", "\(macTampered)")
+        // The thief's own X25519 key does not make orders' MAC key.
+        let macThief = try m.direct(
+            "/upload", method: "POST",
+            headers: [
+                "tandem-identity": token,
+                "tandem-proof": try m.proof(
+                    token: token, seed: thiefSeed, method: "POST", url: "http://users/upload", calleeKey: usersKey),
+            ], body: "{}")
+        #expect(macThief.status == 401 && macThief.head["tandem-error"] == "invalid-proof", "\(macThief)")
+        // orders' sidecar makes a proof for each request (body digest included) — a MAC proof,
+        // since users' instance publishes a proof key; web's sidecar makes none.
+        let macsBefore = try #require((try m.usersIdentity()["proofs_verified"] as? [String: Any])?["mac"] as? Int)
         let viaOrders = try http(
             "http://users/upload", method: "POST", body: #"{"amount":10}"#, proxy: m.orders.outbound)
         #expect(viaOrders.status == 200 && viaOrders.body.hasPrefix("13 "), "\(viaOrders)")
+        let macsAfter = (try m.usersIdentity()["proofs_verified"] as? [String: Any])?["mac"] as? Int
+        #expect(macsAfter == macsBefore + 1)
         let viaWeb = try http("http://users/upload", method: "POST", body: "{}", proxy: m.web.outbound)
         #expect(viaWeb.status == 401 && viaWeb.headers["tandem-error"] == "missing-proof", "\(viaWeb)")
     }

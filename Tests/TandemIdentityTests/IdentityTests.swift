@@ -18,19 +18,25 @@ struct Mesh {
         published = try PublishedKey(kid: node.kid, x: node.x, node: "n1", createdAt: 1000)
     }
 
+    /// The X25519 halves (MAC proofs): the caller's, bound in its tokens, and a callee instance's.
+    var callerAgreement: AgreementKey { AgreementKey(derivedFrom: [UInt8](repeating: 2, count: 32)) }
+    var calleeAgreement: AgreementKey { AgreementKey(derivedFrom: [UInt8](repeating: 3, count: 32)) }
+
     func token(
-        sub: String = "orders", aud: String = "users", iat: Int64 = 1000, ttl: Int64 = 300, jti: String = "t1"
+        sub: String = "orders", aud: String = "users", iat: Int64 = 1000, ttl: Int64 = 300, jti: String = "t1",
+        agreement: Bool = true
     )
         -> String
     {
-        ServiceToken.sign(
-            ServiceClaims(
-                issuer: issuer, subject: sub, audience: aud, issuedAt: iat, expiresAt: iat + ttl, id: jti,
-                keyThumbprint: caller.thumbprint), key: node)
+        var c = ServiceClaims(
+            issuer: issuer, subject: sub, audience: aud, issuedAt: iat, expiresAt: iat + ttl, id: jti,
+            keyThumbprint: caller.thumbprint)
+        if agreement { c.agreementKey = callerAgreement.x }
+        return ServiceToken.sign(c, key: node)
     }
 
     func verifier(service: String = "users") -> InboundAuthenticator {
-        var a = InboundAuthenticator(issuer: issuer, service: service)
+        var a = InboundAuthenticator(issuer: issuer, service: service, agreement: calleeAgreement)
         a.tokens.setKeys([published])
         return a
     }
@@ -162,13 +168,17 @@ func reason(_ body: () throws -> Void) -> IdentityError.Reason? {
             t, tokenHash: sha256Base64URL(token.utf8), now: now, nonce: Array(repeating: nonce, count: 16))
     }
 
-    @Test func aProofIsAcceptedOnceForItsRequestOnly() throws {
+    /// users' authenticator requiring proofs, orders' token, and the request with a `{}` body.
+    func proofCase() throws -> (Mesh, InboundAuthenticator, String, InboundRequirements, ProofTarget) {
         let m = try Mesh()
-        var v = m.verifier()
-        let token = m.token()
-        let req = InboundRequirements(mode: .require, requireProof: true)
         var body = target
         body.bodyDigest = sha256Base64URL(Array("{}".utf8))
+        return (m, m.verifier(), m.token(), InboundRequirements(mode: .require, requireProof: true), body)
+    }
+
+    @Test func aProofIsAcceptedOnceForItsRequestOnly() throws {
+        let (m, auth, token, req, body) = try proofCase()
+        var v = auth
         let p = signed(m, body, token: token)
         let claims = try v.authorize(
             PresentedCredentials(token: token, proof: p), target: target, bodyDigest: body.bodyDigest,
@@ -197,6 +207,96 @@ func reason(_ body: () throws -> Void) -> IdentityError.Reason? {
         #expect(refusal(thief, target, digest: nil) == .invalidProof)
         // Made for another token of the same caller.
         #expect(refusal(signed(m, target, token: m.token(jti: "t2"), nonce: 13), target, digest: nil) == .proofMismatch)
+    }
+
+    /// A MAC proof from the caller's X25519 key for one callee instance's key.
+    func mac(
+        _ t: ProofTarget, token: String, from caller: AgreementKey, to callee: AgreementKey, now: Int64 = 1000,
+        nonce: UInt8 = 7
+    ) throws -> String {
+        ProofSigner.mac(
+            t, tokenHash: sha256Base64URL(token.utf8), now: now, nonce: Array(repeating: nonce, count: 16),
+            macKey: try caller.macKey(peer: callee.x, asCaller: true), calleeKid: callee.kid)
+    }
+
+    @Test func aMACProofIsAcceptedOnceForItsRequestAndItsInstanceOnly() throws {
+        let (m, auth, token, req, body) = try proofCase()
+        var v = auth
+        let p = try mac(body, token: token, from: m.callerAgreement, to: m.calleeAgreement)
+        #expect(ProofSigner.type == "tandem-pop+jwt" && p.split(separator: ".").count == 3)
+        let claims = try v.authorize(
+            PresentedCredentials(token: token, proof: p), target: target, bodyDigest: body.bodyDigest,
+            requirements: req, now: 1001)
+        #expect(claims?.agreementKey == m.callerAgreement.x)
+        func refusal(
+            _ proof: String, _ t: ProofTarget = target, digest: String?, token tk: String? = nil
+        )
+            -> IdentityError?
+        {
+            do {
+                _ = try v.authorize(
+                    PresentedCredentials(token: tk ?? token, proof: proof), target: t, bodyDigest: digest,
+                    requirements: req, now: 1001)
+                return nil
+            } catch { return error }
+        }
+        #expect(refusal(p, digest: body.bodyDigest)?.reason == .replayedProof)
+        var otherPath = target
+        otherPath.pathAndQuery = "/admin"
+        let p2 = try mac(body, token: token, from: m.callerAgreement, to: m.calleeAgreement, nonce: 8)
+        #expect(refusal(p2, otherPath, digest: body.bodyDigest)?.reason == .proofMismatch)
+        let p3 = try mac(body, token: token, from: m.callerAgreement, to: m.calleeAgreement, nonce: 9)
+        #expect(refusal(p3, digest: sha256Base64URL(Array("{\"a\":1}".utf8)))?.reason == .bodyMismatch)
+        // A thief with the token but another X25519 key: the MAC does not verify.
+        let thief = AgreementKey(derivedFrom: [UInt8](repeating: 5, count: 32))
+        let stolen = try mac(target, token: token, from: thief, to: m.calleeAgreement, nonce: 10)
+        #expect(refusal(stolen, digest: nil)?.message == "proof MAC does not verify")
+        // A proof made for another instance of the service (its key) is refused by name here.
+        let other = AgreementKey(derivedFrom: [UInt8](repeating: 6, count: 32))
+        let elsewhere = try mac(target, token: token, from: m.callerAgreement, to: other, nonce: 11)
+        #expect(refusal(elsewhere, digest: nil)?.reason == .proofMismatch)
+        // …and changing its kid to this instance's does not make the MAC verify.
+        var parts = elsewhere.split(separator: ".").map(String.init)
+        parts[0] = Base64URL.encode(
+            JSONValue.object([
+                "typ": .string(ProofSigner.type), "alg": .string("HS256"), "kid": .string(m.calleeAgreement.kid),
+            ]).encoded)
+        #expect(refusal(parts.joined(separator: "."), digest: nil)?.message == "proof MAC does not verify")
+        // A token that binds no X25519 key cannot carry MAC proofs.
+        let bare = m.token(jti: "t3", agreement: false)
+        let p4 = try mac(target, token: bare, from: m.callerAgreement, to: m.calleeAgreement, nonce: 12)
+        #expect(refusal(p4, digest: nil, token: bare)?.reason == .invalidProof)
+        // A forged MAC (flipped bits) and alg none are refused.
+        var forged = p2.split(separator: ".").map(String.init)
+        forged[2] = Base64URL.encode([UInt8](repeating: 0, count: 32))
+        #expect(refusal(forged.joined(separator: "."), body, digest: body.bodyDigest)?.reason == .invalidProof)
+        forged[0] = Base64URL.encode(Array(#"{"typ":"tandem-pop+jwt","alg":"none"}"#.utf8))
+        #expect(refusal(forged.joined(separator: "."), body, digest: body.bodyDigest)?.reason == .invalidProof)
+        // Both sides agree on the same key, and the cache does one agreement per peer.
+        #expect(v.proofs.macKeys.agreements == 1)
+    }
+
+    @Test func aSidecarWithoutAProofKeyRefusesMACProofsAndTheTokenKeyMustBeX25519() throws {
+        let m = try Mesh()
+        var v = InboundAuthenticator(issuer: issuer, service: "users")
+        v.tokens.setKeys([m.published])
+        let token = m.token()
+        let p = try mac(target, token: token, from: m.callerAgreement, to: m.calleeAgreement)
+        #expect(
+            reason {
+                _ = try v.authorize(
+                    PresentedCredentials(token: token, proof: p), target: target, bodyDigest: nil,
+                    requirements: InboundRequirements(mode: .require), now: 1001)
+            } == .invalidProof)
+        // A cnf.jwk that is not an X25519 key makes the token invalid.
+        var c = ServiceClaims(
+            issuer: issuer, subject: "orders", audience: "users", issuedAt: 1000, expiresAt: 1300, id: "x",
+            keyThumbprint: m.caller.thumbprint)
+        c.agreementKey = "AAAA"
+        #expect(reason { _ = try v.tokens.verify(ServiceToken.sign(c, key: m.node), now: 1001) } == .invalidToken)
+        // Low-order X25519 points do not agree on a key.
+        let zero = Base64URL.encode([UInt8](repeating: 0, count: 32))
+        #expect(reason { _ = try m.calleeAgreement.macKey(peer: zero, asCaller: false) } == .invalidProof)
     }
 
     @Test func theReplayCacheRemembersANonceForItsLifetimeAndIsBounded() throws {

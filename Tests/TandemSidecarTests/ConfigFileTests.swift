@@ -108,6 +108,10 @@ import Testing
             "c.lua: identity.mode: expected \"require\", \"permissive\" or \"off\", got \"strict\""
         ),
         (
+            "return { identity = { proof_kind = 'rsa' } }",
+            "c.lua: identity.proof_kind: expected \"mac\" or \"signature\", got \"rsa\""
+        ),
+        (
             "return { inbound = { routes = { { path = '/me', jwt = { hmac_secret_file = 's', algorithms = { 'none' } } } } } }",
             "c.lua: inbound.routes[1].jwt.algorithms: \"none\" is never accepted"
         ),
@@ -142,7 +146,7 @@ import Testing
         let c = try ConfigFile.load(
             source: """
                 return {
-                  identity = { default = "deny", proof = true, token_ttl_s = 120 },
+                  identity = { default = "deny", proof = true, token_ttl_s = 120, proof_kind = "signature" },
                   routes = { { name = "pay", host = "billing", cluster = "billing", proof = true } },
                   inbound = {
                     allow = { "web" },
@@ -155,7 +159,8 @@ import Testing
                 }
                 """, name: "c.lua", base: b)
         #expect(c.identity.effectiveMode == .require && c.identity.defaultAccess == .deny && c.identity.proof == true)
-        #expect(c.identity.tokenTTL == 120 && c.proofRoutes == ["pay"])
+        #expect(c.identity.tokenTTL == 120 && c.proofRoutes == ["pay"] && c.identity.proofKind == .signature)
+        #expect(base.identity.proofKind == .mac)
         #expect(c.inboundDefault.access.allow == ["web"])
         #expect(c.inboundRoutes.map(\.name) == ["admin", "me"])
         #expect(

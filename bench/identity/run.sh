@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Identity: the per-request cost of token verification and proofs of possession on one core
 # (TandemBench identity), and the throughput of the two-sidecar mesh path with no auth, with
-# service tokens, and with tokens + proofs — measured in one run on this machine.
+# service tokens, with tokens + MAC proofs (the default proof kind) and with tokens + signed
+# (Ed25519) proofs — measured in one run on this machine.
 #
 # Each mesh path: wrk → caller sidecar (outbound) → callee sidecar (inbound) → nginx answering
 # 1 KiB; discovery and tokens from a `tandem registry` with a join token. wrk -t2 -c64.
@@ -34,6 +35,7 @@ http { access_log off; keepalive_requests 1000000;
 CONF
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$W/join"
 echo 'return { identity = { proof = true } }' > "$W/proof.lua"
+echo 'return { identity = { proof = true, proof_kind = "signature" } }' > "$W/signed.lua"
 nginx -c "$W/backend/nginx.conf" & PIDS+=($!)
 $TANDEM registry --data-dir "$W/reg" --listen-client-urls http://127.0.0.1:$REG \
   --listen-peer-urls http://127.0.0.1:$REG_PEER --join-token-file "$W/join" > "$W/reg.log" 2>&1 & PIDS+=($!)
@@ -47,11 +49,12 @@ sidecar() { # $1 service, $2 extra flags...
 # Callees in front of the backend, and one caller each (on fixed outbound ports).
 sidecar plain --app-port $BACKEND
 sidecar users --app-port $BACKEND --join-token-file "$W/join"
-sidecar secure --app-port $BACKEND --join-token-file "$W/join" --config "$W/proof.lua"
+sidecar secure --app-port $BACKEND --join-token-file "$W/join" --config "$W/proof.lua" --admin 127.0.0.1:19320
 sidecar c-plain --app-port 1 --outbound 127.0.0.1:19310
 sidecar c-token --app-port 1 --outbound 127.0.0.1:19311 --join-token-file "$W/join"
 sidecar c-proof --app-port 1 --outbound 127.0.0.1:19312 --join-token-file "$W/join" --config "$W/proof.lua"
-for pair in 19310:plain 19311:users 19312:secure; do
+sidecar c-signed --app-port 1 --outbound 127.0.0.1:19313 --join-token-file "$W/join" --config "$W/signed.lua"
+for pair in 19310:plain 19311:users 19312:secure 19313:secure; do
   port=${pair%%:*} host=${pair##*:}
   for _ in $(seq 200); do curl -fs -o /dev/null -H "Host: $host" "http://127.0.0.1:$port/" && break; sleep 0.1; done
   curl -fs -o /dev/null -H "Host: $host" "http://127.0.0.1:$port/" || { echo "$host never answered" >&2; cat "$W"/*.log >&2; exit 1; }
@@ -59,7 +62,8 @@ done
 
 printf "| mesh path (2 sidecars) | req/s | p50 | p99 | vs no auth |\n|---|---|---|---|---|\n"
 base=""
-for pair in 19310:plain:"no auth" 19311:users:"service tokens" 19312:secure:"tokens + proofs"; do
+for pair in 19310:plain:"no auth" 19311:users:"service tokens" 19312:secure:"tokens + MAC proofs" \
+  19313:secure:"tokens + signed proofs"; do
   IFS=: read -r port host label <<< "$pair"
   out=$(wrk -t2 -c64 -d${DURATION}s --latency -H "Host: $host" "http://127.0.0.1:$port/")
   rps=$(echo "$out" | awk '/Requests\/sec/{printf "%d", $2}')
@@ -69,3 +73,5 @@ for pair in 19310:plain:"no auth" 19311:users:"service tokens" 19312:secure:"tok
     "$(echo "$out" | awk '$1=="99%"{print $2}')" "$(awk -v a=$rps -v b=$base 'BEGIN{printf "%+.0f%%", (a/b-1)*100}')" \
     "${errs:+ $errs}"
 done
+# Which proofs the callee checked, by kind (the MAC row must show MACs, the signed row signatures).
+echo "callee 'secure' checked: $(curl -fs http://127.0.0.1:19320/identity | grep -o '"proofs_verified":{[^}]*}')"

@@ -40,6 +40,9 @@ public nonisolated struct Tandem_Identity_V1_IssueRequest: Sendable {
   /// Requested lifetime; 0 = the registry's default; capped at its maximum.
   public var ttlSeconds: Int64 = 0
 
+  /// base64url of the caller sidecar's X25519 proof key (cnf.jwk), for MAC proofs; optional.
+  public var agreementKey: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -112,7 +115,7 @@ fileprivate nonisolated let _protobuf_package = "tandem.identity.v1"
 
 nonisolated extension Tandem_Identity_V1_IssueRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".IssueRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}join_token\0\u{1}service\0\u{1}audiences\0\u{3}key_thumbprint\0\u{3}ttl_seconds\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}join_token\0\u{1}service\0\u{1}audiences\0\u{3}key_thumbprint\0\u{3}ttl_seconds\0\u{3}agreement_key\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -125,6 +128,7 @@ nonisolated extension Tandem_Identity_V1_IssueRequest: SwiftProtobuf.Message, Sw
       case 3: try { try decoder.decodeRepeatedStringField(value: &self.audiences) }()
       case 4: try { try decoder.decodeSingularStringField(value: &self.keyThumbprint) }()
       case 5: try { try decoder.decodeSingularInt64Field(value: &self.ttlSeconds) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.agreementKey) }()
       default: break
       }
     }
@@ -146,6 +150,9 @@ nonisolated extension Tandem_Identity_V1_IssueRequest: SwiftProtobuf.Message, Sw
     if self.ttlSeconds != 0 {
       try visitor.visitSingularInt64Field(value: self.ttlSeconds, fieldNumber: 5)
     }
+    if !self.agreementKey.isEmpty {
+      try visitor.visitSingularStringField(value: self.agreementKey, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -155,6 +162,7 @@ nonisolated extension Tandem_Identity_V1_IssueRequest: SwiftProtobuf.Message, Sw
     if lhs.audiences != rhs.audiences {return false}
     if lhs.keyThumbprint != rhs.keyThumbprint {return false}
     if lhs.ttlSeconds != rhs.ttlSeconds {return false}
+    if lhs.agreementKey != rhs.agreementKey {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
