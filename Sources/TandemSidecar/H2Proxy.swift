@@ -333,7 +333,16 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             h.headers.remove(name: "te")
             if h.headers["content-length"].isEmpty { h.headers.add(name: "transfer-encoding", value: "chunked") }
         }
-        stream.write(HTTPClientRequestPart.head(h), promise: nil)
+        if http1 == nil {
+            // NIOHTTP2 refuses a stream's first frame when the connection is going away
+            // (GOAWAY read after the stream was made): the write fails, nothing closes the
+            // stream, and the call would wait forever. Nothing reached the upstream: retry.
+            let written = stream.eventLoop.makePromise(of: Void.self)
+            written.futureResult.whenFailure { [weak self] _ in self?.streamRefused(stream) }
+            stream.write(HTTPClientRequestPart.head(h), promise: written)
+        } else {
+            stream.write(HTTPClientRequestPart.head(h), promise: nil)
+        }
         for part in pending { stream.write(part, promise: nil) }
         pending = []
         pendingBytes = 0
@@ -498,6 +507,22 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     }
 
     func upstreamFailed(_ error: any Error) { upstreamFailed() }
+
+    /// An upstream stream ended or failed before its response ended; ignored when it is no
+    /// longer this exchange's (a refused stream, already retried).
+    func upstreamFailed(stream: any Channel) {
+        guard upstream === stream else { return }
+        upstreamFailed()
+    }
+
+    /// The upstream stream's request head could not be sent: the stream never opened (as a
+    /// REFUSED_STREAM), so the attempt fails like a connect failure and may be retried.
+    private func streamRefused(_ stream: any Channel) {
+        guard !finished, upstream === stream, let ep = endpoint else { return }
+        upstream = nil
+        stream.close(promise: nil)
+        connectFailed(ep)
+    }
 
     func upstreamFailed() {
         guard !finished else { return }
@@ -667,12 +692,12 @@ final class H2UpstreamStreamHandler: ChannelInboundHandler, @unchecked Sendable 
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if !ended { exchange?.upstreamFailed() }
+        if !ended { exchange?.upstreamFailed(stream: context.channel) }
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if !ended { exchange?.upstreamFailed() }
+        if !ended { exchange?.upstreamFailed(stream: context.channel) }
         ended = true
         context.close(promise: nil)
     }

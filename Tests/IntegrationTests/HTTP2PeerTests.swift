@@ -63,6 +63,28 @@ import Testing
 
     /// A sidecar with no registry whose local upstream port leads to the gRPC server at
     /// `server`; the address to call it on.
+    /// An upstream shutting down gracefully sends GOAWAY: the call it is serving finishes, and
+    /// the sidecar must open a new connection for the next ones (a stream on the old one is
+    /// refused by NIOHTTP2 — the call failed before the GOAWAY hook forgot the connection).
+    @Test func anUpstreamsGracefulGoAwayMovesNewCallsToANewConnection() throws {
+        let upstream = try QuiescingUpstream()
+        defer { upstream.stop() }
+        let (sidecar, local) = try sidecarInFront(of: upstream.endpoint)
+        let client = try GoLikeClient(local)
+        defer { client.close() }
+        for _ in 0..<3 { #expect(try client.call("/t.T/Call", []) == "0") }
+        // A call the upstream holds, then its GOAWAY; the held call still completes.
+        let held = client.callFuture("/t.T/Hold", [])
+        try upstream.holdArrived.futureResult.wait()
+        try upstream.goAwayAndSync()
+        upstream.releaseHeld()
+        #expect(try held.wait() == "0")
+        for _ in 0..<3 { #expect(try client.call("/t.T/Call", []) == "0") }
+        // Four calls on the first connection (the held one included), three on a second.
+        #expect(try upstream.servedPerConnection() == [4, 3])
+        withExtendedLifetime(sidecar) {}
+    }
+
     func sidecarInFront(of server: String) throws -> (SidecarUnderTest, String) {
         let local = try freePort()
         let sidecar = try SidecarUnderTest(
@@ -129,10 +151,13 @@ final class GoLikeClient: Sendable {
     }
 
     /// One unary call; its grpc-status.
-    func call(_ path: String, _ message: [UInt8]) throws -> String {
+    func call(_ path: String, _ message: [UInt8]) throws -> String { try callFuture(path, message).wait() }
+
+    /// One unary call, answered later: its grpc-status.
+    func callFuture(_ path: String, _ message: [UInt8]) -> EventLoopFuture<String> {
         let loop = channel.eventLoop
         let authority = self.authority
-        return try loop.flatSubmit { () -> EventLoopFuture<String> in
+        return loop.flatSubmit { () -> EventLoopFuture<String> in
             let answer = loop.makePromise(of: String.self)
             let created = loop.makePromise(of: (any Channel).self)
             created.futureResult.whenFailure { answer.fail($0) }
@@ -153,7 +178,7 @@ final class GoLikeClient: Sendable {
                 }
             }
             return Self.guarded(answer)
-        }.wait()
+        }
     }
 
     struct Lost: Error, CustomStringConvertible {
@@ -277,6 +302,130 @@ final class GoLikeClient: Sendable {
                 answer.fail(ChannelError.ioOnClosedChannel)
             }
             context.fireChannelInactive()
+        }
+    }
+}
+
+/// An h2c gRPC-shaped upstream that can quiesce like a server shutting down gracefully: GOAWAY
+/// (last stream id = max, NO_ERROR) on every connection, which stays open for running streams.
+/// Counts calls per connection. Loop-confined state; the test thread reaches it by `submit`.
+final class QuiescingUpstream: @unchecked Sendable {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let loop: any EventLoop
+    private var server: (any Channel)?
+    private var connections: [any Channel] = []
+    private var served: [Int] = []
+    private var heldStream: (any Channel)?
+    private var pingAcked: EventLoopPromise<Void>?
+    /// Completed once a call to `/t.T/Hold` has arrived.
+    let holdArrived: EventLoopPromise<Void>
+
+    init() throws {
+        loop = group.next()
+        holdArrived = loop.makePromise()
+        server = try ServerBootstrap(group: loop).childChannelInitializer { [self] ch in
+            ch.eventLoop.makeCompletedFuture {
+                let index = connections.count
+                connections.append(ch)
+                served.append(0)
+                _ = try ch.pipeline.syncOperations.configureHTTP2Pipeline(
+                    mode: .server, connectionConfiguration: .init(), streamConfiguration: .init(),
+                    inboundStreamInitializer: { stream in
+                        stream.eventLoop.makeCompletedFuture {
+                            try stream.pipeline.syncOperations.addHandler(Answer(self, connection: index))
+                        }
+                    })
+                try ch.pipeline.syncOperations.addHandler(PingAcks(self))
+            }
+        }.bind(host: "127.0.0.1", port: 0).wait()
+    }
+
+    var endpoint: String { "127.0.0.1:\(server!.localAddress!.port!)" }
+
+    func servedPerConnection() throws -> [Int] { try loop.submit { self.served }.wait() }
+
+    /// GOAWAY on every connection, then a PING whose ack says the peer has read the GOAWAY
+    /// (frames are handled in order).
+    func goAwayAndSync() throws {
+        try loop.flatSubmit { () -> EventLoopFuture<Void> in
+            let acked = self.loop.makePromise(of: Void.self)
+            self.pingAcked = acked
+            for c in self.connections {
+                c.write(
+                    HTTP2Frame(
+                        streamID: .rootStream,
+                        payload: .goAway(lastStreamID: .maxID, errorCode: .noError, opaqueData: nil)),
+                    promise: nil)
+                c.writeAndFlush(
+                    HTTP2Frame(streamID: .rootStream, payload: .ping(HTTP2PingData(withInteger: 42), ack: false)),
+                    promise: nil)
+            }
+            return GoLikeClient.guarded(acked, "the PING after GOAWAY")
+        }.wait()
+    }
+
+    func releaseHeld() {
+        loop.execute {
+            if let s = self.heldStream { Answer.respond(on: s) }
+            self.heldStream = nil
+        }
+    }
+
+    func stop() {
+        try? server?.close().wait()
+        try? group.syncShutdownGracefully()
+    }
+
+    final class PingAcks: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = HTTP2Frame
+        let upstream: QuiescingUpstream
+        init(_ u: QuiescingUpstream) { upstream = u }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            if case .ping(_, ack: true) = unwrapInboundIn(data).payload {
+                upstream.pingAcked?.succeed(())
+                upstream.pingAcked = nil
+            }
+        }
+    }
+
+    /// Answers a call once its request has ended: 200, an empty gRPC message, grpc-status 0.
+    final class Answer: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = HTTP2Frame.FramePayload
+        let upstream: QuiescingUpstream
+        let connection: Int
+        var path = ""
+        init(_ u: QuiescingUpstream, connection: Int) {
+            upstream = u
+            self.connection = connection
+        }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let ended: Bool
+            switch unwrapInboundIn(data) {
+            case .headers(let h):
+                path = h.headers.first(name: ":path") ?? ""
+                ended = h.endStream
+            case .data(let d): ended = d.endStream
+            default: ended = false
+            }
+            guard ended else { return }
+            upstream.served[connection] += 1
+            if path == "/t.T/Hold" {
+                upstream.heldStream = context.channel
+                upstream.holdArrived.succeed(())
+            } else {
+                Self.respond(on: context.channel)
+            }
+        }
+
+        static func respond(on stream: any Channel) {
+            let head: HPACKHeaders = [":status": "200", "content-type": "application/grpc"]
+            stream.write(HTTP2Frame.FramePayload.headers(.init(headers: head)), promise: nil)
+            var body = stream.allocator.buffer(capacity: 5)
+            body.writeBytes([0, 0, 0, 0, 0])
+            stream.write(HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(body))), promise: nil)
+            stream.writeAndFlush(
+                HTTP2Frame.FramePayload.headers(.init(headers: ["grpc-status": "0"], endStream: true)), promise: nil)
         }
     }
 }
