@@ -242,6 +242,22 @@ struct MeshSimulationTests {
         let replayed = MeshSimulation.run(s, seed: 3)
         #expect(replayed.violations.contains { $0.hasPrefix("orders->users: success rate") })
         #expect(replayed.identityRefusals["replayed-proof", default: 0] > 100)
+
+        // A retry carries a fresh proof: with one users instance answering 10 % 503s, retries
+        // go back to the instance that saw the first proof (each attempt used to reuse the
+        // request's proof, and the retry was refused as replayed-proof). Both proof kinds.
+        for kind in [ProofKind.mac, .signature] {
+            s = try Scenarios.load("identity.lua")
+            let u = try #require(s.services.firstIndex { $0.name == "users" })
+            s.services[u].instances = 1
+            s.services[u].behavior.errorRate = 0.1
+            for o in s.services.indices { s.services[o].sidecar.identity.proofKind = kind }
+            let retried = MeshSimulation.run(s, seed: 3)
+            let orders = try #require(retried.route("orders->users"))
+            #expect(orders.retries > 100, "\(kind)")
+            #expect(retried.identityRefusals["replayed-proof", default: 0] == 0, "\(kind)")
+            #expect(retried.proofsSigned == retried.routes.reduce(0) { $0 + $1.attempts }, "\(kind)")
+        }
     }
 
     @Test("inbound side: per-caller rate limit and an inbound policy answer before the app")

@@ -4,9 +4,10 @@
 -- callee (`aud`) to its outbound requests, and every inbound side verifies it with
 -- TandemIdentity — signature, issuer, audience, expiry — before its allow rules. users'
 -- sidecar config says `inbound = { allow = { "orders" } }`: orders' calls go through, web's
--- are answered 403 by users' sidecar, and the app never sees them. Every request also carries
--- a proof of possession signed with the caller sidecar's own key (`proof = true`), checked
--- against the token's key binding, the request and the replay cache. Tokens live 45 s here,
+-- are answered 403 by users' sidecar, and the app never sees them. Every attempt also carries
+-- a proof of possession (`proof = true`): a MAC under the key the caller sidecar's X25519 key
+-- agrees with the callee instance's (or an Ed25519 signature with `proof_kind = "signature"`),
+-- checked against the token's key binding, the request and the replay cache. Tokens live 45 s here,
 -- so each caller renews them every 30 s during the run.
 return {
   name = "identity: users admits only orders",

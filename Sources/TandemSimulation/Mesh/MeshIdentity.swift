@@ -11,10 +11,11 @@ import TandemTraffic
 ///
 /// Modelled: the registry's token service. Tokens are signed with one mesh key held by the
 /// simulator (real Ed25519, real JWS), issued to a sidecar on first use per callee and again
-/// at two thirds of their lifetime. Each sidecar has its own Ed25519 key, which its tokens are
-/// bound to (`cnf`); with proofs on (mesh-wide, per sidecar, or per route as in the config)
-/// it signs a proof of possession for every request and the callee checks it, nonce replay
-/// cache included.
+/// at two thirds of their lifetime. Each sidecar has its own Ed25519 key and X25519 key, which
+/// its tokens are bound to (`cnf`); with proofs on (mesh-wide, per sidecar, or per route as in
+/// the config) it makes a proof of possession for every attempt — a MAC for the callee
+/// instance's key, or a signature with `proof_kind = "signature"`, as the sidecar does — and
+/// the callee checks it, nonce replay cache included.
 public struct IdentitySpec: Equatable, Sendable {
     public var mesh = "tandem"
     /// What inbound routes without an allow list admit (the registry's `--identity-default`).
@@ -36,8 +37,9 @@ final class MeshIdentity {
     var held: [[String: (token: String, refreshAt: Int64)]]
     /// Per sidecar: its inbound verifier (with its cache of verified tokens).
     var inbound: [InboundAuthenticator?]
-    /// Per sidecar: the key its tokens are bound to and its proofs are signed with.
-    var keys: [ProofSigner?]
+    /// Per sidecar: the keys its tokens are bound to, and the MAC keys it agreed with callees.
+    var keys: [(signer: ProofSigner, agreement: AgreementKey)?]
+    var macKeys: [MACKeyCache]
     let emptyBodyDigest = sha256Base64URL([UInt8]())
     var lastProof: [Int: String] = [:]
     /// Per service: the inbound route table and routes by name.
@@ -57,6 +59,7 @@ final class MeshIdentity {
         held = Array(repeating: [:], count: instances)
         inbound = Array(repeating: nil, count: instances)
         keys = Array(repeating: nil, count: instances)
+        macKeys = Array(repeating: MACKeyCache(capacity: 1024), count: instances)
         tables = services.map { svc in
             let c = svc.sidecar
             let table = RouteTable(c.inboundRoutes.map { Route(name: $0.name, match: $0.match, cluster: "local") })
@@ -66,30 +69,41 @@ final class MeshIdentity {
 }
 
 extension MeshWorld {
-    /// The sidecar's own key (made on first use, from the run's seed).
-    func sidecarKey(_ s: Int) -> ProofSigner? {
+    /// The sidecar's own keys (made on first use, from the run's seed).
+    func sidecarKey(_ s: Int) -> (signer: ProofSigner, agreement: AgreementKey)? {
         guard let id = identity else { return nil }
         if let k = id.keys[s] { return k }
         var seed: [UInt8] = []
         for _ in 0..<4 { withUnsafeBytes(of: rng.next()) { seed += $0 } }
         guard let k = try? KeyPair(seed: seed) else { return nil }
-        id.keys[s] = ProofSigner(key: k)
+        id.keys[s] = (ProofSigner(key: k), AgreementKey(derivedFrom: seed))
         return id.keys[s]
     }
 
-    /// The proof of possession for this request, when the caller's settings or route ask for one.
-    func proof(sidecar s: Int, route: Route, method: String, host: String, path: String, token: String) -> String? {
+    /// The proof of possession for one attempt at instance `callee`, when the caller's settings
+    /// or route ask for one: a fresh nonce per attempt, so a retry is not a replay.
+    func proof(
+        sidecar s: Int, route: Route, method: String, host: String, path: String, token: String, callee: Int
+    ) -> String? {
         guard let id = identity else { return nil }
         let cfg = sidecars[s].config
-        guard cfg.identity.proof ?? id.spec.proof || cfg.proofRoutes.contains(route.name), let signer = sidecarKey(s)
+        guard cfg.identity.proof ?? id.spec.proof || cfg.proofRoutes.contains(route.name), let own = sidecarKey(s)
         else { return nil }
         if id.spec.defectReuseProofs, let p = id.lastProof[s] { return p }
         var nonce: [UInt8] = []
         for _ in 0..<2 { withUnsafeBytes(of: rng.next()) { nonce += $0 } }
         report.proofsSigned += 1
-        id.lastProof[s] = signer.sign(
-            ProofTarget(method: method, authority: host, pathAndQuery: path, bodyDigest: id.emptyBodyDigest),
-            tokenHash: sha256Base64URL(Array(token.utf8)), now: now / 1_000_000_000, nonce: nonce)
+        let target = ProofTarget(method: method, authority: host, pathAndQuery: path, bodyDigest: id.emptyBodyDigest)
+        let (hash, nowS) = (sha256Base64URL(Array(token.utf8)), now / 1_000_000_000)
+        // Every simulated callee publishes its proof key, as a Tandem sidecar's registration does.
+        if cfg.identity.proofKind == .mac, let peer = sidecarKey(callee)?.agreement,
+            let key = try? id.macKeys[s].key(own.agreement, peer: peer.x, asCaller: true)
+        {
+            id.lastProof[s] = ProofSigner.mac(
+                target, tokenHash: hash, now: nowS, nonce: nonce, macKey: key, calleeKid: peer.kid)
+        } else {
+            id.lastProof[s] = own.signer.sign(target, tokenHash: hash, now: nowS, nonce: nonce)
+        }
         return id.lastProof[s]
     }
 
@@ -101,9 +115,10 @@ extension MeshWorld {
         let caller = scenario.services[sidecars[s].service]
         let ttl = caller.sidecar.identity.tokenTTL
         id.issued += 1
-        let claims = ServiceClaims(
+        var claims = ServiceClaims(
             issuer: id.issuer, subject: caller.name, audience: callee, issuedAt: nowS, expiresAt: nowS + ttl,
-            id: "sim-\(id.issued)", keyThumbprint: key.key.thumbprint)
+            id: "sim-\(id.issued)", keyThumbprint: key.signer.key.thumbprint)
+        claims.agreementKey = key.agreement.x
         let token = ServiceToken.sign(claims, key: id.key)
         id.held[s][callee] = (token, nowS + ttl * 2 / 3)
         report.tokensIssued += 1
@@ -127,7 +142,7 @@ extension MeshWorld {
         let head = RequestHead(method: method, host: host, path: path)
         let route = t.table.route(head).flatMap { t.byName[$0.route.name] } ?? svc.sidecar.inboundDefault
         if id.inbound[i] == nil {
-            var a = InboundAuthenticator(issuer: id.issuer, service: svc.name)
+            var a = InboundAuthenticator(issuer: id.issuer, service: svc.name, agreement: sidecarKey(i)?.agreement)
             a.tokens.setKeys([id.published])
             id.inbound[i] = a
         }

@@ -106,6 +106,8 @@ struct SimJob {
     var req: Int
     var attempt: Int
     var inst: Int
+    /// The proof of possession this attempt carries (made for `inst`).
+    var proof: String?
     var status = 200
     var nextCall = 0
     var started = false
@@ -162,7 +164,6 @@ final class SimRequest {
     var policiesAnswered = false
     /// The service token the caller's sidecar attached (identity on), and its proof.
     var token: String?
-    var proof: String?
     init(
         id: Int, sidecar: Int, origin: Origin, start: Nanos, stat: Int, method: String, host: String, path: String,
         headers: [(String, String)]
@@ -500,7 +501,6 @@ final class MeshWorld {
         req.cluster = route.cluster
         if identity != nil, let token = serviceToken(sidecar: s, callee: route.cluster) {
             req.token = token
-            req.proof = proof(sidecar: s, route: route, method: method, host: host, path: path, token: token)
         }
         if let rl = route.rateLimit {
             var b = sc.limiters[route.name] ?? TokenBucket(rl)
@@ -623,7 +623,13 @@ final class MeshWorld {
             return schedule(connectTimeout, .attemptFailed(req: req.id, attempt: req.attempt, .connectFailure))
         }
         nextJob += 1
-        jobs[nextJob] = SimJob(req: req.id, attempt: req.attempt, inst: target)
+        var p: String?
+        if let token = req.token, let route = req.route {
+            p = proof(
+                sidecar: req.sidecar, route: route, method: req.method, host: req.host, path: req.path, token: token,
+                callee: target)
+        }
+        jobs[nextJob] = SimJob(req: req.id, attempt: req.attempt, inst: target, proof: p)
         schedule(there, .deliver(job: nextJob))
     }
 
@@ -748,7 +754,7 @@ final class MeshWorld {
         if identity != nil, let req = requests[job.req],
             let refused = inboundGate(
                 instance: job.inst, method: req.method, host: req.host, path: req.path, token: req.token,
-                proof: req.proof)
+                proof: job.proof)
         {
             // The inbound sidecar answers; the app never sees the request.
             jobs[j] = nil
