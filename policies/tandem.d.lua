@@ -21,7 +21,7 @@
 ---@field query_arg fun(self: tandem.Request, name: string): string? The first decoded value of a query argument.
 ---@field query_args fun(self: tandem.Request): table<string, string> Decoded query arguments (first values).
 ---@field param fun(self: tandem.Request, name: string): string? A route parameter (`:id` in the route's path).
----@field body fun(self: tandem.Request): string? The body when the sidecar buffered it (up to 64 KiB; larger bodies stream and are nil).
+---@field body fun(self: tandem.Request): string? The body when the sidecar buffered it: HTTP/1.1 bodies up to 64 KiB; HTTP/2 ones up to 64 KiB when a policy of the route says request_body = true. Larger bodies stream and are nil.
 ---@field set_path fun(self: tandem.Request, path: string) Rewrite the path. on_request only.
 ---@field set_query fun(self: tandem.Request, query: string) Rewrite the query. on_request only.
 ---@field set_method fun(self: tandem.Request, method: string) Rewrite the method. on_request only.
@@ -95,6 +95,7 @@
 ---@field config table<string, tandem.SchemaField>? The schema of the policy's arguments.
 ---@field shared table<string, {capacity: integer}>? Shared dicts this policy uses.
 ---@field response_body boolean? Buffer answers up to 64 KiB so on_response can read res:body() (larger ones stream, body nil).
+---@field request_body boolean? Over HTTP/2 (and gRPC), hold the request until its end, up to 64 KiB, so on_request can read req:body() (larger ones stream, body nil). HTTP/1.1 bodies up to 64 KiB are held anyway. Not for streaming gRPC calls: on_request waits for the client's last message.
 ---@field init fun(cfg: table, env: table)? Once per VM and version, after the config is validated.
 ---@field on_request fun(req: tandem.Request, ctx: table, cfg: table): tandem.Decision? Before routing.
 ---@field on_response fun(res: tandem.Response, ctx: table, cfg: table): tandem.Decision? Before the answer is sent, including the sidecar's own.

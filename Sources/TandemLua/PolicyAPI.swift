@@ -134,7 +134,9 @@ public enum PolicyAPI {
             doc: "A route parameter (`:id` in the route's path)."),
         .init(
             path: "Request:body", type: "fun(self: tandem.Request): string?",
-            doc: "The body when the sidecar buffered it (up to 64 KiB; larger bodies stream and are nil)."),
+            doc:
+                "The body when the sidecar buffered it: HTTP/1.1 bodies up to 64 KiB; HTTP/2 ones up to 64 KiB when a policy of the route says request_body = true. Larger bodies stream and are nil."
+        ),
         .init(
             path: "Request:set_path", type: "fun(self: tandem.Request, path: string)",
             doc: "Rewrite the path. on_request only."),
@@ -248,6 +250,11 @@ public enum PolicyAPI {
         .init(
             path: "response_body", type: "boolean?",
             doc: "Buffer answers up to 64 KiB so on_response can read res:body() (larger ones stream, body nil)."),
+        .init(
+            path: "request_body", type: "boolean?",
+            doc:
+                "Over HTTP/2 (and gRPC), hold the request until its end, up to 64 KiB, so on_request can read req:body() (larger ones stream, body nil). HTTP/1.1 bodies up to 64 KiB are held anyway. Not for streaming gRPC calls: on_request waits for the client's last message."
+        ),
         .init(
             path: "init", type: "fun(cfg: table, env: table)?",
             doc: "Once per VM and version, after the config is validated."),

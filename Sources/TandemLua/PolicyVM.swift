@@ -135,7 +135,7 @@ public final class PolicyVM: @unchecked Sendable {
     /// What the VM knows of each loaded policy: one lookup per hook call.
     private struct Loaded {
         var name: String
-        var hooks: (request: Bool, response: Bool, log: Bool, responseBody: Bool)
+        var hooks: (request: Bool, response: Bool, log: Bool, responseBody: Bool, requestBody: Bool)
         var slot: PolicyServices.Slot
     }
     private var policies: [Int: Loaded] = [:]
@@ -147,11 +147,14 @@ public final class PolicyVM: @unchecked Sendable {
     private var decision: PolicyDecision?
     private var pending: (file: String, source: String, config: String, path: String)?
     private var loadingName: String?
-    private var loadingHooks = (request: false, response: false, log: false, responseBody: false)
+    private var loadingHooks = (request: false, response: false, log: false, responseBody: false, requestBody: false)
 
     /// Whether policy `id` reads response bodies (`response_body = true`: the sidecar buffers
     /// answers for its on_response).
     public func wantsResponseBody(_ id: Int) -> Bool { policies[id]?.hooks.responseBody ?? false }
+    /// Whether policy `id` reads request bodies (`request_body = true`: over HTTP/2, where bodies
+    /// stream, the sidecar holds the request until its end, up to a bound, before on_request).
+    public func wantsRequestBody(_ id: Int) -> Bool { policies[id]?.hooks.requestBody ?? false }
     /// `tandem.now()` for the current call: read from the clock on first use, then frozen.
     private var callNow: Int64?
     private var frozenNow: Int64 {
@@ -485,7 +488,7 @@ public final class PolicyVM: @unchecked Sendable {
             if let g = pendingEnds.popLast() { put(g) } else { putNil() }
         case .policyName:
             loadingName = a.string(0)
-            loadingHooks = (a.bool(1), a.bool(2), a.bool(3), a.bool(4))
+            loadingHooks = (a.bool(1), a.bool(2), a.bool(3), a.bool(4), a.bool(5))
         case .phase:
             if phase == .load || phase == .initialize { phase = a.string(0) == "init" ? .initialize : .load }
         case .reqField:

@@ -512,7 +512,7 @@ let preludeSource = #"""
     local ctxs = {}
     local HOOKS = { on_request = true, on_response = true, on_log = true }
     local POLICY_KEYS = { name = true, version = true, description = true, config = true, shared = true, init = true,
-      on_request = true, on_response = true, on_log = true, response_body = true }
+      on_request = true, on_response = true, on_log = true, response_body = true, request_body = true }
 
     local function load_policy(id)
       local file, source, config_json, path = H.load_source()
@@ -528,7 +528,9 @@ let preludeSource = #"""
       end
       if type(def.name) ~= "string" or def.name == "" then fail(file .. ": name: expected a non-empty string") end
       if def.response_body ~= nil and type(def.response_body) ~= "boolean" then fail(file .. ": response_body: expected true or false") end
-      H.policy_name(def.name, def.on_request ~= nil, def.on_response ~= nil, def.on_log ~= nil, def.response_body == true)
+      if def.request_body ~= nil and type(def.request_body) ~= "boolean" then fail(file .. ": request_body: expected true or false") end
+      H.policy_name(def.name, def.on_request ~= nil, def.on_response ~= nil, def.on_log ~= nil, def.response_body == true,
+        def.request_body == true)
       if def.init ~= nil and type(def.init) ~= "function" then fail(file .. ": init must be a function") end
       if not (def.on_request or def.on_response or def.on_log) then fail(file .. ": a policy needs on_request, on_response or on_log") end
       local schema = def.config or {}

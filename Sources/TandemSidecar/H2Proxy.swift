@@ -125,6 +125,8 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     private var pending: [HTTPClientRequestPart] = []
     private var pendingBytes = 0
     private var requestEnded = false
+    /// on_request waits for the request's end (a `request_body` policy).
+    private var awaitingBody = false
     private var responded = false
     private var finished = false
     private var status = 0
@@ -190,6 +192,30 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         if let p = policy {
             p.ex.caller = who.caller
             if let claims = who.claims { p.ex.claims = claims.mapValues(LuaValue.init) }
+            if p.wantsRequestBody && !requestEnded && pendingBytes <= ctx.limits.streamBodyAfterBytes {
+                // A policy reads the body: on_request runs once the request ends (or passes
+                // the bound, then without it). Nothing goes upstream before.
+                awaitingBody = true
+                return
+            }
+        }
+        runPolicies()
+    }
+
+    /// The request body held for `request_body` policies, or nil (it streams past the bound).
+    private var heldBody: [UInt8]? {
+        guard requestEnded, pendingBytes <= ctx.limits.streamBodyAfterBytes else { return nil }
+        var out: [UInt8] = []
+        out.reserveCapacity(pendingBytes)
+        for case .body(.byteBuffer(let b)) in pending { out += b.readableBytesView }
+        return out
+    }
+
+    /// on_request of the route's policies, then the cluster and the attempt.
+    private func runPolicies() {
+        guard !finished else { return }
+        if let p = policy {
+            if p.wantsRequestBody { p.ex.body = heldBody }
             var path = head.uri
             switch p.begin(head: &head, path: &path, route: &route, cluster: &cluster) {
             case .answer(let d): return answerWithPolicy(d)
@@ -367,6 +393,10 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
                 return
             }
             pending.append(.body(.byteBuffer(b)))
+            if awaitingBody && pendingBytes > ctx.limits.streamBodyAfterBytes {
+                awaitingBody = false
+                runPolicies()
+            }
         }
     }
 
@@ -377,6 +407,10 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             up.writeAndFlush(HTTPClientRequestPart.end(trailers), promise: nil)
         } else {
             pending.append(.end(trailers))
+            if awaitingBody {
+                awaitingBody = false
+                runPolicies()
+            }
         }
     }
 

@@ -215,6 +215,7 @@ final class PolicyRun {
     }
 
     var wantsResponseBody: Bool { chain.contains { vm.wantsResponseBody($0.id) } }
+    var wantsRequestBody: Bool { chain.contains { vm.wantsRequestBody($0.id) } }
 
     enum RequestOutcome {
         case proceed

@@ -274,6 +274,21 @@ func request(
                 == #"{"f":[0.1,1.332,0.3333333333333333,1.152921504606847e+18,-2.5e-08],"list":[1,2],"s":"q\""}"#)
     }
 
+    @Test func requestAndResponseBodyDeclarationsAreReadAndChecked() throws {
+        let vm = try makeVM()
+        try vm.load(
+            id: 1, file: "b.lua",
+            source: #"return { name = "b", request_body = true, on_request = function(req) end }"#)
+        try vm.load(id: 2, file: "c.lua", source: #"return { name = "c", on_request = function(req) end }"#)
+        #expect(vm.wantsRequestBody(1) && !vm.wantsResponseBody(1))
+        #expect(!vm.wantsRequestBody(2))
+        #expect {
+            try vm.load(
+                id: 3, file: "d.lua",
+                source: #"return { name = "d", request_body = "yes", on_request = function() end }"#)
+        } throws: { "\($0)".contains("d.lua: request_body: expected true or false") }
+    }
+
     @Test func headerInjectionIsRefused() throws {
         let vm = try makeVM()
         try vm.load(
