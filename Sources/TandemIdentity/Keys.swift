@@ -22,6 +22,9 @@ public struct IdentityError: Error, Sendable, Equatable, CustomStringConvertible
         case invalidProof = "invalid-proof"
         case replayedProof = "replayed-proof"
         case proofMismatch = "proof-mismatch"
+        /// A MAC proof made for another proof key than this instance's (the caller's discovery
+        /// is behind, e.g. the instance restarted): the answer names the current key.
+        case staleProofKey = "stale-proof-key"
         case bodyMismatch = "body-mismatch"
         case replayCacheFull = "replay-cache-full"
         case forbidden = "forbidden"

@@ -169,7 +169,7 @@ public struct ProofVerifier: Sendable {
         guard let kid = jws.header["kid"]?.string else { throw IdentityError(.invalidProof, "MAC proof names no kid") }
         guard kid == own.kid else {
             throw IdentityError(
-                .proofMismatch, "proof was made for proof key \(kid), not this instance's (\(own.kid))")
+                .staleProofKey, "proof was made for proof key \(kid), not this instance's (\(own.kid))")
         }
         guard let peer = claims.agreementKey else {
             throw IdentityError(.invalidProof, "token binds no X25519 key (cnf.jwk) for a MAC proof")

@@ -2,6 +2,7 @@ import Atomics
 import NIOCore
 import NIOHTTP1
 import TandemCore
+import TandemIdentity
 import TandemLua
 import TandemTraffic
 
@@ -33,6 +34,8 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     /// Counts sends, so a connect finishing late for an abandoned send is recognised.
     private var sendSeq = 0
     private var staleRetried = false
+    /// This attempt was sent again with the proof key the callee named (`stale-proof-key`).
+    private var keyRefreshed = false
     /// The response head went downstream; from here on, failures can only abort.
     private var responded = false
     private var finished = false
@@ -244,6 +247,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         endpoint = ep
         attemptStart = now
         staleRetried = false
+        keyRefreshed = false
         if let t = retry.attemptTimeout(now: now) {
             attemptDeadline = now + t
             handler.wake(at: now + t)
@@ -365,7 +369,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             id.attach(
                 to: &head.headers, audience: cluster, routeProof: proof, method: head.method.rawValue,
                 authority: head.headers.first(name: "host") ?? cluster, pathAndQuery: head.uri,
-                body: streaming ? nil : body, calleeKey: endpoint?.proofKey)
+                body: streaming ? nil : body, callee: endpoint)
         }
         if side == .outbound, let deadline = retry?.deadline {
             head.headers.replaceOrAdd(
@@ -541,6 +545,19 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     func upstreamHead(_ h: HTTPResponseHead) {
         guard !finished, let ep = endpoint else { return }
+        if h.status == .unauthorized, side == .outbound, !keyRefreshed, retry?.bodyFits == true,
+            h.headers.first(name: "tandem-error") == IdentityError.Reason.staleProofKey.rawValue,
+            let fresh = h.headers.first(name: SidecarIdentity.proofKeyHeader),
+            ctx.identity?.learn(calleeKey: fresh, for: ep) == true
+        {
+            // The instance's proof key changed (it restarted) and discovery has not caught up:
+            // the request never reached its app, so it goes again, once, with a proof for the
+            // key the instance named. Not an attempt, not a failure.
+            keyRefreshed = true
+            dropConnection()
+            connectAndSend(ep)
+            return
+        }
         attemptDeadline = nil
         let grpc = h.headers.first(name: "grpc-status").flatMap(Int.init)
         pendingHead = h

@@ -353,7 +353,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             id.attach(
                 to: &h.headers, audience: cluster, routeProof: proof, method: h.method.rawValue,
                 authority: h.headers.first(name: "host") ?? cluster, pathAndQuery: h.uri, body: nil,
-                calleeKey: endpoint?.proofKey)
+                callee: endpoint)
         }
         if http1 != nil {
             h.headers.remove(name: "te")
@@ -623,6 +623,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         ctx.metrics.inc("tandem_local_answers_total", [("side", handler.side.rawValue), ("reason", a.reason.rawValue)])
         var headers = HTTPHeaders()
         headers.add(name: "tandem-error", value: a.errorCode)
+        for (name, value) in a.headers.sorted(by: { $0.key < $1.key }) { headers.add(name: name, value: value) }
         if isGRPC {
             var h = HTTPHeaders()
             h.add(name: "content-type", value: "application/grpc")

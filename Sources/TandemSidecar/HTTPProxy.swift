@@ -352,6 +352,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
         headers.add(name: "content-type", value: "application/json")
         headers.add(name: "content-length", value: String(body.utf8.count))
         headers.add(name: "tandem-error", value: a.errorCode)
+        for (name, value) in a.headers.sorted(by: { $0.key < $1.key }) { headers.add(name: name, value: value) }
         if !keepAlive { headers.add(name: "connection", value: "close") }
         let status = HTTPResponseStatus(statusCode: a.status)
         context.write(

@@ -47,6 +47,11 @@ final class SidecarIdentity: @unchecked Sendable {
     /// is what the callee's replay check needs, without a getrandom call per request.
     private let noncePrefix: [UInt8]
     private var nonceCounter: UInt64 = 0
+    /// Proof keys callee instances named in `stale-proof-key` refusals, by address: used
+    /// instead of the discovered key while discovery still has the one they replaced.
+    private var learnedKeys: [String: (stale: String?, fresh: String)] = [:]
+    static let maxLearnedKeys = 4096
+    static let proofKeyHeader = "tandem-proof-key"
     private var auth: InboundAuthenticator
     /// The mesh-wide settings the registry publishes (used where the config says nothing).
     private var mesh: (defaultAccess: DefaultAccess?, proof: Bool?) = (nil, nil)
@@ -295,14 +300,16 @@ final class SidecarIdentity: @unchecked Sendable {
     /// `calleeKey`, or a signed one when it publishes none (or the config says `signature`).
     func attach(
         to headers: inout HTTPHeaders, audience: String, routeProof: Bool, method: String, authority: String,
-        pathAndQuery: String, body: ByteBuffer?, calleeKey: String?
+        pathAndQuery: String, body: ByteBuffer?, callee: Endpoint?
     ) {
         headers.remove(name: Self.proofHeader)
         let now = Self.now()
+        var calleeKey = callee?.proofKey
         let (held, proof, macKey, count) = lock.withLock { () -> (Held?, Bool, MACKey?, UInt64) in
             guard let h = self.held[audience], now < h.expiresAt else { return (nil, false, nil, 0) }
             let proof = routeProof || effectiveProof
             guard proof else { return (h, false, nil, 0) }
+            if let ep = callee, let l = learnedKeys[ep.address], l.stale == calleeKey { calleeKey = l.fresh }
             nonceCounter += 1
             guard settings.proofKind == .mac, let calleeKey else { return (h, proof, nil, nonceCounter) }
             // A callee key that does not agree (malformed) falls back to a signed proof.
@@ -326,6 +333,20 @@ final class SidecarIdentity: @unchecked Sendable {
                 proofs.sign(target, tokenHash: h.hash, now: now, nonce: nonce)
             }
         headers.replaceOrAdd(name: Self.proofHeader, value: p)
+    }
+
+    /// A callee instance answered `stale-proof-key` naming its current key `fresh`: proofs for
+    /// it use that key until discovery catches up. False when there is nothing new to try.
+    func learn(calleeKey fresh: String, for ep: Endpoint) -> Bool {
+        guard fresh != ep.proofKey, AgreementKey.isPublicKey(fresh) else { return false }
+        return lock.withLock {
+            if learnedKeys[ep.address]?.fresh == fresh && learnedKeys[ep.address]?.stale == ep.proofKey {
+                return false  // already tried with it
+            }
+            if learnedKeys.count >= Self.maxLearnedKeys { learnedKeys.removeAll() }
+            learnedKeys[ep.address] = (ep.proofKey, fresh)
+            return true
+        }
     }
 
     // MARK: inbound
@@ -366,7 +387,10 @@ final class SidecarIdentity: @unchecked Sendable {
             metrics.inc("tandem_identity_refused_total", [("reason", e.reason.rawValue)])
             let reason: LocalReason =
                 e.status == 403 ? .forbidden : e.status == 503 ? .overflow : .unauthenticated
-            return .failure(LocalAnswer(reason, message: e.message, status: e.status, detail: e.reason.rawValue))
+            // The key this instance checks MAC proofs with is public (it is in its registration).
+            let extra = e.reason == .staleProofKey ? [Self.proofKeyHeader: agreement.x] : [:]
+            return .failure(
+                LocalAnswer(reason, message: e.message, status: e.status, detail: e.reason.rawValue, headers: extra))
         }
     }
 }

@@ -584,7 +584,7 @@ public final class Sidecar: @unchecked Sendable {
             let eps = c.endpoints.map { ep -> String in
                 let health = c.health[ep.id]?.status.rawValue ?? "unchecked"
                 return
-                    "{\"id\":\(JSON.quote(ep.id)),\"address\":\(JSON.quote(ep.address)),\"passing\":\(ep.passing),\"health\":\"\(health)\",\"ejected\":\(c.outlier.isEjected(ep.id, now: now)),\"times_ejected\":\(c.outlier.timesEjected(ep.id)),\"active\":\(c.balancer.load(of: ep.id).active)}"
+                    "{\"id\":\(JSON.quote(ep.id)),\"address\":\(JSON.quote(ep.address)),\"passing\":\(ep.passing),\"health\":\"\(health)\",\"ejected\":\(c.outlier.isEjected(ep.id, now: now)),\"times_ejected\":\(c.outlier.timesEjected(ep.id)),\"active\":\(c.balancer.load(of: ep.id).active),\"proof_key\":\(ep.proofKey.map(JSON.quote) ?? "null")}"
             }
             parts.append(
                 "{\"name\":\(JSON.quote(name)),\"breaker\":\"\(c.breaker.stateName)\",\"breaker_trips\":\(c.breaker.trips),\"in_flight\":\(c.gate.requests),\"endpoints\":[\(eps.joined(separator: ","))]}"

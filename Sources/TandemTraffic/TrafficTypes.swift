@@ -154,12 +154,19 @@ public struct LocalAnswer: Error, Equatable, Sendable {
     /// A finer reason than `reason` for `tandem-error` and the body (e.g. `expired-token` for
     /// an `unauthenticated` answer).
     public var detail: String?
+    /// Response headers besides `tandem-error` (e.g. the callee's current proof key with a
+    /// `stale-proof-key` refusal, so the caller can make a new proof at once).
+    public var headers: [String: String] = [:]
 
-    public init(_ reason: LocalReason, message: String? = nil, status: Int? = nil, detail: String? = nil) {
+    public init(
+        _ reason: LocalReason, message: String? = nil, status: Int? = nil, detail: String? = nil,
+        headers: [String: String] = [:]
+    ) {
         self.reason = reason
         self.status = status ?? reason.status
         self.message = message ?? reason.defaultMessage
         self.detail = detail
+        self.headers = headers
     }
 
     /// What `tandem-error` says.

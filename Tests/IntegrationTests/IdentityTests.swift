@@ -306,6 +306,33 @@ final class IdentityMesh {
         #expect(macsAfter == macsBefore + 1)
         let viaWeb = try http("http://users/upload", method: "POST", body: "{}", proxy: m.web.outbound)
         #expect(viaWeb.status == 401 && viaWeb.headers["tandem-error"] == "missing-proof", "\(viaWeb)")
+
+        // A MAC proof for another key (the caller's discovery is behind: the instance restarted
+        // with a new key) is refused naming the instance's current key…
+        let otherKey = AgreementKeyForTests.publicKey
+        let staleProof = try m.proof(
+            token: token, seed: seed, method: "POST", url: "http://users/upload", calleeKey: otherKey)
+        let stale = try m.direct(
+            "/upload", method: "POST", headers: ["tandem-identity": token, "tandem-proof": staleProof], body: "{}")
+        #expect(stale.status == 401 && stale.head["tandem-error"] == "stale-proof-key", "\(stale)")
+        #expect(stale.head["tandem-proof-key"] == usersKey, "\(stale.head)")
+        // …and a caller sidecar whose discovery says so sends the request again, once, with a
+        // proof for the key named: the call succeeds. (The registration is rewritten with the
+        // other key, as a restarted instance's would be stale in the caller's view.)
+        let regKey =
+            try etcdctl(m.registry.endpoint, ["get", "--keys-only", "--prefix", "/tandem/services/users/"])
+            .output.split(separator: "\n").first.map(String.init) ?? ""
+        let staleRegistration = reg.output.trimmingCharacters(in: .whitespacesAndNewlines)
+            .replacingOccurrences(of: usersKey, with: otherKey)
+        #expect(try etcdctl(m.registry.endpoint, ["put", regKey, staleRegistration]).status == 0)
+        #expect(
+            try eventually(200) { try http("http://\(m.orders.admin)/clusters").body.contains(otherKey) },
+            "orders never saw the rewritten registration")
+        let afterRestart = try http(
+            "http://users/upload", method: "POST", body: #"{"amount":10}"#, proxy: m.orders.outbound)
+        #expect(afterRestart.status == 200 && afterRestart.body.hasPrefix("13 "), "\(afterRestart)")
+        let refused = try http("http://\(m.users.admin)/metrics").body
+        #expect(refused.contains(#"tandem_identity_refused_total{reason="stale-proof-key"} 2"#), "\(refused)")
     }
 
     @Test func aRotationKeepsLegitimateCallersAndCutsOffTheOldKeyAfterItsGrace() throws {
@@ -545,4 +572,9 @@ final class IdentityMesh {
         #expect(web.status != 0 && web.output.contains(#"may not obtain tokens for "web""#), "\(web.output)")
         withExtendedLifetime((reg, app, users, orders, dir)) {}
     }
+}
+
+/// A valid X25519 public key that no sidecar in the tests holds (RFC 7748 §6.1, Alice's).
+enum AgreementKeyForTests {
+    static let publicKey = "hSDwCYkwp1R0i33ctD73Wg2_Og0mOBr066SpjqqbTmo"
 }

@@ -254,7 +254,7 @@ func reason(_ body: () throws -> Void) -> IdentityError.Reason? {
         // A proof made for another instance of the service (its key) is refused by name here.
         let other = AgreementKey(derivedFrom: [UInt8](repeating: 6, count: 32))
         let elsewhere = try mac(target, token: token, from: m.callerAgreement, to: other, nonce: 11)
-        #expect(refusal(elsewhere, digest: nil)?.reason == .proofMismatch)
+        #expect(refusal(elsewhere, digest: nil)?.reason == .staleProofKey)
         // …and changing its kid to this instance's does not make the MAC verify.
         var parts = elsewhere.split(separator: ".").map(String.init)
         parts[0] = Base64URL.encode(
