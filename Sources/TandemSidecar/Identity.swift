@@ -336,17 +336,15 @@ final class SidecarIdentity: @unchecked Sendable {
     }
 
     /// A callee instance answered `stale-proof-key` naming its current key `fresh`: proofs for
-    /// it use that key until discovery catches up. False when there is nothing new to try.
+    /// it use that key until discovery catches up. False when there is nothing new to try (the
+    /// caller re-sends at most once per attempt, so concurrent refusals may all learn it).
     func learn(calleeKey fresh: String, for ep: Endpoint) -> Bool {
         guard fresh != ep.proofKey, AgreementKey.isPublicKey(fresh) else { return false }
-        return lock.withLock {
-            if learnedKeys[ep.address]?.fresh == fresh && learnedKeys[ep.address]?.stale == ep.proofKey {
-                return false  // already tried with it
-            }
-            if learnedKeys.count >= Self.maxLearnedKeys { learnedKeys.removeAll() }
+        lock.withLock {
+            if learnedKeys.count >= Self.maxLearnedKeys && learnedKeys[ep.address] == nil { learnedKeys.removeAll() }
             learnedKeys[ep.address] = (ep.proofKey, fresh)
-            return true
         }
+        return true
     }
 
     // MARK: inbound
