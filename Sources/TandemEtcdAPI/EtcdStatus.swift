@@ -53,6 +53,9 @@ public struct EtcdStatus: Error, Equatable, CustomStringConvertible {
     public static let notSupportedForLearner = EtcdStatus(.unavailable, "etcdserver: rpc not supported for learner")
     public static let memberNotLearner = EtcdStatus(
         .failedPrecondition, "etcdserver: can only promote a learner member")
+    /// etcd's ErrGRPCNotEnoughStartedMembers (--strict-reconfig-check).
+    public static let notEnoughStartedMembers = EtcdStatus(
+        .failedPrecondition, "etcdserver: re-configuration failed due to not enough started members")
 
     /// etcd's answer when Raft refuses a proposal or read. clientv3 retries "no leader" and
     /// "leader changed" on another member but backs off on "too many requests", so the

@@ -144,3 +144,33 @@ public struct InitialMembership: Equatable, Sendable {
         return id
     }
 }
+
+/// etcd's `--strict-reconfig-check` (on by default in etcd 3.4): a membership change is refused
+/// when the started voting members would be fewer than the quorum after it — adding voters that
+/// never start would otherwise take the quorum away and stall every write. "Started" is
+/// etcd's: the member has a name (it published its attributes, or --initial-cluster named it).
+/// etcd's RaftCluster.IsReadyToAddVotingMember / IsReadyToPromoteMember /
+/// IsReadyToRemoveVotingMember, on the voting members' started flags.
+public enum ReconfigCheck {
+    /// Adding a voter (learners are not checked).
+    public static func refusalToAddVoter(started voters: [Bool]) -> EtcdStatus? {
+        let members = voters.count + 1
+        let started = voters.filter { $0 }.count
+        // Adding a second member to a one-member cluster (restoring from a backup) is allowed.
+        if started == 1 && members == 2 { return nil }
+        return started < members / 2 + 1 ? .notEnoughStartedMembers : nil
+    }
+
+    /// Promoting a learner, which counts as started and as a member of the new quorum.
+    public static func refusalToPromote(started voters: [Bool]) -> EtcdStatus? {
+        let members = voters.count + 1
+        let started = voters.filter { $0 }.count + 1
+        return started < members / 2 + 1 ? .notEnoughStartedMembers : nil
+    }
+
+    /// Removing voter `id`: the others that have started must still make a quorum of the others.
+    public static func refusalToRemove(_ id: NodeID, voters: [(id: NodeID, started: Bool)]) -> EtcdStatus? {
+        let others = voters.filter { $0.id != id }
+        return others.filter(\.started).count < others.count / 2 + 1 ? .notEnoughStartedMembers : nil
+    }
+}

@@ -26,6 +26,9 @@ public final class RegistryNode: @unchecked Sendable {
         public var snapshotCatchUpEntries: UInt64 = 5_000
         /// Member names by id (from --initial-cluster), for MemberList.
         public var names: [NodeID: String] = [:]
+        /// etcd's --strict-reconfig-check: refuse membership changes that would leave fewer
+        /// started voting members than the quorum (`ReconfigCheck`).
+        public var strictReconfigCheck = true
         /// A proposal or linearizable read not answered within this time fails.
         public var requestTimeoutMs: Int64 = 7_000
         /// etcd's auto-compaction (run by the leader); nil = off.
@@ -692,6 +695,11 @@ public final class RegistryNode: @unchecked Sendable {
                         "tandem: this registry runs inside another process without a peer listener; run `tandem registry` to grow a cluster"
                     )))
         }
+        if !learner, config.strictReconfigCheck,
+            let refusal = ReconfigCheck.refusalToAddVoter(started: votersStarted().map(\.started))
+        {
+            return done(.failure(refusal))
+        }
         let id = InitialMembership.newMemberID(
             peerURLs: peerURLs, clusterID: clusterID,
             salt: [UInt64(bitPattern: RegistryIdentity.wallClock()), nextRequest],
@@ -706,13 +714,28 @@ public final class RegistryNode: @unchecked Sendable {
     /// promotion of a voter.
     func removeMember(_ id: NodeID, _ done: @escaping (Result<Void, EtcdStatus>) -> Void) {
         guard replica.raft.conf.members.contains(id) else { return done(.failure(.memberNotFound)) }
+        if config.strictReconfigCheck, !replica.raft.conf.learners.contains(id),
+            let refusal = ReconfigCheck.refusalToRemove(id, voters: votersStarted())
+        {
+            return done(.failure(refusal))
+        }
         changeMembership(ConfChange(.remove, node: id), done)
+    }
+
+    /// The voting members and whether each has started (has a name, as etcd counts it).
+    func votersStarted() -> [(id: NodeID, started: Bool)] {
+        memberList().filter { !$0.isLearner }.map { ($0.id, !$0.name.isEmpty) }
     }
 
     func promoteMember(_ id: NodeID, _ done: @escaping (Result<Void, EtcdStatus>) -> Void) {
         let conf = replica.raft.conf
         guard conf.members.contains(id) else { return done(.failure(.memberNotFound)) }
         guard conf.learners.contains(id) else { return done(.failure(.memberNotLearner)) }
+        if config.strictReconfigCheck,
+            let refusal = ReconfigCheck.refusalToPromote(started: votersStarted().map(\.started))
+        {
+            return done(.failure(refusal))
+        }
         changeMembership(ConfChange(.promote, node: id), done)
     }
 

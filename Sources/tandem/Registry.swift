@@ -35,6 +35,11 @@ struct Registry: ParsableCommand {
             "Shortest interval between a client's PINGs with no data in between (30s, 500ms); sooner, three times, ends the connection (GOAWAY too_many_pings)."
     )
     var grpcKeepaliveMinTime = "5s"
+    @Option(
+        help:
+            "Refuse membership changes that would leave fewer started voting members than the quorum (etcd's check; true or false)."
+    )
+    var strictReconfigCheck = true
     @Option(help: "Auto-compaction mode: periodic (keep a time window) or revision (keep N revisions).")
     var autoCompactionMode = "periodic"
     @Option(
@@ -149,6 +154,7 @@ struct Registry: ParsableCommand {
         cfg.electionMs = electionTimeout
         cfg.snapshotCount = snapshotCount
         cfg.snapshotCatchUpEntries = snapshotCatchupEntries
+        cfg.strictReconfigCheck = strictReconfigCheck
         cfg.names = Dictionary(uniqueKeysWithValues: members.map { (memberID($0.key), $0.key) })
         // Who this member is: fixed at its first start (from the flags, or from the running
         // cluster it joins) and kept in its data directory.

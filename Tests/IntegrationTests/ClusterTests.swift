@@ -197,6 +197,33 @@ struct ClusterTests {
         #expect(status.contains(#""revision":1"#) && !status.contains(#""kvs""#), "\(status)")
     }
 
+    /// etcd's --strict-reconfig-check (on by default): voters added but never started count
+    /// against the quorum, so the third such addition to a 3-member cluster is refused with
+    /// etcd's error — writes go on (3 of 5 started) — and removing one that never started is
+    /// allowed.
+    @Test("member add refused when started members would fall below the quorum (strict reconfig check)")
+    func strictReconfigCheck() throws {
+        let c = try ClusterUnderTest()
+        _ = try c.leader()
+        func add(_ name: String) throws -> (status: Int32, output: String) {
+            try etcdctl(c.endpoints, ["member", "add", name, "--peer-urls=http://127.0.0.1:\(try freePort())"])
+        }
+        let x = try add("x")
+        #expect(x.status == 0 && x.output.contains("Member"), "\(x.output)")  // 3 started of 4
+        #expect(try add("y").status == 0)  // 3 started of 5: still a quorum
+        let z = try add("z")  // 3 started of 6: not a quorum
+        #expect(z.status != 0, "\(z.output)")
+        #expect(
+            z.output.contains("etcdserver: re-configuration failed due to not enough started members"), "\(z.output)")
+        #expect(try etcdctl(c.endpoints, ["put", "still", "writable"]).output == "OK\n")
+        let list = try etcdctl(c.endpoints, ["member", "list"]).output
+        #expect(list.split(separator: "\n").count == 5 && !list.contains("z"), "\(list)")
+        let xid = try #require(
+            list.split(separator: "\n").first { $0.contains(", unstarted, ") }?.split(separator: ",").first)
+        let removed = try etcdctl(c.endpoints, ["member", "remove", String(xid)])
+        #expect(removed.status == 0, "\(removed.output)")
+    }
+
     /// etcd's runtime reconfiguration with etcdctl: add a learner, start it against the running
     /// cluster, promote it, remove a member (which then stops), restart members whose
     /// --initial-cluster now lists the newcomer — and etcd's errors for the wrong requests.

@@ -69,3 +69,28 @@ struct InitialMembershipTests {
         #expect(InitialMembership.newMemberID(peerURLs: urls, clusterID: 1, salt: [8], taken: []) != id)
     }
 }
+
+/// etcd's --strict-reconfig-check, case by case as etcd's RaftCluster decides them.
+@Suite struct ReconfigCheckTests {
+    @Test func addingAVoterNeedsTheStartedMembersToMakeTheNewQuorum() {
+        #expect(ReconfigCheck.refusalToAddVoter(started: [true]) == nil)  // 1 → 2: allowed (restore)
+        #expect(ReconfigCheck.refusalToAddVoter(started: [true, false]) == .notEnoughStartedMembers)  // 1 of 3
+        #expect(ReconfigCheck.refusalToAddVoter(started: [true, true, true]) == nil)  // 3 of 4
+        #expect(ReconfigCheck.refusalToAddVoter(started: [true, true, true, false]) == nil)  // 3 of 5
+        #expect(
+            ReconfigCheck.refusalToAddVoter(started: [true, true, true, false, false]) == .notEnoughStartedMembers)
+    }
+
+    @Test func promotingALearnerCountsItAsStarted() {
+        #expect(ReconfigCheck.refusalToPromote(started: [true]) == nil)  // 2 of 2
+        #expect(ReconfigCheck.refusalToPromote(started: [true, false, false]) == .notEnoughStartedMembers)  // 2 of 4
+        #expect(ReconfigCheck.refusalToPromote(started: [true, true, false]) == nil)  // 3 of 4
+    }
+
+    @Test func removingAVoterLeavesAStartedQuorumOfTheOthers() {
+        let voters: [(id: NodeID, started: Bool)] = [(1, true), (2, true), (3, false)]
+        #expect(ReconfigCheck.refusalToRemove(3, voters: voters) == nil)  // the one that never started
+        #expect(ReconfigCheck.refusalToRemove(1, voters: voters) == .notEnoughStartedMembers)  // 1 of 2 left
+        #expect(ReconfigCheck.refusalToRemove(1, voters: [(1, true), (2, true)]) == nil)
+    }
+}
