@@ -278,23 +278,22 @@ final class IdentityMesh {
         #expect(macOK.status == 200, "\(macOK)")
         let macAgain = try m.direct("/upload", method: "POST", headers: macHeaders, body: #"{"amount":10}"#)
         #expect(macAgain.status == 401 && macAgain.head["tandem-error"] == "replayed-proof", "\(macAgain)")
-        let macTampered = try m.direct(
-            "/upload", method: "POST",
-            headers: [
-                "tandem-identity": token,
-                "tandem-proof": try m.proof(
-                    token: token, seed: seed, method: "POST", url: "http://users/upload", bodyFile: bodyFile,
-                    calleeKey: usersKey),
-            ], body: #"{"amount":99}"#)
+        /// POST /upload straight to users with orders' token and a fresh MAC proof by `key`.
+        func macUpload(
+            key: String, proofCovers bodyFile: String? = nil, sending body: String
+        ) throws -> (
+            head: [String: String], status: Int, body: String
+        ) {
+            let p = try m.proof(
+                token: token, seed: key, method: "POST", url: "http://users/upload", bodyFile: bodyFile,
+                calleeKey: usersKey)
+            return try m.direct(
+                "/upload", method: "POST", headers: ["tandem-identity": token, "tandem-proof": p], body: body)
+        }
+        let macTampered = try macUpload(key: seed, proofCovers: bodyFile, sending: #"{"amount":99}"#)
         #expect(macTampered.status == 401 && macTampered.head["tandem-error"] == "body-mismatch", "\(macTampered)")
         // The thief's own X25519 key does not make orders' MAC key.
-        let macThief = try m.direct(
-            "/upload", method: "POST",
-            headers: [
-                "tandem-identity": token,
-                "tandem-proof": try m.proof(
-                    token: token, seed: thiefSeed, method: "POST", url: "http://users/upload", calleeKey: usersKey),
-            ], body: "{}")
+        let macThief = try macUpload(key: thiefSeed, sending: "{}")
         #expect(macThief.status == 401 && macThief.head["tandem-error"] == "invalid-proof", "\(macThief)")
         // orders' sidecar makes a proof for each request (body digest included) — a MAC proof,
         // since users' instance publishes a proof key; web's sidecar makes none.
