@@ -359,19 +359,21 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             h.headers.remove(name: "te")
             if h.headers["content-length"].isEmpty { h.headers.add(name: "transfer-encoding", value: "chunked") }
         }
+        // Taken out before writing: a refused stream (below) puts them back for the retry.
+        let sent = pending
+        pending = []
+        pendingBytes = 0
         if http1 == nil {
             // NIOHTTP2 refuses a stream's first frame when the connection is going away
             // (GOAWAY read after the stream was made): the write fails, nothing closes the
             // stream, and the call would wait forever. Nothing reached the upstream: retry.
             let written = stream.eventLoop.makePromise(of: Void.self)
-            written.futureResult.whenFailure { [weak self] _ in self?.streamRefused(stream) }
+            written.futureResult.whenFailure { [weak self] _ in self?.streamRefused(stream, unsent: sent) }
             stream.write(HTTPClientRequestPart.head(h), promise: written)
         } else {
             stream.write(HTTPClientRequestPart.head(h), promise: nil)
         }
-        for part in pending { stream.write(part, promise: nil) }
-        pending = []
-        pendingBytes = 0
+        for part in sent { stream.write(part, promise: nil) }
         stream.flush()
     }
 
@@ -550,11 +552,19 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     }
 
     /// The upstream stream's request head could not be sent: the stream never opened (as a
-    /// REFUSED_STREAM), so the attempt fails like a connect failure and may be retried.
-    private func streamRefused(_ stream: any Channel) {
+    /// REFUSED_STREAM), so the attempt fails like a connect failure and may be retried, with
+    /// the request parts it was given (`unsent`) ahead of any that arrived since. Its
+    /// connection is going away: the pool stops handing it out.
+    private func streamRefused(_ stream: any Channel, unsent: [HTTPClientRequestPart]) {
         guard !finished, upstream === stream, let ep = endpoint else { return }
         upstream = nil
+        handler.pools.pool(for: loop).goingAway(stream)
         stream.close(promise: nil)
+        pending = unsent + pending
+        pendingBytes = pending.reduce(0) { n, part in
+            if case .body(.byteBuffer(let b)) = part { return n + b.readableBytes }
+            return n
+        }
         connectFailed(ep)
     }
 
@@ -746,6 +756,8 @@ final class H2Pool: @unchecked Sendable {
         [String: (number: Int, mux: EventLoopFuture<NIOLoopBound<NIOHTTP2Handler.StreamMultiplexer>>)] =
             [:]
     private var opened = 0
+    /// Open connections by channel: their key and number (to forget one going away).
+    private var byChannel: [ObjectIdentifier: (key: String, number: Int)] = [:]
 
     init(loop: any EventLoop) { self.loop = loop }
 
@@ -779,8 +791,11 @@ final class H2Pool: @unchecked Sendable {
                 .connect(host: host, port: port)
             connected.whenFailure { _ in slots.closed(cluster) }
             conn = connected.flatMap { ch in
+                let id = ObjectIdentifier(ch)
+                self.byChannel[id] = (key, number)
                 ch.closeFuture.whenComplete { _ in
                     forget()
+                    self.byChannel[id] = nil
                     slots.closed(cluster)
                 }
                 // After GOAWAY (the upstream is shutting down gracefully, or refuses more
@@ -809,6 +824,16 @@ final class H2Pool: @unchecked Sendable {
             }
             return promise.futureResult
         }
+    }
+}
+
+extension H2Pool {
+    /// A stream of this connection was refused (the connection is going away, and its GOAWAY
+    /// was not seen first): new streams go to a new connection.
+    func goingAway(_ stream: any Channel) {
+        loop.preconditionInEventLoop()
+        guard let parent = stream.parent, let e = byChannel[ObjectIdentifier(parent)] else { return }
+        if connections[e.key]?.number == e.number { connections.removeValue(forKey: e.key) }
     }
 }
 

@@ -64,8 +64,9 @@ import Testing
     /// A sidecar with no registry whose local upstream port leads to the gRPC server at
     /// `server`; the address to call it on.
     /// An upstream shutting down gracefully sends GOAWAY: the call it is serving finishes, and
-    /// the sidecar must open a new connection for the next ones (a stream on the old one is
-    /// refused by NIOHTTP2 — the call failed before the GOAWAY hook forgot the connection).
+    /// the sidecar opens a new connection for the next ones. (Without the GOAWAY hook a stream
+    /// on the old one is refused by NIOHTTP2: the call is retried, its message re-sent, on a
+    /// new connection — one retry spent, which the metrics show.)
     @Test func anUpstreamsGracefulGoAwayMovesNewCallsToANewConnection() throws {
         let upstream = try QuiescingUpstream()
         defer { upstream.stop() }
@@ -80,8 +81,11 @@ import Testing
         upstream.releaseHeld()
         #expect(try held.wait() == "0")
         for _ in 0..<3 { #expect(try client.call("/t.T/Call", []) == "0") }
-        // Four calls on the first connection (the held one included), three on a second.
+        // Four calls on the first connection (the held one included), three on a second,
+        // and no attempt was spent on the connection going away.
         #expect(try upstream.servedPerConnection() == [4, 3])
+        let metrics = try http("http://\(sidecar.admin)/metrics").body
+        #expect(!metrics.contains("tandem_retries_total"), "\(metrics)")
         withExtendedLifetime(sidecar) {}
     }
 
