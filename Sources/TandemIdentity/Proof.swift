@@ -141,7 +141,10 @@ public struct ProofVerifier: Sendable {
         guard jti.utf8.count >= 16, jti.utf8.count <= 64 else {
             throw IdentityError(.invalidProof, "proof nonce must be 16 to 64 characters")
         }
-        try replay.insert(jti, expires: iat + limits.proofWindow + 1, now: now)
+        // Remembered per token (its hash's first 96 bits): a proof is bound to its token, so
+        // a nonce only needs to be new for that token — and a caller that sees another's
+        // nonces (sidecars count them up from a random start) cannot spend them first.
+        try replay.insert(String(ath.prefix(16)) + "." + jti, expires: iat + limits.proofWindow + 1, now: now)
     }
 
     /// EdDSA: the header's jwk must be the key the token names (`cnf.jkt`) and verify.

@@ -276,6 +276,28 @@ func reason(_ body: () throws -> Void) -> IdentityError.Reason? {
         #expect(v.proofs.macKeys.agreements == 1)
     }
 
+    /// Nonces are remembered per token: another caller using the same nonce first (sidecars
+    /// count nonces up, so they can be foreseen) does not get this caller's proof refused.
+    @Test func aNonceIsSpentOnlyForItsOwnToken() throws {
+        let (m, auth, token, req, _) = try proofCase()
+        var v = auth
+        let other = m.token(sub: "billing", jti: "t9")
+        for t in [other, token] {
+            let p = try mac(target, token: t, from: m.callerAgreement, to: m.calleeAgreement, nonce: 42)
+            let c = try v.authorize(
+                PresentedCredentials(token: t, proof: p), target: target, bodyDigest: nil, requirements: req,
+                now: 1001)
+            #expect(c?.id == (t == token ? "t1" : "t9"))
+        }
+        let again = try mac(target, token: token, from: m.callerAgreement, to: m.calleeAgreement, nonce: 42)
+        #expect(
+            reason {
+                _ = try v.authorize(
+                    PresentedCredentials(token: token, proof: again), target: target, bodyDigest: nil,
+                    requirements: req, now: 1001)
+            } == .replayedProof)
+    }
+
     @Test func aSidecarWithoutAProofKeyRefusesMACProofsAndTheTokenKeyMustBeX25519() throws {
         let m = try Mesh()
         var v = InboundAuthenticator(issuer: issuer, service: "users")
