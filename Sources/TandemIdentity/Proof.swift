@@ -191,8 +191,12 @@ public struct ProofVerifier: Sendable {
 public struct ReplayCache: Sendable {
     public let capacity: Int
     public let lifetime: Int64
-    private var current: [String: Int64] = [:]
-    private var previous: [String: Int64] = [:]
+    /// Keyed by the first 64 bits of SHA-256 of the nonce: 16 bytes an entry instead of a heap
+    /// string (keys are ~40 characters, and the bound is 1 Mi entries), and not a hash an
+    /// attacker can aim at another caller's entry. Two nonces sharing 64 bits only make a
+    /// proof be refused (fail closed).
+    private var current: [UInt64: Int64] = [:]
+    private var previous: [UInt64: Int64] = [:]
     private var generationStart: Int64?
 
     public init(capacity: Int, lifetime: Int64) {
@@ -204,6 +208,7 @@ public struct ReplayCache: Sendable {
 
     public mutating func insert(_ nonce: String, expires: Int64, now: Int64) throws(IdentityError) {
         rotate(now: now)
+        let nonce = Self.key(nonce)
         if let e = current[nonce] ?? previous[nonce], e > now {
             throw IdentityError(.replayedProof, "proof nonce was already used")
         }
@@ -216,6 +221,10 @@ public struct ReplayCache: Sendable {
             throw IdentityError(.replayCacheFull, "replay cache holds \(capacity) live nonces; retry shortly")
         }
         current[nonce] = expires
+    }
+
+    static func key(_ nonce: String) -> UInt64 {
+        SHA256.hash(data: Array(nonce.utf8)).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
     }
 
     private mutating func rotate(now: Int64) {
