@@ -272,3 +272,33 @@ public struct MACKeyCache: Sendable {
         return k
     }
 }
+
+/// The proof keys callee instances named in `stale-proof-key` refusals, by address, used
+/// instead of the key discovery has for that address while discovery still has the one they
+/// replaced (an instance restarted with a new key and the caller's view lags). Bounded: when
+/// `capacity` addresses are known, it starts over.
+public struct LearnedProofKeys: Sendable {
+    public let capacity: Int
+    private var keys: [String: (stale: String?, fresh: String)] = [:]
+
+    public init(capacity: Int) { self.capacity = max(1, capacity) }
+
+    public var count: Int { keys.count }
+
+    /// The key to make a MAC proof for the instance at `address`, whose discovered key is
+    /// `discovered`.
+    public func key(at address: String, discovered: String?) -> String? {
+        if let l = keys[address], l.stale == discovered { return l.fresh }
+        return discovered
+    }
+
+    /// The instance at `address` named `fresh` as its key. False when there is nothing new to
+    /// try (not a key, or the one discovery already has). Every request refused in the same
+    /// moment may learn it: the caller bounds re-sends per attempt.
+    public mutating func learn(_ fresh: String, at address: String, discovered: String?) -> Bool {
+        guard fresh != discovered, AgreementKey.isPublicKey(fresh) else { return false }
+        if keys.count >= capacity && keys[address] == nil { keys.removeAll() }
+        keys[address] = (discovered, fresh)
+        return true
+    }
+}

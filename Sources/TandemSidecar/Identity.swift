@@ -47,10 +47,8 @@ final class SidecarIdentity: @unchecked Sendable {
     /// is what the callee's replay check needs, without a getrandom call per request.
     private let noncePrefix: [UInt8]
     private var nonceCounter: UInt64 = 0
-    /// Proof keys callee instances named in `stale-proof-key` refusals, by address: used
-    /// instead of the discovered key while discovery still has the one they replaced.
-    private var learnedKeys: [String: (stale: String?, fresh: String)] = [:]
-    static let maxLearnedKeys = 4096
+    /// Proof keys callee instances named in `stale-proof-key` refusals (TandemIdentity decides).
+    private var learnedKeys = LearnedProofKeys(capacity: 4096)
     static let proofKeyHeader = "tandem-proof-key"
     private var auth: InboundAuthenticator
     /// The mesh-wide settings the registry publishes (used where the config says nothing).
@@ -309,7 +307,7 @@ final class SidecarIdentity: @unchecked Sendable {
             guard let h = self.held[audience], now < h.expiresAt else { return (nil, false, nil, 0) }
             let proof = routeProof || effectiveProof
             guard proof else { return (h, false, nil, 0) }
-            if let ep = callee, let l = learnedKeys[ep.address], l.stale == calleeKey { calleeKey = l.fresh }
+            if let ep = callee { calleeKey = learnedKeys.key(at: ep.address, discovered: calleeKey) }
             nonceCounter += 1
             guard settings.proofKind == .mac, let calleeKey else { return (h, proof, nil, nonceCounter) }
             // A callee key that does not agree (malformed) falls back to a signed proof.
@@ -339,12 +337,7 @@ final class SidecarIdentity: @unchecked Sendable {
     /// it use that key until discovery catches up. False when there is nothing new to try (the
     /// caller re-sends at most once per attempt, so concurrent refusals may all learn it).
     func learn(calleeKey fresh: String, for ep: Endpoint) -> Bool {
-        guard fresh != ep.proofKey, AgreementKey.isPublicKey(fresh) else { return false }
-        lock.withLock {
-            if learnedKeys.count >= Self.maxLearnedKeys && learnedKeys[ep.address] == nil { learnedKeys.removeAll() }
-            learnedKeys[ep.address] = (ep.proofKey, fresh)
-        }
-        return true
+        lock.withLock { learnedKeys.learn(fresh, at: ep.address, discovered: ep.proofKey) }
     }
 
     // MARK: inbound

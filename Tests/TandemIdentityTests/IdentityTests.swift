@@ -298,6 +298,27 @@ func reason(_ body: () throws -> Void) -> IdentityError.Reason? {
             } == .replayedProof)
     }
 
+    /// Every request refused with `stale-proof-key` in the same moment may go again with the
+    /// key named (the caller bounds it per attempt); the key is used while discovery still has
+    /// the one it replaced; a key equal to the discovered one, or not a key, is nothing new.
+    @Test func aCalleesNewProofKeyIsLearnedUntilDiscoveryCatchesUp() throws {
+        let m = try Mesh()
+        var book = LearnedProofKeys(capacity: 2)
+        let (old, fresh, later) = (m.calleeAgreement.x, m.callerAgreement.x, AgreementKey(derivedFrom: [9]).x)
+        #expect(book.key(at: "a:1", discovered: old) == old)
+        let first = book.learn(fresh, at: "a:1", discovered: old)
+        let second = book.learn(fresh, at: "a:1", discovered: old)  // refused before the first came back
+        #expect(first && second)
+        #expect(book.key(at: "a:1", discovered: old) == fresh)
+        #expect(book.key(at: "a:1", discovered: later) == later)  // discovery caught up (or moved on)
+        let same = book.learn(old, at: "a:1", discovered: old)
+        let junk = book.learn("not-a-key", at: "a:1", discovered: old)
+        #expect(!same && !junk)
+        _ = book.learn(fresh, at: "b:1", discovered: old)
+        _ = book.learn(fresh, at: "c:1", discovered: old)  // past the bound: starts over
+        #expect(book.count == 1 && book.key(at: "a:1", discovered: old) == old)
+    }
+
     @Test func aSidecarWithoutAProofKeyRefusesMACProofsAndTheTokenKeyMustBeX25519() throws {
         let m = try Mesh()
         var v = InboundAuthenticator(issuer: issuer, service: "users")
