@@ -614,7 +614,8 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     /// it is worth it (the client's Accept-Encoding is the compressor's call).
     private func markForCompression(_ out: inout HTTPResponseHead) {
         out.headers.remove(name: HTTPProxyHandler.compressMarker)  // never the upstream's say
-        guard let policy = route?.compression else { return }
+        // HTTP/1.0 has no chunked encoding to send a body whose compressed length is not known yet.
+        guard let policy = route?.compression, head.version.major > 1 || head.version.minor >= 1 else { return }
         let h = out.headers
         guard
             policy.shouldCompress(

@@ -137,10 +137,15 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
 
     /// NIO's response compressor (gzip/deflate by the request's Accept-Encoding), told per
     /// response by the marker header whether the route wants that response compressed.
+    /// A response it compresses loses the upstream's content-length here: a flush before the
+    /// body arrives (the upstream sent its head alone) makes NIO's compressor send the head as
+    /// it is, and the client would wait for bytes that never come. Without a length the encoder
+    /// sends the body chunked; a response buffered whole gets its compressed length.
     static func compressor() -> HTTPResponseCompressor {
-        HTTPResponseCompressor(responseCompressionPredicate: { head, _ in
+        HTTPResponseCompressor(responseCompressionPredicate: { head, acceptsCompression in
             guard head.headers.contains(name: compressMarker) else { return .doNotCompress }
             head.headers.remove(name: compressMarker)
+            if acceptsCompression { head.headers.remove(name: "content-length") }
             return .compressIfPossible
         })
     }

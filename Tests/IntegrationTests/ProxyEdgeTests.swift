@@ -222,6 +222,18 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
         #expect(String(decoding: inbound.body, as: UTF8.self) == big)
         let under = try curl(["-H", "Accept-Encoding: gzip", "http://\(server.inbound)/big?bytes=99"])
         #expect(under.head["content-encoding"] == nil && under.body.count == 99)
+
+        // Regression: when the upstream's head arrived alone, the compressor sent it on with the
+        // upstream's content-length (5000) before the 40 gzip bytes; clients waited for the rest.
+        let split = try curl([
+            "-H", "Host: edge", "-H", "Accept-Encoding: gzip", "http://\(client.outbound)/big?bytes=5000&split_ms=100",
+        ])
+        #expect(split.head["content-encoding"] == "gzip", "\(split.head)")
+        #expect(split.head["content-length"] == nil || split.head["content-length"] == String(split.body.count))
+        let splitDecoded = try curl([
+            "--compressed", "-H", "Host: edge", "http://\(client.outbound)/big?bytes=5000&split_ms=100",
+        ])
+        #expect(String(decoding: splitDecoded.body, as: UTF8.self) == big)
         withExtendedLifetime((app, server, client, dir)) {}
     }
 

@@ -4,7 +4,8 @@
 GET /hold        waits until POST /release (GET /held: how many wait)
 GET /health      200, or 503 after POST /admin/health with body 0 (1 heals it)
 GET /slow?ms=N   answers after N ms (SLOW_MS in the environment delays every request)
-GET /big?bytes=N a body of N bytes ("x" repeated), with content-length
+GET /big?bytes=N a body of N bytes ("x" repeated), with content-length (&split_ms=M: the
+                 head is sent alone, the body M ms later)
 GET /headers[/…] the request's target and headers as JSON (what reached the app)
 POST /upload     reads the body (content-length or chunked) and answers its size and sha256
 Upgrade: tandem-echo (with Connection: upgrade) switches protocols with 101, then echoes
@@ -70,7 +71,17 @@ class Handler(BaseHTTPRequestHandler):
             seen = {"target": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}
             return self.answer(200, json.dumps(seen).encode(), "application/json")
         if url.path == "/big":
-            return self.answer(200, b"x" * int(args.get("bytes", ["0"])[0]))
+            body = b"x" * int(args.get("bytes", ["0"])[0])
+            if "split_ms" in args:  # the head goes out alone, the body after a pause
+                self.send_response(200)
+                self.send_header("content-type", "text/plain")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.flush()
+                time.sleep(int(args["split_ms"][0]) / 1000)
+                self.wfile.write(body)
+                return
+            return self.answer(200, body)
         self.answer(200, b"edge " + NAME.encode() + b"\n")
 
     def do_POST(self):
