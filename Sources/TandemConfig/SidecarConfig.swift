@@ -52,6 +52,9 @@ public struct SidecarLimits: Sendable, Equatable {
     public var maxClusters = 1024
     /// Idle upstream connections kept per endpoint per event loop.
     public var maxIdlePerEndpoint = 32
+    /// HTTP/1.1 requests a client may pipeline ahead of the one being answered; the connection
+    /// stops reading while this many wait, and resumes as they are answered (in order).
+    public var maxPipelinedRequests = 16
     public init() {}
 }
 

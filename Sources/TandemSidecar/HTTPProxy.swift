@@ -103,10 +103,14 @@ func stripHopByHop(_ headers: inout HTTPHeaders) {
     for (k, name) in hopByHopNames.enumerated() where present & (1 << k) != 0 { headers.remove(name: name) }
 }
 
-/// One downstream HTTP/1.1 connection. Requests are handled one at a time (NIO's pipelining
-/// assistance holds later ones back until the current response ends).
-final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
+/// One downstream HTTP/1.1 connection. Requests are handled one at a time, in order: parts of
+/// requests a client pipelines behind the one being answered wait in `backlog` (bounded by
+/// `maxPipelinedRequests`, then reading pauses). The handler keeps reading while a response is
+/// pending — NIO's pipelining assistance stops reading for every request and starts again after
+/// its response, two `epoll_ctl` calls per request on a keep-alive connection.
+final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Sendable {
     typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
 
     let ctx: ProxyContext
@@ -149,6 +153,28 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
             return .compressIfPossible
         })
     }
+    /// Sets up a downstream HTTP/1.1 connection's pipeline, ending in `proxy` (the sidecar's
+    /// listeners and the handler tests use this one setup).
+    /// An upgrade configuration with no upgraders: NIO then keeps the bytes a client sends
+    /// after an Upgrade request (the proxy passes upgrades through, `tunnel`) instead of
+    /// dropping them. No pipelining assistance: this handler orders pipelined requests itself.
+    /// No outbound header validation: every header written was parsed by NIO (llhttp / HPACK
+    /// validate) or is one of ours.
+    static func configure(
+        _ sync: ChannelPipeline.SynchronousOperations, proxy: HTTPProxyHandler, compress: Bool,
+        decoderLimits: NIOHTTPDecoderLimitConfiguration
+    ) throws {
+        try sync.configureHTTPServerPipeline(
+            withPipeliningAssistance: false, withServerUpgrade: (upgraders: [], completionHandler: { _ in }),
+            withErrorHandling: false, withOutboundHeaderValidation: false, withEncoderConfiguration: .init(),
+            withDecoderLimitConfiguration: decoderLimits)
+        if compress {
+            try sync.addHandler(compressor())
+            proxy.compresses = true
+        }
+        try sync.addHandler(proxy)
+    }
+
     private var served = 0
     private var traceRNG = Trace.seeded()
 
@@ -208,8 +234,62 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
         }
     }
 
+    /// What arrived for requests behind the one being answered, in order.
+    private enum Pending {
+        case part(HTTPServerRequestPart)
+        case error(any Error)
+    }
+    private var backlog = CircularBuffer<Pending>()
+    private var backlogRequests = 0
+    /// A read the channel asked for while the backlog was full; issued when it has room.
+    private var readHeld = false
+    private var deliveringBacklog = false
+
+    /// The current request has arrived whole and its answer is pending: what arrives now
+    /// belongs to later requests.
+    private var awaitingAnswer: Bool { exchange != nil && streaming == nil }
+
+    func read(context: ChannelHandlerContext) {
+        if backlogRequests >= ctx.limits.maxPipelinedRequests {
+            readHeld = true
+        } else {
+            context.read()
+        }
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
+        let part = unwrapInboundIn(data)
+        if awaitingAnswer || !backlog.isEmpty {
+            backlog.append(.part(part))
+            if case .head = part { backlogRequests += 1 }
+            return
+        }
+        handle(part, context)
+    }
+
+    /// Hands the backlog's requests to the handler one by one, each once the one before it has
+    /// been answered. Not re-entered: an answer given while delivering continues this loop.
+    private func deliverBacklog() {
+        guard !deliveringBacklog, let context else { return }
+        deliveringBacklog = true
+        defer { deliveringBacklog = false }
+        while !awaitingAnswer, context.channel.isActive, let next = backlog.popFirst() {
+            switch next {
+            case .part(let part):
+                if case .head = part { backlogRequests -= 1 }
+                handle(part, context)
+            case .error(let e):
+                failed(context, e)
+            }
+        }
+        if readHeld, backlogRequests < ctx.limits.maxPipelinedRequests {
+            readHeld = false
+            context.read()
+        }
+    }
+
+    private func handle(_ part: HTTPServerRequestPart, _ context: ChannelHandlerContext) {
+        switch part {
         case .head(var h):
             let length = h.headers.first(name: "content-length").flatMap(Int.init)
             let tooLarge = ctx.limits.maxBodyBytes.map { max in length.map { $0 > max } ?? false } ?? false
@@ -302,6 +382,15 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if error is HTTPParserError, awaitingAnswer || !backlog.isEmpty {
+            // A later request is malformed: it is answered in its turn (the decoder has stopped).
+            backlog.append(.error(error))
+            return
+        }
+        failed(context, error)
+    }
+
+    private func failed(_ context: ChannelHandlerContext, _ error: any Error) {
         if let e = error as? HTTPParserError, exchange == nil {
             let answer: LocalAnswer
             switch e {
@@ -325,7 +414,10 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
         streaming = nil
         ctx.metrics.inc("tandem_local_answers_total", [("side", side.rawValue), ("reason", a.reason.rawValue)])
         writeLocal(context, a, version: request.version, keepAlive: keepAlive)
-        if keepAlive { idle(for: ctx.limits.idleTimeout) }
+        if keepAlive {
+            idle(for: ctx.limits.idleTimeout)
+            deliverBacklog()
+        }
     }
 
     /// Writes a policy's answer (tandem.respond/deny/redirect) and counts it.
@@ -345,6 +437,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
         let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
         if keepAlive {
             idle(for: ctx.limits.idleTimeout)
+            deliverBacklog()
         } else {
             let channel = context.channel
             done.whenComplete { _ in channel.close(promise: nil) }
@@ -418,6 +511,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, @u
             context.close(promise: nil)
         } else {
             idle(for: ctx.limits.idleTimeout)
+            deliverBacklog()
         }
     }
 }

@@ -381,21 +381,10 @@ public final class Sidecar: @unchecked Sendable {
                 let sniffer = ProtocolSniffer(
                     http1: { ch in
                         ch.eventLoop.makeCompletedFuture {
-                            // An upgrade configuration with no upgraders: NIO then keeps the bytes
-                            // a client sends after an Upgrade request (the proxy passes upgrades
-                            // through, HTTPProxyHandler.tunnel) instead of dropping them.
-                            // No outbound header validation: every header written was parsed
-                            // by NIO (llhttp / HPACK validate) or is one of ours.
-                            try ch.pipeline.syncOperations.configureHTTPServerPipeline(
-                                withServerUpgrade: (upgraders: [], completionHandler: { _ in }),
-                                withErrorHandling: false, withOutboundHeaderValidation: false,
-                                withEncoderConfiguration: .init(), withDecoderLimitConfiguration: decoderLimits)
-                            let proxy = HTTPProxyHandler(ctx: ctx, side: side, fixedCluster: fixedCluster)
-                            if ctx.brain.with({ $0.config.usesCompression }) {
-                                try ch.pipeline.syncOperations.addHandler(HTTPProxyHandler.compressor())
-                                proxy.compresses = true
-                            }
-                            try ch.pipeline.syncOperations.addHandler(proxy)
+                            try HTTPProxyHandler.configure(
+                                ch.pipeline.syncOperations,
+                                proxy: HTTPProxyHandler(ctx: ctx, side: side, fixedCluster: fixedCluster),
+                                compress: ctx.brain.with({ $0.config.usesCompression }), decoderLimits: decoderLimits)
                         }
                     },
                     http2: { ch in

@@ -5,6 +5,8 @@ let edgeApp = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
     .appendingPathComponent("Resources/edge_app.py").path
 let upgradeClient = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
     .appendingPathComponent("Resources/upgrade_client.py").path
+let pipelineClient = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+    .appendingPathComponent("Resources/pipeline_client.py").path
 
 /// Starts Resources/edge_app.py on a free port and waits until it answers.
 func startEdgeApp(env: [String: String] = [:]) throws -> (Child, Int) {
@@ -95,6 +97,29 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
         #expect(
             try http("http://\(server.admin)/metrics").body.contains(
                 #"tandem_upgrades_total{side="inbound",protocol="tandem-echo"} 1"#))
+        withExtendedLifetime((app, server, client)) {}
+    }
+
+    /// HTTP/1.1 pipelining through both sidecars: 40 requests written at once on one connection
+    /// (more than `maxPipelinedRequests` wait, so reading pauses and resumes), answered in order,
+    /// the bodies among them intact.
+    @Test func pipelinedRequestsAreAnsweredInOrderThroughTwoSidecars() throws {
+        let (app, port) = try startEdgeApp()
+        let (server, client) = try twoSidecars(appPort: port)
+        let c = try Child("/usr/bin/python3", [pipelineClient, client.outbound, "edge", "40"])
+        var lines: [String] = []
+        while let l = c.readLine() { lines.append(l) }
+        c.process.waitUntilExit()
+        var expected: [String] = []
+        for i in 0..<40 {
+            if i % 5 == 4 {
+                let body = "pipelined-\(i)"
+                expected.append("HTTP/1.1 200 OK \(body.utf8.count) \(try sha256Hex(body))")
+            } else {
+                expected.append("HTTP/1.1 200 OK /headers/\(i)")
+            }
+        }
+        #expect(lines == expected)
         withExtendedLifetime((app, server, client)) {}
     }
 

@@ -14,7 +14,21 @@ struct ProxyHarness {
     let channel = EmbeddedChannel()
     let ctx: ProxyContext
 
-    init(side: ProxySide = .outbound, routes: [Route] = [], limits: SidecarLimits = SidecarLimits()) throws {
+    /// Counts the reads the handlers ask of the channel (it sits next to the socket end).
+    final class ReadCounter: ChannelOutboundHandler, @unchecked Sendable {
+        typealias OutboundIn = NIOAny
+        var reads = 0
+        func read(context: ChannelHandlerContext) {
+            reads += 1
+            context.read()
+        }
+    }
+    let reads = ReadCounter()
+
+    init(
+        side: ProxySide = .outbound, routes: [Route] = [], limits: SidecarLimits = SidecarLimits(),
+        ensureCluster: @escaping @Sendable (String) -> EventLoopFuture<Void>? = { _ in nil }
+    ) throws {
         var config = SidecarConfig(service: "orders", instance: "orders-1", appPort: 1)
         config.routes = routes
         config.limits = limits
@@ -22,15 +36,14 @@ struct ProxyHarness {
         ctx = ProxyContext(
             brain: brain, pools: UpstreamPools(maxIdlePerEndpoint: 1, slots: ConnectionSlots(brain: brain)),
             metrics: SidecarMetrics(), limits: limits,
-            service: "orders", inboundTimeout: .seconds(1), accessLog: nil, ensureCluster: { _ in nil })
+            service: "orders", inboundTimeout: .seconds(1), accessLog: nil, ensureCluster: ensureCluster)
         var decoder = NIOHTTPDecoderLimitConfiguration()
         decoder.maxHeaderListSize = limits.maxHeaderBytes
         decoder.maxHeaderFieldSize = limits.maxHeaderBytes
-        try channel.pipeline.configureHTTPServerPipeline(
-            withErrorHandling: false, withDecoderLimitConfiguration: decoder
-        )
-        .wait()
-        try channel.pipeline.syncOperations.addHandler(HTTPProxyHandler(ctx: ctx, side: side))
+        try channel.pipeline.syncOperations.addHandler(reads)
+        try HTTPProxyHandler.configure(
+            channel.pipeline.syncOperations, proxy: HTTPProxyHandler(ctx: ctx, side: side), compress: false,
+            decoderLimits: decoder)
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 40000)).wait()
     }
 
@@ -55,6 +68,45 @@ struct ProxyHarness {
                 #"{"code":404,"message":"no route for host \"127.0.0.1\"; call a service by name, e.g. http://users/","error":"no-route"}"#
             ))
         #expect(h.channel.isActive)  // keep-alive: the connection stays open
+    }
+
+    /// Requests pipelined behind one whose answer is pending wait, and are answered in order
+    /// once it is (here the first waits for its cluster's first discovery load).
+    @Test func pipelinedRequestsAreAnsweredInOrder() throws {
+        let loaded = EmbeddedEventLoop().makePromise(of: Void.self)
+        let h = try ProxyHarness(ensureCluster: { $0 == "payments" ? loaded.futureResult : nil })
+        let out = try h.send(
+            "GET http://payments/a HTTP/1.1\r\nHost: payments\r\n\r\n"
+                + "GET /b HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                + "POST http://payments/c HTTP/1.1\r\nHost: payments\r\nContent-Length: 3\r\n\r\nabc")
+        #expect(out == "")  // the first is not answered yet; the others wait behind it
+        loaded.succeed()
+        var answers = ""
+        while let b = try h.channel.readOutbound(as: ByteBuffer.self) { answers += String(buffer: b) }
+        // Each answer's status line (a body ends without a line break).
+        let statuses = answers.components(separatedBy: "HTTP/1.1 ").dropFirst().map { $0.prefix(3) }
+        #expect(statuses == ["503", "404", "503"], "\(answers)")
+        #expect(answers.contains(#"no route for host \"127.0.0.1\""#))
+        #expect(h.channel.isActive)
+    }
+
+    /// With `maxPipelinedRequests` waiting, the connection stops reading until they are answered.
+    @Test func aFullBacklogHoldsReadsUntilItDrains() throws {
+        var limits = SidecarLimits()
+        limits.maxPipelinedRequests = 2
+        let loaded = EmbeddedEventLoop().makePromise(of: Void.self)
+        let h = try ProxyHarness(limits: limits, ensureCluster: { _ in loaded.futureResult })
+        _ = try h.send("GET http://payments/a HTTP/1.1\r\nHost: payments\r\n\r\n")
+        h.channel.read()
+        #expect(h.reads.reads == 1)  // one request waiting for its answer: reading goes on
+        _ = try h.send(String(repeating: "GET http://payments/b HTTP/1.1\r\nHost: payments\r\n\r\n", count: 2))
+        h.channel.read()
+        #expect(h.reads.reads == 1)  // two behind it: held
+        loaded.succeed()
+        #expect(h.reads.reads == 2)  // answered: the held read goes out
+        var answers = ""
+        while let b = try h.channel.readOutbound(as: ByteBuffer.self) { answers += String(buffer: b) }
+        #expect(answers.components(separatedBy: "HTTP/1.1 503 ").count == 4)
     }
 
     /// Regression: after a local answer the connection still counted as busy, so the idle
