@@ -53,7 +53,8 @@ public struct SidecarLimits: Sendable, Equatable {
     /// Idle upstream connections kept per endpoint per event loop.
     public var maxIdlePerEndpoint = 32
     /// HTTP/1.1 requests a client may pipeline ahead of the one being answered; the connection
-    /// stops reading while this many wait, and resumes as they are answered (in order).
+    /// stops reading while this many wait (or `streamBodyAfterBytes` of their bodies), and
+    /// resumes as they are answered (in order).
     public var maxPipelinedRequests = 16
     public init() {}
 }

@@ -105,7 +105,7 @@ func stripHopByHop(_ headers: inout HTTPHeaders) {
 
 /// One downstream HTTP/1.1 connection. Requests are handled one at a time, in order: parts of
 /// requests a client pipelines behind the one being answered wait in `backlog` (bounded by
-/// `maxPipelinedRequests`, then reading pauses). The handler keeps reading while a response is
+/// `maxPipelinedRequests` and `streamBodyAfterBytes` of bodies, then reading pauses). The handler keeps reading while a response is
 /// pending — NIO's pipelining assistance stops reading for every request and starts again after
 /// its response, two `epoll_ctl` calls per request on a keep-alive connection.
 final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Sendable {
@@ -241,6 +241,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
     }
     private var backlog = CircularBuffer<Pending>()
     private var backlogRequests = 0
+    /// Body bytes in the backlog: a request pipelined with a large body must not fill memory.
+    private var backlogBytes = 0
+    /// Reading stops while this many requests, or `streamBodyAfterBytes` of their bodies, wait.
+    private var backlogFull: Bool {
+        backlogRequests >= ctx.limits.maxPipelinedRequests || backlogBytes >= ctx.limits.streamBodyAfterBytes
+    }
     /// A read the channel asked for while the backlog was full; issued when it has room.
     private var readHeld = false
     private var deliveringBacklog = false
@@ -250,7 +256,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
     private var awaitingAnswer: Bool { exchange != nil && streaming == nil }
 
     func read(context: ChannelHandlerContext) {
-        if backlogRequests >= ctx.limits.maxPipelinedRequests {
+        if backlogFull {
             readHeld = true
         } else {
             context.read()
@@ -261,7 +267,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
         let part = unwrapInboundIn(data)
         if awaitingAnswer || !backlog.isEmpty {
             backlog.append(.part(part))
-            if case .head = part { backlogRequests += 1 }
+            switch part {
+            case .head: backlogRequests += 1
+            case .body(let b): backlogBytes += b.readableBytes
+            case .end: break
+            }
             return
         }
         handle(part, context)
@@ -276,13 +286,17 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
         while !awaitingAnswer, context.channel.isActive, let next = backlog.popFirst() {
             switch next {
             case .part(let part):
-                if case .head = part { backlogRequests -= 1 }
+                switch part {
+                case .head: backlogRequests -= 1
+                case .body(let b): backlogBytes -= b.readableBytes
+                case .end: break
+                }
                 handle(part, context)
             case .error(let e):
                 failed(context, e)
             }
         }
-        if readHeld, backlogRequests < ctx.limits.maxPipelinedRequests {
+        if readHeld, !backlogFull {
             readHeld = false
             context.read()
         }

@@ -109,6 +109,28 @@ struct ProxyHarness {
         #expect(answers.components(separatedBy: "HTTP/1.1 503 ").count == 4)
     }
 
+    /// A pipelined request's body counts too: past `streamBodyAfterBytes` waiting, reading stops
+    /// (a large body behind a pending request must not fill memory).
+    @Test func aPipelinedBodyHoldsReadsPastTheByteBound() throws {
+        var limits = SidecarLimits()
+        limits.streamBodyAfterBytes = 16
+        let loaded = EmbeddedEventLoop().makePromise(of: Void.self)
+        let h = try ProxyHarness(limits: limits, ensureCluster: { _ in loaded.futureResult })
+        let post = "POST http://payments/b HTTP/1.1\r\nHost: payments\r\nContent-Length: 10\r\n\r\n0123456789"
+        _ = try h.send("GET http://payments/a HTTP/1.1\r\nHost: payments\r\n\r\n" + post)
+        h.channel.read()
+        #expect(h.reads.reads == 1)  // one request and 10 body bytes waiting: reading goes on
+        _ = try h.send(post)
+        h.channel.read()
+        #expect(h.reads.reads == 1)  // 20 body bytes waiting: held
+        loaded.succeed()
+        #expect(h.reads.reads == 2)
+        var answers = ""
+        while let b = try h.channel.readOutbound(as: ByteBuffer.self) { answers += String(buffer: b) }
+        #expect(answers.components(separatedBy: "HTTP/1.1 503 ").count == 4)
+        #expect(h.channel.isActive)
+    }
+
     /// Regression: after a local answer the connection still counted as busy, so the idle
     /// timeout never closed it (one leaked connection per client that got a 404 or 503).
     @Test func idleConnectionsCloseAfterALocalAnswer() throws {
