@@ -58,5 +58,20 @@ func policyBenchmarks() throws {
         }
     }
     vm.end(ex)
+    // As the proxy runs them: a new exchange per request (its own ctx table and request
+    // userdata in the VM), ended after its hooks — the calls above reuse one exchange.
+    let headers = ex.headers
+    for (name, ids) in [("header check + shared-dict incr", [2]), ("tenant gate + token bucket (2 policies)", [3, 4])] {
+        if let only, !name.hasPrefix(only) { continue }
+        measure("policy request (new exchange): \(name)", ops: n, unit: "requests") {
+            for _ in 0..<n {
+                let fresh = PolicyExchange(
+                    method: "GET", path: "/user/1", authority: "users", remoteAddress: "127.0.0.1:5000",
+                    route: "users", headers: headers)
+                for id in ids { precondition(vm.onRequest(id, fresh) == .proceed) }
+                vm.end(fresh)
+            }
+        }
+    }
     print("VM heap after the runs: \(vm.memoryBytes / 1024) KiB (peak \(vm.peakMemoryBytes / 1024) KiB)")
 }
