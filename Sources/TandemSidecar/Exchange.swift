@@ -745,9 +745,10 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         guard !finished else { return }
         if let p = policy, a.reason != .policyError {
             // on_response sees the sidecar's own answers too: a policy can serve a fallback.
-            var h = HTTPHeaders([("content-type", "application/json"), ("tandem-error", a.errorCode)])
+            let body = Array(a.jsonBody.utf8)
+            var h = a.jsonHeaders(bodyBytes: body.count)
             if let d = p.response(
-                status: a.status, reason: a.reason.rawValue, headers: &h, body: Array(a.jsonBody.utf8),
+                status: a.status, reason: a.reason.rawValue, headers: &h, body: body,
                 endpoint: endpoint?.address, attempts: retry?.attempts ?? 0,
                 durationMs: Double(clock() - startedAt) / 1e6)
             {

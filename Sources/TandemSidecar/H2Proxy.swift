@@ -631,12 +631,11 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         status = a.status
         tandemError = a.errorCode
         ctx.metrics.inc("tandem_local_answers_total", [("side", handler.side.rawValue), ("reason", a.reason.rawValue)])
-        var headers = HTTPHeaders()
-        headers.add(name: "tandem-error", value: a.errorCode)
-        for (name, value) in a.headers.sorted(by: { $0.key < $1.key }) { headers.add(name: name, value: value) }
         if isGRPC {
             var h = HTTPHeaders()
             h.add(name: "content-type", value: "application/grpc")
+            var headers = HTTPHeaders()
+            a.addMarks(to: &headers)
             headers.add(name: "grpc-status", value: String(Self.grpcCode(a)))
             headers.add(name: "grpc-message", value: GRPCText.percentEncode(a.message))
             complete(failed: a.status >= 500)
@@ -647,8 +646,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             return
         } else {
             let body = a.jsonBody
-            headers.add(name: "content-type", value: "application/json")
-            headers.add(name: "content-length", value: String(body.utf8.count))
+            let headers = a.jsonHeaders(bodyBytes: body.utf8.count)
             context.write(
                 handler.wrapOutboundOut(
                     .head(

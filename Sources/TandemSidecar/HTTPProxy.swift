@@ -460,11 +460,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
 
     private func writeLocal(_ context: ChannelHandlerContext, _ a: LocalAnswer, version: HTTPVersion, keepAlive: Bool) {
         let body = a.jsonBody
-        var headers = HTTPHeaders()
-        headers.add(name: "content-type", value: "application/json")
-        headers.add(name: "content-length", value: String(body.utf8.count))
-        headers.add(name: "tandem-error", value: a.errorCode)
-        for (name, value) in a.headers.sorted(by: { $0.key < $1.key }) { headers.add(name: name, value: value) }
+        var headers = a.jsonHeaders(bodyBytes: body.utf8.count)
         if !keepAlive { headers.add(name: "connection", value: "close") }
         let status = HTTPResponseStatus(statusCode: a.status)
         context.write(
@@ -527,5 +523,23 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
             idle(for: ctx.limits.idleTimeout)
             deliverBacklog()
         }
+    }
+}
+
+extension LocalAnswer {
+    /// `tandem-error` and the answer's own headers (sorted, so the bytes are stable): what every
+    /// local answer carries, in its head (JSON) or its trailers (gRPC).
+    func addMarks(to headers: inout HTTPHeaders) {
+        headers.add(name: "tandem-error", value: errorCode)
+        for (name, value) in self.headers.sorted(by: { $0.key < $1.key }) { headers.add(name: name, value: value) }
+    }
+
+    /// The head fields of a local answer with its JSON body, over HTTP/1.1 or HTTP/2.
+    func jsonHeaders(bodyBytes: Int) -> HTTPHeaders {
+        var h = HTTPHeaders()
+        h.add(name: "content-type", value: "application/json")
+        h.add(name: "content-length", value: String(bodyBytes))
+        addMarks(to: &h)
+        return h
     }
 }
