@@ -63,6 +63,9 @@ public struct IdentityLimits: Sendable, Equatable {
     public var replayCacheEntries = 1 << 20
     /// MAC keys agreed with callers' proof keys, remembered (a miss costs one X25519).
     public var proofKeyCacheEntries = 4096
+    /// Callee instances whose current proof key a caller learned from a `stale-proof-key`
+    /// refusal (`LearnedProofKeys`); at the bound it starts over.
+    public var learnedProofKeyEntries = 4096
     public init() {}
 }
 

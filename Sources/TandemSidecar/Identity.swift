@@ -48,7 +48,7 @@ final class SidecarIdentity: @unchecked Sendable {
     private let noncePrefix: [UInt8]
     private var nonceCounter: UInt64 = 0
     /// Proof keys callee instances named in `stale-proof-key` refusals (TandemIdentity decides).
-    private var learnedKeys = LearnedProofKeys(capacity: 4096)
+    private var learnedKeys: LearnedProofKeys
     static let proofKeyHeader = "tandem-proof-key"
     private var auth: InboundAuthenticator
     /// The mesh-wide settings the registry publishes (used where the config says nothing).
@@ -77,6 +77,7 @@ final class SidecarIdentity: @unchecked Sendable {
         agreement = AgreementKey(derivedFrom: seed)
         noncePrefix = (0..<8).map { _ in UInt8.random(in: 0...255, using: &g) }
         calleeKeys = MACKeyCache(capacity: config.identity.limits.proofKeyCacheEntries)
+        learnedKeys = LearnedProofKeys(capacity: config.identity.limits.learnedProofKeyEntries)
         auth = InboundAuthenticator(
             issuer: config.identity.issuer, service: config.service, limits: config.identity.limits,
             agreement: agreement)

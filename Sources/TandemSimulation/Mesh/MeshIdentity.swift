@@ -59,7 +59,7 @@ final class MeshIdentity {
         held = Array(repeating: [:], count: instances)
         inbound = Array(repeating: nil, count: instances)
         keys = Array(repeating: nil, count: instances)
-        macKeys = Array(repeating: MACKeyCache(capacity: 1024), count: instances)
+        macKeys = Array(repeating: MACKeyCache(capacity: IdentityLimits().proofKeyCacheEntries), count: instances)
         tables = services.map { svc in
             let c = svc.sidecar
             let table = RouteTable(c.inboundRoutes.map { Route(name: $0.name, match: $0.match, cluster: "local") })
