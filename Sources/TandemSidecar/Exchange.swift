@@ -743,8 +743,10 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     /// Answers locally (before any upstream response went out).
     private func answer(_ a: LocalAnswer) {
         guard !finished else { return }
+        var edited: HTTPHeaders?
         if let p = policy, a.reason != .policyError {
-            // on_response sees the sidecar's own answers too: a policy can serve a fallback.
+            // on_response sees the sidecar's own answers too: a policy can serve a fallback, or
+            // only edit the answer's headers (they go out as edited).
             let body = Array(a.jsonBody.utf8)
             var h = a.jsonHeaders(bodyBytes: body.count)
             if let d = p.response(
@@ -755,12 +757,13 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
                 answerWithPolicy(d, upstreamFailed: a.status >= 500)
                 return
             }
+            edited = LocalAnswer.framed(h, bodyBytes: body.count)
         }
         status = a.status
         tandemError = a.errorCode
         let keep = keepAlive
         complete(failed: a.status >= 500, local: true)
-        handler.localAnswer(context, a, keepAlive: keep, request: head)
+        handler.localAnswer(context, a, headers: edited, keepAlive: keep, request: head)
     }
 
     /// The downstream client went away.

@@ -615,16 +615,27 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     /// clients see UNAVAILABLE/DEADLINE_EXCEEDED/… with the message.
     private func answer(_ a: LocalAnswer) {
         guard !finished else { return }
+        let body = a.jsonBody
+        // What a policy's on_response sees and may edit: for gRPC the answer's marks (sent as
+        // trailers), otherwise the JSON answer's head fields.
+        var headers: HTTPHeaders
+        if isGRPC {
+            headers = HTTPHeaders()
+            a.addMarks(to: &headers)
+        } else {
+            headers = a.jsonHeaders(bodyBytes: body.utf8.count)
+        }
         if let p = policy, a.reason != .policyError {
-            // on_response sees the sidecar's own answers too: a policy can serve a fallback.
-            var h = HTTPHeaders([("tandem-error", a.errorCode)])
+            // on_response sees the sidecar's own answers too: a policy can serve a fallback, or
+            // only edit the answer's headers (they go out as edited).
             if let d = p.response(
-                status: a.status, reason: a.reason.rawValue, headers: &h, body: Array(a.jsonBody.utf8),
+                status: a.status, reason: a.reason.rawValue, headers: &headers, body: Array(body.utf8),
                 endpoint: endpoint?.address, attempts: tried.count, durationMs: Double(nowNanos() - startedAt) / 1e6)
             {
                 answerWithPolicy(d, upstreamFailed: a.status >= 500)
                 return
             }
+            if !isGRPC { headers = LocalAnswer.framed(headers, bodyBytes: body.utf8.count) }
         }
         upstream?.close(promise: nil)
         upstream = nil
@@ -634,10 +645,8 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         if isGRPC {
             var h = HTTPHeaders()
             h.add(name: "content-type", value: "application/grpc")
-            var headers = HTTPHeaders()
-            a.addMarks(to: &headers)
-            headers.add(name: "grpc-status", value: String(Self.grpcCode(a)))
-            headers.add(name: "grpc-message", value: GRPCText.percentEncode(a.message))
+            headers.replaceOrAdd(name: "grpc-status", value: String(Self.grpcCode(a)))
+            headers.replaceOrAdd(name: "grpc-message", value: GRPCText.percentEncode(a.message))
             complete(failed: a.status >= 500)
             context.write(
                 handler.wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: h))),
@@ -645,8 +654,6 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             context.writeAndFlush(handler.wrapOutboundOut(.end(headers)), promise: nil)
             return
         } else {
-            let body = a.jsonBody
-            let headers = a.jsonHeaders(bodyBytes: body.utf8.count)
             context.write(
                 handler.wrapOutboundOut(
                     .head(

@@ -416,18 +416,22 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
             }
             ctx.metrics.inc(
                 "tandem_local_answers_total", [("side", side.rawValue), ("reason", answer.reason.rawValue)])
-            writeLocal(context, answer, version: .http1_1, keepAlive: false)
+            writeLocal(context, answer, headers: nil, version: .http1_1, keepAlive: false)
             return
         }
         context.close(promise: nil)
     }
 
     /// Writes a local answer (JSON body, `tandem-error`) and counts it.
-    func localAnswer(_ context: ChannelHandlerContext, _ a: LocalAnswer, keepAlive: Bool, request: HTTPRequestHead) {
+    /// `headers`: the answer's head fields as a policy's on_response left them (default: its own).
+    func localAnswer(
+        _ context: ChannelHandlerContext, _ a: LocalAnswer, headers: HTTPHeaders? = nil, keepAlive: Bool,
+        request: HTTPRequestHead
+    ) {
         exchange = nil  // the request is over: the idle timer must see the connection as idle
         streaming = nil
         ctx.metrics.inc("tandem_local_answers_total", [("side", side.rawValue), ("reason", a.reason.rawValue)])
-        writeLocal(context, a, version: request.version, keepAlive: keepAlive)
+        writeLocal(context, a, headers: headers, version: request.version, keepAlive: keepAlive)
         if keepAlive {
             idle(for: ctx.limits.idleTimeout)
             deliverBacklog()
@@ -458,9 +462,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
         }
     }
 
-    private func writeLocal(_ context: ChannelHandlerContext, _ a: LocalAnswer, version: HTTPVersion, keepAlive: Bool) {
+    private func writeLocal(
+        _ context: ChannelHandlerContext, _ a: LocalAnswer, headers edited: HTTPHeaders?, version: HTTPVersion,
+        keepAlive: Bool
+    ) {
         let body = a.jsonBody
-        var headers = a.jsonHeaders(bodyBytes: body.utf8.count)
+        var headers = edited ?? a.jsonHeaders(bodyBytes: body.utf8.count)
         if !keepAlive { headers.add(name: "connection", value: "close") }
         let status = HTTPResponseStatus(statusCode: a.status)
         context.write(
@@ -540,6 +547,15 @@ extension LocalAnswer {
         h.add(name: "content-type", value: "application/json")
         h.add(name: "content-length", value: String(bodyBytes))
         addMarks(to: &h)
+        return h
+    }
+
+    /// A local answer's head fields after a policy edited them: the body is still the answer's
+    /// own, so its framing is the sidecar's to say (a policy cannot make it lie about its length).
+    static func framed(_ edited: HTTPHeaders, bodyBytes: Int) -> HTTPHeaders {
+        var h = edited
+        h.remove(name: "transfer-encoding")
+        h.replaceOrAdd(name: "content-length", value: String(bodyBytes))
         return h
     }
 }

@@ -212,6 +212,36 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         withExtendedLifetime((client, dir)) {}
     }
 
+    /// Regression: header edits an on_response hook made to the sidecar's own answer (here 503,
+    /// the upstream refused the connection) were dropped unless the hook returned a decision.
+    /// A policy cannot make the answer lie about its length either.
+    @Test func headerEditsOnALocalAnswerGoOutOverHTTP1AndHTTP2() throws {
+        let dead = try freePort()  // nothing listens here
+        let dir0 = try TempDirectory()
+        let mark = dir0.url.appendingPathComponent("mark.lua").path
+        try """
+        return { name = "mark", on_response = function(res)
+          res:set_header("x-seen", res.status .. " " .. (res.reason or "-"))
+          res:set_header("content-length", "1")
+          res:remove_header("content-type")
+        end }
+        """.write(toFile: mark, atomically: true, encoding: .utf8)
+        let (client, dir) = try configuredClient(
+            """
+            return { routes = { { name = "users", host = "users", cluster = "users",
+              retry = { attempts = 0 }, policies = { "\(mark)" } } } }
+            """, extra: ["--endpoints", "users=127.0.0.1:\(dead)"])
+        for version in [["--http1.1"], ["--http2-prior-knowledge"]] {
+            let r = try curl(version + ["-H", "Host: users", "http://\(client.outbound)/user/1"])
+            let body = String(decoding: r.body, as: UTF8.self)
+            #expect(r.status == 503 && r.head["tandem-error"] == "upstream-connect-failure", "\(version) \(r.head)")
+            #expect(r.head["x-seen"] == "503 upstream-connect-failure", "\(version) \(r.head)")
+            #expect(r.head["content-type"] == nil, "\(version) \(r.head)")
+            #expect(r.head["content-length"] == String(r.body.count) && body.contains("\"code\""), "\(version) \(r)")
+        }
+        withExtendedLifetime((client, dir, dir0)) {}
+    }
+
     /// Regression (found by the mesh simulator's breaker-fallback scenario): a fallback that
     /// replaced a failed answer made the breaker count a success, so behind a fallback policy
     /// the breaker never opened and every request still went to the dead upstream.
