@@ -44,12 +44,54 @@ public final class PolicyExchange {
     public var status = 0
     /// The sidecar's reason for a local answer (circuit-open, timeout, …), nil for the upstream's.
     public var reason: String?
-    public var responseHeaders: [(name: String, value: String)] = []
+    /// The answer's head fields as the hooks see them. Made on first use from
+    /// `responseHeaderSource` (with the edits made so far), so an answer whose headers no hook
+    /// reads is never copied.
+    public var responseHeaders: [(name: String, value: String)] {
+        get {
+            if let h = heldResponseHeaders { return h }
+            var h = responseHeaderSource?() ?? []
+            responseHeaderSource = nil
+            for e in responseEdits { e.apply(to: &h) }
+            heldResponseHeaders = h
+            return h
+        }
+        set {
+            heldResponseHeaders = newValue
+            responseHeaderSource = nil
+        }
+    }
+    private var heldResponseHeaders: [(name: String, value: String)]?
+    /// Where `responseHeaders` come from when first read (the host keeps its own header type
+    /// until then).
+    public var responseHeaderSource: (() -> [(name: String, value: String)])?
     public var responseBody: [UInt8]?
     public var upstreamEndpoint: String?
     public var attempts = 0
     public var durationMs: Double = 0
-    public var responseChanged = false
+    /// The on_response header changes in order, so the host can apply them to the answer's own
+    /// head in place (`responseHeaders` holds their result for the hooks to read).
+    public var responseEdits: [HeaderEdit] = []
+    public var responseChanged: Bool { !responseEdits.isEmpty }
+
+    /// One `set_header` (`replace`: drop the name's values first; a nil value only drops), or
+    /// `add_header`.
+    public struct HeaderEdit: Sendable {
+        public var name: String
+        public var value: String?
+        public var replace: Bool
+
+        func apply(to list: inout [(name: String, value: String)]) {
+            if replace { list.removeAll { PolicyVM.sameName($0.name, name) } }
+            if let value { list.append((name, value)) }
+        }
+    }
+
+    /// A hook's `set_header`/`add_header`/`remove_header` on the answer.
+    func editResponse(_ edit: HeaderEdit) {
+        if heldResponseHeaders != nil { edit.apply(to: &heldResponseHeaders!) }
+        responseEdits.append(edit)
+    }
 
     var generation: Double = 0
 
@@ -155,6 +197,8 @@ public final class PolicyVM: @unchecked Sendable {
     /// Whether policy `id` reads request bodies (`request_body = true`: over HTTP/2, where bodies
     /// stream, the sidecar holds the request until its end, up to a bound, before on_request).
     public func wantsRequestBody(_ id: Int) -> Bool { policies[id]?.hooks.requestBody ?? false }
+    /// Whether policy `id` has an `on_log` hook.
+    public func hasLogHook(_ id: Int) -> Bool { policies[id]?.hooks.log ?? false }
     /// `tandem.now()` for the current call: read from the clock on first use, then frozen.
     private var callNow: Int64?
     private var frozenNow: Int64 {
@@ -538,19 +582,15 @@ public final class PolicyVM: @unchecked Sendable {
             let name = try a.need(1, "header name")
             let value = a.string(2)
             try Self.checkHeader(name, value)
-            var list = onRequest ? ex.headers : ex.responseHeaders
-            if op == .reqSetHeader || op == .resSetHeader {
-                list.removeAll { Self.sameName($0.name, name) }
-            } else if value == nil {
-                throw HostError("add_header: expected a value")
-            }
-            if let value { list.append((name, value)) }
+            let replace = op == .reqSetHeader || op == .resSetHeader
+            if !replace && value == nil { throw HostError("add_header: expected a value") }
+            // Edited in place: a copy of the list would be copied again on write.
             if onRequest {
-                ex.headers = list
+                if replace { ex.headers.removeAll { Self.sameName($0.name, name) } }
+                if let value { ex.headers.append((name, value)) }
                 ex.requestChanged = true
             } else {
-                ex.responseHeaders = list
-                ex.responseChanged = true
+                ex.editResponse(PolicyExchange.HeaderEdit(name: name, value: value, replace: replace))
             }
         case .reqQueryArg:
             let ex = try exchange(a)
@@ -838,16 +878,26 @@ public final class PolicyVM: @unchecked Sendable {
         }
     }
 
+    /// RFC 9110 token characters (header names).
+    @inline(__always) static func isTokenByte(_ c: UInt8) -> Bool {
+        switch c {
+        case 48...57, 65...90, 97...122: return true
+        case UInt8(ascii: "!"), UInt8(ascii: "#"), UInt8(ascii: "$"), UInt8(ascii: "%"), UInt8(ascii: "&"),
+            UInt8(ascii: "'"), UInt8(ascii: "*"), UInt8(ascii: "+"), UInt8(ascii: "-"), UInt8(ascii: "."),
+            UInt8(ascii: "^"), UInt8(ascii: "_"), UInt8(ascii: "`"), UInt8(ascii: "|"), UInt8(ascii: "~"):
+            return true
+        default: return false
+        }
+    }
+
     static func checkHeader(_ name: String, _ value: String?) throws {
-        let tchar: (UInt8) -> Bool = {
-            (48...57).contains($0) || (65...90).contains($0) || (97...122).contains($0)
-                || "!#$%&'*+-.^_`|~".utf8.contains($0)
-        }
-        guard !name.isEmpty, name.utf8.count <= 256, name.utf8.allSatisfy(tchar) else {
-            throw HostError("invalid header name \"\(name.prefix(64))\"")
-        }
+        var nameOK = !name.isEmpty && name.utf8.count <= 256
+        if nameOK { for c in name.utf8 where !isTokenByte(c) { nameOK = false; break } }
+        guard nameOK else { throw HostError("invalid header name \"\(name.prefix(64))\"") }
         if let value {
-            guard value.utf8.count <= 16_384, !value.utf8.contains(where: { $0 == 13 || $0 == 10 || $0 == 0 }) else {
+            var valueOK = value.utf8.count <= 16_384
+            if valueOK { for c in value.utf8 where c == 13 || c == 10 || c == 0 { valueOK = false; break } }
+            guard valueOK else {
                 throw HostError("invalid value for header \(name): no CR, LF or NUL, at most 16384 bytes")
             }
         }

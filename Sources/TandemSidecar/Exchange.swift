@@ -134,9 +134,9 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         }
         for (name, value) in who.headers { head.headers.replaceOrAdd(name: name, value: value) }
         if let r = route, ctx.policies?.isActive == true {
-            let remote = context.channel.remoteAddress.map { "\($0.ipAddress ?? ""):\($0.port ?? 0)" } ?? ""
             policy = PolicyRun(
-                ctx: ctx, loop: loop, route: r, side: side, head: head, path: path, host: host, remote: remote)
+                ctx: ctx, loop: loop, route: r, side: side, head: head, path: path, host: host,
+                remote: handler.remoteAddressText(context.channel))
             if let p = policy {
                 p.ex.caller = who.caller
                 if let claims = who.claims { p.ex.claims = claims.mapValues(LuaValue.init) }

@@ -132,6 +132,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
     private(set) lazy var pool: UpstreamPool = ctx.pools.pool(for: context!.eventLoop)
     /// The cluster whose endpoints were last seen known (skips the discovery check).
     var knownCluster: String?
+    /// The client's address as policies see it (`ip:port`), made once per connection.
+    private var remoteText: String?
+    func remoteAddressText(_ channel: any Channel) -> String {
+        if let t = remoteText { return t }
+        let t = channel.remoteAddress.map { "\($0.ipAddress ?? ""):\($0.port ?? 0)" } ?? ""
+        remoteText = t
+        return t
+    }
     /// The pipeline has a gzip compressor in front of this handler (see `compressor()`).
     var compresses = false
 

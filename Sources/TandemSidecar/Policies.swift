@@ -214,8 +214,8 @@ final class PolicyRun {
         if case .template(let t) = route.match.path { ex.params = RouteTable.matchTemplate(t, ex.path) ?? [:] }
     }
 
-    var wantsResponseBody: Bool { chain.contains { vm.wantsResponseBody($0.id) } }
-    var wantsRequestBody: Bool { chain.contains { vm.wantsRequestBody($0.id) } }
+    private(set) lazy var wantsResponseBody: Bool = chain.contains { vm.wantsResponseBody($0.id) }
+    private(set) lazy var wantsRequestBody: Bool = chain.contains { vm.wantsRequestBody($0.id) }
 
     enum RequestOutcome {
         case proceed
@@ -278,7 +278,7 @@ final class PolicyRun {
         responseRan = true
         ex.status = status
         ex.reason = reason
-        ex.responseHeaders = headers.map { (name: $0.name, value: $0.value) }
+        ex.responseHeaderSource = { [answer = headers] in answer.map { (name: $0.name, value: $0.value) } }
         ex.responseBody = body
         ex.upstreamEndpoint = endpoint
         ex.attempts = attempts
@@ -296,23 +296,30 @@ final class PolicyRun {
                     headers: [("content-type", "application/json"), ("tandem-error", a.reason.rawValue)])
             }
         }
-        if ex.responseChanged {
-            var h = HTTPHeaders()
-            for (k, v) in ex.responseHeaders { h.add(name: k, value: v) }
-            headers = h
+        // The hooks' edits, applied to the answer's head in place (the same steps the hooks'
+        // view of it went through). The source's copy goes first, so `headers` is not copied
+        // (on_log hooks read the answer's headers: they are made for them now).
+        if logs { _ = ex.responseHeaders } else { ex.responseHeaderSource = nil }
+        for e in ex.responseEdits {
+            if e.replace { headers.remove(name: e.name) }
+            if let v = e.value { headers.add(name: e.name, value: v) }
         }
         return nil
     }
 
+    private lazy var logs: Bool = chain.contains { vm.hasLogHook($0.id) }
+
     /// on_log of each policy; then the request's ctx is dropped.
-    func log(status: Int, reason: String?, endpoint: String?, attempts: Int, durationMs: Double) {
-        ex.status = status
-        ex.reason = reason
-        ex.upstreamEndpoint = endpoint
-        ex.attempts = attempts
-        ex.durationMs = durationMs
-        for e in chain {
-            if case .failed(let f) = vm.onLog(e.id, ex) { policies.report(f, route: ex.route) }
+    func log(status: Int, reason: String?, endpoint: @autoclosure () -> String?, attempts: Int, durationMs: Double) {
+        if logs {
+            ex.status = status
+            ex.reason = reason
+            ex.upstreamEndpoint = endpoint()
+            ex.attempts = attempts
+            ex.durationMs = durationMs
+            for e in chain {
+                if case .failed(let f) = vm.onLog(e.id, ex) { policies.report(f, route: ex.route) }
+            }
         }
         vm.end(ex)
     }

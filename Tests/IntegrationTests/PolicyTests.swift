@@ -82,7 +82,10 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
             if req.path:find("/Fail", 1, true) then return tandem.deny(403, "Fail is not allowed here") end
           end,
           on_response = function(res, ctx) res:set_header("x-policy", "seen") end,
-          on_log = function(txn, ctx) tandem.log.info("grpc call", { path = ctx.path, status = txn.status }) end }
+          on_log = function(txn, ctx)
+            tandem.log.info("grpc call", { path = ctx.path, status = txn.status, policy = txn:header("x-policy"),
+              ctype = txn:header("content-type") })
+          end }
         """.write(toFile: guardFile, atomically: true, encoding: .utf8)
         let (client, dir) = try configuredClient(
             """
@@ -102,6 +105,10 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         #expect((err["trailers"] as? [String: String])?["tandem-error"] == "policy-denied")
         let log = client.child.readUntil { $0.contains("grpc call") && $0.contains("Fail") }
         #expect(log.last?.contains(#""status":403"#) == true, "\(log.suffix(3))")
+        // on_log reads the answer as on_response left it.
+        let unary = log.first { $0.contains("grpc call") && $0.contains("GetUser") }
+        #expect(unary?.contains(#""policy":"seen""#) == true, "\(log.suffix(6))")
+        #expect(unary?.contains(#""ctype":"application/grpc""#) == true, "\(log.suffix(6))")
         let metrics = try http("http://\(client.admin)/metrics").body
         #expect(metrics.contains(#"tandem_policy_decisions_total{policy="no-fail",decision="deny"} 1"#), "\(metrics)")
         withExtendedLifetime((reg, users, client, dir, dir0)) {}

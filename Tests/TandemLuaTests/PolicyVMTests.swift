@@ -83,6 +83,50 @@ func request(
         #expect(String(decoding: no.body, as: UTF8.self) == #"{"code":403,"message":"unknown tenant evil"}"#)
     }
 
+    /// The answer's headers are made for the hooks only when one reads them: edits made before
+    /// that read are in what it sees, edits after it land in the same list, and the edits are
+    /// also kept in order for the host to apply to its own head (on_log reads the result).
+    @Test func responseHeadersAreMadeOnFirstReadWithTheEditsSoFar() throws {
+        let vm = try makeVM()
+        _ = try vm.load(
+            id: 1, file: "set.lua",
+            source: """
+                return { name = "set", on_response = function(res)
+                  res:set_header("x-a", "1")
+                  res:remove_header("server")
+                end }
+                """, config: .table([:]))
+        _ = try vm.load(
+            id: 2, file: "read.lua",
+            source: """
+                return { name = "read",
+                  on_response = function(res, ctx)
+                    ctx.seen = tostring(res:header("x-a")) .. "," .. tostring(res:header("server"))
+                      .. "," .. tostring(res:header("content-type"))
+                    if ctx.seen ~= "1,nil,text/plain" then error("on_response saw " .. ctx.seen) end
+                    res:add_header("x-b", "2")
+                  end,
+                  on_log = function(txn, ctx)
+                    if txn:header("x-b") ~= "2" or txn:header("x-a") ~= "1" then error("log saw " .. tostring(txn:header("x-b"))) end
+                  end }
+                """, config: .table([:]))
+        let ex = request()
+        var made = 0
+        ex.responseHeaderSource = {
+            made += 1
+            return [(name: "Server", value: "nginx"), (name: "Content-Type", value: "text/plain")]
+        }
+        #expect(vm.onResponse(1, ex) == .proceed)
+        #expect(made == 0)  // only edits so far: nothing copied
+        #expect(vm.onResponse(2, ex) == .proceed)
+        #expect(made == 1)
+        #expect(ex.responseHeaders.map(\.name) == ["Content-Type", "x-a", "x-b"])
+        #expect(ex.responseEdits.map(\.name) == ["x-a", "server", "x-b"])
+        #expect(ex.responseEdits.map(\.replace) == [true, true, false])
+        #expect(vm.onLog(2, ex) == .proceed)
+        vm.end(ex)
+    }
+
     @Test func configIsValidatedAgainstThePolicySchemaWithTheKeyPath() throws {
         let vm = try makeVM()
         let source = """
