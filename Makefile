@@ -96,12 +96,13 @@ sim: build
 	.build/debug/tandem sim-registry --seeds $${SEEDS:-1..1000}
 
 bench: deps
-	$(SWIFT) build -c release --product TandemBench
+	./dev/build-release.sh TandemBench
 	.build/release/TandemBench
 
-# The deployable binary: release, Swift runtime and Foundation linked statically.
+# The deployable binary (flags in dev/build-release.sh: static Swift runtime, no run-time
+# exclusivity checks; the tests run the checked debug build).
 release: deps
-	$(SWIFT) build -c release --static-swift-stdlib --product tandem
+	./dev/build-release.sh tandem
 	@echo "built .build/release/tandem"
 
 clean:

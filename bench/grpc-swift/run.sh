@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS_PER=${SECONDS_PER:-5}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
-swift build -c release --product tandem >/dev/null
+dev/build-release.sh tandem >/dev/null
 (cd bench/grpc-swift && swift build -c release >/dev/null)
 gb=bench/grpc-swift/.build/release/GRPCSwiftBench
 root=$(mktemp -d)

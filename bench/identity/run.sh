@@ -12,8 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10}
 TANDEM=.build/release/tandem
-swift build -c release --static-swift-stdlib --product tandem
-swift build -c release --static-swift-stdlib --product TandemBench
+dev/build-release.sh tandem TandemBench
 for t in wrk nginx; do command -v $t >/dev/null || { echo "missing $t: apt-get install -y wrk nginx" >&2; exit 1; }; done
 
 echo "== per request, one core (TandemBench identity, release) =="

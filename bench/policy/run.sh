@@ -16,8 +16,7 @@ cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 DURATION=${DURATION:-10}
 TANDEM=.build/release/tandem
-swift build -c release --static-swift-stdlib --product tandem
-swift build -c release --static-swift-stdlib --product TandemBench  # same flags: no rebuild of the other
+dev/build-release.sh tandem TandemBench
 for t in wrk nginx; do command -v $t >/dev/null || { echo "missing $t: apt-get install -y wrk nginx" >&2; exit 1; }; done
 
 echo "== per hook call (TandemBench policies, release) =="

@@ -13,9 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10}
 TANDEM=.build/release/tandem
-# The build users deploy: release, Swift runtime and Foundation linked statically (about 6 MB
-# less resident memory than shared libraries, measured 20.7 vs 26.3 MB idle).
-swift build -c release --static-swift-stdlib --product tandem
+# The build users deploy (dev/build-release.sh): release, Swift runtime and Foundation linked
+# statically (about 6 MB less resident memory than shared libraries, measured 20.7 vs 26.3 MB idle).
+dev/build-release.sh tandem
 for t in wrk haproxy nginx; do command -v $t >/dev/null || { echo "missing $t: apt-get install -y wrk haproxy nginx" >&2; exit 1; }; done
 
 W=$(mktemp -d /tmp/tandem-bench.XXXX)
