@@ -68,7 +68,12 @@ public final class Sidecar: @unchecked Sendable {
         ctx = ProxyContext(
             brain: brain,
             pools: UpstreamPools(
-                maxIdlePerEndpoint: config.limits.maxIdlePerEndpoint, slots: ConnectionSlots(brain: brain)),
+                maxIdlePerEndpoint: config.limits.maxIdlePerEndpoint,
+                idleTimeout: .nanoseconds(config.limits.upstreamIdleTimeout), slots: ConnectionSlots(brain: brain),
+                opened: { cluster in
+                    sharedMetrics.inc("tandem_upstream_connections_opened_total", [("cluster", cluster)])
+                }
+            ),
             metrics: sharedMetrics,
             limits: config.limits, service: config.service, inboundTimeout: config.inboundTimeout,
             appSpeaksH2: config.appProtocol != .http, accessLog: accessLog, policies: policies, gate: gate,

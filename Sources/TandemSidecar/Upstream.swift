@@ -30,6 +30,8 @@ final class UpstreamConnection: @unchecked Sendable {
     let handler: UpstreamHandler
     /// Requests already completed on this connection (0 = fresh).
     var uses = 0
+    /// When it last went back to the idle pool.
+    var idleSince = NIODeadline.uptimeNanoseconds(0)
 
     init(channel: any Channel, key: UpstreamPool.Key, cluster: String, handler: UpstreamHandler) {
         self.channel = channel
@@ -90,19 +92,52 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler, @un
 final class UpstreamPool: @unchecked Sendable {
     let loop: any EventLoop
     let maxIdlePerEndpoint: Int
+    let idleTimeout: TimeAmount
     struct Key: Hashable {
         var host: String
         var port: Int
     }
+    /// Per endpoint, oldest first: requests take the most recently used (warm) connection, so
+    /// the ones a burst left behind age at the front until the sweep closes them.
     private var idle: [Key: [UpstreamConnection]] = [:]
+    private var sweep: RepeatedTask?
 
     let slots: ConnectionSlots
+    /// Told the cluster of every connection this pool opens (a metric).
+    let opened: @Sendable (String) -> Void
 
-    init(loop: any EventLoop, maxIdlePerEndpoint: Int, slots: ConnectionSlots) {
+    init(
+        loop: any EventLoop, maxIdlePerEndpoint: Int, idleTimeout: TimeAmount, slots: ConnectionSlots,
+        opened: @escaping @Sendable (String) -> Void = { _ in }
+    ) {
         self.loop = loop
         self.maxIdlePerEndpoint = maxIdlePerEndpoint
+        self.idleTimeout = idleTimeout
         self.slots = slots
+        self.opened = opened
     }
+
+    /// Starts closing connections idle longer than `idleTimeout` (checked four times per timeout).
+    func startSweeping() {
+        let every = TimeAmount.nanoseconds(max(idleTimeout.nanoseconds / 4, 10_000_000))
+        sweep = loop.scheduleRepeatedTask(initialDelay: every, delay: every) { [weak self] _ in
+            guard let self else { return }
+            self.closeIdle(before: .now() - self.idleTimeout)
+        }
+    }
+
+    /// Closes the idle connections that went idle before `cutoff`.
+    func closeIdle(before cutoff: NIODeadline) {
+        for (key, list) in idle {
+            let stale = list.prefix { $0.idleSince < cutoff }
+            guard !stale.isEmpty else { continue }
+            for c in stale { c.channel.close(promise: nil) }
+            if stale.count == list.count { idle[key] = nil } else { idle[key]!.removeFirst(stale.count) }
+        }
+    }
+
+    /// Idle connections in the pool (all endpoints).
+    var idleCount: Int { idle.values.reduce(0) { $0 + $1.count } }
 
     /// A live idle connection to `host:port`, if there is one (no future on this hot path).
     func takeIdle(host: String, port: Int) -> UpstreamConnection? {
@@ -123,6 +158,7 @@ final class UpstreamPool: @unchecked Sendable {
     ) -> EventLoopFuture<UpstreamConnection> {
         let key = Key(host: host, port: port)
         let handler = UpstreamHandler()
+        opened(cluster)
         return ClientBootstrap(group: loop)
             .connectTimeout(connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -200,10 +236,13 @@ final class UpstreamPool: @unchecked Sendable {
             conn.channel.close(promise: nil)
             return
         }
+        conn.idleSince = .now()
         idle[conn.key, default: []].append(conn)
     }
 
     func closeAll() {
+        sweep?.cancel()
+        sweep = nil
         for list in idle.values { for c in list { c.channel.close(promise: nil) } }
         idle = [:]
     }
@@ -213,22 +252,33 @@ final class UpstreamPool: @unchecked Sendable {
 final class UpstreamPools: Sendable {
     private let pools = NIOLockedValueBox<[ObjectIdentifier: NIOLoopBound<UpstreamPool>]>([:])
     let maxIdlePerEndpoint: Int
+    let idleTimeout: TimeAmount
     let slots: ConnectionSlots
+    let opened: @Sendable (String) -> Void
 
-    init(maxIdlePerEndpoint: Int, slots: ConnectionSlots) {
+    init(
+        maxIdlePerEndpoint: Int, idleTimeout: TimeAmount, slots: ConnectionSlots,
+        opened: @escaping @Sendable (String) -> Void = { _ in }
+    ) {
         self.maxIdlePerEndpoint = maxIdlePerEndpoint
+        self.idleTimeout = idleTimeout
         self.slots = slots
+        self.opened = opened
     }
 
+    /// This loop's pool (call on `loop`).
     func pool(for loop: any EventLoop) -> UpstreamPool {
         let id = ObjectIdentifier(loop)
-        let bound = pools.withLockedValue { p -> NIOLoopBound<UpstreamPool> in
-            if let b = p[id] { return b }
-            let b = NIOLoopBound(
-                UpstreamPool(loop: loop, maxIdlePerEndpoint: maxIdlePerEndpoint, slots: slots), eventLoop: loop)
+        let (bound, created) = pools.withLockedValue { p -> (NIOLoopBound<UpstreamPool>, Bool) in
+            if let b = p[id] { return (b, false) }
+            let pool = UpstreamPool(
+                loop: loop, maxIdlePerEndpoint: maxIdlePerEndpoint, idleTimeout: idleTimeout, slots: slots,
+                opened: opened)
+            let b = NIOLoopBound(pool, eventLoop: loop)
             p[id] = b
-            return b
+            return (b, true)
         }
+        if created { bound.value.startSweeping() }
         return bound.value
     }
 

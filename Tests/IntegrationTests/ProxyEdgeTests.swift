@@ -100,6 +100,34 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
         withExtendedLifetime((app, server, client)) {}
     }
 
+    /// Regression: at most 32 idle upstream connections per endpoint per event loop made a
+    /// sidecar under 128 concurrent clients close connections as they went idle and reopen
+    /// them for the next requests (at 256 clients, 44 % of requests opened a connection).
+    /// Now a burst finds its connections again: no more are opened than clients at once.
+    @Test func concurrentClientsReuseUpstreamConnections() throws {
+        let (app, port) = try startEdgeApp()
+        let (server, client) = try twoSidecars(appPort: port)
+        let wrk = Process()
+        wrk.executableURL = URL(fileURLWithPath: "/usr/bin/wrk")
+        wrk.arguments = ["-t2", "-c128", "-d3s", "-H", "Host: edge", "http://\(client.outbound)/"]
+        let out = Pipe()
+        wrk.standardOutput = out
+        try wrk.run()
+        let report = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        wrk.waitUntilExit()
+        let requests =
+            report.split(separator: "\n").first { $0.contains("requests in") }
+            .flatMap { Int($0.split(separator: " ").first ?? "") } ?? 0
+        #expect(requests > 128 && !report.contains("Non-2xx"), "\(report)")
+        let metrics = try http("http://\(client.admin)/metrics").body
+        let prefix = #"tandem_upstream_connections_opened_total{cluster="edge"} "#
+        let opened =
+            metrics.split(separator: "\n").first { $0.hasPrefix(prefix) }
+            .flatMap { Int($0.dropFirst(prefix.count)) } ?? -1
+        #expect(opened >= 1 && opened <= 128, "opened \(opened) upstream connections for \(requests) requests")
+        withExtendedLifetime((app, server, client)) {}
+    }
+
     /// HTTP/1.1 pipelining through both sidecars: 40 requests written at once on one connection
     /// (more than `maxPipelinedRequests` wait, so reading pauses and resumes), answered in order,
     /// the bodies among them intact.

@@ -34,7 +34,9 @@ struct ProxyHarness {
         config.limits = limits
         let brain = TrafficBrain(config: config, seed: 1)
         ctx = ProxyContext(
-            brain: brain, pools: UpstreamPools(maxIdlePerEndpoint: 1, slots: ConnectionSlots(brain: brain)),
+            brain: brain,
+            pools: UpstreamPools(
+                maxIdlePerEndpoint: 1, idleTimeout: .seconds(30), slots: ConnectionSlots(brain: brain)),
             metrics: SidecarMetrics(), limits: limits,
             service: "orders", inboundTimeout: .seconds(1), accessLog: nil, ensureCluster: ensureCluster)
         var decoder = NIOHTTPDecoderLimitConfiguration()

@@ -1,0 +1,37 @@
+import NIOCore
+import NIOEmbedded
+import TandemConfig
+import TandemTraffic
+import Testing
+
+@testable import TandemSidecar
+
+/// The upstream idle pool on an embedded loop: the most recently used connection is taken
+/// first, and the sweep closes the ones idle since before its cutoff (oldest first).
+@Suite struct UpstreamPoolTests {
+    @Test func theSweepClosesConnectionsIdleSinceBeforeTheCutoff() throws {
+        let loop = EmbeddedEventLoop()
+        let config = SidecarConfig(service: "orders", instance: "orders-1", appPort: 1)
+        let brain = TrafficBrain(config: config, seed: 1)
+        let pool = UpstreamPool(
+            loop: loop, maxIdlePerEndpoint: 8, idleTimeout: .seconds(30), slots: ConnectionSlots(brain: brain))
+        var conns: [UpstreamConnection] = []
+        for _ in 0..<3 {
+            let ch = EmbeddedChannel(loop: loop)
+            try ch.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9000)).wait()
+            let c = UpstreamConnection(
+                channel: ch, key: .init(host: "127.0.0.1", port: 9000), cluster: "users", handler: UpstreamHandler())
+            pool.release(c)
+            conns.append(c)
+        }
+        #expect(pool.idleCount == 3)
+        // Idle since 100, 200, 300 (in the order they went back).
+        for (i, c) in conns.enumerated() { c.idleSince = .uptimeNanoseconds(UInt64(i + 1) * 100) }
+        pool.closeIdle(before: .uptimeNanoseconds(250))
+        #expect(pool.idleCount == 1)
+        #expect(conns.map(\.channel.isActive) == [false, false, true])
+        #expect(pool.takeIdle(host: "127.0.0.1", port: 9000) === conns[2])
+        pool.closeIdle(before: .uptimeNanoseconds(1000))  // nothing idle left to close
+        #expect(pool.idleCount == 0 && conns[2].channel.isActive)
+    }
+}
