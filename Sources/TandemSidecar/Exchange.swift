@@ -696,8 +696,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             }
         }
         resumeDownstream()
-        let done = context.writeAndFlush(handler.wrapOutboundOut(.end(trailers)))
-        _ = done
+        context.writeAndFlush(handler.wrapOutboundOut(.end(trailers)), promise: nil)  // no future per request
         complete(failed: status >= 500)
     }
 

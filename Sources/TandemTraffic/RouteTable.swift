@@ -87,11 +87,17 @@ public struct RequestHead: Sendable {
     public init(method: String, host: String, path: String, headers: [(String, String)] = []) {
         self.method = method.uppercased()
         // Authority without port, lowercased.
+        // (Searched as bytes: a Character search walks grapheme clusters, 2.5k instructions per
+        // request for the host alone.)
         var h = host.lowercased()
-        if let colon = h.lastIndex(of: ":"), !h.hasSuffix("]") { h = String(h[..<colon]) }
+        if !h.hasSuffix("]"), let colon = h.utf8.lastIndex(of: UInt8(ascii: ":")) { h = String(h[..<colon]) }
         self.host = h
         // Path without query.
-        if let q = path.firstIndex(of: "?") { self.path = String(path[..<q]) } else { self.path = path }
+        if let q = path.utf8.firstIndex(of: UInt8(ascii: "?")) {
+            self.path = String(path[..<q])
+        } else {
+            self.path = path
+        }
         self.headers = headers
     }
 

@@ -20,6 +20,17 @@ import Testing
         table.route(RequestHead(method: method, host: host, path: path, headers: headers))
     }
 
+    @Test func theRequestHeadKeepsTheHostWithoutPortAndThePathWithoutQuery() {
+        let cases: [(String, String, String, String)] = [
+            ("Users:8080", "/a?b?c", "users", "/a"), ("[::1]:8080", "/", "[::1]", "/"), ("[::1]", "/x?", "[::1]", "/x"),
+            ("users", "/plain", "users", "/plain"), ("CAFÉ.example:443", "/é?q=1", "café.example", "/é"),
+        ]
+        for (host, path, wantHost, wantPath) in cases {
+            let h = RequestHead(method: "get", host: host, path: path)
+            #expect(h.host == wantHost && h.path == wantPath && h.method == "GET", "\(host) \(path)")
+        }
+    }
+
     @Test func mostSpecificWins() {
         #expect(route("GET", "users", "/user/me")?.route.name == "user-me")
         #expect(route("GET", "users:8080", "/user/7")?.route.name == "user-by-id")
