@@ -24,14 +24,8 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
 trap cleanup EXIT
 BACKEND=19300 REG=19301 REG_PEER=19302
-BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
-mkdir -p "$W/backend"
-cat > "$W/backend/nginx.conf" <<CONF
-worker_processes 1; pid $W/backend/pid; error_log $W/backend/error.log; daemon off;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$BACKEND; location / { default_type text/plain; return 200 "$BODY"; } } }
-CONF
+source bench/common.sh
+backend_nginx "$W/backend" $BACKEND
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$W/join"
 echo 'return { identity = { proof = true } }' > "$W/proof.lua"
 echo 'return { identity = { proof = true, proof_kind = "signature" } }' > "$W/signed.lua"

@@ -36,15 +36,10 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
 trap cleanup EXIT
 BACKEND=19200 NONE=19201 POLICY=19202 NGINX=19203 NGINX_LUA=19204
-BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
 
-mkdir -p "$W/backend" "$W/nginx" "$W/nginx-lua"
-cat > "$W/backend/nginx.conf" <<CONF
-worker_processes 1; pid $W/backend/pid; error_log $W/backend/error.log; daemon off;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$BACKEND; location / { default_type text/plain; return 200 "$BODY"; } } }
-CONF
+source bench/common.sh
+backend_nginx "$W/backend" $BACKEND
+mkdir -p "$W/nginx" "$W/nginx-lua"
 proxy_conf() { # $1 dir, $2 port, $3 extra http-level lines, $4 extra location lines
 cat > "$W/$1/nginx.conf" <<CONF
 $( [ "$1" = nginx-lua ] && echo "load_module $LUA/usr/lib/nginx/modules/ndk_http_module.so; load_module $LUA/usr/lib/nginx/modules/ngx_http_lua_module.so;")
@@ -66,28 +61,14 @@ proxy_conf nginx-lua $NGINX_LUA "lua_package_path \"$LUA/usr/share/lua/5.1/?.lua
     if n > 1000000000 then return ngx.exit(429) end
   }'
 
-cat > "$W/gate.lua" <<'LUA'
-return {
-  name = "tenant-gate",
-  config = { tenants = { type = "set", of = "string", required = true } },
-  on_request = function(req, ctx, cfg)
-    if not cfg.tenants[req:header("x-tenant") or ""] then return tandem.deny(403, "unknown tenant") end
-  end,
-}
-LUA
-cat > "$W/policy.lua" <<LUA
-return { routes = { { name = "backend", host = "backend", cluster = "backend", policies = {
-  { file = "$W/gate.lua", config = { tenants = { "acme", "globex" } } },
-  { file = "$ROOT/policies/rate-limit.lua", config = { by = "header", header = "x-tenant", rate = 1e9 } },
-} } } }
-LUA
+policy_chain "$W"  # $W/policies.lua: the tenant gate + policies/rate-limit.lua
 
 nginx -c "$W/backend/nginx.conf" & PIDS+=($!)
 nginx -c "$W/nginx/nginx.conf" & PIDS+=($!)
 LD_LIBRARY_PATH=$LUA/usr/lib/x86_64-linux-gnu:$LUA/lib/x86_64-linux-gnu nginx -c "$W/nginx-lua/nginx.conf" & PIDS+=($!)
 $TANDEM sidecar --service bench --app-port 1 --registry none --health-interval 3600 \
   --endpoints backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$NONE > "$W/none.log" 2>&1 & PIDS+=($!)
-$TANDEM sidecar --service bench2 --app-port 1 --registry none --health-interval 3600 --config "$W/policy.lua" \
+$TANDEM sidecar --service bench2 --app-port 1 --registry none --health-interval 3600 --config "$W/policies.lua" \
   --endpoints backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$POLICY > "$W/policy.log" 2>&1 & PIDS+=($!)
 for port in $BACKEND $NONE $POLICY $NGINX $NGINX_LUA; do
   for _ in $(seq 100); do curl -fs -o /dev/null -H "Host: backend" -H "x-tenant: acme" "http://127.0.0.1:$port/" && break; sleep 0.1; done

@@ -12,7 +12,6 @@
 # Usage: bench/sidecar/instructions.sh        (env DURATION=10 seconds of load per target)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-ROOT=$(pwd)
 DURATION=${DURATION:-10}
 dev/build-release.sh tandem
 for t in valgrind callgrind_control objcopy wrk haproxy nginx; do
@@ -26,14 +25,9 @@ trap cleanup EXIT
 objcopy --strip-debug .build/release/tandem "$W/tandem"
 
 BACKEND=19200 PORT=19201
-BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
-mkdir -p "$W/backend" "$W/nginx"
-cat > "$W/backend/nginx.conf" <<CONF
-worker_processes 1; pid $W/backend/pid; error_log $W/backend/error.log; daemon off;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$BACKEND; location / { default_type text/plain; return 200 "$BODY"; } } }
-CONF
+source bench/common.sh
+backend_nginx "$W/backend" $BACKEND
+mkdir -p "$W/nginx"
 # One process (no master): the process under valgrind is the one that proxies.
 cat > "$W/nginx/nginx.conf" <<CONF
 master_process off; worker_processes 1; pid $W/nginx/pid; error_log $W/nginx/error.log; daemon off;
@@ -45,21 +39,7 @@ http { access_log off; keepalive_requests 1000000;
 CONF
 printf 'global\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\nfrontend fe\n  bind 127.0.0.1:%s\n  default_backend be\nbackend be\n  server s1 127.0.0.1:%s\n' \
   $PORT $BACKEND > "$W/haproxy.cfg"
-cat > "$W/gate.lua" <<'LUA'
-return {
-  name = "tenant-gate",
-  config = { tenants = { type = "set", of = "string", required = true } },
-  on_request = function(req, ctx, cfg)
-    if not cfg.tenants[req:header("x-tenant") or ""] then return tandem.deny(403, "unknown tenant") end
-  end,
-}
-LUA
-cat > "$W/policies.lua" <<LUA
-return { routes = { { name = "backend", host = "backend", cluster = "backend", policies = {
-  { file = "$W/gate.lua", config = { tenants = { "acme", "globex" } } },
-  { file = "$ROOT/policies/rate-limit.lua", config = { by = "header", header = "x-tenant", rate = 1e9 } },
-} } } }
-LUA
+policy_chain "$W"  # $W/policies.lua: the policy bench's tenant gate + rate limit
 echo 'return { routes = { { name = "backend", host = "backend", cluster = "backend" } } }' > "$W/route.lua"
 
 nginx -c "$W/backend/nginx.conf" & PIDS+=($!)

@@ -24,15 +24,10 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep
 trap cleanup EXIT
 
 BACKEND=19100 NGINX=19101 HAPROXY=19102 ONE=19103 TWO_OUT=19104 TWO_IN=19105
-BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
 
-mkdir -p "$W/nginx-backend" "$W/nginx-proxy"
-cat > "$W/nginx-backend/nginx.conf" <<CONF
-worker_processes 1; pid $W/nginx-backend/pid; error_log $W/nginx-backend/error.log; daemon off;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$BACKEND; location / { default_type text/plain; return 200 "$BODY"; } } }
-CONF
+source bench/common.sh
+backend_nginx "$W/nginx-backend" $BACKEND
+mkdir -p "$W/nginx-proxy"
 cat > "$W/nginx-proxy/nginx.conf" <<CONF
 worker_processes 2; pid $W/nginx-proxy/pid; error_log $W/nginx-proxy/error.log; daemon off;
 events { worker_connections 4096; }
