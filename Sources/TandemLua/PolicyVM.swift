@@ -13,6 +13,10 @@ public struct PolicyLimits: Sendable, Equatable {
     public var patternSteps: Double = 5e7
     public var patternSubjectBytes = 1 << 20
     public var patternBytes = 256
+    /// Header fields a request or an answer may carry after a policy's changes (each value is
+    /// at most 16 KiB), and header changes one answer may collect: a hook adding headers in a
+    /// loop stops with an error here instead of growing the host's memory.
+    public var headerFields = 256
     public init() {}
 }
 
@@ -87,9 +91,12 @@ public final class PolicyExchange {
         }
     }
 
-    /// A hook's `set_header`/`add_header`/`remove_header` on the answer.
+    /// A hook's `set_header`/`add_header`/`remove_header` on the answer. A replacing edit
+    /// makes the earlier edits of its name moot, so a hook setting one header in a loop keeps
+    /// one edit.
     func editResponse(_ edit: HeaderEdit) {
         if heldResponseHeaders != nil { edit.apply(to: &heldResponseHeaders!) }
+        if edit.replace { responseEdits.removeAll { PolicyVM.sameName($0.name, edit.name) } }
         responseEdits.append(edit)
     }
 
@@ -585,12 +592,19 @@ public final class PolicyVM: @unchecked Sendable {
             let replace = op == .reqSetHeader || op == .resSetHeader
             if !replace && value == nil { throw HostError("add_header: expected a value") }
             // Edited in place: a copy of the list would be copied again on write.
+            let max = limits.headerFields
             if onRequest {
                 if replace { ex.headers.removeAll { Self.sameName($0.name, name) } }
+                if value != nil && ex.headers.count >= max {
+                    throw HostError("too many request header fields (the limit is \(max))")
+                }
                 if let value { ex.headers.append((name, value)) }
                 ex.requestChanged = true
             } else {
                 ex.editResponse(PolicyExchange.HeaderEdit(name: name, value: value, replace: replace))
+                if ex.responseEdits.count > max {
+                    throw HostError("too many response header changes (the limit is \(max))")
+                }
             }
         case .reqQueryArg:
             let ex = try exchange(a)

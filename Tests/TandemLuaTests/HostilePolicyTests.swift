@@ -78,6 +78,32 @@ import Testing
         #expect(g?.reason == .memory, "\(String(describing: g))")
     }
 
+    /// Header values live in the host's memory, outside the VM's cap: a hook adding headers in a
+    /// loop stops at `PolicyLimits.headerFields` with an error (request and answer alike), while
+    /// setting one header over and over keeps one change.
+    @Test func headersAddedInALoopStopAtTheBound() throws {
+        let f = try attack(#"for i = 1, 1e4 do req:add_header("x-bomb", string.rep("x", 16000)) end"#)
+        #expect(
+            f?.reason == .error && f?.message.contains("too many request header fields (the limit is 256)") == true,
+            "\(String(describing: f))")
+
+        let vm = try makeVM(limits: Self.deterministic)
+        try vm.load(
+            id: 1, file: "res.lua",
+            source: """
+                return { name = "res", on_response = function(res)
+                  for i = 1, 1000 do res:set_header("x-same", tostring(i)) end
+                  for i = 1, 2000 do res:set_header("x-" .. i, "v") end
+                end }
+                """)
+        let ex = request()
+        ex.responseHeaderSource = { [(name: "server", value: "app")] }
+        guard case .failed(let g) = vm.onResponse(1, ex) else { Issue.record("no error"); return }
+        #expect(g.message.contains("too many response header changes (the limit is 256)"), "\(g)")
+        #expect(ex.responseEdits.count == 257)
+        #expect(ex.responseEdits.filter { $0.name == "x-same" }.map(\.value) == ["1000"])
+    }
+
     @Test func aCatastrophicPatternIsRefusedBeforeItRuns() throws {
         let f = try attack(#"return tandem.respond(200, tostring(string.rep("a", 2000):find(".-.-b")))"#)
         #expect(f?.reason == .error)
