@@ -35,3 +35,41 @@ return { routes = { { name = "backend", host = "backend", cluster = "backend", p
 } } } }
 LUA
 }
+
+# proxy_nginx DIR PORT BACKEND [MAIN] [HTTP] [LOCATION] — DIR/nginx.conf: nginx proxying
+# 127.0.0.1:PORT to the backend on BACKEND over kept-alive HTTP/1.1 (64 idle connections).
+# MAIN: main-context directives (default two workers), HTTP: extra http-level directives,
+# LOCATION: directives before proxy_pass (e.g. a Lua block).
+proxy_nginx() {
+  local dir=$1 port=$2 backend=$3 main=${4:-"worker_processes 2;"} http=${5:-} location=${6:-}
+  mkdir -p "$dir"
+  cat > "$dir/nginx.conf" <<CONF
+$main pid $dir/pid; error_log $dir/error.log; daemon off;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; $http
+  upstream backend { server 127.0.0.1:$backend; keepalive 64; }
+  server { listen 127.0.0.1:$port;
+    location / { $location proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+}
+
+# haproxy_cfg FILE PORT BACKEND THREADS — HAProxy in HTTP mode proxying 127.0.0.1:PORT to the
+# backend on BACKEND with connection reuse (`http-reuse always`).
+haproxy_cfg() {
+  cat > "$1" <<CONF
+global
+  nbthread $4
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$2
+  default_backend be
+backend be
+  server s1 127.0.0.1:$3
+CONF
+}

@@ -193,10 +193,7 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         }
         let metrics = try http("http://\(client.admin)/metrics").body
         func count(_ reason: String) -> Int {
-            let prefix = "tandem_policy_errors_total{policy=\"spin\",reason=\"\(reason)\"} "
-            return metrics.split(separator: "\n").first { $0.hasPrefix(prefix) }.flatMap {
-                Int($0.dropFirst(prefix.count))
-            } ?? 0
+            Int(metric(metrics, "tandem_policy_errors_total{policy=\"spin\",reason=\"\(reason)\"}") ?? 0)
         }
         #expect(count("instructions") + count("timeout") == 6, "\(metrics)")
         #expect(metrics.contains(#"tandem_policy_errors_total{policy="bomb",reason="memory"} 3"#))

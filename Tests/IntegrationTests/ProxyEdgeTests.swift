@@ -107,23 +107,16 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
     @Test func concurrentClientsReuseUpstreamConnections() throws {
         let (app, port) = try startEdgeApp()
         let (server, client) = try twoSidecars(appPort: port)
-        let wrk = Process()
-        wrk.executableURL = URL(fileURLWithPath: "/usr/bin/wrk")
-        wrk.arguments = ["-t2", "-c128", "-d3s", "-H", "Host: edge", "http://\(client.outbound)/"]
-        let out = Pipe()
-        wrk.standardOutput = out
-        try wrk.run()
-        let report = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        wrk.waitUntilExit()
+        let wrk = try Child("/usr/bin/wrk", ["-t2", "-c128", "-d3s", "-H", "Host: edge", "http://\(client.outbound)/"])
+        var report: [String] = []
+        while let line = wrk.readLine() { report.append(line) }
+        wrk.process.waitUntilExit()
         let requests =
-            report.split(separator: "\n").first { $0.contains("requests in") }
+            report.first { $0.contains("requests in") }
             .flatMap { Int($0.split(separator: " ").first ?? "") } ?? 0
-        #expect(requests > 128 && !report.contains("Non-2xx"), "\(report)")
+        #expect(requests > 128 && !report.contains { $0.contains("Non-2xx") }, "\(report)")
         let metrics = try http("http://\(client.admin)/metrics").body
-        let prefix = #"tandem_upstream_connections_opened_total{cluster="edge"} "#
-        let opened =
-            metrics.split(separator: "\n").first { $0.hasPrefix(prefix) }
-            .flatMap { Int($0.dropFirst(prefix.count)) } ?? -1
+        let opened = metric(metrics, #"tandem_upstream_connections_opened_total{cluster="edge"}"#) ?? -1
         #expect(opened >= 1 && opened <= 128, "opened \(opened) upstream connections for \(requests) requests")
         withExtendedLifetime((app, server, client)) {}
     }
@@ -407,8 +400,7 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
             return (p, out)
         }
         func gauge(_ name: String) throws -> Double? {
-            try http("http://\(client.admin)/metrics").body.split(separator: "\n")
-                .first { $0.hasPrefix("\(name){cluster=\"edge\"}") }.flatMap { Double($0.split(separator: " ").last!) }
+            metric(try http("http://\(client.admin)/metrics").body, "\(name){cluster=\"edge\"}")
         }
         // The one connection is busy with a held request…
         let first = try background("/hold")

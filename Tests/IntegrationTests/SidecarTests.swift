@@ -101,6 +101,13 @@ func startClient(registry: String, extra: [String] = []) throws -> SidecarUnderT
         waitForRegistration: false)
 }
 
+/// The value of one Prometheus series (`name{labels}` exactly as rendered) in a `/metrics`
+/// body; nil when the series is absent.
+func metric(_ body: String, _ series: String) -> Double? {
+    body.split(separator: "\n").first { $0.hasPrefix(series + " ") }
+        .flatMap { Double($0.dropFirst(series.count + 1)) }
+}
+
 /// Blocking HTTP GET/POST through curl: status, headers, body.
 @discardableResult
 func http(

@@ -39,20 +39,10 @@ BACKEND=19200 NONE=19201 POLICY=19202 NGINX=19203 NGINX_LUA=19204
 
 source bench/common.sh
 backend_nginx "$W/backend" $BACKEND
-mkdir -p "$W/nginx" "$W/nginx-lua"
-proxy_conf() { # $1 dir, $2 port, $3 extra http-level lines, $4 extra location lines
-cat > "$W/$1/nginx.conf" <<CONF
-$( [ "$1" = nginx-lua ] && echo "load_module $LUA/usr/lib/nginx/modules/ndk_http_module.so; load_module $LUA/usr/lib/nginx/modules/ngx_http_lua_module.so;")
-worker_processes 2; pid $W/$1/pid; error_log $W/$1/error.log; daemon off;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; $3
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; }
-  server { listen 127.0.0.1:$2;
-    location / { $4 proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-CONF
-}
-proxy_conf nginx $NGINX "" ""
-proxy_conf nginx-lua $NGINX_LUA "lua_package_path \"$LUA/usr/share/lua/5.1/?.lua;;\"; lua_shared_dict limits 10m;" '
+proxy_nginx "$W/nginx" $NGINX $BACKEND
+proxy_nginx "$W/nginx-lua" $NGINX_LUA $BACKEND \
+  "load_module $LUA/usr/lib/nginx/modules/ndk_http_module.so; load_module $LUA/usr/lib/nginx/modules/ngx_http_lua_module.so; worker_processes 2;" \
+  "lua_package_path \"$LUA/usr/share/lua/5.1/?.lua;;\"; lua_shared_dict limits 10m;" '
   access_by_lua_block {
     local tenants = { acme = true, globex = true }
     local t = ngx.req.get_headers()["x-tenant"]

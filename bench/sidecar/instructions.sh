@@ -27,18 +27,9 @@ objcopy --strip-debug .build/release/tandem "$W/tandem"
 BACKEND=19200 PORT=19201
 source bench/common.sh
 backend_nginx "$W/backend" $BACKEND
-mkdir -p "$W/nginx"
-# One process (no master): the process under valgrind is the one that proxies.
-cat > "$W/nginx/nginx.conf" <<CONF
-master_process off; worker_processes 1; pid $W/nginx/pid; error_log $W/nginx/error.log; daemon off;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; }
-  server { listen 127.0.0.1:$PORT;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-CONF
-printf 'global\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\nfrontend fe\n  bind 127.0.0.1:%s\n  default_backend be\nbackend be\n  server s1 127.0.0.1:%s\n' \
-  $PORT $BACKEND > "$W/haproxy.cfg"
+# One process (no master, one thread): the process under valgrind is the one that proxies.
+proxy_nginx "$W/nginx" $PORT $BACKEND "master_process off; worker_processes 1;"
+haproxy_cfg "$W/haproxy.cfg" $PORT $BACKEND 1
 policy_chain "$W"  # $W/policies.lua: the policy bench's tenant gate + rate limit
 echo 'return { routes = { { name = "backend", host = "backend", cluster = "backend" } } }' > "$W/route.lua"
 

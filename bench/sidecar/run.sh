@@ -27,31 +27,8 @@ BACKEND=19100 NGINX=19101 HAPROXY=19102 ONE=19103 TWO_OUT=19104 TWO_IN=19105
 
 source bench/common.sh
 backend_nginx "$W/nginx-backend" $BACKEND
-mkdir -p "$W/nginx-proxy"
-cat > "$W/nginx-proxy/nginx.conf" <<CONF
-worker_processes 2; pid $W/nginx-proxy/pid; error_log $W/nginx-proxy/error.log; daemon off;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; }
-  server { listen 127.0.0.1:$NGINX;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-CONF
-cat > "$W/haproxy.cfg" <<CONF
-global
-  nbthread 2
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$HAPROXY
-  default_backend be
-backend be
-  server s1 127.0.0.1:$BACKEND
-CONF
+proxy_nginx "$W/nginx-proxy" $NGINX $BACKEND
+haproxy_cfg "$W/haproxy.cfg" $HAPROXY $BACKEND 2
 
 nginx -c "$W/nginx-backend/nginx.conf" & PIDS+=($!); BACKEND_PID=$!
 nginx -c "$W/nginx-proxy/nginx.conf" & PIDS+=($!); NGINX_PID=$!
