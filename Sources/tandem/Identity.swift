@@ -121,7 +121,8 @@ struct IdentityCommand: ParsableCommand {
                 for the tandem-proof header of a request to URL (http://AUTHORITY/PATH?QUERY) with \
                 the token in tandem-identity. For debugging, and to call a sidecar without one. \
                 Signed (Ed25519) by default; with --callee-key (the proof_key of the callee \
-                instance's registration), a MAC proof for that instance.
+                instance's registration), a MAC proof for that instance. Give keys and seeds as \
+                --key-seed=VALUE: base64url values may start with "-", which would read as an option.
                 """)
         @Option(help: "The token the proof goes with.") var token: String
         @Option(help: "base64url of the 32-byte proof key seed.") var keySeed: String

@@ -119,9 +119,10 @@ final class IdentityMesh {
     ) throws
         -> String
     {
-        var args = ["identity", "proof", "--token", token, "--key-seed", seed, "--method", method, "--url", url]
+        // `--name=value`: base64url keys and seeds may start with "-", which would read as an option.
+        var args = ["identity", "proof", "--token=\(token)", "--key-seed=\(seed)", "--method", method, "--url", url]
         if let bodyFile { args += ["--body-file", bodyFile] }
-        if let calleeKey { args += ["--callee-key", calleeKey] }
+        if let calleeKey { args += ["--callee-key=\(calleeKey)"] }
         let r = try tandem(args)
         guard r.status == 0 else { throw TestFailure("identity proof failed: \(r.output)") }
         return r.output.trimmingCharacters(in: .whitespacesAndNewlines)
