@@ -892,21 +892,9 @@ public final class PolicyVM: @unchecked Sendable {
         }
     }
 
-    /// RFC 9110 token characters (header names).
-    @inline(__always) static func isTokenByte(_ c: UInt8) -> Bool {
-        switch c {
-        case 48...57, 65...90, 97...122: return true
-        case UInt8(ascii: "!"), UInt8(ascii: "#"), UInt8(ascii: "$"), UInt8(ascii: "%"), UInt8(ascii: "&"),
-            UInt8(ascii: "'"), UInt8(ascii: "*"), UInt8(ascii: "+"), UInt8(ascii: "-"), UInt8(ascii: "."),
-            UInt8(ascii: "^"), UInt8(ascii: "_"), UInt8(ascii: "`"), UInt8(ascii: "|"), UInt8(ascii: "~"):
-            return true
-        default: return false
-        }
-    }
-
     static func checkHeader(_ name: String, _ value: String?) throws {
         var nameOK = !name.isEmpty && name.utf8.count <= 256
-        if nameOK { for c in name.utf8 where !isTokenByte(c) { nameOK = false; break } }
+        if nameOK { for c in name.utf8 where !HTTPToken.isTokenByte(c) { nameOK = false; break } }
         guard nameOK else { throw HostError("invalid header name \"\(name.prefix(64))\"") }
         if let value {
             var valueOK = value.utf8.count <= 16_384

@@ -378,25 +378,24 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         if let n = retry?.attempts, n > 1 { head.headers.replaceOrAdd(name: "tandem-attempt", value: String(n)) }
         let version = head.version
         head.version = .http1_1
-        c.channel.write(HTTPClientRequestPart.head(head), promise: nil)
+        let up = c.handler
+        up.send(.head(head))
         head.version = version
-        if let body, body.readableBytes > 0 {
-            c.channel.write(HTTPClientRequestPart.body(.byteBuffer(body)), promise: nil)
-        }
+        if let body, body.readableBytes > 0 { up.send(.body(.byteBuffer(body))) }
         if streaming {
             headSent = true
-            for part in queued { c.channel.write(HTTPClientRequestPart.body(.byteBuffer(part)), promise: nil) }
+            for part in queued { up.send(.body(.byteBuffer(part))) }
             queued = []
             queuedBytes = 0
             if bodyEnded {
-                c.channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+                up.send(.end(nil), flush: true)
             } else {
                 c.channel.flush()
                 c.channel.isWritable ? resumeDownstream() : pauseDownstream()
             }
             return
         }
-        c.channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+        up.send(.end(nil), flush: true)
     }
 
     // MARK: streamed request body
@@ -405,7 +404,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     func downstreamBody(_ b: ByteBuffer) {
         guard !finished else { return }
         if let c = conn, headSent {
-            c.channel.writeAndFlush(HTTPClientRequestPart.body(.byteBuffer(b)), promise: nil)
+            c.handler.send(.body(.byteBuffer(b)), flush: true)
             if !c.channel.isWritable { pauseDownstream() }
         } else {
             queued.append(b)
@@ -418,7 +417,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     func downstreamEnd() {
         bodyEnded = true
         guard !finished, let c = conn, headSent else { return }
-        c.channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+        c.handler.send(.end(nil), flush: true)
     }
 
     /// The streamed body passed `maxBodyBytes`: 413 if nothing was answered yet, else cut.

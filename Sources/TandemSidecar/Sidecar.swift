@@ -69,7 +69,8 @@ public final class Sidecar: @unchecked Sendable {
             brain: brain,
             pools: UpstreamPools(
                 maxIdlePerEndpoint: config.limits.maxIdlePerEndpoint,
-                idleTimeout: .nanoseconds(config.limits.upstreamIdleTimeout), slots: ConnectionSlots(brain: brain),
+                idleTimeout: .nanoseconds(config.limits.upstreamIdleTimeout),
+                maxHeaderBytes: config.limits.maxHeaderBytes, slots: ConnectionSlots(brain: brain),
                 opened: { cluster in
                     sharedMetrics.inc("tandem_upstream_connections_opened_total", [("cluster", cluster)])
                 }

@@ -41,26 +41,142 @@ final class UpstreamConnection: @unchecked Sendable {
     }
 }
 
-final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
-    typealias InboundIn = HTTPClientResponsePart
+/// The HTTP/1.1 client side of one upstream connection, the only handler in its pipeline:
+/// writes requests (`send`, or `HTTPClientRequestPart`s written to the channel) and hands the
+/// response's parts straight to the delegate. One handler instead of NIO's encoder, decoder and a
+/// consumer: no parts travel the pipeline as `NIOAny`, and the parser knows which request a
+/// response answers (HEAD) because it wrote it.
+final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    typealias OutboundIn = HTTPClientRequestPart
+    typealias OutboundOut = IOData
 
     weak var delegate: (any UpstreamDelegate)?
     /// Set when the upstream says `connection: close` or the response cannot be reused.
     var reusable = true
+    private var parser: HTTP1ResponseParser
+    private var encoder = HTTP1RequestEncoder()
+    /// Bytes read but not parsed yet (an incomplete head or chunk-size line), or after a 101
+    /// the new protocol's first bytes, handed on when the connection becomes a tunnel.
+    private var unread: ByteBuffer?
+    /// A request went out and its response has not ended.
+    private var awaiting = false
+    private var context: ChannelHandlerContext?
+
+    init(maxHeaderBytes: Int = 64 * 1024) {
+        parser = HTTP1ResponseParser(maxHeaderBytes: maxHeaderBytes)
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        // Becoming a tunnel: what the upstream sent after its 101 goes to the next handler.
+        if let rest = unread, rest.readableBytes > 0 {
+            unread = nil
+            context.fireChannelRead(wrapInboundOut(rest))
+            context.fireChannelReadComplete()
+        }
+        self.context = nil
+    }
+
+    // MARK: requests
+
+    /// Writes one part of a request (flushing when asked) without a trip through the pipeline.
+    func send(_ part: HTTPClientRequestPart, flush: Bool = false) {
+        guard let context else { return }
+        write(part, context, promise: nil)
+        if flush { context.flush() }
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        write(unwrapOutboundIn(data), context, promise: promise)
+    }
+
+    private func write(
+        _ part: HTTPClientRequestPart, _ context: ChannelHandlerContext, promise: EventLoopPromise<Void>?
+    ) {
+        let allocator = context.channel.allocator
+        switch part {
+        case .head(let head):
+            parser.answersHead = head.method == .HEAD
+            awaiting = true
+            context.write(wrapOutboundOut(.byteBuffer(encoder.head(head, allocator: allocator))), promise: promise)
+        case .body(let data):
+            guard encoder.chunked else {
+                context.write(wrapOutboundOut(data), promise: promise)
+                return
+            }
+            guard data.readableBytes > 0 else {
+                promise?.succeed()
+                return
+            }
+            context.write(
+                wrapOutboundOut(.byteBuffer(HTTP1RequestEncoder.chunkPrefix(data.readableBytes, allocator: allocator))),
+                promise: nil)
+            context.write(wrapOutboundOut(data), promise: nil)
+            context.write(wrapOutboundOut(.byteBuffer(Self.crlf)), promise: promise)
+        case .end(let trailers):
+            if let last = encoder.end(trailers, allocator: allocator) {
+                context.write(wrapOutboundOut(.byteBuffer(last)), promise: promise)
+            } else if let promise {
+                context.write(wrapOutboundOut(.byteBuffer(Self.empty)), promise: promise)
+            }
+        }
+    }
+
+    private static let crlf = ByteBuffer(string: "\r\n")
+    private static let empty = ByteBuffer()
+
+    // MARK: responses
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
-        case .head(let h):
-            if h.status.code < 200 && h.status.code != 101 { return }  // 100-continue etc.: we sent the body already
-            reusable = h.isKeepAlive
-            delegate?.upstreamHead(h)
-        case .body(let b):
-            delegate?.upstreamBody(b)
-        case .end(let t):
-            let d = delegate
-            delegate = nil
-            d?.upstreamEnd(t)
+        var bytes = unwrapInboundIn(data)
+        if var before = unread {
+            unread = nil
+            before.writeBuffer(&bytes)
+            bytes = before
         }
+        guard !parser.upgraded else {
+            unread = bytes
+            return
+        }
+        guard awaiting else {
+            if bytes.readableBytes > 0 {
+                failed(context, UpstreamProtocolError("bytes sent with no request outstanding"))
+            }
+            return
+        }
+        do {
+            while let event = try parser.next(&bytes) {
+                switch event {
+                case .head(let h):
+                    if !parser.keepAlive { reusable = false }
+                    delegate?.upstreamHead(h)
+                case .body(let b):
+                    delegate?.upstreamBody(b)
+                case .end(let t):
+                    awaiting = false
+                    if !parser.keepAlive { reusable = false }
+                    let d = delegate
+                    delegate = nil
+                    d?.upstreamEnd(t)
+                    // The delegate may have sent the next request on this connection already.
+                    if parser.upgraded || !awaiting {
+                        if bytes.readableBytes > 0 { unread = bytes }
+                        if !parser.upgraded && bytes.readableBytes > 0 {
+                            unread = nil
+                            failed(context, UpstreamProtocolError("bytes sent after the response"))
+                        }
+                        return
+                    }
+                }
+            }
+        } catch {
+            failed(context, error)
+            return
+        }
+        if bytes.readableBytes > 0 { unread = bytes }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -76,10 +192,21 @@ final class UpstreamHandler: ChannelInboundHandler, RemovableChannelHandler, @un
         reusable = false
         let d = delegate
         delegate = nil
-        d?.upstreamFailed(ChannelError.ioOnClosedChannel)
+        if parser.closed() {
+            // A body delimited by the connection's end is complete.
+            awaiting = false
+            d?.upstreamEnd(nil)
+        } else {
+            d?.upstreamFailed(ChannelError.ioOnClosedChannel)
+        }
+        context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        failed(context, error)
+    }
+
+    private func failed(_ context: ChannelHandlerContext, _ error: any Error) {
         reusable = false
         let d = delegate
         delegate = nil
@@ -93,6 +220,8 @@ final class UpstreamPool: @unchecked Sendable {
     let loop: any EventLoop
     let maxIdlePerEndpoint: Int
     let idleTimeout: TimeAmount
+    /// Bound on an upstream response's header block.
+    let maxHeaderBytes: Int
     struct Key: Hashable {
         var host: String
         var port: Int
@@ -107,12 +236,13 @@ final class UpstreamPool: @unchecked Sendable {
     let opened: @Sendable (String) -> Void
 
     init(
-        loop: any EventLoop, maxIdlePerEndpoint: Int, idleTimeout: TimeAmount, slots: ConnectionSlots,
-        opened: @escaping @Sendable (String) -> Void = { _ in }
+        loop: any EventLoop, maxIdlePerEndpoint: Int, idleTimeout: TimeAmount, maxHeaderBytes: Int = 64 * 1024,
+        slots: ConnectionSlots, opened: @escaping @Sendable (String) -> Void = { _ in }
     ) {
         self.loop = loop
         self.maxIdlePerEndpoint = maxIdlePerEndpoint
         self.idleTimeout = idleTimeout
+        self.maxHeaderBytes = maxHeaderBytes
         self.slots = slots
         self.opened = opened
     }
@@ -157,17 +287,15 @@ final class UpstreamPool: @unchecked Sendable {
         host: String, port: Int, cluster: String, connectTimeout: TimeAmount, slots: ConnectionSlots
     ) -> EventLoopFuture<UpstreamConnection> {
         let key = Key(host: host, port: port)
-        let handler = UpstreamHandler()
+        let handler = UpstreamHandler(maxHeaderBytes: maxHeaderBytes)
         opened(cluster)
         return ClientBootstrap(group: loop)
             .connectTimeout(connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
-                    // Bytes after a 101 response belong to the upgraded protocol: forwarded, not
-                    // dropped. No header validation: the headers were parsed by NIO or are ours.
-                    try ch.pipeline.syncOperations.addHTTPClientHandlers(
-                        leftOverBytesStrategy: .forwardBytes, enableOutboundHeaderValidation: false)
+                    // No header validation on the way out: the headers were parsed by a decoder
+                    // that validates them (llhttp, HPACK, this handler) or are ours.
                     try ch.pipeline.syncOperations.addHandler(handler)
                 }
             }
@@ -205,21 +333,11 @@ final class UpstreamPool: @unchecked Sendable {
     }
 
     /// Turns an HTTP/1.1 connection that answered 101 into a byte tunnel to `partner`: the HTTP
-    /// handlers leave, bytes the decoder had read past the 101 go to the tunnel.
+    /// handler leaves, handing the bytes it had read past the 101 to the tunnel.
     static func tunnel(_ conn: UpstreamConnection, to partner: any Channel) throws {
         let sync = conn.channel.pipeline.syncOperations
-        sync.removeHandler(conn.handler, promise: nil)
         try sync.addHandler(TCPGlue(partner: partner))
-        // The decoder leaves on a later loop tick, handing its leftover bytes to the glue
-        // outside a read burst: flush them when it is gone.
-        let removed = conn.channel.eventLoop.makePromise(of: Void.self)
-        removed.futureResult.whenComplete { _ in partner.flush() }
-        sync.removeHandler(
-            context: try sync.context(handlerType: ByteToMessageHandler<HTTPResponseDecoder>.self), promise: removed)
-        sync.removeHandler(context: try sync.context(handlerType: HTTPRequestEncoder.self), promise: nil)
-        if let c = try? sync.context(handlerType: NIOHTTPRequestHeadersValidator.self) {
-            sync.removeHandler(context: c, promise: nil)
-        }
+        sync.removeHandler(conn.handler, promise: nil)
     }
 
     /// Returns a connection after a complete response; closes it if it cannot be reused.
@@ -253,15 +371,17 @@ final class UpstreamPools: Sendable {
     private let pools = NIOLockedValueBox<[ObjectIdentifier: NIOLoopBound<UpstreamPool>]>([:])
     let maxIdlePerEndpoint: Int
     let idleTimeout: TimeAmount
+    let maxHeaderBytes: Int
     let slots: ConnectionSlots
     let opened: @Sendable (String) -> Void
 
     init(
-        maxIdlePerEndpoint: Int, idleTimeout: TimeAmount, slots: ConnectionSlots,
+        maxIdlePerEndpoint: Int, idleTimeout: TimeAmount, maxHeaderBytes: Int = 64 * 1024, slots: ConnectionSlots,
         opened: @escaping @Sendable (String) -> Void = { _ in }
     ) {
         self.maxIdlePerEndpoint = maxIdlePerEndpoint
         self.idleTimeout = idleTimeout
+        self.maxHeaderBytes = maxHeaderBytes
         self.slots = slots
         self.opened = opened
     }
@@ -272,8 +392,8 @@ final class UpstreamPools: Sendable {
         let (bound, created) = pools.withLockedValue { p -> (NIOLoopBound<UpstreamPool>, Bool) in
             if let b = p[id] { return (b, false) }
             let pool = UpstreamPool(
-                loop: loop, maxIdlePerEndpoint: maxIdlePerEndpoint, idleTimeout: idleTimeout, slots: slots,
-                opened: opened)
+                loop: loop, maxIdlePerEndpoint: maxIdlePerEndpoint, idleTimeout: idleTimeout,
+                maxHeaderBytes: maxHeaderBytes, slots: slots, opened: opened)
             let b = NIOLoopBound(pool, eventLoop: loop)
             p[id] = b
             return (b, true)

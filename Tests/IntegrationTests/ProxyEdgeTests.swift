@@ -121,6 +121,40 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
         withExtendedLifetime((app, server, client)) {}
     }
 
+    /// Every way an upstream frames a response reaches the client intact through two sidecars,
+    /// one after another on one client connection (so each upstream connection is reused behind
+    /// it, and a response framed wrongly would hold up the next): a HEAD answer's length with no body, chunks with extensions and a trailer, a body
+    /// that ends when the app closes its connection, and a plain one after them.
+    @Test func responsesOfEveryFramingPassOnOneConnection() throws {
+        let (app, port) = try startEdgeApp()
+        let (server, client) = try twoSidecars(appPort: port)
+        let dir = try TempDirectory()
+        let targets = ["/big?bytes=777", "/chunked", "/unframed", "/"]
+        var args: [String] = []
+        for (i, target) in targets.enumerated() {
+            if i > 0 { args.append("--next") }
+            if i == 0 { args.append("-I") }
+            args += [
+                "-s", "--max-time", "20", "-o", dir.url.appendingPathComponent("\(i)").path, "-w",
+                "%{http_code} %{num_connects}\n", "-H", "Host: edge", "http://\(client.outbound)\(target)",
+            ]
+        }
+        let c = try Child("/usr/bin/curl", args)
+        var codes: [String] = []
+        while let l = c.readLine() { codes.append(l) }
+        c.process.waitUntilExit()
+        // One connection for all four: none was left waiting for bytes that never come.
+        #expect(codes == ["200 1", "200 0", "200 0", "200 0"])
+        func file(_ i: Int) -> String {
+            (try? String(contentsOf: dir.url.appendingPathComponent("\(i)"), encoding: .utf8)) ?? ""
+        }
+        #expect(file(0).lowercased().contains("content-length: 777\r\n"), "\(file(0))")
+        #expect(file(1) == "hello world")
+        #expect(file(2) == "until close")
+        #expect(file(3) == "edge edge\n")
+        withExtendedLifetime((app, server, client)) {}
+    }
+
     /// HTTP/1.1 pipelining through both sidecars: 40 requests written at once on one connection
     /// (more than `maxPipelinedRequests` wait, so reading pauses and resumes), answered in order,
     /// the bodies among them intact.

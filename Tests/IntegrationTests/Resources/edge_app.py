@@ -7,6 +7,9 @@ GET /slow?ms=N   answers after N ms (SLOW_MS in the environment delays every req
 GET /big?bytes=N a body of N bytes ("x" repeated), with content-length (&split_ms=M: the
                  head is sent alone, the body M ms later)
 GET /headers[/…] the request's target and headers as JSON (what reached the app)
+GET /chunked     "hello world" in chunks with extensions, and a trailer (x-checksum)
+GET /unframed    "until close": no length, no chunks, the connection closes after it
+HEAD /…          the head GET /big would have (content-length from ?bytes=, default 1000)
 POST /upload     reads the body (content-length or chunked) and answers its size and sha256
 Upgrade: tandem-echo (with Connection: upgrade) switches protocols with 101, then echoes
                  every byte it receives upper-cased, until the client closes.
@@ -70,6 +73,26 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/headers" or url.path.startswith("/headers/"):
             seen = {"target": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}
             return self.answer(200, json.dumps(seen).encode(), "application/json")
+        if url.path == "/chunked":
+            self.send_response(200)
+            self.send_header("content-type", "text/plain")
+            self.send_header("transfer-encoding", "chunked")
+            self.send_header("trailer", "x-checksum")
+            self.end_headers()
+            for part in (b"hello", b" ", b"world"):
+                self.wfile.write(b"%x;part=1\r\n%s\r\n" % (len(part), part))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\nx-checksum: 42\r\n\r\n")
+            return
+        if url.path == "/unframed":
+            self.send_response(200)
+            self.send_header("content-type", "text/plain")
+            self.end_headers()
+            self.wfile.write(b"until ")
+            self.wfile.flush()
+            self.wfile.write(b"close")
+            self.close_connection = True
+            return
         if url.path == "/big":
             body = b"x" * int(args.get("bytes", ["0"])[0])
             if "split_ms" in args:  # the head goes out alone, the body after a pause
@@ -83,6 +106,13 @@ class Handler(BaseHTTPRequestHandler):
                 return
             return self.answer(200, body)
         self.answer(200, b"edge " + NAME.encode() + b"\n")
+
+    def do_HEAD(self):
+        args = parse_qs(urlparse(self.path).query)
+        self.send_response(200)
+        self.send_header("content-type", "text/plain")
+        self.send_header("content-length", args.get("bytes", ["1000"])[0])
+        self.end_headers()
 
     def do_POST(self):
         global HEALTHY

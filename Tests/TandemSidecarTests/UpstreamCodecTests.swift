@@ -1,0 +1,301 @@
+import NIOCore
+import NIOEmbedded
+import NIOHTTP1
+import Testing
+
+@testable import TandemSidecar
+
+/// What the parser made of a byte stream: the heads, the body bytes and the endings, in order.
+private struct Parsed: Equatable {
+    var events: [String] = []
+    var body = ""
+
+    static func of(
+        _ chunks: [String], head: Bool = false, maxHeaderBytes: Int = 64 * 1024
+    ) throws(UpstreamProtocolError) -> (Parsed, HTTP1ResponseParser) {
+        var p = HTTP1ResponseParser(maxHeaderBytes: maxHeaderBytes)
+        p.answersHead = head
+        var out = Parsed()
+        var buffer = ByteBuffer()
+        for chunk in chunks {
+            buffer.writeString(chunk)
+            while let e = try p.next(&buffer) {
+                switch e {
+                case .head(let h):
+                    let fields = h.headers.map { "\($0.name)=\($0.value)" }.joined(separator: ",")
+                    out.events.append("head \(h.status.code) 1.\(h.version.minor) [\(fields)]")
+                case .body(let b):
+                    out.body += String(buffer: b)
+                case .end(let t):
+                    out.events.append(
+                        "end"
+                            + (t.map { " [" + $0.map { "\($0.name)=\($0.value)" }.joined(separator: ",") + "]" } ?? ""))
+                }
+            }
+            buffer.discardReadBytes()
+        }
+        return (out, p)
+    }
+
+    /// The same stream split at every byte boundary, and byte by byte, parses the same.
+    static func everySplit(_ raw: String, head: Bool = false) throws(UpstreamProtocolError) -> Parsed {
+        let whole = try of([raw], head: head).0
+        let bytes = Array(raw.utf8)
+        for cut in 1..<bytes.count {
+            let a = String(decoding: bytes[..<cut], as: UTF8.self)
+            let b = String(decoding: bytes[cut...], as: UTF8.self)
+            #expect(try of([a, b], head: head).0 == whole, "split at \(cut)")
+        }
+        #expect(try of(bytes.map { String(UnicodeScalar($0)) }, head: head).0 == whole, "byte by byte")
+        return whole
+    }
+}
+
+private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int = 64 * 1024) -> String? {
+    do {
+        _ = try Parsed.of([raw], head: head, maxHeaderBytes: maxHeaderBytes)
+        return nil
+    } catch {
+        return error.message
+    }
+}
+
+/// The upstream HTTP/1.1 response parser and request encoder (RFC 9112), and the handler that
+/// joins them on an upstream connection.
+@Suite struct UpstreamCodecTests {
+    @Test func aContentLengthBodyIsReadExactlyAtEverySplit() throws {
+        let p = try Parsed.everySplit(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\nhello world")
+        #expect(p.events == ["head 200 1.1 [Content-Type=text/plain,Content-Length=11]", "end"])
+        #expect(p.body == "hello world")
+    }
+
+    @Test func chunkedBodiesWithExtensionsAndTrailersAtEverySplit() throws {
+        let raw =
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=\"a b\"\r\nhello\r\n6\r\n world\r\n"
+            + "0\r\nx-checksum: abc\r\nx-more:  two \r\n\r\n"
+        let p = try Parsed.everySplit(raw)
+        #expect(p.events == ["head 200 1.1 [transfer-encoding=chunked]", "end [x-checksum=abc,x-more=two]"])
+        #expect(p.body == "hello world")
+        // Bare LF line endings (RFC 9112 §2.2 lets a recipient accept them), no trailers.
+        let lf = try Parsed.everySplit("HTTP/1.1 200 OK\ntransfer-encoding: chunked\n\n3\nabc\n0\n\n")
+        #expect(lf.events == ["head 200 1.1 [transfer-encoding=chunked]", "end"])
+        #expect(lf.body == "abc")
+    }
+
+    @Test func answersWithoutABodyEndAtTheirHead() throws {
+        // HEAD: the length describes the GET answer; no body follows, the next response does.
+        let (h, _) = try Parsed.of(
+            ["HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n"], head: true)
+        #expect(h.events == ["head 200 1.1 [content-length=1000]", "end"])
+        #expect(h.body.isEmpty)
+        for status in ["204 No Content", "304 Not Modified"] {
+            let (p, _) = try Parsed.of(["HTTP/1.1 \(status)\r\ncontent-length: 5\r\n\r\n"])
+            #expect(p.events.count == 2 && p.events[1] == "end" && p.body.isEmpty, "\(status)")
+        }
+        let (zero, _) = try Parsed.of(["HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"])
+        #expect(zero.events == ["head 200 1.1 [content-length=0]", "end"])
+    }
+
+    @Test func informationalAnswersAreSkippedAndTwoResponsesFollowEachOther() throws {
+        let p = try Parsed.everySplit(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"
+                + "HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok"
+                + "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+        #expect(p.events == ["head 201 1.1 [content-length=2]", "end", "head 404 1.1 [content-length=0]", "end"])
+        #expect(p.body == "ok")
+    }
+
+    @Test func aSwitchLeavesTheNewProtocolsBytesUnread() throws {
+        var p = HTTP1ResponseParser(maxHeaderBytes: 1024)
+        var b = ByteBuffer(string: "HTTP/1.1 101 Switching Protocols\r\nupgrade: tandem-echo\r\n\r\nHELLO")
+        guard case .head(let h) = try p.next(&b) else { Issue.record("no head"); return }
+        #expect(h.status == .switchingProtocols)
+        guard case .end(nil) = try p.next(&b) else { Issue.record("no end"); return }
+        #expect(try p.next(&b) == nil)
+        #expect(p.upgraded && !p.keepAlive)
+        #expect(String(buffer: b) == "HELLO")
+    }
+
+    @Test func aBodyWithoutLengthRunsUntilTheConnectionCloses() throws {
+        var (p, parser) = try Parsed.of(["HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of ", "this"])
+        #expect(p.events == ["head 200 1.1 [content-type=text/plain]"])
+        #expect(p.body == "all of this")
+        #expect(!parser.keepAlive && parser.readsUntilClose)
+        let ended = parser.closed()
+        #expect(ended && !parser.readsUntilClose)
+        // A coding that is not chunked last: also until close.
+        (p, parser) = try Parsed.of(["HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nzz"])
+        #expect(p.body == "zz" && parser.readsUntilClose)
+        // A length alongside a chunked coding: the coding frames it, the connection is not reused.
+        (p, parser) = try Parsed.of([
+            "HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n"
+        ])
+        #expect(p.body == "a" && p.events.last == "end" && !parser.keepAlive)
+    }
+
+    @Test func persistenceFollowsVersionAndConnection() throws {
+        let cases: [(String, Bool)] = [
+            ("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", true),
+            ("HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\ncontent-length: 0\r\n\r\n", false),
+            ("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", false),
+            ("HTTP/1.0 200 OK\r\nconnection: Keep-Alive\r\ncontent-length: 0\r\n\r\n", true),
+        ]
+        for (raw, keep) in cases {
+            let (_, parser) = try Parsed.of([raw])
+            #expect(parser.keepAlive == keep, "\(raw)")
+        }
+    }
+
+    @Test func malformedResponsesAreErrorsThatSayWhat() {
+        #expect(parseError("HTTP/2.0 200 OK\r\n\r\n") == "invalid status line")
+        #expect(parseError("HTTP/1.1 2x0 OK\r\n\r\n") == "invalid status code")
+        #expect(parseError("HTTP/1.1 099 Odd\r\n\r\n") == "invalid status code 99")
+        #expect(parseError("HTTP/1.1 200OK\r\n\r\n") == "invalid status line")
+        #expect(parseError("HTTP/1.1 200 OK\r\ncontent-length: 12a\r\n\r\n") == "invalid content-length \"12a\"")
+        #expect(parseError("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n") == "invalid content-length \"-1\"")
+        #expect(
+            parseError("HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n")
+                == "conflicting content-length values")
+        #expect(parseError("HTTP/1.1 200 OK\r\ncontent-length: 3, 4\r\n\r\n") == "conflicting content-length values")
+        #expect(parseError("HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\nabc") == nil)
+        #expect(parseError("HTTP/1.1 200 OK\r\nx-a: 1\r\n folded\r\n\r\n") == "obsolete line folding in a header field")
+        #expect(parseError("HTTP/1.1 200 OK\r\nx-a : 1\r\n\r\n") == "invalid header field name")
+        #expect(parseError("HTTP/1.1 200 OK\r\nno colon\r\n\r\n") == "invalid header field name")
+        #expect(parseError("HTTP/1.1 200 OK\r\n: empty\r\n\r\n") == "invalid header field")
+        #expect(parseError("HTTP/1.1 200 OK\r\nx-a: a\u{0}b\r\n\r\n") == "invalid character in a header field value")
+        #expect(
+            parseError("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")
+                == "invalid chunk size")
+        #expect(
+            parseError("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1000000000000000\r\n")
+                == "chunk size too large")
+        #expect(
+            parseError("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabc\r\n")
+                == "chunk data longer than its chunk size")
+        #expect(
+            parseError("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\rx")
+                == "chunk data not followed by CRLF")
+        // The header block's bound holds whether or not its end has arrived.
+        let big = "HTTP/1.1 200 OK\r\nx-big: " + String(repeating: "a", count: 200)
+        #expect(parseError(big, maxHeaderBytes: 128) == "response header block exceeds 128 bytes")
+        #expect(parseError(big + "\r\n\r\n", maxHeaderBytes: 128) == "response header block exceeds 128 bytes")
+        #expect(parseError(big + "\r\n\r\n", maxHeaderBytes: 1024) == nil)
+    }
+
+    @Test func requestsAreEncodedWithTheirFraming() {
+        let alloc = ByteBufferAllocator()
+        var e = HTTP1RequestEncoder()
+        var get = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/a?b=1")
+        get.headers.add(name: "host", value: "users")
+        get.headers.add(name: "x-b", value: "2")
+        #expect(String(buffer: e.head(get, allocator: alloc)) == "GET /a?b=1 HTTP/1.1\r\nhost: users\r\nx-b: 2\r\n\r\n")
+        #expect(!e.chunked && e.end(nil, allocator: alloc) == nil)
+
+        // A body without a length: chunked, as NIO's encoder does; the end carries trailers.
+        let post = HTTPRequestHead(version: .http1_1, method: .POST, uri: "/up")
+        #expect(
+            String(buffer: e.head(post, allocator: alloc)) == "POST /up HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n")
+        #expect(e.chunked)
+        #expect(String(buffer: HTTP1RequestEncoder.chunkPrefix(300, allocator: alloc)) == "12c\r\n")
+        #expect(String(buffer: e.end(["x-sum": "1"], allocator: alloc)!) == "0\r\nx-sum: 1\r\n\r\n")
+
+        var sized = post
+        sized.headers.add(name: "Content-Length", value: "3")
+        #expect(String(buffer: e.head(sized, allocator: alloc)) == "POST /up HTTP/1.1\r\nContent-Length: 3\r\n\r\n")
+        #expect(!e.chunked)
+        var coded = post
+        coded.headers.add(name: "Transfer-Encoding", value: "gzip, Chunked")
+        _ = e.head(coded, allocator: alloc)
+        #expect(e.chunked)
+    }
+
+    /// Records what the handler hands its delegate.
+    final class Recorder: UpstreamDelegate {
+        var events: [String] = []
+        func upstreamHead(_ head: HTTPResponseHead) { events.append("head \(head.status.code)") }
+        func upstreamBody(_ body: ByteBuffer) { events.append("body \(String(buffer: body))") }
+        func upstreamEnd(_ trailers: HTTPHeaders?) { events.append("end") }
+        func upstreamFailed(_ error: any Error) { events.append("failed \(error)") }
+    }
+
+    @Test func theHandlerWritesRequestsAndHandsOnResponses() throws {
+        let (channel, handler, r) = try Self.connection()
+
+        // HEAD: the parser knows no body follows because the handler wrote the request.
+        handler.send(.head(HTTPRequestHead(version: .http1_1, method: .HEAD, uri: "/")))
+        handler.send(.end(nil), flush: true)
+        #expect(String(buffer: try channel.readOutbound(as: IOData.self).map(Self.bytes)!) == "HEAD / HTTP/1.1\r\n\r\n")
+        try channel.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n"))
+        #expect(r.events == ["head 200", "end"] && handler.reusable && handler.delegate == nil)
+
+        // A chunked request body written through the pipeline (as the HTTP/2 path does).
+        handler.delegate = r
+        var put = HTTPRequestHead(version: .http1_1, method: .PUT, uri: "/x")
+        put.headers.add(name: "transfer-encoding", value: "chunked")
+        try channel.writeOutbound(HTTPClientRequestPart.head(put))
+        try channel.writeOutbound(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(string: "abc"))))
+        try channel.writeOutbound(HTTPClientRequestPart.end(nil))
+        var sent = ""
+        while let d = try channel.readOutbound(as: IOData.self) { sent += String(buffer: Self.bytes(d)) }
+        #expect(sent == "PUT /x HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        try channel.writeInbound(
+            ByteBuffer(string: "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"))
+        #expect(r.events.suffix(3) == ["head 200", "body ok", "end"])
+        #expect(!handler.reusable)  // the upstream said close
+    }
+
+    @Test func bytesNobodyAskedForCloseTheConnection() throws {
+        let (channel, handler, _) = try Self.connection()
+        handler.delegate = nil
+        try channel.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\n\r\n"))
+        #expect(!handler.reusable && !channel.isActive)
+    }
+
+    @Test func aBrokenResponseFailsTheAttemptAndClosesTheConnection() throws {
+        let (channel, handler, r) = try Self.connection()
+        handler.send(.head(HTTPRequestHead(version: .http1_1, method: .GET, uri: "/")), flush: true)
+        try channel.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n"))
+        #expect(r.events == ["failed upstream protocol error: invalid content-length \"x\""])
+        #expect(!handler.reusable && !channel.isActive)
+    }
+
+    /// Bytes that arrived right behind a 101 reach the tunnel that replaces the handler.
+    @Test func aSwitchHandsItsEarlyBytesToTheTunnel() throws {
+        let (channel, handler, r) = try Self.connection()
+        handler.send(.head(HTTPRequestHead(version: .http1_1, method: .GET, uri: "/ws")), flush: true)
+        try channel.writeInbound(ByteBuffer(string: "HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\nEARLY"))
+        try channel.writeInbound(ByteBuffer(string: " AND LATER"))
+        #expect(r.events == ["head 101", "end"])
+        #expect(try channel.readInbound(as: ByteBuffer.self) == nil)  // held for the tunnel
+        try channel.pipeline.syncOperations.removeHandler(handler).wait()
+        var passed = ""
+        while let b = try channel.readInbound(as: ByteBuffer.self) { passed += String(buffer: b) }
+        #expect(passed == "EARLY AND LATER")
+    }
+
+    @Test func aBodyUntilCloseEndsWhenTheConnectionDoes() throws {
+        let (channel, handler, r) = try Self.connection()
+        handler.send(.head(HTTPRequestHead(version: .http1_1, method: .GET, uri: "/")), flush: true)
+        try channel.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\n\r\nuntil"))
+        try channel.close().wait()
+        #expect(r.events == ["head 200", "body until", "end"])
+        #expect(!handler.reusable)
+    }
+
+    /// An upstream connection on an EmbeddedChannel, its handler and a recording delegate.
+    private static func connection() throws -> (EmbeddedChannel, UpstreamHandler, Recorder) {
+        let channel = EmbeddedChannel()
+        let handler = UpstreamHandler(maxHeaderBytes: 1024)
+        try channel.pipeline.syncOperations.addHandler(handler)
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9000)).wait()
+        let r = Recorder()
+        handler.delegate = r
+        return (channel, handler, r)
+    }
+
+    private static func bytes(_ d: IOData) -> ByteBuffer {
+        if case .byteBuffer(let b) = d { return b }
+        return ByteBuffer()
+    }
+}
