@@ -606,7 +606,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         } else if !keepAlive {
             out.headers.add(name: "connection", value: "close")
         }
-        context.write(handler.wrapOutboundOut(.head(out)), promise: nil)
+        handler.out(.head(out))
     }
 
     /// Asks the connection's compressor to gzip this response when the route's policy says
@@ -640,7 +640,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         bufferingResponse = false
         guard !finished else { return false }
         if let held = responseBuffer, held.readableBytes > 0 {
-            context.write(handler.wrapOutboundOut(.body(.byteBuffer(held))), promise: nil)
+            handler.out(.body(.byteBuffer(held)))
         }
         responseBuffer = nil
         return true
@@ -656,7 +656,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             }
             return
         }
-        context.write(handler.wrapOutboundOut(.body(.byteBuffer(b))), promise: nil)
+        handler.out(.body(.byteBuffer(b)))
         if !context.channel.isWritable, let c = conn, !upstreamPaused {
             upstreamPaused = true
             c.channel.setOption(.autoRead, value: false).whenFailure { _ in }
@@ -695,7 +695,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             }
         }
         resumeDownstream()
-        context.writeAndFlush(handler.wrapOutboundOut(.end(trailers)), promise: nil)  // no future per request
+        handler.out(.end(trailers), flush: true)  // no future per request
         complete(failed: status >= 500)
     }
 
@@ -712,7 +712,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     /// byte tunnel (WebSocket and other upgrades), outside the request's accounting from here.
     private func tunnel(_ c: UpstreamConnection) {
         conn = nil
-        context.writeAndFlush(handler.wrapOutboundOut(.end(nil)), promise: nil)
+        handler.out(.end(nil), flush: true)
         complete(failed: false, notifyHandler: false)
         if upstreamPaused { c.channel.setOption(.autoRead, value: true).whenFailure { _ in } }
         ctx.metrics.inc("tandem_upgrades_total", [("side", side.rawValue), ("protocol", upgrade ?? "")])

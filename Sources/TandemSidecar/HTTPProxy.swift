@@ -163,24 +163,76 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
     }
     /// Sets up a downstream HTTP/1.1 connection's pipeline, ending in `proxy` (the sidecar's
     /// listeners and the handler tests use this one setup).
-    /// An upgrade configuration with no upgraders: NIO then keeps the bytes a client sends
-    /// after an Upgrade request (the proxy passes upgrades through, `tunnel`) instead of
-    /// dropping them. No pipelining assistance: this handler orders pipelined requests itself.
-    /// No outbound header validation: every header written was parsed by NIO (llhttp / HPACK
-    /// validate) or is one of ours.
+    /// NIO's request decoder (llhttp) with `.forwardBytes`: the bytes a client sends after an
+    /// Upgrade request are kept for the tunnel (`tunnel`), not dropped. No pipelining
+    /// assistance: this handler orders pipelined requests itself. Responses are encoded by the
+    /// proxy itself (`HTTP1ResponseEncoder`, no response part crosses the pipeline) unless the
+    /// listener compresses: NIO's compressor works on response parts, so then NIO's server
+    /// pipeline (its encoder, paired with the decoder for HEAD answers) sits in between.
+    /// No outbound header validation: every header written was parsed by a validating decoder
+    /// (llhttp, HPACK, `HTTP1ResponseParser`) or is one of ours.
     static func configure(
         _ sync: ChannelPipeline.SynchronousOperations, proxy: HTTPProxyHandler, compress: Bool,
         decoderLimits: NIOHTTPDecoderLimitConfiguration
     ) throws {
-        try sync.configureHTTPServerPipeline(
-            withPipeliningAssistance: false, withServerUpgrade: (upgraders: [], completionHandler: { _ in }),
-            withErrorHandling: false, withOutboundHeaderValidation: false, withEncoderConfiguration: .init(),
-            withDecoderLimitConfiguration: decoderLimits)
         if compress {
+            try sync.configureHTTPServerPipeline(
+                withPipeliningAssistance: false, withServerUpgrade: (upgraders: [], completionHandler: { _ in }),
+                withErrorHandling: false, withOutboundHeaderValidation: false, withEncoderConfiguration: .init(),
+                withDecoderLimitConfiguration: decoderLimits)
             try sync.addHandler(compressor())
             proxy.compresses = true
+        } else {
+            try sync.addHandler(
+                ByteToMessageHandler(
+                    HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes, limitConfiguration: decoderLimits)))
         }
         try sync.addHandler(proxy)
+    }
+
+    /// Encodes responses when no compressor sits in front (`configure`).
+    private var encoder = HTTP1ResponseEncoder()
+    /// The method of the request being answered (an answer to HEAD has no body).
+    private var answering = HTTPMethod.GET
+
+    /// Writes one part of a response to the client (flushing when asked).
+    func out(_ part: HTTPServerResponsePart, flush: Bool = false, promise: EventLoopPromise<Void>? = nil) {
+        guard let context else {
+            promise?.fail(ChannelError.ioOnClosedChannel)
+            return
+        }
+        if compresses {
+            context.write(wrapOutboundOut(part), promise: promise)
+        } else {
+            encode(part, context, promise: promise)
+        }
+        if flush { context.flush() }
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        if compresses {
+            context.write(data, promise: promise)
+        } else {
+            encode(unwrapOutboundIn(data), context, promise: promise)
+        }
+    }
+
+    private func encode(
+        _ part: HTTPServerResponsePart, _ context: ChannelHandlerContext, promise: EventLoopPromise<Void>?
+    ) {
+        switch part {
+        case .head(let head):
+            let bytes = encoder.head(head, method: answering, allocator: context.channel.allocator)
+            context.write(NIOAny(IOData.byteBuffer(bytes)), promise: promise)
+        case .body(let data):
+            if encoder.suppressBody {
+                promise?.succeed()
+            } else {
+                HTTP1Writer.body(data, chunked: encoder.chunked, context, promise: promise)
+            }
+        case .end(let trailers):
+            HTTP1Writer.end(encoder.end(trailers, allocator: context.channel.allocator), context, promise: promise)
+        }
     }
 
     private var served = 0
@@ -313,6 +365,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
     private func handle(_ part: HTTPServerRequestPart, _ context: ChannelHandlerContext) {
         switch part {
         case .head(var h):
+            answering = h.method
             let length = h.headers.first(name: "content-length").flatMap(Int.init)
             let tooLarge = ctx.limits.maxBodyBytes.map { max in length.map { $0 > max } ?? false } ?? false
             if h.headers["expect"].contains(where: { $0.lowercased() == "100-continue" }) {
@@ -327,8 +380,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
                     return
                 }
                 // We read the body ourselves (buffered or streamed), so we ask for it at once.
-                context.writeAndFlush(
-                    wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: .continue))), promise: nil)
+                out(.head(HTTPResponseHead(version: h.version, status: .continue)), flush: true)
             }
             head = h
             body = nil
@@ -414,6 +466,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
 
     private func failed(_ context: ChannelHandlerContext, _ error: any Error) {
         if let e = error as? HTTPParserError, exchange == nil {
+            answering = .GET
             let answer: LocalAnswer
             switch e {
             case .headerOverflow:
@@ -453,21 +506,27 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
         exchange = nil
         streaming = nil
         ctx.metrics.inc("tandem_policy_answers_total", [("side", side.rawValue), ("decision", d.kind)])
-        context.write(
-            wrapOutboundOut(.head(d.responseHead(version: request.version, keepAlive: keepAlive))), promise: nil)
+        out(.head(d.responseHead(version: request.version, keepAlive: keepAlive)))
         if !d.body.isEmpty {
             var buf = context.channel.allocator.buffer(capacity: d.body.count)
             buf.writeBytes(d.body)
-            context.write(wrapOutboundOut(.body(.byteBuffer(buf))), promise: nil)
+            out(.body(.byteBuffer(buf)))
         }
-        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        endAnswer(keepAlive: keepAlive)
         if keepAlive {
             idle(for: ctx.limits.idleTimeout)
             deliverBacklog()
-        } else {
-            let channel = context.channel
-            done.whenComplete { _ in channel.close(promise: nil) }
         }
+    }
+
+    /// Ends an answer of the handler's own; closes the connection once it is written unless
+    /// the connection is kept.
+    private func endAnswer(keepAlive: Bool) {
+        guard !keepAlive, let context else { return out(.end(nil), flush: true) }
+        let done = context.eventLoop.makePromise(of: Void.self)
+        out(.end(nil), flush: true, promise: done)
+        let channel = context.channel
+        done.futureResult.whenComplete { _ in channel.close(promise: nil) }
     }
 
     private func writeLocal(
@@ -478,16 +537,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
         var headers = edited ?? a.jsonHeaders(bodyBytes: body.utf8.count)
         if !keepAlive { headers.add(name: "connection", value: "close") }
         let status = HTTPResponseStatus(statusCode: a.status)
-        context.write(
-            wrapOutboundOut(.head(HTTPResponseHead(version: version, status: status, headers: headers))), promise: nil)
+        out(.head(HTTPResponseHead(version: version, status: status, headers: headers)))
         var buf = context.channel.allocator.buffer(capacity: body.utf8.count)
         buf.writeString(body)
-        context.write(wrapOutboundOut(.body(.byteBuffer(buf))), promise: nil)
-        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
-        if !keepAlive {
-            let channel = context.channel
-            done.whenComplete { _ in channel.close(promise: nil) }
-        }
+        out(.body(.byteBuffer(buf)))
+        endAnswer(keepAlive: keepAlive)
     }
 
     /// After a 101: the HTTP handlers leave this connection and bytes flow to and from `peer`
@@ -516,7 +570,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
         if let c = try? sync.context(handlerType: NIOHTTPResponseHeadersValidator.self) {
             sync.removeHandler(context: c, promise: nil)
         }
-        sync.removeHandler(context: try sync.context(handlerType: HTTPResponseEncoder.self), promise: nil)
+        if let c = try? sync.context(handlerType: HTTPResponseEncoder.self) {
+            sync.removeHandler(context: c, promise: nil)
+        }
     }
 
     private static func context(

@@ -103,30 +103,11 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, @unc
             awaiting = true
             context.write(wrapOutboundOut(.byteBuffer(encoder.head(head, allocator: allocator))), promise: promise)
         case .body(let data):
-            guard encoder.chunked else {
-                context.write(wrapOutboundOut(data), promise: promise)
-                return
-            }
-            guard data.readableBytes > 0 else {
-                promise?.succeed()
-                return
-            }
-            context.write(
-                wrapOutboundOut(.byteBuffer(HTTP1RequestEncoder.chunkPrefix(data.readableBytes, allocator: allocator))),
-                promise: nil)
-            context.write(wrapOutboundOut(data), promise: nil)
-            context.write(wrapOutboundOut(.byteBuffer(Self.crlf)), promise: promise)
+            HTTP1Writer.body(data, chunked: encoder.chunked, context, promise: promise)
         case .end(let trailers):
-            if let last = encoder.end(trailers, allocator: allocator) {
-                context.write(wrapOutboundOut(.byteBuffer(last)), promise: promise)
-            } else if let promise {
-                context.write(wrapOutboundOut(.byteBuffer(Self.empty)), promise: promise)
-            }
+            HTTP1Writer.end(encoder.end(trailers, allocator: allocator), context, promise: promise)
         }
     }
-
-    private static let crlf = ByteBuffer(string: "\r\n")
-    private static let empty = ByteBuffer()
 
     // MARK: responses
 

@@ -72,6 +72,17 @@ struct ProxyHarness {
         #expect(h.channel.isActive)  // keep-alive: the connection stays open
     }
 
+    /// An answer to HEAD says what GET would get but carries no body, so the next request on
+    /// the connection is not misread as one.
+    @Test func aLocalAnswerToHEADHasNoBody() throws {
+        let h = try ProxyHarness()
+        let head = try h.send("HEAD /x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n")
+        #expect(head.hasPrefix("HTTP/1.1 404 Not Found\r\n") && head.contains("content-length: "))
+        #expect(head.hasSuffix("\r\n\r\n"), "\(head)")
+        let get = try h.send("GET /x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n")
+        #expect(get.hasPrefix("HTTP/1.1 404 Not Found\r\n") && get.hasSuffix("}"))
+    }
+
     /// Requests pipelined behind one whose answer is pending wait, and are answered in order
     /// once it is (here the first waits for its cluster's first discovery load).
     @Test func pipelinedRequestsAreAnsweredInOrder() throws {

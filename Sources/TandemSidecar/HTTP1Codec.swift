@@ -13,7 +13,8 @@ struct UpstreamProtocolError: Error, CustomStringConvertible, Equatable {
 /// Parses the responses of one upstream HTTP/1.1 connection (RFC 9112), strictly: status line,
 /// header fields, and the body framed by the request and the response (no body for HEAD, 1xx,
 /// 204 and 304; chunked, with extensions and trailers; content-length; or until the connection
-/// closes). Body parts are slices of the input (no copy). Informational answers other than 101
+/// closes). The head it returns has no hop-by-hop fields but `upgrade`: the parser has read
+/// what they say about this connection. Body parts are slices of the input (no copy). Informational answers other than 101
 /// are skipped; after a 101 every further byte belongs to the new protocol (`leftover`).
 ///
 /// Replaces NIO's `HTTPResponseDecoder` on the proxy's upstream connections: it runs once per
@@ -131,7 +132,8 @@ struct HTTP1ResponseParser {
                 scanned = 0
                 state = .head
                 var fields: [(String, String)] = []
-                try Self.parseFields(block, into: &fields)
+                var framing = Framing()
+                try Self.parseFields(block, into: &fields, framing: &framing)
                 return .end(fields.isEmpty ? nil : HTTPHeaders(fields))
             case .untilClose:
                 guard buffer.readableBytes > 0 else { return nil }
@@ -229,40 +231,14 @@ struct HTTP1ResponseParser {
         }
         var rest = block
         rest.moveReaderIndex(forwardBy: fieldsStart)
-        try Self.parseFields(rest, into: &fields)
+        var framing = Framing()
+        try Self.parseFields(rest, into: &fields, framing: &framing)
 
         // Framing and persistence (RFC 9112 §6.3, §9.3).
-        var contentLength: Int?
-        var chunked = false
-        var transferEncoding = false
-        var close = version.minor == 0
-        for (name, value) in fields {
-            switch name.utf8.count {
-            case 10 where asciiEqualsLower(name.utf8, "connection"):
-                for token in value.utf8.split(separator: UInt8(ascii: ",")) {
-                    let t = trimmedOWS(token)
-                    if asciiEqualsLower(t, "close") { close = true }
-                    if asciiEqualsLower(t, "keep-alive") && version.minor == 0 { close = false }
-                }
-            case 14 where asciiEqualsLower(name.utf8, "content-length"):
-                for token in value.utf8.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false) {
-                    let t = trimmedOWS(token)
-                    guard !t.isEmpty, t.count <= 18, t.allSatisfy({ $0 >= 48 && $0 <= 57 }) else {
-                        throw UpstreamProtocolError("invalid content-length \"\(value)\"")
-                    }
-                    let n = t.reduce(0) { $0 * 10 + Int($1 - 48) }
-                    if let seen = contentLength, seen != n {
-                        throw UpstreamProtocolError("conflicting content-length values")
-                    }
-                    contentLength = n
-                }
-            case 17 where asciiEqualsLower(name.utf8, "transfer-encoding"):
-                transferEncoding = true
-                // Only the final coding decides (earlier fields list earlier codings).
-                chunked = finalCodingIsChunked(value)
-            default: break
-            }
-        }
+        let contentLength = framing.contentLength
+        let chunked = framing.chunked
+        let transferEncoding = framing.transferEncoding
+        var close = framing.close || (version.minor == 0 && !framing.keepAlive)
         let head = HTTPResponseHead(
             version: version, status: HTTPResponseStatus(statusCode: code), headers: HTTPHeaders(fields))
         let noBody = answersHead || (code >= 100 && code < 200) || code == 204 || code == 304
@@ -300,12 +276,22 @@ struct HTTP1ResponseParser {
         return head
     }
 
-    /// Header (or trailer) fields, one per line, up to the empty line that ends `block`.
+    /// What a head's fields say about its body and its connection.
+    struct Framing {
+        var contentLength: Int?
+        var transferEncoding = false
+        /// The final transfer coding is chunked.
+        var chunked = false
+        /// `connection: close` / `connection: keep-alive`.
+        var close = false
+        var keepAlive = false
+    }
+
+    /// Header (or trailer) fields, one per line, up to the empty line that ends `block`; the
+    /// framing fields are read from the bytes as they go by.
     private static func parseFields(
-        _ block: ByteBuffer, into fields: inout [(String, String)]
-    )
-        throws(UpstreamProtocolError)
-    {
+        _ block: ByteBuffer, into fields: inout [(String, String)], framing: inout Framing
+    ) throws(UpstreamProtocolError) {
         try block.withUnsafeReadableBytes { b throws(UpstreamProtocolError) in
             var start = 0
             let n = b.count
@@ -333,6 +319,51 @@ struct HTTP1ResponseParser {
                 while ve > vs && (b[ve - 1] == 32 || b[ve - 1] == 9) { ve -= 1 }
                 for i in vs..<ve where (b[i] < 32 && b[i] != 9) || b[i] == 127 {
                     throw UpstreamProtocolError("invalid character in a header field value")
+                }
+                // Fields that describe this connection only (RFC 9110 §7.6.1) are read and left
+                // out: the proxy frames and keeps its own connections (`upgrade` stays, a 101
+                // names its protocol with it).
+                var hopByHop = true
+                switch colon - start {
+                case 10 where lowerEquals(b, start, colon, "connection"):
+                    forEachElement(b, vs, ve) { s, e in
+                        if lowerEquals(b, s, e, "close") { framing.close = true }
+                        if lowerEquals(b, s, e, "keep-alive") { framing.keepAlive = true }
+                    }
+                case 10 where lowerEquals(b, start, colon, "keep-alive"): break
+                case 16 where lowerEquals(b, start, colon, "proxy-connection"): break
+                case 2 where lowerEquals(b, start, colon, "te"): break
+                case 7 where lowerEquals(b, start, colon, "trailer"): break
+                case 14 where lowerEquals(b, start, colon, "content-length"):
+                    hopByHop = false
+                    try forEachElement(b, vs, ve) { s, e throws(UpstreamProtocolError) in
+                        var value = 0
+                        for i in s..<e {
+                            guard b[i] >= 48 && b[i] <= 57, e - s <= 18 else {
+                                value = -1
+                                break
+                            }
+                            value = value * 10 + Int(b[i] - 48)
+                        }
+                        guard e > s, value >= 0 else {
+                            let text = String(decoding: UnsafeRawBufferPointer(rebasing: b[vs..<ve]), as: UTF8.self)
+                            throw UpstreamProtocolError("invalid content-length \"\(text)\"")
+                        }
+                        if let seen = framing.contentLength, seen != value {
+                            throw UpstreamProtocolError("conflicting content-length values")
+                        }
+                        framing.contentLength = value
+                    }
+                case 17 where lowerEquals(b, start, colon, "transfer-encoding"):
+                    // Only the final coding decides (earlier fields list earlier codings).
+                    framing.transferEncoding = true
+                    framing.chunked = finalCodingIsChunked(b, vs, ve)
+                default:
+                    hopByHop = false
+                }
+                if hopByHop {
+                    start = lf + 1
+                    continue
                 }
                 let name = String(decoding: UnsafeRawBufferPointer(rebasing: b[start..<colon]), as: UTF8.self)
                 let value = String(decoding: UnsafeRawBufferPointer(rebasing: b[vs..<ve]), as: UTF8.self)
@@ -384,31 +415,61 @@ struct HTTP1ResponseParser {
 
 }
 
-/// `s` without leading and trailing spaces and tabs (HTTP's OWS).
-private func trimmedOWS(_ s: Substring.UTF8View) -> Substring.UTF8View {
-    var s = s
-    while let f = s.first, f == 32 || f == 9 { s = s.dropFirst() }
-    while let l = s.last, l == 32 || l == 9 { s = s.dropLast() }
-    return s
-}
-
-/// Whether `s` is `lower` (all lowercase) compared ASCII case-insensitively.
-private func asciiEqualsLower<S: Sequence<UInt8>>(_ s: S, _ lower: StaticString) -> Bool {
-    var i = 0
+/// Whether `b[from..<to]` is `lower` (all lowercase), compared ASCII case-insensitively.
+private func lowerEquals(_ b: UnsafeRawBufferPointer, _ from: Int, _ to: Int, _ lower: StaticString) -> Bool {
     let n = lower.utf8CodeUnitCount
+    guard to - from == n else { return false }
     let p = lower.utf8Start
-    for c in s {
-        guard i < n else { return false }
-        let l = c >= 65 && c <= 90 ? c + 32 : c
-        guard l == p[i] else { return false }
+    var i = 0
+    while i < n {
+        var c = b[from + i]
+        if c >= 65 && c <= 90 { c += 32 }
+        if c != p[i] { return false }
         i += 1
     }
-    return i == n
+    return true
 }
 
-/// Whether a transfer-encoding value's final coding is chunked.
+/// Whether `s` is `lower` (all lowercase), compared ASCII case-insensitively.
+private func asciiEqualsLower(_ s: String, _ lower: StaticString) -> Bool {
+    guard s.utf8.count == lower.utf8CodeUnitCount else { return false }
+    return withBytes(s) { lowerEquals($0, 0, $0.count, lower) }
+}
+
+/// `body` with the UTF-8 bytes of `s` (in place for native strings).
+private func withBytes<R>(_ s: String, _ body: (UnsafeRawBufferPointer) -> R) -> R {
+    if let r = s.utf8.withContiguousStorageIfAvailable({ body(UnsafeRawBufferPointer($0)) }) { return r }
+    return Array(s.utf8).withUnsafeBytes(body)
+}
+
+/// Calls `body(start, end)` for each comma-separated element of `b[from..<to]`, without the
+/// spaces and tabs around it (empty elements too).
+private func forEachElement<E: Error>(
+    _ b: UnsafeRawBufferPointer, _ from: Int, _ to: Int, _ body: (Int, Int) throws(E) -> Void
+) throws(E) {
+    var s = from
+    while true {
+        var e = s
+        while e < to && b[e] != UInt8(ascii: ",") { e += 1 }
+        var ts = s
+        var te = e
+        while ts < te && (b[ts] == 32 || b[ts] == 9) { ts += 1 }
+        while te > ts && (b[te - 1] == 32 || b[te - 1] == 9) { te -= 1 }
+        try body(ts, te)
+        if e >= to { return }
+        s = e + 1
+    }
+}
+
+/// Whether the final coding of a transfer-encoding value is chunked.
+private func finalCodingIsChunked(_ b: UnsafeRawBufferPointer, _ from: Int, _ to: Int) -> Bool {
+    var last = (from, from)
+    forEachElement(b, from, to) { s, e in if e > s { last = (s, e) } }
+    return lowerEquals(b, last.0, last.1, "chunked")
+}
+
 private func finalCodingIsChunked(_ value: String) -> Bool {
-    value.utf8.split(separator: UInt8(ascii: ",")).last.map { asciiEqualsLower(trimmedOWS($0), "chunked") } ?? false
+    withBytes(value) { finalCodingIsChunked($0, 0, $0.count) }
 }
 
 /// Writes HTTP/1.1 requests for an upstream connection (RFC 9112): the head in one buffer, the
@@ -420,16 +481,17 @@ struct HTTP1RequestEncoder {
     private(set) var chunked = false
 
     mutating func head(_ head: HTTPRequestHead, allocator: ByteBufferAllocator) -> ByteBuffer {
-        var length = head.method.rawValue.utf8.count + head.uri.utf8.count + 14
+        let method = head.method.rawValue
+        var length = method.utf8.count + 1 + head.uri.utf8.count + 11 + 2
         var hasLength = false
         var hasCoding = false
         chunked = false
         for (name, value) in head.headers {
             length += name.utf8.count + value.utf8.count + 4
             switch name.utf8.count {
-            case 14 where asciiEqualsLower(name.utf8, "content-length"):
+            case 14 where asciiEqualsLower(name, "content-length"):
                 hasLength = true
-            case 17 where asciiEqualsLower(name.utf8, "transfer-encoding"):
+            case 17 where asciiEqualsLower(name, "transfer-encoding"):
                 hasCoding = true
                 chunked = finalCodingIsChunked(value)
             default: break
@@ -442,17 +504,17 @@ struct HTTP1RequestEncoder {
         }
         if addChunked {
             chunked = true
-            length += 28
+            length += chunkedField.utf8CodeUnitCount
         }
-        var buf = allocator.buffer(capacity: length)
-        buf.writeString(head.method.rawValue)
-        buf.writeInteger(UInt8(ascii: " "))
-        buf.writeString(head.uri)
-        buf.writeStaticString(" HTTP/1.1\r\n")
-        Self.write(head.headers, to: &buf)
-        if addChunked { buf.writeStaticString("transfer-encoding: chunked\r\n") }
-        buf.writeStaticString("\r\n")
-        return buf
+        return HeadWriter.buffer(length: length, allocator: allocator) { w in
+            w.put(method)
+            w.put(UInt8(ascii: " "))
+            w.put(head.uri)
+            w.put(" HTTP/1.1\r\n")
+            for (name, value) in head.headers { w.field(name, value) }
+            if addChunked { w.put(chunkedField) }
+            w.put("\r\n")
+        }
     }
 
     /// The line before a chunk of `count` bytes.
@@ -465,20 +527,215 @@ struct HTTP1RequestEncoder {
 
     /// The bytes that end the request (nil unless chunked): the last chunk and the trailers.
     func end(_ trailers: HTTPHeaders?, allocator: ByteBufferAllocator) -> ByteBuffer? {
-        guard chunked else { return nil }
-        var buf = allocator.buffer(capacity: 5)
-        buf.writeStaticString("0\r\n")
-        if let trailers { Self.write(trailers, to: &buf) }
-        buf.writeStaticString("\r\n")
+        chunked ? Self.lastChunk(trailers, allocator: allocator) : nil
+    }
+
+    /// The last chunk of a chunked body, with trailers.
+    static func lastChunk(_ trailers: HTTPHeaders?, allocator: ByteBufferAllocator) -> ByteBuffer {
+        let fields = trailers ?? [:]
+        var length = 5
+        for (name, value) in fields { length += name.utf8.count + value.utf8.count + 4 }
+        return HeadWriter.buffer(length: length, allocator: allocator) { w in
+            w.put("0\r\n")
+            for (name, value) in fields { w.field(name, value) }
+            w.put("\r\n")
+        }
+    }
+}
+
+private let chunkedField: StaticString = "transfer-encoding: chunked\r\n"
+
+/// Writes a message head into memory reserved for it in one go: the length is counted first,
+/// then every piece is copied in place (ByteBuffer's own writes check capacity and uniqueness
+/// on every call, about 180 instructions for each of a head's 30–40 pieces).
+struct HeadWriter {
+    private let base: UnsafeMutableRawPointer
+    private let capacity: Int
+    private(set) var count = 0
+
+    /// A buffer of exactly `length` bytes, written by `body` (which must write exactly those).
+    static func buffer(length: Int, allocator: ByteBufferAllocator, _ body: (inout HeadWriter) -> Void) -> ByteBuffer {
+        var buf = allocator.buffer(capacity: length)
+        buf.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { raw in
+            var w = HeadWriter(base: raw.baseAddress!, capacity: length)
+            body(&w)
+            precondition(w.count == length, "head of \(w.count) bytes counted as \(length)")
+            return w.count
+        }
         return buf
     }
 
-    private static func write(_ fields: HTTPHeaders, to buf: inout ByteBuffer) {
-        for (name, value) in fields {
-            buf.writeString(name)
-            buf.writeStaticString(": ")
-            buf.writeString(value)
-            buf.writeStaticString("\r\n")
+    private init(base: UnsafeMutableRawPointer, capacity: Int) {
+        self.base = base
+        self.capacity = capacity
+    }
+
+    mutating func put(_ s: String) {
+        let n = s.utf8.count
+        precondition(count + n <= capacity, "head longer than counted")
+        let copied: Void? = s.utf8.withContiguousStorageIfAvailable { u in
+            if n > 0 { (base + count).copyMemory(from: u.baseAddress!, byteCount: n) }
+        }
+        if copied == nil {
+            var i = count
+            for c in s.utf8 {
+                base.storeBytes(of: c, toByteOffset: i, as: UInt8.self)
+                i += 1
+            }
+        }
+        count += n
+    }
+
+    mutating func put(_ s: StaticString) {
+        let n = s.utf8CodeUnitCount
+        precondition(count + n <= capacity, "head longer than counted")
+        (base + count).copyMemory(from: s.utf8Start, byteCount: n)
+        count += n
+    }
+
+    mutating func put(_ b: UInt8) {
+        precondition(count < capacity, "head longer than counted")
+        base.storeBytes(of: b, toByteOffset: count, as: UInt8.self)
+        count += 1
+    }
+
+    /// `name: value` CRLF (4 bytes besides the name and the value).
+    mutating func field(_ name: String, _ value: String) {
+        put(name)
+        put(": ")
+        put(value)
+        put("\r\n")
+    }
+}
+
+/// Writes HTTP/1.x responses to a client (RFC 9112), framed as NIO's `HTTPResponseEncoder`
+/// frames them: no framing fields on answers that cannot have a body (1xx, 204, 304, CONNECT);
+/// a content-length stands (a transfer-encoding next to it goes); otherwise HTTP/1.1 answers go
+/// chunked and HTTP/1.0 ones run until the connection closes. An answer to HEAD keeps its
+/// framing fields but carries no body (RFC 9110 §9.3.2).
+struct HTTP1ResponseEncoder {
+    /// The current answer's body goes chunked.
+    private(set) var chunked = false
+    /// The current answer has no body whatever is written (HEAD, CONNECT).
+    private(set) var suppressBody = false
+
+    /// `method`: the method of the request being answered.
+    mutating func head(_ head: HTTPResponseHead, method: HTTPMethod, allocator: ByteBufferAllocator) -> ByteBuffer {
+        let code = head.status.code
+        if !(code >= 100 && code < 200 && code != 101) {
+            suppressBody = method == .HEAD || method == .CONNECT
+        }
+        // One pass: the fields' bytes, and which of them are framing fields.
+        var hasLength = false
+        var hasCoding = false
+        var fieldBytes = 0
+        var lengthFieldBytes = 0
+        var codingFieldBytes = 0
+        for (name, value) in head.headers {
+            let n = name.utf8.count + value.utf8.count + 4
+            fieldBytes += n
+            switch name.utf8.count {
+            case 14 where asciiEqualsLower(name, "content-length"):
+                hasLength = true
+                lengthFieldBytes += n
+            case 17 where asciiEqualsLower(name, "transfer-encoding"):
+                hasCoding = true
+                codingFieldBytes += n
+            default: break
+            }
+        }
+        var dropLength = false
+        var dropCoding = false
+        if !head.status.mayHaveResponseBody || method == .CONNECT {
+            (dropLength, dropCoding, chunked) = (hasLength, hasCoding, false)
+        } else if hasLength {
+            (dropCoding, chunked) = (hasCoding, false)
+        } else if head.version.major == 1 && head.version.minor >= 1 {
+            (dropCoding, chunked) = (hasCoding, true)
+        } else {
+            chunked = false
+        }
+        let addChunked = chunked
+        if suppressBody { chunked = false }
+
+        let version: StaticString = head.version.major == 1 && head.version.minor == 0 ? "HTTP/1.0 " : "HTTP/1.1 "
+        let threeDigits = code >= 100 && code <= 999
+        let codeText = threeDigits ? "" : String(code)
+        let reason = head.status.reasonPhrase
+        var length = version.utf8CodeUnitCount + (threeDigits ? 3 : codeText.utf8.count) + 1 + reason.utf8.count + 4
+        if addChunked { length += chunkedField.utf8CodeUnitCount }
+        length += fieldBytes - (dropLength ? lengthFieldBytes : 0) - (dropCoding ? codingFieldBytes : 0)
+        return HeadWriter.buffer(length: length, allocator: allocator) { w in
+            w.put(version)
+            if threeDigits {
+                w.put(UInt8(48 + code / 100))
+                w.put(UInt8(48 + code / 10 % 10))
+                w.put(UInt8(48 + code % 10))
+            } else {
+                w.put(codeText)
+            }
+            w.put(UInt8(ascii: " "))
+            w.put(reason)
+            w.put("\r\n")
+            for (name, value) in head.headers where !Self.dropped(name, dropLength, dropCoding) {
+                w.field(name, value)
+            }
+            if addChunked { w.put(chunkedField) }
+            w.put("\r\n")
         }
     }
+
+    /// A framing field the head leaves out.
+    private static func dropped(_ name: String, _ length: Bool, _ coding: Bool) -> Bool {
+        guard length || coding else { return false }
+        switch name.utf8.count {
+        case 14: return length && asciiEqualsLower(name, "content-length")
+        case 17: return coding && asciiEqualsLower(name, "transfer-encoding")
+        default: return false
+        }
+    }
+
+    /// The bytes that end the answer (nil unless chunked): the last chunk and the trailers.
+    mutating func end(_ trailers: HTTPHeaders?, allocator: ByteBufferAllocator) -> ByteBuffer? {
+        defer { suppressBody = false }
+        guard chunked else { return nil }
+        chunked = false
+        return HTTP1RequestEncoder.lastChunk(trailers, allocator: allocator)
+    }
+}
+
+/// Writes encoded HTTP/1.1 message parts to the next outbound handler (the socket's end).
+enum HTTP1Writer {
+    /// One body part: as it is, or as one chunk (an empty part writes nothing).
+    static func body(
+        _ data: IOData, chunked: Bool, _ context: ChannelHandlerContext, promise: EventLoopPromise<Void>?
+    ) {
+        guard chunked else {
+            context.write(NIOAny(data), promise: promise)
+            return
+        }
+        guard data.readableBytes > 0 else {
+            promise?.succeed()
+            return
+        }
+        context.write(
+            NIOAny(
+                IOData.byteBuffer(
+                    HTTP1RequestEncoder.chunkPrefix(data.readableBytes, allocator: context.channel.allocator))),
+            promise: nil)
+        context.write(NIOAny(data), promise: nil)
+        context.write(NIOAny(IOData.byteBuffer(crlf)), promise: promise)
+    }
+
+    /// The end of a message: `last` (the last chunk), or nothing but the promise's turn.
+    static func end(_ last: ByteBuffer?, _ context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
+        if let last {
+            context.write(NIOAny(IOData.byteBuffer(last)), promise: promise)
+        } else if let promise {
+            context.write(NIOAny(IOData.byteBuffer(empty)), promise: promise)
+        }
+    }
+
+    private static let crlf = ByteBuffer(string: "\r\n")
+    private static let empty = ByteBuffer()
 }

@@ -60,9 +60,9 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
     }
 }
 
-/// The upstream HTTP/1.1 response parser and request encoder (RFC 9112), and the handler that
-/// joins them on an upstream connection.
-@Suite struct UpstreamCodecTests {
+/// The HTTP/1.1 codec (RFC 9112): the upstream response parser and request encoder, the
+/// handler that joins them on an upstream connection, and the client-facing response encoder.
+@Suite struct HTTP1CodecTests {
     @Test func aContentLengthBodyIsReadExactlyAtEverySplit() throws {
         let p = try Parsed.everySplit(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\nhello world")
@@ -75,11 +75,11 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=\"a b\"\r\nhello\r\n6\r\n world\r\n"
             + "0\r\nx-checksum: abc\r\nx-more:  two \r\n\r\n"
         let p = try Parsed.everySplit(raw)
-        #expect(p.events == ["head 200 1.1 [transfer-encoding=chunked]", "end [x-checksum=abc,x-more=two]"])
+        #expect(p.events == ["head 200 1.1 []", "end [x-checksum=abc,x-more=two]"])
         #expect(p.body == "hello world")
         // Bare LF line endings (RFC 9112 §2.2 lets a recipient accept them), no trailers.
         let lf = try Parsed.everySplit("HTTP/1.1 200 OK\ntransfer-encoding: chunked\n\n3\nabc\n0\n\n")
-        #expect(lf.events == ["head 200 1.1 [transfer-encoding=chunked]", "end"])
+        #expect(lf.events == ["head 200 1.1 []", "end"])
         #expect(lf.body == "abc")
     }
 
@@ -145,6 +145,12 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
             let (_, parser) = try Parsed.of([raw])
             #expect(parser.keepAlive == keep, "\(raw)")
         }
+        // Fields about this connection are read, not handed on (upgrade is: a 101 names its protocol).
+        let (p, _) = try Parsed.of([
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nTrailer: x\r\n"
+                + "Proxy-Connection: close\r\nUpgrade: h2c\r\nx-kept: 1\r\ncontent-length: 0\r\n\r\n"
+        ])
+        #expect(p.events == ["head 200 1.1 [Upgrade=h2c,x-kept=1,content-length=0]", "end"])
     }
 
     @Test func malformedResponsesAreErrorsThatSayWhat() {
@@ -208,6 +214,42 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
         coded.headers.add(name: "Transfer-Encoding", value: "gzip, Chunked")
         _ = e.head(coded, allocator: alloc)
         #expect(e.chunked)
+    }
+
+    @Test func responsesAreFramedAsNIOFramesThem() {
+        let alloc = ByteBufferAllocator()
+        var e = HTTP1ResponseEncoder()
+        func head(
+            _ status: HTTPResponseStatus, _ fields: [(String, String)], version: HTTPVersion = .http1_1,
+            method: HTTPMethod = .GET
+        ) -> String {
+            String(
+                buffer: e.head(
+                    HTTPResponseHead(version: version, status: status, headers: HTTPHeaders(fields)), method: method,
+                    allocator: alloc))
+        }
+        #expect(
+            head(.ok, [("content-length", "2"), ("x-a", "1")])
+                == "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\n\r\n")
+        #expect(!e.chunked && e.end(nil, allocator: alloc) == nil)
+        // No length: chunked on HTTP/1.1 (a coding already there is replaced), as it comes on 1.0.
+        #expect(head(.ok, [("Transfer-Encoding", "gzip")]) == "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        #expect(e.chunked)
+        #expect(String(buffer: e.end(["x-t": "1"], allocator: alloc)!) == "0\r\nx-t: 1\r\n\r\n")
+        #expect(head(.ok, [], version: .http1_0) == "HTTP/1.0 200 OK\r\n\r\n" && !e.chunked)
+        // A length wins over a coding; answers without a body lose both.
+        #expect(
+            head(.created, [("content-length", "0"), ("transfer-encoding", "chunked")])
+                == "HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n")
+        #expect(head(.noContent, [("Content-Length", "5"), ("x", "y")]) == "HTTP/1.1 204 No Content\r\nx: y\r\n\r\n")
+        #expect(head(.notModified, [("transfer-encoding", "chunked")]) == "HTTP/1.1 304 Not Modified\r\n\r\n")
+        #expect(
+            head(.custom(code: 599, reasonPhrase: "Odd"), [("content-length", "0")]).hasPrefix("HTTP/1.1 599 Odd\r\n"))
+        // HEAD: the GET answer's framing fields stay, no body follows (not even a last chunk).
+        #expect(head(.ok, [("content-length", "10")], method: .HEAD) == "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
+        #expect(e.suppressBody)
+        #expect(head(.ok, [], method: .HEAD) == "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        #expect(e.suppressBody && !e.chunked && e.end(nil, allocator: alloc) == nil && !e.suppressBody)
     }
 
     /// Records what the handler hands its delegate.
