@@ -717,8 +717,12 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         if upstreamPaused { c.channel.setOption(.autoRead, value: true).whenFailure { _ in } }
         ctx.metrics.inc("tandem_upgrades_total", [("side", side.rawValue), ("protocol", upgrade ?? "")])
         do {
+            // Bytes that came with the 101 go to the client once neither connection has HTTP
+            // handlers left to misread them (a handler on the way would take them for a part).
+            let early = c.handler.takeUnread()
             try UpstreamPool.tunnel(c, to: context.channel)
             try handler.tunnel(to: c.channel)
+            if let early, early.readableBytes > 0 { context.channel.writeAndFlush(early, promise: nil) }
             ctx.trackTunnel(c.channel)
         } catch {
             c.channel.close(promise: nil)

@@ -50,11 +50,6 @@ struct HTTP1ResponseParser {
     var answersHead = false
     /// The connection can carry another request after this response.
     private(set) var keepAlive = true
-    /// A response is being read (its head may still be arriving).
-    var inResponse: Bool {
-        if case .head = state { return scanned > 0 }
-        return true
-    }
     var upgraded: Bool {
         if case .upgraded = state { return true }
         return false
@@ -206,6 +201,7 @@ struct HTTP1ResponseParser {
 
     private mutating func parseHead(_ block: ByteBuffer) throws(UpstreamProtocolError) -> HTTPResponseHead {
         var fields: [(String, String)] = []
+        fields.reserveCapacity(16)
         let (version, code, fieldsStart): (HTTPVersion, Int, Int) = try block.withUnsafeReadableBytes {
             b throws(UpstreamProtocolError) in
             // "HTTP/1.x SP 3DIGIT SP reason-phrase CRLF" (the reason may be empty).

@@ -70,6 +70,12 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, @unc
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
+    /// The bytes the upstream sent after its 101 (the new protocol's first), taken out.
+    func takeUnread() -> ByteBuffer? {
+        defer { unread = nil }
+        return parser.upgraded ? unread : nil
+    }
+
     func handlerRemoved(context: ChannelHandlerContext) {
         // Becoming a tunnel: what the upstream sent after its 101 goes to the next handler.
         if let rest = unread, rest.readableBytes > 0 {
@@ -119,7 +125,14 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, @unc
             bytes = before
         }
         guard !parser.upgraded else {
+            // Held for a tunnel that normally takes over within the 101's own read; bounded like
+            // a header block, in case none ever does.
             unread = bytes
+            if bytes.readableBytes > parser.maxHeaderBytes {
+                failed(
+                    context,
+                    UpstreamProtocolError("more than \(parser.maxHeaderBytes) bytes after a 101 with no tunnel"))
+            }
             return
         }
         guard awaiting else {
@@ -139,14 +152,22 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, @unc
                 case .end(let t):
                     awaiting = false
                     if !parser.keepAlive { reusable = false }
+                    if parser.upgraded {
+                        // The rest is the new protocol's. Kept before the delegate hears of the
+                        // end: it makes the connection a tunnel at once, and this handler's
+                        // removal hands what it holds to the tunnel.
+                        if bytes.readableBytes > 0 { unread = bytes }
+                        let d = delegate
+                        delegate = nil
+                        d?.upstreamEnd(t)
+                        return
+                    }
                     let d = delegate
                     delegate = nil
                     d?.upstreamEnd(t)
                     // The delegate may have sent the next request on this connection already.
-                    if parser.upgraded || !awaiting {
-                        if bytes.readableBytes > 0 { unread = bytes }
-                        if !parser.upgraded && bytes.readableBytes > 0 {
-                            unread = nil
+                    if !awaiting {
+                        if bytes.readableBytes > 0 {
                             failed(context, UpstreamProtocolError("bytes sent after the response"))
                         }
                         return

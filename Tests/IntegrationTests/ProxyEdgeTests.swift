@@ -42,8 +42,9 @@ func configuredClient(_ lua: String, extra: [String] = []) throws -> (SidecarUnd
 }
 
 /// Runs Resources/upgrade_client.py; returns its output lines.
-func upgradeThrough(_ proxy: String, service: String, _ messages: [String]) throws -> [String] {
-    let c = try Child("/usr/bin/python3", [upgradeClient, proxy, service] + messages)
+func upgradeThrough(_ proxy: String, service: String, path: String = "/chat", _ messages: [String]) throws -> [String] {
+    let c = try Child(
+        "/usr/bin/python3", [upgradeClient, proxy, service] + messages, environment: ["UPGRADE_PATH": path])
     var lines: [String] = []
     while let l = c.readLine() { lines.append(l) }
     c.process.waitUntilExit()
@@ -90,13 +91,20 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
                 "status HTTP/1.1 101 Switching Protocols", "upgrade tandem-echo", "echo HELLO", "echo OVER THE TUNNEL",
                 "echo BYE",
             ], "\(out)")
+        // The app's first message in the same write as its 101 (one read at the server sidecar).
+        let greeted = try upgradeThrough(client.outbound, service: "edge", path: "/greet", ["hi"])
+        #expect(
+            greeted == [
+                "status HTTP/1.1 101 Switching Protocols", "upgrade tandem-echo", "greeting WELCOME", "echo HI",
+            ],
+            "\(greeted)")
         // Plain requests still work on new connections, and the upgrade was counted on both sides.
         #expect(try http("http://\(client.outbound)/", host: "edge").body == "edge edge\n")
         let metrics = try http("http://\(client.admin)/metrics").body
-        #expect(metrics.contains(#"tandem_upgrades_total{side="outbound",protocol="tandem-echo"} 1"#), "\(metrics)")
+        #expect(metrics.contains(#"tandem_upgrades_total{side="outbound",protocol="tandem-echo"} 2"#), "\(metrics)")
         #expect(
             try http("http://\(server.admin)/metrics").body.contains(
-                #"tandem_upgrades_total{side="inbound",protocol="tandem-echo"} 1"#))
+                #"tandem_upgrades_total{side="inbound",protocol="tandem-echo"} 2"#))
         withExtendedLifetime((app, server, client)) {}
     }
 

@@ -314,6 +314,43 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
         var passed = ""
         while let b = try channel.readInbound(as: ByteBuffer.self) { passed += String(buffer: b) }
         #expect(passed == "EARLY AND LATER")
+
+        // With no tunnel taking over, what is held after a 101 has the header block's bound.
+        let (held, heldHandler, _) = try Self.connection()
+        heldHandler.send(.head(HTTPRequestHead(version: .http1_1, method: .GET, uri: "/ws")), flush: true)
+        try held.writeInbound(ByteBuffer(string: "HTTP/1.1 101 Switching Protocols\r\n\r\n"))
+        try held.writeInbound(ByteBuffer(string: String(repeating: "x", count: 1000)))
+        #expect(held.isActive)
+        try held.writeInbound(ByteBuffer(string: String(repeating: "x", count: 100)))
+        #expect(!held.isActive)
+    }
+
+    /// As Exchange does: the 101's end makes the connection a tunnel at once, while the bytes
+    /// that came in the same read as the 101 are still being handled.
+    @Test func earlyBytesInTheSameReadAsThe101ReachATunnelMadeAtItsEnd() throws {
+        final class Tunneler: UpstreamDelegate {
+            let channel: EmbeddedChannel
+            let handler: UpstreamHandler
+            init(_ channel: EmbeddedChannel, _ handler: UpstreamHandler) {
+                self.channel = channel
+                self.handler = handler
+            }
+            func upstreamHead(_ head: HTTPResponseHead) {}
+            func upstreamBody(_ body: ByteBuffer) {}
+            func upstreamEnd(_ trailers: HTTPHeaders?) {
+                try? channel.pipeline.syncOperations.removeHandler(handler).wait()
+            }
+            func upstreamFailed(_ error: any Error) {}
+        }
+        let (channel, handler, _) = try Self.connection()
+        let t = Tunneler(channel, handler)
+        handler.delegate = t
+        handler.send(.head(HTTPRequestHead(version: .http1_1, method: .GET, uri: "/ws")), flush: true)
+        try channel.writeInbound(
+            ByteBuffer(string: "HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\nFIRST FRAME"))
+        var passed = ""
+        while let b = try channel.readInbound(as: ByteBuffer.self) { passed += String(buffer: b) }
+        #expect(passed == "FIRST FRAME")
     }
 
     @Test func aBodyUntilCloseEndsWhenTheConnectionDoes() throws {

@@ -12,7 +12,8 @@ GET /unframed    "until close": no length, no chunks, the connection closes afte
 HEAD /…          the head GET /big would have (content-length from ?bytes=, default 1000)
 POST /upload     reads the body (content-length or chunked) and answers its size and sha256
 Upgrade: tandem-echo (with Connection: upgrade) switches protocols with 101, then echoes
-                 every byte it receives upper-cased, until the client closes.
+                 every byte it receives upper-cased, until the client closes; on /greet the
+                 101 and "WELCOME" go out in one write.
 Usage: edge_app.py PORT
 """
 import hashlib
@@ -150,10 +151,14 @@ class Handler(BaseHTTPRequestHandler):
         self.answer(200, f"{n} {h.hexdigest()}\n".encode())
 
     def echo(self):
-        self.send_response(101)
-        self.send_header("connection", "Upgrade")
-        self.send_header("upgrade", "tandem-echo")
-        self.end_headers()
+        if self.path == "/greet":  # the 101 and a first message in one write
+            self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\n"
+                             b"upgrade: tandem-echo\r\n\r\nWELCOME")
+        else:
+            self.send_response(101)
+            self.send_header("connection", "Upgrade")
+            self.send_header("upgrade", "tandem-echo")
+            self.end_headers()
         self.wfile.flush()
         while True:
             data = self.rfile.read1(65536)  # bytes already buffered after the request come first

@@ -5,8 +5,10 @@ Sends an Upgrade: tandem-echo request with the first message in the same write (
 follow the request head before the 101 must not be lost), prints the status line, then the
 echo of each message. Usage: upgrade_client.py HOST:PORT SERVICE MESSAGE...
 With the single message "-", the messages are the lines of stdin, each sent and echoed as it
-arrives; the connection closes at the end of input.
+arrives; the connection closes at the end of input. UPGRADE_PATH=/greet: the app sends a first
+message with its 101 (printed as "greeting ...").
 """
+import os
 import socket
 import sys
 
@@ -15,8 +17,9 @@ service, args = sys.argv[2], sys.argv[3:]
 messages = (line.rstrip("\n") for line in sys.stdin) if args == ["-"] else iter(args)
 first = next(messages)
 s = socket.create_connection((host, int(port)), timeout=10)
+path = os.environ.get("UPGRADE_PATH", "/chat")
 request = (
-    f"GET /chat HTTP/1.1\r\nHost: {service}\r\nConnection: Upgrade\r\nUpgrade: tandem-echo\r\n\r\n"
+    f"GET {path} HTTP/1.1\r\nHost: {service}\r\nConnection: Upgrade\r\nUpgrade: tandem-echo\r\n\r\n"
 ).encode()
 s.sendall(request + first.encode())
 buf = b""
@@ -43,6 +46,15 @@ def echo(m):
     rest = rest[want:]
 
 
+if path == "/greet":  # the app's first message came with its 101
+    want = len("WELCOME")
+    while len(rest) < want:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    print("greeting", rest[:want].decode(), flush=True)
+    rest = rest[want:]
 echo(first)
 for m in messages:
     s.sendall(m.encode())
