@@ -140,6 +140,15 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
         remoteText = t
         return t
     }
+    /// The metric series of this connection's last finished request: the next one with the
+    /// same side, route, cluster and status counts without a lookup.
+    private var lastSeries: SidecarMetrics.RequestSeries?
+    func series(_ key: SidecarMetrics.RequestKey) -> SidecarMetrics.RequestSeries {
+        if let s = lastSeries, s.key == key { return s }
+        let s = ctx.metrics.series(key)
+        lastSeries = s
+        return s
+    }
     /// The pipeline has a gzip compressor in front of this handler (see `compressor()`).
     var compresses = false
 

@@ -40,33 +40,51 @@ public final class SidecarMetrics: Sendable {
         var cluster: String
     }
 
+    /// A cell of the per-request series, mutated only under the metrics lock.
+    final class HistogramCell: @unchecked Sendable { var histogram = Histogram() }
+    final class CounterCell: @unchecked Sendable { var value: UInt64 = 0 }
+
+    /// The series one finished request counts in: its (side, route, cluster, status) counter,
+    /// its route's duration histogram and its cluster's attempts. Looked up once by a
+    /// connection and kept (`HTTPProxyHandler.series`): a request then counts without a
+    /// dictionary lookup. Mutated only under the metrics lock.
+    final class RequestSeries: @unchecked Sendable {
+        let key: RequestKey
+        fileprivate var requests: UInt64 = 0
+        fileprivate let duration: HistogramCell
+        fileprivate let attempts: CounterCell
+        fileprivate init(key: RequestKey, duration: HistogramCell, attempts: CounterCell) {
+            self.key = key
+            self.duration = duration
+            self.attempts = attempts
+        }
+    }
+
     struct State {
         var counters: [String: [String: UInt64]] = [:]  // name → labels → value
         var histograms: [String: [String: Histogram]] = [:]
-        var requests: [RequestKey: UInt64] = [:]
-        var durations: [RouteKey: Histogram] = [:]
-        var attempts: [ClusterKey: UInt64] = [:]
+        var requests: [RequestKey: RequestSeries] = [:]
+        var durations: [RouteKey: HistogramCell] = [:]
+        var attempts: [ClusterKey: CounterCell] = [:]
 
-        /// The per-request series folded into the generic ones (for rendering and queries).
+        /// The per-request series folded into the generic ones, as values (for rendering and
+        /// queries). Call under the lock: the cells are shared.
         func merged() -> State {
-            var s = self
-            for (k, v) in requests {
+            var s = State(counters: counters, histograms: histograms)
+            for (k, series) in requests where series.requests > 0 {
                 let l = SidecarMetrics.labels([
                     ("side", k.side), ("route", k.route), ("cluster", k.cluster), ("status", String(k.status)),
                 ])
-                s.counters["tandem_requests_total", default: [:]][l, default: 0] += v
+                s.counters["tandem_requests_total", default: [:]][l, default: 0] += series.requests
             }
-            for (k, v) in attempts {
+            for (k, cell) in attempts where cell.value > 0 {
                 let l = SidecarMetrics.labels([("side", k.side), ("cluster", k.cluster)])
-                s.counters["tandem_upstream_attempts_total", default: [:]][l, default: 0] += v
+                s.counters["tandem_upstream_attempts_total", default: [:]][l, default: 0] += cell.value
             }
-            for (k, h) in durations {
+            for (k, cell) in durations where cell.histogram.count > 0 {
                 s.histograms["tandem_request_duration_ms", default: [:]][
-                    SidecarMetrics.labels([("side", k.side), ("route", k.route)])] = h
+                    SidecarMetrics.labels([("side", k.side), ("route", k.route)])] = cell.histogram
             }
-            s.requests = [:]
-            s.attempts = [:]
-            s.durations = [:]
             return s
         }
     }
@@ -111,14 +129,36 @@ public final class SidecarMetrics: Sendable {
         state.withLockedValue { $0.histograms[name, default: [:]][l, default: Histogram()].observe(ms) }
     }
 
-    /// One finished request: its count by status, its duration and its upstream attempts,
-    /// under one lock.
-    func request(side: String, route: String, cluster: String, status: Int, ms: Double, attempts: Int) {
+    /// The series for `key` (made on first use).
+    func series(_ key: RequestKey) -> RequestSeries {
         state.withLockedValue { s in
-            s.requests[RequestKey(side: side, route: route, cluster: cluster, status: status), default: 0] += 1
-            s.durations[RouteKey(side: side, route: route), default: Histogram()].observe(ms)
-            if attempts > 0 { s.attempts[ClusterKey(side: side, cluster: cluster), default: 0] += UInt64(attempts) }
+            if let found = s.requests[key] { return found }
+            let route = RouteKey(side: key.side, route: key.route)
+            let cluster = ClusterKey(side: key.side, cluster: key.cluster)
+            let duration = s.durations[route] ?? HistogramCell()
+            let attempts = s.attempts[cluster] ?? CounterCell()
+            s.durations[route] = duration
+            s.attempts[cluster] = attempts
+            let made = RequestSeries(key: key, duration: duration, attempts: attempts)
+            s.requests[key] = made
+            return made
         }
+    }
+
+    /// One finished request: its count by status, its duration and its upstream attempts,
+    /// under one lock, without lookups.
+    func request(_ series: RequestSeries, ms: Double, attempts: Int) {
+        state.withLockedValue { _ in
+            series.requests += 1
+            series.duration.histogram.observe(ms)
+            if attempts > 0 { series.attempts.value += UInt64(attempts) }
+        }
+    }
+
+    /// The same, looking the series up.
+    func request(side: String, route: String, cluster: String, status: Int, ms: Double, attempts: Int) {
+        request(
+            series(RequestKey(side: side, route: route, cluster: cluster, status: status)), ms: ms, attempts: attempts)
     }
 
     public func counter(_ name: String, _ labels: [(String, String)] = []) -> UInt64 {
@@ -133,7 +173,7 @@ public final class SidecarMetrics: Sendable {
 
     /// The exposition text; `gauges` are appended as given (name, labels, value).
     public func render(gauges: [(String, [(String, String)], Double)]) -> String {
-        let s = state.withLockedValue { $0 }.merged()
+        let s = state.withLockedValue { $0.merged() }
         var out = ""
         for name in s.counters.keys.sorted() {
             out += "# TYPE \(name) counter\n"

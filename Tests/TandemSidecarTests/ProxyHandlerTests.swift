@@ -72,6 +72,23 @@ struct ProxyHarness {
         #expect(h.channel.isActive)  // keep-alive: the connection stays open
     }
 
+    /// A connection keeps the metric series of its last request: a request with another
+    /// status on the same connection still counts in its own series, and the route's
+    /// histogram counts both.
+    @Test func requestsCountInTheirOwnSeriesOnOneConnection() throws {
+        let h = try ProxyHarness()
+        _ = try h.send("GET /x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n")
+        _ = try h.send("GET https://users/ HTTP/1.1\r\nHost: users\r\n\r\n")
+        _ = try h.send("GET /y HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n")
+        func count(_ status: String) -> UInt64 {
+            h.ctx.metrics.counter(
+                "tandem_requests_total", [("side", "outbound"), ("route", "none"), ("cluster", ""), ("status", status)])
+        }
+        #expect(count("404") == 2 && count("400") == 1)
+        let text = h.ctx.metrics.render(gauges: [])
+        #expect(text.contains(#"tandem_request_duration_ms_count{side="outbound",route="none"} 3"#), "\(text)")
+    }
+
     /// An answer to HEAD says what GET would get but carries no body, so the next request on
     /// the connection is not misread as one.
     @Test func aLocalAnswerToHEADHasNoBody() throws {
