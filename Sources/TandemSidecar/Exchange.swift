@@ -98,7 +98,12 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private let upgrade: String?
     /// (A request whose body is still arriving when its answer ends leaves the connection
     /// unusable: the rest of the body would be read as the next request.)
-    private var keepAlive: Bool { clientKeepAlive && upgrade == nil && bodyEnded && !ctx.isDraining }
+    private var keepAlive: Bool {
+        clientKeepAlive && upgrade == nil && bodyEnded && !ctx.isDraining && !closeDelimited
+    }
+    /// The answer goes to an HTTP/1.0 client without a length (1.0 has no chunks): only the
+    /// connection's close can tell the client where it ends.
+    private var closeDelimited = false
 
     // MARK: start
 
@@ -600,6 +605,11 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             return
         }
         if handler.compresses { markForCompression(&out) }
+        if head.version.major == 1, head.version.minor == 0, out.status.mayHaveResponseBody, head.method != .HEAD,
+            !out.headers.contains(name: "content-length")
+        {
+            closeDelimited = true
+        }
         if let switchingTo {
             out.headers.add(name: "connection", value: "upgrade")
             out.headers.add(name: "upgrade", value: switchingTo)
@@ -801,8 +811,9 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         ctx.inFlight.wrappingDecrement(ordering: .relaxed)
         let routeName = route?.name ?? "none"
         ctx.metrics.request(
-            side: side.rawValue, route: routeName, cluster: cluster, status: status, ms: Double(latency) / 1e6,
-            attempts: retry?.attempts ?? 0)
+            handler.series(
+                SidecarMetrics.RequestKey(side: side.rawValue, route: routeName, cluster: cluster, status: status)),
+            ms: Double(latency) / 1e6, attempts: retry?.attempts ?? 0)
         if let p = policy {
             policy = nil
             p.log(

@@ -163,6 +163,29 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
         withExtendedLifetime((app, server, client)) {}
     }
 
+    /// An HTTP/1.0 client that asks to keep its connection, answered a body the app sent
+    /// chunked: 1.0 has no chunks, so the sidecar sends the body as it is and closes the
+    /// connection to end it (before, the connection stayed open and the client waited for an
+    /// end that never came).
+    @Test func anHTTP10ClientGetsAnUnframedBodyEndedByClose() throws {
+        let (app, port) = try startEdgeApp()
+        let (server, client) = try twoSidecars(appPort: port)
+        let c = try Child(
+            "/usr/bin/curl",
+            [
+                "-s", "-i", "--max-time", "10", "--http1.0", "-H", "Connection: keep-alive", "-H", "Host: edge",
+                "http://\(client.outbound)/chunked",
+            ])
+        var lines: [String] = []
+        while let l = c.readLine() { lines.append(l) }
+        c.process.waitUntilExit()
+        #expect(c.process.terminationStatus == 0, "curl waited for the end of the body: \(lines)")  // 28: timed out
+        #expect(lines.first?.hasPrefix("HTTP/1.0 200") == true && lines.last == "hello world", "\(lines)")
+        #expect(lines.contains { $0.lowercased().hasPrefix("connection: close") }, "\(lines)")
+        #expect(!lines.contains { $0.lowercased().hasPrefix("content-length") }, "\(lines)")
+        withExtendedLifetime((app, server, client)) {}
+    }
+
     /// HTTP/1.1 pipelining through both sidecars: 40 requests written at once on one connection
     /// (more than `maxPipelinedRequests` wait, so reading pauses and resumes), answered in order,
     /// the bodies among them intact.
