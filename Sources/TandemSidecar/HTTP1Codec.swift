@@ -316,22 +316,13 @@ struct HTTP1ResponseParser {
                 for i in vs..<ve where (b[i] < 32 && b[i] != 9) || b[i] == 127 {
                     throw UpstreamProtocolError("invalid character in a header field value")
                 }
-                // Fields that describe this connection only (RFC 9110 §7.6.1) are read and left
-                // out: the proxy frames and keeps its own connections (`upgrade` stays, a 101
-                // names its protocol with it).
-                var hopByHop = true
                 switch colon - start {
                 case 10 where lowerEquals(b, start, colon, "connection"):
                     forEachElement(b, vs, ve) { s, e in
                         if lowerEquals(b, s, e, "close") { framing.close = true }
                         if lowerEquals(b, s, e, "keep-alive") { framing.keepAlive = true }
                     }
-                case 10 where lowerEquals(b, start, colon, "keep-alive"): break
-                case 16 where lowerEquals(b, start, colon, "proxy-connection"): break
-                case 2 where lowerEquals(b, start, colon, "te"): break
-                case 7 where lowerEquals(b, start, colon, "trailer"): break
                 case 14 where lowerEquals(b, start, colon, "content-length"):
-                    hopByHop = false
                     try forEachElement(b, vs, ve) { s, e throws(UpstreamProtocolError) in
                         var value = 0
                         for i in s..<e {
@@ -354,10 +345,12 @@ struct HTTP1ResponseParser {
                     // Only the final coding decides (earlier fields list earlier codings).
                     framing.transferEncoding = true
                     framing.chunked = finalCodingIsChunked(b, vs, ve)
-                default:
-                    hopByHop = false
+                default: break
                 }
-                if hopByHop {
+                // Fields that describe this connection only (RFC 9110 §7.6.1) are read and left
+                // out: the proxy frames and keeps its own connections (`upgrade` stays, a 101
+                // names its protocol with it).
+                if hopByHopIndex(b, start, colon) != nil, !lowerEquals(b, start, colon, "upgrade") {
                     start = lf + 1
                     continue
                 }
@@ -412,7 +405,7 @@ struct HTTP1ResponseParser {
 }
 
 /// Whether `b[from..<to]` is `lower` (all lowercase), compared ASCII case-insensitively.
-private func lowerEquals(_ b: UnsafeRawBufferPointer, _ from: Int, _ to: Int, _ lower: StaticString) -> Bool {
+func lowerEquals(_ b: UnsafeRawBufferPointer, _ from: Int, _ to: Int, _ lower: StaticString) -> Bool {
     let n = lower.utf8CodeUnitCount
     guard to - from == n else { return false }
     let p = lower.utf8Start
@@ -433,7 +426,7 @@ private func asciiEqualsLower(_ s: String, _ lower: StaticString) -> Bool {
 }
 
 /// `body` with the UTF-8 bytes of `s` (in place for native strings).
-private func withBytes<R>(_ s: String, _ body: (UnsafeRawBufferPointer) -> R) -> R {
+func withBytes<R>(_ s: String, _ body: (UnsafeRawBufferPointer) -> R) -> R {
     if let r = s.utf8.withContiguousStorageIfAvailable({ body(UnsafeRawBufferPointer($0)) }) { return r }
     return Array(s.utf8).withUnsafeBytes(body)
 }

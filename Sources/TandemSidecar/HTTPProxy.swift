@@ -66,31 +66,21 @@ final class ProxyContext: Sendable {
     static let localCluster = "local"
 }
 
-/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
-let hopByHop: Set<String> = [
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1), lowercase.
+private let hopByHopNames: [StaticString] = [
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "expect",
 ]
-private let hopByHopNames = Array(hopByHop)
-private let hopByHopUTF8: [[UInt8]] = hopByHopNames.map { Array($0.utf8) }
+private let hopByHopStrings = hopByHopNames.map { "\($0)" }
+let hopByHop = Set(hopByHopStrings)
 
-/// The index in `hopByHopNames` of a hop-by-hop field name, compared ASCII
+/// The index in `hopByHopNames` of the field name `b[from..<to]`, compared ASCII
 /// case-insensitively without allocating (this runs for every header of every message).
+func hopByHopIndex(_ b: UnsafeRawBufferPointer, _ from: Int, _ to: Int) -> Int? {
+    hopByHopNames.firstIndex { lowerEquals(b, from, to, $0) }
+}
+
 private func hopByHopIndex(_ name: String) -> Int? {
-    let r = name.utf8.withContiguousStorageIfAvailable { b -> Int? in
-        for (k, cand) in hopByHopUTF8.enumerated() where cand.count == b.count {
-            var i = 0
-            while i < b.count {
-                var c = b[i]
-                if c >= 65 && c <= 90 { c += 32 }
-                if c != cand[i] { break }
-                i += 1
-            }
-            if i == b.count { return k }
-        }
-        return nil
-    }
-    if let r { return r }
-    return hopByHopNames.firstIndex(of: name.lowercased())
+    withBytes(name) { hopByHopIndex($0, 0, $0.count) }
 }
 
 func isHopByHop(_ name: String) -> Bool { hopByHopIndex(name) != nil }
@@ -100,7 +90,7 @@ func stripHopByHop(_ headers: inout HTTPHeaders) {
     var present: UInt32 = 0
     for (name, _) in headers { if let k = hopByHopIndex(name) { present |= 1 << k } }
     guard present != 0 else { return }
-    for (k, name) in hopByHopNames.enumerated() where present & (1 << k) != 0 { headers.remove(name: name) }
+    for (k, name) in hopByHopStrings.enumerated() where present & (1 << k) != 0 { headers.remove(name: name) }
 }
 
 /// One downstream HTTP/1.1 connection. Requests are handled one at a time, in order: parts of
