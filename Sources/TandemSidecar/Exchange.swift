@@ -728,9 +728,8 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         ctx.metrics.inc("tandem_upgrades_total", [("side", side.rawValue), ("protocol", upgrade ?? "")])
         do {
             // Bytes that came with the 101 go to the client once neither connection has HTTP
-            // handlers left to misread them (a handler on the way would take them for a part).
-            let early = c.handler.takeUnread()
-            try UpstreamPool.tunnel(c, to: context.channel)
+            // handlers left to misread them.
+            let early = try UpstreamPool.tunnel(c, to: context.channel)
             try handler.tunnel(to: c.channel)
             if let early, early.readableBytes > 0 { context.channel.writeAndFlush(early, promise: nil) }
             ctx.trackTunnel(c.channel)

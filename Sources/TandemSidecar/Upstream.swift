@@ -48,7 +48,6 @@ final class UpstreamConnection: @unchecked Sendable {
 /// response answers (HEAD) because it wrote it.
 final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
-    typealias InboundOut = ByteBuffer
     typealias OutboundIn = HTTPClientRequestPart
     typealias OutboundOut = IOData
 
@@ -58,7 +57,7 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, @unc
     private var parser: HTTP1ResponseParser
     private var encoder = HTTP1RequestEncoder()
     /// Bytes read but not parsed yet (an incomplete head or chunk-size line), or after a 101
-    /// the new protocol's first bytes, handed on when the connection becomes a tunnel.
+    /// the new protocol's first bytes, taken by the tunnel's maker (`takeUnread`).
     private var unread: ByteBuffer?
     /// A request went out and its response has not ended.
     private var awaiting = false
@@ -70,21 +69,15 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, @unc
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
-    /// The bytes the upstream sent after its 101 (the new protocol's first), taken out.
+    /// The bytes the upstream sent after its 101 (the new protocol's first), taken out: the
+    /// tunnel's maker writes them on once neither connection has HTTP handlers left to misread
+    /// them (`UpstreamPool.tunnel`).
     func takeUnread() -> ByteBuffer? {
         defer { unread = nil }
         return parser.upgraded ? unread : nil
     }
 
-    func handlerRemoved(context: ChannelHandlerContext) {
-        // Becoming a tunnel: what the upstream sent after its 101 goes to the next handler.
-        if let rest = unread, rest.readableBytes > 0 {
-            unread = nil
-            context.fireChannelRead(wrapInboundOut(rest))
-            context.fireChannelReadComplete()
-        }
-        self.context = nil
-    }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
 
     // MARK: requests
 
@@ -154,8 +147,7 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, @unc
                     if !parser.keepAlive { reusable = false }
                     if parser.upgraded {
                         // The rest is the new protocol's. Kept before the delegate hears of the
-                        // end: it makes the connection a tunnel at once, and this handler's
-                        // removal hands what it holds to the tunnel.
+                        // end: it makes the connection a tunnel at once and takes them.
                         if bytes.readableBytes > 0 { unread = bytes }
                         let d = delegate
                         delegate = nil
@@ -335,11 +327,14 @@ final class UpstreamPool: @unchecked Sendable {
     }
 
     /// Turns an HTTP/1.1 connection that answered 101 into a byte tunnel to `partner`: the HTTP
-    /// handler leaves, handing the bytes it had read past the 101 to the tunnel.
-    static func tunnel(_ conn: UpstreamConnection, to partner: any Channel) throws {
+    /// handler leaves. Returns the bytes it had read past the 101, for the caller to write to
+    /// `partner` once that is a tunnel too (its HTTP handler would take them for a response part).
+    static func tunnel(_ conn: UpstreamConnection, to partner: any Channel) throws -> ByteBuffer? {
+        let early = conn.handler.takeUnread()
         let sync = conn.channel.pipeline.syncOperations
         try sync.addHandler(TCPGlue(partner: partner))
         sync.removeHandler(conn.handler, promise: nil)
+        return early
     }
 
     /// Returns a connection after a complete response; closes it if it cannot be reused.

@@ -34,29 +34,22 @@ headers = {l.split(b":", 1)[0].strip().lower(): l.split(b":", 1)[1].strip() for 
 print("upgrade", headers.get(b"upgrade", b"").decode(), flush=True)
 
 
-def echo(m):
+def receive(label, want):
+    """Prints the next `want` bytes from the tunnel (fewer if it closes first)."""
     global rest
-    want = len(m)
     while len(rest) < want:
         chunk = s.recv(65536)
         if not chunk:
             break
         rest += chunk
-    print("echo", rest[:want].decode(), flush=True)
+    print(label, rest[:want].decode(), flush=True)
     rest = rest[want:]
 
 
 if path == "/greet":  # the app's first message came with its 101
-    want = len("WELCOME")
-    while len(rest) < want:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        rest += chunk
-    print("greeting", rest[:want].decode(), flush=True)
-    rest = rest[want:]
-echo(first)
+    receive("greeting", len("WELCOME"))
+receive("echo", len(first))
 for m in messages:
     s.sendall(m.encode())
-    echo(m)
+    receive("echo", len(m))
 s.close()
