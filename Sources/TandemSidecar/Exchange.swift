@@ -605,11 +605,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             return
         }
         if handler.compresses { markForCompression(&out) }
-        if head.version.major == 1, head.version.minor == 0, out.status.mayHaveResponseBody, head.method != .HEAD,
-            !out.headers.contains(name: "content-length")
-        {
-            closeDelimited = true
-        }
+        if HTTP1ResponseEncoder.endsByClose(out, method: head.method) { closeDelimited = true }
         if let switchingTo {
             out.headers.add(name: "connection", value: "upgrade")
             out.headers.add(name: "upgrade", value: switchingTo)

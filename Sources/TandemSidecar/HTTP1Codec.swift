@@ -684,6 +684,14 @@ struct HTTP1ResponseEncoder {
         }
     }
 
+    /// Whether only the connection's close can end this answer's body: HTTP/1.0 (no chunks),
+    /// a body allowed, and no length. The connection must not be kept after it.
+    static func endsByClose(_ head: HTTPResponseHead, method: HTTPMethod) -> Bool {
+        head.version.major == 1 && head.version.minor == 0 && head.status.mayHaveResponseBody
+            && method != .HEAD && method != .CONNECT
+            && !head.headers.contains { asciiEqualsLower($0.name, "content-length") }
+    }
+
     /// The bytes that end the answer (nil unless chunked): the last chunk and the trailers.
     mutating func end(_ trailers: HTTPHeaders?, allocator: ByteBufferAllocator) -> ByteBuffer? {
         defer { suppressBody = false }

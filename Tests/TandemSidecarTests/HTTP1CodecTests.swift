@@ -250,6 +250,18 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
         #expect(e.suppressBody)
         #expect(head(.ok, [], method: .HEAD) == "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
         #expect(e.suppressBody && !e.chunked && e.end(nil, allocator: alloc) == nil && !e.suppressBody)
+        // Only an HTTP/1.0 answer with a body and no length needs the connection's close to end.
+        func endsByClose(
+            _ version: HTTPVersion, _ status: HTTPResponseStatus, _ fields: [(String, String)], _ m: HTTPMethod = .GET
+        ) -> Bool {
+            HTTP1ResponseEncoder.endsByClose(
+                HTTPResponseHead(version: version, status: status, headers: HTTPHeaders(fields)), method: m)
+        }
+        #expect(endsByClose(.http1_0, .ok, []))
+        #expect(!endsByClose(.http1_0, .ok, [("Content-Length", "3")]))
+        #expect(!endsByClose(.http1_1, .ok, []))
+        #expect(!endsByClose(.http1_0, .noContent, []) && !endsByClose(.http1_0, .notModified, []))
+        #expect(!endsByClose(.http1_0, .ok, [], .HEAD))
     }
 
     /// Records what the handler hands its delegate.
