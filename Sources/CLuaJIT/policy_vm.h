@@ -38,6 +38,8 @@ typedef struct clj_vm {
     long long periods_left;   /* instruction budget in units of CLJ_HOOK_PERIOD */
     long long deadline_ns;    /* CLOCK_MONOTONIC; 0 = no wall-clock limit (simulation) */
     int tripped;              /* which limit stopped the current call (CLJ_LIMIT_*) */
+    long long hook_instructions, hook_time_ns; /* each hook's budget (a call may run several) */
+    int at;                   /* 1-based position in its chain of the hook running now */
     /* patterns */
     double pattern_steps;     /* worst-case backtracking steps allowed per pattern call */
     size_t pattern_subject;   /* hard cap on a pattern subject, bytes */
@@ -101,12 +103,25 @@ static void clj_limit_hook(lua_State *L, lua_Debug *ar) {
     lua_error(L);
 }
 
-/* Before each call into the VM. */
+/* Before each call into the VM: every hook the call runs gets `instructions` and `time_ns`. */
 static inline void clj_arm(clj_vm *vm, long long instructions, long long time_ns) {
+    vm->hook_instructions = instructions;
+    vm->hook_time_ns = time_ns;
     vm->periods_left = instructions / CLJ_HOOK_PERIOD;
     vm->deadline_ns = time_ns > 0 ? clj_now_ns() + time_ns : 0;
     vm->tripped = CLJ_LIMIT_NONE;
     vm->refused = 0;
+    vm->at = 0;
+}
+
+/* Lua (prelude only): next_hook(i) before the i-th hook of a chain: a fresh budget for it, and
+   the host learns which policy runs (host calls and failures are attributed to it). */
+static int clj_next_hook(lua_State *L) {
+    clj_vm *vm = clj_vm_of(L);
+    vm->at = (int)lua_tointeger(L, 1);
+    vm->periods_left = vm->hook_instructions / CLJ_HOOK_PERIOD;
+    vm->deadline_ns = vm->hook_time_ns > 0 ? clj_now_ns() + vm->hook_time_ns : 0;
+    return 0;
 }
 /* After a call that tripped: back to one hook per period. */
 static inline void clj_rearm(lua_State *L) { lua_sethook(L, clj_limit_hook, LUA_MASKCOUNT, CLJ_HOOK_PERIOD); }
@@ -320,6 +335,7 @@ static int clj_boot(lua_State *L) {
     lua_pushcfunction(L, clj_safe_pcall); lua_setglobal(L, "pcall");
     lua_pushcfunction(L, clj_safe_xpcall); lua_setglobal(L, "xpcall");
     lua_pushcfunction(L, clj_make_host_function); lua_setglobal(L, "__host_function");
+    lua_pushcfunction(L, clj_next_hook); lua_setglobal(L, "__next_hook");
     if (luaL_loadbuffer(L, prelude, strlen(prelude), "=tandem-prelude") != 0) return lua_error(L);
     lua_call(L, 0, 1);
     if (lua_type(L, -1) != LUA_TFUNCTION) return luaL_error(L, "the prelude must return its entry function");
@@ -340,14 +356,15 @@ static inline lua_State *clj_vm_open(clj_vm *vm) {
 static inline int clj_vm_boot(lua_State *L, const char *prelude) {
     return lua_cpcall(L, clj_boot, (void *)prelude);
 }
-/* entry(op, a, b) protected; results (up to 2) are left on the stack for the host to read. */
-static inline int clj_vm_enter(lua_State *L, clj_vm *vm, int op, double a, double b) {
+/* entry(op, a, b, c) protected; results (up to 2) are left on the stack for the host to read. */
+static inline int clj_vm_enter(lua_State *L, clj_vm *vm, int op, double a, double b, double c) {
     lua_settop(L, 0);
     lua_rawgeti(L, LUA_REGISTRYINDEX, vm->entry_ref);
     lua_pushinteger(L, op);
     lua_pushnumber(L, a);
     lua_pushnumber(L, b);
-    int status = lua_pcall(L, 3, 2, 0);
+    lua_pushnumber(L, c);
+    int status = lua_pcall(L, 4, 2, 0);
     if (vm->tripped) clj_rearm(L);
     return status;
 }

@@ -151,7 +151,7 @@ public final class PolicyServices: Sendable {
     // MARK: limiters and metrics
 
     func tokenBucket(
-        _ key: String, rate: Double, burst: Double, now: Int64
+        _ key: PolicyLimiters.Key, rate: Double, burst: Double, now: Int64
     ) -> (
         ok: Bool, retryAfterMs: Int64, remaining: Int
     ) {
@@ -159,7 +159,7 @@ public final class PolicyServices: Sendable {
     }
 
     func window(
-        _ key: String, limit: Int, seconds: Double, now: Int64
+        _ key: PolicyLimiters.Key, limit: Int, seconds: Double, now: Int64
     ) -> (
         ok: Bool, remaining: Int, resetSeconds: Double
     ) {

@@ -193,6 +193,15 @@ public final class PolicyVM: @unchecked Sendable {
     private var phase = Phase.idle
     private var current: PolicyExchange?
     private var currentPolicy = 0
+    /// The policies of the chain a call runs (`vm.at` says which one runs now).
+    private var currentChain: [Int]?
+    /// Chains by key: routes' (> 0) and each policy alone (-id).
+    private var chains: [Int: [Int]] = [:]
+    /// The policy whose hook runs now.
+    private var runningPolicy: Int {
+        if let c = currentChain, c.indices.contains(Int(vm.pointee.at) - 1) { return c[Int(vm.pointee.at) - 1] }
+        return currentPolicy
+    }
     private var decision: PolicyDecision?
     private var pending: (file: String, source: String, config: String, path: String)?
     private var loadingName: String?
@@ -204,6 +213,10 @@ public final class PolicyVM: @unchecked Sendable {
     /// Whether policy `id` reads request bodies (`request_body = true`: over HTTP/2, where bodies
     /// stream, the sidecar holds the request until its end, up to a bound, before on_request).
     public func wantsRequestBody(_ id: Int) -> Bool { policies[id]?.hooks.requestBody ?? false }
+    /// Whether policy `id` has an `on_request` hook.
+    public func hasRequestHook(_ id: Int) -> Bool { policies[id]?.hooks.request ?? false }
+    /// Whether policy `id` has an `on_response` hook.
+    public func hasResponseHook(_ id: Int) -> Bool { policies[id]?.hooks.response ?? false }
     /// Whether policy `id` has an `on_log` hook.
     public func hasLogHook(_ id: Int) -> Bool { policies[id]?.hooks.log ?? false }
     /// `tandem.now()` for the current call: read from the clock on first use, then frozen.
@@ -214,7 +227,13 @@ public final class PolicyVM: @unchecked Sendable {
         callNow = n
         return n
     }
-    private var nextGeneration: Double = 1
+    /// A request's state in the VM (its ctx and handle) lives at a slot, an array index there,
+    /// reused once the request ended. Its generation carries the slot in the low 24 bits and a
+    /// sequence number above them, so a handle kept past its request is refused.
+    static let slotSpan: Double = 16_777_216
+    private var freeSlots: [Int] = []
+    private var nextSlot = 1
+    private var sequence: Double = 1
 
     public static let maxPolicies = 10_000
 
@@ -292,6 +311,7 @@ public final class PolicyVM: @unchecked Sendable {
         let name = loadingName ?? file
         policies[id] = Loaded(name: name, hooks: loadingHooks, slot: services.slot(for: name))
         _ = enter(op: 7, Double(staging), Double(id))
+        chains[-id] = [id]
         return name
     }
 
@@ -318,17 +338,43 @@ public final class PolicyVM: @unchecked Sendable {
     public func unload(id: Int) {
         _ = enter(op: 2, Double(id), 0)
         policies[id] = nil
+        chains[-id] = nil
+    }
+
+    /// A route's policies in order under `key` (> 0), run by one call into the VM per phase
+    /// (`onRequest(chain:)`, `onResponse(chain:)`). Policies load first; a key is defined once.
+    public func defineChain(_ key: Int, _ ids: [Int]) {
+        precondition(key > 0 && chains[key] == nil, "chain \(key) is already defined")
+        chains[key] = ids
+        for id in ids { _ = enter(op: 8, Double(key), Double(id)) }
+    }
+
+    public func dropChain(_ key: Int) {
+        guard key > 0, chains.removeValue(forKey: key) != nil else { return }
+        _ = enter(op: 9, Double(key), 0)
     }
 
     /// Runs `on_request` of policy `id` for `ex` (at once `.proceed` when it has none).
     public func onRequest(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome {
         guard let p = policies[id] else { return missing(id) }
-        return p.hooks.request ? call(3, id, p, ex, .request) : .proceed
+        return p.hooks.request ? onRequest(chain: -id, from: 0, ex).outcome : .proceed
     }
     /// Runs `on_response`: `ex.status` and `ex.responseHeaders` hold the answer (upstream or local).
     public func onResponse(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome {
         guard let p = policies[id] else { return missing(id) }
-        return p.hooks.response ? call(4, id, p, ex, .response) : .proceed
+        return p.hooks.response ? onResponse(chain: -id, from: 0, ex).outcome : .proceed
+    }
+
+    /// Runs `on_request` of chain `key`'s policies in order from position `start`, in one call
+    /// into the VM (each hook under its own budget). `at`: the position of the policy that
+    /// decided or failed, or the chain's length when all let the request through.
+    public func onRequest(chain key: Int, from start: Int, _ ex: PolicyExchange) -> (at: Int, outcome: PolicyOutcome) {
+        run(chain: key, op: 3, from: start, ex, .request)
+    }
+    /// Runs `on_response` of chain `key`'s policies backwards (last first) from position
+    /// `start`. `at`: the position of the policy that decided or failed, or -1.
+    public func onResponse(chain key: Int, from start: Int, _ ex: PolicyExchange) -> (at: Int, outcome: PolicyOutcome) {
+        run(chain: key, op: 4, from: start, ex, .response)
     }
     /// Runs `on_log` after the exchange completed (read-only).
     public func onLog(_ id: Int, _ ex: PolicyExchange) -> PolicyOutcome {
@@ -348,9 +394,27 @@ public final class PolicyVM: @unchecked Sendable {
     public static let endBatch = 64
     private var pendingEnds: [Double] = []
 
+    private func begin(_ ex: PolicyExchange) {
+        let slot: Int
+        if let s = freeSlots.popLast() {
+            slot = s
+        } else {
+            // One per request in flight on this loop, plus the ended ones waiting for a batch.
+            precondition(Double(nextSlot) < Self.slotSpan, "more than 16M policy requests in flight on one loop")
+            slot = nextSlot
+            nextSlot += 1
+        }
+        ex.generation = sequence * Self.slotSpan + Double(slot)
+        sequence = sequence < 536_870_912 ? sequence + 1 : 1  // 2^29: generations stay exact doubles
+    }
+
     private func flushEnds() {
         guard !pendingEnds.isEmpty else { return }
-        _ = enter(op: 6, Double(pendingEnds.count), 0)
+        let ended = pendingEnds
+        // A slot is reused only once the VM has dropped what it held (else it stays out).
+        if case .proceed = enter(op: 6, Double(pendingEnds.count), 0) {
+            for g in ended { freeSlots.append(Int(g.truncatingRemainder(dividingBy: Self.slotSpan))) }
+        }
         pendingEnds.removeAll(keepingCapacity: true)
     }
 
@@ -358,21 +422,65 @@ public final class PolicyVM: @unchecked Sendable {
         .failed(PolicyFailure(policy: "#\(id)", reason: .error, message: "no such policy"))
     }
 
-    private func call(_ op: Int32, _ id: Int, _ loaded: Loaded, _ ex: PolicyExchange, _ p: Phase) -> PolicyOutcome {
-        if ex.generation == 0 {
-            ex.generation = nextGeneration
-            nextGeneration += 1
+    private func run(
+        chain key: Int, op: Int32, from start: Int, _ ex: PolicyExchange, _ p: Phase
+    )
+        -> (at: Int, outcome: PolicyOutcome)
+    {
+        let forward = p == .request
+        guard let ids = chains[key], ids.indices.contains(start) else {
+            return (start, .failed(PolicyFailure(policy: "#\(key)", reason: .error, message: "no such chain")))
         }
+        var outcome = calling(ex, p, chain: ids) { enter(op: op, Double(key), ex.generation, Double(start + 1)) }
+        // The prelude names the hook that decided (its second result) or was running (next_hook).
+        var at: Int
+        switch outcome {
+        case .proceed: at = forward ? ids.count : -1
+        case .decision: at = Int(clj_vm_number(L, 2)) - 1
+        case .failed: at = Int(vm.pointee.at) - 1
+        }
+        // A failure before any hook started (none named) is the first one's.
+        if case .proceed = outcome {} else if !ids.indices.contains(at) { at = start }
+        // Counted per policy: the ones the request passed, then the one that decided or failed.
+        var i = start
+        while i != at {
+            if let l = policies[ids[i]], forward ? l.hooks.request : l.hooks.response { services.count(slot: l.slot) }
+            i += forward ? 1 : -1
+        }
+        guard ids.indices.contains(at), let l = policies[ids[at]] else { return (at, outcome) }
+        switch outcome {
+        case .proceed: break
+        case .decision(let d): services.count(slot: l.slot, decision: d.kind)
+        case .failed(var f):
+            f.policy = l.name
+            outcome = .failed(f)
+            services.count(slot: l.slot, failure: f.reason)
+        }
+        return (at, outcome)
+    }
+
+    /// Runs `body` (a call into the VM) with the state host calls read: the exchange, the
+    /// phase, and the policy or chain that runs.
+    private func calling(
+        _ ex: PolicyExchange, _ p: Phase, chain: [Int]? = nil, policy: Int = 0, _ body: () -> PolicyOutcome
+    ) -> PolicyOutcome {
+        if ex.generation == 0 { begin(ex) }
         current = ex
         phase = p
-        currentPolicy = id
+        currentChain = chain
+        currentPolicy = policy
         decision = nil
         callNow = nil
         defer {
             current = nil
+            currentChain = nil
             phase = .idle
         }
-        var outcome = enter(op: op, Double(id), ex.generation)
+        return body()
+    }
+
+    private func call(_ op: Int32, _ id: Int, _ loaded: Loaded, _ ex: PolicyExchange, _ p: Phase) -> PolicyOutcome {
+        var outcome = calling(ex, p, policy: id) { enter(op: op, Double(id), ex.generation) }
         switch outcome {
         case .proceed:
             services.count(slot: loaded.slot)
@@ -392,9 +500,9 @@ public final class PolicyVM: @unchecked Sendable {
     }
 
     /// entry(op, a, b) under the per-call limits; classifies a failure.
-    private func enter(op: Int32, _ a: Double, _ b: Double) -> PolicyOutcome {
+    private func enter(op: Int32, _ a: Double, _ b: Double, _ c: Double = 0) -> PolicyOutcome {
         clj_arm(vm, Int64(limits.instructions), Int64(limits.timeMs) * 1_000_000)
-        let status = clj_vm_enter(L, vm, op, a, b)
+        let status = clj_vm_enter(L, vm, op, a, b, c)
         if status == 0 {
             return clj_vm_number(L, 1) == 1 ? .decision(decision ?? emptyDecision) : .proceed
         }
@@ -586,9 +694,18 @@ public final class PolicyVM: @unchecked Sendable {
             let onRequest = op == .reqSetHeader || op == .reqAddHeader
             try requirePhase(
                 onRequest ? .request : .response, onRequest ? "changing request headers" : "changing response headers")
-            let name = try a.need(1, "header name")
-            let value = a.string(2)
-            try Self.checkHeader(name, value)
+            guard let rawName = a.raw(1) else { throw HostError("header name: expected a string") }
+            let value: String?
+            if let n = a.number(2) {
+                var text = Self.numberText(n)
+                try text.withUTF8 { try Self.checkHeader(rawName, UnsafeRawBufferPointer($0)) }
+                value = text
+            } else {
+                let rawValue = a.raw(2)
+                try Self.checkHeader(rawName, rawValue)
+                value = rawValue.map { String(decoding: $0, as: UTF8.self) }
+            }
+            let name = String(decoding: rawName, as: UTF8.self)
             let replace = op == .reqSetHeader || op == .resSetHeader
             if !replace && value == nil { throw HostError("add_header: expected a value") }
             // Edited in place: a copy of the list would be copied again on write.
@@ -685,10 +802,10 @@ public final class PolicyVM: @unchecked Sendable {
             decision = PolicyDecision(
                 kind: a.string(0) ?? "respond", status: Int(a.number(1) ?? 500), body: a.bytes(2) ?? [], headers: [])
         case .decideHeader:
-            let name = try a.need(0, "header name")
-            let value = try a.need(1, "header value")
+            guard let name = a.raw(0) else { throw HostError("header name: expected a string") }
+            guard let value = a.raw(1) else { throw HostError("header value: expected a string") }
             try Self.checkHeader(name, value)
-            decision?.headers.append((name, value))
+            decision?.headers.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
         case .now:
             put(Double(frozenNow))
         case .random:
@@ -701,7 +818,7 @@ public final class PolicyVM: @unchecked Sendable {
             put(lo + Double(rng.next() % UInt64(hi - lo + 1)))
         case .log:
             let level = PolicyLogLine.Level(rawValue: Int(a.number(1) ?? 1)) ?? .info
-            let name = policies[currentPolicy]?.name ?? loadingName ?? "?"
+            let name = policies[runningPolicy]?.name ?? loadingName ?? "?"
             services.log(
                 PolicyLogLine(policy: name, level: level, message: a.string(2) ?? "", fieldsJSON: a.string(3)),
                 now: frozenNow)
@@ -726,14 +843,14 @@ public final class PolicyVM: @unchecked Sendable {
                 put(s.addingPercentEncoding(withAllowedCharacters: Self.unreserved) ?? s)
             }
         case .tokenBucket:
-            let key = (policies[currentPolicy]?.name ?? "?") + "|" + (try a.need(1, "key"))
+            let key = PolicyLimiters.Key(policy: policies[runningPolicy]?.slot.index ?? -1, key: try a.need(1, "key"))
             let r = services.tokenBucket(
                 key, rate: try a.needNumber(2, "rate"), burst: try a.needNumber(3, "burst"), now: frozenNow)
             put(r.ok)
             put(Double(r.retryAfterMs))
             put(Double(r.remaining))
         case .window:
-            let key = (policies[currentPolicy]?.name ?? "?") + "|" + (try a.need(1, "key"))
+            let key = PolicyLimiters.Key(policy: policies[runningPolicy]?.slot.index ?? -1, key: try a.need(1, "key"))
             let limit = try a.needNumber(2, "limit"), seconds = try a.needNumber(3, "seconds")
             let r = services.window(key, limit: Int(limit), seconds: seconds, now: frozenNow)
             put(r.ok)
@@ -743,7 +860,7 @@ public final class PolicyVM: @unchecked Sendable {
             try shared(a)
         case .metricDeclare:
             try requirePhase(.initialize, "declaring a metric")
-            let policy = policies[currentPolicy]?.name ?? loadingName ?? "?"
+            let policy = policies[runningPolicy]?.name ?? loadingName ?? "?"
             let labels = (a.string(3) ?? "").split(separator: ",").map(String.init)
             let buckets = (a.string(4) ?? "").split(separator: ",").compactMap { Double($0) }
             switch services.declareMetric(
@@ -892,16 +1009,23 @@ public final class PolicyVM: @unchecked Sendable {
         }
     }
 
-    static func checkHeader(_ name: String, _ value: String?) throws {
-        var nameOK = !name.isEmpty && name.utf8.count <= 256
-        if nameOK { for c in name.utf8 where !HTTPToken.isTokenByte(c) { nameOK = false; break } }
-        guard nameOK else { throw HostError("invalid header name \"\(name.prefix(64))\"") }
-        if let value {
-            var valueOK = value.utf8.count <= 16_384
-            if valueOK { for c in value.utf8 where c == 13 || c == 10 || c == 0 { valueOK = false; break } }
-            guard valueOK else {
-                throw HostError("invalid value for header \(name): no CR, LF or NUL, at most 16384 bytes")
-            }
+    /// An integer below 10^14 as Lua's `tostring` writes it (the prelude sends other numbers
+    /// as text: `%.14g` rounding is LuaJIT's own).
+    static func numberText(_ d: Double) -> String {
+        if d == 0 { return d.sign == .minus ? "-0" : "0" }
+        return d == d.rounded(.towardZero) && abs(d) < 1e14 ? String(Int64(d)) : String(format: "%.14g", d)
+    }
+
+    /// A header field a policy sets: a token name of at most 256 bytes; a value of at most
+    /// 16 KiB without CR, LF or NUL. Checked on the argument's bytes, before any String is made.
+    static func checkHeader(_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer?) throws {
+        guard !name.isEmpty, name.count <= 256, name.allSatisfy(HTTPToken.isTokenByte) else {
+            throw HostError("invalid header name \"\(String(decoding: name.prefix(64), as: UTF8.self))\"")
+        }
+        if let value, value.count > 16_384 || value.contains(where: { $0 == 13 || $0 == 10 || $0 == 0 }) {
+            throw HostError(
+                "invalid value for header \(String(decoding: name, as: UTF8.self)): no CR, LF or NUL, at most 16384 bytes"
+            )
         }
     }
 

@@ -156,41 +156,54 @@ public struct SharedDict: Sendable {
     }
 }
 
-/// Rate limiters keyed by string (policy name + the policy's key): token buckets and fixed
-/// windows, with a bound on tracked keys (idle keys dropped first; they carry no state worth
-/// keeping once full or past their window).
+/// Rate limiters keyed by the policy (its name's counter slot: versions of a policy share
+/// them) and the policy's key: token buckets and fixed windows, with a bound on tracked keys
+/// (idle keys dropped first; they carry no state worth keeping once full or past their window).
 public struct PolicyLimiters: Sendable {
+    public struct Key: Hashable, Sendable {
+        public var policy: Int
+        public var key: String
+        public init(policy: Int, key: String) {
+            self.policy = policy
+            self.key = key
+        }
+    }
     public let maxKeys: Int
-    private var buckets: [String: (tokens: Double, at: Int64, rate: Double, burst: Double)] = [:]
-    private var windows: [String: (start: Int64, count: Int, seconds: Double)] = [:]
+    private var buckets: [Key: (tokens: Double, at: Int64, rate: Double, burst: Double)] = [:]
+    private var windows: [Key: (start: Int64, count: Int, seconds: Double)] = [:]
 
     public init(maxKeys: Int = 100_000) { self.maxKeys = max(1, maxKeys) }
 
     /// `rate` tokens per second, at most `burst`. Returns whether one was taken, the ms until
     /// one is available, and the tokens left.
     public mutating func tokenBucket(
-        _ key: String, rate: Double, burst: Double, now: Int64
+        _ key: Key, rate: Double, burst: Double, now: Int64
     ) -> (
         ok: Bool, retryAfterMs: Int64, remaining: Int
     ) {
         let rate = max(rate, 1e-9)
         let burst = max(burst, 1)
-        var b = buckets[key] ?? (burst, now, rate, burst)
-        b.tokens = min(burst, b.tokens + Double(max(0, now - b.at)) * rate / 1000)
-        b.at = now
-        b.rate = rate
-        b.burst = burst
-        if b.tokens >= 1 {
-            b.tokens -= 1
-            store(key, b, now: now)
-            return (true, 0, Int(b.tokens))
+        func take(_ b: inout (tokens: Double, at: Int64, rate: Double, burst: Double)) -> (Bool, Int64, Int) {
+            b.tokens = min(burst, b.tokens + Double(max(0, now - b.at)) * rate / 1000)
+            b.at = now
+            b.rate = rate
+            b.burst = burst
+            if b.tokens >= 1 {
+                b.tokens -= 1
+                return (true, 0, Int(b.tokens))
+            }
+            return (false, Int64(((1 - b.tokens) * 1000 / rate).rounded(.up)), 0)
         }
+        // A known key: one hash lookup, updated in place.
+        if let i = buckets.index(forKey: key) { return take(&buckets.values[i]) }
+        var b = (tokens: burst, at: now, rate: rate, burst: burst)
+        let r = take(&b)
         store(key, b, now: now)
-        return (false, Int64(((1 - b.tokens) * 1000 / rate).rounded(.up)), 0)
+        return r
     }
 
     private mutating func store(
-        _ key: String, _ b: (tokens: Double, at: Int64, rate: Double, burst: Double), now: Int64
+        _ key: Key, _ b: (tokens: Double, at: Int64, rate: Double, burst: Double), now: Int64
     ) {
         if buckets[key] == nil && buckets.count >= maxKeys {
             // Buckets that have refilled are indistinguishable from new ones.
@@ -207,7 +220,7 @@ public struct PolicyLimiters: Sendable {
     /// At most `limit` per fixed window of `seconds`. Returns whether allowed, how many remain,
     /// and the seconds until the window resets.
     public mutating func window(
-        _ key: String, limit: Int, seconds: Double, now: Int64
+        _ key: Key, limit: Int, seconds: Double, now: Int64
     ) -> (
         ok: Bool, remaining: Int, resetSeconds: Double
     ) {

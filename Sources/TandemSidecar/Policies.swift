@@ -16,12 +16,24 @@ final class SidecarPolicies: @unchecked Sendable {
         var name: String
         var failOpen: Bool
     }
+    /// A route's policies in order, defined under `key` in every VM (one call into the VM runs
+    /// a phase of the whole chain), with what their hooks need from the request path (known
+    /// once they loaded, so no request asks the VM per policy).
+    struct Chain: Sendable {
+        var key = 0
+        var entries: [Entry] = []
+        var request = false
+        var response = false
+        var responseBody = false
+        var requestBody = false
+        var log = false
+    }
     struct Chains: Sendable {
-        var routes: [String: [Entry]] = [:]
-        var inbound: [Entry] = []
+        var routes: [String: Chain] = [:]
+        var inbound = Chain()
         var specs: [String: [PolicySpec]] = [:]
         var inboundSpecs: [PolicySpec] = []
-        var isEmpty: Bool { routes.isEmpty && inbound.isEmpty }
+        var isEmpty: Bool { routes.isEmpty && inbound.entries.isEmpty }
     }
 
     let services: PolicyServices
@@ -57,8 +69,8 @@ final class SidecarPolicies: @unchecked Sendable {
     private let active = NIOLockedValueBox(false)
     var isActive: Bool { active.withLockedValue { $0 } }
 
-    func chain(route: String?) -> [Entry] {
-        chains.withLockedValue { c in route.map { c.routes[$0] ?? [] } ?? c.inbound }
+    func chain(route: String?) -> Chain {
+        chains.withLockedValue { c in route.map { c.routes[$0] ?? Chain() } ?? c.inbound }
     }
 
     func vm(for loop: any EventLoop) -> PolicyVM? {
@@ -79,21 +91,27 @@ final class SidecarPolicies: @unchecked Sendable {
         next.specs = config.routePolicies
         next.inboundSpecs = config.inboundPolicies
         var load: [(Int, PolicySpec)] = []
-        func entries(_ specs: [PolicySpec]) -> [Entry] {
-            specs.map { s in
-                let id = nextID.withLockedValue { n -> Int in
-                    defer { n += 1 }
-                    return n
-                }
-                load.append((id, s))
-                return Entry(id: id, name: s.name, failOpen: s.failOpen)
+        func newID() -> Int {
+            nextID.withLockedValue { n -> Int in
+                defer { n += 1 }
+                return n
             }
         }
-        for (route, specs) in config.routePolicies where !specs.isEmpty { next.routes[route] = entries(specs) }
-        next.inbound = entries(config.inboundPolicies)
+        func chain(_ specs: [PolicySpec]) -> Chain {
+            Chain(
+                key: specs.isEmpty ? 0 : newID(),
+                entries: specs.map { s in
+                    let id = newID()
+                    load.append((id, s))
+                    return Entry(id: id, name: s.name, failOpen: s.failOpen)
+                })
+        }
+        for (route, specs) in config.routePolicies where !specs.isEmpty { next.routes[route] = chain(specs) }
+        next.inbound = chain(config.inboundPolicies)
         let limits = self.limits
         let services = self.services
-        let (toLoad, installed) = (load, next)
+        let newChains = (Array(next.routes.values) + [next.inbound]).filter { $0.key != 0 }
+        let (toLoad, installed, defined) = (load, next, newChains.map { ($0.key, $0.entries.map(\.id)) })
         let loads = loops.map { l in
             l.submit { [self] () throws -> Void in
                 let vm = try vms.withLockedValue { v -> PolicyVM in
@@ -110,28 +128,44 @@ final class SidecarPolicies: @unchecked Sendable {
                         throw error
                     }
                 }
+                for (key, ids) in defined { vm.defineChain(key, ids) }
             }
         }
         return EventLoopFuture.whenAllSucceed(loads, on: loop).map { [self] _ in
-            let old = chains.withLockedValue { c -> [Int] in
-                let ids = (c.routes.values.flatMap { $0 } + c.inbound).map(\.id)
+            // Every VM loaded the same sources: the first loop's VM (this is its loop) answers
+            // for all.
+            var installed = installed
+            if let vm = vm(for: loop) {
+                func flag(_ c: inout Chain) {
+                    c.request = c.entries.contains { vm.hasRequestHook($0.id) }
+                    c.response = c.entries.contains { vm.hasResponseHook($0.id) }
+                    c.responseBody = c.entries.contains { vm.wantsResponseBody($0.id) }
+                    c.requestBody = c.entries.contains { vm.wantsRequestBody($0.id) }
+                    c.log = c.entries.contains { vm.hasLogHook($0.id) }
+                }
+                for route in Array(installed.routes.keys) { flag(&installed.routes[route]!) }
+                flag(&installed.inbound)
+            }
+            let old = chains.withLockedValue { c -> (ids: [Int], chains: [Int]) in
+                let all = Array(c.routes.values) + [c.inbound]
                 c = installed
-                return ids
+                return (all.flatMap(\.entries).map(\.id), all.map(\.key).filter { $0 != 0 })
             }
             active.withLockedValue { $0 = !installed.isEmpty }
-            retire(old, after: Self.retireAfter)
+            retire(old.ids, chains: old.chains, after: Self.retireAfter)
         }.flatMapError { [self] error in
             // Loops that compiled the new set before another failed drop it again.
-            retire(toLoad.map(\.0), after: .zero)
+            retire(toLoad.map(\.0), chains: defined.map(\.0), after: .zero)
             return loop.makeFailedFuture(error)
         }
     }
 
-    private func retire(_ ids: [Int], after delay: TimeAmount) {
-        guard !ids.isEmpty else { return }
+    private func retire(_ ids: [Int], chains keys: [Int], after delay: TimeAmount) {
+        guard !ids.isEmpty || !keys.isEmpty else { return }
         for l in loops {
             l.scheduleTask(in: delay) { [self] in
                 guard let vm = vm(for: l) else { return }
+                for key in keys { vm.dropChain(key) }
                 for id in ids { vm.unload(id: id) }
             }
         }
@@ -162,10 +196,11 @@ extension PolicyExchange {
     /// The request as policies see it (the path split from its query).
     convenience init(head: HTTPRequestHead, path: String, host: String, route: String, side: ProxySide, remote: String)
     {
-        let q = path.firstIndex(of: "?")
+        let q = path.utf8.firstIndex(of: UInt8(ascii: "?"))
         self.init(
             method: head.method.rawValue, path: q.map { String(path[..<$0]) } ?? path,
-            query: q.map { String(path[path.index(after: $0)...]) } ?? "", authority: host, remoteAddress: remote,
+            query: q.map { String(path[path.utf8.index(after: $0)...]) } ?? "", authority: host,
+            remoteAddress: remote,
             route: route, side: side.rawValue, headers: head.headers.map { (name: $0.name, value: $0.value) },
             requestID: head.headers.first(name: "x-request-id") ?? "")
     }
@@ -194,7 +229,7 @@ extension PolicyDecision {
 /// HTTP/1.1 and HTTP/2 (gRPC) exchanges.
 final class PolicyRun {
     let vm: PolicyVM
-    let chain: [SidecarPolicies.Entry]
+    let chain: SidecarPolicies.Chain
     let ex: PolicyExchange
     private unowned let policies: SidecarPolicies
     private var responseRan = false
@@ -206,7 +241,7 @@ final class PolicyRun {
     ) {
         guard let p = ctx.policies, p.isActive else { return nil }
         let chain = p.chain(route: side == .inbound ? nil : route.name)
-        guard !chain.isEmpty, let vm = p.vm(for: loop) else { return nil }
+        guard !chain.entries.isEmpty, let vm = p.vm(for: loop) else { return nil }
         self.vm = vm
         self.chain = chain
         self.policies = p
@@ -214,8 +249,8 @@ final class PolicyRun {
         if case .template(let t) = route.match.path { ex.params = RouteTable.matchTemplate(t, ex.path) ?? [:] }
     }
 
-    private(set) lazy var wantsResponseBody: Bool = chain.contains { vm.wantsResponseBody($0.id) }
-    private(set) lazy var wantsRequestBody: Bool = chain.contains { vm.wantsRequestBody($0.id) }
+    var wantsResponseBody: Bool { chain.responseBody }
+    var wantsRequestBody: Bool { chain.requestBody }
 
     enum RequestOutcome {
         case proceed
@@ -223,16 +258,23 @@ final class PolicyRun {
         case failed(LocalAnswer)
     }
 
-    /// on_request of each policy in order.
+    /// on_request of each policy in order (one call into the VM; a fail-open policy's failure
+    /// goes on with the next).
     func request() -> RequestOutcome {
-        for e in chain {
-            switch vm.onRequest(e.id, ex) {
-            case .proceed: continue
+        guard chain.request else { return .proceed }
+        var start = 0
+        while start < chain.entries.count {
+            let (at, outcome) = vm.onRequest(chain: chain.key, from: start, ex)
+            switch outcome {
+            case .proceed: return .proceed
             case .decision(let d): return .answer(d)
             case .failed(let f):
                 policies.report(f, route: ex.route)
-                if e.failOpen { continue }
-                return .failed(LocalAnswer(.policyError, message: "policy \(f.policy) failed (\(f.reason.rawValue))"))
+                guard chain.entries.indices.contains(at), chain.entries[at].failOpen else {
+                    return .failed(
+                        LocalAnswer(.policyError, message: "policy \(f.policy) failed (\(f.reason.rawValue))"))
+                }
+                start = at + 1
             }
         }
         return .proceed
@@ -283,17 +325,21 @@ final class PolicyRun {
         ex.upstreamEndpoint = endpoint
         ex.attempts = attempts
         ex.durationMs = durationMs
-        for e in chain.reversed() {
-            switch vm.onResponse(e.id, ex) {
-            case .proceed: continue
+        var start = chain.response ? chain.entries.count - 1 : -1
+        responses: while start >= 0 {
+            let (at, outcome) = vm.onResponse(chain: chain.key, from: start, ex)
+            switch outcome {
+            case .proceed: break responses
             case .decision(let d): return d
             case .failed(let f):
                 policies.report(f, route: ex.route)
-                if e.failOpen { continue }
-                let a = LocalAnswer(.policyError, message: "policy \(f.policy) failed (\(f.reason.rawValue))")
-                return PolicyDecision(
-                    kind: "error", status: a.status, body: Array(a.jsonBody.utf8),
-                    headers: [("content-type", "application/json"), ("tandem-error", a.reason.rawValue)])
+                guard chain.entries.indices.contains(at), chain.entries[at].failOpen else {
+                    let a = LocalAnswer(.policyError, message: "policy \(f.policy) failed (\(f.reason.rawValue))")
+                    return PolicyDecision(
+                        kind: "error", status: a.status, body: Array(a.jsonBody.utf8),
+                        headers: [("content-type", "application/json"), ("tandem-error", a.reason.rawValue)])
+                }
+                start = at - 1
             }
         }
         // The hooks' edits, applied to the answer's head in place (the same steps the hooks'
@@ -307,7 +353,7 @@ final class PolicyRun {
         return nil
     }
 
-    private lazy var logs: Bool = chain.contains { vm.hasLogHook($0.id) }
+    private var logs: Bool { chain.log }
 
     /// on_log of each policy; then the request's ctx is dropped.
     func log(status: Int, reason: String?, endpoint: @autoclosure () -> String?, attempts: Int, durationMs: Double) {
@@ -317,7 +363,7 @@ final class PolicyRun {
             ex.upstreamEndpoint = endpoint()
             ex.attempts = attempts
             ex.durationMs = durationMs
-            for e in chain {
+            for e in chain.entries {
                 if case .failed(let f) = vm.onLog(e.id, ex) { policies.report(f, route: ex.route) }
             }
         }

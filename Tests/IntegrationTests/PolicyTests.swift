@@ -167,6 +167,18 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         let bomb = dir0.url.appendingPathComponent("bomb.lua").path
         try #"return { name = "bomb", on_request = function() local s = ("x"):rep(1e8) end }"#
             .write(toFile: bomb, atomically: true, encoding: .utf8)
+        // A chain whose fail-open policies fail in each phase: the others still run (on_request
+        // in order, on_response last first).
+        var chain: [String] = []
+        for (name, source) in [
+            ("stamp", #"return { name = "stamp", on_response = function(res) res:set_header("x-stamp", "1") end }"#),
+            ("tag", #"return { name = "tag", on_request = function(req) req:set_header("x-after", "1") end }"#),
+            ("late", #"return { name = "late", on_response = function() error("late") end }"#),
+        ] {
+            let file = dir0.url.appendingPathComponent("\(name).lua").path
+            try source.write(toFile: file, atomically: true, encoding: .utf8)
+            chain.append(file)
+        }
         let (client, dir) = try configuredClient(
             """
             return { routes = {
@@ -174,6 +186,9 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
               { name = "bomb", host = "edge", path = "/bomb", cluster = "edge", policies = { "\(bomb)" } },
               { name = "open", host = "edge", path = "/open", cluster = "edge",
                 policies = { { file = "\(hostile)", fail_open = true } } },
+              { name = "chain", host = "edge", path = "/headers/chain", cluster = "edge",
+                policies = { "\(chain[0])", { file = "\(hostile)", fail_open = true }, "\(chain[1])",
+                             { file = "\(chain[2])", fail_open = true } } },
               { name = "fine", host = "edge", cluster = "edge" },
             } }
             """, extra: ["--endpoints", "edge=127.0.0.1:\(port)"])
@@ -189,13 +204,17 @@ let policiesDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
             #expect(boom.status == 500 && boom.body.contains("policy bomb failed (memory)"), "\(boom)")
             // fail_open: the error is logged and counted, the request goes through.
             #expect(try http("http://\(client.outbound)/open", host: "edge").status == 200)
+            let chained = try http("http://\(client.outbound)/headers/chain", host: "edge")
+            #expect(chained.status == 200 && chained.body.contains(#""x-after": "1""#), "\(chained)")
+            #expect(chained.headers["x-stamp"] == "1", "\(chained)")
             #expect(try http("http://\(client.outbound)/", host: "edge").status == 200)
         }
         let metrics = try http("http://\(client.admin)/metrics").body
         func count(_ reason: String) -> Int {
             Int(metric(metrics, "tandem_policy_errors_total{policy=\"spin\",reason=\"\(reason)\"}") ?? 0)
         }
-        #expect(count("instructions") + count("timeout") == 6, "\(metrics)")
+        #expect(count("instructions") + count("timeout") == 9, "\(metrics)")
+        #expect(metrics.contains(#"tandem_policy_errors_total{policy="late",reason="error"} 3"#), "\(metrics)")
         #expect(metrics.contains(#"tandem_policy_errors_total{policy="bomb",reason="memory"} 3"#))
         let log = client.child.readUntil { $0.contains("policy error on route bomb") }
         #expect(log.last?.contains("memory limit") == true, "\(log.suffix(3))")

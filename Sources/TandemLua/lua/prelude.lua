@@ -1,11 +1,12 @@
 -- Tandem's policy prelude: trusted code run once per VM at boot (JIT off, under the same
 -- limits as policies). It builds the `tandem` module and each policy's sandboxed environment,
 -- validates policy configs against their schemas, and is the single entry point the host calls
--- (entry(op, a, b)). `OPS` (host operation numbers) is prepended by the host from the same
+-- (entry(op, a, b, c)). `OPS` (host operation numbers) is prepended by the host from the same
 -- table that generates the LuaLS definitions.
 local H = {}
 for name, op in pairs(OPS) do H[name] = __host_function(op) end
-__host_function, OPS = nil, nil
+local next_hook = __next_hook
+__host_function, __next_hook, OPS = nil, nil, nil
 
 local load, pairs, ipairs, type, tostring, tonumber, select, error, setmetatable, getmetatable, next, unpack, rawget =
   load, pairs, ipairs, type, tostring, tonumber, select, error, setmetatable, getmetatable, next, unpack, rawget
@@ -332,9 +333,24 @@ local h_req_header = H.req_header
 function Req:header(name) return h_req_header(self[1], name, 1) end
 function Req:header_values(name) return list(H.req_header, self[1], name) end
 function Req:headers() return header_table(H.req_header_at, self[1]) end
-function Req:set_header(name, value) H.req_set_header(self[1], name, value ~= nil and tostring(value) or nil) end
-function Req:add_header(name, value) H.req_add_header(self[1], name, tostring(value)) end
-function Req:remove_header(name) H.req_set_header(self[1], name, nil) end
+-- set_header/add_header/remove_header over the host's operations. Header values: strings and
+-- integers below 10^14 go to the host as they are (it writes such a number as tostring does,
+-- without making a Lua string); anything else through tostring.
+local function as_text(t, v) return t ~= "number" or v % 1 ~= 0 or v >= 1e14 or v <= -1e14 end
+local function header_setters(set, add)
+  return function(self, name, value)
+    if value ~= nil then
+      local t = type(value)
+      if t ~= "string" and as_text(t, value) then value = tostring(value) end
+    end
+    set(self[1], name, value)
+  end, function(self, name, value)
+    local t = type(value)
+    if t ~= "string" and value ~= nil and as_text(t, value) then value = tostring(value) end
+    add(self[1], name, value)
+  end, function(self, name) set(self[1], name, nil) end
+end
+Req.set_header, Req.add_header, Req.remove_header = header_setters(H.req_set_header, H.req_add_header)
 function Req:query_arg(name) return H.req_query_arg(self[1], name) end
 function Req:query_args() return json.decode(H.req_query_args_json(self[1])) end
 function Req:param(name) return H.req_param(self[1], name) end
@@ -369,9 +385,7 @@ local Res = {}
 function Res:header(name) return H.res_header(self[1], name, 1) end
 function Res:header_values(name) return list(H.res_header, self[1], name) end
 function Res:headers() return header_table(H.res_header_at, self[1]) end
-function Res:set_header(name, value) H.res_set_header(self[1], name, value ~= nil and tostring(value) or nil) end
-function Res:add_header(name, value) H.res_add_header(self[1], name, tostring(value)) end
-function Res:remove_header(name) H.res_set_header(self[1], name, nil) end
+Res.set_header, Res.add_header, Res.remove_header = header_setters(H.res_set_header, H.res_add_header)
 function Res:body() return H.res_body(self[1]) end
 local RES_FIELDS = { status = true, reason = true, upstream = true, attempts = true, duration_ms = true }
 local function object_mt(methods, fields, kind)
@@ -568,34 +582,59 @@ local function report(kind, result, name)
   fail(sformat("%s returned %s; return nothing to continue, or tandem.respond/deny/redirect(...)", kind, describe(result)))
 end
 
-local ENTRY_LOAD, ENTRY_UNLOAD, ENTRY_REQUEST, ENTRY_RESPONSE, ENTRY_LOG, ENTRY_END, ENTRY_MOVE = 1, 2, 3, 4, 5, 6, 7
--- Per request (by generation): its ctx and its request handle, made once and reused by every
--- hook of the request; dropped by ENTRY_END (which the host batches: `a` = how many ids to
--- fetch with H.pending_ends).
+local ENTRY_LOAD, ENTRY_UNLOAD, ENTRY_REQUEST, ENTRY_RESPONSE, ENTRY_LOG, ENTRY_END, ENTRY_MOVE, ENTRY_CHAIN_ADD,
+  ENTRY_CHAIN_DROP = 1, 2, 3, 4, 5, 6, 7, 8, 9
+-- Per request: its ctx and its request handle, made once and reused by every hook of the
+-- request, at the request's slot (the generation's low 24 bits: an array index, reused by the
+-- host once the request ended); dropped by ENTRY_END (which the host batches: `a` = how many
+-- generations to fetch with H.pending_end).
 local reqs = {}
+local SLOTS = 16777216
 local function request_state(b)
-  local ctx = ctxs[b]
+  local s = b % SLOTS
+  local ctx = ctxs[s]
   if not ctx then
     ctx = {}
-    ctxs[b] = ctx
-    reqs[b] = setmetatable({ b }, ReqMT)
+    ctxs[s] = ctx
+    reqs[s] = setmetatable({ b }, ReqMT)
   end
-  return ctx, reqs[b]
+  return ctx, reqs[s]
 end
+-- Chains: a route's policies in order (by key; -id is the chain of policy id alone). One call
+-- runs a chain's hooks from position `c`: on_request forward, on_response backward. Each hook
+-- gets its own budget (next_hook), and the host learns which one runs. Returns the decision
+-- flag and the position of the hook that decided.
+local chains = {}
 
-return function(op, a, b)
+return function(op, a, b, c)
   if op == ENTRY_REQUEST then
-    local p = policies[a]
+    local chain = chains[a]
     local ctx, req = request_state(b)
-    local r = p.on_request(req, ctx, p.cfg)
-    if r == nil then return 0 end
-    return report("on_request", r, p.name)
+    for i = c, #chain do
+      local p = policies[chain[i]]
+      local f = p.on_request
+      if f then
+        next_hook(i)
+        local r = f(req, ctx, p.cfg)
+        if r ~= nil then return report("on_request", r, p.name), i end
+      end
+    end
+    return 0, 0
   elseif op == ENTRY_RESPONSE then
-    local p = policies[a]
+    local chain = chains[a]
     local ctx = request_state(b)
-    local r = p.on_response(setmetatable({ b }, ResMT), ctx, p.cfg)
-    if r == nil then return 0 end
-    return report("on_response", r, p.name)
+    local res
+    for i = c, 1, -1 do
+      local p = policies[chain[i]]
+      local f = p.on_response
+      if f then
+        next_hook(i)
+        res = res or setmetatable({ b }, ResMT)
+        local r = f(res, ctx, p.cfg)
+        if r ~= nil then return report("on_response", r, p.name), i end
+      end
+    end
+    return 0, 0
   elseif op == ENTRY_LOG then
     local p = policies[a]
     local ctx = request_state(b)
@@ -605,12 +644,25 @@ return function(op, a, b)
     for _ = 1, a do
       local g = H.pending_end()
       if g == nil then break end
-      ctxs[g], reqs[g] = nil, nil
+      local s = g % SLOTS
+      ctxs[s], reqs[s] = nil, nil
     end
     return 0
   elseif op == ENTRY_LOAD then load_policy(a) return 0
-  elseif op == ENTRY_UNLOAD then policies[a] = nil return 0
-  elseif op == ENTRY_MOVE then policies[b], policies[a] = policies[a], nil return 0
+  elseif op == ENTRY_UNLOAD then
+    policies[a] = nil
+    if a > 0 then chains[-a] = nil end
+    return 0
+  elseif op == ENTRY_MOVE then
+    policies[b], policies[a] = policies[a], nil
+    chains[-b] = { b }
+    return 0
+  elseif op == ENTRY_CHAIN_ADD then
+    local chain = chains[a] or {}
+    chain[#chain + 1] = b
+    chains[a] = chain
+    return 0
+  elseif op == ENTRY_CHAIN_DROP then chains[a] = nil return 0
   end
   fail("bad entry op " .. tostring(op))
 end
