@@ -38,6 +38,8 @@ func policyBenchmarks() throws {
             return { name = "headers", on_request = function(req)
               for _ = 1, 10 do local t = req:header("x-tenant") end end }
             """)
+    // The sidecar runs a route's policies as one chain: one call into the VM per phase.
+    vm.defineChain(100, [3, 4])
     let ex = PolicyExchange(
         method: "GET", path: "/user/1", authority: "users", remoteAddress: "127.0.0.1:5000", route: "users",
         headers: [
@@ -57,6 +59,11 @@ func policyBenchmarks() throws {
             }
         }
     }
+    if only == nil || "tenant gate + token bucket (one chain)".hasPrefix(only!) {
+        measure("policy hook: tenant gate + token bucket (one chain)", ops: n, unit: "calls") {
+            for _ in 0..<n { precondition(vm.onRequest(chain: 100, from: 0, ex).outcome == .proceed) }
+        }
+    }
     vm.end(ex)
     // As the proxy runs them: a new exchange per request (its own ctx table and request
     // userdata in the VM), ended after its hooks — the calls above reuse one exchange.
@@ -69,6 +76,17 @@ func policyBenchmarks() throws {
                     method: "GET", path: "/user/1", authority: "users", remoteAddress: "127.0.0.1:5000",
                     route: "users", headers: headers)
                 for id in ids { precondition(vm.onRequest(id, fresh) == .proceed) }
+                vm.end(fresh)
+            }
+        }
+    }
+    if only == nil || "tenant gate + token bucket (one chain)".hasPrefix(only!) {
+        measure("policy request (new exchange): tenant gate + token bucket (one chain)", ops: n, unit: "requests") {
+            for _ in 0..<n {
+                let fresh = PolicyExchange(
+                    method: "GET", path: "/user/1", authority: "users", remoteAddress: "127.0.0.1:5000",
+                    route: "users", headers: headers)
+                precondition(vm.onRequest(chain: 100, from: 0, fresh).outcome == .proceed)
                 vm.end(fresh)
             }
         }
