@@ -1,22 +1,41 @@
 import Foundation
+import Synchronization
 import Testing
 
-/// A free TCP port on 127.0.0.1, chosen by the kernel.
+/// A free TCP port on 127.0.0.1 below the kernel's ephemeral range (32768–60999 here), for a
+/// process a test starts later. A port the kernel picks (bind to 0) comes from that range, and
+/// until the process binds it the kernel may hand the same port to an outgoing connection as
+/// its source port (the sidecars open many), so the process then fails with "Address already
+/// in use". Ports are tried in sequence from a start that differs per test process, and one
+/// that cannot be bound now is skipped.
 func freePort() throws -> Int {
+    for _ in 0..<portSpan {
+        let port = nextPortCandidate.withLock { n -> Int in
+            defer { n = (n + 1) % portSpan }
+            return portBase + n
+        }
+        if canBind(port) { return port }
+    }
+    throw TestFailure("could not pick a free port")
+}
+
+private let portBase = 20_000
+private let portSpan = 12_000
+private let nextPortCandidate = Mutex(Int(getpid()) * 97 % portSpan)
+
+private func canBind(_ port: Int) -> Bool {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { return false }
     defer { close(fd) }
     var addr = sockaddr_in()
     addr.sin_family = sa_family_t(AF_INET)
     addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-    addr.sin_port = 0
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    let ok = withUnsafeMutablePointer(to: &addr) {
+    addr.sin_port = UInt16(port).bigEndian
+    return withUnsafePointer(to: &addr) {
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-            bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0
+            bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0
         }
     }
-    guard ok else { throw TestFailure("could not pick a free port") }
-    return Int(UInt16(bigEndian: addr.sin_port))
 }
 
 /// Three `tandem registry` processes forming one cluster, each killable and restartable.
