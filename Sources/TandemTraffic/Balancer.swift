@@ -101,18 +101,21 @@ public struct Balancer: Sendable {
 
     /// Feeds one finished attempt: its latency (or the failure penalty) into the EWMA.
     public mutating func attemptFinished(_ id: String, latency: Nanos, failed: Bool, now: Nanos) {
-        var l = loads[id] ?? EndpointLoad(ewma: Double(defaultRTT))
-        l.active = max(0, l.active - 1)
         let rtt = Double(failed ? max(latency, failurePenalty) : max(latency, 0))
-        if rtt > l.ewma {
-            l.ewma = rtt  // peak: jump up at once
-        } else {
-            let dt = Double(max(0, now - l.lastUpdate))
-            let w = Math.expNegative(dt / Double(decay))
-            l.ewma = l.ewma * w + rtt * (1 - w)
+        let decay = Double(decay)
+        // Updated in place: one lookup.
+        func update(_ l: inout EndpointLoad) {
+            l.active = max(0, l.active - 1)
+            if rtt > l.ewma {
+                l.ewma = rtt  // peak: jump up at once
+            } else {
+                let dt = Double(max(0, now - l.lastUpdate))
+                let w = Math.expNegative(dt / decay)
+                l.ewma = l.ewma * w + rtt * (1 - w)
+            }
+            l.lastUpdate = now
         }
-        l.lastUpdate = now
-        loads[id] = l
+        update(&loads[id, default: EndpointLoad(ewma: Double(defaultRTT))])
     }
 
     /// Forgets endpoints that left the cluster.

@@ -22,7 +22,11 @@ public struct ClusterConfig: Equatable, Sendable {
 public struct ClusterState: Sendable {
     public var config: ClusterConfig
     public private(set) var endpoints: [Endpoint] = []
-    public private(set) var health: [String: HealthState] = [:]
+    public private(set) var health: [String: HealthState] = [:] {
+        didSet { unroutableByHealth = health.values.contains { !$0.isRoutable } }
+    }
+    /// Whether any endpoint fails its active checks (else routing looks none up).
+    private var unroutableByHealth = false
     public var balancer: Balancer
     public var breaker: FailureBreaker
     public var gate: ConcurrencyGate
@@ -57,7 +61,7 @@ public struct ClusterState: Sendable {
 
     /// Routable: registered as passing, not failing active checks, not ejected.
     public func isRoutable(_ ep: Endpoint, now: Nanos) -> Bool {
-        ep.passing && (health[ep.id]?.isRoutable ?? true) && !outlier.isEjected(ep.id, now: now)
+        ep.passing && (!unroutableByHealth || health[ep.id]?.isRoutable ?? true) && !outlier.isEjected(ep.id, now: now)
     }
 
     /// Picks an endpoint for an attempt, preferring ones not in `avoid`. With a `subset`, only

@@ -31,13 +31,16 @@ public struct OutlierDetector: Sendable {
 
     public let config: Config
     private var hosts: [String: HostStats] = [:]
+    /// No host is ejected at or after this moment (the latest ejection's end): the routing
+    /// check on every request needs no lookup while nobody is ejected.
+    private var ejectionsEnd: Nanos = .min
     public private(set) var nextEvaluation: Nanos? = nil
     public private(set) var ejectionsTotal = 0
 
     public init(_ config: Config = .init()) { self.config = config }
 
     public func isEjected(_ id: String, now: Nanos) -> Bool {
-        guard let until = hosts[id]?.ejectedUntil else { return false }
+        guard now < ejectionsEnd, let until = hosts[id]?.ejectedUntil else { return false }
         return now < until
     }
 
@@ -51,17 +54,20 @@ public struct OutlierDetector: Sendable {
     @discardableResult
     public mutating func record(_ id: String, _ outcome: AttemptOutcome, hostCount: Int, now: Nanos) -> Bool {
         if nextEvaluation == nil { nextEvaluation = now + config.interval }
-        var h = hosts[id] ?? HostStats()
-        if outcome.isFailure {
-            h.failures += 1
-            let is5xx = (outcome.status ?? 500) >= 500
-            h.consecutive5xx = is5xx ? h.consecutive5xx + 1 : 0
-        } else {
-            h.successes += 1
-            h.consecutive5xx = 0
+        // Updated in place: one lookup.
+        func count(_ h: inout HostStats) -> HostStats {
+            if outcome.isFailure {
+                h.failures += 1
+                let is5xx = (outcome.status ?? 500) >= 500
+                h.consecutive5xx = is5xx ? h.consecutive5xx + 1 : 0
+            } else {
+                h.successes += 1
+                h.consecutive5xx = 0
+            }
+            h.consecutiveGateway = outcome.isGatewayFailure ? h.consecutiveGateway + 1 : 0
+            return h
         }
-        h.consecutiveGateway = outcome.isGatewayFailure ? h.consecutiveGateway + 1 : 0
-        hosts[id] = h
+        let h = count(&hosts[id, default: HostStats()])
         var eject = false
         if let n = config.consecutive5xx, h.consecutive5xx >= n { eject = true }
         if let n = config.consecutiveGatewayFailure, h.consecutiveGateway >= n { eject = true }
@@ -81,6 +87,7 @@ public struct OutlierDetector: Sendable {
         h.timesEjected += 1
         let time = min(config.maxEjectionTime, config.baseEjectionTime * Nanos(h.timesEjected))
         h.ejectedUntil = now + time
+        ejectionsEnd = max(ejectionsEnd, now + time)
         h.consecutive5xx = 0
         h.consecutiveGateway = 0
         hosts[id] = h

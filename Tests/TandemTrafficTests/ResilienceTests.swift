@@ -448,6 +448,25 @@ import Testing
         #expect(seen == ["u0", "u1", "u2"])
     }
 
+    /// An endpoint failing its active checks gets no traffic until it passes again (routing
+    /// looks health up only while some endpoint is failing).
+    @Test func anEndpointFailingItsChecksIsSkippedUntilItPasses() {
+        var c = cluster(3)
+        var rng = SeededRandom(seed: 1)
+        var cfg = HealthCheckConfig()
+        cfg.unhealthyThreshold = 1
+        cfg.healthyThreshold = 1
+        c.config.healthCheck = cfg
+        _ = c.recordHealth("u1", passed: false)
+        var seen = Set<String>()
+        for _ in 0..<100 { seen.insert(c.choose(now: 0, rng: &rng)!.id) }
+        #expect(seen == ["u0", "u2"])
+        _ = c.recordHealth("u1", passed: true)
+        seen = []
+        for _ in 0..<100 { seen.insert(c.choose(now: 0, rng: &rng)!.id) }
+        #expect(seen == ["u0", "u1", "u2"])
+    }
+
     @Test func noEndpointsMeansNoChoice() {
         var c = ClusterState(ClusterConfig(name: "empty"))
         var rng = SeededRandom(seed: 1)
