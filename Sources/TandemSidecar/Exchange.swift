@@ -24,6 +24,10 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private var route: Route?
     private var cluster = ""
     private var retry: RetryState?
+    /// `retry`'s deadline and attempts, kept beside it: reading them through the optional
+    /// copies the whole state (its policy and tried list) each time.
+    private var deadline: Nanos?
+    private var attempts = 0
     private var admitted = false
     private var endpoint: Endpoint?
     private var attemptStart: Nanos = 0
@@ -186,7 +190,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     /// The earliest moment this exchange must be looked at again.
     var nextDeadline: Nanos? {
         guard !finished else { return nil }
-        switch (responded ? nil : attemptDeadline, retry?.deadline) {
+        switch (responded ? nil : attemptDeadline, deadline) {
         case (let a?, let o?): return min(a, o)
         case (let a?, nil): return a
         case (nil, let o?): return o
@@ -197,7 +201,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     /// Called by the connection's timer: fires whichever timeout is due.
     func checkDeadlines(now: Nanos) {
         guard !finished else { return }
-        if let o = retry?.deadline, now >= o {
+        if let o = deadline, now >= o {
             overallTimeout()
         } else if !responded, let a = attemptDeadline, now >= a {
             attemptTimedOut()
@@ -212,20 +216,22 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             return
         }
         admitted = true
-        retry = RetryState(
+        let retry = RetryState(
             policy: route.retry, method: head.method.rawValue, bodyBytes: streaming ? nil : body?.readableBytes ?? 0,
             start: startedAt,
             timeout: route.timeout)
-        if let deadline = retry?.deadline { handler.wake(at: deadline) }
+        deadline = retry.deadline
+        self.retry = retry
+        if let deadline { handler.wake(at: deadline) }
         attempt()
     }
 
     // MARK: attempts
 
     private func attempt() {
-        guard !finished, var retry else { return }
+        guard !finished, retry != nil else { return }
         let now = clock()
-        let tried = retry.tried
+        let tried = retry!.tried
         let headers = head.headers
         let subset = route?.subset ?? [:]
         // One lock: the balancer's choice, its bookkeeping and the connect timeout.
@@ -247,13 +253,13 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             answer(LocalAnswer(.noHealthyEndpoint, message: why))
             return
         }
-        retry.attemptStarted(endpoint: ep.id)
-        self.retry = retry
+        retry!.attemptStarted(endpoint: ep.id)  // in place: the tried list is not copied to grow
+        attempts = retry!.attempts
         endpoint = ep
         attemptStart = now
         staleRetried = false
         keyRefreshed = false
-        if let t = retry.attemptTimeout(now: now) {
+        if let t = retry!.attemptTimeout(now: now) {
             attemptDeadline = now + t
             handler.wake(at: now + t)
         } else {
@@ -345,8 +351,10 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             head.headers.add(name: "connection", value: "upgrade")
             head.headers.add(name: "upgrade", value: upgrade)
         }
-        if !head.headers.contains(name: "traceparent") {
-            head.headers.add(name: "traceparent", value: handler.newTraceparent())
+        if !head.headers.contains(name: "traceparent") { madeTraceparent = handler.newTraceparent() }
+        // Sent per attempt (AddedRequestFields): a caller's own value would go out twice.
+        if side == .outbound, deadline != nil, head.headers.contains(name: "tandem-timeout-ms") {
+            head.headers.remove(name: "tandem-timeout-ms")
         }
         if streaming {
             // The client's content-length stands; without one the body goes chunked.
@@ -376,15 +384,18 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
                 authority: head.headers.first(name: "host") ?? cluster, pathAndQuery: head.uri,
                 body: streaming ? nil : body, callee: endpoint)
         }
-        if side == .outbound, let deadline = retry?.deadline {
-            head.headers.replaceOrAdd(
-                name: "tandem-timeout-ms", value: String(max(1, (deadline - clock()) / 1_000_000)))
+        var added = AddedRequestFields(traceparent: madeTraceparent)
+        if side == .outbound, let deadline {
+            added.timeoutMs = max(1, (deadline - clock()) / 1_000_000)
         }
-        if let n = retry?.attempts, n > 1 { head.headers.replaceOrAdd(name: "tandem-attempt", value: String(n)) }
+        if attempts > 1 {
+            if head.headers.contains(name: "tandem-attempt") { head.headers.remove(name: "tandem-attempt") }
+            added.attempt = attempts
+        }
         let version = head.version
         head.version = .http1_1
         let up = c.handler
-        up.send(.head(head))
+        up.sendHead(head, added: added)
         head.version = version
         if let body, body.readableBytes > 0 { up.send(.body(.byteBuffer(body))) }
         if streaming {
@@ -493,13 +504,13 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     }
 
     private func decide(_ outcome: AttemptOutcome, endpoint ep: Endpoint) {
-        guard var retry else { return }
+        guard retry != nil else { return }
         let now = clock()
         let latency = now - attemptStart
         let next = ctx.brain.withCluster(cluster) { c, rng in
-            c.afterAttempt(ep, outcome, latency: latency, now: now, retry: &retry, rng: &rng)
+            c.afterAttempt(ep, outcome, latency: latency, now: now, retry: &self.retry!, rng: &rng)
         }
-        self.retry = retry
+        attempts = retry!.attempts
         switch next {
         case .retry(let after):
             ctx.metrics.inc("tandem_retries_total", [("side", side.rawValue), ("cluster", cluster)])
@@ -546,6 +557,9 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     // MARK: upstream response
 
     private var pendingHead: HTTPResponseHead?
+    /// The traceparent made for a request that came without one (written with each attempt's
+    /// head, named in the access log).
+    private var madeTraceparent: String?
 
     func upstreamHead(_ h: HTTPResponseHead) {
         guard !finished, let ep = endpoint else { return }
@@ -590,12 +604,13 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         var out = h
         out.version = head.version
         let switchingTo = status == 101 && upgrade != nil ? h.headers.first(name: "upgrade") : nil
-        stripHopByHop(&out.headers)
+        // The upstream parser left out every hop-by-hop field but `upgrade` (HTTP1Codec.swift).
+        if out.headers.contains(name: "upgrade") { out.headers.remove(name: "upgrade") }
         if let p = policy, switchingTo == nil,
             let d = p.response(
                 status: status, reason: nil, headers: &out.headers,
                 body: bufferingResponse ? responseBuffer.map { Array($0.readableBytesView) } : nil,
-                endpoint: endpoint?.address, attempts: retry?.attempts ?? 0,
+                endpoint: endpoint?.address, attempts: attempts,
                 durationMs: Double(clock() - startedAt) / 1e6)
         {
             // The upstream's answer is replaced: the rest of it is dropped with its connection.
@@ -758,7 +773,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             var h = a.jsonHeaders(bodyBytes: body.count)
             if let d = p.response(
                 status: a.status, reason: a.reason.rawValue, headers: &h, body: body,
-                endpoint: endpoint?.address, attempts: retry?.attempts ?? 0,
+                endpoint: endpoint?.address, attempts: attempts,
                 durationMs: Double(clock() - startedAt) / 1e6)
             {
                 answerWithPolicy(d, upstreamFailed: a.status >= 500)
@@ -808,21 +823,21 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         ctx.metrics.request(
             handler.series(
                 SidecarMetrics.RequestKey(side: side.rawValue, route: routeName, cluster: cluster, status: status)),
-            ms: Double(latency) / 1e6, attempts: retry?.attempts ?? 0)
+            ms: Double(latency) / 1e6, attempts: attempts)
         if let p = policy {
             policy = nil
             p.log(
-                status: status, reason: tandemError, endpoint: endpoint?.address, attempts: retry?.attempts ?? 0,
+                status: status, reason: tandemError, endpoint: endpoint?.address, attempts: attempts,
                 durationMs: Double(latency) / 1e6)
         }
         if let log = ctx.accessLog {
             var line = "{\"side\":\"\(side.rawValue)\",\"method\":\(JSON.quote(head.method.rawValue))"
             line += ",\"host\":\(JSON.quote(host)),\"path\":\(JSON.quote(path)),\"route\":\(JSON.quote(routeName))"
             line += ",\"cluster\":\(JSON.quote(cluster)),\"endpoint\":\(JSON.quote(endpoint?.address ?? ""))"
-            line += ",\"status\":\(status),\"attempts\":\(retry?.attempts ?? 0)"
+            line += ",\"status\":\(status),\"attempts\":\(attempts)"
             line += ",\"duration_ms\":\(Double(latency / 1000) / 1000)"
             line += ",\"tandem_error\":\(tandemError.map(JSON.quote) ?? "null")"
-            line += ",\"traceparent\":\(JSON.quote(head.headers.first(name: "traceparent") ?? ""))}"
+            line += ",\"traceparent\":\(JSON.quote(madeTraceparent ?? head.headers.first(name: "traceparent") ?? ""))}"
             log(line)
         }
         if notifyHandler && !local { handler.exchangeDone(keepAlive: keepAlive) }

@@ -465,13 +465,49 @@ private func finalCodingIsChunked(_ value: String) -> Bool {
 /// body as given or chunked. The head's framing fields are the caller's (Exchange sets them);
 /// a head with neither content-length nor transfer-encoding whose method carries a body gets
 /// `transfer-encoding: chunked`, as NIO's encoder does.
+/// Fields the proxy adds to a request as the encoder writes it, after the head's own: the head's
+/// field list is not copied to grow by one (NIO's `HTTPHeaders.add` also scans the name per call).
+/// The sender makes sure the head does not carry them already.
+struct AddedRequestFields {
+    /// `traceparent`, made for a request that came without one.
+    var traceparent: String?
+    /// `tandem-timeout-ms`: what is left of the request's deadline.
+    var timeoutMs: Int64?
+    /// `tandem-attempt`, from the second attempt on.
+    var attempt: Int?
+
+    var length: Int {
+        var n = 0
+        if let t = traceparent { n += 11 + t.utf8.count + 4 }
+        if let t = timeoutMs { n += 17 + HeadWriter.digits(t) + 4 }
+        if let a = attempt { n += 14 + HeadWriter.digits(Int64(a)) + 4 }
+        return n
+    }
+
+    func write(_ w: inout HeadWriter) {
+        if let t = traceparent { w.field("traceparent", t) }
+        if let t = timeoutMs {
+            w.put("tandem-timeout-ms: ")
+            w.decimal(t)
+            w.put("\r\n")
+        }
+        if let a = attempt {
+            w.put("tandem-attempt: ")
+            w.decimal(Int64(a))
+            w.put("\r\n")
+        }
+    }
+}
+
 struct HTTP1RequestEncoder {
     /// The current request's body goes chunked.
     private(set) var chunked = false
 
-    mutating func head(_ head: HTTPRequestHead, allocator: ByteBufferAllocator) -> ByteBuffer {
+    mutating func head(
+        _ head: HTTPRequestHead, added: AddedRequestFields = AddedRequestFields(), allocator: ByteBufferAllocator
+    ) -> ByteBuffer {
         let method = head.method.rawValue
-        var length = method.utf8.count + 1 + head.uri.utf8.count + 11 + 2
+        var length = method.utf8.count + 1 + head.uri.utf8.count + 11 + 2 + added.length
         var hasLength = false
         var hasCoding = false
         chunked = false
@@ -501,6 +537,7 @@ struct HTTP1RequestEncoder {
             w.put(head.uri)
             w.put(" HTTP/1.1\r\n")
             for (name, value) in head.headers { w.field(name, value) }
+            added.write(&w)
             if addChunked { w.put(chunkedField) }
             w.put("\r\n")
         }
@@ -594,6 +631,40 @@ struct HeadWriter {
         put(": ")
         put(value)
         put("\r\n")
+    }
+
+    /// The decimal digits of `v` (`digits(v)` bytes).
+    mutating func decimal(_ v: Int64) {
+        if v < 0 {
+            put(UInt8(ascii: "-"))
+            decimal(UInt64(v.magnitude))
+        } else {
+            decimal(UInt64(v))
+        }
+    }
+
+    private mutating func decimal(_ v: UInt64) {
+        let n = Self.digits(v)
+        precondition(count + n <= capacity, "head longer than counted")
+        var v = v
+        for i in stride(from: count + n - 1, through: count, by: -1) {
+            base.storeBytes(of: UInt8(ascii: "0") + UInt8(v % 10), toByteOffset: i, as: UInt8.self)
+            v /= 10
+        }
+        count += n
+    }
+
+    /// How many bytes `decimal(v)` writes.
+    static func digits(_ v: Int64) -> Int { v < 0 ? 1 + digits(UInt64(v.magnitude)) : digits(UInt64(v)) }
+
+    private static func digits(_ v: UInt64) -> Int {
+        var n = 1
+        var v = v
+        while v >= 10 {
+            v /= 10
+            n += 1
+        }
+        return n
     }
 }
 

@@ -268,9 +268,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
         guard let loop = context?.eventLoop else { return }
         wakeTask?.cancel()
         wakeAt = deadline
-        wakeTask = loop.scheduleTask(deadline: .uptimeNanoseconds(UInt64(max(0, deadline)))) { [weak self] in
-            self?.wokeUp()
-        }
+        // A strong capture (the task is cancelled when the connection goes): a weak one would
+        // give the handler a side table, and every retain and release of it the slow path.
+        wakeTask = loop.scheduleTask(deadline: .uptimeNanoseconds(UInt64(max(0, deadline)))) { self.wokeUp() }
     }
 
     private func wokeUp() {

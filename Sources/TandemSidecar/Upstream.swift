@@ -51,7 +51,10 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, @unc
     typealias OutboundIn = HTTPClientRequestPart
     typealias OutboundOut = IOData
 
-    weak var delegate: (any UpstreamDelegate)?
+    /// The exchange this connection's answer goes to. Strong, and cleared when the answer
+    /// ends, the connection fails or the exchange lets go of it: a weak reference would give
+    /// every exchange a side table, and each of its retains and releases the slow path.
+    var delegate: (any UpstreamDelegate)?
     /// Set when the upstream says `connection: close` or the response cannot be reused.
     var reusable = true
     private var parser: HTTP1ResponseParser
@@ -88,8 +91,24 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, @unc
         if flush { context.flush() }
     }
 
+    /// Writes a request's head with the fields the proxy adds (`AddedRequestFields`).
+    func sendHead(_ head: HTTPRequestHead, added: AddedRequestFields) {
+        guard let context else { return }
+        writeHead(head, added: added, context, promise: nil)
+    }
+
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         write(unwrapOutboundIn(data), context, promise: promise)
+    }
+
+    private func writeHead(
+        _ head: HTTPRequestHead, added: AddedRequestFields, _ context: ChannelHandlerContext,
+        promise: EventLoopPromise<Void>?
+    ) {
+        parser.answersHead = head.method == .HEAD
+        awaiting = true
+        let bytes = encoder.head(head, added: added, allocator: context.channel.allocator)
+        context.write(wrapOutboundOut(.byteBuffer(bytes)), promise: promise)
     }
 
     private func write(
@@ -98,9 +117,7 @@ final class UpstreamHandler: ChannelDuplexHandler, RemovableChannelHandler, @unc
         let allocator = context.channel.allocator
         switch part {
         case .head(let head):
-            parser.answersHead = head.method == .HEAD
-            awaiting = true
-            context.write(wrapOutboundOut(.byteBuffer(encoder.head(head, allocator: allocator))), promise: promise)
+            writeHead(head, added: AddedRequestFields(), context, promise: promise)
         case .body(let data):
             HTTP1Writer.body(data, chunked: encoder.chunked, context, promise: promise)
         case .end(let trailers):
@@ -265,9 +282,8 @@ final class UpstreamPool: @unchecked Sendable {
 
     /// A live idle connection to `host:port`, if there is one (no future on this hot path).
     func takeIdle(host: String, port: Int) -> UpstreamConnection? {
-        let key = Key(host: host, port: port)
-        guard idle.index(forKey: key) != nil else { return nil }
-        while let conn = idle[key]?.popLast() {
+        guard let i = idle.index(forKey: Key(host: host, port: port)) else { return nil }
+        while let conn = idle.values[i].popLast() {
             if conn.channel.isActive && conn.handler.reusable { return conn }
             conn.channel.close(promise: nil)
         }
@@ -347,12 +363,14 @@ final class UpstreamPool: @unchecked Sendable {
             conn.channel.close(promise: nil)
             return
         }
-        if idle[conn.key, default: []].count >= maxIdlePerEndpoint {
-            conn.channel.close(promise: nil)
-            return
-        }
         conn.idleSince = .now()
-        idle[conn.key, default: []].append(conn)
+        // One lookup: the list is checked and grown in place.
+        func keep(_ list: inout [UpstreamConnection]) -> Bool {
+            guard list.count < maxIdlePerEndpoint else { return false }
+            list.append(conn)
+            return true
+        }
+        if !keep(&idle[conn.key, default: []]) { conn.channel.close(promise: nil) }
     }
 
     func closeAll() {

@@ -163,6 +163,39 @@ func curl(_ args: [String]) throws -> (head: [String: String], status: Int, body
         withExtendedLifetime((app, server, client)) {}
     }
 
+    /// Fields about the upstream's connection stay with it: an answer offering an upgrade
+    /// reaches the client without `upgrade`, `connection` or `keep-alive`, its other fields
+    /// intact.
+    @Test func hopByHopFieldsOfAnAnswerStayBehind() throws {
+        let (app, port) = try startEdgeApp()
+        let (server, client) = try twoSidecars(appPort: port)
+        let r = try http("http://\(client.outbound)/advertise", host: "edge")
+        #expect(r.status == 200 && r.body == "ok", "\(r)")
+        #expect(r.headers["x-kept"] == "1", "\(r.headers)")
+        for name in ["upgrade", "keep-alive"] { #expect(r.headers[name] == nil, "\(name): \(r.headers)") }
+        #expect(r.headers["connection"].map { !$0.lowercased().contains("upgrade") } ?? true, "\(r.headers)")
+        withExtendedLifetime((app, server, client)) {}
+    }
+
+    /// The fields a sidecar adds to a request reach the app once each: a traceparent made for
+    /// a request without one, and the deadline left (the caller's own tandem-timeout-ms is
+    /// replaced, not sent twice).
+    @Test func addedRequestFieldsReachTheAppOnce() throws {
+        let (app, port) = try startEdgeApp()
+        let (server, client) = try twoSidecars(appPort: port)
+        let r = try http(
+            "http://\(client.outbound)/headers", host: "edge", headers: ["tandem-timeout-ms: 999999"])
+        let seen = try JSONSerialization.jsonObject(with: Data(r.body.utf8)) as? [String: Any] ?? [:]
+        let names = seen["names"] as? [String] ?? []
+        let fields = seen["headers"] as? [String: String] ?? [:]
+        #expect(names.filter { $0 == "traceparent" }.count == 1, "\(names)")
+        #expect(names.filter { $0 == "tandem-timeout-ms" }.count == 1, "\(names)")
+        #expect(fields["traceparent"]?.hasPrefix("00-") == true, "\(fields)")
+        let left = Int(fields["tandem-timeout-ms"] ?? "") ?? -1
+        #expect(left >= 1 && left <= 15_000, "\(fields)")
+        withExtendedLifetime((app, server, client)) {}
+    }
+
     /// An HTTP/1.0 client that asks to keep its connection, answered a body the app sent
     /// chunked: 1.0 has no chunks, so the sidecar sends the body as it is and closes the
     /// connection to end it (before, the connection stayed open and the client waited for an

@@ -111,10 +111,12 @@ func metric(_ body: String, _ series: String) -> Double? {
 /// Blocking HTTP GET/POST through curl: status, headers, body.
 @discardableResult
 func http(
-    _ url: String, host: String? = nil, method: String = "GET", body: String? = nil, proxy: String? = nil
+    _ url: String, host: String? = nil, method: String = "GET", body: String? = nil, proxy: String? = nil,
+    headers extra: [String] = []
 ) throws -> (status: Int, headers: [String: String], body: String) {
     var args = ["-s", "-i", "--max-time", "20", "-X", method]
     if let host { args += ["-H", "Host: \(host)"] }
+    for h in extra { args += ["-H", h] }
     if let body { args += ["-H", "content-type: application/json", "--data-binary", body] }
     if let proxy { args += ["-x", "http://\(proxy)"] }
     args.append(url)

@@ -216,6 +216,31 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
         #expect(e.chunked)
     }
 
+    /// The proxy's own fields follow the head's, numbers written digit by digit; a body
+    /// without a length still gets its chunked framing last.
+    @Test func addedFieldsAreWrittenAfterTheHeadsOwn() {
+        let alloc = ByteBufferAllocator()
+        var e = HTTP1RequestEncoder()
+        var get = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/")
+        get.headers.add(name: "host", value: "users")
+        let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        for (ms, attempt) in [(Int64(0), 2), (9, 10), (10, 99), (1_234_567_890_123, 1_000), (-5, 3)] {
+            let added = AddedRequestFields(traceparent: trace, timeoutMs: ms, attempt: attempt)
+            #expect(
+                String(buffer: e.head(get, added: added, allocator: alloc))
+                    == "GET / HTTP/1.1\r\nhost: users\r\ntraceparent: \(trace)\r\ntandem-timeout-ms: \(ms)\r\n"
+                    + "tandem-attempt: \(attempt)\r\n\r\n")
+        }
+        #expect(
+            String(buffer: e.head(get, added: AddedRequestFields(timeoutMs: 250), allocator: alloc))
+                == "GET / HTTP/1.1\r\nhost: users\r\ntandem-timeout-ms: 250\r\n\r\n")
+        let post = HTTPRequestHead(version: .http1_1, method: .POST, uri: "/up")
+        #expect(
+            String(buffer: e.head(post, added: AddedRequestFields(attempt: 2), allocator: alloc))
+                == "POST /up HTTP/1.1\r\ntandem-attempt: 2\r\ntransfer-encoding: chunked\r\n\r\n")
+        #expect(e.chunked)
+    }
+
     @Test func responsesAreFramedAsNIOFramesThem() {
         let alloc = ByteBufferAllocator()
         var e = HTTP1ResponseEncoder()

@@ -72,7 +72,8 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(int(args.get("ms", ["1000"])[0]) / 1000)
             return self.answer(200, b"slow done\n")
         if url.path == "/headers" or url.path.startswith("/headers/"):
-            seen = {"target": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}
+            seen = {"target": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "names": [k.lower() for k in self.headers.keys()]}
             return self.answer(200, json.dumps(seen).encode(), "application/json")
         if url.path == "/chunked":
             self.send_response(200)
@@ -84,6 +85,16 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"%x;part=1\r\n%s\r\n" % (len(part), part))
                 self.wfile.flush()
             self.wfile.write(b"0\r\nx-checksum: 42\r\n\r\n")
+            return
+        if url.path == "/advertise":  # a 200 that offers other protocols (as some servers do)
+            self.send_response(200)
+            self.send_header("upgrade", "h2c")
+            self.send_header("connection", "upgrade, keep-alive")
+            self.send_header("keep-alive", "timeout=5")
+            self.send_header("x-kept", "1")
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
             return
         if url.path == "/unframed":
             self.send_response(200)
