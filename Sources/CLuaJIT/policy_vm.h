@@ -20,7 +20,7 @@
 #include <time.h>
 
 enum { CLJ_NIL = 0, CLJ_BOOL = 1, CLJ_NUMBER = 2, CLJ_STRING = 3, CLJ_OTHER = 4 };
-enum { CLJ_MAX_ARGS = 8, CLJ_MAX_RESULTS = 8, CLJ_HOOK_PERIOD = 1000 };
+enum { CLJ_MAX_ARGS = 8, CLJ_MAX_RESULTS = 8, CLJ_HOOK_PERIOD = 1000, CLJ_MAX_ENDED = 64 };
 enum { CLJ_LIMIT_NONE = 0, CLJ_LIMIT_INSTRUCTIONS = 1, CLJ_LIMIT_TIME = 2 };
 
 typedef struct { int type; double number; const char *string; size_t length; } clj_arg;
@@ -40,6 +40,9 @@ typedef struct clj_vm {
     int tripped;              /* which limit stopped the current call (CLJ_LIMIT_*) */
     long long hook_instructions, hook_time_ns; /* each hook's budget (a call may run several) */
     int at;                   /* 1-based position in its chain of the hook running now */
+    /* requests that ended (their generations), for the prelude to drop in one call */
+    double ended[CLJ_MAX_ENDED];
+    int nended;
     /* patterns */
     double pattern_steps;     /* worst-case backtracking steps allowed per pattern call */
     size_t pattern_subject;   /* hard cap on a pattern subject, bytes */
@@ -147,6 +150,15 @@ static int clj_safe_xpcall(lua_State *L) {
     lua_pushboolean(L, status == 0);
     lua_replace(L, 1);
     return lua_gettop(L);
+}
+
+/* Lua (prelude only): ended(i) -> the generation of the i-th ended request, or nil. */
+static int clj_ended(lua_State *L) {
+    clj_vm *vm = clj_vm_of(L);
+    int i = (int)lua_tointeger(L, 1);
+    if (i < 1 || i > vm->nended) return 0;
+    lua_pushnumber(L, vm->ended[i - 1]);
+    return 1;
 }
 
 /* Worst-case backtracking of Lua's matcher: each `*`, `+` or `-` quantifier can try every
@@ -336,6 +348,7 @@ static int clj_boot(lua_State *L) {
     lua_pushcfunction(L, clj_safe_xpcall); lua_setglobal(L, "xpcall");
     lua_pushcfunction(L, clj_make_host_function); lua_setglobal(L, "__host_function");
     lua_pushcfunction(L, clj_next_hook); lua_setglobal(L, "__next_hook");
+    lua_pushcfunction(L, clj_ended); lua_setglobal(L, "__ended");
     if (luaL_loadbuffer(L, prelude, strlen(prelude), "=tandem-prelude") != 0) return lua_error(L);
     lua_call(L, 0, 1);
     if (lua_type(L, -1) != LUA_TFUNCTION) return luaL_error(L, "the prelude must return its entry function");

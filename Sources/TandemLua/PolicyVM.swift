@@ -163,7 +163,6 @@ enum HostOp: String, CaseIterable {
     case resSetHeader = "res_set_header", resAddHeader = "res_add_header", resBody = "res_body"
     case decide, decideHeader = "decide_header", now, random, randomInt = "random_int", log, base64, url
     case tokenBucket = "token_bucket", window, shared, metricDeclare = "metric_declare", metric
-    case pendingEnd = "pending_end"
 
     static let table: [HostOp] = allCases
     var number: Int32 { Int32(Self.table.firstIndex(of: self)! + 1) }
@@ -391,7 +390,7 @@ public final class PolicyVM: @unchecked Sendable {
     }
 
     /// Requests whose ctx is still held, waiting for the next batch.
-    public static let endBatch = 64
+    public static let endBatch = Int(CLJ_MAX_ENDED)
     private var pendingEnds: [Double] = []
 
     private func begin(_ ex: PolicyExchange) {
@@ -410,11 +409,18 @@ public final class PolicyVM: @unchecked Sendable {
 
     private func flushEnds() {
         guard !pendingEnds.isEmpty else { return }
-        let ended = pendingEnds
-        // A slot is reused only once the VM has dropped what it held (else it stays out).
-        if case .proceed = enter(op: 6, Double(pendingEnds.count), 0) {
-            for g in ended { freeSlots.append(Int(g.truncatingRemainder(dividingBy: Self.slotSpan))) }
+        // The generations go in the VM's C-side array (the prelude reads them with ended(i)).
+        let n = pendingEnds.count
+        withUnsafeMutableBytes(of: &vm.pointee.ended) { raw in
+            let slots = raw.bindMemory(to: Double.self)
+            for (i, g) in pendingEnds.enumerated() { slots[i] = g }
         }
+        vm.pointee.nended = Int32(n)
+        // A slot is reused only once the VM has dropped what it held (else it stays out).
+        if case .proceed = enter(op: 6, Double(n), 0) {
+            for g in pendingEnds { freeSlots.append(Int(g.truncatingRemainder(dividingBy: Self.slotSpan))) }
+        }
+        vm.pointee.nended = 0
         pendingEnds.removeAll(keepingCapacity: true)
     }
 
@@ -643,8 +649,6 @@ public final class PolicyVM: @unchecked Sendable {
             put(p.source)
             put(p.config)
             put(p.path)
-        case .pendingEnd:
-            if let g = pendingEnds.popLast() { put(g) } else { putNil() }
         case .policyName:
             loadingName = a.string(0)
             loadingHooks = (a.bool(1), a.bool(2), a.bool(3), a.bool(4), a.bool(5))

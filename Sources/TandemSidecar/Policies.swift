@@ -234,12 +234,13 @@ final class PolicyRun {
     private unowned let policies: SidecarPolicies
     private var responseRan = false
 
-    /// Nil when the request's route has no policies.
+    /// Nil when the request's route has no policies. Callers check `isActive` first (so a
+    /// sidecar without policies makes none of the arguments).
     init?(
         ctx: ProxyContext, loop: any EventLoop, route: Route, side: ProxySide, head: HTTPRequestHead, path: String,
         host: String, remote: String
     ) {
-        guard let p = ctx.policies, p.isActive else { return nil }
+        guard let p = ctx.policies else { return nil }
         let chain = p.chain(route: side == .inbound ? nil : route.name)
         guard !chain.entries.isEmpty, let vm = p.vm(for: loop) else { return nil }
         self.vm = vm

@@ -5,8 +5,8 @@
 -- table that generates the LuaLS definitions.
 local H = {}
 for name, op in pairs(OPS) do H[name] = __host_function(op) end
-local next_hook = __next_hook
-__host_function, __next_hook, OPS = nil, nil, nil
+local next_hook, ended = __next_hook, __ended
+__host_function, __next_hook, __ended, OPS = nil, nil, nil, nil
 
 local load, pairs, ipairs, type, tostring, tonumber, select, error, setmetatable, getmetatable, next, unpack, rawget =
   load, pairs, ipairs, type, tostring, tonumber, select, error, setmetatable, getmetatable, next, unpack, rawget
@@ -587,7 +587,7 @@ local ENTRY_LOAD, ENTRY_UNLOAD, ENTRY_REQUEST, ENTRY_RESPONSE, ENTRY_LOG, ENTRY_
 -- Per request: its ctx and its request handle, made once and reused by every hook of the
 -- request, at the request's slot (the generation's low 24 bits: an array index, reused by the
 -- host once the request ended); dropped by ENTRY_END (which the host batches: `a` = how many
--- generations to fetch with H.pending_end).
+-- generations to read with ended(i), from the VM's C side).
 local reqs = {}
 local SLOTS = 16777216
 local function request_state(b)
@@ -641,8 +641,8 @@ return function(op, a, b, c)
     p.on_log(setmetatable({ b }, TxnMT), ctx, p.cfg)
     return 0
   elseif op == ENTRY_END then
-    for _ = 1, a do
-      local g = H.pending_end()
+    for i = 1, a do
+      local g = ended(i)
       if g == nil then break end
       local s = g % SLOTS
       ctxs[s], reqs[s] = nil, nil
