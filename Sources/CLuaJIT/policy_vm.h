@@ -8,7 +8,9 @@
    - pattern functions (`string.find/match/gmatch/gsub`) that refuse a subject/pattern pair whose
      worst-case backtracking exceeds a step budget (the matcher is C: hooks cannot stop it),
    - the host bridge: one C closure per host operation that copies its arguments out, calls the
-     Swift dispatcher, and pushes the results Swift left in the VM's result buffer. */
+     Swift dispatcher, and pushes the results Swift left in the VM's result buffer.
+   Editing this file: SwiftPM does not rebuild TandemLua when only this header changed (seen with
+   an incremental release build); touch a file of Sources/TandemLua too. */
 #ifndef TANDEM_POLICY_VM_H
 #define TANDEM_POLICY_VM_H
 #include <lua.h>

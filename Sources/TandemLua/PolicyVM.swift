@@ -413,6 +413,7 @@ public final class PolicyVM: @unchecked Sendable {
         let n = pendingEnds.count
         withUnsafeMutableBytes(of: &vm.pointee.ended) { raw in
             let slots = raw.bindMemory(to: Double.self)
+            precondition(n <= slots.count, "more ended requests than the VM's batch holds")
             for (i, g) in pendingEnds.enumerated() { slots[i] = g }
         }
         vm.pointee.nended = Int32(n)
