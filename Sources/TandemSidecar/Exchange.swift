@@ -604,8 +604,8 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         var out = h
         out.version = head.version
         let switchingTo = status == 101 && upgrade != nil ? h.headers.first(name: "upgrade") : nil
-        // The upstream parser left out every hop-by-hop field but `upgrade` (HTTP1Codec.swift).
-        if out.headers.contains(name: "upgrade") { out.headers.remove(name: "upgrade") }
+        // No hop-by-hop fields: the upstream parser left them out (a 101's `upgrade` aside).
+        if status == 101 { out.headers.remove(name: "upgrade") }  // re-added below when switching
         if let p = policy, switchingTo == nil,
             let d = p.response(
                 status: status, reason: nil, headers: &out.headers,

@@ -13,8 +13,8 @@ struct UpstreamProtocolError: Error, CustomStringConvertible, Equatable {
 /// Parses the responses of one upstream HTTP/1.1 connection (RFC 9112), strictly: status line,
 /// header fields, and the body framed by the request and the response (no body for HEAD, 1xx,
 /// 204 and 304; chunked, with extensions and trailers; content-length; or until the connection
-/// closes). The head it returns has no hop-by-hop fields but `upgrade`: the parser has read
-/// what they say about this connection. Body parts are slices of the input (no copy). Informational answers other than 101
+/// closes). The head it returns has no hop-by-hop fields but a 101's `upgrade` (it names the
+/// new protocol): the parser has read what they say about this connection. Body parts are slices of the input (no copy). Informational answers other than 101
 /// are skipped; after a 101 every further byte belongs to the new protocol (`leftover`).
 ///
 /// Replaces NIO's `HTTPResponseDecoder` on the proxy's upstream connections: it runs once per
@@ -128,7 +128,7 @@ struct HTTP1ResponseParser {
                 state = .head
                 var fields: [(String, String)] = []
                 var framing = Framing()
-                try Self.parseFields(block, into: &fields, framing: &framing)
+                try Self.parseFields(block, into: &fields, framing: &framing, keepUpgrade: false)
                 return .end(fields.isEmpty ? nil : HTTPHeaders(fields))
             case .untilClose:
                 guard buffer.readableBytes > 0 else { return nil }
@@ -228,7 +228,7 @@ struct HTTP1ResponseParser {
         var rest = block
         rest.moveReaderIndex(forwardBy: fieldsStart)
         var framing = Framing()
-        try Self.parseFields(rest, into: &fields, framing: &framing)
+        try Self.parseFields(rest, into: &fields, framing: &framing, keepUpgrade: code == 101)
 
         // Framing and persistence (RFC 9112 §6.3, §9.3).
         let contentLength = framing.contentLength
@@ -286,7 +286,7 @@ struct HTTP1ResponseParser {
     /// Header (or trailer) fields, one per line, up to the empty line that ends `block`; the
     /// framing fields are read from the bytes as they go by.
     private static func parseFields(
-        _ block: ByteBuffer, into fields: inout [(String, String)], framing: inout Framing
+        _ block: ByteBuffer, into fields: inout [(String, String)], framing: inout Framing, keepUpgrade: Bool
     ) throws(UpstreamProtocolError) {
         try block.withUnsafeReadableBytes { b throws(UpstreamProtocolError) in
             var start = 0
@@ -348,9 +348,9 @@ struct HTTP1ResponseParser {
                 default: break
                 }
                 // Fields that describe this connection only (RFC 9110 §7.6.1) are read and left
-                // out: the proxy frames and keeps its own connections (`upgrade` stays, a 101
-                // names its protocol with it).
-                if hopByHopIndex(b, start, colon) != nil, !lowerEquals(b, start, colon, "upgrade") {
+                // out: the proxy frames and keeps its own connections (a 101's `upgrade` stays:
+                // it names the protocol the tunnel carries).
+                if hopByHopIndex(b, start, colon) != nil, !(keepUpgrade && lowerEquals(b, start, colon, "upgrade")) {
                     start = lf + 1
                     continue
                 }
@@ -476,23 +476,32 @@ struct AddedRequestFields {
     /// `tandem-attempt`, from the second attempt on.
     var attempt: Int?
 
+    // Each field's name and separator; a line is that, the value, CRLF.
+    private static let traceparentField: StaticString = "traceparent: "
+    private static let timeoutField: StaticString = "tandem-timeout-ms: "
+    private static let attemptField: StaticString = "tandem-attempt: "
+
     var length: Int {
         var n = 0
-        if let t = traceparent { n += 11 + t.utf8.count + 4 }
-        if let t = timeoutMs { n += 17 + HeadWriter.digits(t) + 4 }
-        if let a = attempt { n += 14 + HeadWriter.digits(Int64(a)) + 4 }
+        if let t = traceparent { n += Self.traceparentField.utf8CodeUnitCount + t.utf8.count + 2 }
+        if let t = timeoutMs { n += Self.timeoutField.utf8CodeUnitCount + HeadWriter.digits(t) + 2 }
+        if let a = attempt { n += Self.attemptField.utf8CodeUnitCount + HeadWriter.digits(Int64(a)) + 2 }
         return n
     }
 
     func write(_ w: inout HeadWriter) {
-        if let t = traceparent { w.field("traceparent", t) }
+        if let t = traceparent {
+            w.put(Self.traceparentField)
+            w.put(t)
+            w.put("\r\n")
+        }
         if let t = timeoutMs {
-            w.put("tandem-timeout-ms: ")
+            w.put(Self.timeoutField)
             w.decimal(t)
             w.put("\r\n")
         }
         if let a = attempt {
-            w.put("tandem-attempt: ")
+            w.put(Self.attemptField)
             w.decimal(Int64(a))
             w.put("\r\n")
         }
