@@ -70,7 +70,17 @@ public final class PolicyExchange {
     /// until then).
     public var responseHeaderSource: (() -> [(name: String, value: String)])?
     public var responseBody: [UInt8]?
-    public var upstreamEndpoint: String?
+    /// The endpoint that answered as `host:port`, made when a hook reads it (the host sets
+    /// `upstreamHost` and `upstreamPort`; a tool may set the text whole).
+    public var upstreamEndpoint: String? {
+        get { upstreamHost.map { h in upstreamPort.map { "\(h):\($0)" } ?? h } }
+        set {
+            upstreamHost = newValue
+            upstreamPort = nil
+        }
+    }
+    public var upstreamHost: String?
+    public var upstreamPort: Int?
     public var attempts = 0
     public var durationMs: Double = 0
     /// The on_response header changes in order, so the host can apply them to the answer's own
@@ -84,6 +94,12 @@ public final class PolicyExchange {
         public var name: String
         public var value: String?
         public var replace: Bool
+
+        public init(name: String, value: String?, replace: Bool) {
+            self.name = name
+            self.value = value
+            self.replace = replace
+        }
 
         func apply(to list: inout [(name: String, value: String)]) {
             if replace { list.removeAll { PolicyVM.sameName($0.name, name) } }

@@ -370,7 +370,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             if len > 0 {
                 head.headers.replaceOrAdd(name: "content-length", value: String(len))
             } else {
-                head.headers.remove(name: "content-length")
+                head.headers.removeIfPresent("content-length")
             }
         }
     }
@@ -389,7 +389,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             added.timeoutMs = max(1, (deadline - clock()) / 1_000_000)
         }
         if attempts > 1 {
-            if head.headers.contains(name: "tandem-attempt") { head.headers.remove(name: "tandem-attempt") }
+            head.headers.removeIfPresent("tandem-attempt")
             added.attempt = attempts
         }
         let version = head.version
@@ -588,9 +588,10 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private var responseBuffer: ByteBuffer?
 
     private func forwardPendingHead() {
-        guard let h = pendingHead else { return }
-        if !bufferingResponse, responseBuffer == nil, let p = policy, h.status.code != 101, p.wantsResponseBody,
-            h.headers.first(name: "content-length").flatMap(Int.init).map({ $0 <= ctx.limits.streamBodyAfterBytes })
+        // `out` is the head's only copy once pendingHead is cleared: edits below do not copy it.
+        guard var out = pendingHead else { return }
+        if !bufferingResponse, responseBuffer == nil, let p = policy, out.status.code != 101, p.wantsResponseBody,
+            out.headers.first(name: "content-length").flatMap(Int.init).map({ $0 <= ctx.limits.streamBodyAfterBytes })
                 ?? true
         {
             bufferingResponse = true
@@ -600,17 +601,16 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         }
         pendingHead = nil
         responded = true
-        status = Int(h.status.code)
-        var out = h
+        status = Int(out.status.code)
         out.version = head.version
-        let switchingTo = status == 101 && upgrade != nil ? h.headers.first(name: "upgrade") : nil
+        let switchingTo = status == 101 && upgrade != nil ? out.headers.first(name: "upgrade") : nil
         // No hop-by-hop fields: the upstream parser left them out (a 101's `upgrade` aside).
         if status == 101 { out.headers.remove(name: "upgrade") }  // re-added below when switching
         if let p = policy, switchingTo == nil,
             let d = p.response(
                 status: status, reason: nil, headers: &out.headers,
                 body: bufferingResponse ? responseBuffer.map { Array($0.readableBytesView) } : nil,
-                endpoint: endpoint?.address, attempts: attempts,
+                endpoint: endpoint, attempts: attempts,
                 durationMs: Double(clock() - startedAt) / 1e6)
         {
             // The upstream's answer is replaced: the rest of it is dropped with its connection.
@@ -650,7 +650,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     }
 
     func upstreamReadComplete() {
-        if responded && !finished { context.flush() }
+        if responded && !finished { handler.flushOut() }
     }
 
     /// Ends buffering: on_response runs (with the body when `whole`), then the head and what
@@ -773,7 +773,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             var h = a.jsonHeaders(bodyBytes: body.count)
             if let d = p.response(
                 status: a.status, reason: a.reason.rawValue, headers: &h, body: body,
-                endpoint: endpoint?.address, attempts: attempts,
+                endpoint: endpoint, attempts: attempts,
                 durationMs: Double(clock() - startedAt) / 1e6)
             {
                 answerWithPolicy(d, upstreamFailed: a.status >= 500)
@@ -827,7 +827,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         if let p = policy {
             policy = nil
             p.log(
-                status: status, reason: tandemError, endpoint: endpoint?.address, attempts: attempts,
+                status: status, reason: tandemError, endpoint: endpoint, attempts: attempts,
                 durationMs: Double(latency) / 1e6)
         }
         if let log = ctx.accessLog {

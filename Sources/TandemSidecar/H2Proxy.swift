@@ -356,7 +356,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
                 callee: endpoint)
         }
         if http1 != nil {
-            h.headers.remove(name: "te")
+            h.headers.removeIfPresent("te")
             if h.headers["content-length"].isEmpty { h.headers.add(name: "transfer-encoding", value: "chunked") }
         }
         // Taken out before writing: a refused stream (below) puts them back for the retry.
@@ -447,7 +447,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         }
         if let p = policy,
             let d = p.response(
-                status: status, reason: nil, headers: &out.headers, body: nil, endpoint: endpoint?.address,
+                status: status, reason: nil, headers: &out.headers, body: nil, endpoint: endpoint,
                 attempts: tried.count, durationMs: Double(nowNanos() - startedAt) / 1e6)
         {
             // The upstream's answer is replaced: its stream is reset, the decision goes out. The
@@ -502,7 +502,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             return
         }
         var out = d.responseHead(version: head.version, keepAlive: true)
-        out.headers.remove(name: "connection")
+        out.headers.removeIfPresent("connection")
         complete(failed: upstreamFailed || d.kind == "error")
         context.write(handler.wrapOutboundOut(.head(out)), promise: nil)
         if !d.body.isEmpty {
@@ -630,7 +630,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             // only edit the answer's headers (they go out as edited).
             if let d = p.response(
                 status: a.status, reason: a.reason.rawValue, headers: &headers, body: Array(body.utf8),
-                endpoint: endpoint?.address, attempts: tried.count, durationMs: Double(nowNanos() - startedAt) / 1e6)
+                endpoint: endpoint, attempts: tried.count, durationMs: Double(nowNanos() - startedAt) / 1e6)
             {
                 answerWithPolicy(d, upstreamFailed: a.status >= 500)
                 return
@@ -704,7 +704,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         if let p = policy {
             policy = nil
             p.log(
-                status: status, reason: tandemError, endpoint: endpoint?.address, attempts: tried.count,
+                status: status, reason: tandemError, endpoint: endpoint, attempts: tried.count,
                 durationMs: Double(latency) / 1e6)
         }
         if let log = ctx.accessLog {

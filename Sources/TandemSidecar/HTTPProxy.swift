@@ -85,6 +85,14 @@ private func hopByHopIndex(_ name: String) -> Int? {
 
 func isHopByHop(_ name: String) -> Bool { hopByHopIndex(name) != nil }
 
+extension HTTPHeaders {
+    /// `remove(name:)` that costs a scan when the name is absent: NIO's rewrites the list
+    /// (copying it when shared) whether or not anything matches.
+    mutating func removeIfPresent(_ name: String) {
+        if contains(name: name) { remove(name: name) }
+    }
+}
+
 /// Removes hop-by-hop fields in place; leaves the headers untouched (no copy) when there are none.
 func stripHopByHop(_ headers: inout HTTPHeaders) {
     var present: UInt32 = 0
@@ -190,7 +198,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
     }
 
     /// Encodes responses when no compressor sits in front (`configure`).
-    private var encoder = HTTP1ResponseEncoder()
+    private var encoder = HTTP1ResponseEncoder(spareBodyBytes: HTTPProxyHandler.coalescedBodyBytes)
     /// The method of the request being answered (an answer to HEAD has no body).
     private var answering = HTTPMethod.GET
 
@@ -205,7 +213,20 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
         } else {
             encode(part, context, promise: promise)
         }
-        if flush { context.flush() }
+        if flush { flushOut() }
+    }
+
+    /// A flush from behind this handler sends a held head too.
+    func flush(context: ChannelHandlerContext) {
+        releaseHeldHead(context)
+        context.flush()
+    }
+
+    /// Sends what was written so far (a held head included).
+    func flushOut() {
+        guard let context else { return }
+        releaseHeldHead(context)
+        context.flush()
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
@@ -221,17 +242,44 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
     ) {
         switch part {
         case .head(let head):
+            releaseHeldHead(context)
             let bytes = encoder.head(head, method: answering, allocator: context.channel.allocator)
-            context.write(NIOAny(IOData.byteBuffer(bytes)), promise: promise)
+            if promise == nil {
+                heldHead = bytes
+            } else {
+                context.write(NIOAny(IOData.byteBuffer(bytes)), promise: promise)
+            }
         case .body(let data):
             if encoder.suppressBody {
                 promise?.succeed()
+            } else if heldHead != nil, case .byteBuffer(let b) = data, b.readableBytes <= Self.coalescedBodyBytes {
+                var h = heldHead.take()!
+                HTTP1Writer.append(b, chunked: encoder.chunked, to: &h)
+                context.write(NIOAny(IOData.byteBuffer(h)), promise: promise)
             } else {
+                releaseHeldHead(context)
                 HTTP1Writer.body(data, chunked: encoder.chunked, context, promise: promise)
             }
         case .end(let trailers):
-            HTTP1Writer.end(encoder.end(trailers, allocator: context.channel.allocator), context, promise: promise)
+            let last = encoder.end(trailers, allocator: context.channel.allocator)
+            if var h = heldHead.take() {
+                if var last { h.writeBuffer(&last) }
+                context.write(NIOAny(IOData.byteBuffer(h)), promise: promise)
+            } else {
+                HTTP1Writer.end(last, context, promise: promise)
+            }
         }
+    }
+
+    /// An encoded response head not written yet: a small body part that follows goes out in
+    /// the same buffer (one write through the pipeline and NIO's write queue instead of two —
+    /// each costs more than copying a few KiB). Written before anything else and on a flush.
+    private var heldHead: ByteBuffer?
+    /// Body parts up to this size are copied behind a held head.
+    static let coalescedBodyBytes = 16 * 1024
+
+    private func releaseHeldHead(_ context: ChannelHandlerContext) {
+        if let h = heldHead.take() { context.write(NIOAny(IOData.byteBuffer(h)), promise: nil) }
     }
 
     private var served = 0

@@ -301,7 +301,7 @@ final class SidecarIdentity: @unchecked Sendable {
         to headers: inout HTTPHeaders, audience: String, routeProof: Bool, method: String, authority: String,
         pathAndQuery: String, body: ByteBuffer?, callee: Endpoint?
     ) {
-        headers.remove(name: Self.proofHeader)
+        headers.removeIfPresent(Self.proofHeader)
         let now = Self.now()
         var calleeKey = callee?.proofKey
         let (held, proof, macKey, count) = lock.withLock { () -> (Held?, Bool, MACKey?, UInt64) in
@@ -315,7 +315,7 @@ final class SidecarIdentity: @unchecked Sendable {
             return (h, proof, try? calleeKeys.key(agreement, peer: calleeKey, asCaller: true), nonceCounter)
         }
         guard let h = held else {
-            headers.remove(name: Self.tokenHeader)
+            headers.removeIfPresent(Self.tokenHeader)
             return
         }
         headers.replaceOrAdd(name: Self.tokenHeader, value: h.token)
@@ -351,9 +351,9 @@ final class SidecarIdentity: @unchecked Sendable {
     ) -> Result<ServiceClaims?, LocalAnswer> {
         let cred = PresentedCredentials(
             token: headers.first(name: Self.tokenHeader), proof: headers.first(name: Self.proofHeader))
-        headers.remove(name: Self.tokenHeader)
-        headers.remove(name: Self.proofHeader)
-        headers.remove(name: Self.callerHeader)
+        headers.removeIfPresent(Self.tokenHeader)
+        headers.removeIfPresent(Self.proofHeader)
+        headers.removeIfPresent(Self.callerHeader)
         let target = ProofTarget(method: method, authority: authority, pathAndQuery: pathAndQuery)
         // The body digest is computed only when a proof could cover it.
         let digest: String? =

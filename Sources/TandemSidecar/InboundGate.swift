@@ -122,7 +122,7 @@ final class InboundGate: @unchecked Sendable {
             head.headers.remove(name: SidecarIdentity.callerHeader)
         }
         guard let rule = route.jwt, let verifier else { return .pass(who) }
-        for (_, header) in rule.forwardClaims { head.headers.remove(name: header) }
+        for (_, header) in rule.forwardClaims { head.headers.removeIfPresent(header) }
         guard let token = EndUserVerifier.extract(rule.from, head: &head, strip: !rule.forwardToken) else {
             if rule.required {
                 metrics.inc("tandem_jwt_refused_total", [("reason", "missing-token")])

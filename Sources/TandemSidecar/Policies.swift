@@ -314,7 +314,7 @@ final class PolicyRun {
     /// on_response of each policy, last first, once per request; a decision (or a failing
     /// fail-closed policy's 500) replaces the answer. Header changes land in `headers`.
     func response(
-        status: Int, reason: String?, headers: inout HTTPHeaders, body: [UInt8]?, endpoint: String?, attempts: Int,
+        status: Int, reason: String?, headers: inout HTTPHeaders, body: [UInt8]?, endpoint: Endpoint?, attempts: Int,
         durationMs: Double
     ) -> PolicyDecision? {
         guard !responseRan else { return nil }
@@ -323,7 +323,8 @@ final class PolicyRun {
         ex.reason = reason
         ex.responseHeaderSource = { [answer = headers] in answer.map { (name: $0.name, value: $0.value) } }
         ex.responseBody = body
-        ex.upstreamEndpoint = endpoint
+        ex.upstreamHost = endpoint?.host
+        ex.upstreamPort = endpoint?.port
         ex.attempts = attempts
         ex.durationMs = durationMs
         var start = chain.response ? chain.entries.count - 1 : -1
@@ -347,21 +348,33 @@ final class PolicyRun {
         // view of it went through). The source's copy goes first, so `headers` is not copied
         // (on_log hooks read the answer's headers: they are made for them now).
         if logs { _ = ex.responseHeaders } else { ex.responseHeaderSource = nil }
-        for e in ex.responseEdits {
-            if e.replace { headers.remove(name: e.name) }
-            if let v = e.value { headers.add(name: e.name, value: v) }
-        }
+        if !ex.responseEdits.isEmpty { Self.apply(ex.responseEdits, to: &headers) }
         return nil
+    }
+
+    /// on_response's header edits, in order, on the answer's head: removals in place,
+    /// additions appended as one block (the names were checked as tokens when set, so
+    /// `HTTPHeaders.add`'s own per-name scan is not paid again). No addition is removed by a
+    /// later edit: one that replaces a name dropped the earlier edits of that name
+    /// (`PolicyExchange.editResponse`).
+    static func apply(_ edits: [PolicyExchange.HeaderEdit], to headers: inout HTTPHeaders) {
+        var added: [(String, String)] = []
+        for e in edits {
+            if e.replace { headers.removeIfPresent(e.name) }
+            if let v = e.value { added.append((e.name, v)) }
+        }
+        if !added.isEmpty { headers.add(contentsOf: HTTPHeaders(added)) }
     }
 
     private var logs: Bool { chain.log }
 
     /// on_log of each policy; then the request's ctx is dropped.
-    func log(status: Int, reason: String?, endpoint: @autoclosure () -> String?, attempts: Int, durationMs: Double) {
+    func log(status: Int, reason: String?, endpoint: Endpoint?, attempts: Int, durationMs: Double) {
         if logs {
             ex.status = status
             ex.reason = reason
-            ex.upstreamEndpoint = endpoint()
+            ex.upstreamHost = endpoint?.host
+            ex.upstreamPort = endpoint?.port
             ex.attempts = attempts
             ex.durationMs = durationMs
             for e in chain.entries {

@@ -3,6 +3,7 @@ import NIOEmbedded
 import NIOHTTP1
 import TandemConfig
 import TandemCore
+import TandemLua
 import TandemTraffic
 import Testing
 
@@ -279,6 +280,58 @@ struct ProxyHarness {
         #expect(head == "HTTP/1.1 100 Continue\r\n\r\n")
         let rest = try h.send("hi")
         #expect(rest.hasPrefix("HTTP/1.1 404"))
+    }
+
+    /// An answer's head and a small body leave in one write (one trip through NIO's write
+    /// queue); a large body follows its head as a write of its own, and a head flushed alone
+    /// (100 Continue above, or a flush from behind the proxy) is not held back.
+    @Test func aHeadAndASmallBodyLeaveInOneWrite() throws {
+        let h = try ProxyHarness()
+        func buffers() throws -> [String] {
+            var out: [String] = []
+            while let b = try h.channel.readOutbound(as: ByteBuffer.self) { out.append(String(buffer: b)) }
+            return out
+        }
+        try h.channel.writeInbound(ByteBuffer(string: "GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+        let local = try buffers()
+        #expect(local.count == 1 && local[0].hasPrefix("HTTP/1.1 404") && local[0].hasSuffix("}"), "\(local)")
+
+        func answer(length: Int?, body: Int) throws -> [String] {
+            var head = HTTPResponseHead(version: .http1_1, status: .ok)
+            if let length { head.headers.add(name: "content-length", value: String(length)) }
+            h.channel.write(HTTPServerResponsePart.head(head), promise: nil)
+            h.channel.write(
+                HTTPServerResponsePart.body(.byteBuffer(ByteBuffer(repeating: UInt8(ascii: "b"), count: body))),
+                promise: nil)
+            h.channel.writeAndFlush(HTTPServerResponsePart.end(nil), promise: nil)
+            return try buffers()
+        }
+        let small = try answer(length: 100, body: 100)
+        #expect(small.count == 1 && small[0].hasSuffix("\r\n\r\n" + String(repeating: "b", count: 100)))
+        let large = try answer(length: 20_000, body: 20_000)
+        #expect(large.count == 2 && large[0].hasSuffix("\r\n\r\n") && large[1].utf8.count == 20_000)
+        let chunked = try answer(length: nil, body: 3)
+        #expect(chunked.count == 2, "\(chunked)")
+        #expect(chunked.first?.hasSuffix("transfer-encoding: chunked\r\n\r\n3\r\nbbb\r\n") == true)
+        #expect(chunked.last == "0\r\n\r\n")
+
+        h.channel.write(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .ok)), promise: nil)
+        h.channel.flush()
+        let flushed = try buffers()
+        #expect(flushed.count == 1 && flushed[0].hasPrefix("HTTP/1.1 200 OK\r\n"))
+    }
+
+    /// on_response's edits on an answer's own head: a replaced name loses every value (in any
+    /// case), a removed absent name changes nothing, additions follow in order.
+    @Test func responseHeaderEditsApplyInOrder() {
+        var h = HTTPHeaders([("Server", "nginx"), ("x-a", "1"), ("content-type", "t"), ("X-A", "2")])
+        PolicyRun.apply(
+            [
+                .init(name: "x-a", value: "new", replace: true), .init(name: "server", value: nil, replace: true),
+                .init(name: "x-b", value: "1", replace: false), .init(name: "x-b", value: "2", replace: false),
+                .init(name: "x-gone", value: nil, replace: true),
+            ], to: &h)
+        #expect(h.map { "\($0.name)=\($0.value)" } == ["content-type=t", "x-a=new", "x-b=1", "x-b=2"])
     }
 
     @Test func httpsTargetsAreRefusedClearly() throws {
