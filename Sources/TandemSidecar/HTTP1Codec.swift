@@ -589,11 +589,8 @@ struct HeadWriter {
     private(set) var count = 0
 
     /// A buffer of exactly `length` bytes, written by `body` (which must write exactly those).
-    /// `spare`: room left after the head (for a body that may follow it in the same buffer).
-    static func buffer(
-        length: Int, spare: Int = 0, allocator: ByteBufferAllocator, _ body: (inout HeadWriter) -> Void
-    ) -> ByteBuffer {
-        var buf = allocator.buffer(capacity: length + spare)
+    static func buffer(length: Int, allocator: ByteBufferAllocator, _ body: (inout HeadWriter) -> Void) -> ByteBuffer {
+        var buf = allocator.buffer(capacity: length)
         buf.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { raw in
             var w = HeadWriter(base: raw.baseAddress!, capacity: length)
             body(&w)
@@ -691,9 +688,6 @@ struct HTTP1ResponseEncoder {
     /// The current answer has no body whatever is written (HEAD, CONNECT).
     private(set) var suppressBody = false
 
-    /// A body of known length up to this many bytes gets room behind its head's bytes.
-    var spareBodyBytes = 0
-
     /// `method`: the method of the request being answered.
     mutating func head(_ head: HTTPResponseHead, method: HTTPMethod, allocator: ByteBufferAllocator) -> ByteBuffer {
         let code = head.status.code
@@ -706,7 +700,6 @@ struct HTTP1ResponseEncoder {
         var fieldBytes = 0
         var lengthFieldBytes = 0
         var codingFieldBytes = 0
-        var bodyLength = 0
         for (name, value) in head.headers {
             let n = name.utf8.count + value.utf8.count + 4
             fieldBytes += n
@@ -714,7 +707,6 @@ struct HTTP1ResponseEncoder {
             case 14 where asciiEqualsLower(name, "content-length"):
                 hasLength = true
                 lengthFieldBytes += n
-                bodyLength = value.utf8.count <= 6 ? value.utf8.reduce(0) { $0 * 10 + Int($1 & 0x0f) } : 0
             case 17 where asciiEqualsLower(name, "transfer-encoding"):
                 hasCoding = true
                 codingFieldBytes += n
@@ -742,9 +734,7 @@ struct HTTP1ResponseEncoder {
         var length = version.utf8CodeUnitCount + (threeDigits ? 3 : codeText.utf8.count) + 1 + reason.utf8.count + 4
         if addChunked { length += chunkedField.utf8CodeUnitCount }
         length += fieldBytes - (dropLength ? lengthFieldBytes : 0) - (dropCoding ? codingFieldBytes : 0)
-        // Room for a small body of known length: it may go out in this buffer (HTTPProxyHandler).
-        let spare = hasLength && !dropLength && !suppressBody && bodyLength <= spareBodyBytes ? bodyLength : 0
-        return HeadWriter.buffer(length: length, spare: spare, allocator: allocator) { w in
+        return HeadWriter.buffer(length: length, allocator: allocator) { w in
             w.put(version)
             if threeDigits {
                 w.put(UInt8(48 + code / 100))

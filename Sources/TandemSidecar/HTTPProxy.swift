@@ -198,7 +198,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
     }
 
     /// Encodes responses when no compressor sits in front (`configure`).
-    private var encoder = HTTP1ResponseEncoder(spareBodyBytes: HTTPProxyHandler.coalescedBodyBytes)
+    private var encoder = HTTP1ResponseEncoder()
     /// The method of the request being answered (an answer to HEAD has no body).
     private var answering = HTTPMethod.GET
 
@@ -271,9 +271,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
         }
     }
 
-    /// An encoded response head not written yet: a small body part that follows goes out in
-    /// the same buffer (one write through the pipeline and NIO's write queue instead of two —
-    /// each costs more than copying a few KiB). Written before anything else and on a flush.
+    /// An encoded response head not written yet: a small body part that follows is copied
+    /// behind it and both go out as one write (one trip through the pipeline and NIO's write
+    /// queue instead of two, each costing more than the copy). Written before anything else
+    /// and on a flush.
     private var heldHead: ByteBuffer?
     /// Body parts up to this size are copied behind a held head.
     static let coalescedBodyBytes = 16 * 1024
