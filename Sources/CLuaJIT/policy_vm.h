@@ -57,6 +57,16 @@ typedef struct clj_vm {
     char *buffer;
     size_t buffer_used, buffer_capacity;
     int entry_ref;
+    /* The request headers of one request (its generation; 0: none), so req:header reads
+       them here without a host call. Copied by the host when on_request starts; dropped when
+       a hook changes them (reads then take the host call). Bounded by the request's own
+       header limits (the decoder's). */
+    double fields_generation;
+    int fields_op;            /* the host operation req_header, for what the view cannot answer */
+    char *field_bytes;
+    size_t field_bytes_used, field_bytes_capacity;
+    struct clj_field { size_t name, name_length, value, value_length; } *fields;
+    int nfields, fields_capacity;
 } clj_vm;
 
 /* The coarse clock (a few ms resolution) is enough for budgets of tens of ms and costs a
@@ -257,10 +267,98 @@ static inline int clj_result_string(clj_vm *vm, const char *s, size_t len) {
     return 0;
 }
 
+static int clj_host_call_op(lua_State *L, clj_vm *vm, int op);
+
 /* Upvalue 1: the operation number. */
 static int clj_host_call(lua_State *L) {
+    return clj_host_call_op(L, clj_vm_of(L), (int)lua_tointeger(L, lua_upvalueindex(1)));
+}
+
+/* ---- the request's header fields, C side ---- */
+
+static inline void clj_fields_reset(clj_vm *vm, double generation) {
+    vm->fields_generation = generation;
+    vm->field_bytes_used = 0;
+    vm->nfields = 0;
+}
+/* One field; -1 (and no view) when memory runs out. */
+static int clj_fields_add(clj_vm *vm, const char *name, size_t name_length, const char *value, size_t value_length) {
+    if (vm->nfields == vm->fields_capacity) {
+        int cap = vm->fields_capacity ? vm->fields_capacity * 2 : 32;
+        struct clj_field *f = (struct clj_field *)realloc(vm->fields, (size_t)cap * sizeof(struct clj_field));
+        if (!f) { vm->fields_generation = 0; return -1; }
+        vm->fields = f;
+        vm->fields_capacity = cap;
+    }
+    size_t need = vm->field_bytes_used + name_length + value_length;
+    if (need > vm->field_bytes_capacity) {
+        size_t cap = vm->field_bytes_capacity ? vm->field_bytes_capacity : 2048;
+        while (cap < need) cap *= 2;
+        char *b = (char *)realloc(vm->field_bytes, cap);
+        if (!b) { vm->fields_generation = 0; return -1; }
+        vm->field_bytes = b;
+        vm->field_bytes_capacity = cap;
+    }
+    struct clj_field *f = &vm->fields[vm->nfields++];
+    f->name = vm->field_bytes_used;
+    f->name_length = name_length;
+    if (name_length) memcpy(vm->field_bytes + vm->field_bytes_used, name, name_length);
+    vm->field_bytes_used += name_length;
+    f->value = vm->field_bytes_used;
+    f->value_length = value_length;
+    if (value_length) memcpy(vm->field_bytes + vm->field_bytes_used, value, value_length);
+    vm->field_bytes_used += value_length;
+    return 0;
+}
+static inline void clj_fields_free(clj_vm *vm) {
+    free(vm->fields);
+    free(vm->field_bytes);
+    vm->fields = NULL;
+    vm->field_bytes = NULL;
+    vm->fields_capacity = 0;
+    vm->field_bytes_capacity = 0;
+    clj_fields_reset(vm, 0);
+}
+/* ASCII letters compare without case, every other byte exactly (as the host's sameName). */
+static inline int clj_same_name(const char *a, const char *b, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        unsigned char p = (unsigned char)a[i], q = (unsigned char)b[i];
+        if (p != q) {
+            unsigned char lp = p | 0x20, lq = q | 0x20;
+            if (lp != lq || lp < 'a' || lp > 'z') return 0;
+        }
+    }
+    return 1;
+}
+/* Lua (prelude only): req_header(generation, name, nth) -> the nth value of the request's
+   field `name`, or nil; answered from the view when it holds this request, else by the host
+   operation (which also refuses a handle kept past its request). */
+static int clj_req_header(lua_State *L) {
     clj_vm *vm = clj_vm_of(L);
-    int op = (int)lua_tointeger(L, lua_upvalueindex(1));
+    int n = lua_gettop(L);
+    if (vm->fields_generation != 0 && n >= 2 && n <= 3 && lua_type(L, 1) == LUA_TNUMBER &&
+        lua_tonumber(L, 1) == vm->fields_generation && lua_type(L, 2) == LUA_TSTRING &&
+        (n == 2 || lua_type(L, 3) == LUA_TNUMBER)) {
+        size_t len = 0;
+        const char *name = lua_tolstring(L, 2, &len);
+        lua_Number want = n == 3 ? lua_tonumber(L, 3) : 1;
+        if (want >= 1 && want <= 1e9) {
+            long nth = (long)want;
+            for (int i = 0; i < vm->nfields; i++) {
+                const struct clj_field *f = &vm->fields[i];
+                if (f->name_length == len && clj_same_name(vm->field_bytes + f->name, name, len) && --nth == 0) {
+                    lua_pushlstring(L, vm->field_bytes + f->value, f->value_length);
+                    return 1;
+                }
+            }
+            lua_pushnil(L);
+            return 1;
+        }
+    }
+    return clj_host_call_op(L, vm, vm->fields_op);
+}
+
+static int clj_host_call_op(lua_State *L, clj_vm *vm, int op) {
     int n = lua_gettop(L);
     if (n > CLJ_MAX_ARGS) return luaL_error(L, "too many arguments (at most %d)", CLJ_MAX_ARGS);
     clj_arg args[CLJ_MAX_ARGS];
@@ -351,6 +449,7 @@ static int clj_boot(lua_State *L) {
     lua_pushcfunction(L, clj_make_host_function); lua_setglobal(L, "__host_function");
     lua_pushcfunction(L, clj_next_hook); lua_setglobal(L, "__next_hook");
     lua_pushcfunction(L, clj_ended); lua_setglobal(L, "__ended");
+    lua_pushcfunction(L, clj_req_header); lua_setglobal(L, "__req_header");
     if (luaL_loadbuffer(L, prelude, strlen(prelude), "=tandem-prelude") != 0) return lua_error(L);
     lua_call(L, 0, 1);
     if (lua_type(L, -1) != LUA_TFUNCTION) return luaL_error(L, "the prelude must return its entry function");

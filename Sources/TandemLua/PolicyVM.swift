@@ -264,6 +264,7 @@ public final class PolicyVM: @unchecked Sendable {
         vm.pointee.pattern_subject = limits.patternSubjectBytes
         vm.pointee.pattern_length = limits.patternBytes
         vm.pointee.dispatch = Bridge.dispatch
+        vm.pointee.fields_op = Int32(HostOp.table.firstIndex(of: .reqHeader)! + 1)
         guard let state = clj_vm_open(vm) else {
             vm.deallocate()
             throw PolicyFailure(policy: "-", reason: .memory, message: "cannot create a Lua state")
@@ -276,6 +277,7 @@ public final class PolicyVM: @unchecked Sendable {
             let m = message()
             lua_close(L)
             free(vm.pointee.buffer)
+            clj_fields_free(vm)
             vm.deallocate()
             throw PolicyFailure(policy: "-", reason: .error, message: "policy prelude failed: \(m)")
         }
@@ -284,6 +286,7 @@ public final class PolicyVM: @unchecked Sendable {
     deinit {
         lua_close(L)
         free(vm.pointee.buffer)
+        clj_fields_free(vm)
         vm.deallocate()
     }
 
@@ -400,6 +403,7 @@ public final class PolicyVM: @unchecked Sendable {
     /// here (at most `endBatch`) and leave the VM in one call.
     public func end(_ ex: PolicyExchange) {
         guard ex.generation != 0 else { return }
+        if vm.pointee.fields_generation == ex.generation { clj_fields_reset(vm, 0) }
         pendingEnds.append(ex.generation)
         ex.generation = 0
         if pendingEnds.count >= Self.endBatch { flushEnds() }
@@ -421,6 +425,25 @@ public final class PolicyVM: @unchecked Sendable {
         }
         ex.generation = sequence * Self.slotSpan + Double(slot)
         sequence = sequence < 536_870_912 ? sequence + 1 : 1  // 2^29: generations stay exact doubles
+    }
+
+    /// The request's header fields, copied to the VM's C side: `req:header` reads them there
+    /// (no host call) while they hold this request (a hook's edit drops them).
+    private func copyFields(_ ex: PolicyExchange) {
+        clj_fields_reset(vm, ex.generation)
+        for f in ex.headers {
+            var (name, value) = f
+            let added = name.withUTF8 { n in
+                value.withUTF8 { v in
+                    n.withMemoryRebound(to: CChar.self) { n in
+                        v.withMemoryRebound(to: CChar.self) { v in
+                            clj_fields_add(vm, n.baseAddress, n.count, v.baseAddress, v.count)
+                        }
+                    }
+                }
+            }
+            if added != 0 { return }  // out of memory: no view, reads take the host call
+        }
     }
 
     private func flushEnds() {
@@ -488,6 +511,7 @@ public final class PolicyVM: @unchecked Sendable {
         _ ex: PolicyExchange, _ p: Phase, chain: [Int]? = nil, policy: Int = 0, _ body: () -> PolicyOutcome
     ) -> PolicyOutcome {
         if ex.generation == 0 { begin(ex) }
+        if p == .request, vm.pointee.fields_generation != ex.generation { copyFields(ex) }
         current = ex
         phase = p
         currentChain = chain
@@ -732,6 +756,7 @@ public final class PolicyVM: @unchecked Sendable {
             // Edited in place: a copy of the list would be copied again on write.
             let max = limits.headerFields
             if onRequest {
+                if vm.pointee.fields_generation == ex.generation { clj_fields_reset(vm, 0) }
                 if replace { ex.headers.removeAll { Self.sameName($0.name, name) } }
                 if value != nil && ex.headers.count >= max {
                     throw HostError("too many request header fields (the limit is \(max))")

@@ -7,8 +7,8 @@ let preludeSource = #"""
     -- table that generates the LuaLS definitions.
     local H = {}
     for name, op in pairs(OPS) do H[name] = __host_function(op) end
-    local next_hook, ended = __next_hook, __ended
-    __host_function, __next_hook, __ended, OPS = nil, nil, nil, nil
+    local next_hook, ended, req_header = __next_hook, __ended, __req_header
+    __host_function, __next_hook, __ended, __req_header, OPS = nil, nil, nil, nil, nil
 
     local load, pairs, ipairs, type, tostring, tonumber, select, error, setmetatable, getmetatable, next, unpack, rawget =
       load, pairs, ipairs, type, tostring, tonumber, select, error, setmetatable, getmetatable, next, unpack, rawget
@@ -331,9 +331,10 @@ let preludeSource = #"""
     end
 
     local Req = {}
-    local h_req_header = H.req_header
-    function Req:header(name) return h_req_header(self[1], name, 1) end
-    function Req:header_values(name) return list(H.req_header, self[1], name) end
+    -- req_header: H.req_header answered from the C side's copy of the request's fields when it
+    -- holds them (the host keeps it for the request whose on_request runs, until a hook edits them).
+    function Req:header(name) return req_header(self[1], name, 1) end
+    function Req:header_values(name) return list(req_header, self[1], name) end
     function Req:headers() return header_table(H.req_header_at, self[1]) end
     -- set_header/add_header/remove_header over the host's operations. Header values: strings and
     -- integers below 10^14 go to the host as they are (it writes such a number as tostring does,
