@@ -2,6 +2,10 @@ import NIOCore
 import NIOHTTP1
 import TandemCore
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// A response from an upstream that breaks HTTP/1.1 (RFC 9112): the connection is closed and
 /// the attempt counts as a reset.
 struct UpstreamProtocolError: Error, CustomStringConvertible, Equatable {
@@ -167,11 +171,11 @@ struct HTTP1ResponseParser {
             var i = max(scanned, 1)
             while i < n {
                 // An LF that ends an empty line: the one before it is LF, or CR after an LF.
-                if b[i] == UInt8(ascii: "\n") {
-                    if b[i - 1] == UInt8(ascii: "\n") { return i + 1 }
-                    if b[i - 1] == UInt8(ascii: "\r") && i >= 2 && b[i - 2] == UInt8(ascii: "\n") { return i + 1 }
-                }
-                i += 1
+                let lf = index(of: UInt8(ascii: "\n"), b, i, n)
+                guard lf < n else { return nil }
+                if b[lf - 1] == UInt8(ascii: "\n") { return lf + 1 }
+                if b[lf - 1] == UInt8(ascii: "\r") && lf >= 2 && b[lf - 2] == UInt8(ascii: "\n") { return lf + 1 }
+                i = lf + 1
             }
             return nil
         }
@@ -187,7 +191,8 @@ struct HTTP1ResponseParser {
     /// The length of the line at the start of `buffer` through its LF, or nil.
     private func lineEnd(_ buffer: ByteBuffer, limit: Int, what: String) throws(UpstreamProtocolError) -> Int? {
         let found: Int? = buffer.withUnsafeReadableBytes { b in
-            b.firstIndex(of: UInt8(ascii: "\n")).map { $0 + 1 }
+            let lf = index(of: UInt8(ascii: "\n"), b, 0, b.count)
+            return lf < b.count ? lf + 1 : nil
         }
         if let found {
             guard found <= limit else { throw UpstreamProtocolError("\(what) exceeds \(limit) bytes") }
@@ -214,9 +219,8 @@ struct HTTP1ResponseParser {
                 code = code * 10 + Int(b[i] - 48)
             }
             guard code >= 100 else { throw UpstreamProtocolError("invalid status code \(code)") }
-            guard let lf = b.firstIndex(of: UInt8(ascii: "\n")) else {
-                throw UpstreamProtocolError("invalid status line")
-            }
+            let lf = index(of: UInt8(ascii: "\n"), b, 0, b.count)
+            guard lf < b.count else { throw UpstreamProtocolError("invalid status line") }
             if lf > 12 && b[12] != 32 && !(lf == 13 && b[12] == 13) {
                 throw UpstreamProtocolError("invalid status line")
             }
@@ -292,8 +296,7 @@ struct HTTP1ResponseParser {
             var start = 0
             let n = b.count
             while start < n {
-                var lf = start
-                while lf < n && b[lf] != UInt8(ascii: "\n") { lf += 1 }
+                let lf = index(of: UInt8(ascii: "\n"), b, start, n)
                 var end = lf
                 if end > start && b[end - 1] == UInt8(ascii: "\r") { end -= 1 }
                 if end == start { return }  // the empty line
@@ -402,6 +405,13 @@ struct HTTP1ResponseParser {
         }
     }
 
+}
+
+/// The index of the first `byte` in `b[from..<to]`, or `to` (memchr: many bytes per step).
+@inline(__always)
+func index(of byte: UInt8, _ b: UnsafeRawBufferPointer, _ from: Int, _ to: Int) -> Int {
+    guard from < to, let base = b.baseAddress, let p = memchr(base + from, Int32(byte), to - from) else { return to }
+    return base.distance(to: UnsafeRawPointer(p))
 }
 
 /// Whether `b[from..<to]` is `lower` (all lowercase), compared ASCII case-insensitively.

@@ -70,13 +70,22 @@ final class ProxyContext: Sendable {
 private let hopByHopNames: [StaticString] = [
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "expect",
 ]
-private let hopByHopStrings = hopByHopNames.map { "\($0)" }
+let hopByHopStrings = hopByHopNames.map { "\($0)" }
 let hopByHop = Set(hopByHopStrings)
 
 /// The index in `hopByHopNames` of the field name `b[from..<to]`, compared ASCII
 /// case-insensitively without allocating (this runs for every header of every message).
 func hopByHopIndex(_ b: UnsafeRawBufferPointer, _ from: Int, _ to: Int) -> Int? {
-    hopByHopNames.firstIndex { lowerEquals(b, from, to, $0) }
+    // By length first: most names match none of the lengths.
+    switch to - from {
+    case 2: return lowerEquals(b, from, to, "te") ? 3 : nil
+    case 6: return lowerEquals(b, from, to, "expect") ? 7 : nil
+    case 7: return lowerEquals(b, from, to, "trailer") ? 4 : lowerEquals(b, from, to, "upgrade") ? 6 : nil
+    case 10: return lowerEquals(b, from, to, "connection") ? 0 : lowerEquals(b, from, to, "keep-alive") ? 1 : nil
+    case 16: return lowerEquals(b, from, to, "proxy-connection") ? 2 : nil
+    case 17: return lowerEquals(b, from, to, "transfer-encoding") ? 5 : nil
+    default: return nil
+    }
 }
 
 private func hopByHopIndex(_ name: String) -> Int? {

@@ -1,6 +1,7 @@
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
+import TandemCore
 import Testing
 
 @testable import TandemSidecar
@@ -63,6 +64,19 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
 /// The HTTP/1.1 codec (RFC 9112): the upstream response parser and request encoder, the
 /// handler that joins them on an upstream connection, and the client-facing response encoder.
 @Suite struct HTTP1CodecTests {
+    /// The byte classes the parsers test per byte, against their definitions.
+    @Test func tokenBytesAndHopByHopNamesAreRecognised() {
+        let tchar = Set("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz".utf8)
+        for c in 0...255 { #expect(HTTPToken.isTokenByte(UInt8(c)) == tchar.contains(UInt8(c)), "byte \(c)") }
+        func index(_ s: String) -> Int? { withBytes(s) { hopByHopIndex($0, 0, $0.count) } }
+        for (k, name) in hopByHopStrings.enumerated() {
+            #expect(index(name) == k && index(name.uppercased()) == k, "\(name)")
+        }
+        for name in ["tex", "trailers", "upgrades", "content-type", "x-connection", "keep_alive", "expected", ""] {
+            #expect(index(name) == nil, "\(name)")
+        }
+    }
+
     @Test func aContentLengthBodyIsReadExactlyAtEverySplit() throws {
         let p = try Parsed.everySplit(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\nhello world")
