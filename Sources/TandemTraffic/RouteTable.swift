@@ -43,38 +43,101 @@ public struct RouteMatch: Equatable, Sendable {
 }
 
 /// A route: a match, the cluster it sends to, and the policies that apply on it.
+///
+/// A value with its fields in one shared box (copy on write): a request's route is copied
+/// several times on its way through the proxy, and a copy of the fields themselves (a dozen
+/// strings, arrays and dictionaries) cost ~300 instructions each time; now a copy is a
+/// reference count, and the first change to a shared copy copies the fields once.
 public struct Route: Equatable, Sendable {
-    public var name: String
-    public var match: RouteMatch
-    public var cluster: String
+    private struct Fields: Equatable {
+        var name: String
+        var match: RouteMatch
+        var cluster: String
+        var timeout: Nanos?
+        var retry: RetryPolicy
+        var rateLimit: TokenBucket.Config?
+        var policies: [String]
+        var compression: CompressionPolicy?
+        var rateLimitKey: RateLimitKey?
+        var subset: [String: String] = [:]
+    }
+
+    /// Mutated only through `fields`' `_modify`, which copies it first when shared.
+    private final class Box: @unchecked Sendable {
+        var fields: Fields
+        init(_ fields: Fields) { self.fields = fields }
+    }
+
+    private var box: Box
+
+    private var fields: Fields {
+        get { box.fields }
+        _modify {
+            if !isKnownUniquelyReferenced(&box) { box = Box(box.fields) }
+            yield &box.fields
+        }
+    }
+
+    public var name: String {
+        get { box.fields.name }
+        set { fields.name = newValue }
+    }
+    public var match: RouteMatch {
+        get { box.fields.match }
+        set { fields.match = newValue }
+    }
+    public var cluster: String {
+        get { box.fields.cluster }
+        set { fields.cluster = newValue }
+    }
     /// Overall deadline including every retry; nil = none.
-    public var timeout: Nanos?
-    public var retry: RetryPolicy
+    public var timeout: Nanos? {
+        get { box.fields.timeout }
+        set { fields.timeout = newValue }
+    }
+    public var retry: RetryPolicy {
+        get { box.fields.retry }
+        set { fields.retry = newValue }
+    }
     /// Requests per second allowed on this route (token bucket); nil = unlimited.
-    public var rateLimit: TokenBucket.Config?
+    public var rateLimit: TokenBucket.Config? {
+        get { box.fields.rateLimit }
+        set { fields.rateLimit = newValue }
+    }
     /// Names of Lua policies attached to this route, in order.
-    public var policies: [String]
+    public var policies: [String] {
+        get { box.fields.policies }
+        set { fields.policies = newValue }
+    }
     /// Responses compressed with gzip when the client accepts it; nil = never.
-    public var compression: CompressionPolicy?
+    public var compression: CompressionPolicy? {
+        get { box.fields.compression }
+        set { fields.compression = newValue }
+    }
     /// Whose requests share a `rateLimit` bucket; nil = one bucket for the route.
-    public var rateLimitKey: RateLimitKey?
+    public var rateLimitKey: RateLimitKey? {
+        get { box.fields.rateLimitKey }
+        set { fields.rateLimitKey = newValue }
+    }
     /// Only endpoints whose registered metadata has every one of these pairs (Envoy's
     /// `metadata_match` with subset load balancing): `{ version = "v2" }` for a canary.
     /// Empty: every endpoint. No endpoint in the subset: 503 `no-healthy-endpoint`.
-    public var subset: [String: String] = [:]
+    public var subset: [String: String] {
+        get { box.fields.subset }
+        set { fields.subset = newValue }
+    }
 
     public init(
         name: String, match: RouteMatch, cluster: String, timeout: Nanos? = .seconds(15), retry: RetryPolicy = .init(),
         rateLimit: TokenBucket.Config? = nil, policies: [String] = []
     ) {
-        self.name = name
-        self.match = match
-        self.cluster = cluster
-        self.timeout = timeout
-        self.retry = retry
-        self.rateLimit = rateLimit
-        self.policies = policies
+        box = Box(
+            Fields(
+                name: name, match: match, cluster: cluster, timeout: timeout, retry: retry, rateLimit: rateLimit,
+                policies: policies, compression: nil, rateLimitKey: nil))
     }
+
+    public static func == (a: Route, b: Route) -> Bool { a.box === b.box || a.box.fields == b.box.fields }
 }
 
 /// The request facts a route decision needs.

@@ -4,6 +4,25 @@ import Testing
 @testable import TandemTraffic
 
 @Suite struct RouteTableTests {
+    /// A route is a value even though its fields sit in one shared box: changing a copy leaves
+    /// the original as it was, and equal fields are equal routes.
+    @Test func routesKeepValueSemantics() {
+        let original = Route(name: "r", match: RouteMatch(host: "users"), cluster: "users", rateLimit: nil)
+        var copy = original
+        #expect(copy == original)
+        copy.cluster = "users-canary"
+        copy.retry.numRetries = 7
+        copy.subset = ["version": "v2"]
+        #expect(original.cluster == "users" && original.retry.numRetries != 7 && original.subset.isEmpty)
+        #expect(copy.cluster == "users-canary" && copy.retry.numRetries == 7 && copy.subset == ["version": "v2"])
+        #expect(copy != original)
+        var back = copy
+        back.cluster = "users"
+        back.retry = original.retry
+        back.subset = [:]
+        #expect(back == original && copy.cluster == "users-canary")
+    }
+
     let table = RouteTable([
         Route(name: "catch-all", match: RouteMatch(path: .prefix("/")), cluster: "default"),
         Route(name: "users-prefix", match: RouteMatch(host: "users", path: .prefix("/user")), cluster: "users"),
