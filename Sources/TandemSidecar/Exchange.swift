@@ -23,6 +23,8 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private var path = ""
     private var route: Route?
     private var cluster = ""
+    /// The cluster's slot in the traffic state once admitted (no hash of its name per call).
+    private var clusterSlot: Int?
     private var retry: RetryState?
     /// `retry`'s deadline and attempts, kept beside it: reading them through the optional
     /// copies the whole state (its policy and tried list) each time.
@@ -208,10 +210,16 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         }
     }
 
+    /// Runs `body` on this exchange's cluster state (by slot once admitted).
+    private func withCluster<T>(_ body: (inout ClusterState, inout SeededRandom) -> T) -> T {
+        if let clusterSlot { return ctx.brain.withCluster(slot: clusterSlot, body) }
+        return ctx.brain.withCluster(cluster, body)
+    }
+
     private func admit() {
         guard !finished, let route else { return }
         let now = clock()
-        if let refused = ProxyRouting.admit(ctx: ctx, cluster: cluster, now: now) {
+        if let refused = ProxyRouting.admit(ctx: ctx, cluster: cluster, slot: &clusterSlot, now: now) {
             answer(refused)
             return
         }
@@ -235,7 +243,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         let headers = head.headers
         let subset = route?.subset ?? [:]
         // One lock: the balancer's choice, its bookkeeping and the connect timeout.
-        let (picked, registered, connectTimeout) = ctx.brain.withCluster(cluster) {
+        let (picked, registered, connectTimeout) = withCluster {
             c, rng -> (Endpoint?, Int, Nanos) in
             var hashKey: String?
             if case .ringHash(let header) = c.config.balancer { hashKey = headers.first(name: header) }
@@ -280,7 +288,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         }
         // A new connection needs one of the cluster's max_connections slots; without one the
         // request waits as pending (max_pending_requests), or overflows.
-        let (opened, queued) = ctx.brain.withCluster(cluster) { c, _ -> (Bool, Bool) in
+        let (opened, queued) = withCluster { c, _ -> (Bool, Bool) in
             c.gate.tryOpenConnection() ? (true, false) : (false, c.gate.tryStartPending())
         }
         guard opened else {
@@ -319,7 +327,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private func slotFreed() {
         guard pendingID != nil else { return }
         pendingID = nil
-        ctx.brain.withCluster(cluster) { c, _ in c.gate.finishPending() }
+        withCluster { c, _ in c.gate.finishPending() }
         guard !finished, let ep = endpoint else { return }
         connectAndSend(ep)
     }
@@ -329,7 +337,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         guard let id = pendingID else { return }
         pendingID = nil
         if handler.pool.slots.cancel(cluster, id: id) {
-            ctx.brain.withCluster(cluster) { c, _ in c.gate.finishPending() }
+            withCluster { c, _ in c.gate.finishPending() }
         }
     }
 
@@ -481,7 +489,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         if let ep = endpoint {
             let now = clock()
             let latency = now - attemptStart
-            ctx.brain.withCluster(cluster) { c, _ in c.attemptFinished(ep, .timeout, latency: latency, now: now) }
+            withCluster { c, _ in c.attemptFinished(ep, .timeout, latency: latency, now: now) }
         }
         answer(LocalAnswer(.timeout, message: "upstream \"\(cluster)\" did not answer within the route timeout"))
     }
@@ -507,7 +515,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         guard retry != nil else { return }
         let now = clock()
         let latency = now - attemptStart
-        let next = ctx.brain.withCluster(cluster) { c, rng in
+        let next = withCluster { c, rng in
             c.afterAttempt(ep, outcome, latency: latency, now: now, retry: &self.retry!, rng: &rng)
         }
         attempts = retry!.attempts
@@ -814,7 +822,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         let latency = now - startedAt
         if admitted {
             let retry = self.retry
-            ctx.brain.withCluster(cluster) { c, _ in
+            withCluster { c, _ in
                 c.requestFinished(failed: failed, latency: latency, now: now, retry: retry)
             }
         }

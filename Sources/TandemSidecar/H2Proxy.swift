@@ -112,6 +112,8 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     let startedAt: Nanos
     private var route: Route?
     private var cluster = ""
+    /// The cluster's slot in the traffic state once admitted (no hash of its name per call).
+    private var clusterSlot: Int?
     private var endpoint: Endpoint?
     /// Attempts and their retry decisions (TandemTraffic). Created with an empty body: before
     /// the upstream stream opens nothing has been sent, and what waits in `pending` is bounded.
@@ -229,10 +231,16 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         }
     }
 
+    /// Runs `body` on this exchange's cluster state (by slot once admitted).
+    private func withCluster<T>(_ body: (inout ClusterState, inout SeededRandom) -> T) -> T {
+        if let clusterSlot { return ctx.brain.withCluster(slot: clusterSlot, body) }
+        return ctx.brain.withCluster(cluster, body)
+    }
+
     private func admit() {
         guard !finished, let route else { return }
         let now = nowNanos()
-        if let refused = ProxyRouting.admit(ctx: ctx, cluster: cluster, now: now) {
+        if let refused = ProxyRouting.admit(ctx: ctx, cluster: cluster, slot: &clusterSlot, now: now) {
             answer(refused)
             return
         }
@@ -254,8 +262,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         let avoid = tried
         let subset = route?.subset ?? [:]
         guard
-            let ep = ctx.brain.withCluster(
-                cluster, { c, rng in c.choose(now: now, avoid: avoid, subset: subset, rng: &rng) })
+            let ep = withCluster({ c, rng in c.choose(now: now, avoid: avoid, subset: subset, rng: &rng) })
         else {
             answer(
                 LocalAnswer(
@@ -266,9 +273,9 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         endpoint = ep
         retry?.attemptStarted(endpoint: ep.id)
         attemptStart = now
-        ctx.brain.withCluster(cluster) { c, _ in c.attemptStarted(ep) }
+        withCluster { c, _ in c.attemptStarted(ep) }
         ctx.metrics.inc("tandem_upstream_attempts_total", [("side", handler.side.rawValue), ("cluster", cluster)])
-        let connectTimeout = ctx.brain.withCluster(cluster) { c, _ in c.config.connectTimeout }
+        let connectTimeout = withCluster { c, _ in c.config.connectTimeout }
         if handler.side == .inbound && !ctx.appSpeaksH2 {
             // An HTTP/1.1 app: the stream continues over a pooled HTTP/1.1 connection.
             let pool = ctx.pools.pool(for: loop)
@@ -314,7 +321,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         guard !finished, var retry else { return }
         let now = nowNanos()
         let latency = now - attemptStart
-        let next = ctx.brain.withCluster(cluster) { c, rng in
+        let next = withCluster { c, rng in
             c.afterAttempt(ep, .connectFailure, latency: latency, now: now, retry: &retry, rng: &rng)
         }
         self.retry = retry
@@ -455,7 +462,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
             if let ep = endpoint {
                 let now = nowNanos()
                 let outcome = AttemptOutcome.response(status: status, grpcStatus: grpcStatus)
-                ctx.brain.withCluster(cluster) { c, _ in
+                withCluster { c, _ in
                     c.attemptFinished(ep, outcome, latency: now - attemptStart, now: now)
                 }
             }
@@ -535,7 +542,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         if let ep = endpoint {
             let now = nowNanos()
             let outcome = AttemptOutcome.response(status: failed && status < 500 ? 503 : status, grpcStatus: grpcStatus)
-            ctx.brain.withCluster(cluster) { c, _ in
+            withCluster { c, _ in
                 c.attemptFinished(ep, outcome, latency: now - attemptStart, now: now)
             }
         }
@@ -574,7 +581,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         http1 = nil
         if let ep = endpoint {
             let now = nowNanos()
-            ctx.brain.withCluster(cluster) { c, _ in
+            withCluster { c, _ in
                 c.attemptFinished(ep, .reset, latency: now - attemptStart, now: now)
             }
         }
@@ -687,7 +694,7 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         let latency = now - startedAt
         if admitted {
             let retry = self.retry
-            ctx.brain.withCluster(cluster) { c, _ in
+            withCluster { c, _ in
                 c.requestFinished(failed: failed, latency: latency, now: now, retry: retry)
             }
         }

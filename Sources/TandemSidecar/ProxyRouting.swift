@@ -87,7 +87,7 @@ enum ProxyRouting {
                             ))
                     }
                 }
-                guard s.clusters.index(forKey: r.cluster) != nil || s.clusters.count < maxClusters else {
+                guard s.clusterSlots.index(forKey: r.cluster) != nil || s.clusterSlots.count < maxClusters else {
                     return .failure(
                         LocalAnswer(.overflow, message: "this sidecar already tracks \(maxClusters) upstream services"))
                 }
@@ -166,8 +166,11 @@ enum ProxyRouting {
     }
 
     /// Admission of a new request by the cluster's breaker and concurrency gate.
-    static func admit(ctx: ProxyContext, cluster: String, now: Nanos) -> LocalAnswer? {
-        guard let reason = ctx.brain.withCluster(cluster, { c, _ in c.admit(now: now) }) else { return nil }
+    /// `slot`: set to the cluster's slot (for the exchange's later calls).
+    static func admit(ctx: ProxyContext, cluster: String, slot: inout Int?, now: Nanos) -> LocalAnswer? {
+        guard let reason = ctx.brain.withCluster(cluster, slot: &slot, { c, _ in c.admit(now: now) }) else {
+            return nil
+        }
         return LocalAnswer(reason, message: reason == .circuitOpen ? "circuit breaker for \"\(cluster)\" is open" : nil)
     }
 

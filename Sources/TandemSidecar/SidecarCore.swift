@@ -15,7 +15,11 @@ import Glibc
 final class TrafficBrain: Sendable {
     struct State {
         var routes: RouteTable
-        var clusters: [String: ClusterState] = [:]
+        /// Every cluster's state, at a slot it keeps for the sidecar's life (a cluster is never
+        /// removed; a reload replaces its state in place), so an exchange that knows the slot
+        /// reaches it without hashing the name again.
+        var clusterStates: [ClusterState] = []
+        var clusterSlots: [String: Int] = [:]
         var rng: SeededRandom
         var limiters: [String: TokenBucket] = [:]
         var keyedLimiters: [String: KeyedRateLimiter] = [:]
@@ -31,32 +35,42 @@ final class TrafficBrain: Sendable {
 
     func with<T>(_ body: (inout State) -> T) -> T { state.withLockedValue(body) }
 
-    /// Creates the cluster's state from config on first use.
-    static func ensureCluster(_ s: inout State, _ name: String) {
-        // `s.clusters[name] == nil` would copy the whole ClusterState out of the dictionary.
-        guard s.clusters.index(forKey: name) == nil else { return }
+    /// The cluster's slot; its state is made from config on first use.
+    static func ensureCluster(_ s: inout State, _ name: String) -> Int {
+        if let i = s.clusterSlots[name] { return i }
         var c = ClusterState(s.config.clusterConfig(name))
         if let eps = s.config.staticEndpoints[name] { c.setEndpoints(eps) }
-        s.clusters[name] = c
+        s.clusterStates.append(c)
+        s.clusterSlots[name] = s.clusterStates.count - 1
+        return s.clusterStates.count - 1
     }
 
-    /// Runs `body` on the cluster's state in place. (Copying the state out and back would
-    /// copy its arrays and dictionaries on every call: the dictionary still holds them.)
+    /// Runs `body` on the cluster's state in place (a copy out and back would copy its arrays
+    /// and dictionaries on every call).
     func withCluster<T>(_ name: String, _ body: (inout ClusterState, inout SeededRandom) -> T) -> T {
+        state.withLockedValue { s in body(&s.clusterStates[Self.ensureCluster(&s, name)], &s.rng) }
+    }
+
+    /// The same by the cluster's slot (from `withCluster(_:slot:_:)`), without the name's hash.
+    func withCluster<T>(slot: Int, _ body: (inout ClusterState, inout SeededRandom) -> T) -> T {
+        state.withLockedValue { s in body(&s.clusterStates[slot], &s.rng) }
+    }
+
+    /// `withCluster` that also returns the cluster's slot, for the calls that follow.
+    func withCluster<T>(_ name: String, slot: inout Int?, _ body: (inout ClusterState, inout SeededRandom) -> T) -> T {
         state.withLockedValue { s in
-            // One hash of the name on the common path; Values' index subscript modifies in place.
-            if let i = s.clusters.index(forKey: name) { return body(&s.clusters.values[i], &s.rng) }
-            Self.ensureCluster(&s, name)
-            return body(&s.clusters[name]!, &s.rng)
+            let i = Self.ensureCluster(&s, name)
+            slot = i
+            return body(&s.clusterStates[i], &s.rng)
         }
     }
 
     /// Installs discovered endpoints; static ones stand in while discovery has none.
     func setDiscovered(_ name: String, _ eps: [Endpoint]) {
         state.withLockedValue { s in
-            Self.ensureCluster(&s, name)
+            let i = Self.ensureCluster(&s, name)
             let fallback = s.config.staticEndpoints[name] ?? []
-            s.clusters[name]!.setEndpoints(eps.isEmpty ? fallback : eps)
+            s.clusterStates[i].setEndpoints(eps.isEmpty ? fallback : eps)
         }
     }
 
@@ -67,12 +81,12 @@ final class TrafficBrain: Sendable {
             s.routes = RouteTable(config.routes)
             s.limiters = [:]
             s.keyedLimiters = [:]
-            for (name, old) in s.clusters {
+            for (name, i) in s.clusterSlots {
                 let cfg = config.clusterConfig(name)
-                if cfg == old.config { continue }  // unchanged: keep breaker, ejections, load
+                if cfg == s.clusterStates[i].config { continue }  // unchanged: keep breaker, ejections, load
                 var c = ClusterState(cfg)
-                c.setEndpoints(old.endpoints)
-                s.clusters[name] = c
+                c.setEndpoints(s.clusterStates[i].endpoints)
+                s.clusterStates[i] = c
             }
         }
     }
@@ -100,6 +114,13 @@ final class TrafficBrain: Sendable {
             s.limiters[route.name] = b
             return ok
         }
+    }
+}
+
+extension TrafficBrain.State {
+    /// Every cluster's state by name (a copy, for views).
+    var clusters: [String: ClusterState] {
+        clusterSlots.mapValues { clusterStates[$0] }
     }
 }
 
