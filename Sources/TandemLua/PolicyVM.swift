@@ -211,7 +211,18 @@ public final class PolicyVM: @unchecked Sendable {
     /// The policies of the chain a call runs (`vm.at` says which one runs now).
     private var currentChain: [Int]?
     /// Chains by key: routes' (> 0) and each policy alone (-id).
-    private var chains: [Int: [Int]] = [:]
+    private var chains: [Int: Chain] = [:]
+    /// A chain's policy ids, and what counting needs of each (kept as loads change them, so a
+    /// call looks up the chain once and no policy).
+    private struct Chain {
+        var ids: [Int]
+        var members: [Loaded?]
+    }
+    private func makeChain(_ ids: [Int]) -> Chain { Chain(ids: ids, members: ids.map { policies[$0] }) }
+    /// After policy `id` (re)loaded or left: the chains that hold it see its new state.
+    private func refreshChains(holding id: Int) {
+        for (key, c) in chains where c.ids.contains(id) { chains[key]?.members = c.ids.map { policies[$0] } }
+    }
     /// The policy whose hook runs now.
     private var runningPolicy: Int {
         if let c = currentChain, c.indices.contains(Int(vm.pointee.at) - 1) { return c[Int(vm.pointee.at) - 1] }
@@ -329,7 +340,8 @@ public final class PolicyVM: @unchecked Sendable {
         let name = loadingName ?? file
         policies[id] = Loaded(name: name, hooks: loadingHooks, slot: services.slot(for: name))
         _ = enter(op: 7, Double(staging), Double(id))
-        chains[-id] = [id]
+        chains[-id] = makeChain([id])
+        refreshChains(holding: id)
         return name
     }
 
@@ -357,13 +369,14 @@ public final class PolicyVM: @unchecked Sendable {
         _ = enter(op: 2, Double(id), 0)
         policies[id] = nil
         chains[-id] = nil
+        refreshChains(holding: id)
     }
 
     /// A route's policies in order under `key` (> 0), run by one call into the VM per phase
     /// (`onRequest(chain:)`, `onResponse(chain:)`). Policies load first; a key is defined once.
     public func defineChain(_ key: Int, _ ids: [Int]) {
         precondition(key > 0 && chains[key] == nil, "chain \(key) is already defined")
-        chains[key] = ids
+        chains[key] = makeChain(ids)
         for id in ids { _ = enter(op: 8, Double(key), Double(id)) }
     }
 
@@ -474,9 +487,10 @@ public final class PolicyVM: @unchecked Sendable {
         -> (at: Int, outcome: PolicyOutcome)
     {
         let forward = p == .request
-        guard let ids = chains[key], ids.indices.contains(start) else {
+        guard let chain = chains[key], chain.ids.indices.contains(start) else {
             return (start, .failed(PolicyFailure(policy: "#\(key)", reason: .error, message: "no such chain")))
         }
+        let ids = chain.ids
         var outcome = calling(ex, p, chain: ids) { enter(op: op, Double(key), ex.generation, Double(start + 1)) }
         // The prelude names the hook that decided (its second result) or was running (next_hook).
         var at: Int
@@ -490,10 +504,10 @@ public final class PolicyVM: @unchecked Sendable {
         // Counted per policy: the ones the request passed, then the one that decided or failed.
         var i = start
         while i != at {
-            if let l = policies[ids[i]], forward ? l.hooks.request : l.hooks.response { services.count(slot: l.slot) }
+            if let l = chain.members[i], forward ? l.hooks.request : l.hooks.response { services.count(slot: l.slot) }
             i += forward ? 1 : -1
         }
-        guard ids.indices.contains(at), let l = policies[ids[at]] else { return (at, outcome) }
+        guard ids.indices.contains(at), let l = chain.members[at] else { return (at, outcome) }
         switch outcome {
         case .proceed: break
         case .decision(let d): services.count(slot: l.slot, decision: d.kind)

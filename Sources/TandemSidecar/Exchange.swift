@@ -144,10 +144,10 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             return answer(refused)
         }
         for (name, value) in who.headers { head.headers.replaceOrAdd(name: name, value: value) }
-        if let r = route, ctx.policies?.isActive == true {
-            policy = PolicyRun(
+        if let r = route, ctx.policies != nil {
+            policy = PolicyRun.start(
                 ctx: ctx, loop: loop, route: r, side: side, head: head, path: path, host: host,
-                remote: handler.remoteAddressText(context.channel))
+                remote: handler.remoteAddressText(context.channel), cache: &handler.policyCache)
             if let p = policy {
                 p.ex.caller = who.caller
                 if let claims = who.claims { p.ex.claims = claims.mapValues(LuaValue.init) }

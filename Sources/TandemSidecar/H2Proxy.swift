@@ -187,9 +187,10 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
         for (name, value) in who.headers { head.headers.replaceOrAdd(name: name, value: value) }
         if ctx.policies?.isActive == true {
             let peer = context.channel.parent?.remoteAddress
-            policy = PolicyRun(
+            var cache: SidecarPolicies.ConnectionCache?
+            policy = PolicyRun.start(
                 ctx: ctx, loop: loop, route: r, side: handler.side, head: head, path: head.uri, host: host,
-                remote: peer.map { "\($0.ipAddress ?? ""):\($0.port ?? 0)" } ?? "")
+                remote: peer.map { "\($0.ipAddress ?? ""):\($0.port ?? 0)" } ?? "", cache: &cache)
         }
         if let p = policy {
             p.ex.caller = who.caller

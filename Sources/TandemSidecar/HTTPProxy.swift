@@ -292,6 +292,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
         if let h = heldHead.take() { context.write(NIOAny(IOData.byteBuffer(h)), promise: nil) }
     }
 
+    /// The policies this connection's last request ran under (`SidecarPolicies.lookup`).
+    var policyCache: SidecarPolicies.ConnectionCache?
+
     private var served = 0
     private var traceRNG = Trace.seeded()
 

@@ -1,3 +1,4 @@
+import Atomics
 import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
@@ -71,6 +72,38 @@ final class SidecarPolicies: @unchecked Sendable {
 
     func chain(route: String?) -> Chain {
         chains.withLockedValue { c in route.map { c.routes[$0] ?? Chain() } ?? c.inbound }
+    }
+
+    /// Bumped when the chains change: every `ConnectionCache` is then stale.
+    private let stamp = ManagedAtomic<Int>(0)
+    /// Whether any policy is installed (a sidecar without any skips even the cache).
+    private let anyInstalled = ManagedAtomic(false)
+
+    /// What one downstream connection keeps between its requests: the last route's chain and
+    /// its loop's VM, valid until an install changes the chains. A request on a kept-alive
+    /// connection then takes none of the policies' locks (three, shared by every loop).
+    struct ConnectionCache {
+        fileprivate var stamp: Int
+        fileprivate var route: String?
+        fileprivate var chain: Chain
+        fileprivate var vm: PolicyVM?
+    }
+
+    /// The chain of `route` (nil: the inbound side's) and the loop's VM; nil when no policy
+    /// applies.
+    func lookup(route: String?, loop: any EventLoop, cache: inout ConnectionCache?) -> (Chain, PolicyVM)? {
+        guard anyInstalled.load(ordering: .relaxed) else { return nil }
+        let now = stamp.load(ordering: .acquiring)
+        // Fields read in place (binding the whole cache would retain all it holds).
+        if cache?.stamp == now, cache?.route == route {
+            guard let vm = cache?.vm else { return nil }
+            return (cache!.chain, vm)
+        }
+        let chain = self.chain(route: route)
+        let vm = chain.entries.isEmpty ? nil : vm(for: loop)
+        cache = ConnectionCache(stamp: now, route: route, chain: chain, vm: vm)
+        guard !chain.entries.isEmpty, let vm else { return nil }
+        return (chain, vm)
     }
 
     func vm(for loop: any EventLoop) -> PolicyVM? {
@@ -152,6 +185,8 @@ final class SidecarPolicies: @unchecked Sendable {
                 return (all.flatMap(\.entries).map(\.id), all.map(\.key).filter { $0 != 0 })
             }
             active.withLockedValue { $0 = !installed.isEmpty }
+            anyInstalled.store(!installed.isEmpty, ordering: .relaxed)
+            stamp.wrappingIncrement(ordering: .releasing)
             retire(old.ids, chains: old.chains, after: Self.retireAfter)
         }.flatMapError { [self] error in
             // Loops that compiled the new set before another failed drop it again.
@@ -234,20 +269,25 @@ final class PolicyRun {
     private unowned let policies: SidecarPolicies
     private var responseRan = false
 
-    /// Nil when the request's route has no policies. Callers check `isActive` first (so a
-    /// sidecar without policies makes none of the arguments).
-    init?(
+    /// Nil when no policy applies to the request's route (nothing is allocated then).
+    /// `cache`: the connection's (`SidecarPolicies.lookup`).
+    static func start(
         ctx: ProxyContext, loop: any EventLoop, route: Route, side: ProxySide, head: HTTPRequestHead, path: String,
-        host: String, remote: String
-    ) {
-        guard let p = ctx.policies else { return nil }
-        let chain = p.chain(route: side == .inbound ? nil : route.name)
-        guard !chain.entries.isEmpty, let vm = p.vm(for: loop) else { return nil }
+        host: String, remote: @autoclosure () -> String, cache: inout SidecarPolicies.ConnectionCache?
+    ) -> PolicyRun? {
+        guard let p = ctx.policies,
+            let (chain, vm) = p.lookup(route: side == .inbound ? nil : route.name, loop: loop, cache: &cache)
+        else { return nil }
+        let ex = PolicyExchange(head: head, path: path, host: host, route: route.name, side: side, remote: remote())
+        if case .template(let t) = route.match.path { ex.params = RouteTable.matchTemplate(t, ex.path) ?? [:] }
+        return PolicyRun(vm: vm, chain: chain, policies: p, ex: ex)
+    }
+
+    private init(vm: PolicyVM, chain: SidecarPolicies.Chain, policies: SidecarPolicies, ex: PolicyExchange) {
         self.vm = vm
         self.chain = chain
-        self.policies = p
-        ex = PolicyExchange(head: head, path: path, host: host, route: route.name, side: side, remote: remote)
-        if case .template(let t) = route.match.path { ex.params = RouteTable.matchTemplate(t, ex.path) ?? [:] }
+        self.policies = policies
+        self.ex = ex
     }
 
     var wantsResponseBody: Bool { chain.responseBody }
