@@ -338,10 +338,12 @@ public final class PolicyVM: @unchecked Sendable {
         }
         // Swap in: the prelude stored it under `staging`; move it.
         let name = loadingName ?? file
+        let replaced = policies[id] != nil
         policies[id] = Loaded(name: name, hooks: loadingHooks, slot: services.slot(for: name))
         _ = enter(op: 7, Double(staging), Double(id))
         chains[-id] = makeChain([id])
-        refreshChains(holding: id)
+        // (A new id is in no chain yet: installs load before they define chains.)
+        if replaced { refreshChains(holding: id) }
         return name
     }
 

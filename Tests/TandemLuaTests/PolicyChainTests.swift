@@ -204,4 +204,17 @@ import Testing
         #expect(numbers.count == 12)
         #expect(numbers == texts)
     }
+
+    /// A policy reloaded in place under its id counts under its new name in the chains that
+    /// hold it.
+    @Test func aPolicyReloadedInPlaceCountsUnderItsNewName() throws {
+        let vm = try makeVM()
+        try vm.load(id: 1, file: "a.lua", source: #"return { name = "a", on_request = function() end }"#)
+        vm.defineChain(7, [1])
+        #expect(vm.onRequest(chain: 7, from: 0, request()).outcome == .proceed)
+        try vm.load(id: 1, file: "b.lua", source: #"return { name = "b", on_request = function() end }"#)
+        #expect(vm.onRequest(chain: 7, from: 0, request()).outcome == .proceed)
+        #expect(vm.services.counters["a"]?.invocations == 1)
+        #expect(vm.services.counters["b"]?.invocations == 1)
+    }
 }
