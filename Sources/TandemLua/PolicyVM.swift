@@ -527,7 +527,8 @@ public final class PolicyVM: @unchecked Sendable {
         _ ex: PolicyExchange, _ p: Phase, chain: [Int]? = nil, policy: Int = 0, _ body: () -> PolicyOutcome
     ) -> PolicyOutcome {
         if ex.generation == 0 { begin(ex) }
-        if p == .request, vm.pointee.fields_generation != ex.generation { copyFields(ex) }
+        // Copied at every on_request call: the host may have changed `ex.headers` since.
+        if p == .request { copyFields(ex) }
         current = ex
         phase = p
         currentChain = chain

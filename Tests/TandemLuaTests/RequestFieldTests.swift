@@ -38,6 +38,21 @@ import Testing
         #expect(body(vm.onRequest(1, ex)) == "acme|nil|a,b|empty|changed|a,b,c|nil")
     }
 
+    /// The host may change an exchange's fields between two calls: the next on_request reads
+    /// them as they are then.
+    @Test func fieldsChangedByTheHostBetweenCallsAreSeen() throws {
+        let vm = try makeVM()
+        try vm.load(
+            id: 1, file: "t.lua",
+            source:
+                #"return { name = "t", on_request = function(req) return tandem.respond(200, req:header("x-t") or "nil") end }"#
+        )
+        let ex = request(headers: [("x-t", "one")])
+        #expect(body(vm.onRequest(1, ex)) == "one")
+        ex.headers = [(name: "x-t", value: "two")]
+        #expect(body(vm.onRequest(1, ex)) == "two")
+    }
+
     /// Two requests on one VM, interleaved: each hook reads its own request, and a handle kept
     /// from another request is refused (it is not read from the copy of the running one).
     @Test func interleavedRequestsReadTheirOwnFieldsAndAKeptHandleIsRefused() throws {
