@@ -565,9 +565,14 @@ struct HTTP1RequestEncoder {
     /// The line before a chunk of `count` bytes.
     static func chunkPrefix(_ count: Int, allocator: ByteBufferAllocator) -> ByteBuffer {
         var buf = allocator.buffer(capacity: 18)
+        writeChunkPrefix(count, to: &buf)
+        return buf
+    }
+
+    /// A chunk's size line: hex digits and CRLF.
+    static func writeChunkPrefix(_ count: Int, to buf: inout ByteBuffer) {
         buf.writeString(String(count, radix: 16))
         buf.writeStaticString("\r\n")
-        return buf
     }
 
     /// The bytes that end the request (nil unless chunked): the last chunk and the trailers.
@@ -823,8 +828,7 @@ enum HTTP1Writer {
             return
         }
         guard data.readableBytes > 0 else { return }
-        buffer.writeString(String(data.readableBytes, radix: 16))
-        buffer.writeStaticString("\r\n")
+        HTTP1RequestEncoder.writeChunkPrefix(data.readableBytes, to: &buffer)
         buffer.writeBuffer(&data)
         buffer.writeStaticString("\r\n")
     }

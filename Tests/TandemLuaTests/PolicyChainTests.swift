@@ -8,7 +8,7 @@ import Testing
 @Suite struct PolicyChainTests {
     private func text(_ o: PolicyOutcome) -> String {
         guard case .decision(let d) = o else { return "\(o)" }
-        return "\(d.status) " + String(decoding: d.body, as: UTF8.self)
+        return "\(d.status) " + decisionBody(o)
     }
 
     @Test func aChainRunsInOrderUntilADecisionAndCountsEachPolicy() throws {

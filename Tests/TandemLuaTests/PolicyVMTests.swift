@@ -36,6 +36,12 @@ func request(
         route: "users", headers: headers.map { (name: $0.0, value: $0.1) })
 }
 
+/// A decision's body as text (any other outcome described), for expectations.
+func decisionBody(_ o: PolicyOutcome) -> String {
+    guard case .decision(let d) = o else { return "\(o)" }
+    return String(decoding: d.body, as: UTF8.self)
+}
+
 @Suite struct PolicyVMTests {
     @Test func aPolicyReadsAndRewritesTheRequestAndAnswers() throws {
         let vm = try makeVM()

@@ -7,11 +7,6 @@ import Testing
 /// on_request runs; anything that copy cannot answer (another request, a changed request)
 /// goes to the host, which gives the same answers and refuses handles kept past their hook.
 @Suite struct RequestFieldTests {
-    private func body(_ o: PolicyOutcome) -> String {
-        guard case .decision(let d) = o else { return "\(o)" }
-        return String(decoding: d.body, as: UTF8.self)
-    }
-
     @Test func headerReadsAnswerForTheRequestAndFollowItsEdits() throws {
         let vm = try makeVM()
         try vm.load(
@@ -35,7 +30,7 @@ import Testing
         let ex = request(headers: [
             ("x-tenant", "acme"), ("X-Multi", "a"), ("x-tenantx", "no"), ("x-multi", "b"), ("x-empty", ""),
         ])
-        #expect(body(vm.onRequest(1, ex)) == "acme|nil|a,b|empty|changed|a,b,c|nil")
+        #expect(decisionBody(vm.onRequest(1, ex)) == "acme|nil|a,b|empty|changed|a,b,c|nil")
     }
 
     /// The host may change an exchange's fields between two calls: the next on_request reads
@@ -48,9 +43,9 @@ import Testing
                 #"return { name = "t", on_request = function(req) return tandem.respond(200, req:header("x-t") or "nil") end }"#
         )
         let ex = request(headers: [("x-t", "one")])
-        #expect(body(vm.onRequest(1, ex)) == "one")
+        #expect(decisionBody(vm.onRequest(1, ex)) == "one")
         ex.headers = [(name: "x-t", value: "two")]
-        #expect(body(vm.onRequest(1, ex)) == "two")
+        #expect(decisionBody(vm.onRequest(1, ex)) == "two")
     }
 
     /// Two requests on one VM, interleaved: each hook reads its own request, and a handle kept
