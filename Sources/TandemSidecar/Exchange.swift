@@ -564,16 +564,17 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     // MARK: upstream response
 
-    private var pendingHead: HTTPResponseHead?
+    private var pendingHead: UpstreamHead?
     /// The traceparent made for a request that came without one (written with each attempt's
     /// head, named in the access log).
     private var madeTraceparent: String?
 
-    func upstreamHead(_ h: HTTPResponseHead) {
+    func upstreamHead(_ h: UpstreamHead) {
         guard !finished, let ep = endpoint else { return }
-        if h.status == .unauthorized, side == .outbound, !keyRefreshed, retry?.bodyFits == true,
-            h.headers.first(name: "tandem-error") == IdentityError.Reason.staleProofKey.rawValue,
-            let fresh = h.headers.first(name: SidecarIdentity.proofKeyHeader),
+        if h.code == 401, side == .outbound, !keyRefreshed, retry?.bodyFits == true,
+            case let fields = h.head.headers,
+            fields.first(name: "tandem-error") == IdentityError.Reason.staleProofKey.rawValue,
+            let fresh = fields.first(name: SidecarIdentity.proofKeyHeader),
             ctx.identity?.learn(calleeKey: fresh, for: ep) == true
         {
             // The instance's proof key changed (it restarted) and discovery has not caught up:
@@ -585,9 +586,8 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             return
         }
         attemptDeadline = nil
-        let grpc = h.headers.first(name: "grpc-status").flatMap(Int.init)
         pendingHead = h
-        decide(.response(status: Int(h.status.code), grpcStatus: grpc), endpoint: ep)
+        decide(.response(status: h.code, grpcStatus: h.grpcStatus), endpoint: ep)
     }
 
     /// A policy reads response bodies: the answer is held (up to the limit) until it ends, so
@@ -596,11 +596,23 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private var responseBuffer: ByteBuffer?
 
     private func forwardPendingHead() {
-        // `out` is the head's only copy once pendingHead is cleared: edits below do not copy it.
-        guard var out = pendingHead else { return }
-        if !bufferingResponse, responseBuffer == nil, let p = policy, out.status.code != 101, p.wantsResponseBody,
-            out.headers.first(name: "content-length").flatMap(Int.init).map({ $0 <= ctx.limits.streamBodyAfterBytes })
-                ?? true
+        guard let upstream = pendingHead else { return }
+        if policy == nil, !handler.compresses, upstream.code != 101 {
+            // Nothing reads or edits the fields: they go from the upstream's bytes to the client's.
+            pendingHead = nil
+            responded = true
+            status = upstream.code
+            if HTTP1ResponseEncoder.endsByClose(
+                version: head.version, status: upstream.status, method: head.method,
+                hasLength: upstream.contentLength != nil)
+            {
+                closeDelimited = true
+            }
+            handler.outHead(upstream, version: head.version, close: !keepAlive)
+            return
+        }
+        if !bufferingResponse, responseBuffer == nil, let p = policy, upstream.code != 101, p.wantsResponseBody,
+            upstream.contentLength.map({ $0 <= ctx.limits.streamBodyAfterBytes }) ?? true
         {
             bufferingResponse = true
             responded = true  // committed to this answer: a failure from here aborts
@@ -609,7 +621,9 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         }
         pendingHead = nil
         responded = true
-        status = Int(out.status.code)
+        status = upstream.code
+        // `out` is the head's only copy: edits below do not copy it.
+        var out = upstream.head
         out.version = head.version
         let switchingTo = status == 101 && upgrade != nil ? out.headers.first(name: "upgrade") : nil
         // No hop-by-hop fields: the upstream parser left them out (a 101's `upgrade` aside).

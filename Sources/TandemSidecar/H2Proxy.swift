@@ -429,6 +429,9 @@ final class StreamExchange: UpstreamDelegate, @unchecked Sendable {
     /// A gRPC trailers-only response's metadata, re-sent downstream as trailers.
     private var trailersOnly: HTTPHeaders?
 
+    /// An HTTP/1.1 upstream's head.
+    func upstreamHead(_ upstream: UpstreamHead) { upstreamHead(upstream.head) }
+
     func upstreamHead(_ h: HTTPResponseHead) {
         guard !finished else { return }
         responded = true

@@ -17,16 +17,17 @@ struct UpstreamProtocolError: Error, CustomStringConvertible, Equatable {
 /// Parses the responses of one upstream HTTP/1.1 connection (RFC 9112), strictly: status line,
 /// header fields, and the body framed by the request and the response (no body for HEAD, 1xx,
 /// 204 and 304; chunked, with extensions and trailers; content-length; or until the connection
-/// closes). The head it returns has no hop-by-hop fields but a 101's `upgrade` (it names the
-/// new protocol): the parser has read what they say about this connection. Body parts are slices of the input (no copy). Informational answers other than 101
-/// are skipped; after a 101 every further byte belongs to the new protocol (`leftover`).
+/// closes). The head it returns leaves out hop-by-hop fields but a 101's `upgrade` (it names the
+/// new protocol): the parser has read what they say about this connection. Heads stay bytes
+/// (`UpstreamHead`); body parts are slices of the input (no copy). Informational answers other
+/// than 101 are skipped; after a 101 every further byte belongs to the new protocol (`leftover`).
 ///
 /// Replaces NIO's `HTTPResponseDecoder` on the proxy's upstream connections: it runs once per
 /// response on the hot path, and NIO's decoder sits behind a generic `ByteToMessageHandler`
 /// that needs run-time metadata lookups and dynamic casts for every part.
 struct HTTP1ResponseParser {
     enum Event {
-        case head(HTTPResponseHead)
+        case head(UpstreamHead)
         case body(ByteBuffer)
         case end(HTTPHeaders?)
     }
@@ -130,10 +131,10 @@ struct HTTP1ResponseParser {
                 let block = buffer.readSlice(length: end)!
                 scanned = 0
                 state = .head
-                var fields: [(String, String)] = []
                 var framing = Framing()
-                try Self.parseFields(block, into: &fields, framing: &framing, keepUpgrade: false)
-                return .end(fields.isEmpty ? nil : HTTPHeaders(fields))
+                try Self.parseFields(block, keepUpgrade: false, framing: &framing)
+                let trailers = UpstreamHead.headers(block, keepUpgrade: false)
+                return .end(trailers.isEmpty ? nil : trailers)
             case .untilClose:
                 guard buffer.readableBytes > 0 else { return nil }
                 return .body(buffer.readSlice(length: buffer.readableBytes)!)
@@ -204,9 +205,7 @@ struct HTTP1ResponseParser {
 
     // MARK: head
 
-    private mutating func parseHead(_ block: ByteBuffer) throws(UpstreamProtocolError) -> HTTPResponseHead {
-        var fields: [(String, String)] = []
-        fields.reserveCapacity(16)
+    private mutating func parseHead(_ block: ByteBuffer) throws(UpstreamProtocolError) -> UpstreamHead {
         let (version, code, fieldsStart): (HTTPVersion, Int, Int) = try block.withUnsafeReadableBytes {
             b throws(UpstreamProtocolError) in
             // "HTTP/1.x SP 3DIGIT SP reason-phrase CRLF" (the reason may be empty).
@@ -232,15 +231,16 @@ struct HTTP1ResponseParser {
         var rest = block
         rest.moveReaderIndex(forwardBy: fieldsStart)
         var framing = Framing()
-        try Self.parseFields(rest, into: &fields, framing: &framing, keepUpgrade: code == 101)
+        try Self.parseFields(rest, keepUpgrade: code == 101, framing: &framing)
 
         // Framing and persistence (RFC 9112 §6.3, §9.3).
         let contentLength = framing.contentLength
         let chunked = framing.chunked
         let transferEncoding = framing.transferEncoding
         var close = framing.close || (version.minor == 0 && !framing.keepAlive)
-        let head = HTTPResponseHead(
-            version: version, status: HTTPResponseStatus(statusCode: code), headers: HTTPHeaders(fields))
+        let head = UpstreamHead(
+            version: version, code: code, fields: rest, keepsUpgrade: code == 101,
+            contentLength: framing.contentLength, grpcStatus: framing.grpcStatus, sizes: framing.sizes)
         let noBody = answersHead || (code >= 100 && code < 200) || code == 204 || code == 304
         if code == 101 {
             keepAlive = false
@@ -285,37 +285,28 @@ struct HTTP1ResponseParser {
         /// `connection: close` / `connection: keep-alive`.
         var close = false
         var keepAlive = false
+        /// The first `grpc-status` field, when it is a number.
+        var grpcStatus: Int?
+        var sawGRPCStatus = false
+        /// The end-to-end fields' sizes.
+        var sizes = FieldSizes()
     }
 
-    /// Header (or trailer) fields, one per line, up to the empty line that ends `block`; the
-    /// framing fields are read from the bytes as they go by.
+    /// Checks the header (or trailer) field lines up to the empty line that ends `block`, and
+    /// reads the framing fields and counts the end-to-end ones as they go by.
     private static func parseFields(
-        _ block: ByteBuffer, into fields: inout [(String, String)], framing: inout Framing, keepUpgrade: Bool
+        _ block: ByteBuffer, keepUpgrade: Bool, framing: inout Framing
     ) throws(UpstreamProtocolError) {
         try block.withUnsafeReadableBytes { b throws(UpstreamProtocolError) in
-            var start = 0
-            let n = b.count
-            while start < n {
-                let lf = index(of: UInt8(ascii: "\n"), b, start, n)
-                var end = lf
-                if end > start && b[end - 1] == UInt8(ascii: "\r") { end -= 1 }
-                if end == start { return }  // the empty line
+            try forEachFieldLine(b) { start, colon, vs, ve throws(UpstreamProtocolError) in
                 let first = b[start]
                 if first == 32 || first == 9 {
                     throw UpstreamProtocolError("obsolete line folding in a header field")
                 }
-                var colon = start
-                while colon < end && b[colon] != UInt8(ascii: ":") {
-                    guard HTTPToken.isTokenByte(b[colon]) else {
-                        throw UpstreamProtocolError("invalid header field name")
-                    }
-                    colon += 1
+                for i in start..<colon where !HTTPToken.isTokenByte(b[i]) {
+                    throw UpstreamProtocolError("invalid header field name")
                 }
-                guard colon < end, colon > start else { throw UpstreamProtocolError("invalid header field") }
-                var vs = colon + 1
-                var ve = end
-                while vs < ve && (b[vs] == 32 || b[vs] == 9) { vs += 1 }
-                while ve > vs && (b[ve - 1] == 32 || b[ve - 1] == 9) { ve -= 1 }
+                guard colon < vs, colon > start else { throw UpstreamProtocolError("invalid header field") }
                 for i in vs..<ve where (b[i] < 32 && b[i] != 9) || b[i] == 127 {
                     throw UpstreamProtocolError("invalid character in a header field value")
                 }
@@ -325,6 +316,10 @@ struct HTTP1ResponseParser {
                         if lowerEquals(b, s, e, "close") { framing.close = true }
                         if lowerEquals(b, s, e, "keep-alive") { framing.keepAlive = true }
                     }
+                case 11 where !framing.sawGRPCStatus && lowerEquals(b, start, colon, "grpc-status"):
+                    framing.sawGRPCStatus = true
+                    framing.grpcStatus = Int(
+                        String(decoding: UnsafeRawBufferPointer(rebasing: b[vs..<ve]), as: UTF8.self))
                 case 14 where lowerEquals(b, start, colon, "content-length"):
                     try forEachElement(b, vs, ve) { s, e throws(UpstreamProtocolError) in
                         var value = 0
@@ -350,17 +345,11 @@ struct HTTP1ResponseParser {
                     framing.chunked = finalCodingIsChunked(b, vs, ve)
                 default: break
                 }
-                // Fields that describe this connection only (RFC 9110 §7.6.1) are read and left
-                // out: the proxy frames and keeps its own connections (a 101's `upgrade` stays:
-                // it names the protocol the tunnel carries).
-                if hopByHopIndex(b, start, colon) != nil, !(keepUpgrade && lowerEquals(b, start, colon, "upgrade")) {
-                    start = lf + 1
-                    continue
+                if UpstreamHead.isEndToEnd(b, start, colon, keepUpgrade: keepUpgrade) {
+                    framing.sizes.count(
+                        UnsafeRawBufferPointer(rebasing: b[start..<colon]), UnsafeRawBufferPointer(rebasing: b[vs..<ve])
+                    )
                 }
-                let name = String(decoding: UnsafeRawBufferPointer(rebasing: b[start..<colon]), as: UTF8.self)
-                let value = String(decoding: UnsafeRawBufferPointer(rebasing: b[vs..<ve]), as: UTF8.self)
-                fields.append((name, value))
-                start = lf + 1
             }
         }
     }
@@ -405,6 +394,91 @@ struct HTTP1ResponseParser {
         }
     }
 
+}
+
+/// Calls `body(start, colon, valueStart, valueEnd)` for each field line of `b` up to the empty
+/// line that ends the block (or the end of `b`): the name is `b[start..<colon]`, the value
+/// `b[valueStart..<valueEnd]` without the spaces and tabs around it. A line without a colon
+/// has `colon == valueStart` (the parser refuses it; later readers see checked blocks only).
+@inline(__always)
+func forEachFieldLine<E: Error>(
+    _ b: UnsafeRawBufferPointer, _ body: (Int, Int, Int, Int) throws(E) -> Void
+) throws(E) {
+    var start = 0
+    let n = b.count
+    while start < n {
+        let lf = index(of: UInt8(ascii: "\n"), b, start, n)
+        var end = lf
+        if end > start && b[end - 1] == UInt8(ascii: "\r") { end -= 1 }
+        if end == start { return }  // the empty line
+        let colon = index(of: UInt8(ascii: ":"), b, start, end)
+        var vs = colon < end ? colon + 1 : end
+        var ve = end
+        while vs < ve && (b[vs] == 32 || b[vs] == 9) { vs += 1 }
+        while ve > vs && (b[ve - 1] == 32 || b[ve - 1] == 9) { ve -= 1 }
+        try body(start, colon, vs, ve)
+        start = lf + 1
+    }
+}
+
+/// A response head as an upstream sent it, kept as bytes: its status, what its fields said
+/// about the body, and its checked field lines. A proxied answer is written from the bytes
+/// (`HTTP1ResponseEncoder.head(_:version:close:method:allocator:)`); the fields become
+/// `HTTPHeaders` only for a reader that needs them (`head`: policies, compression, HTTP/2
+/// clients). Most answers so skip two strings per field, the field list and the head's storage.
+struct UpstreamHead {
+    /// The upstream's HTTP version.
+    let version: HTTPVersion
+    let code: Int
+    /// The field lines, through the empty line that ends them.
+    let fields: ByteBuffer
+    /// A 101's `upgrade` field is kept: it names the tunnel's protocol.
+    let keepsUpgrade: Bool
+    /// The content-length the fields gave.
+    let contentLength: Int?
+    /// The first `grpc-status` field, when it is a number.
+    let grpcStatus: Int?
+    /// What the end-to-end fields take written out (counted as they were checked).
+    let sizes: FieldSizes
+
+    var status: HTTPResponseStatus { HTTPResponseStatus(statusCode: code) }
+
+    /// The head with its end-to-end fields in `HTTPHeaders`.
+    var head: HTTPResponseHead {
+        HTTPResponseHead(version: version, status: status, headers: Self.headers(fields, keepUpgrade: keepsUpgrade))
+    }
+
+    /// Calls `body(name, value)` for each end-to-end field, in order: hop-by-hop fields are
+    /// left out (they were about the upstream connection), a kept `upgrade` aside.
+    func forEachField(_ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> Void) {
+        Self.forEachField(fields, keepUpgrade: keepsUpgrade, body)
+    }
+
+    private static func forEachField(
+        _ block: ByteBuffer, keepUpgrade: Bool, _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> Void
+    ) {
+        block.withUnsafeReadableBytes { b in
+            forEachFieldLine(b) { start, colon, vs, ve in
+                guard isEndToEnd(b, start, colon, keepUpgrade: keepUpgrade) else { return }
+                body(UnsafeRawBufferPointer(rebasing: b[start..<colon]), UnsafeRawBufferPointer(rebasing: b[vs..<ve]))
+            }
+        }
+    }
+
+    /// Whether the field named `b[start..<end]` is handed on: hop-by-hop fields are about the
+    /// upstream connection, a 101's `upgrade` aside.
+    static func isEndToEnd(_ b: UnsafeRawBufferPointer, _ start: Int, _ end: Int, keepUpgrade: Bool) -> Bool {
+        hopByHopIndex(b, start, end) == nil || (keepUpgrade && lowerEquals(b, start, end, "upgrade"))
+    }
+
+    /// The end-to-end fields of a checked block of field lines.
+    static func headers(_ block: ByteBuffer, keepUpgrade: Bool) -> HTTPHeaders {
+        var fields: [(String, String)] = []
+        forEachField(block, keepUpgrade: keepUpgrade) { name, value in
+            fields.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
+        }
+        return HTTPHeaders(fields)
+    }
 }
 
 /// The index of the first `byte` in `b[from..<to]`, or `to` (memchr: many bytes per step).
@@ -594,6 +668,55 @@ struct HTTP1RequestEncoder {
 }
 
 private let chunkedField: StaticString = "transfer-encoding: chunked\r\n"
+private let closeField: StaticString = "connection: close\r\n"
+
+/// Header fields as bytes, for the encoders.
+protocol FieldBytes {
+    /// Calls `body(name, value)` for each field, in order.
+    func forEachField(_ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> Void)
+    /// What the fields take written out.
+    var sizes: FieldSizes { get }
+}
+
+extension FieldBytes {
+    var sizes: FieldSizes {
+        var sizes = FieldSizes()
+        forEachField { sizes.count($0, $1) }
+        return sizes
+    }
+}
+
+/// The bytes header fields take written as `name: value` CRLF, and which of them are framing
+/// fields (a head is written into memory reserved at its exact length).
+struct FieldSizes {
+    var all = 0
+    var hasLength = false
+    var lengthFields = 0
+    var hasCoding = false
+    var codingFields = 0
+
+    mutating func count(_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) {
+        let n = name.count + value.count + 4
+        all += n
+        switch name.count {
+        case 14 where lowerEquals(name, 0, 14, "content-length"):
+            hasLength = true
+            lengthFields += n
+        case 17 where lowerEquals(name, 0, 17, "transfer-encoding"):
+            hasCoding = true
+            codingFields += n
+        default: break
+        }
+    }
+}
+
+extension HTTPHeaders: FieldBytes {
+    func forEachField(_ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> Void) {
+        for (name, value) in self { withBytes(name) { n in withBytes(value) { v in body(n, v) } } }
+    }
+}
+
+extension UpstreamHead: FieldBytes {}
 
 /// Writes a message head into memory reserved for it in one go: the length is counted first,
 /// then every piece is copied in place (ByteBuffer's own writes check capacity and uniqueness
@@ -657,6 +780,20 @@ struct HeadWriter {
         put("\r\n")
     }
 
+    mutating func field(_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) {
+        put(name)
+        put(": ")
+        put(value)
+        put("\r\n")
+    }
+
+    mutating func put(_ b: UnsafeRawBufferPointer) {
+        let n = b.count
+        precondition(count + n <= capacity, "head longer than counted")
+        if n > 0 { (base + count).copyMemory(from: b.baseAddress!, byteCount: n) }
+        count += n
+    }
+
     /// The decimal digits of `v` (`digits(v)` bytes).
     mutating func decimal(_ v: Int64) {
         if v < 0 {
@@ -705,36 +842,36 @@ struct HTTP1ResponseEncoder {
 
     /// `method`: the method of the request being answered.
     mutating func head(_ head: HTTPResponseHead, method: HTTPMethod, allocator: ByteBufferAllocator) -> ByteBuffer {
-        let code = head.status.code
+        encode(
+            version: head.version, status: head.status, fields: head.headers, close: false, method: method,
+            allocator: allocator)
+    }
+
+    /// An upstream's head as the answer to a request over HTTP `version`, its end-to-end fields
+    /// copied from the upstream's bytes; `close` adds `connection: close`.
+    mutating func head(
+        _ head: UpstreamHead, version: HTTPVersion, close: Bool, method: HTTPMethod, allocator: ByteBufferAllocator
+    ) -> ByteBuffer {
+        encode(version: version, status: head.status, fields: head, close: close, method: method, allocator: allocator)
+    }
+
+    private mutating func encode<F: FieldBytes>(
+        version: HTTPVersion, status: HTTPResponseStatus, fields: F, close: Bool, method: HTTPMethod,
+        allocator: ByteBufferAllocator
+    ) -> ByteBuffer {
+        let code = Int(status.code)
         if !(code >= 100 && code < 200 && code != 101) {
             suppressBody = method == .HEAD || method == .CONNECT
         }
-        // One pass: the fields' bytes, and which of them are framing fields.
-        var hasLength = false
-        var hasCoding = false
-        var fieldBytes = 0
-        var lengthFieldBytes = 0
-        var codingFieldBytes = 0
-        for (name, value) in head.headers {
-            let n = name.utf8.count + value.utf8.count + 4
-            fieldBytes += n
-            switch name.utf8.count {
-            case 14 where asciiEqualsLower(name, "content-length"):
-                hasLength = true
-                lengthFieldBytes += n
-            case 17 where asciiEqualsLower(name, "transfer-encoding"):
-                hasCoding = true
-                codingFieldBytes += n
-            default: break
-            }
-        }
+        let sizes = fields.sizes
+        let (hasLength, hasCoding) = (sizes.hasLength, sizes.hasCoding)
         var dropLength = false
         var dropCoding = false
-        if !head.status.mayHaveResponseBody || method == .CONNECT {
+        if !status.mayHaveResponseBody || method == .CONNECT {
             (dropLength, dropCoding, chunked) = (hasLength, hasCoding, false)
         } else if hasLength {
             (dropCoding, chunked) = (hasCoding, false)
-        } else if head.version.major == 1 && head.version.minor >= 1 {
+        } else if version.major == 1 && version.minor >= 1 {
             (dropCoding, chunked) = (hasCoding, true)
         } else {
             chunked = false
@@ -742,15 +879,17 @@ struct HTTP1ResponseEncoder {
         let addChunked = chunked
         if suppressBody { chunked = false }
 
-        let version: StaticString = head.version.major == 1 && head.version.minor == 0 ? "HTTP/1.0 " : "HTTP/1.1 "
+        let versionText: StaticString = version.major == 1 && version.minor == 0 ? "HTTP/1.0 " : "HTTP/1.1 "
         let threeDigits = code >= 100 && code <= 999
         let codeText = threeDigits ? "" : String(code)
-        let reason = head.status.reasonPhrase
-        var length = version.utf8CodeUnitCount + (threeDigits ? 3 : codeText.utf8.count) + 1 + reason.utf8.count + 4
+        let reason = status.reasonPhrase
+        var length =
+            versionText.utf8CodeUnitCount + (threeDigits ? 3 : codeText.utf8.count) + 1 + reason.utf8.count + 4
         if addChunked { length += chunkedField.utf8CodeUnitCount }
-        length += fieldBytes - (dropLength ? lengthFieldBytes : 0) - (dropCoding ? codingFieldBytes : 0)
+        if close { length += closeField.utf8CodeUnitCount }
+        length += sizes.all - (dropLength ? sizes.lengthFields : 0) - (dropCoding ? sizes.codingFields : 0)
         return HeadWriter.buffer(length: length, allocator: allocator) { w in
-            w.put(version)
+            w.put(versionText)
             if threeDigits {
                 w.put(UInt8(48 + code / 100))
                 w.put(UInt8(48 + code / 10 % 10))
@@ -761,30 +900,30 @@ struct HTTP1ResponseEncoder {
             w.put(UInt8(ascii: " "))
             w.put(reason)
             w.put("\r\n")
-            for (name, value) in head.headers where !Self.dropped(name, dropLength, dropCoding) {
+            fields.forEachField { name, value in
+                if dropLength && lowerEquals(name, 0, name.count, "content-length") { return }
+                if dropCoding && lowerEquals(name, 0, name.count, "transfer-encoding") { return }
                 w.field(name, value)
             }
+            if close { w.put(closeField) }
             if addChunked { w.put(chunkedField) }
             w.put("\r\n")
-        }
-    }
-
-    /// A framing field the head leaves out.
-    private static func dropped(_ name: String, _ length: Bool, _ coding: Bool) -> Bool {
-        guard length || coding else { return false }
-        switch name.utf8.count {
-        case 14: return length && asciiEqualsLower(name, "content-length")
-        case 17: return coding && asciiEqualsLower(name, "transfer-encoding")
-        default: return false
         }
     }
 
     /// Whether only the connection's close can end this answer's body: HTTP/1.0 (no chunks),
     /// a body allowed, and no length. The connection must not be kept after it.
     static func endsByClose(_ head: HTTPResponseHead, method: HTTPMethod) -> Bool {
-        head.version.major == 1 && head.version.minor == 0 && head.status.mayHaveResponseBody
-            && method != .HEAD && method != .CONNECT
-            && !head.headers.contains { asciiEqualsLower($0.name, "content-length") }
+        endsByClose(
+            version: head.version, status: head.status, method: method,
+            hasLength: head.headers.contains { asciiEqualsLower($0.name, "content-length") })
+    }
+
+    static func endsByClose(
+        version: HTTPVersion, status: HTTPResponseStatus, method: HTTPMethod, hasLength: @autoclosure () -> Bool
+    ) -> Bool {
+        version.major == 1 && version.minor == 0 && status.mayHaveResponseBody && method != .HEAD
+            && method != .CONNECT && !hasLength()
     }
 
     /// The bytes that end the answer (nil unless chunked): the last chunk and the trailers.

@@ -225,6 +225,15 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
         if flush { flushOut() }
     }
 
+    /// An upstream's head, written from its bytes (the connection compresses nothing).
+    func outHead(_ upstream: UpstreamHead, version: HTTPVersion, close: Bool) {
+        guard let context else { return }
+        precondition(!compresses, "a compressing connection's heads go through its compressor")
+        releaseHeldHead(context)
+        heldHead = encoder.head(
+            upstream, version: version, close: close, method: answering, allocator: context.channel.allocator)
+    }
+
     /// A flush from behind this handler sends a held head too.
     func flush(context: ChannelHandlerContext) {
         releaseHeldHead(context)

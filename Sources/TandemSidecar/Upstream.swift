@@ -5,7 +5,7 @@ import NIOPosix
 
 /// Receives one upstream response. Called on the connection's event loop.
 protocol UpstreamDelegate: AnyObject {
-    func upstreamHead(_ head: HTTPResponseHead)
+    func upstreamHead(_ head: UpstreamHead)
     func upstreamBody(_ body: ByteBuffer)
     func upstreamEnd(_ trailers: HTTPHeaders?)
     /// The connection failed or closed before the response ended.

@@ -22,7 +22,8 @@ private struct Parsed: Equatable {
             buffer.writeString(chunk)
             while let e = try p.next(&buffer) {
                 switch e {
-                case .head(let h):
+                case .head(let u):
+                    let h = u.head
                     let fields = h.headers.map { "\($0.name)=\($0.value)" }.joined(separator: ",")
                     out.events.append("head \(h.status.code) 1.\(h.version.minor) [\(fields)]")
                 case .body(let b):
@@ -123,7 +124,8 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
     @Test func aSwitchLeavesTheNewProtocolsBytesUnread() throws {
         var p = HTTP1ResponseParser(maxHeaderBytes: 1024)
         var b = ByteBuffer(string: "HTTP/1.1 101 Switching Protocols\r\nupgrade: tandem-echo\r\n\r\nHELLO")
-        guard case .head(let h) = try p.next(&b) else { Issue.record("no head"); return }
+        guard case .head(let u) = try p.next(&b) else { Issue.record("no head"); return }
+        let h = u.head
         #expect(h.status == .switchingProtocols)
         #expect(h.headers["upgrade"] == ["tandem-echo"])
         guard case .end(nil) = try p.next(&b) else { Issue.record("no end"); return }
@@ -305,10 +307,79 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
         #expect(!endsByClose(.http1_0, .ok, [], .HEAD))
     }
 
+    /// An upstream's head written from its bytes is the head written from its `HTTPHeaders`
+    /// (what policies, compression and HTTP/2 clients get): framing, dropped hop-by-hop fields,
+    /// normalised lines (bare LF, spaces around values), HEAD, HTTP/1.0 clients, a closing answer.
+    @Test func anUpstreamHeadWrittenFromItsBytesMatchesItsFields() throws {
+        let alloc = ByteBufferAllocator()
+        let heads = [
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 30 Nov 2026 00:00:00 GMT\r\nContent-Length: 3\r\n"
+                + "Connection: keep-alive\r\n\r\n",
+            "HTTP/1.1 200 Fine\nx-a:1\nKeep-Alive: timeout=5\nx-b: \t two words \t\n\n",
+            "HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\nX-Empty:\r\nTE: trailers\r\n\r\n",
+            "HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nx: y\r\n\r\n",
+            "HTTP/1.1 304 Not Modified\r\nETag: \"e\"\r\n\r\n",
+            "HTTP/1.1 599 Whatever\r\ncontent-length: 0\r\nUpgrade: h2c\r\nProxy-Connection: x\r\n\r\n",
+        ]
+        for raw in heads {
+            for (version, method, close) in [
+                (HTTPVersion.http1_1, HTTPMethod.GET, false), (.http1_1, .GET, true), (.http1_0, .GET, false),
+                (.http1_1, .HEAD, false), (.http1_1, .CONNECT, true),
+            ] {
+                var p = HTTP1ResponseParser(maxHeaderBytes: 4096)
+                p.answersHead = method == .HEAD
+                var b = ByteBuffer(string: raw)
+                guard case .head(let upstream) = try p.next(&b) else {
+                    Issue.record("no head in \(raw)")
+                    continue
+                }
+                var expected = upstream.head
+                expected.version = version
+                if close { expected.headers.add(name: "connection", value: "close") }
+                var viaFields = HTTP1ResponseEncoder()
+                var viaBytes = HTTP1ResponseEncoder()
+                let want = String(buffer: viaFields.head(expected, method: method, allocator: alloc))
+                let got = String(
+                    buffer: viaBytes.head(upstream, version: version, close: close, method: method, allocator: alloc))
+                #expect(got == want, "\(raw) for \(method) over 1.\(version.minor)")
+                #expect(viaBytes.chunked == viaFields.chunked && viaBytes.suppressBody == viaFields.suppressBody)
+                #expect(
+                    HTTP1ResponseEncoder.endsByClose(
+                        version: version, status: upstream.status, method: method,
+                        hasLength: upstream.contentLength != nil)
+                        == HTTP1ResponseEncoder.endsByClose(expected, method: method))
+            }
+        }
+        // Spot checks of the above: hop-by-hop fields gone, lines normalised.
+        var p = HTTP1ResponseParser(maxHeaderBytes: 4096)
+        var b = ByteBuffer(string: heads[1])
+        guard case .head(let u) = try p.next(&b) else { return }
+        var e = HTTP1ResponseEncoder()
+        #expect(
+            String(buffer: e.head(u, version: .http1_1, close: false, method: .GET, allocator: alloc))
+                == "HTTP/1.1 200 OK\r\nx-a: 1\r\nx-b: two words\r\ntransfer-encoding: chunked\r\n\r\n")
+    }
+
+    /// The parser reads `grpc-status` as it goes by: the first one, when it is a number.
+    @Test func theFirstNumericGRPCStatusIsRead() throws {
+        func status(_ fields: String) throws -> Int? {
+            var p = HTTP1ResponseParser(maxHeaderBytes: 4096)
+            var b = ByteBuffer(string: "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + fields + "\r\n")
+            guard case .head(let u) = try p.next(&b) else { return -99 }
+            #expect(u.grpcStatus == u.head.headers.first(name: "grpc-status").flatMap(Int.init))
+            return u.grpcStatus
+        }
+        #expect(try status("") == nil)
+        #expect(try status("Grpc-Status: 14\r\n") == 14)
+        #expect(try status("grpc-status: 0\r\ngrpc-status: 3\r\n") == 0)
+        #expect(try status("grpc-status: fourteen\r\ngrpc-status: 3\r\n") == nil)
+    }
+
     /// Records what the handler hands its delegate.
     final class Recorder: UpstreamDelegate {
         var events: [String] = []
-        func upstreamHead(_ head: HTTPResponseHead) { events.append("head \(head.status.code)") }
+        func upstreamHead(_ head: UpstreamHead) { events.append("head \(head.code)") }
         func upstreamBody(_ body: ByteBuffer) { events.append("body \(String(buffer: body))") }
         func upstreamEnd(_ trailers: HTTPHeaders?) { events.append("end") }
         func upstreamFailed(_ error: any Error) { events.append("failed \(error)") }
@@ -386,7 +457,7 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
                 self.channel = channel
                 self.handler = handler
             }
-            func upstreamHead(_ head: HTTPResponseHead) {}
+            func upstreamHead(_ head: UpstreamHead) {}
             func upstreamBody(_ body: ByteBuffer) {}
             var early: ByteBuffer?
             func upstreamEnd(_ trailers: HTTPHeaders?) {

@@ -100,7 +100,7 @@ import Testing
             buffer.writeString(cut)
             while let e = try p.next(&buffer) {
                 switch e {
-                case .head(let h): parts.append(.head(h))
+                case .head(let h): parts.append(.head(h.head))
                 case .body(let b): parts.append(.body(b))
                 case .end(let t):
                     parts.append(.end(t))
