@@ -15,32 +15,86 @@ extension Nanos {
 }
 
 /// One upstream instance of a cluster: where to send, and what it says about itself.
+///
+/// A value type whose fields sit in a copy-on-write box: an exchange hands its endpoint on
+/// several times per request, and a copy of the fields themselves is a retain per string and
+/// dictionary (five) plus the outlined copy; a copy of the box is one retain.
 public struct Endpoint: Hashable, Sendable, CustomStringConvertible {
+    private struct Fields: Hashable {
+        var id: String
+        var host: String
+        var port: Int
+        var zone: String?
+        var weight: Int
+        var passing: Bool
+        var metadata: [String: String]
+        var proofKey: String?
+    }
+
+    /// Mutated only through `fields`' `_modify`, which copies it first when shared.
+    private final class Box: @unchecked Sendable {
+        var fields: Fields
+        init(_ fields: Fields) { self.fields = fields }
+    }
+
+    private var box: Box
+
+    private var fields: Fields {
+        get { box.fields }
+        _modify {
+            if !isKnownUniquelyReferenced(&box) { box = Box(box.fields) }
+            yield &box.fields
+        }
+    }
+
     /// Unique within the cluster: the registry's instance id, or "host:port" for static ones.
-    public var id: String
-    public var host: String
-    public var port: Int
-    public var zone: String?
-    public var weight: Int
+    public var id: String {
+        get { box.fields.id }
+        set { fields.id = newValue }
+    }
+    public var host: String {
+        get { box.fields.host }
+        set { fields.host = newValue }
+    }
+    public var port: Int {
+        get { box.fields.port }
+        set { fields.port = newValue }
+    }
+    public var zone: String? {
+        get { box.fields.zone }
+        set { fields.zone = newValue }
+    }
+    public var weight: Int {
+        get { box.fields.weight }
+        set { fields.weight = newValue }
+    }
     /// Whether the instance registered itself as passing its own health check.
-    public var passing: Bool
-    public var metadata: [String: String]
+    public var passing: Bool {
+        get { box.fields.passing }
+        set { fields.passing = newValue }
+    }
+    public var metadata: [String: String] {
+        get { box.fields.metadata }
+        set { fields.metadata = newValue }
+    }
     /// The instance sidecar's proof key (base64url X25519), for MAC proofs of possession.
-    public var proofKey: String?
+    public var proofKey: String? {
+        get { box.fields.proofKey }
+        set { fields.proofKey = newValue }
+    }
 
     public init(
         id: String, host: String, port: Int, zone: String? = nil, weight: Int = 1, passing: Bool = true,
         metadata: [String: String] = [:], proofKey: String? = nil
     ) {
-        self.id = id
-        self.host = host
-        self.port = port
-        self.zone = zone
-        self.weight = max(1, weight)
-        self.passing = passing
-        self.metadata = metadata
-        self.proofKey = proofKey
+        box = Box(
+            Fields(
+                id: id, host: host, port: port, zone: zone, weight: max(1, weight), passing: passing,
+                metadata: metadata, proofKey: proofKey))
     }
+
+    public static func == (a: Endpoint, b: Endpoint) -> Bool { a.box === b.box || a.box.fields == b.box.fields }
+    public func hash(into hasher: inout Hasher) { box.fields.hash(into: &hasher) }
 
     public var address: String { "\(host):\(port)" }
     public var description: String { "\(id)@\(address)" }

@@ -23,6 +23,22 @@ import Testing
         #expect(back == original && copy.cluster == "users-canary")
     }
 
+    /// Endpoints keep their fields in a shared box too: a copy changed alone, equal and
+    /// hashed by their fields whether or not they share it.
+    @Test func endpointsKeepValueSemantics() {
+        let original = Endpoint(id: "a", host: "10.0.0.1", port: 80, zone: "z1", metadata: ["version": "v1"])
+        var copy = original
+        #expect(copy == original && copy.hashValue == original.hashValue)
+        copy.port = 81
+        copy.metadata["version"] = "v2"
+        copy.proofKey = "k"
+        #expect(original.port == 80 && original.metadata == ["version": "v1"] && original.proofKey == nil)
+        #expect(copy.port == 81 && copy.metadata == ["version": "v2"] && copy.proofKey == "k" && copy != original)
+        let twin = Endpoint(id: "a", host: "10.0.0.1", port: 80, zone: "z1", metadata: ["version": "v1"])
+        #expect(twin == original && Set([original, twin, copy]).count == 2)
+        #expect(Endpoint(id: "w", host: "h", port: 1, weight: 0).weight == 1)
+    }
+
     let table = RouteTable([
         Route(name: "catch-all", match: RouteMatch(path: .prefix("/")), cluster: "default"),
         Route(name: "users-prefix", match: RouteMatch(host: "users", path: .prefix("/user")), cluster: "users"),
