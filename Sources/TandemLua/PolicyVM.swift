@@ -101,6 +101,9 @@ public final class PolicyExchange {
             self.replace = replace
         }
 
+        /// Whether this edit's name is `field` (ASCII case-insensitively).
+        public func names(_ field: UnsafeRawBufferPointer) -> Bool { PolicyVM.sameName(name, field) }
+
         func apply(to list: inout [(name: String, value: String)]) {
             if replace { list.removeAll { PolicyVM.sameName($0.name, name) } }
             if let value { list.append((name, value)) }

@@ -117,7 +117,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         ctx.inFlight.wrappingIncrement(ordering: .relaxed)
         switch ProxyRouting.resolve(
             ctx: ctx, side: side, head: &head, now: startedAt, fixedCluster: handler.fixedCluster,
-            remote: { self.context.channel.remoteAddress?.ipAddress })
+            knownCluster: handler.knownCluster, remote: { self.context.channel.remoteAddress?.ipAddress })
         {
         case .failure(let a):
             answer(a)
@@ -161,6 +161,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         }
         let needsToken = side == .outbound && ctx.identity.map { $0.token(for: cluster) == nil } == true
         if handler.knownCluster == cluster && !needsToken {
+            clusterSlot = handler.knownClusterSlot
             admit()
         } else {
             let cluster = cluster
@@ -223,6 +224,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
             answer(refused)
             return
         }
+        if handler.knownCluster == cluster { handler.knownClusterSlot = clusterSlot }
         admitted = true
         let retry = RetryState(
             policy: route.retry, method: head.method.rawValue, bodyBytes: streaming ? nil : body?.readableBytes ?? 0,
@@ -597,20 +599,6 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
 
     private func forwardPendingHead() {
         guard let upstream = pendingHead else { return }
-        if policy == nil, !handler.compresses, upstream.code != 101 {
-            // Nothing reads or edits the fields: they go from the upstream's bytes to the client's.
-            pendingHead = nil
-            responded = true
-            status = upstream.code
-            if HTTP1ResponseEncoder.endsByClose(
-                version: head.version, status: upstream.status, method: head.method,
-                hasLength: upstream.contentLength != nil)
-            {
-                closeDelimited = true
-            }
-            handler.outHead(upstream, version: head.version, close: !keepAlive)
-            return
-        }
         if !bufferingResponse, responseBuffer == nil, let p = policy, upstream.code != 101, p.wantsResponseBody,
             upstream.contentLength.map({ $0 <= ctx.limits.streamBodyAfterBytes }) ?? true
         {
@@ -622,6 +610,39 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         pendingHead = nil
         responded = true
         status = upstream.code
+        guard !handler.compresses, status != 101 else { return forwardAsHeaders(upstream) }
+        // The fields go from the upstream's bytes to the client's, with the policies' edits;
+        // they become strings only for a hook that reads them.
+        var edits: [PolicyExchange.HeaderEdit] = []
+        if let p = policy {
+            if let d = p.respond(
+                status: status, reason: nil, fields: { upstream.fieldPairs() },
+                body: bufferingResponse ? responseBuffer.map { Array($0.readableBytesView) } : nil,
+                endpoint: endpoint, attempts: attempts, durationMs: Double(clock() - startedAt) / 1e6)
+            {
+                return replaceAnswer(d)
+            }
+            edits = p.ex.responseEdits
+        }
+        let fields = EditedFields(base: upstream, edits: edits)
+        if HTTP1ResponseEncoder.endsByClose(
+            version: head.version, status: upstream.status, method: head.method, hasLength: fields.sizes.hasLength)
+        {
+            closeDelimited = true
+        }
+        handler.outHead(status: upstream.status, fields: fields, version: head.version, close: !keepAlive)
+    }
+
+    /// The upstream's answer is replaced by a policy's decision: the rest of it is dropped
+    /// with its connection.
+    private func replaceAnswer(_ d: PolicyDecision) {
+        dropConnection()
+        responded = false
+        answerWithPolicy(d, upstreamFailed: status >= 500)
+    }
+
+    /// The head as `HTTPHeaders`, for the compressor and for a switch of protocols.
+    private func forwardAsHeaders(_ upstream: UpstreamHead) {
         // `out` is the head's only copy: edits below do not copy it.
         var out = upstream.head
         out.version = head.version
@@ -635,11 +656,7 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
                 endpoint: endpoint, attempts: attempts,
                 durationMs: Double(clock() - startedAt) / 1e6)
         {
-            // The upstream's answer is replaced: the rest of it is dropped with its connection.
-            dropConnection()
-            responded = false
-            answerWithPolicy(d, upstreamFailed: status >= 500)
-            return
+            return replaceAnswer(d)
         }
         if handler.compresses { markForCompression(&out) }
         if HTTP1ResponseEncoder.endsByClose(out, method: head.method) { closeDelimited = true }

@@ -471,13 +471,24 @@ struct UpstreamHead {
         hopByHopIndex(b, start, end) == nil || (keepUpgrade && lowerEquals(b, start, end, "upgrade"))
     }
 
+    /// The end-to-end fields as strings (for policies that read them).
+    func fieldPairs() -> [(name: String, value: String)] {
+        var pairs: [(name: String, value: String)] = []
+        Self.forEachString(fields, keepUpgrade: keepsUpgrade) { pairs.append((name: $0, value: $1)) }
+        return pairs
+    }
+
     /// The end-to-end fields of a checked block of field lines.
     static func headers(_ block: ByteBuffer, keepUpgrade: Bool) -> HTTPHeaders {
         var fields: [(String, String)] = []
-        forEachField(block, keepUpgrade: keepUpgrade) { name, value in
-            fields.append((String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self)))
-        }
+        forEachString(block, keepUpgrade: keepUpgrade) { fields.append(($0, $1)) }
         return HTTPHeaders(fields)
+    }
+
+    private static func forEachString(_ block: ByteBuffer, keepUpgrade: Bool, _ body: (String, String) -> Void) {
+        forEachField(block, keepUpgrade: keepUpgrade) { name, value in
+            body(String(decoding: name, as: UTF8.self), String(decoding: value, as: UTF8.self))
+        }
     }
 }
 
@@ -847,12 +858,13 @@ struct HTTP1ResponseEncoder {
             allocator: allocator)
     }
 
-    /// An upstream's head as the answer to a request over HTTP `version`, its end-to-end fields
-    /// copied from the upstream's bytes; `close` adds `connection: close`.
-    mutating func head(
-        _ head: UpstreamHead, version: HTTPVersion, close: Bool, method: HTTPMethod, allocator: ByteBufferAllocator
+    /// An answer over HTTP `version` with `fields` (an upstream's, copied from its bytes);
+    /// `close` adds `connection: close`.
+    mutating func head<F: FieldBytes>(
+        status: HTTPResponseStatus, fields: F, version: HTTPVersion, close: Bool, method: HTTPMethod,
+        allocator: ByteBufferAllocator
     ) -> ByteBuffer {
-        encode(version: version, status: head.status, fields: head, close: close, method: method, allocator: allocator)
+        encode(version: version, status: status, fields: fields, close: close, method: method, allocator: allocator)
     }
 
     private mutating func encode<F: FieldBytes>(

@@ -138,7 +138,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
     /// This loop's upstream pool (looked up once per connection).
     private(set) lazy var pool: UpstreamPool = ctx.pools.pool(for: context!.eventLoop)
     /// The cluster whose endpoints were last seen known (skips the discovery check).
-    var knownCluster: String?
+    var knownCluster: String? {
+        didSet { if knownCluster != oldValue { knownClusterSlot = nil } }
+    }
+    /// `knownCluster`'s slot in the traffic state once a request was admitted to it (slots are
+    /// never reused: requests to it skip hashing its name).
+    var knownClusterSlot: Int?
     /// The client's address as policies see it (`ip:port`), made once per connection.
     private var remoteText: String?
     func remoteAddressText(_ channel: any Channel) -> String {
@@ -225,13 +230,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, @un
         if flush { flushOut() }
     }
 
-    /// An upstream's head, written from its bytes (the connection compresses nothing).
-    func outHead(_ upstream: UpstreamHead, version: HTTPVersion, close: Bool) {
+    /// An answer's head written from field bytes (the connection compresses nothing).
+    func outHead<F: FieldBytes>(status: HTTPResponseStatus, fields: F, version: HTTPVersion, close: Bool) {
         guard let context else { return }
         precondition(!compresses, "a compressing connection's heads go through its compressor")
         releaseHeldHead(context)
         heldHead = encoder.head(
-            upstream, version: version, close: close, method: answering, allocator: context.channel.allocator)
+            status: status, fields: fields, version: version, close: close, method: answering,
+            allocator: context.channel.allocator)
     }
 
     /// A flush from behind this handler sends a held head too.

@@ -260,6 +260,32 @@ extension PolicyDecision {
     }
 }
 
+/// An answer's fields with on_response's edits applied as they are written (what
+/// `PolicyRun.apply` does to `HTTPHeaders`): the fields of every replaced name left out, the
+/// additions after the rest, in order.
+struct EditedFields<Base: FieldBytes>: FieldBytes {
+    let base: Base
+    let edits: [PolicyExchange.HeaderEdit]
+
+    func forEachField(_ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> Void) {
+        if edits.isEmpty { return base.forEachField(body) }
+        base.forEachField { name, value in
+            if !edits.contains(where: { $0.replace && $0.names(name) }) { body(name, value) }
+        }
+        for e in edits {
+            guard let v = e.value else { continue }
+            withBytes(e.name) { n in withBytes(v) { body(n, $0) } }
+        }
+    }
+
+    var sizes: FieldSizes {
+        if edits.isEmpty { return base.sizes }
+        var sizes = FieldSizes()
+        forEachField { sizes.count($0, $1) }
+        return sizes
+    }
+}
+
 /// One request's run through its route's policies, on its event loop — shared by the
 /// HTTP/1.1 and HTTP/2 (gRPC) exchanges.
 final class PolicyRun {
@@ -358,10 +384,30 @@ final class PolicyRun {
         durationMs: Double
     ) -> PolicyDecision? {
         guard !responseRan else { return nil }
+        if let d = respond(
+            status: status, reason: reason,
+            fields: { [answer = headers] in answer.map { (name: $0.name, value: $0.value) } },
+            body: body, endpoint: endpoint, attempts: attempts, durationMs: durationMs)
+        {
+            return d
+        }
+        // The source's copy is gone by now, so `headers` is not copied.
+        if !ex.responseEdits.isEmpty { Self.apply(ex.responseEdits, to: &headers) }
+        return nil
+    }
+
+    /// `response` for an answer whose fields the hooks read from `fields` (called only when
+    /// one does); their edits stay in `ex.responseEdits` for the caller to write with the head
+    /// (`EditedFields`).
+    func respond(
+        status: Int, reason: String?, fields: @escaping () -> [(name: String, value: String)], body: [UInt8]?,
+        endpoint: Endpoint?, attempts: Int, durationMs: Double
+    ) -> PolicyDecision? {
+        guard !responseRan else { return nil }
         responseRan = true
         ex.status = status
         ex.reason = reason
-        ex.responseHeaderSource = { [answer = headers] in answer.map { (name: $0.name, value: $0.value) } }
+        ex.responseHeaderSource = fields
         ex.responseBody = body
         ex.upstreamHost = endpoint?.host
         ex.upstreamPort = endpoint?.port
@@ -384,11 +430,9 @@ final class PolicyRun {
                 start = at - 1
             }
         }
-        // The hooks' edits, applied to the answer's head in place (the same steps the hooks'
-        // view of it went through). The source's copy goes first, so `headers` is not copied
-        // (on_log hooks read the answer's headers: they are made for them now).
+        // on_log hooks read the answer's headers: they are made for them now, before the
+        // caller writes the head (the source lets go of the answer's fields).
         if logs { _ = ex.responseHeaders } else { ex.responseHeaderSource = nil }
-        if !ex.responseEdits.isEmpty { Self.apply(ex.responseEdits, to: &headers) }
         return nil
     }
 

@@ -25,7 +25,7 @@ enum ProxyRouting {
     /// `fixedCluster`: the request came in on a local upstream port dedicated to one service.
     static func resolve(
         ctx: ProxyContext, side: ProxySide, head: inout HTTPRequestHead, now: Nanos, fixedCluster: String? = nil,
-        remote: () -> String? = { nil }
+        knownCluster: String? = nil, remote: () -> String? = { nil }
     ) -> Result<Resolved, LocalAnswer> {
         var host: String
         var path: String
@@ -87,7 +87,11 @@ enum ProxyRouting {
                             ))
                     }
                 }
-                guard s.clusterSlots.index(forKey: r.cluster) != nil || s.clusterSlots.count < maxClusters else {
+                // A known cluster is tracked already (skips its name's hash).
+                guard
+                    r.cluster == knownCluster || s.clusterSlots.index(forKey: r.cluster) != nil
+                        || s.clusterSlots.count < maxClusters
+                else {
                     return .failure(
                         LocalAnswer(.overflow, message: "this sidecar already tracks \(maxClusters) upstream services"))
                 }
@@ -166,11 +170,15 @@ enum ProxyRouting {
     }
 
     /// Admission of a new request by the cluster's breaker and concurrency gate.
-    /// `slot`: set to the cluster's slot (for the exchange's later calls).
+    /// `slot`: the cluster's slot when known, else set to it (for the exchange's later calls).
     static func admit(ctx: ProxyContext, cluster: String, slot: inout Int?, now: Nanos) -> LocalAnswer? {
-        guard let reason = ctx.brain.withCluster(cluster, slot: &slot, { c, _ in c.admit(now: now) }) else {
-            return nil
-        }
+        let refused =
+            if let known = slot {
+                ctx.brain.withCluster(slot: known) { c, _ in c.admit(now: now) }
+            } else {
+                ctx.brain.withCluster(cluster, slot: &slot) { c, _ in c.admit(now: now) }
+            }
+        guard let reason = refused else { return nil }
         return LocalAnswer(reason, message: reason == .circuitOpen ? "circuit breaker for \"\(cluster)\" is open" : nil)
     }
 

@@ -341,7 +341,9 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
                 var viaBytes = HTTP1ResponseEncoder()
                 let want = String(buffer: viaFields.head(expected, method: method, allocator: alloc))
                 let got = String(
-                    buffer: viaBytes.head(upstream, version: version, close: close, method: method, allocator: alloc))
+                    buffer: viaBytes.head(
+                        status: upstream.status, fields: upstream, version: version, close: close, method: method,
+                        allocator: alloc))
                 #expect(got == want, "\(raw) for \(method) over 1.\(version.minor)")
                 #expect(viaBytes.chunked == viaFields.chunked && viaBytes.suppressBody == viaFields.suppressBody)
                 #expect(
@@ -357,7 +359,9 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
         guard case .head(let u) = try p.next(&b) else { return }
         var e = HTTP1ResponseEncoder()
         #expect(
-            String(buffer: e.head(u, version: .http1_1, close: false, method: .GET, allocator: alloc))
+            String(
+                buffer: e.head(
+                    status: u.status, fields: u, version: .http1_1, close: false, method: .GET, allocator: alloc))
                 == "HTTP/1.1 200 OK\r\nx-a: 1\r\nx-b: two words\r\ntransfer-encoding: chunked\r\n\r\n")
     }
 

@@ -187,6 +187,20 @@ struct ProxyHarness {
         #expect(out.contains(#"no instance of \"payments\" is registered"#))
     }
 
+    /// A connection remembers its last cluster's slot: requests that alternate between two
+    /// clusters on one connection each reach their own cluster's state (here its breaker).
+    @Test func requestsToTwoClustersOnOneConnectionReachTheirOwnState() throws {
+        let h = try ProxyHarness()
+        h.ctx.brain.withCluster("payments") { c, _ in
+            for _ in 0..<5 { _ = c.breaker.record(failed: true, latency: 0, now: 0) }
+        }
+        for service in ["billing", "billing", "payments", "payments", "billing", "payments"] {
+            let out = try h.send("GET http://\(service)/x HTTP/1.1\r\nHost: \(service)\r\n\r\n")
+            let reason = service == "payments" ? "circuit-open" : "no-healthy-endpoint"
+            #expect(out.contains("tandem-error: \(reason)"), "\(service): \(out)")
+        }
+    }
+
     @Test func oversizedBodiesAre413AndCloseTheConnection() throws {
         var limits = SidecarLimits()
         limits.maxBodyBytes = 16
@@ -332,6 +346,45 @@ struct ProxyHarness {
                 .init(name: "x-gone", value: nil, replace: true),
             ], to: &h)
         #expect(h.map { "\($0.name)=\($0.value)" } == ["content-type=t", "x-a=new", "x-b=1", "x-b=2"])
+    }
+
+    /// The same edits written with an upstream's head straight from its bytes give the bytes
+    /// the edited `HTTPHeaders` give, framing included (a policy may drop or set the length).
+    @Test func responseHeaderEditsOnTheUpstreamsBytesMatchTheEditedFields() throws {
+        let alloc = ByteBufferAllocator()
+        let raw =
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nx-a: 1\r\nContent-Length: 5\r\ncontent-type: t\r\nX-A: 2\r\n"
+            + "Connection: keep-alive\r\n\r\n"
+        let edits: [[PolicyExchange.HeaderEdit]] = [
+            [],
+            [
+                .init(name: "x-a", value: "new", replace: true), .init(name: "server", value: nil, replace: true),
+                .init(name: "x-b", value: "1", replace: false), .init(name: "x-b", value: "2", replace: false),
+            ],
+            [.init(name: "content-length", value: nil, replace: true)],
+            [.init(name: "CONTENT-LENGTH", value: "7", replace: true), .init(name: "x-n", value: "", replace: false)],
+        ]
+        for list in edits {
+            var p = HTTP1ResponseParser(maxHeaderBytes: 4096)
+            var b = ByteBuffer(string: raw)
+            guard case .head(let upstream) = try p.next(&b) else {
+                Issue.record("no head")
+                return
+            }
+            var expected = upstream.head
+            PolicyRun.apply(list, to: &expected.headers)
+            var viaHeaders = HTTP1ResponseEncoder()
+            var viaBytes = HTTP1ResponseEncoder()
+            let want = String(buffer: viaHeaders.head(expected, method: .GET, allocator: alloc))
+            let fields = EditedFields(base: upstream, edits: list)
+            let got = String(
+                buffer: viaBytes.head(
+                    status: upstream.status, fields: fields, version: .http1_1, close: false, method: .GET,
+                    allocator: alloc))
+            #expect(got == want, "\(list.map(\.name))")
+            #expect(viaBytes.chunked == viaHeaders.chunked)
+            #expect(fields.sizes.hasLength == expected.headers.contains(name: "content-length"))
+        }
     }
 
     @Test func httpsTargetsAreRefusedClearly() throws {
