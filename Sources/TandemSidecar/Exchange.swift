@@ -356,19 +356,19 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
     private func prepareHead() {
         prepared = true
         head.uri = path
-        stripHopByHop(&head.headers)
+        let found = stripHopByHop(&head.headers)
         if let upgrade {
             head.headers.add(name: "connection", value: "upgrade")
             head.headers.add(name: "upgrade", value: upgrade)
         }
-        if !head.headers.contains(name: "traceparent") { madeTraceparent = handler.newTraceparent() }
+        if !found.traceparent { madeTraceparent = handler.newTraceparent() }
         // Sent per attempt (AddedRequestFields): a caller's own value would go out twice.
-        if side == .outbound, deadline != nil, head.headers.contains(name: "tandem-timeout-ms") {
+        if side == .outbound, deadline != nil, found.timeout {
             head.headers.remove(name: "tandem-timeout-ms")
         }
         if streaming {
             // The client's content-length stands; without one the body goes chunked.
-            if !head.headers.contains(name: "content-length") {
+            if !found.contentLength {
                 head.headers.add(name: "transfer-encoding", value: "chunked")
             }
             return
@@ -379,8 +379,8 @@ final class Exchange: UpstreamDelegate, @unchecked Sendable {
         default:
             if len > 0 {
                 head.headers.replaceOrAdd(name: "content-length", value: String(len))
-            } else {
-                head.headers.removeIfPresent("content-length")
+            } else if found.contentLength {
+                head.headers.remove(name: "content-length")
             }
         }
     }

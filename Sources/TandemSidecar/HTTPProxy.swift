@@ -102,12 +102,36 @@ extension HTTPHeaders {
     }
 }
 
-/// Removes hop-by-hop fields in place; leaves the headers untouched (no copy) when there are none.
-func stripHopByHop(_ headers: inout HTTPHeaders) {
+/// The fields a proxy sets on a request itself, as found among the request's own.
+struct ProxySetFields {
+    var traceparent = false
+    var timeout = false
+    var contentLength = false
+}
+
+/// Removes hop-by-hop fields in place (no copy when there are none) and, in the same pass,
+/// notes which of the fields the proxy sets itself the request brought.
+@discardableResult
+func stripHopByHop(_ headers: inout HTTPHeaders) -> ProxySetFields {
     var present: UInt32 = 0
-    for (name, _) in headers { if let k = hopByHopIndex(name) { present |= 1 << k } }
-    guard present != 0 else { return }
+    var found = ProxySetFields()
+    for (name, _) in headers {
+        withBytes(name) { b in
+            if let k = hopByHopIndex(b, 0, b.count) {
+                present |= 1 << k
+                return
+            }
+            switch b.count {
+            case 11 where lowerEquals(b, 0, 11, "traceparent"): found.traceparent = true
+            case 14 where lowerEquals(b, 0, 14, "content-length"): found.contentLength = true
+            case 17 where lowerEquals(b, 0, 17, "tandem-timeout-ms"): found.timeout = true
+            default: break
+            }
+        }
+    }
+    guard present != 0 else { return found }
     for (k, name) in hopByHopStrings.enumerated() where present & (1 << k) != 0 { headers.remove(name: name) }
+    return found
 }
 
 /// One downstream HTTP/1.1 connection. Requests are handled one at a time, in order: parts of

@@ -148,12 +148,15 @@ public struct RequestHead: Sendable {
     public var headers: [(String, String)]
 
     public init(method: String, host: String, path: String, headers: [(String, String)] = []) {
-        self.method = method.uppercased()
+        // Methods come uppercase and hosts lowercase: then no new string is made.
+        self.method = Self.allBytes(method) { $0 < 0x80 && !($0 >= 97 && $0 <= 122) } ? method : method.uppercased()
         // Authority without port, lowercased.
         // (Searched as bytes: a Character search walks grapheme clusters, 2.5k instructions per
         // request for the host alone.)
-        var h = host.lowercased()
-        if !h.hasSuffix("]"), let colon = h.utf8.lastIndex(of: UInt8(ascii: ":")) { h = String(h[..<colon]) }
+        var h = Self.allBytes(host) { $0 < 0x80 && !($0 >= 65 && $0 <= 90) } ? host : host.lowercased()
+        if h.utf8.last != UInt8(ascii: "]"), let colon = h.utf8.lastIndex(of: UInt8(ascii: ":")) {
+            h = String(h[..<colon])
+        }
         self.host = h
         // Path without query.
         if let q = path.utf8.firstIndex(of: UInt8(ascii: "?")) {
@@ -162,6 +165,15 @@ public struct RequestHead: Sendable {
             self.path = path
         }
         self.headers = headers
+    }
+
+    /// Whether every byte of `s` passes `ok`, read in place (walking a `String.UTF8View` costs
+    /// tens of instructions a byte); false for a string not stored as UTF-8.
+    private static func allBytes(_ s: String, _ ok: (UInt8) -> Bool) -> Bool {
+        s.utf8.withContiguousStorageIfAvailable { bytes in
+            for b in bytes where !ok(b) { return false }
+            return true
+        } ?? false
     }
 
     public func header(_ name: String) -> String? {

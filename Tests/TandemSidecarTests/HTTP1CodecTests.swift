@@ -66,6 +66,22 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
 /// handler that joins them on an upstream connection, and the client-facing response encoder.
 @Suite struct HTTP1CodecTests {
     /// The byte classes the parsers test per byte, against their definitions.
+    /// One pass over a request's fields drops the hop-by-hop ones and finds the fields the
+    /// proxy sets itself (in any case), leaving the rest in order.
+    @Test func oneScanStripsHopByHopFieldsAndFindsTheProxysOwn() {
+        var h = HTTPHeaders([
+            ("Connection", "keep-alive"), ("TraceParent", "00-1-2-01"), ("Keep-Alive", "5"), ("Content-Length", "0"),
+            ("host", "a"), ("Transfer-Encoding", "chunked"),
+        ])
+        let found = stripHopByHop(&h)
+        #expect(found.traceparent && found.contentLength && !found.timeout)
+        #expect(h.map(\.name) == ["TraceParent", "Content-Length", "host"])
+        var t = HTTPHeaders([("TANDEM-TIMEOUT-MS", "5"), ("te", "trailers"), ("x-traceparent", "1")])
+        let other = stripHopByHop(&t)
+        #expect(other.timeout && !other.traceparent && !other.contentLength)
+        #expect(t.map(\.name) == ["TANDEM-TIMEOUT-MS", "x-traceparent"])
+    }
+
     @Test func tokenBytesAndHopByHopNamesAreRecognised() {
         let tchar = Set("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz".utf8)
         for c in 0...255 { #expect(HTTPToken.isTokenByte(UInt8(c)) == tchar.contains(UInt8(c)), "byte \(c)") }

@@ -39,6 +39,19 @@ import Testing
         #expect(Endpoint(id: "w", host: "h", port: 1, weight: 0).weight == 1)
     }
 
+    /// A request's method is matched uppercase, its host lowercase and without a port, its
+    /// path without the query — whether or not they came that way.
+    @Test func requestHeadsAreNormalised() {
+        for (method, host, path, want) in [
+            ("GET", "users", "/a", "GET users /a"), ("get", "Users:8080", "/a?b=1", "GET users /a"),
+            ("PoSt", "USERS", "/", "POST users /"), ("DELETE", "[::1]:80", "/x", "DELETE [::1] /x"),
+            ("GET", "[::1]", "/", "GET [::1] /"), ("GET", "ÜSERS.example", "/", "GET üsers.example /"),
+        ] {
+            let h = RequestHead(method: method, host: host, path: path)
+            #expect("\(h.method) \(h.host) \(h.path)" == want)
+        }
+    }
+
     let table = RouteTable([
         Route(name: "catch-all", match: RouteMatch(path: .prefix("/")), cluster: "default"),
         Route(name: "users-prefix", match: RouteMatch(host: "users", path: .prefix("/user")), cluster: "users"),
