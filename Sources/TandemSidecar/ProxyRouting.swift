@@ -29,7 +29,12 @@ enum ProxyRouting {
     ) -> Result<Resolved, LocalAnswer> {
         var host: String
         var path: String
-        if head.uri.hasPrefix("http://") {
+        let uri = head.uri
+        if uri.utf8.first == UInt8(ascii: "/") {
+            // Origin form, the usual case (no prefix comparisons).
+            host = head.headers.first(name: "host") ?? ""
+            path = uri
+        } else if uri.hasPrefix("http://") {
             let rest = head.uri.dropFirst(7)
             let slash = rest.firstIndex(of: "/") ?? rest.endIndex
             host = String(rest[..<slash])
