@@ -62,9 +62,12 @@ measure() {
 
 echo "| target | requests | instructions | instructions per request |"
 echo "|---|---|---|---|"
-measure tandem "$W/tandem" sidecar --service bench --app-port 1 --registry none --health-interval 3600 \
+# The sidecar's app is the backend: its health check passes once and then waits an hour. With
+# no app (`--app-port 1`) the check retries every 200 ms until one answers, and those failed
+# connects (and their formatted errors) would be counted against the requests.
+measure tandem "$W/tandem" sidecar --service bench --app-port $BACKEND --registry none --health-interval 3600 \
   --endpoints backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$PORT --config "$W/route.lua"
-measure tandem+policies "$W/tandem" sidecar --service bench --app-port 1 --registry none --health-interval 3600 \
-  --endpoints backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$PORT --config "$W/policies.lua"
+measure tandem+policies "$W/tandem" sidecar --service bench --app-port $BACKEND --registry none \
+  --health-interval 3600 --endpoints backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$PORT --config "$W/policies.lua"
 measure haproxy haproxy -f "$W/haproxy.cfg" -db
 measure nginx nginx -c "$W/nginx/nginx.conf"
