@@ -307,9 +307,10 @@ struct HTTP1ResponseParser {
                     throw UpstreamProtocolError("invalid header field name")
                 }
                 guard colon < vs, colon > start else { throw UpstreamProtocolError("invalid header field") }
-                for i in vs..<ve where (b[i] < 32 && b[i] != 9) || b[i] == 127 {
+                guard isFieldValue(b, vs, ve) else {
                     throw UpstreamProtocolError("invalid character in a header field value")
                 }
+                var kind: FieldSizes.Kind?
                 switch colon - start {
                 case 10 where lowerEquals(b, start, colon, "connection"):
                     forEachElement(b, vs, ve) { s, e in
@@ -321,6 +322,7 @@ struct HTTP1ResponseParser {
                     framing.grpcStatus = Int(
                         String(decoding: UnsafeRawBufferPointer(rebasing: b[vs..<ve]), as: UTF8.self))
                 case 14 where lowerEquals(b, start, colon, "content-length"):
+                    kind = .length
                     try forEachElement(b, vs, ve) { s, e throws(UpstreamProtocolError) in
                         var value = 0
                         for i in s..<e {
@@ -341,14 +343,13 @@ struct HTTP1ResponseParser {
                     }
                 case 17 where lowerEquals(b, start, colon, "transfer-encoding"):
                     // Only the final coding decides (earlier fields list earlier codings).
+                    kind = .coding
                     framing.transferEncoding = true
                     framing.chunked = finalCodingIsChunked(b, vs, ve)
                 default: break
                 }
                 if UpstreamHead.isEndToEnd(b, start, colon, keepUpgrade: keepUpgrade) {
-                    framing.sizes.count(
-                        UnsafeRawBufferPointer(rebasing: b[start..<colon]), UnsafeRawBufferPointer(rebasing: b[vs..<ve])
-                    )
+                    framing.sizes.add(colon - start + ve - vs + 4, kind)
                 }
             }
         }
@@ -497,6 +498,34 @@ struct UpstreamHead {
 func index(of byte: UInt8, _ b: UnsafeRawBufferPointer, _ from: Int, _ to: Int) -> Int {
     guard from < to, let base = b.baseAddress, let p = memchr(base + from, Int32(byte), to - from) else { return to }
     return base.distance(to: UnsafeRawPointer(p))
+}
+
+/// Whether `b[from..<to]` is a valid field value: no control bytes but tab, no DEL (obs-text
+/// bytes from 0x80 up are allowed). Eight bytes per step (the last step overlaps the one
+/// before): a word with no byte below 0x20 and none equal to 0x7f passes at once; any other
+/// word is checked byte by byte. Values shorter than a word go byte by byte.
+@inline(__always)
+func isFieldValue(_ b: UnsafeRawBufferPointer, _ from: Int, _ to: Int) -> Bool {
+    @inline(__always) func byte(_ c: UInt8) -> Bool { c >= 32 ? c != 127 : c == 9 }
+    guard to - from >= 8, let base = b.baseAddress else {
+        for i in from..<to where !byte(b[i]) { return false }
+        return true
+    }
+    let ones: UInt64 = 0x0101_0101_0101_0101
+    let highs: UInt64 = 0x8080_8080_8080_8080
+    var i = from
+    while true {
+        let at = min(i, to - 8)
+        let w = base.loadUnaligned(fromByteOffset: at, as: UInt64.self)
+        let below20 = (w &- ones &* 0x20) & ~w & highs
+        let x = w ^ (ones &* 0x7f)
+        let del = (x &- ones) & ~x & highs
+        if below20 | del != 0 {
+            for j in at..<at + 8 where !byte(b[j]) { return false }
+        }
+        if at == to - 8 { return true }
+        i += 8
+    }
 }
 
 /// Whether `b[from..<to]` is `lower` (all lowercase), compared ASCII case-insensitively.
@@ -706,17 +735,30 @@ struct FieldSizes {
     var hasCoding = false
     var codingFields = 0
 
+    /// A framing field: content-length or transfer-encoding.
+    enum Kind { case length, coding }
+
     mutating func count(_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) {
-        let n = name.count + value.count + 4
+        let kind: Kind? =
+            switch name.count {
+            case 14 where lowerEquals(name, 0, 14, "content-length"): .length
+            case 17 where lowerEquals(name, 0, 17, "transfer-encoding"): .coding
+            default: nil
+            }
+        add(name.count + value.count + 4, kind)
+    }
+
+    /// A field of `n` bytes written (`name: value` CRLF), of `kind` (nil: not a framing field).
+    mutating func add(_ n: Int, _ kind: Kind?) {
         all += n
-        switch name.count {
-        case 14 where lowerEquals(name, 0, 14, "content-length"):
+        switch kind {
+        case .length?:
             hasLength = true
             lengthFields += n
-        case 17 where lowerEquals(name, 0, 17, "transfer-encoding"):
+        case .coding?:
             hasCoding = true
             codingFields += n
-        default: break
+        case nil: break
         }
     }
 }

@@ -82,6 +82,30 @@ private func parseError(_ raw: String, head: Bool = false, maxHeaderBytes: Int =
         #expect(t.map(\.name) == ["TANDEM-TIMEOUT-MS", "x-traceparent"])
     }
 
+    /// The eight-bytes-at-a-time value check agrees with the byte rule for every byte value at
+    /// every position of values up to 20 bytes, and next to high (obs-text) bytes.
+    @Test func fieldValuesAreCheckedAsByteByByte() {
+        func byByte(_ v: [UInt8]) -> Bool { !v.contains { ($0 < 32 && $0 != 9) || $0 == 127 } }
+        for length in 1...20 {
+            for at in 0..<length {
+                for c in 0...255 {
+                    for fill: UInt8 in [UInt8(ascii: "a"), 0x80, 0xff] {
+                        var v = [UInt8](repeating: fill, count: length)
+                        v[at] = UInt8(c)
+                        let fast = v.withUnsafeBytes { isFieldValue($0, 0, length) }
+                        if fast != byByte(v) {
+                            Issue.record("byte \(c) at \(at) of \(length) (fill \(fill)): \(fast)")
+                            return
+                        }
+                    }
+                }
+            }
+        }
+        let text = Array("x-a: Mon, 30 Nov 2026 00:00:00 GMT".utf8)
+        #expect(text.withUnsafeBytes { isFieldValue($0, 5, text.count) })
+        #expect(text.withUnsafeBytes { isFieldValue($0, 3, 3) })
+    }
+
     @Test func tokenBytesAndHopByHopNamesAreRecognised() {
         let tchar = Set("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz".utf8)
         for c in 0...255 { #expect(HTTPToken.isTokenByte(UInt8(c)) == tchar.contains(UInt8(c)), "byte \(c)") }
