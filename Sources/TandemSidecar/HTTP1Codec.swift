@@ -424,7 +424,7 @@ func forEachFieldLine<E: Error>(
 
 /// A response head as an upstream sent it, kept as bytes: its status, what its fields said
 /// about the body, and its checked field lines. A proxied answer is written from the bytes
-/// (`HTTP1ResponseEncoder.head(_:version:close:method:allocator:)`); the fields become
+/// (`HTTP1ResponseEncoder.head(status:fields:version:close:method:allocator:)`); the fields become
 /// `HTTPHeaders` only for a reader that needs them (`head`: policies, compression, HTTP/2
 /// clients). Most answers so skip two strings per field, the field list and the head's storage.
 struct UpstreamHead {
