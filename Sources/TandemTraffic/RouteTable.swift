@@ -62,82 +62,67 @@ public struct Route: Equatable, Sendable {
         var subset: [String: String] = [:]
     }
 
-    /// Mutated only through `fields`' `_modify`, which copies it first when shared.
-    private final class Box: @unchecked Sendable {
-        var fields: Fields
-        init(_ fields: Fields) { self.fields = fields }
-    }
-
-    private var box: Box
-
-    private var fields: Fields {
-        get { box.fields }
-        _modify {
-            if !isKnownUniquelyReferenced(&box) { box = Box(box.fields) }
-            yield &box.fields
-        }
-    }
+    private var box: CopyOnWrite<Fields>
 
     public var name: String {
-        get { box.fields.name }
-        set { fields.name = newValue }
+        get { box.value.name }
+        set { box.value.name = newValue }
     }
     public var match: RouteMatch {
-        get { box.fields.match }
-        set { fields.match = newValue }
+        get { box.value.match }
+        set { box.value.match = newValue }
     }
     public var cluster: String {
-        get { box.fields.cluster }
-        set { fields.cluster = newValue }
+        get { box.value.cluster }
+        set { box.value.cluster = newValue }
     }
     /// Overall deadline including every retry; nil = none.
     public var timeout: Nanos? {
-        get { box.fields.timeout }
-        set { fields.timeout = newValue }
+        get { box.value.timeout }
+        set { box.value.timeout = newValue }
     }
     public var retry: RetryPolicy {
-        get { box.fields.retry }
-        set { fields.retry = newValue }
+        get { box.value.retry }
+        set { box.value.retry = newValue }
     }
     /// Requests per second allowed on this route (token bucket); nil = unlimited.
     public var rateLimit: TokenBucket.Config? {
-        get { box.fields.rateLimit }
-        set { fields.rateLimit = newValue }
+        get { box.value.rateLimit }
+        set { box.value.rateLimit = newValue }
     }
     /// Names of Lua policies attached to this route, in order.
     public var policies: [String] {
-        get { box.fields.policies }
-        set { fields.policies = newValue }
+        get { box.value.policies }
+        set { box.value.policies = newValue }
     }
     /// Responses compressed with gzip when the client accepts it; nil = never.
     public var compression: CompressionPolicy? {
-        get { box.fields.compression }
-        set { fields.compression = newValue }
+        get { box.value.compression }
+        set { box.value.compression = newValue }
     }
     /// Whose requests share a `rateLimit` bucket; nil = one bucket for the route.
     public var rateLimitKey: RateLimitKey? {
-        get { box.fields.rateLimitKey }
-        set { fields.rateLimitKey = newValue }
+        get { box.value.rateLimitKey }
+        set { box.value.rateLimitKey = newValue }
     }
     /// Only endpoints whose registered metadata has every one of these pairs (Envoy's
     /// `metadata_match` with subset load balancing): `{ version = "v2" }` for a canary.
     /// Empty: every endpoint. No endpoint in the subset: 503 `no-healthy-endpoint`.
     public var subset: [String: String] {
-        get { box.fields.subset }
-        set { fields.subset = newValue }
+        get { box.value.subset }
+        set { box.value.subset = newValue }
     }
 
     public init(
         name: String, match: RouteMatch, cluster: String, timeout: Nanos? = .seconds(15), retry: RetryPolicy = .init(),
         rateLimit: TokenBucket.Config? = nil, policies: [String] = []
     ) {
-        box = Box(
+        box = CopyOnWrite(
             Fields(
                 name: name, match: match, cluster: cluster, timeout: timeout, retry: retry, rateLimit: rateLimit,
                 policies: policies, compression: nil, rateLimitKey: nil))
     }
 
-    public static func == (a: Route, b: Route) -> Bool { a.box === b.box || a.box.fields == b.box.fields }
 }
 
 /// The request facts a route decision needs.

@@ -31,70 +31,55 @@ public struct Endpoint: Hashable, Sendable, CustomStringConvertible {
         var proofKey: String?
     }
 
-    /// Mutated only through `fields`' `_modify`, which copies it first when shared.
-    private final class Box: @unchecked Sendable {
-        var fields: Fields
-        init(_ fields: Fields) { self.fields = fields }
-    }
-
-    private var box: Box
-
-    private var fields: Fields {
-        get { box.fields }
-        _modify {
-            if !isKnownUniquelyReferenced(&box) { box = Box(box.fields) }
-            yield &box.fields
-        }
-    }
+    private var box: CopyOnWrite<Fields>
 
     /// Unique within the cluster: the registry's instance id, or "host:port" for static ones.
     public var id: String {
-        get { box.fields.id }
-        set { fields.id = newValue }
+        get { box.value.id }
+        set { box.value.id = newValue }
     }
     public var host: String {
-        get { box.fields.host }
-        set { fields.host = newValue }
+        get { box.value.host }
+        set { box.value.host = newValue }
     }
     public var port: Int {
-        get { box.fields.port }
-        set { fields.port = newValue }
+        get { box.value.port }
+        set { box.value.port = newValue }
     }
     public var zone: String? {
-        get { box.fields.zone }
-        set { fields.zone = newValue }
+        get { box.value.zone }
+        set { box.value.zone = newValue }
     }
     public var weight: Int {
-        get { box.fields.weight }
-        set { fields.weight = newValue }
+        get { box.value.weight }
+        set { box.value.weight = newValue }
     }
     /// Whether the instance registered itself as passing its own health check.
     public var passing: Bool {
-        get { box.fields.passing }
-        set { fields.passing = newValue }
+        get { box.value.passing }
+        set { box.value.passing = newValue }
     }
     public var metadata: [String: String] {
-        get { box.fields.metadata }
-        set { fields.metadata = newValue }
+        get { box.value.metadata }
+        set { box.value.metadata = newValue }
     }
     /// The instance sidecar's proof key (base64url X25519), for MAC proofs of possession.
     public var proofKey: String? {
-        get { box.fields.proofKey }
-        set { fields.proofKey = newValue }
+        get { box.value.proofKey }
+        set { box.value.proofKey = newValue }
     }
 
     public init(
         id: String, host: String, port: Int, zone: String? = nil, weight: Int = 1, passing: Bool = true,
         metadata: [String: String] = [:], proofKey: String? = nil
     ) {
-        box = Box(
+        box = CopyOnWrite(
             Fields(
                 id: id, host: host, port: port, zone: zone, weight: max(1, weight), passing: passing,
                 metadata: metadata, proofKey: proofKey))
     }
 
-    public static func == (a: Endpoint, b: Endpoint) -> Bool { a.box === b.box || a.box.fields == b.box.fields }
-    public func hash(into hasher: inout Hasher) { box.fields.hash(into: &hasher) }
+    public func hash(into hasher: inout Hasher) { box.value.hash(into: &hasher) }
 
     public var address: String { "\(host):\(port)" }
     public var description: String { "\(id)@\(address)" }
