@@ -1,9 +1,11 @@
 /* The C half of Tandem's policy VM (docs/LUA.md). Everything that can raise a Lua error or
    allocate inside a VM lives here, never in a Swift frame:
    - a capped allocator (the VM's memory limit; refusing yields LUA_ERRMEM),
-   - a count hook armed once for the VM's lifetime that enforces an instruction budget and a
-     wall-clock deadline per call, escalating to every instruction once tripped so that a
-     `pcall` loop cannot swallow the limit,
+   - a count hook that enforces an instruction budget and a wall-clock deadline per call,
+     escalating to every instruction once tripped so that a `pcall` loop cannot swallow the
+     limit: armed for the VM's life when there is no wall-clock limit (deterministic runs), else
+     armed by the watchdog thread only for a call that runs past one watchdog tick (with a
+     count hook installed, every bytecode goes through LuaJIT's hook dispatch),
    - `pcall`/`xpcall` replacements that re-raise limit and out-of-memory errors,
    - pattern functions (`string.find/match/gmatch/gsub`) that refuse a subject/pattern pair whose
      worst-case backtracking exceeds a step budget (the matcher is C: hooks cannot stop it),
@@ -20,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <pthread.h>
 
 enum { CLJ_NIL = 0, CLJ_BOOL = 1, CLJ_NUMBER = 2, CLJ_STRING = 3, CLJ_OTHER = 4 };
 enum { CLJ_MAX_ARGS = 8, CLJ_MAX_RESULTS = 8, CLJ_HOOK_PERIOD = 1000, CLJ_MAX_ENDED = 64 };
@@ -42,6 +45,16 @@ typedef struct clj_vm {
     int tripped;              /* which limit stopped the current call (CLJ_LIMIT_*) */
     long long hook_instructions, hook_time_ns; /* each hook's budget (a call may run several) */
     int at;                   /* 1-based position in its chain of the hook running now */
+    /* The watchdog (PolicyWatchdog.swift; docs/LUA.md). Written by the VM's thread and read by
+       the watchdog's (and `armed` the other way) through the __atomic builtins. */
+    int watched;              /* 1: the watchdog arms the hook; 0: armed for the VM's life */
+    int armed;                /* watched VMs: the count hook is installed */
+    int in_call;              /* a call into the VM is running */
+    unsigned long long calls; /* calls started */
+    int *parked;              /* the watchdog sleeps until a call starts (shared by all VMs) */
+    void (*wake)(void *);     /* wakes a parked watchdog (its argument: wake_context) */
+    void *wake_context;
+    pthread_mutex_t *watch_lock; /* serialises lua_sethook between the two threads */
     /* requests that ended (their generations), for the prelude to drop in one call */
     double ended[CLJ_MAX_ENDED];
     int nended;
@@ -107,7 +120,9 @@ static void clj_limit_hook(lua_State *L, lua_Debug *ar) {
         else if (vm->deadline_ns != 0 && clj_now_ns() > vm->deadline_ns) vm->tripped = CLJ_LIMIT_TIME;
         else return;
         /* From now on every instruction raises, so no handler can keep running. */
+        if (vm->watched) pthread_mutex_lock(vm->watch_lock);
         lua_sethook(L, clj_limit_hook, LUA_MASKCOUNT, 1);
+        if (vm->watched) pthread_mutex_unlock(vm->watch_lock);
     }
     /* Name the line that was running (file:line of the policy, as other errors do). */
     const char *what = vm->tripped == CLJ_LIMIT_TIME ? "time" : "instruction";
@@ -140,6 +155,23 @@ static int clj_next_hook(lua_State *L) {
 }
 /* After a call that tripped: back to one hook per period. */
 static inline void clj_rearm(lua_State *L) { lua_sethook(L, clj_limit_hook, LUA_MASKCOUNT, CLJ_HOOK_PERIOD); }
+
+/* ---- the watchdog's side (called on its thread, holding *watch_lock) ----
+   lua_sethook may be called asynchronously (LuaJIT, lj_dispatch.c): it rewrites the dispatch
+   table that the interpreter reads, word by word. Only the two writers need ordering: the
+   watchdog arms (armed 0 -> 1) and the VM's thread disarms (1 -> 0) or escalates (while armed),
+   each holding the lock. */
+static inline unsigned long long clj_watch_calls(const clj_vm *vm) { return __atomic_load_n(&vm->calls, __ATOMIC_SEQ_CST); }
+static inline int clj_watch_in_call(const clj_vm *vm) { return __atomic_load_n(&vm->in_call, __ATOMIC_SEQ_CST); }
+static inline int clj_watch_armed(const clj_vm *vm) { return __atomic_load_n(&vm->armed, __ATOMIC_SEQ_CST); }
+static inline void clj_watch_arm(lua_State *L, clj_vm *vm) {
+    __atomic_store_n(&vm->armed, 1, __ATOMIC_SEQ_CST);
+    lua_sethook(L, clj_limit_hook, LUA_MASKCOUNT, CLJ_HOOK_PERIOD);
+}
+static inline void clj_watch_set_parked(int *parked, int value) { __atomic_store_n(parked, value, __ATOMIC_SEQ_CST); }
+static inline int clj_watch_parked(const int *parked) { return __atomic_load_n(parked, __ATOMIC_SEQ_CST); }
+/* Whether a count hook is installed now (tests). */
+static inline int clj_hook_installed(lua_State *L) { return lua_gethookmask(L) != 0; }
 
 static int clj_safe_pcall(lua_State *L) {
     clj_vm *vm = clj_vm_of(L);
@@ -457,13 +489,14 @@ static int clj_boot(lua_State *L) {
     return 0;
 }
 
-/* Creates a VM with a memory limit; JIT off (hooks only fire in the interpreter) and the count
-   hook armed for its whole life. Returns NULL if the state cannot be created. */
+/* Creates a VM with a memory limit; JIT off (hooks only fire in the interpreter) and, unless
+   the watchdog arms it (vm->watched), the count hook armed for its whole life. Returns NULL if
+   the state cannot be created. */
 static inline lua_State *clj_vm_open(clj_vm *vm) {
     lua_State *L = lua_newstate(clj_alloc, vm);
     if (!L) return NULL;
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
-    lua_sethook(L, clj_limit_hook, LUA_MASKCOUNT, CLJ_HOOK_PERIOD);
+    if (!vm->watched) lua_sethook(L, clj_limit_hook, LUA_MASKCOUNT, CLJ_HOOK_PERIOD);
     return L;
 }
 /* Runs clj_boot protected; on failure the message is at the top of the stack. */
@@ -478,8 +511,25 @@ static inline int clj_vm_enter(lua_State *L, clj_vm *vm, int op, double a, doubl
     lua_pushnumber(L, a);
     lua_pushnumber(L, b);
     lua_pushnumber(L, c);
+    if (!vm->watched) {
+        int status = lua_pcall(L, 4, 2, 0);
+        if (vm->tripped) clj_rearm(L);
+        return status;
+    }
+    /* Announce the call before reading `parked` (the watchdog sets `parked` before reading
+       `in_call`): either it sees this call or this call sees it parked and wakes it. */
+    __atomic_store_n(&vm->calls, vm->calls + 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&vm->in_call, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(vm->parked, __ATOMIC_SEQ_CST)) vm->wake(vm->wake_context);
     int status = lua_pcall(L, 4, 2, 0);
-    if (vm->tripped) clj_rearm(L);
+    __atomic_store_n(&vm->in_call, 0, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&vm->armed, __ATOMIC_SEQ_CST)) {
+        /* The watchdog armed it for a long call (or a tripped one escalated): off again. */
+        pthread_mutex_lock(vm->watch_lock);
+        lua_sethook(L, NULL, 0, 0);
+        __atomic_store_n(&vm->armed, 0, __ATOMIC_SEQ_CST);
+        pthread_mutex_unlock(vm->watch_lock);
+    }
     return status;
 }
 static inline void clj_vm_collect(lua_State *L) { lua_gc(L, LUA_GCCOLLECT, 0); }

@@ -2,10 +2,19 @@ import TandemLua
 
 /// Per-hook cost of Lua policies on the real engine (one VM, as one event loop runs it):
 /// an empty hook, a typical policy (a header check and a shared-dict incr), and the chain the
-/// sidecar benchmark uses (tenant gate + token-bucket rate limit).
+/// sidecar benchmark uses (tenant gate + token-bucket rate limit). Then the first two again on
+/// a VM without a wall-clock limit (the simulator's), whose count hook is armed for every call
+/// where the sidecar's is armed by the watchdog only for a long call.
 func policyBenchmarks() throws {
+    try policyBenchmarks(limits: PolicyLimits(), label: "")
+    var deterministic = PolicyLimits()
+    deterministic.timeMs = 0
+    try policyBenchmarks(limits: deterministic, label: " [count hook always armed]", only: ["empty", "header check"])
+}
+
+private func policyBenchmarks(limits: PolicyLimits, label: String, only cases: [String]? = nil) throws {
     let services = PolicyServices(clock: { 1_767_225_600_000 }, sink: { _ in })
-    let vm = try PolicyVM(services: services, seed: 1)
+    let vm = try PolicyVM(limits: limits, services: services, seed: 1)
     try vm.load(id: 1, file: "noop.lua", source: #"return { name = "noop", on_request = function() end }"#)
     try vm.load(
         id: 2, file: "typical.lua",
@@ -53,12 +62,14 @@ func policyBenchmarks() throws {
         ("tenant gate + token bucket (2 policies)", [3, 4]), ("10 × req:header (host-call cost)", [5]),
     ] {
         if let only, !name.hasPrefix(only) { continue }
-        measure("policy hook: \(name)", ops: n, unit: "calls") {
+        if let cases, !cases.contains(where: { name.hasPrefix($0) }) { continue }
+        measure("policy hook: \(name)\(label)", ops: n, unit: "calls") {
             for _ in 0..<n {
                 for id in ids { precondition(vm.onRequest(id, ex) == .proceed) }
             }
         }
     }
+    if cases != nil { return }
     if only == nil || "tenant gate + token bucket (one chain)".hasPrefix(only!) {
         measure("policy hook: tenant gate + token bucket (one chain)", ops: n, unit: "calls") {
             for _ in 0..<n { precondition(vm.onRequest(chain: 100, from: 0, ex).outcome == .proceed) }

@@ -198,6 +198,8 @@ public final class PolicyVM: @unchecked Sendable {
     public let services: PolicyServices
     private let vm: UnsafeMutablePointer<clj_vm>
     private let L: OpaquePointer
+    /// Arms the count hook for long calls when there is a wall-clock limit (nil: always armed).
+    private let watchdog: PolicyWatchdog?
     private var rng: SeededRandom
     /// What the VM knows of each loaded policy: one lookup per hook call.
     private struct Loaded {
@@ -266,8 +268,16 @@ public final class PolicyVM: @unchecked Sendable {
 
     public static let maxPolicies = 10_000
 
-    public init(limits: PolicyLimits = PolicyLimits(), services: PolicyServices, seed: UInt64 = 1) throws(PolicyFailure)
+    public convenience init(
+        limits: PolicyLimits = PolicyLimits(), services: PolicyServices, seed: UInt64 = 1
+    )
+        throws(PolicyFailure)
     {
+        try self.init(limits: limits, services: services, seed: seed, watchdog: .shared)
+    }
+
+    /// `watchdog`: the process's (`.shared`), or a test's own.
+    init(limits: PolicyLimits, services: PolicyServices, seed: UInt64, watchdog: PolicyWatchdog) throws(PolicyFailure) {
         self.limits = limits
         self.services = services
         self.rng = SeededRandom(seed: seed)
@@ -279,6 +289,13 @@ public final class PolicyVM: @unchecked Sendable {
         vm.pointee.pattern_length = limits.patternBytes
         vm.pointee.dispatch = Bridge.dispatch
         vm.pointee.fields_op = Int32(HostOp.table.firstIndex(of: .reqHeader)! + 1)
+        // With a wall-clock limit the count hook is armed only for calls that run long.
+        if limits.timeMs > 0 {
+            self.watchdog = watchdog
+            watchdog.prepare(vm)
+        } else {
+            self.watchdog = nil
+        }
         guard let state = clj_vm_open(vm) else {
             vm.deallocate()
             throw PolicyFailure(policy: "-", reason: .memory, message: "cannot create a Lua state")
@@ -295,9 +312,11 @@ public final class PolicyVM: @unchecked Sendable {
             vm.deallocate()
             throw PolicyFailure(policy: "-", reason: .error, message: "policy prelude failed: \(m)")
         }
+        self.watchdog?.register(vm, L)
     }
 
     deinit {
+        watchdog?.unregister(vm)
         lua_close(L)
         free(vm.pointee.buffer)
         clj_fields_free(vm)
@@ -307,6 +326,9 @@ public final class PolicyVM: @unchecked Sendable {
     /// Bytes the VM's Lua heap holds now, and at most so far.
     public var memoryBytes: Int { vm.pointee.used }
     public var peakMemoryBytes: Int { vm.pointee.peak }
+    /// Whether the count hook is installed now: always without a wall-clock limit; with one,
+    /// only while the watchdog has armed it for a long call.
+    var countHookInstalled: Bool { clj_hook_installed(L) != 0 }
 
     /// The name of a loaded policy.
     public func name(of id: Int) -> String? { policies[id]?.name }
