@@ -68,9 +68,7 @@ final class PolicyWatchdog: @unchecked Sendable {
         watched.append(Watched(vm: vm, L: L, lastCalls: clj_watch_calls(vm), sawInCall: false))
         if startsThread && !running {
             running = true
-            let thread = Thread { [self] in run() }
-            thread.name = "tandem-policy-watchdog"
-            thread.start()
+            Thread { [self] in run() }.start()
         }
     }
 
@@ -96,6 +94,7 @@ final class PolicyWatchdog: @unchecked Sendable {
     }
 
     private func run() {
+        clj_name_thread("policy-watchdog")
         pthread_mutex_lock(lock)
         var idle = 0
         while true {
