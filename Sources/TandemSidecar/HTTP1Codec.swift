@@ -719,33 +719,42 @@ protocol FieldBytes {
 }
 
 extension FieldBytes {
-    var sizes: FieldSizes {
-        var sizes = FieldSizes()
-        forEachField { sizes.count($0, $1) }
-        return sizes
-    }
+    var sizes: FieldSizes { FieldSizes(walking: self) }
 }
 
 /// The bytes header fields take written as `name: value` CRLF, and which of them are framing
-/// fields (a head is written into memory reserved at its exact length).
+/// fields (a head is written into memory reserved at that length).
 struct FieldSizes {
     var all = 0
+    /// False: `all` is an upper bound (fields that an edit drops are still counted); the head
+    /// is written into the reserved memory and may end short of it. The framing fields'
+    /// flags and sizes are exact either way.
+    var exact = true
     var hasLength = false
     var lengthFields = 0
     var hasCoding = false
     var codingFields = 0
 
+    init() {}
+
+    /// Exact: every field counted.
+    init<F: FieldBytes>(walking fields: F) {
+        fields.forEachField { count($0, $1) }
+    }
+
     /// A framing field: content-length or transfer-encoding.
     enum Kind { case length, coding }
 
+    static func kind(_ name: UnsafeRawBufferPointer) -> Kind? {
+        switch name.count {
+        case 14 where lowerEquals(name, 0, 14, "content-length"): .length
+        case 17 where lowerEquals(name, 0, 17, "transfer-encoding"): .coding
+        default: nil
+        }
+    }
+
     mutating func count(_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) {
-        let kind: Kind? =
-            switch name.count {
-            case 14 where lowerEquals(name, 0, 14, "content-length"): .length
-            case 17 where lowerEquals(name, 0, 17, "transfer-encoding"): .coding
-            default: nil
-            }
-        add(name.count + value.count + 4, kind)
+        add(name.count + value.count + 4, Self.kind(name))
     }
 
     /// A field of `n` bytes written (`name: value` CRLF), of `kind` (nil: not a framing field).
@@ -780,12 +789,15 @@ struct HeadWriter {
     private(set) var count = 0
 
     /// A buffer of exactly `length` bytes, written by `body` (which must write exactly those).
-    static func buffer(length: Int, allocator: ByteBufferAllocator, _ body: (inout HeadWriter) -> Void) -> ByteBuffer {
+    /// `exact` false: `length` is an upper bound, and the head may end short of it.
+    static func buffer(
+        length: Int, exact: Bool = true, allocator: ByteBufferAllocator, _ body: (inout HeadWriter) -> Void
+    ) -> ByteBuffer {
         var buf = allocator.buffer(capacity: length)
         buf.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { raw in
             var w = HeadWriter(base: raw.baseAddress!, capacity: length)
             body(&w)
-            precondition(w.count == length, "head of \(w.count) bytes counted as \(length)")
+            precondition(exact ? w.count == length : w.count <= length, "head of \(w.count) bytes counted as \(length)")
             return w.count
         }
         return buf
@@ -942,7 +954,7 @@ struct HTTP1ResponseEncoder {
         if addChunked { length += chunkedField.utf8CodeUnitCount }
         if close { length += closeField.utf8CodeUnitCount }
         length += sizes.all - (dropLength ? sizes.lengthFields : 0) - (dropCoding ? sizes.codingFields : 0)
-        return HeadWriter.buffer(length: length, allocator: allocator) { w in
+        return HeadWriter.buffer(length: length, exact: sizes.exact, allocator: allocator) { w in
             w.put(versionText)
             if threeDigits {
                 w.put(UInt8(48 + code / 100))

@@ -269,19 +269,27 @@ struct EditedFields<Base: FieldBytes>: FieldBytes {
 
     func forEachField(_ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> Void) {
         if edits.isEmpty { return base.forEachField(body) }
+        // Edits are read in place by index: iterating the array (`contains(where:)`, `for e in`)
+        // copies each edit out, a retain and release of its two strings per field and edit.
         base.forEachField { name, value in
-            if !edits.contains(where: { $0.replace && $0.names(name) }) { body(name, value) }
+            for i in edits.indices where edits[i].replace && edits[i].names(name) { return }
+            body(name, value)
         }
-        for e in edits {
-            guard let v = e.value else { continue }
-            withBytes(e.name) { n in withBytes(v) { body(n, $0) } }
+        for i in edits.indices where edits[i].value != nil {
+            withBytes(edits[i].name) { n in withBytes(edits[i].value!) { body(n, $0) } }
         }
     }
 
+    /// Without an edit of a framing field the base's framing holds, and the edits' sizes added
+    /// to the base's bound the whole (a replacing edit may drop fields): no walk of the base.
     var sizes: FieldSizes {
         if edits.isEmpty { return base.sizes }
-        var sizes = FieldSizes()
-        forEachField { sizes.count($0, $1) }
+        var sizes = base.sizes
+        for i in edits.indices {
+            if withBytes(edits[i].name, FieldSizes.kind) != nil { return FieldSizes(walking: self) }
+            if edits[i].replace { sizes.exact = false }
+            if let v = edits[i].value { sizes.all += edits[i].name.utf8.count + v.utf8.count + 4 }
+        }
         return sizes
     }
 }

@@ -373,6 +373,14 @@ struct ProxyHarness {
             }
             var expected = upstream.head
             PolicyRun.apply(list, to: &expected.headers)
+            // The sizes the head is reserved with: the framing exact, the whole exact or a bound.
+            let sized = EditedFields(base: upstream, edits: list).sizes
+            let walked = FieldSizes(walking: EditedFields(base: upstream, edits: list))
+            #expect(sized.hasLength == walked.hasLength && sized.lengthFields == walked.lengthFields)
+            #expect(sized.hasCoding == walked.hasCoding && sized.codingFields == walked.codingFields)
+            #expect(sized.exact ? sized.all == walked.all : sized.all > walked.all, "\(list.map(\.name))")
+            // Bounded only when an edit replaces and none names a framing field (the second list).
+            #expect(sized.exact == (list.count != 4), "\(list.map(\.name))")
             var viaHeaders = HTTP1ResponseEncoder()
             var viaBytes = HTTP1ResponseEncoder()
             let want = String(buffer: viaHeaders.head(expected, method: .GET, allocator: alloc))
