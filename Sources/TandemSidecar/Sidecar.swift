@@ -450,10 +450,8 @@ public final class Sidecar: @unchecked Sendable {
         loop.scheduleTask(in: delay) { [weak self] in
             guard let self, !self.ctx.isDraining else { return }
             self.checkApp(hc, loop: loop).whenComplete { _ in
-                // Until the app first passes, check quickly (start-up); then at the jittered interval.
                 let next: TimeAmount = self.lock.withLock {
-                    self.appHealth.status == .healthy
-                        ? .nanoseconds(hc.nextDelay(rng: &self.healthRNG)) : .milliseconds(200)
+                    .nanoseconds(hc.nextAppDelay(after: self.appHealth, rng: &self.healthRNG))
                 }
                 self.scheduleHealthCheck(next, loop: loop)
             }

@@ -29,6 +29,9 @@ public struct HealthState: Equatable, Sendable {
     private var successes = 0
     private var failures = 0
     public private(set) var lastError: String? = nil
+    /// Checks recorded, and whether any passed.
+    public private(set) var checks = 0
+    public private(set) var hasPassed = false
 
     public init() {}
 
@@ -39,6 +42,8 @@ public struct HealthState: Equatable, Sendable {
     @discardableResult
     public mutating func record(passed: Bool, error: String? = nil, config: HealthCheckConfig) -> Bool {
         let before = status
+        checks += 1
+        if passed { hasPassed = true }
         if passed {
             failures = 0
             successes += 1
@@ -64,6 +69,19 @@ extension HealthCheckConfig {
         let jitterMax = interval / 100 * Nanos(intervalJitterPercent)
         guard jitterMax > 0 else { return interval }
         return interval + Nanos(rng.next() % UInt64(jitterMax))
+    }
+
+    /// The start-up pace of a sidecar's own app: checked every 200 ms until it first passes (so
+    /// it registers soon after it listens), for at most 300 checks (a minute).
+    public static let startupPace: Nanos = .milliseconds(200)
+    public static let startupChecks = 300
+
+    /// The delay before the app's next check: the start-up pace while it has never passed (and
+    /// the start-up checks last), else the jittered interval — healthy or not, as Envoy and
+    /// Consul check, so an app that is down or never starts is not probed five times a second.
+    public func nextAppDelay(after state: HealthState, rng: inout SeededRandom) -> Nanos {
+        if !state.hasPassed && state.checks < Self.startupChecks { return min(Self.startupPace, interval) }
+        return nextDelay(rng: &rng)
     }
 }
 

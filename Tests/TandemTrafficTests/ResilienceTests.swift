@@ -315,6 +315,35 @@ import Testing
         }
     }
 
+    /// A sidecar's app: the start-up pace until its first pass (a minute at most), then the
+    /// interval whether it passes or fails.
+    @Test func theAppIsCheckedQuicklyOnlyWhileStartingUp() {
+        let cfg = HealthCheckConfig()
+        var rng = SeededRandom(seed: 9)
+        var starting = HealthState()
+        for _ in 0..<HealthCheckConfig.startupChecks {
+            #expect(cfg.nextAppDelay(after: starting, rng: &rng) == .milliseconds(200))
+            starting.record(passed: false, config: cfg)
+        }
+        // Never passed within the start-up checks: the interval from now on.
+        let late = cfg.nextAppDelay(after: starting, rng: &rng)
+        #expect(late >= .seconds(10) && late < .seconds(11))
+
+        var app = HealthState()
+        app.record(passed: false, config: cfg)
+        app.record(passed: true, config: cfg)
+        for _ in 0..<5 {
+            app.record(passed: false, config: cfg)
+            let d = cfg.nextAppDelay(after: app, rng: &rng)
+            #expect(d >= .seconds(10) && d < .seconds(11), "\(app.status)")
+        }
+        #expect(app.status == .unhealthy)
+
+        var fast = HealthCheckConfig()
+        fast.interval = .milliseconds(50)
+        #expect(fast.nextAppDelay(after: HealthState(), rng: &rng) == .milliseconds(50))
+    }
+
     @Test func tokenBucketRefillsAndBounds() {
         var b = TokenBucket(.perSecond(10))
         var ok = 0

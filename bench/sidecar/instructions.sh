@@ -63,8 +63,9 @@ measure() {
 echo "| target | requests | instructions | instructions per request |"
 echo "|---|---|---|---|"
 # The sidecar's app is the backend: its health check passes once and then waits an hour. With
-# no app (`--app-port 1`) the check retries every 200 ms until one answers, and those failed
-# connects (and their formatted errors) would be counted against the requests.
+# no app (`--app-port 1`) the check would retry every 200 ms for its first minute (the start-up
+# pace), and those failed connects (and their formatted errors) would be counted against the
+# requests.
 measure tandem "$W/tandem" sidecar --service bench --app-port $BACKEND --registry none --health-interval 3600 \
   --endpoints backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$PORT --config "$W/route.lua"
 measure tandem+policies "$W/tandem" sidecar --service bench --app-port $BACKEND --registry none \
