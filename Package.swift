@@ -136,7 +136,7 @@ let package = Package(
             swiftSettings: swiftSettings),
         .testTarget(
             name: "TandemSimulationTests",
-            dependencies: ["TandemSimulation", "TandemConfig", "TandemTraffic", "TandemIdentity"],
+            dependencies: ["TandemSimulation", "TandemConfig", "TandemTraffic", "TandemIdentity", "TandemLua"],
             swiftSettings: swiftSettings),
         .testTarget(name: "TandemEtcdAPITests", dependencies: ["TandemEtcdAPI"], swiftSettings: swiftSettings),
         // Starts real `tandem` processes on ephemeral ports and drives them with Debian's etcdctl.

@@ -788,8 +788,8 @@ struct HeadWriter {
     private let capacity: Int
     private(set) var count = 0
 
-    /// A buffer of exactly `length` bytes, written by `body` (which must write exactly those).
-    /// `exact` false: `length` is an upper bound, and the head may end short of it.
+    /// A buffer of `length` bytes, written by `body`: exactly those, or (`exact` false, the
+    /// length a bound) at most those.
     static func buffer(
         length: Int, exact: Bool = true, allocator: ByteBufferAllocator, _ body: (inout HeadWriter) -> Void
     ) -> ByteBuffer {

@@ -5,6 +5,7 @@ import TandemIdentity
 import TandemTraffic
 import Testing
 
+@testable import TandemLua
 @testable import TandemSimulation
 
 /// The example scenarios in examples/scenarios, read as `tandem sim` reads them.
@@ -82,6 +83,16 @@ struct MeshSimulationTests {
         s.services[i].sidecar.clusters["recommendations"]?.breaker.consecutiveFailures = nil
         let broken = MeshSimulation.run(s, seed: 5)
         #expect(broken.violations.contains { $0.contains("breaker trips 0 < 2") })
+    }
+
+    @Test("a simulated sidecar's policies run on the instruction budget alone, the count hook always armed")
+    func simulatedPoliciesHaveNoWallClock() throws {
+        let vm = try MeshSimulation.policyVM(clockMs: { 0 }, seed: 1)
+        #expect(vm.limits.timeMs == 0)
+        try vm.load(id: 1, file: "p.lua", source: #"return { name = "p", on_request = function() end }"#)
+        _ = vm.onRequest(
+            1, PolicyExchange(method: "GET", path: "/", authority: "a", remoteAddress: "r", route: "r", headers: []))
+        #expect(vm.countHookInstalled)
     }
 
     @Test("canary policy: about a tenth of requests plus the flagged ones reach the canary; 0 % is caught")

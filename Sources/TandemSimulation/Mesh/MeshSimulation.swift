@@ -26,6 +26,15 @@ public enum MeshSimulation {
         public init(seed: UInt64) { self.seed = seed }
     }
 
+    /// A simulated sidecar's policy VM: under the instruction budget alone, since a wall-clock
+    /// limit would make a run depend on the machine (and have the real watchdog thread arm its
+    /// count hook).
+    static func policyVM(clockMs: @escaping @Sendable () -> Int64, seed: UInt64) throws(PolicyFailure) -> PolicyVM {
+        var limits = PolicyLimits()
+        limits.timeMs = 0
+        return try PolicyVM(limits: limits, services: PolicyServices(clock: clockMs, sink: { _ in }), seed: seed)
+    }
+
     public static func run(_ scenario: MeshScenario, options: Options) -> MeshReport {
         let world = MeshWorld(scenario, options)
         return world.run()
@@ -546,8 +555,7 @@ final class MeshWorld {
         if let ids = sc.policyIDs[route] { return ids }
         if sc.vm == nil {
             let clock = self.clock
-            let services = PolicyServices(clock: { clock.nowMs }, sink: { _ in })
-            sc.vm = try? PolicyVM(services: services, seed: sc.rng.next())
+            sc.vm = try? MeshSimulation.policyVM(clockMs: { clock.nowMs }, seed: sc.rng.next())
         }
         var ids: [(id: Int, failOpen: Bool)] = []
         for spec in specs {
