@@ -967,8 +967,11 @@ struct HTTP1ResponseEncoder {
             w.put(reason)
             w.put("\r\n")
             fields.forEachField { name, value in
-                if dropLength && lowerEquals(name, 0, name.count, "content-length") { return }
-                if dropCoding && lowerEquals(name, 0, name.count, "transfer-encoding") { return }
+                if dropLength || dropCoding, let kind = FieldSizes.kind(name),
+                    kind == .length ? dropLength : dropCoding
+                {
+                    return
+                }
                 w.field(name, value)
             }
             if close { w.put(closeField) }
