@@ -208,6 +208,14 @@ static int clj_ended(lua_State *L) {
     return 1;
 }
 
+/* Lua (prelude only): new_ctx() -> a request's ctx, made with room for a few keys: the first
+   key a hook stores would otherwise rehash an empty table (LuaJIT's `table.new` is behind
+   `require`, which policies do not get). */
+static int clj_new_ctx(lua_State *L) {
+    lua_createtable(L, 0, 4);
+    return 1;
+}
+
 /* Worst-case backtracking of Lua's matcher: each `*`, `+` or `-` quantifier can try every
    length, nested, so the steps grow as subject^(quantifiers), times every start position when
    the pattern is not anchored (gmatch and gsub always scan). */
@@ -485,6 +493,7 @@ static int clj_boot(lua_State *L) {
     lua_pushcfunction(L, clj_next_hook); lua_setglobal(L, "__next_hook");
     lua_pushcfunction(L, clj_ended); lua_setglobal(L, "__ended");
     lua_pushcfunction(L, clj_req_header); lua_setglobal(L, "__req_header");
+    lua_pushcfunction(L, clj_new_ctx); lua_setglobal(L, "__new_ctx");
     if (luaL_loadbuffer(L, prelude, strlen(prelude), "=tandem-prelude") != 0) return lua_error(L);
     lua_call(L, 0, 1);
     if (lua_type(L, -1) != LUA_TFUNCTION) return luaL_error(L, "the prelude must return its entry function");

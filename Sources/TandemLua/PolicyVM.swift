@@ -102,7 +102,9 @@ public final class PolicyExchange {
         }
 
         /// Whether this edit's name is `field` (ASCII case-insensitively).
-        public func names(_ field: UnsafeRawBufferPointer) -> Bool { PolicyVM.sameName(name, field) }
+        public func names(_ field: UnsafeRawBufferPointer) -> Bool {
+            name.utf8.count == field.count && PolicyVM.sameName(name, field)
+        }
 
         func apply(to list: inout [(name: String, value: String)]) {
             if replace { list.removeAll { PolicyVM.sameName($0.name, name) } }
@@ -115,7 +117,7 @@ public final class PolicyExchange {
     /// one edit.
     func editResponse(_ edit: HeaderEdit) {
         if heldResponseHeaders != nil { edit.apply(to: &heldResponseHeaders!) }
-        if edit.replace { responseEdits.removeAll { PolicyVM.sameName($0.name, edit.name) } }
+        if edit.replace && !responseEdits.isEmpty { responseEdits.removeAll { PolicyVM.sameName($0.name, edit.name) } }
         responseEdits.append(edit)
     }
 
@@ -213,25 +215,32 @@ public final class PolicyVM: @unchecked Sendable {
     private var phase = Phase.idle
     private var current: PolicyExchange?
     private var currentPolicy = 0
-    /// The policies of the chain a call runs (`vm.at` says which one runs now).
-    private var currentChain: [Int]?
+    /// The chain a call runs (`vm.at` says which of its policies runs now).
+    private var currentChain: Chain?
     /// Chains by key: routes' (> 0) and each policy alone (-id).
     private var chains: [Int: Chain] = [:]
     /// A chain's policy ids, and what counting needs of each (kept as loads change them, so a
-    /// call looks up the chain once and no policy).
-    private struct Chain {
-        var ids: [Int]
+    /// call looks up the chain once and no policy). A class: a call holds it with one retain
+    /// instead of copying its two arrays.
+    private final class Chain {
+        let ids: [Int]
         var members: [Loaded?]
+        init(ids: [Int], members: [Loaded?]) {
+            self.ids = ids
+            self.members = members
+        }
     }
     private func makeChain(_ ids: [Int]) -> Chain { Chain(ids: ids, members: ids.map { policies[$0] }) }
     /// After policy `id` (re)loaded or left: the chains that hold it see its new state.
     private func refreshChains(holding id: Int) {
-        for (key, c) in chains where c.ids.contains(id) { chains[key]?.members = c.ids.map { policies[$0] } }
+        for c in chains.values where c.ids.contains(id) { c.members = c.ids.map { policies[$0] } }
     }
-    /// The policy whose hook runs now.
-    private var runningPolicy: Int {
-        if let c = currentChain, c.indices.contains(Int(vm.pointee.at) - 1) { return c[Int(vm.pointee.at) - 1] }
-        return currentPolicy
+    /// The policy whose hook runs now (read from the chain: no lookup by id).
+    private var running: Loaded? {
+        if let c = currentChain, c.members.indices.contains(Int(vm.pointee.at) - 1) {
+            return c.members[Int(vm.pointee.at) - 1]
+        }
+        return policies[currentPolicy]
     }
     private var decision: PolicyDecision?
     private var pending: (file: String, source: String, config: String, path: String)?
@@ -498,7 +507,9 @@ public final class PolicyVM: @unchecked Sendable {
         vm.pointee.nended = Int32(n)
         // A slot is reused only once the VM has dropped what it held (else it stays out).
         if case .proceed = enter(op: 6, Double(n), 0) {
-            for g in pendingEnds { freeSlots.append(Int(g.truncatingRemainder(dividingBy: Self.slotSpan))) }
+            // The low 24 bits, as integers: `truncatingRemainder` is libm's fmod (~200
+            // instructions of long division for these magnitudes).
+            for g in pendingEnds { freeSlots.append(Int(g) & (Int(Self.slotSpan) - 1)) }
         }
         vm.pointee.nended = 0
         pendingEnds.removeAll(keepingCapacity: true)
@@ -518,7 +529,7 @@ public final class PolicyVM: @unchecked Sendable {
             return (start, .failed(PolicyFailure(policy: "#\(key)", reason: .error, message: "no such chain")))
         }
         let ids = chain.ids
-        var outcome = calling(ex, p, chain: ids) { enter(op: op, Double(key), ex.generation, Double(start + 1)) }
+        var outcome = calling(ex, p, chain: chain) { enter(op: op, Double(key), ex.generation, Double(start + 1)) }
         // The prelude names the hook that decided (its second result) or was running (next_hook).
         var at: Int
         switch outcome {
@@ -549,7 +560,7 @@ public final class PolicyVM: @unchecked Sendable {
     /// Runs `body` (a call into the VM) with the state host calls read: the exchange, the
     /// phase, and the policy or chain that runs.
     private func calling(
-        _ ex: PolicyExchange, _ p: Phase, chain: [Int]? = nil, policy: Int = 0, _ body: () -> PolicyOutcome
+        _ ex: PolicyExchange, _ p: Phase, chain: Chain? = nil, policy: Int = 0, _ body: () -> PolicyOutcome
     ) -> PolicyOutcome {
         if ex.generation == 0 { begin(ex) }
         // Copied at every on_request call: the host may have changed `ex.headers` since.
@@ -784,15 +795,14 @@ public final class PolicyVM: @unchecked Sendable {
             guard let rawName = a.raw(1) else { throw HostError("header name: expected a string") }
             let value: String?
             if let n = a.number(2) {
-                var text = Self.numberText(n)
-                try text.withUTF8 { try Self.checkHeader(rawName, UnsafeRawBufferPointer($0)) }
-                value = text
+                try Self.checkHeader(rawName, nil)  // a number's text is digits, '-', '.', 'e', '+'
+                value = Self.numberText(n)
             } else {
                 let rawValue = a.raw(2)
                 try Self.checkHeader(rawName, rawValue)
                 value = rawValue.map { String(decoding: $0, as: UTF8.self) }
             }
-            let name = String(decoding: rawName, as: UTF8.self)
+            let name = headerName(rawName)
             let replace = op == .reqSetHeader || op == .resSetHeader
             if !replace && value == nil { throw HostError("add_header: expected a value") }
             // Edited in place: a copy of the list would be copied again on write.
@@ -906,7 +916,7 @@ public final class PolicyVM: @unchecked Sendable {
             put(lo + Double(rng.next() % UInt64(hi - lo + 1)))
         case .log:
             let level = PolicyLogLine.Level(rawValue: Int(a.number(1) ?? 1)) ?? .info
-            let name = policies[runningPolicy]?.name ?? loadingName ?? "?"
+            let name = running?.name ?? loadingName ?? "?"
             services.log(
                 PolicyLogLine(policy: name, level: level, message: a.string(2) ?? "", fieldsJSON: a.string(3)),
                 now: frozenNow)
@@ -931,14 +941,14 @@ public final class PolicyVM: @unchecked Sendable {
                 put(s.addingPercentEncoding(withAllowedCharacters: Self.unreserved) ?? s)
             }
         case .tokenBucket:
-            let key = PolicyLimiters.Key(policy: policies[runningPolicy]?.slot.index ?? -1, key: try a.need(1, "key"))
+            let key = PolicyLimiters.Key(policy: running?.slot.index ?? -1, key: try a.need(1, "key"))
             let r = services.tokenBucket(
                 key, rate: try a.needNumber(2, "rate"), burst: try a.needNumber(3, "burst"), now: frozenNow)
             put(r.ok)
             put(Double(r.retryAfterMs))
             put(Double(r.remaining))
         case .window:
-            let key = PolicyLimiters.Key(policy: policies[runningPolicy]?.slot.index ?? -1, key: try a.need(1, "key"))
+            let key = PolicyLimiters.Key(policy: running?.slot.index ?? -1, key: try a.need(1, "key"))
             let limit = try a.needNumber(2, "limit"), seconds = try a.needNumber(3, "seconds")
             let r = services.window(key, limit: Int(limit), seconds: seconds, now: frozenNow)
             put(r.ok)
@@ -948,7 +958,7 @@ public final class PolicyVM: @unchecked Sendable {
             try shared(a)
         case .metricDeclare:
             try requirePhase(.initialize, "declaring a metric")
-            let policy = policies[runningPolicy]?.name ?? loadingName ?? "?"
+            let policy = running?.name ?? loadingName ?? "?"
             let labels = (a.string(3) ?? "").split(separator: ",").map(String.init)
             let buckets = (a.string(4) ?? "").split(separator: ",").compactMap { Double($0) }
             switch services.declareMetric(
@@ -967,6 +977,26 @@ public final class PolicyVM: @unchecked Sendable {
             for i in 2..<max(2, a.count) { labels.append(a.string(i) ?? a.number(i).map { format($0) } ?? "") }
             services.record(metric: Int(try a.needNumber(0, "metric")), try a.needNumber(1, "value"), labels: labels)
         }
+    }
+
+    /// Header names hooks have set, kept as strings: a policy sets the same few names on every
+    /// request, and a name over 15 bytes would otherwise be a heap string each time.
+    private var headerNames: [String] = []
+    static let headerNamesKept = 32
+
+    /// `raw` (a checked token) as a string: one of `headerNames` with the same bytes, or new
+    /// (and kept while there is room).
+    private func headerName(_ raw: UnsafeRawBufferPointer) -> String {
+        for i in headerNames.indices {
+            let same =
+                headerNames[i].utf8.withContiguousStorageIfAvailable {
+                    $0.count == raw.count && ($0.isEmpty || memcmp($0.baseAddress!, raw.baseAddress!, raw.count) == 0)
+                } ?? false
+            if same { return headerNames[i] }
+        }
+        let name = String(decoding: raw, as: UTF8.self)
+        if headerNames.count < Self.headerNamesKept { headerNames.append(name) }
+        return name
     }
 
     private static let sharedOps = ["", "get", "set", "add", "incr", "delete", "ttl", "expire"]
@@ -1101,7 +1131,23 @@ public final class PolicyVM: @unchecked Sendable {
     /// as text: `%.14g` rounding is LuaJIT's own).
     static func numberText(_ d: Double) -> String {
         if d == 0 { return d.sign == .minus ? "-0" : "0" }
-        return d == d.rounded(.towardZero) && abs(d) < 1e14 ? String(Int64(d)) : String(format: "%.14g", d)
+        guard d == d.rounded(.towardZero), abs(d) < 1e14 else { return String(format: "%.14g", d) }
+        // An integer's digits written out here: `String(Int64)` costs several hundred
+        // instructions, and a hook setting a count header does this on every request.
+        var v = Int64(d).magnitude
+        return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 16) { buf in
+            var i = buf.count
+            repeat {
+                i -= 1
+                buf[i] = UInt8(ascii: "0") + UInt8(v % 10)
+                v /= 10
+            } while v > 0
+            if d < 0 {
+                i -= 1
+                buf[i] = UInt8(ascii: "-")
+            }
+            return String(decoding: UnsafeBufferPointer(rebasing: buf[i...]), as: UTF8.self)
+        }
     }
 
     /// A header field a policy sets: a token name of at most 256 bytes; a value of at most

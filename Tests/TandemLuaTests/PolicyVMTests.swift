@@ -133,6 +133,33 @@ func decisionBody(_ o: PolicyOutcome) -> String {
         vm.end(ex)
     }
 
+    /// The names hooks set are kept as strings and reused by their exact bytes: names that
+    /// differ in case or share a prefix stay apart, and a name set on every request reads the
+    /// same each time, also past the number of names kept.
+    @Test func headerNamesSetByHooksKeepTheirExactBytes() throws {
+        let vm = try makeVM()
+        _ = try vm.load(
+            id: 1, file: "names.lua",
+            source: """
+                return { name = "names", on_response = function(res)
+                  res:set_header("x-ratelimit-remaining", 7)
+                  res:add_header("X-RateLimit-Remaining", "8")
+                  res:add_header("x-ratelimit-remaining-", "9")
+                  for i = 1, 40 do res:add_header("x-n" .. i, i) end
+                end }
+                """, config: .table([:]))
+        for _ in 0..<3 {
+            let ex = request()
+            #expect(vm.onResponse(1, ex) == .proceed)
+            let names = ex.responseEdits.map(\.name)
+            #expect(
+                names == ["x-ratelimit-remaining", "X-RateLimit-Remaining", "x-ratelimit-remaining-"]
+                    + (1...40).map { "x-n\($0)" })
+            #expect(ex.responseEdits.map { $0.value ?? "-" } == ["7", "8", "9"] + (1...40).map { "\($0)" })
+            vm.end(ex)
+        }
+    }
+
     @Test func configIsValidatedAgainstThePolicySchemaWithTheKeyPath() throws {
         let vm = try makeVM()
         let source = """

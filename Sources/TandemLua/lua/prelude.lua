@@ -5,8 +5,8 @@
 -- table that generates the LuaLS definitions.
 local H = {}
 for name, op in pairs(OPS) do H[name] = __host_function(op) end
-local next_hook, ended, req_header = __next_hook, __ended, __req_header
-__host_function, __next_hook, __ended, __req_header, OPS = nil, nil, nil, nil, nil
+local next_hook, ended, req_header, new_ctx = __next_hook, __ended, __req_header, __new_ctx
+__host_function, __next_hook, __ended, __req_header, __new_ctx, OPS = nil, nil, nil, nil, nil, nil
 
 local load, pairs, ipairs, type, tostring, tonumber, select, error, setmetatable, getmetatable, next, unpack, rawget =
   load, pairs, ipairs, type, tostring, tonumber, select, error, setmetatable, getmetatable, next, unpack, rawget
@@ -337,17 +337,21 @@ function Req:headers() return header_table(H.req_header_at, self[1]) end
 -- set_header/add_header/remove_header over the host's operations. Header values: strings and
 -- integers below 10^14 go to the host as they are (it writes such a number as tostring does,
 -- without making a Lua string); anything else through tostring.
-local function as_text(t, v) return t ~= "number" or v % 1 ~= 0 or v >= 1e14 or v <= -1e14 end
+-- (The test is written out in both setters: a call per set_header costs more than the test.)
 local function header_setters(set, add)
   return function(self, name, value)
     if value ~= nil then
       local t = type(value)
-      if t ~= "string" and as_text(t, value) then value = tostring(value) end
+      if t ~= "string" and (t ~= "number" or value % 1 ~= 0 or value >= 1e14 or value <= -1e14) then
+        value = tostring(value)
+      end
     end
     set(self[1], name, value)
   end, function(self, name, value)
     local t = type(value)
-    if t ~= "string" and value ~= nil and as_text(t, value) then value = tostring(value) end
+    if t ~= "string" and value ~= nil and (t ~= "number" or value % 1 ~= 0 or value >= 1e14 or value <= -1e14) then
+      value = tostring(value)
+    end
     add(self[1], name, value)
   end, function(self, name) set(self[1], name, nil) end
 end
@@ -595,7 +599,7 @@ local function request_state(b)
   local s = b % SLOTS
   local ctx = ctxs[s]
   if not ctx then
-    ctx = {}
+    ctx = new_ctx()
     ctxs[s] = ctx
     reqs[s] = setmetatable({ b }, ReqMT)
   end
