@@ -269,14 +269,17 @@ struct EditedFields<Base: FieldBytes>: FieldBytes {
 
     func forEachField(_ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> Void) {
         if edits.isEmpty { return base.forEachField(body) }
-        // Edits are read in place by index: iterating the array (`contains(where:)`, `for e in`)
-        // copies each edit out, a retain and release of its two strings per field and edit.
-        base.forEachField { name, value in
-            for i in edits.indices where edits[i].replace && edits[i].names(name) { return }
-            body(name, value)
-        }
-        for i in edits.indices where edits[i].value != nil {
-            withBytes(edits[i].name) { n in withBytes(edits[i].value!) { body(n, $0) } }
+        // Edits are read in place through the array's buffer: iterating the array
+        // (`contains(where:)`, `for e in`) copies each edit out, and even reading by index
+        // retained the array once per field.
+        edits.withUnsafeBufferPointer { edits in
+            base.forEachField { name, value in
+                for i in edits.indices where edits[i].replace && edits[i].names(name) { return }
+                body(name, value)
+            }
+            for i in edits.indices where edits[i].value != nil {
+                withBytes(edits[i].name) { n in withBytes(edits[i].value!) { body(n, $0) } }
+            }
         }
     }
 
@@ -408,24 +411,37 @@ final class PolicyRun {
     /// one does); their edits stay in `ex.responseEdits` for the caller to write with the head
     /// (`EditedFields`).
     func respond(
-        status: Int, reason: String?, fields: @escaping () -> [(name: String, value: String)], body: [UInt8]?,
+        status: Int, reason: String?, fields: () -> [(name: String, value: String)], body: [UInt8]?,
         endpoint: Endpoint?, attempts: Int, durationMs: Double
     ) -> PolicyDecision? {
         guard !responseRan else { return nil }
         responseRan = true
         ex.status = status
         ex.reason = reason
-        ex.responseHeaderSource = fields
         ex.responseBody = body
         ex.upstreamHost = endpoint?.host
         ex.upstreamPort = endpoint?.port
         ex.attempts = attempts
         ex.durationMs = durationMs
+        // The hooks read the fields during this call only (on_log hooks get them made now,
+        // before the caller writes the head and lets go of the answer): the source does not
+        // outlive it, so the caller's closure and what it captures stay off the heap.
+        return withoutActuallyEscaping(fields) { fields in
+            ex.responseHeaderSource = fields
+            defer {
+                if logs { _ = ex.responseHeaders }
+                ex.responseHeaderSource = nil
+            }
+            return runResponseHooks()
+        }
+    }
+
+    private func runResponseHooks() -> PolicyDecision? {
         var start = chain.response ? chain.entries.count - 1 : -1
-        responses: while start >= 0 {
+        while start >= 0 {
             let (at, outcome) = vm.onResponse(chain: chain.key, from: start, ex)
             switch outcome {
-            case .proceed: break responses
+            case .proceed: return nil
             case .decision(let d): return d
             case .failed(let f):
                 policies.report(f, route: ex.route)
@@ -438,9 +454,6 @@ final class PolicyRun {
                 start = at - 1
             }
         }
-        // on_log hooks read the answer's headers: they are made for them now, before the
-        // caller writes the head (the source lets go of the answer's fields).
-        if logs { _ = ex.responseHeaders } else { ex.responseHeaderSource = nil }
         return nil
     }
 
