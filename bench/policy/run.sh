@@ -10,7 +10,7 @@
 # target proxies one HTTP/1.1 hop to an nginx backend answering 1 KiB; wrk -t2 -c64.
 #
 # Needs: wrk nginx (apt-get install -y wrk nginx) and network access once, for apt-get download.
-# Usage: bench/policy/run.sh        (env DURATION=10 seconds per run)
+# Usage: bench/policy/run.sh        (env DURATION=10 seconds per run, ROUNDS=3)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
@@ -69,11 +69,31 @@ for port in $POLICY $NGINX_LUA; do
   [ "$code" = 403 ] || { echo "port $port answered $code for an unknown tenant, not 403" >&2; exit 1; }
 done
 
-printf "| target | req/s | p50 | p99 | non-2xx |\n|---|---|---|---|---|\n"
-for target in tandem tandem+policies nginx nginx+lua; do
-  case $target in tandem) port=$NONE;; tandem+policies) port=$POLICY;; nginx) port=$NGINX;; nginx+lua) port=$NGINX_LUA;; esac
-  out=$(wrk -t2 -c64 -d${DURATION}s --latency -H "Host: backend" -H "x-tenant: acme" "http://127.0.0.1:$port/")
-  rps=$(echo "$out" | awk '/Requests\/sec/{printf "%d", $2}')
-  p50=$(echo "$out" | awk '$1=="50%"{print $2}'); p99=$(echo "$out" | awk '$1=="99%"{print $2}')
-  bad=$(echo "$out" | awk '/Non-2xx/{print $NF}'); printf "| %s | %s | %s | %s | %s |\n" "$target" "$rps" "$p50" "$p99" "${bad:-0}"
+# ROUNDS rounds, each running the four targets back to back: the cost is read within a round
+# (a host whose speed drifts between runs moves both of a pair alike), and the median of the
+# rounds' costs is reported.
+ROUNDS=${ROUNDS:-3}
+declare -A RPS
+printf "| round | target | req/s | p50 | p99 | non-2xx |\n|---|---|---|---|---|---|\n"
+for round in $(seq "$ROUNDS"); do
+  for target in tandem tandem+policies nginx nginx+lua; do
+    case $target in tandem) port=$NONE;; tandem+policies) port=$POLICY;; nginx) port=$NGINX;; nginx+lua) port=$NGINX_LUA;; esac
+    out=$(wrk -t2 -c64 -d${DURATION}s --latency -H "Host: backend" -H "x-tenant: acme" "http://127.0.0.1:$port/")
+    rps=$(echo "$out" | awk '/Requests\/sec/{printf "%d", $2}')
+    p50=$(echo "$out" | awk '$1=="50%"{print $2}'); p99=$(echo "$out" | awk '$1=="99%"{print $2}')
+    bad=$(echo "$out" | awk '/Non-2xx/{print $NF}')
+    printf "| %s | %s | %s | %s | %s | %s |\n" "$round" "$target" "$rps" "$p50" "$p99" "${bad:-0}"
+    RPS[$round,$target]=$rps
+  done
 done
+echo
+printf "| round | tandem policy cost | nginx Lua cost |\n|---|---|---|\n"
+costs_t=() costs_n=()
+for round in $(seq "$ROUNDS"); do
+  t=$(awk -v a="${RPS[$round,tandem]}" -v b="${RPS[$round,tandem+policies]}" 'BEGIN{printf "%.1f", (b/a-1)*100}')
+  n=$(awk -v a="${RPS[$round,nginx]}" -v b="${RPS[$round,nginx+lua]}" 'BEGIN{printf "%.1f", (b/a-1)*100}')
+  costs_t+=("$t") costs_n+=("$n")
+  printf "| %s | %s %% | %s %% |\n" "$round" "$t" "$n"
+done
+median() { printf "%s\n" "$@" | sort -g | awk '{v[NR]=$1} END{print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
+printf "| median | %s %% | %s %% |\n" "$(median "${costs_t[@]}")" "$(median "${costs_n[@]}")"
