@@ -54,12 +54,12 @@ proxy_nginx "$W/nginx-lua" $NGINX_LUA $BACKEND \
 policy_chain "$W"  # $W/policies.lua: the tenant gate + policies/rate-limit.lua
 
 nginx -c "$W/backend/nginx.conf" & PIDS+=($!)
-nginx -c "$W/nginx/nginx.conf" & PIDS+=($!)
-LD_LIBRARY_PATH=$LUA/usr/lib/x86_64-linux-gnu:$LUA/lib/x86_64-linux-gnu nginx -c "$W/nginx-lua/nginx.conf" & PIDS+=($!)
+nginx -c "$W/nginx/nginx.conf" & PIDS+=($!); NGINX_PID=$!
+LD_LIBRARY_PATH=$LUA/usr/lib/x86_64-linux-gnu:$LUA/lib/x86_64-linux-gnu nginx -c "$W/nginx-lua/nginx.conf" & PIDS+=($!); NGINX_LUA_PID=$!
 $TANDEM sidecar --service bench --app-port 1 --registry none --health-interval 3600 \
-  --endpoints backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$NONE > "$W/none.log" 2>&1 & PIDS+=($!)
+  --endpoints backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$NONE > "$W/none.log" 2>&1 & PIDS+=($!); NONE_PID=$!
 $TANDEM sidecar --service bench2 --app-port 1 --registry none --health-interval 3600 --config "$W/policies.lua" \
-  --endpoints backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$POLICY > "$W/policy.log" 2>&1 & PIDS+=($!)
+  --endpoints backend=127.0.0.1:$BACKEND --outbound 127.0.0.1:$POLICY > "$W/policy.log" 2>&1 & PIDS+=($!); POLICY_PID=$!
 for port in $BACKEND $NONE $POLICY $NGINX $NGINX_LUA; do
   for _ in $(seq 100); do curl -fs -o /dev/null -H "Host: backend" -H "x-tenant: acme" "http://127.0.0.1:$port/" && break; sleep 0.1; done
 done
@@ -71,29 +71,42 @@ done
 
 # ROUNDS rounds, each running the four targets back to back: the cost is read within a round
 # (a host whose speed drifts between runs moves both of a pair alike), and the median of the
-# rounds' costs is reported.
+# rounds' costs is reported. Beside req/s, the proxy's own CPU per request (its processes'
+# utime + stime over the run): steadier than req/s where wrk and the backend share the cores.
 ROUNDS=${ROUNDS:-3}
-declare -A RPS
-printf "| round | target | req/s | p50 | p99 | non-2xx |\n|---|---|---|---|---|---|\n"
+HZ=$(getconf CLK_TCK)
+cpu_ticks() { local t=0; for p in $1 $(pgrep -P "$1" || true); do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
+declare -A RPS CPU
+printf "| round | target | req/s | p50 | p99 | CPU µs/req | non-2xx |\n|---|---|---|---|---|---|---|\n"
 for round in $(seq "$ROUNDS"); do
   for target in tandem tandem+policies nginx nginx+lua; do
-    case $target in tandem) port=$NONE;; tandem+policies) port=$POLICY;; nginx) port=$NGINX;; nginx+lua) port=$NGINX_LUA;; esac
+    case $target in
+      tandem) port=$NONE pid=$NONE_PID;; tandem+policies) port=$POLICY pid=$POLICY_PID;;
+      nginx) port=$NGINX pid=$NGINX_PID;; nginx+lua) port=$NGINX_LUA pid=$NGINX_LUA_PID;;
+    esac
+    t0=$(cpu_ticks $pid)
     out=$(wrk -t2 -c64 -d${DURATION}s --latency -H "Host: backend" -H "x-tenant: acme" "http://127.0.0.1:$port/")
+    t1=$(cpu_ticks $pid)
     rps=$(echo "$out" | awk '/Requests\/sec/{printf "%d", $2}')
+    n=$(echo "$out" | awk '/requests in/{print $1}')
+    cpu=$(awk -v d=$((t1 - t0)) -v hz=$HZ -v n="$n" 'BEGIN{printf "%.1f", d/hz*1e6/n}')
     p50=$(echo "$out" | awk '$1=="50%"{print $2}'); p99=$(echo "$out" | awk '$1=="99%"{print $2}')
     bad=$(echo "$out" | awk '/Non-2xx/{print $NF}')
-    printf "| %s | %s | %s | %s | %s | %s |\n" "$round" "$target" "$rps" "$p50" "$p99" "${bad:-0}"
-    RPS[$round,$target]=$rps
+    printf "| %s | %s | %s | %s | %s | %s | %s |\n" "$round" "$target" "$rps" "$p50" "$p99" "$cpu" "${bad:-0}"
+    RPS[$round,$target]=$rps CPU[$round,$target]=$cpu
   done
 done
 echo
-printf "| round | tandem policy cost | nginx Lua cost |\n|---|---|---|\n"
-costs_t=() costs_n=()
+printf "| round | tandem: req/s cost | CPU/req added | nginx: req/s cost | CPU/req added |\n|---|---|---|---|---|\n"
+ct=() cc=() nt=() nc=()
+change() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%+.1f", (b/a-1)*100}'; }
 for round in $(seq "$ROUNDS"); do
-  t=$(awk -v a="${RPS[$round,tandem]}" -v b="${RPS[$round,tandem+policies]}" 'BEGIN{printf "%.1f", (b/a-1)*100}')
-  n=$(awk -v a="${RPS[$round,nginx]}" -v b="${RPS[$round,nginx+lua]}" 'BEGIN{printf "%.1f", (b/a-1)*100}')
-  costs_t+=("$t") costs_n+=("$n")
-  printf "| %s | %s %% | %s %% |\n" "$round" "$t" "$n"
+  ct+=("$(change "${RPS[$round,tandem]}" "${RPS[$round,tandem+policies]}")")
+  cc+=("$(change "${CPU[$round,tandem]}" "${CPU[$round,tandem+policies]}")")
+  nt+=("$(change "${RPS[$round,nginx]}" "${RPS[$round,nginx+lua]}")")
+  nc+=("$(change "${CPU[$round,nginx]}" "${CPU[$round,nginx+lua]}")")
+  printf "| %s | %s %% | %s %% | %s %% | %s %% |\n" "$round" "${ct[-1]}" "${cc[-1]}" "${nt[-1]}" "${nc[-1]}"
 done
 median() { printf "%s\n" "$@" | sort -g | awk '{v[NR]=$1} END{print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
-printf "| median | %s %% | %s %% |\n" "$(median "${costs_t[@]}")" "$(median "${costs_n[@]}")"
+printf "| median | %+.1f %% | %+.1f %% | %+.1f %% | %+.1f %% |\n" "$(median "${ct[@]}")" "$(median "${cc[@]}")" "$(median "${nt[@]}")" \
+  "$(median "${nc[@]}")"
