@@ -12,7 +12,9 @@
    - the host bridge: one C closure per host operation that copies its arguments out, calls the
      Swift dispatcher, and pushes the results Swift left in the VM's result buffer.
    Editing this file: SwiftPM does not rebuild TandemLua when only this header changed (seen with
-   an incremental release build); touch a file of Sources/TandemLua too. */
+   an incremental release build); touch the files of Sources/TandemLua that import CLuaJIT. A
+   debug build compiles them one by one: touching one leaves the others with the old layout of
+   clj_vm (seen: PolicyWatchdog.swift writing its fields over the allocator's pool). */
 #ifndef TANDEM_POLICY_VM_H
 #define TANDEM_POLICY_VM_H
 #include <lua.h>
@@ -28,6 +30,10 @@
 enum { CLJ_NIL = 0, CLJ_BOOL = 1, CLJ_NUMBER = 2, CLJ_STRING = 3, CLJ_OTHER = 4 };
 enum { CLJ_MAX_ARGS = 8, CLJ_MAX_RESULTS = 8, CLJ_HOOK_PERIOD = 1000, CLJ_MAX_ENDED = 64 };
 enum { CLJ_LIMIT_NONE = 0, CLJ_LIMIT_INSTRUCTIONS = 1, CLJ_LIMIT_TIME = 2 };
+/* The small-block pool: blocks up to CLJ_POOL_MAX bytes in size classes of CLJ_POOL_GRAIN,
+   at most CLJ_POOL_BYTES kept per VM (see clj_alloc). */
+enum { CLJ_POOL_GRAIN = 16, CLJ_POOL_CLASSES = 16, CLJ_POOL_MAX = CLJ_POOL_GRAIN * CLJ_POOL_CLASSES,
+       CLJ_POOL_BYTES = 256 * 1024 };
 
 typedef struct { int type; double number; const char *string; size_t length; } clj_arg;
 typedef struct { int type; double number; size_t offset, length; } clj_result;
@@ -40,6 +46,8 @@ typedef struct clj_vm {
     /* memory */
     size_t used, limit, peak;
     int refused;
+    void *pool[CLJ_POOL_CLASSES]; /* free small blocks per size class, linked through their first word */
+    size_t pooled;                /* bytes the pool keeps (not counted in `used`) */
     /* per call budgets (written by the host before each call) */
     long long periods_left;   /* instruction budget in units of CLJ_HOOK_PERIOD */
     long long deadline_ns;    /* CLOCK_MONOTONIC; 0 = no wall-clock limit (simulation) */
@@ -91,15 +99,72 @@ static inline long long clj_now_ns(void) {
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* The VM's allocator: Lua's memory limit, and a pool of small blocks. A request's tables,
+   strings and closures are small and short-lived; kept on per-size free lists they are reused
+   by the next request instead of going through malloc and free each time (which also fed
+   glibc's fastbins, whose consolidation then ran on the proxy's large allocations). The pool
+   holds at most CLJ_POOL_BYTES; past that, blocks go back to free(). */
+static inline int clj_pool_class(size_t n) { return (int)((n + CLJ_POOL_GRAIN - 1) / CLJ_POOL_GRAIN) - 1; }
+static inline void *clj_block_new(clj_vm *vm, size_t n) {
+    if (n > CLJ_POOL_MAX) return malloc(n);
+    int c = clj_pool_class(n);
+    void *p = vm->pool[c];
+    if (p) {
+        vm->pool[c] = *(void **)p;
+        vm->pooled -= (size_t)(c + 1) * CLJ_POOL_GRAIN;
+        return p;
+    }
+    return malloc((size_t)(c + 1) * CLJ_POOL_GRAIN); /* the class's size: any block of it fits */
+}
+static inline void clj_block_free(clj_vm *vm, void *p, size_t n) {
+    if (n <= CLJ_POOL_MAX) {
+        int c = clj_pool_class(n);
+        size_t size = (size_t)(c + 1) * CLJ_POOL_GRAIN;
+        if (vm->pooled + size <= CLJ_POOL_BYTES) {
+            *(void **)p = vm->pool[c];
+            vm->pool[c] = p;
+            vm->pooled += size;
+            return;
+        }
+    }
+    free(p);
+}
+/* After lua_close: the pool's blocks go back to malloc. */
+static inline void clj_pool_free(clj_vm *vm) {
+    for (int c = 0; c < CLJ_POOL_CLASSES; c++) {
+        void *p = vm->pool[c];
+        while (p) {
+            void *next = *(void **)p;
+            free(p);
+            p = next;
+        }
+        vm->pool[c] = NULL;
+    }
+    vm->pooled = 0;
+}
+
 static void *clj_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     clj_vm *vm = (clj_vm *)ud;
     size_t old = ptr ? osize : 0;
     if (nsize == 0) {
-        if (ptr) { vm->used -= osize; free(ptr); }
+        if (ptr) { vm->used -= osize; clj_block_free(vm, ptr, osize); }
         return NULL;
     }
     if (nsize > old && vm->used - old + nsize > vm->limit) { vm->refused = 1; return NULL; }
-    void *p = realloc(ptr, nsize);
+    void *p;
+    if (!ptr) {
+        p = clj_block_new(vm, nsize);
+    } else if (osize > CLJ_POOL_MAX && nsize > CLJ_POOL_MAX) {
+        p = realloc(ptr, nsize);
+    } else if (osize <= CLJ_POOL_MAX && nsize <= CLJ_POOL_MAX && clj_pool_class(osize) == clj_pool_class(nsize)) {
+        p = ptr; /* the block already has the class's size */
+    } else {
+        p = clj_block_new(vm, nsize); /* on failure the old block stays, as Lua expects */
+        if (p) {
+            memcpy(p, ptr, osize < nsize ? osize : nsize);
+            clj_block_free(vm, ptr, osize);
+        }
+    }
     if (p) {
         vm->used = vm->used - old + nsize;
         if (vm->used > vm->peak) vm->peak = vm->used;

@@ -306,6 +306,7 @@ public final class PolicyVM: @unchecked Sendable {
             self.watchdog = nil
         }
         guard let state = clj_vm_open(vm) else {
+            clj_pool_free(vm)
             vm.deallocate()
             throw PolicyFailure(policy: "-", reason: .memory, message: "cannot create a Lua state")
         }
@@ -316,6 +317,7 @@ public final class PolicyVM: @unchecked Sendable {
         if status != 0 {
             let m = message()
             lua_close(L)
+            clj_pool_free(vm)
             free(vm.pointee.buffer)
             clj_fields_free(vm)
             vm.deallocate()
@@ -327,6 +329,7 @@ public final class PolicyVM: @unchecked Sendable {
     deinit {
         watchdog?.unregister(vm)
         lua_close(L)
+        clj_pool_free(vm)
         free(vm.pointee.buffer)
         clj_fields_free(vm)
         vm.deallocate()
@@ -335,6 +338,12 @@ public final class PolicyVM: @unchecked Sendable {
     /// Bytes the VM's Lua heap holds now, and at most so far.
     public var memoryBytes: Int { vm.pointee.used }
     public var peakMemoryBytes: Int { vm.pointee.peak }
+    /// Bytes of freed small blocks the VM's allocator keeps for reuse (at most
+    /// `pooledBytesLimit`; not part of `memoryBytes`).
+    var pooledBytes: Int { vm.pointee.pooled }
+    static let pooledBytesLimit = Int(CLJ_POOL_BYTES)
+    /// A full garbage collection (tests).
+    func collectGarbage() { clj_vm_collect(L) }
     /// Whether the count hook is installed now: always without a wall-clock limit; with one,
     /// only while the watchdog has armed it for a long call.
     var countHookInstalled: Bool { clj_hook_installed(L) != 0 }

@@ -78,6 +78,44 @@ import Testing
         #expect(g?.reason == .memory, "\(String(describing: g))")
     }
 
+    /// The allocator keeps freed small blocks for reuse, up to its bound: a request that drops
+    /// thousands of tables and strings of every small size (growing and shrinking across the
+    /// pool's size classes) leaves at most the bound pooled, and what the next requests build
+    /// in the reused blocks reads back intact.
+    @Test func freedSmallBlocksAreReusedWithinTheirBound() throws {
+        let vm = try makeVM(limits: Self.deterministic)
+        try vm.load(
+            id: 1, file: "churn.lua",
+            source: """
+                return { name = "churn", on_request = function(req, ctx)
+                  local keep, sum = {}, 0
+                  for i = 1, 3000 do
+                    local t = {}
+                    for j = 1, i % 40 do t[j] = j; t["k" .. j] = j end  -- array and hash parts grow
+                    local s = string.rep("v", i % 300) .. i
+                    if i % 7 == 0 then keep[#keep + 1] = { t = t, s = s, n = i } end
+                  end
+                  for _, e in ipairs(keep) do
+                    local n = 0
+                    for j = 1, e.n % 40 do n = n + e.t[j] + e.t["k" .. j] end
+                    if n ~= (e.n % 40) * (e.n % 40 + 1) or e.s ~= string.rep("v", e.n % 300) .. e.n then
+                      error("block of request item " .. e.n .. " changed")
+                    end
+                    sum = sum + n
+                  end
+                  ctx.sum = sum
+                end }
+                """)
+        for _ in 0..<4 {
+            let ex = request()
+            #expect(vm.onRequest(1, ex) == .proceed)
+            vm.end(ex)
+            vm.collectGarbage()  // the request's garbage, freed at once
+            #expect(vm.pooledBytes > 0)
+            #expect(vm.pooledBytes <= PolicyVM.pooledBytesLimit)
+        }
+    }
+
     /// Header values live in the host's memory, outside the VM's cap: a hook adding headers in a
     /// loop stops at `PolicyLimits.headerFields` with an error (request and answer alike), while
     /// setting one header over and over keeps one change.
