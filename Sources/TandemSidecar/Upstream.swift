@@ -239,7 +239,35 @@ final class UpstreamPool: @unchecked Sendable {
     }
     /// Per endpoint, oldest first: requests take the most recently used (warm) connection, so
     /// the ones a burst left behind age at the front until the sweep closes them.
-    private var idle: [Key: [UpstreamConnection]] = [:]
+    private var idle: [Key: IdleList] = [:]
+    final class IdleList {
+        var conns: [UpstreamConnection] = []
+    }
+    /// The list last used, by key: a loop's requests mostly go to the endpoint the previous one
+    /// went to, and comparing its host and port costs less than hashing them (twice a request).
+    private var last: (key: Key, list: IdleList)?
+
+    /// The idle list of `key`, made if `create` and missing.
+    private func list(_ key: Key, create: Bool) -> IdleList? {
+        if let l = last, l.key == key { return l.list }
+        let list: IdleList
+        if let found = idle[key] {
+            list = found
+        } else {
+            guard create else { return nil }
+            list = IdleList()
+            idle[key] = list
+        }
+        last = (key, list)
+        return list
+    }
+
+    /// Drops `key`'s list once it is empty (and the cache of it).
+    private func dropIfEmpty(_ key: Key, _ list: IdleList) {
+        guard list.conns.isEmpty else { return }
+        idle[key] = nil
+        if last?.list === list { last = nil }
+    }
     private var sweep: RepeatedTask?
 
     let slots: ConnectionSlots
@@ -270,20 +298,21 @@ final class UpstreamPool: @unchecked Sendable {
     /// Closes the idle connections that went idle before `cutoff`.
     func closeIdle(before cutoff: NIODeadline) {
         for (key, list) in idle {
-            let stale = list.prefix { $0.idleSince < cutoff }
+            let stale = list.conns.prefix { $0.idleSince < cutoff }
             guard !stale.isEmpty else { continue }
             for c in stale { c.channel.close(promise: nil) }
-            if stale.count == list.count { idle[key] = nil } else { idle[key]!.removeFirst(stale.count) }
+            list.conns.removeFirst(stale.count)
+            dropIfEmpty(key, list)
         }
     }
 
     /// Idle connections in the pool (all endpoints).
-    var idleCount: Int { idle.values.reduce(0) { $0 + $1.count } }
+    var idleCount: Int { idle.values.reduce(0) { $0 + $1.conns.count } }
 
     /// A live idle connection to `host:port`, if there is one (no future on this hot path).
     func takeIdle(host: String, port: Int) -> UpstreamConnection? {
-        guard let i = idle.index(forKey: Key(host: host, port: port)) else { return nil }
-        while let conn = idle.values[i].popLast() {
+        guard let list = list(Key(host: host, port: port), create: false) else { return nil }
+        while let conn = list.conns.popLast() {
             if conn.channel.isActive && conn.handler.reusable { return conn }
             conn.channel.close(promise: nil)
         }
@@ -336,8 +365,9 @@ final class UpstreamPool: @unchecked Sendable {
     /// Closes one idle connection of `cluster` (its slot goes to a request waiting for one).
     func closeOneIdle(cluster: String) {
         for (key, list) in idle {
-            guard let i = list.firstIndex(where: { $0.cluster == cluster }) else { continue }
-            idle[key]!.remove(at: i).channel.close(promise: nil)
+            guard let i = list.conns.firstIndex(where: { $0.cluster == cluster }) else { continue }
+            list.conns.remove(at: i).channel.close(promise: nil)
+            dropIfEmpty(key, list)
             return
         }
     }
@@ -364,20 +394,17 @@ final class UpstreamPool: @unchecked Sendable {
             return
         }
         conn.idleSince = .now()
-        // One lookup: the list is checked and grown in place.
-        func keep(_ list: inout [UpstreamConnection]) -> Bool {
-            guard list.count < maxIdlePerEndpoint else { return false }
-            list.append(conn)
-            return true
-        }
-        if !keep(&idle[conn.key, default: []]) { conn.channel.close(promise: nil) }
+        let list = list(conn.key, create: true)!
+        guard list.conns.count < maxIdlePerEndpoint else { return conn.channel.close(promise: nil) }
+        list.conns.append(conn)
     }
 
     func closeAll() {
         sweep?.cancel()
         sweep = nil
-        for list in idle.values { for c in list { c.channel.close(promise: nil) } }
+        for list in idle.values { for c in list.conns { c.channel.close(promise: nil) } }
         idle = [:]
+        last = nil
     }
 }
 
