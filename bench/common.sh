@@ -73,3 +73,6 @@ backend be
   server s1 127.0.0.1:$3
 CONF
 }
+
+# cpu_ticks "PID…" — utime + stime (clock ticks) of the processes PID…, summed.
+cpu_ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }

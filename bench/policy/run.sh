@@ -75,7 +75,7 @@ done
 # utime + stime over the run): steadier than req/s where wrk and the backend share the cores.
 ROUNDS=${ROUNDS:-3}
 HZ=$(getconf CLK_TCK)
-cpu_ticks() { local t=0; for p in $1 $(pgrep -P "$1" || true); do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
+procs() { echo "$1 $(pgrep -P "$1" | tr '\n' ' ' || true)"; }  # a proxy and its workers
 declare -A RPS CPU
 printf "| round | target | req/s | p50 | p99 | CPU µs/req | non-2xx |\n|---|---|---|---|---|---|---|\n"
 for round in $(seq "$ROUNDS"); do
@@ -84,9 +84,9 @@ for round in $(seq "$ROUNDS"); do
       tandem) port=$NONE pid=$NONE_PID;; tandem+policies) port=$POLICY pid=$POLICY_PID;;
       nginx) port=$NGINX pid=$NGINX_PID;; nginx+lua) port=$NGINX_LUA pid=$NGINX_LUA_PID;;
     esac
-    t0=$(cpu_ticks $pid)
+    t0=$(cpu_ticks "$(procs $pid)")
     out=$(wrk -t2 -c64 -d${DURATION}s --latency -H "Host: backend" -H "x-tenant: acme" "http://127.0.0.1:$port/")
-    t1=$(cpu_ticks $pid)
+    t1=$(cpu_ticks "$(procs $pid)")
     rps=$(echo "$out" | awk '/Requests\/sec/{printf "%d", $2}')
     n=$(echo "$out" | awk '/requests in/{print $1}')
     cpu=$(awk -v d=$((t1 - t0)) -v hz=$HZ -v n="$n" 'BEGIN{printf "%.1f", d/hz*1e6/n}')

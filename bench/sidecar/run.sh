@@ -52,7 +52,6 @@ pids_of() { case $1 in
   one) echo $ONE_PID;;
   two) echo "$TWO_CLIENT_PID $TWO_SERVER_PID";;
   direct) echo "";; esac; }
-cpu_ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
 rss_kb() { local t=0; for p in $1; do t=$((t + $(awk '/VmRSS/{print $2}' /proc/$p/status))); done; echo $t; }
 hwm_kb() { local t=0; for p in $1; do t=$((t + $(awk '/VmHWM/{print $2}' /proc/$p/status))); done; echo $t; }
 HZ=$(getconf CLK_TCK)
