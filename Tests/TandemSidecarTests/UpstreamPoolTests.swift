@@ -9,18 +9,29 @@ import Testing
 /// The upstream idle pool on an embedded loop: the most recently used connection is taken
 /// first, and the sweep closes the ones idle since before its cutoff (oldest first).
 @Suite struct UpstreamPoolTests {
-    @Test func theSweepClosesConnectionsIdleSinceBeforeTheCutoff() throws {
-        let loop = EmbeddedEventLoop()
+    private let loop = EmbeddedEventLoop()
+
+    /// A pool on the embedded loop, keeping up to 8 idle connections per endpoint.
+    private func makePool() -> UpstreamPool {
         let config = SidecarConfig(service: "orders", instance: "orders-1", appPort: 1)
         let brain = TrafficBrain(config: config, seed: 1)
-        let pool = UpstreamPool(
+        return UpstreamPool(
             loop: loop, maxIdlePerEndpoint: 8, idleTimeout: .seconds(30), slots: ConnectionSlots(brain: brain))
+    }
+
+    /// A connected embedded channel to 127.0.0.1:`port`, as the pool holds one.
+    private func connection(_ port: Int) throws -> UpstreamConnection {
+        let ch = EmbeddedChannel(loop: loop)
+        try ch.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: port)).wait()
+        return UpstreamConnection(
+            channel: ch, key: .init(host: "127.0.0.1", port: port), cluster: "users", handler: UpstreamHandler())
+    }
+
+    @Test func theSweepClosesConnectionsIdleSinceBeforeTheCutoff() throws {
+        let pool = makePool()
         var conns: [UpstreamConnection] = []
         for _ in 0..<3 {
-            let ch = EmbeddedChannel(loop: loop)
-            try ch.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9000)).wait()
-            let c = UpstreamConnection(
-                channel: ch, key: .init(host: "127.0.0.1", port: 9000), cluster: "users", handler: UpstreamHandler())
+            let c = try connection(9000)
             pool.release(c)
             conns.append(c)
         }
@@ -39,17 +50,7 @@ import Testing
     /// the last list it used, by key), and a list the sweep dropped is not used again: a
     /// connection released afterwards is counted, found and swept.
     @Test func listsStayPerEndpointAndADroppedOneIsNotReused() throws {
-        let loop = EmbeddedEventLoop()
-        let config = SidecarConfig(service: "orders", instance: "orders-1", appPort: 1)
-        let brain = TrafficBrain(config: config, seed: 1)
-        let pool = UpstreamPool(
-            loop: loop, maxIdlePerEndpoint: 8, idleTimeout: .seconds(30), slots: ConnectionSlots(brain: brain))
-        func connection(_ port: Int) throws -> UpstreamConnection {
-            let ch = EmbeddedChannel(loop: loop)
-            try ch.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: port)).wait()
-            return UpstreamConnection(
-                channel: ch, key: .init(host: "127.0.0.1", port: port), cluster: "users", handler: UpstreamHandler())
-        }
+        let pool = makePool()
         let a = try connection(9000), b = try connection(9001)
         pool.release(a)
         pool.release(b)
