@@ -43,8 +43,8 @@ public struct HealthState: Equatable, Sendable {
     public mutating func record(passed: Bool, error: String? = nil, config: HealthCheckConfig) -> Bool {
         let before = status
         checks += 1
-        if passed { hasPassed = true }
         if passed {
+            hasPassed = true
             failures = 0
             successes += 1
             lastError = nil
